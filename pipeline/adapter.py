@@ -1,0 +1,97 @@
+"""The one place that knows Ray Data's arguments: turns stages into ``map_batches`` calls.
+
+Cheap stages run as Ray tasks (and Ray fuses consecutive ones into one task, so a batch is
+read, filtered, decoded and hashed without leaving the worker); stages that hold a model run as
+a fixed actor pool. Pools are sized so they never take every CPU: on a 2-core machine an actor
+pool that holds both CPUs starves the read and write tasks and the dataset hangs.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline.stage import TIMING_PREFIX, Stage, batch_len, ensure_status
+
+
+class ResourceError(ValueError):
+    """A stage asks for resources the cluster does not have; raised before the dataset runs."""
+
+
+class TimedStage:
+    """Wraps a stage: builds it once per worker/actor and records its wall time per row."""
+
+    def __init__(self, stage_cls: type[Stage], config: Any, label: str):
+        self.stage_cls, self.config, self.label = stage_cls, config, label
+        self._stage: Stage | None = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._stage is None:
+            self._stage = self.stage_cls(self.config)
+        ensure_status(batch)
+        t0 = time.perf_counter()
+        out = self._stage(batch)
+        n = batch_len(out)
+        out[TIMING_PREFIX + self.label] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        return out
+
+
+class _ActorStage(TimedStage):
+    """Actor flavour: the stage (and its model) is built in the constructor, once per actor."""
+
+    def __init__(self, stage_cls: type[Stage], config: Any, label: str):
+        super().__init__(stage_cls, config, label)
+        self._stage = stage_cls(config)
+
+
+def actor_pool_size(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float) -> int:
+    if stage_cls.concurrency:
+        return stage_cls.concurrency
+    if stage_cls.num_gpus:
+        return max(1, int(cluster_gpus // stage_cls.num_gpus))
+    # leave at least one CPU for reading, the fused task stages and writing
+    spare = max(cluster_cpus - 1.0, stage_cls.num_cpus)
+    return max(1, int(spare // max(stage_cls.num_cpus, 1e-3)))
+
+
+def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float) -> None:
+    if stage_cls.num_gpus and cluster_gpus < stage_cls.num_gpus:
+        raise ResourceError(
+            f"stage {stage_cls.name!r} requests {stage_cls.num_gpus} GPU per worker but the Ray cluster has "
+            f"{cluster_gpus:g} GPUs; set the stage's device to 'cpu' (or 'auto') or run on a cluster with GPUs")
+    if stage_cls.stateful and stage_cls.num_cpus >= cluster_cpus:
+        raise ResourceError(
+            f"stage {stage_cls.name!r} actors need {stage_cls.num_cpus:g} CPUs each but the cluster has "
+            f"{cluster_cpus:g}; the pool would starve the read and write tasks. Lower its num_cpus")
+
+
+def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpus: float,
+                cluster_gpus: float = 0.0):
+    """Append one stage to a Ray Dataset."""
+    from ray.data import ActorPoolStrategy
+
+    check_resources(stage_cls, cluster_cpus, cluster_gpus)
+    common = dict(batch_size=stage_cls.batch_size, batch_format="numpy", num_cpus=stage_cls.num_cpus,
+                  zero_copy_batch=False)
+    if stage_cls.num_gpus:
+        common["num_gpus"] = stage_cls.num_gpus
+    if stage_cls.stateful:
+        size = actor_pool_size(stage_cls, cluster_cpus, cluster_gpus)
+        return ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage_cls": stage_cls, "config": config, "label": label},
+                              compute=ActorPoolStrategy(size=size), **common)
+    return ds.map_batches(TimedStage(stage_cls, config, label), **common)
+
+
+def apply_fn(ds, fn, *, num_cpus: float = 1.0, batch_size: int | None = None):
+    """Append a plain function step (e.g. the fragment writer) as Ray tasks."""
+    return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=False)
+
+
+def configure(no_progress_timeout_s: float, progress_bars: bool) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = no_progress_timeout_s
+    ctx.enable_progress_bars = progress_bars
+    ctx.enable_operator_progress_bars = progress_bars

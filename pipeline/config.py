@@ -1,0 +1,218 @@
+"""Typed configs: nested dataclasses built from YAML/dicts, validated before Ray starts.
+
+Every field carries its help text in ``field(metadata={"help": ...})``. ``build(cls, data)``
+checks unknown keys (with a suggestion), types, literals and ranges, and raises ``ConfigError``
+naming the dotted key, what was wrong and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A spec that cannot run. The message names the key and says how to fix it."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
+           min: float | None = None, max: float | None = None) -> Any:
+    meta = {"help": help, "min": min, "max": max}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not allowed{extra}; allowed values: {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, key)
+    if origin in (list, tuple):
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return [_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        inner = args[1] if len(args) > 1 else Any
+        return {str(k): _convert(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, validating every key."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        hint = difflib.get_close_matches(str(k), list(fields), n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        where = f"{prefix}.{k}" if prefix else str(k)
+        raise ConfigError(f"unknown key {where!r}.{extra} Known keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {key!r}: {f.metadata.get('help', '')}".rstrip(": "))
+            continue
+        value = _convert(hints[name], data[name], key)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if lo is not None and value < lo:
+                raise ConfigError(f"{key}: {value} is below the minimum {lo}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{key}: {value} is above the maximum {hi}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def describe(cls: type, indent: str = "  ") -> str:
+    """Human-readable field list with defaults and help, for ``--help`` and docs."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
+        lines.append(f"{indent}{f.name}: {_type_name(hints[f.name])} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# ---- YAML and --set overrides ----
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"spec file {path!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"spec file {path!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"spec file {path!r} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML scalars.
+
+    List items are addressed by index (``stages.0.max_side``) or, for lists of mappings with a
+    ``name``, by that name (``stages.decode.max_side``).
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. output.samples_per_shard=500")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        parts = dotted.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                idx = _list_index(node, part, dotted)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])!r} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+    return data
+
+
+def _list_index(node: list, part: str, dotted: str) -> int:
+    if part.isdigit():
+        idx = int(part)
+        if idx >= len(node):
+            raise ConfigError(f"--set {dotted}: index {idx} out of range (list has {len(node)} items)")
+        return idx
+    matches = [i for i, v in enumerate(node) if isinstance(v, dict) and v.get("name") == part]
+    if not matches:
+        names = [v.get("name") for v in node if isinstance(v, dict)]
+        raise ConfigError(f"--set {dotted}: no item named {part!r}; items: {names}")
+    return matches[0]

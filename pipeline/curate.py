@@ -1,0 +1,210 @@
+"""Run a curate job: plan -> annotate (Ray Data) -> run-level reductions (dedup) -> shards -> table.
+
+Each phase resumes: annotation skips keys already in fragments, shard writing skips shards
+with a ``_stats.json``. Killing the job at any point and running it again gives the same
+shards as an uninterrupted run, with no sample twice and none lost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from tqdm.auto import tqdm
+
+from pipeline import adapter, readers, registry, shards
+from pipeline.config import ConfigError
+from pipeline.spec import CurateSpec
+from pipeline.stage import KEY, PARTITION, REJECT_REASON, STATUS
+
+SPEC_FILE = "spec.yaml"
+
+
+@dataclass
+class RunResult:
+    output: str
+    inputs: int
+    kept: int
+    rejected: int
+    reasons: dict[str, int]
+    stage_seconds: dict[str, float]
+    wall_seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def prepare_output(spec: CurateSpec) -> None:
+    """Create the output folder, or check that it belongs to this same spec (resume)."""
+    out = spec.output.path
+    marker = os.path.join(out, SPEC_FILE)
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as fh:
+            previous = (yaml.safe_load(fh) or {}).get("fingerprint")
+        if previous != spec.fingerprint():
+            if not spec.output.overwrite:
+                raise ConfigError(
+                    f"output.path {out!r} holds a run made by a different spec (input, samples_per_shard or stages "
+                    f"changed); choose a new output.path, or set output.overwrite=true to delete it")
+            shutil.rmtree(out)
+    elif os.path.isdir(out) and os.listdir(out) and not spec.output.overwrite:
+        raise ConfigError(f"output.path {out!r} exists and is not a winnow run; choose an empty or new folder")
+    os.makedirs(os.path.join(out, "_work"), exist_ok=True)
+    doc = {"fingerprint": spec.fingerprint(), **spec.to_dict()}
+    shards.atomic_write(marker, yaml.safe_dump(doc, sort_keys=False).encode())
+
+
+def init_ray(spec: CurateSpec):
+    import ray
+
+    if not ray.is_initialized():
+        if spec.ray.address:
+            ray.init(address=spec.ray.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=spec.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False)
+    adapter.configure(spec.ray.no_progress_timeout_s, spec.ray.progress_bars)
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 1)), float(res.get("GPU", 0))
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+
+
+def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: float, log) -> None:
+    import ray.data
+
+    ds = ray.data.from_arrow(_blocks(pending, spec.ray.block_rows))
+    ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(storage_options=spec.input.storage_options,
+                                                                        keep_columns=spec.input.keep_columns),
+                             "load", cpus, gpus)
+    for st in spec.stages:
+        ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus)
+    ds = adapter.apply_fn(ds, shards.FragmentWriter(work), num_cpus=0.5)
+    bar = tqdm(total=pending.num_rows, desc="annotate", unit="img", file=log, disable=log is None)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        bar.update(len(batch[KEY]))
+    bar.close()
+
+
+def reduce_stages(spec: CurateSpec, work: str) -> dict[str, tuple[str, str | None]]:
+    decisions: dict[str, tuple[str, str | None]] = {}
+    for st in spec.stages:
+        stage = registry.get(st.name)(st.config)
+        if not stage.has_reduce:
+            continue
+        table = shards.read_fragments(shards.fragment_files(work), columns=list(stage.reduce_columns))
+        if table is None:
+            continue
+        if decisions:  # rows a previous reduction rejected are not candidates any more
+            mask = pa.array([k not in decisions for k in table.column(KEY).to_pylist()])
+            table = table.filter(mask)
+        decisions.update(stage.reduce(table))
+    return decisions
+
+
+def write_shards(spec: CurateSpec, plan: readers.Plan, work: str, decisions, log) -> None:
+    import ray
+
+    shards_dir = os.path.join(spec.output.path, "shards")
+    todo = [p for p in sorted(plan.counts) if not shards.shard_done(shards_dir, p)]
+    if not todo:
+        return
+    by_part: dict[int, dict] = {p: {} for p in todo}
+    for key, d in decisions.items():
+        p = int(key[:5])
+        if p in by_part:
+            by_part[p][key] = d
+    task = ray.remote(num_cpus=0.5, max_retries=2)(shards.write_shard)
+    refs = [task.remote(work, shards_dir, p, plan.counts[p], by_part[p]) for p in todo]
+    bar = tqdm(total=len(refs), desc="shards", unit="shard", file=log, disable=log is None)
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        ray.get(done)
+        bar.update(len(done))
+    bar.close()
+
+
+def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict) -> RunResult:
+    out = spec.output.path
+    shards_dir = os.path.join(out, "shards")
+    tables, stats = [], []
+    for p in sorted(plan.counts):
+        name = shards.shard_name(p)
+        tables.append(pq.read_table(os.path.join(shards_dir, f"{name}.parquet")))
+        with open(os.path.join(shards_dir, f"{name}_stats.json"), encoding="utf-8") as fh:
+            stats.append(json.load(fh))
+    table = pa.concat_tables(tables, promote_options="permissive")
+    table = table.sort_by(KEY)
+    shards.atomic_write(os.path.join(out, "annotations.parquet"), shards.table_bytes(table))
+    kept = int(pc.sum(pc.equal(table.column(STATUS), "kept")).as_py() or 0)
+    reasons: dict[str, int] = {}
+    for r in table.column(REJECT_REASON).to_pylist():
+        if r:
+            cat = shards.reason_category(r)
+            reasons[cat] = reasons.get(cat, 0) + 1
+    stage_seconds: dict[str, float] = {}
+    for s in stats:
+        for k, v in s["stage_seconds"].items():
+            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+    result = RunResult(output=out, inputs=table.num_rows, kept=kept, rejected=table.num_rows - kept,
+                       reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+                       stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
+                       wall_seconds=round(time.time() - started, 2), phases=phases)
+    if result.inputs != plan.num_inputs or result.kept + result.rejected != result.inputs:
+        raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "
+                           f"kept {result.kept} + rejected {result.rejected}")
+    summary = {**result.to_dict(), "shards": len(stats), "format": plan.format,
+               "kept_fraction": round(kept / max(1, result.inputs), 4)}
+    shards.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    if not spec.output.keep_work:
+        shutil.rmtree(os.path.join(out, "_work"), ignore_errors=True)
+    return result
+
+
+def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
+    """Run (or resume) a curate job. Config problems raise ConfigError before Ray starts."""
+    started = time.time()
+    phases: dict[str, float] = {}
+    t = time.time()
+    plan = readers.plan(spec.input, spec.output.samples_per_shard)
+    phases["plan"] = round(time.time() - t, 3)
+    prepare_output(spec)
+    out = spec.output.path
+    work = os.path.join(out, "_work")
+    shards_dir = os.path.join(out, "shards")
+    if all(shards.shard_done(shards_dir, p) for p in plan.counts) and os.path.exists(os.path.join(out, "summary.json")):
+        return finalize(spec, plan, started, phases)
+    cpus, gpus = init_ray(spec)
+    for st in spec.stages:  # fail on impossible resources before any work starts
+        adapter.check_resources(registry.get(st.name), cpus, gpus)
+    t = time.time()
+    finished_parts = {p for p in plan.counts if shards.shard_done(shards_dir, p)}
+    have = shards.done_keys(work)
+    keys = plan.table.column(KEY).to_pylist()
+    parts = plan.table.column(PARTITION).to_pylist()
+    mask = [k not in have and p not in finished_parts for k, p in zip(keys, parts)]
+    pending = plan.table.filter(pa.array(mask))
+    if log is not None and (have or finished_parts):
+        print(f"resuming: {len(have)} samples annotated and {len(finished_parts)} shards written by an earlier run; "
+              f"{pending.num_rows} samples left", file=log)
+    if pending.num_rows:
+        annotate(spec, pending, work, cpus, gpus, log)
+    phases["annotate"] = round(time.time() - t, 3)
+    t = time.time()
+    unfinished = any(p not in finished_parts for p in plan.counts)
+    decisions = reduce_stages(spec, work) if unfinished else {}
+    phases["reduce"] = round(time.time() - t, 3)
+    t = time.time()
+    write_shards(spec, plan, work, decisions, log)
+    phases["shards"] = round(time.time() - t, 3)
+    return finalize(spec, plan, started, phases)

@@ -1,0 +1,117 @@
+"""The curate job spec: input, output, stages and Ray settings, validated before Ray starts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import registry
+from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
+from pipeline.readers import InputSpec
+
+DEFAULT_IMAGE_STAGES = [{"name": "decode"}, {"name": "phash_dedup"}]
+
+
+@dataclass
+class OutputSpec:
+    path: str = option(help="output folder: shards/, annotations.parquet, summary.json, spec.yaml")
+    samples_per_shard: int = option(1000, "input samples per output shard (img2dataset's number_sample_per_shard)", min=1, max=1_000_000)
+    overwrite: bool = option(False, "delete an existing output folder made by a different spec instead of failing")
+    keep_work: bool = option(False, "keep the intermediate _work/ folder after a successful run")
+
+
+@dataclass
+class RaySpec:
+    address: str | None = option(None, "Ray cluster address; null uses RAY_ADDRESS or starts a local Ray sized to this machine")
+    num_cpus: int | None = option(None, "CPUs for a local Ray (default: all cores)", min=1)
+    block_rows: int = option(32, "samples per Ray Data block of the plan (smaller = finer load balancing)", min=1)
+    no_progress_timeout_s: float = option(900.0, "fail instead of hanging when the dataset makes no progress this long", min=1)
+    progress_bars: bool = option(False, "show Ray Data's per-operator progress bars as well as winnow's own")
+
+
+@dataclass
+class StageEntry:
+    name: str
+    config: Any
+    label: str
+
+
+@dataclass
+class CurateSpec:
+    input: InputSpec
+    output: OutputSpec
+    stages: list[StageEntry] = field(default_factory=list)
+    ray: RaySpec = field(default_factory=RaySpec)
+
+    def fingerprint(self) -> str:
+        """What determines the result: input, sharding and stages (not Ray settings)."""
+        doc = {"input": to_dict(self.input), "samples_per_shard": self.output.samples_per_shard,
+               "stages": [{"name": s.name, **to_dict(s.config)} for s in self.stages]}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {"input": to_dict(self.input), "output": to_dict(self.output),
+                "stages": [{"name": s.name, **to_dict(s.config)} for s in self.stages],
+                "ray": to_dict(self.ray)}
+
+
+def _stages(items: Any) -> list[StageEntry]:
+    if items is None:
+        items = DEFAULT_IMAGE_STAGES
+    if not isinstance(items, list):
+        raise ConfigError("stages: expected a list of {name: STAGE, ...options}")
+    out, seen = [], {}
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"stages[{i}]: expected a mapping with a 'name' key, got {item!r}")
+        item = dict(item)
+        name = item.pop("name")
+        try:
+            cls = registry.get(name)
+        except KeyError as exc:
+            raise ConfigError(f"stages[{i}].name: {exc.args[0]}") from None
+        cfg = build(cls.Config, item, f"stages[{i}]({name})")
+        seen[name] = seen.get(name, 0) + 1
+        out.append(StageEntry(name, cfg, name if seen[name] == 1 else f"{name}_{seen[name]}"))
+    return out
+
+
+def parse(data: dict[str, Any]) -> CurateSpec:
+    data = dict(data)
+    unknown = set(data) - {"input", "output", "stages", "ray"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a curate spec has input, output, stages, ray")
+    for required in ("input", "output"):
+        if not isinstance(data.get(required), dict):
+            raise ConfigError(f"missing {required!r} section: a curate spec needs input.path and output.path")
+    spec = CurateSpec(input=build(InputSpec, data["input"], "input"),
+                      output=build(OutputSpec, data["output"], "output"),
+                      stages=_stages(data.get("stages")),
+                      ray=build(RaySpec, data.get("ray") or {}, "ray"))
+    names = [s.name for s in spec.stages]
+    if "phash_dedup" in names and "decode" in names and names.index("phash_dedup") < names.index("decode"):
+        raise ConfigError("stages: phash_dedup hashes the decoded image; put it after decode")
+    if "phash_dedup" in names and "decode" not in names:
+        raise ConfigError("stages: phash_dedup needs a decode stage before it")
+    if "decode" not in names:
+        raise ConfigError("stages: an image run needs a 'decode' stage (it verifies images and writes what the shards store)")
+    return spec
+
+
+def load(path: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> CurateSpec:
+    data = load_yaml(path) if path else {}
+    if base:
+        for k, v in base.items():
+            if isinstance(v, dict):
+                data.setdefault(k, {}).update({kk: vv for kk, vv in v.items() if vv is not None})
+            elif v is not None:
+                data[k] = v
+    data = apply_overrides(data, overrides or [])
+    spec = parse(data)
+    if spec.ray.address is None and os.environ.get("RAY_ADDRESS"):
+        spec.ray.address = os.environ["RAY_ADDRESS"]
+    return spec

@@ -1,0 +1,149 @@
+"""The stage protocol and the annotation-table column names: the one module every package may import.
+
+A stage is a small class: its constructor loads what it needs once (per Ray actor), its
+``__call__`` takes a batch (dict of column -> numpy array) and returns it with columns added.
+Stages never import Ray; ``pipeline.adapter`` maps them onto Ray Data.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+
+# ---- column names (a contract: tests, reports and training read them) ----
+KEY = "key"
+SOURCE = "source"
+CAPTION = "caption"
+WIDTH = "width"
+HEIGHT = "height"
+STATUS = "status"
+REJECT_REASON = "reject_reason"
+DUPLICATE_OF = "duplicate_of"
+PHASH = "phash"
+PARTITION = "partition"          # input partition = output shard id
+STORED_WIDTH = "stored_width"
+STORED_HEIGHT = "stored_height"
+IMAGE = "image"                  # encoded bytes of the stored (capped) image
+IMAGE_EXT = "image_ext"          # "jpg" | "png" | "webp"
+RAW = "raw_bytes"                # bytes as read from the source, dropped after decode
+LAION_COLUMNS = ("similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "WIDTH", "HEIGHT")
+
+# Arrow types of the contract columns; other columns keep the type they arrive with.
+COLUMN_TYPES = {KEY: "string", SOURCE: "string", CAPTION: "string", STATUS: "string", REJECT_REASON: "string",
+                DUPLICATE_OF: "string", PHASH: "string", WIDTH: "int64", HEIGHT: "int64", PARTITION: "int64",
+                STORED_WIDTH: "int64", STORED_HEIGHT: "int64", IMAGE_EXT: "string"}
+
+KEPT = "kept"
+REJECTED = "rejected"
+
+# Columns that never go into the annotation table or a sample's JSON.
+BULK_COLUMNS = (RAW, IMAGE)
+TIMING_PREFIX = "_time_"         # per-row share of a stage's wall time, summed into stats
+
+
+Batch = dict[str, Any]
+
+
+class Stage:
+    """Base class of every stage.
+
+    Subclasses set ``name`` (the registry name used in YAML), ``Config`` (a dataclass whose
+    fields are the stage's YAML keys) and the resources they need. ``stateful`` stages hold a
+    model and run as a Ray actor pool; the others run as plain Ray tasks.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    num_cpus: ClassVar[float] = 1.0
+    num_gpus: ClassVar[float] = 0.0
+    batch_size: ClassVar[int] = 64
+    stateful: ClassVar[bool] = False
+    concurrency: ClassVar[int | None] = None   # actor pool size; None = sized by the adapter
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def __call__(self, batch: Batch) -> Batch:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # A stage that needs every row of the run (dedup) also implements ``reduce``: it gets a
+    # table of the columns in ``reduce_columns`` for all rows and returns, per key to reject,
+    # (reason, duplicate_of or None). It runs on the driver between annotate and write.
+    reduce_columns: ClassVar[tuple[str, ...]] = ()
+
+    def reduce(self, table) -> dict[str, tuple[str, str | None]]:  # pragma: no cover
+        return {}
+
+    @property
+    def has_reduce(self) -> bool:
+        return type(self).reduce is not Stage.reduce
+
+
+# ---- helpers every stage uses ----
+
+def batch_len(batch: Batch) -> int:
+    for value in batch.values():
+        return len(value)
+    return 0
+
+
+def _nan_to_none(values: np.ndarray) -> np.ndarray:
+    out = values.astype(object)
+    if values.dtype.kind == "f":
+        out[np.isnan(values)] = None
+    return out
+
+
+def ensure_status(batch: Batch) -> Batch:
+    """Add ``status``/``reject_reason`` columns if the batch has none yet.
+
+    A column of nulls crosses Ray's Arrow <-> numpy conversion as float NaN; it comes back as
+    an object column of None here.
+    """
+    n = batch_len(batch)
+    if STATUS not in batch:
+        batch[STATUS] = np.array([KEPT] * n, dtype=object)
+    if REJECT_REASON not in batch:
+        batch[REJECT_REASON] = np.array([None] * n, dtype=object)
+    elif batch[REJECT_REASON].dtype != object:
+        batch[REJECT_REASON] = _nan_to_none(batch[REJECT_REASON])
+    return batch
+
+
+def active(batch: Batch) -> np.ndarray:
+    """Boolean mask of rows still kept (stages skip rows an earlier stage rejected)."""
+    ensure_status(batch)
+    return np.asarray([s == KEPT for s in batch[STATUS]], dtype=bool)
+
+
+def reject(batch: Batch, index: int, reason: str) -> None:
+    """Mark one row rejected; the first reason wins."""
+    if batch[STATUS][index] == KEPT:
+        batch[STATUS][index] = REJECTED
+        batch[REJECT_REASON][index] = reason
+
+
+def column(batch: Batch, name: str, default: Any = None) -> np.ndarray:
+    """Return ``batch[name]`` as an object array, creating it filled with ``default``."""
+    n = batch_len(batch)
+    if name not in batch:
+        batch[name] = np.array([default] * n, dtype=object)
+    elif batch[name].dtype != object:
+        batch[name] = _nan_to_none(batch[name])
+    return batch[name]
+
+
+def as_optional_float(value: Any) -> float | None:
+    """None for missing/NaN/unparseable values, else a float."""
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
