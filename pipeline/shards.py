@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.stage import (BULK_COLUMNS, CAPTION, COLUMN_TYPES, DUPLICATE_OF, IMAGE, IMAGE_EXT, KEPT, KEY, PARTITION,
@@ -58,7 +59,10 @@ def conform(table: pa.Table) -> pa.Table:
     for name, typ in COLUMN_TYPES.items():
         if name in table.column_names and table.schema.field(name).type != pa.type_for_alias(typ):
             i = table.column_names.index(name)
-            table = table.set_column(i, name, table.column(name).cast(pa.type_for_alias(typ)))
+            col = table.column(name)
+            if pa.types.is_floating(col.type):
+                col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+            table = table.set_column(i, name, col.cast(pa.type_for_alias(typ)))
     return table
 
 
