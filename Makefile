@@ -1,0 +1,28 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv and install what is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.winnow-installed
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m pipeline.demo $(DEMO_ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(TEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/curate_images.py
+
+clean:
+	rm -rf demo_out .pytest_cache

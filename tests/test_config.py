@@ -1,0 +1,71 @@
+import pytest
+
+from pipeline import spec as specmod
+from pipeline.config import ConfigError, apply_overrides
+
+
+def base(**extra):
+    data = {"input": {"path": "/data"}, "output": {"path": "/out"}}
+    data.update(extra)
+    return data
+
+
+def test_defaults_and_stage_labels():
+    spec = specmod.parse(base(stages=[{"name": "metadata_filter", "min_side": 512}, "decode",
+                                      {"name": "metadata_filter", "max_aspect_ratio": 2.5}, "phash_dedup"]))
+    assert [s.label for s in spec.stages] == ["metadata_filter", "decode", "metadata_filter_2", "phash_dedup"]
+    assert spec.stages[0].config.min_side == 512
+    assert spec.stages[2].config.max_aspect_ratio == 2.5
+    assert spec.output.samples_per_shard == 1000
+    assert specmod.parse(base()).stages[0].name == "decode"
+
+
+def test_sd1_recipe_is_expressible():
+    spec = specmod.parse(base(stages=[{"name": "metadata_filter", "min_side": 512, "rules": [
+        {"column": "AESTHETIC_SCORE", "op": ">=", "value": 5}, {"column": "pwatermark", "op": "<", "value": 0.5}]},
+        "decode"]))
+    rules = spec.stages[0].config.rules
+    assert [(r.column, r.op, r.value) for r in rules] == [("AESTHETIC_SCORE", ">=", 5), ("pwatermark", "<", 0.5)]
+
+
+@pytest.mark.parametrize("data, message", [
+    (base(output={"path": "/o", "samples_per_shrad": 5}), "unknown key 'output.samples_per_shrad'. Did you mean 'samples_per_shard'?"),
+    (base(stages=[{"name": "decoder"}]), "unknown stage 'decoder'. Did you mean 'decode'?"),
+    (base(stages=[{"name": "decode", "animated": "keep"}]), "'keep' is not allowed; allowed values: 'first_frame', 'reject'"),
+    (base(stages=[{"name": "decode", "max_side": 8}]), "stages[0](decode).max_side: 8 is below the minimum 16"),
+    (base(output={"path": "/o", "samples_per_shard": "many"}), "output.samples_per_shard: expected an integer, got 'many'"),
+    (base(stages=[{"name": "metadata_filter", "rules": [{"column": "x", "op": "=>", "value": 1}]}, "decode"]), "'=>' is not allowed"),
+    (base(stages=["phash_dedup", "decode"]), "put it after decode"),
+    ({"input": {"path": "/d"}}, "missing 'output' section"),
+    (base(extra=1), "unknown top-level key(s) ['extra']"),
+])
+def test_bad_specs_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        specmod.parse(data)
+    assert message in str(err.value)
+
+
+def test_overrides_by_index_and_name():
+    data = base(stages=[{"name": "decode"}, {"name": "phash_dedup"}])
+    apply_overrides(data, ["stages.decode.max_side=512", "stages.1.max_distance=0", "output.samples_per_shard=7"])
+    spec = specmod.parse(data)
+    assert spec.stages[0].config.max_side == 512
+    assert spec.stages[1].config.max_distance == 0
+    assert spec.output.samples_per_shard == 7
+    with pytest.raises(ConfigError, match="no item named 'ocr'"):
+        apply_overrides(data, ["stages.ocr.x=1"])
+
+
+def test_fingerprint_ignores_ray_settings():
+    a = specmod.parse(base())
+    b = specmod.parse(base(ray={"num_cpus": 7}))
+    c = specmod.parse(base(output={"path": "/out", "samples_per_shard": 3}))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_jobs_specs_parse():
+    import glob
+    files = sorted(glob.glob("jobs/*.yaml"))
+    assert files
+    for f in files:
+        specmod.load(f)

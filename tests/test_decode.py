@@ -1,0 +1,92 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.decode import DecodeConfig, DecodeImages, capped_size, decode_image, to_rgb
+from pipeline.corpus import bad_files, bomb_png, load_photos
+
+
+def jpeg(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def run(raws, **cfg):
+    batch = {"key": np.array([str(i) for i in range(len(raws))], dtype=object),
+             "raw_bytes": np.array(raws + [None], dtype=object)[:-1]}
+    return DecodeImages(DecodeConfig(**cfg))(batch)
+
+
+def test_capped_size_never_upscales():
+    assert capped_size(4000, 3000, 1024) == (1024, 768)
+    assert capped_size(3000, 4000, 1024) == (768, 1024)
+    assert capped_size(500, 200, 1024) == (500, 200)
+    assert capped_size(12288, 2048, 1024) == (1024, 171)
+
+
+def test_bad_and_odd_inputs_end_as_expected():
+    files = bad_files(np.random.default_rng(0), load_photos())
+    names = list(files)
+    out = run([files[n][0] for n in names])
+    for i, n in enumerate(names):
+        expected = files[n][1]
+        if expected is None:
+            assert out["status"][i] == "kept", (n, out["reject_reason"][i])
+            assert Image.open(io.BytesIO(out["image"][i])).mode == "RGB"
+        else:
+            assert out["status"][i] == "rejected", n
+            assert out["reject_reason"][i].startswith(expected), (n, out["reject_reason"][i])
+    by = dict(zip(names, range(len(names))))
+    i = by["odd_exif_rotated.jpg"]          # stored 400x300 with orientation 6: shown 300x400
+    assert (out["width"][i], out["height"][i]) == (300, 400)
+    assert (out["stored_width"][i], out["stored_height"][i]) == (300, 400)
+    assert out["reject_reason"][by["bad_zero_byte.jpg"]] == "decode_error: empty file"
+    assert out["reject_reason"][by["bad_bomb.png"]] == "decompression_bomb: 40000x40000 exceeds max_pixels=178956970"
+    assert "truncated" in out["reject_reason"][by["bad_truncated.jpg"]]
+    assert all(r is None for r in out["raw_bytes"])
+
+
+def test_animated_reject_policy():
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    assert run([buf.getvalue()], animated="reject")["reject_reason"][0] == "animated: 2 frames"
+    kept = run([buf.getvalue()])
+    img = Image.open(io.BytesIO(kept["image"][0]))
+    assert np.asarray(img)[16, 16].tolist() == pytest.approx([255, 0, 0], abs=8)  # the first frame
+
+
+def test_alpha_flattened_on_white_and_16bit_rescaled():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    g16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb(g16).getpixel((0, 0)) == (255, 255, 255)
+    g16_half = Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16))
+    assert to_rgb(g16_half).getpixel((0, 0)) == (128, 128, 128)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))   # pure red in CMYK
+    assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_large_jpeg_is_capped_with_fast_draft_decode():
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (1500, 2400, 3), dtype=np.uint8))
+    data = jpeg(big, quality=90)
+    img, w, h = decode_image(data, DecodeConfig(max_side=512))
+    assert (w, h) == (2400, 1500)
+    assert img.size == (512, 320)
+    slow, _, _ = decode_image(data, DecodeConfig(max_side=512, fast_jpeg=False))
+    assert slow.size == (512, 320)
+
+
+def test_pixel_cap_is_configurable():
+    assert run([bomb_png(100, 100)], max_pixels=5000)["reject_reason"][0] == "decompression_bomb: 100x100 exceeds max_pixels=5000"
+
+
+def test_rejected_rows_are_not_decoded():
+    batch = {"raw_bytes": np.array([b"garbage"], dtype=object), "status": np.array(["rejected"], dtype=object),
+             "reject_reason": np.array(["too_small: x"], dtype=object)}
+    out = DecodeImages()(batch)
+    assert out["reject_reason"][0] == "too_small: x"

@@ -1,0 +1,124 @@
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import readers
+from pipeline.config import ConfigError
+from pipeline.readers import InputSpec, LoadSource, decode_text
+
+
+def plan_batch(plan, rows=None):
+    t = plan.table if rows is None else plan.table.slice(0, rows)
+    return {c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names}
+
+
+def write_img(path, size=(64, 48), color="red"):
+    Image.new("RGB", size, color).save(path)
+
+
+def test_folder_plan_keys_captions_and_partitions(tmp_path):
+    for i in range(5):
+        write_img(tmp_path / f"a{i}.jpg")
+    (tmp_path / "a1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "notes.md").write_text("ignored")
+    plan = readers.plan(InputSpec(path=str(tmp_path)), samples_per_shard=2)
+    assert plan.format == "images"
+    assert plan.table.column("key").to_pylist() == ["000000000", "000000001", "000010000", "000010001", "000020000"]
+    assert plan.counts == {0: 2, 1: 2, 2: 1}
+    out = LoadSource()(plan_batch(plan))
+    assert out["caption"].tolist() == [None, "café", None, None, None]
+    assert all(isinstance(b, bytes) and len(b) > 100 for b in out["raw_bytes"])
+
+
+def test_parquet_plan_missing_files_urls_and_laion_columns(tmp_path):
+    write_img(tmp_path / "x.jpg")
+    pq.write_table(pa.table({
+        "filepath": ["x.jpg", "missing.jpg", "http://example.com/a.jpg", None],
+        "TEXT": ["one", "two", "three", "four"],
+        "AESTHETIC_SCORE": [5.5, 4.0, 6.0, 7.0], "pwatermark": [0.1, 0.2, 0.3, 0.4], "other": [1, 2, 3, 4]}),
+        tmp_path / "meta.parquet")
+    plan = readers.plan(InputSpec(path=str(tmp_path / "meta.parquet")), samples_per_shard=10)
+    assert plan.format == "laion_parquet"
+    out = LoadSource()(plan_batch(plan))
+    assert out["status"].tolist() == ["kept", "rejected", "rejected", "rejected"]
+    assert out["reject_reason"].tolist()[1:] == [
+        "missing_file: not found",
+        "not_downloaded: URL inputs are fetched by img2dataset; run it and read its shards",
+        "missing_file: empty path"]
+    assert out["caption"].tolist() == ["one", "two", "three", "four"]
+    assert out["AESTHETIC_SCORE"].tolist() == [5.5, 4.0, 6.0, 7.0]
+    assert "other" not in out
+    with pytest.raises(ConfigError, match="input.caption_column: column 'caption' is not in"):
+        readers.plan(InputSpec(path=str(tmp_path / "meta.parquet"), caption_column="caption"), 10)
+    plan2 = readers.plan(InputSpec(path=str(tmp_path / "meta.parquet"), keep_columns=["other", "aesthetic"],
+                                   rename_columns={"AESTHETIC_SCORE": "aesthetic"}), 10)
+    assert plan2.table.column("aesthetic").to_pylist() == [5.5, 4.0, 6.0, 7.0]
+    assert plan2.table.column("other").to_pylist() == [1, 2, 3, 4]
+    assert "AESTHETIC_SCORE" not in plan2.table.column_names
+
+
+def make_img2dataset_tar(path, n, broken_last=False):
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            key = f"{i:09d}"
+            buf = io.BytesIO()
+            Image.new("RGB", (40 + i, 30), (i * 20 % 255, 0, 0)).save(buf, "JPEG")
+            members = {f"{key}.jpg": buf.getvalue(), f"{key}.txt": f"caption {i}".encode(),
+                       f"{key}.json": json.dumps({"key": key, "url": f"http://x/{i}.jpg", "similarity": 0.3 + i / 100,
+                                                  "caption": f"caption {i}"}).encode()}
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    if broken_last:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+
+
+def test_webdataset_plan_and_load(tmp_path):
+    make_img2dataset_tar(tmp_path / "00000.tar", 3)
+    make_img2dataset_tar(tmp_path / "00001.tar", 2)
+    plan = readers.plan(InputSpec(path=str(tmp_path)), samples_per_shard=1000)
+    assert plan.format == "webdataset"
+    assert plan.counts == {0: 3, 1: 2}
+    assert plan.table.column("source_key").to_pylist() == ["000000000", "000000001", "000000002", "000000000", "000000001"]
+    out = LoadSource()(plan_batch(plan))
+    assert out["status"].tolist() == ["kept"] * 5
+    assert out["caption"].tolist() == ["caption 0", "caption 1", "caption 2", "caption 0", "caption 1"]
+    assert out["url"][4] == "http://x/1.jpg"
+    assert out["similarity"][2] == pytest.approx(0.32)
+    assert Image.open(io.BytesIO(out["raw_bytes"][2])).size == (42, 30)
+    brace = readers.plan(InputSpec(path=str(tmp_path / "{00000..00001}.tar")), 1000)
+    assert brace.num_inputs == 5
+
+
+def test_truncated_tar_is_counted(tmp_path):
+    make_img2dataset_tar(tmp_path / "00000.tar", 2)
+    make_img2dataset_tar(tmp_path / "00001.tar", 6, broken_last=True)
+    plan = readers.plan(InputSpec(path=str(tmp_path)), 1000)
+    out = LoadSource()(plan_batch(plan))
+    reasons = [r for r in out["reject_reason"].tolist() if r]
+    assert plan.counts[0] == 2 and out["status"].tolist()[:2] == ["kept", "kept"]
+    assert reasons and all(r.startswith(("broken_shard", "read_error")) for r in reasons)
+
+
+def test_decode_text_fallbacks():
+    assert decode_text("naïve".encode()) == "naïve"
+    assert decode_text("\ufeffbom".encode("utf-8")) == "bom"
+    assert decode_text("crème".encode("latin-1")) == "crème"
+    assert decode_text(b"a\x00b ") == "ab"
+
+
+def test_bad_input_paths_fail_before_ray(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        readers.plan(InputSpec(path=str(tmp_path / "nope")), 10)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="holds no images"):
+        readers.plan(InputSpec(path=str(tmp_path / "empty")), 10)
