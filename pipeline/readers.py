@@ -277,7 +277,7 @@ def plan(spec: InputSpec, samples_per_shard: int) -> Plan:
 # ---- fetching bytes: the first stage of every run ----
 
 def decode_text(data: bytes | None) -> str | None:
-    """Caption bytes to text: UTF-8 (with or without BOM), else cp1252, else latin-1; NULs dropped."""
+    """Caption bytes to text: UTF-8 (with or without BOM), else cp1252, else latin-1; NULs dropped; empty -> None."""
     if data is None:
         return None
     for enc in ("utf-8-sig", "cp1252", "latin-1"):
@@ -286,7 +286,8 @@ def decode_text(data: bytes | None) -> str | None:
             break
         except UnicodeDecodeError:
             continue
-    return text.replace("\x00", "").strip()
+    text = text.replace("\x00", "").strip()
+    return text or None
 
 
 def _read_range(fh, offset: int, size: int) -> bytes:

@@ -114,6 +114,7 @@ def test_decode_text_fallbacks():
     assert decode_text("\ufeffbom".encode("utf-8")) == "bom"
     assert decode_text("crème".encode("latin-1")) == "crème"
     assert decode_text(b"a\x00b ") == "ab"
+    assert decode_text(b"  ") is None
 
 
 def test_bad_input_paths_fail_before_ray(tmp_path):

@@ -1,0 +1,36 @@
+"""Helpers for end-to-end tests: run a curate spec in-process and read its outputs back."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+
+import pyarrow.parquet as pq
+
+from pipeline import curate, spec as specmod
+
+
+def run_curate(input_path: str, output: str, samples_per_shard: int = 10, stages=None, **extra):
+    data = {"input": {"path": input_path, **extra.pop("input", {})},
+            "output": {"path": output, "samples_per_shard": samples_per_shard, **extra.pop("output", {})},
+            "ray": {"block_rows": 4}}
+    if stages is not None:
+        data["stages"] = stages
+    return curate.run(specmod.parse(data), log=None)
+
+
+def annotations(output: str):
+    return pq.read_table(os.path.join(output, "annotations.parquet")).to_pandas()
+
+
+def tar_members(output: str) -> dict[str, list[str]]:
+    out = {}
+    for tar in sorted(glob.glob(os.path.join(output, "shards", "*.tar"))):
+        with tarfile.open(tar) as tf:
+            out[os.path.basename(tar)] = tf.getnames()
+    return out
+
+
+def shard_stats(output: str) -> list[dict]:
+    return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(output, "shards", "*_stats.json")))]
