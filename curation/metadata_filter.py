@@ -57,8 +57,8 @@ class MetadataFilter(Stage):
 
     name = "metadata_filter"
     Config = MetadataFilterConfig
-    num_cpus = 0.25
-    batch_size = 256
+    num_cpus = 1.0      # same as decode, so Ray fuses the stages into one task
+    batch_size = 16
 
     def __init__(self, config: MetadataFilterConfig | None = None):
         super().__init__(config or MetadataFilterConfig())

@@ -124,8 +124,8 @@ class PHashDedup(Stage):
 
     name = "phash_dedup"
     Config = PHashDedupConfig
-    num_cpus = 0.5
-    batch_size = 64
+    num_cpus = 1.0      # same as decode, so Ray fuses the stages into one task
+    batch_size = 16
     reduce_columns = (KEY, PHASH, STATUS, WIDTH, HEIGHT)
 
     def __init__(self, config: PHashDedupConfig | None = None):

@@ -29,8 +29,8 @@ def format_summary(result) -> str:
     if result.stage_seconds:
         lines.append("  stage time (worker seconds, all workers)")
         for stage, s in result.stage_seconds.items():
-            rate = result.inputs / s if s else float("inf")
-            lines.append(f"    {stage:<22} {s:>8.2f} s  ({rate:,.0f} samples/s per worker)")
+            rate = f"{result.inputs / s:,.0f} samples/s per worker" if s >= 0.005 else "negligible"
+            lines.append(f"    {stage:<22} {s:>8.2f} s  ({rate})")
     lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {os.path.join(result.output, 'shards')}")
     return "\n".join(lines)
 

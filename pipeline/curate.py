@@ -63,8 +63,11 @@ def prepare_output(spec: CurateSpec) -> None:
 
 
 def init_ray(spec: CurateSpec):
+    import logging
+
     import ray
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         if spec.ray.address:
             ray.init(address=spec.ray.address, log_to_driver=False)
@@ -89,7 +92,7 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
                              "load", cpus, gpus)
     for st in spec.stages:
         ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus)
-    ds = adapter.apply_fn(ds, shards.FragmentWriter(work), num_cpus=0.5)
+    ds = adapter.apply_fn(ds, shards.FragmentWriter(work), num_cpus=1.0)  # fuses with the stages
     bar = tqdm(total=pending.num_rows, desc="annotate", unit="img", file=log, disable=log is None)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         bar.update(len(batch[KEY]))

@@ -1,0 +1,175 @@
+"""Benchmark the image path: each stage alone, the whole pipeline, and decode vs a plain PIL loop.
+
+    python bench/curate_images.py [--images 160] [--cpus N]
+
+Everything is measured in this one run on the same files:
+  * each stage's standalone rate on all cores (a process pool, no Ray);
+  * the end-to-end ``winnow curate`` rate on a local Ray (Ray start-up excluded) and its ratio
+    to the slowest stage;
+  * decode+resize images/s per core: winnow's decoder (libjpeg DCT scaling via PIL draft) vs a
+    plain PIL open/convert/resize loop to the same size.
+Photos come from ../shared/data/images when present, plus generated camera-sized JPEGs.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from curation.decode import DecodeConfig, DecodeImages, capped_size, decode_image  # noqa: E402
+from curation.metadata_filter import MetadataFilter, MetadataFilterConfig  # noqa: E402
+from curation.phash import PHashDedup  # noqa: E402
+from pipeline.corpus import load_photos, synth_image  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "images")
+
+
+def make_inputs(root: str, n: int, seed: int = 0) -> list[str]:
+    """Camera-sized JPEGs (1600-4000 px, with sensor-like noise) plus the shared photos if present."""
+    rng = np.random.default_rng(seed)
+    photos = load_photos()
+    os.makedirs(root, exist_ok=True)
+    paths = []
+    for i in range(n):
+        longest = int(rng.integers(1600, 4001))
+        aspect = (4 / 3, 3 / 2, 16 / 9, 1.0, 3 / 4, 2 / 3)[i % 6]
+        w, h = (longest, int(longest / aspect)) if aspect >= 1 else (int(longest * aspect), longest)
+        arr = np.asarray(synth_image(rng, photos, w, h)).astype(np.int16)
+        arr = np.clip(arr + rng.normal(0, 4, arr.shape), 0, 255).astype(np.uint8)
+        p = os.path.join(root, f"gen_{i:04d}.jpg")
+        Image.fromarray(arr).save(p, "JPEG", quality=int(rng.integers(85, 96)))
+        paths.append(p)
+    for p in sorted(glob.glob(os.path.join(SHARED, "**", "*.*"), recursive=True)):
+        if p.lower().endswith((".jpg", ".jpeg", ".png")):
+            dst = os.path.join(root, "shared_" + os.path.basename(p))
+            shutil.copy(p, dst)
+            paths.append(dst)
+    return paths
+
+
+def _read(paths):
+    return [open(p, "rb").read() for p in paths]
+
+
+def _plain_pil(paths, max_side):
+    """The baseline a user writes: open, convert, resize to the same capped size."""
+    t = time.perf_counter()
+    for data in _read(paths):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img.resize(capped_size(img.width, img.height, max_side), Image.Resampling.BICUBIC)
+    return time.perf_counter() - t
+
+
+def _winnow_decode(paths, max_side):
+    cfg = DecodeConfig(max_side=max_side)
+    t = time.perf_counter()
+    for data in _read(paths):
+        decode_image(data, cfg)
+    return time.perf_counter() - t
+
+
+def _batches(paths, size=16):
+    for i in range(0, len(paths), size):
+        chunk = paths[i:i + size]
+        yield {"key": np.array([str(j) for j in range(len(chunk))], dtype=object),
+               "raw_bytes": np.array(_read(chunk) + [None], dtype=object)[:-1]}
+
+
+def _stage_rates(paths):
+    """Seconds spent in each stage (load, decode, metadata_filter, phash) for these paths."""
+    decode, meta, phash = DecodeImages(DecodeConfig()), MetadataFilter(MetadataFilterConfig(min_side=128)), PHashDedup()
+    times = {"load": 0.0, "decode": 0.0, "metadata_filter": 0.0, "phash_dedup": 0.0}
+    for i in range(0, len(paths), 16):
+        chunk = paths[i:i + 16]
+        t = time.perf_counter()
+        raws = _read(chunk)
+        times["load"] += time.perf_counter() - t
+        batch = {"raw_bytes": np.array(raws + [None], dtype=object)[:-1]}
+        for name, stage in (("decode", decode), ("metadata_filter", meta), ("phash_dedup", phash)):
+            t = time.perf_counter()
+            batch = stage(batch)
+            times[name] += time.perf_counter() - t
+    return times
+
+
+def parallel(fn, paths, workers, *args):
+    shares = [paths[i::workers] for i in range(workers)]
+    t = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(fn, shares, *[[a] * workers for a in args]))
+    return time.perf_counter() - t, results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=120)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--max-side", type=int, default=1024)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="winnow-bench-")
+    try:
+        paths = make_inputs(os.path.join(tmp, "images"), args.images)
+        n = len(paths)
+        mpix = sum(Image.open(p).width * Image.open(p).height for p in paths) / n / 1e6
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
+        print(f"data: {n} images, mean {mpix:.1f} MP, max_side {args.max_side}; pipeline on {args.cpus} CPUs\n")
+
+        # 1) decode+resize per core vs plain PIL (single process, warm cache, best of 2)
+        _read(paths)
+        base = min(_plain_pil(paths, args.max_side) for _ in range(2))
+        ours = min(_winnow_decode(paths, args.max_side) for _ in range(2))
+        print("decode+resize, one core")
+        print(f"  plain PIL open/convert/resize  {n / base:8.1f} img/s")
+        print(f"  winnow decode_image            {n / ours:8.1f} img/s   ratio {base / ours:.2f}x")
+
+        # 2) each stage alone, on all cores
+        wall, per_worker = parallel(_stage_rates, paths, args.cpus)
+        print(f"\nstages alone ({args.cpus} processes)")
+        rates = {}
+        for name in per_worker[0]:
+            busiest = max(w[name] for w in per_worker)
+            rates[name] = n / busiest if busiest > 0 else float("inf")
+            print(f"  {name:<16} {rates[name]:10.1f} img/s")
+        slowest = min(rates, key=rates.get)
+
+        # 3) the pipeline on a local Ray (start-up excluded)
+        import ray
+
+        from pipeline import curate, spec as specmod
+
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        out = os.path.join(tmp, "out")
+        spec = specmod.parse({"input": {"path": os.path.join(tmp, "images")},
+                              "output": {"path": out, "samples_per_shard": 64},
+                              "stages": [{"name": "decode", "max_side": args.max_side},
+                                         {"name": "metadata_filter", "min_side": 128}, {"name": "phash_dedup"}],
+                              "ray": {"block_rows": 16}})
+        res = curate.run(spec, log=None)
+        ray.shutdown()
+        annotate_rate = n / res.phases["annotate"]
+        total_rate = n / res.wall_seconds
+        print(f"\npipeline (winnow curate on local Ray, {args.cpus} CPUs)")
+        print(f"  annotate phase     {annotate_rate:8.1f} img/s   ({res.phases['annotate']:.2f} s)")
+        print(f"  whole run          {total_rate:8.1f} img/s   ({res.wall_seconds:.2f} s incl. shards + table: {res.phases})")
+        print(f"  slowest stage      {slowest} at {rates[slowest]:.1f} img/s")
+        print(f"  ratio annotate / slowest stage: {annotate_rate / rates[slowest]:.2f}")
+        print(f"  ratio whole run / slowest stage: {total_rate / rates[slowest]:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

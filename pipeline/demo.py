@@ -1,0 +1,49 @@
+"""``make demo``: build a bundled corpus, curate it on a local Ray, print what happened.
+
+    python -m pipeline.demo [--output demo_out] [--images 240]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+import time
+
+from pipeline import curate, spec as specmod
+from pipeline.cli import format_summary
+from pipeline.corpus import make_corpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="demo_out", help="where the corpus and the run go (default demo_out/)")
+    parser.add_argument("--images", type=int, default=240, help="good images in the corpus (plus duplicates and bad files)")
+    parser.add_argument("--samples-per-shard", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    corpus_dir = os.path.join(args.output, "corpus")
+    run_dir = os.path.join(args.output, "run")
+    shutil.rmtree(args.output, ignore_errors=True)
+    t = time.time()
+    expected = make_corpus(corpus_dir, n_images=args.images, seed=0, duplicates=8)
+    bad = sum(1 for v in expected.values() if v and v != "duplicate")
+    print(f"demo corpus: {len(expected)} files in {corpus_dir} ({args.images} images of varied aspect ratio and size, "
+          f"8 resized duplicates, {bad} broken files, 6 odd ones: CMYK, 16-bit, alpha, palette, EXIF-rotated, "
+          f"animated) made in {time.time() - t:.1f} s")
+    spec = specmod.load("jobs/demo.yaml" if os.path.exists("jobs/demo.yaml") else None, [
+        f"input.path={corpus_dir}", f"output.path={run_dir}", f"output.samples_per_shard={args.samples_per_shard}"])
+    result = curate.run(spec)
+    print(format_summary(result))
+    tars = sorted(glob.glob(os.path.join(run_dir, "shards", "*.tar")))
+    print(f"\noutputs:\n  {run_dir}/shards/00000.tar .. {os.path.basename(tars[-1])}   WebDataset shards (KEY.jpg, KEY.txt, KEY.json)"
+          f"\n  {run_dir}/annotations.parquet   one row per input, kept and rejected, with reject_reason"
+          f"\n  {run_dir}/summary.json          counts per reason and per-stage time"
+          f"\n  {run_dir}/spec.yaml             the resolved spec (re-run the same command to resume)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
