@@ -74,7 +74,8 @@ def init_ray(spec: CurateSpec):
         else:
             ray.init(num_cpus=spec.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                      log_to_driver=False)
-    adapter.configure(spec.ray.no_progress_timeout_s, spec.ray.progress_bars)
+    adapter.configure(spec.ray.no_progress_timeout_s, spec.ray.progress_bars,
+                      has_actor_stages=any(registry.get(s.name).stateful for s in spec.stages))
     res = ray.cluster_resources()
     return float(res.get("CPU", 1)), float(res.get("GPU", 0))
 

@@ -66,9 +66,9 @@ def conform(table: pa.Table) -> pa.Table:
     return table
 
 
-def table_bytes(table: pa.Table) -> bytes:
+def table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression=compression)
     return sink.getvalue()
 
 
@@ -86,7 +86,8 @@ class FragmentWriter:
             sub = table.filter(pa.array(parts == p))
             d = os.path.join(self.rows_dir, f"{int(p):05d}")
             os.makedirs(d, exist_ok=True)
-            atomic_write(os.path.join(d, f"{uuid.uuid4().hex}.parquet"), table_bytes(sub))
+            # fragments hold encoded images: compressing them again costs CPU and saves nothing
+            atomic_write(os.path.join(d, f"{uuid.uuid4().hex}.parquet"), table_bytes(sub, compression="none"))
         return {KEY: np.asarray(batch[KEY], dtype=object), STATUS: np.asarray(batch[STATUS], dtype=object)}
 
 

@@ -1,0 +1,41 @@
+"""The command line: help on every subcommand, bad specs fail before Ray starts with exit code 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def winnow(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_help():
+    top = winnow("--help")
+    assert top.returncode == 0 and "curate" in top.stdout
+    sub = winnow("curate", "--help")
+    assert sub.returncode == 0 and "--samples-per-shard" in sub.stdout and "--set" in sub.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["curate"], "give a SPEC.yaml, or both --input PATH and --output DIR"),
+    (["curate", "jobs/curate_images.yaml", "--set", "stages.decode.max_sid=5"], "unknown key 'stages[0](decode).max_sid'. Did you mean 'max_side'?"),
+    (["curate", "--input", "/nonexistent/photos", "--output", "/tmp/x"], "input.path '/nonexistent/photos' does not exist"),
+    (["curate", "missing.yaml"], "spec file 'missing.yaml' does not exist"),
+])
+def test_bad_spec_fails_before_ray(args, message, tmp_path):
+    res = winnow(*args)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Started a local Ray" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_jobs_run_is_the_same_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "jobs.run", "jobs/demo.yaml", "--set", "output.samples_per_shard=0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "output.samples_per_shard: 0 is below the minimum 1" in res.stderr
