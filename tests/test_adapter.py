@@ -1,0 +1,71 @@
+"""The Ray Data adapter: task stages, actor-pool stages on 2 CPUs (no hang), resource checks."""
+import numpy as np
+import pytest
+
+from pipeline.adapter import ResourceError, actor_pool_size, apply_stage, check_resources
+from pipeline.stage import Stage, active, column
+
+
+class AddOne(Stage):
+    name = "add_one_test"
+    num_cpus = 1.0
+    batch_size = 4
+
+    def __call__(self, batch):
+        batch["y"] = batch["x"] + 1
+        return batch
+
+
+class ModelStage(Stage):
+    """Holds 'a model' built once per actor; counts how many times it was built."""
+    name = "model_test"
+    stateful = True
+    num_cpus = 0.5
+    batch_size = 8
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        import os
+        self.pid = os.getpid()
+
+    def __call__(self, batch):
+        keep = active(batch)
+        out = column(batch, "pid")
+        for i in range(len(keep)):
+            out[i] = self.pid
+        return batch
+
+
+class GpuStage(ModelStage):
+    name = "gpu_test"
+    num_gpus = 1.0
+
+
+def test_pool_sizes_leave_a_cpu_for_reads_and_writes():
+    assert actor_pool_size(ModelStage, cluster_cpus=2, cluster_gpus=0) == 2     # 2 x 0.5 CPU
+    assert actor_pool_size(AddOne, cluster_cpus=2, cluster_gpus=0) == 1
+    assert actor_pool_size(GpuStage, cluster_cpus=16, cluster_gpus=4) == 4
+
+
+def test_gpu_request_without_gpu_fails_clearly():
+    with pytest.raises(ResourceError, match="requests 1.0 GPU per worker but the Ray cluster has 0 GPUs"):
+        check_resources(GpuStage, 2, 0)
+
+
+def test_task_and_actor_stages_on_two_cpus(ray_local):
+    import sys
+
+    import ray.cloudpickle
+    import ray.data
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # test classes travel by value
+
+    ds = ray.data.from_items([{"x": i} for i in range(40)], override_num_blocks=5)
+    ds = apply_stage(ds, AddOne, None, "add_one", cluster_cpus=2)
+    ds = apply_stage(ds, ModelStage, None, "model", cluster_cpus=2)
+    rows = sorted(ds.take_all(), key=lambda r: r["x"])
+    assert [r["y"] for r in rows] == list(range(1, 41))
+    assert all(r["status"] == "kept" for r in rows)
+    assert len({r["pid"] for r in rows}) <= 2                 # at most the 2 actors of the pool
+    assert rows[0]["_time_model"] >= 0 and rows[0]["_time_add_one"] >= 0
+    assert np.isclose(sum(r["_time_add_one"] for r in rows[:4]) / 4, rows[0]["_time_add_one"])
