@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import option
-from pipeline.stage import (DUPLICATE_OF, HEIGHT, IMAGE, KEPT, KEY, PHASH, STATUS, WIDTH, Stage,
+from pipeline.stage import (HEIGHT, IMAGE, KEPT, KEY, PHASH, STATUS, WIDTH, Stage,
                             active, column)
 
 
@@ -162,4 +162,4 @@ class PHashDedup(Stage):
 
 
 __all__ = ["PHashDedup", "PHashDedupConfig", "phash_image", "phash_bytes", "near_duplicate_pairs",
-           "greedy_keep", "DUPLICATE_OF"]
+           "greedy_keep"]

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.config import ConfigError
-from tests.helpers import annotations, run_curate, shard_stats, tar_members
+from tests.helpers import annotations, run_curate, shard_stats
 
 
 @pytest.fixture(scope="module")
