@@ -90,13 +90,6 @@ def _winnow_decode(paths, max_side):
     return time.perf_counter() - t
 
 
-def _batches(paths, size=16):
-    for i in range(0, len(paths), size):
-        chunk = paths[i:i + size]
-        yield {"key": np.array([str(j) for j in range(len(chunk))], dtype=object),
-               "raw_bytes": np.array(_read(chunk) + [None], dtype=object)[:-1]}
-
-
 def _stage_rates(paths):
     """Seconds spent in each stage (load, decode, metadata_filter, phash) for these paths."""
     decode, meta, phash = DecodeImages(DecodeConfig()), MetadataFilter(MetadataFilterConfig(min_side=128)), PHashDedup()

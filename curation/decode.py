@@ -118,8 +118,6 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[Image.Image, int, int]
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
-    except DecodeError:
-        raise
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"decompression_bomb: {exc}") from None
     except Exception as exc:  # noqa: BLE001

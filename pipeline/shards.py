@@ -167,7 +167,6 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     name = shard_name(partition)
     table = read_fragments(fragment_files(work_dir, partition))
     count = 0 if table is None else table.num_rows
-    table = conform(table) if table is not None else table
     if count != expected:
         raise RuntimeError(f"partition {name}: {count} annotated rows, expected {expected}; re-run to finish it")
     rows = sorted(table.to_pylist(), key=lambda r: r[KEY])
