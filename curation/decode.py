@@ -17,8 +17,19 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.config import option
-from pipeline.stage import (HEIGHT, IMAGE, IMAGE_EXT, RAW, STORED_HEIGHT, STORED_WIDTH, WIDTH, Stage,
-                            active, column, reject)
+from pipeline.stage import (
+    HEIGHT,
+    IMAGE,
+    IMAGE_EXT,
+    RAW,
+    STORED_HEIGHT,
+    STORED_WIDTH,
+    WIDTH,
+    Stage,
+    active,
+    column,
+    reject,
+)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # We enforce our own pixel cap from the header; PIL's global guard would raise before we can

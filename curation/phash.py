@@ -15,8 +15,18 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import option
-from pipeline.stage import (HEIGHT, IMAGE, KEPT, KEY, PHASH, STATUS, WIDTH, Stage,
-                            active, column)
+from pipeline.stage import (
+    HEIGHT,
+    IMAGE,
+    KEPT,
+    KEY,
+    PHASH,
+    STATUS,
+    WIDTH,
+    Stage,
+    active,
+    column,
+)
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -126,7 +136,7 @@ class PHashDedup(Stage):
     Config = PHashDedupConfig
     num_cpus = 1.0      # same as decode, so Ray fuses the stages into one task
     batch_size = 16
-    reduce_columns = (KEY, PHASH, STATUS, WIDTH, HEIGHT)
+    after = ("decode",)
 
     def __init__(self, config: PHashDedupConfig | None = None):
         super().__init__(config or PHashDedupConfig())
@@ -140,7 +150,10 @@ class PHashDedup(Stage):
                 out[i] = to_hex(phash_bytes(images[i]))
         return batch
 
-    def reduce(self, table) -> dict[str, tuple[str, str | None]]:
+    def reduce(self, rows) -> dict[str, tuple[str, str | None]]:
+        table = rows.table([PHASH, STATUS, WIDTH, HEIGHT])
+        if table is None:
+            return {}
         cols = table.to_pydict()
         idx = [i for i, (s, h) in enumerate(zip(cols[STATUS], cols[PHASH])) if s == KEPT and h]
         if len(idx) < 2:
@@ -161,5 +174,11 @@ class PHashDedup(Stage):
         return result
 
 
-__all__ = ["PHashDedup", "PHashDedupConfig", "phash_image", "phash_bytes", "near_duplicate_pairs",
-           "greedy_keep"]
+__all__ = [
+    "PHashDedup",
+    "PHashDedupConfig",
+    "greedy_keep",
+    "near_duplicate_pairs",
+    "phash_bytes",
+    "phash_image",
+]

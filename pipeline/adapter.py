@@ -7,12 +7,13 @@ pool that holds both CPUs starves the read and write tasks and the dataset hangs
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import numpy as np
 
-from pipeline.stage import TIMING_PREFIX, Stage, batch_len, ensure_status
+from pipeline.stage import TIMING_PREFIX, Resources, Stage, batch_len, ensure_status
 
 
 class ResourceError(ValueError):
@@ -45,41 +46,55 @@ class _ActorStage(TimedStage):
         self._stage = stage_cls(config)
 
 
-def actor_pool_size(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float) -> int:
-    if stage_cls.concurrency:
-        return stage_cls.concurrency
-    if stage_cls.num_gpus:
-        return max(1, int(cluster_gpus // stage_cls.num_gpus))
-    # leave at least one CPU for reading, the fused task stages and writing
-    spare = max(cluster_cpus - 1.0, stage_cls.num_cpus)
-    return max(1, int(spare // max(stage_cls.num_cpus, 1e-3)))
+def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, cluster_gpus: float,
+                   cpu_pools: int = 1) -> Resources:
+    """Resources and pool size for one stage on this cluster.
+
+    CPU actor pools share what is left after one CPU for the read, task and write steps
+    (``cpu_pools`` = how many CPU actor pools the job has); an actor that asks for more than its
+    share gets a fractional CPU so the dataset cannot deadlock. GPU pools get one actor per
+    ``num_gpus`` the cluster holds.
+    """
+    res = stage_cls.resources(config, cluster_gpus)
+    if not stage_cls.stateful:
+        return dataclasses.replace(res, concurrency=None)
+    if res.num_gpus:
+        size = res.concurrency or max(1, int(cluster_gpus // res.num_gpus))
+        return dataclasses.replace(res, concurrency=size)
+    share = max(cluster_cpus - 1.0, 0.5) / max(cpu_pools, 1)
+    num_cpus = min(res.num_cpus, share)
+    size = res.concurrency or max(1, int(share // num_cpus))
+    return dataclasses.replace(res, num_cpus=num_cpus, concurrency=size)
 
 
-def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float) -> None:
-    if stage_cls.num_gpus and cluster_gpus < stage_cls.num_gpus:
+def actor_pool_size(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float, config: Any = None) -> int:
+    if not stage_cls.stateful:
+        return 1
+    return plan_resources(stage_cls, config, cluster_cpus, cluster_gpus).concurrency or 1
+
+
+def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float, config: Any = None) -> None:
+    res = stage_cls.resources(config, cluster_gpus)
+    if res.num_gpus and cluster_gpus < res.num_gpus:
         raise ResourceError(
-            f"stage {stage_cls.name!r} requests {stage_cls.num_gpus} GPU per worker but the Ray cluster has "
+            f"stage {stage_cls.name!r} requests {res.num_gpus} GPU per worker but the Ray cluster has "
             f"{cluster_gpus:g} GPUs; set the stage's device to 'cpu' (or 'auto') or run on a cluster with GPUs")
-    if stage_cls.stateful and stage_cls.num_cpus >= cluster_cpus:
-        raise ResourceError(
-            f"stage {stage_cls.name!r} actors need {stage_cls.num_cpus:g} CPUs each but the cluster has "
-            f"{cluster_cpus:g}; the pool would starve the read and write tasks. Lower its num_cpus")
 
 
 def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpus: float,
-                cluster_gpus: float = 0.0):
+                cluster_gpus: float = 0.0, cpu_pools: int = 1):
     """Append one stage to a Ray Dataset."""
     from ray.data import ActorPoolStrategy
 
-    check_resources(stage_cls, cluster_cpus, cluster_gpus)
-    common = dict(batch_size=stage_cls.batch_size, batch_format="numpy", num_cpus=stage_cls.num_cpus,
+    check_resources(stage_cls, cluster_cpus, cluster_gpus, config)
+    res = plan_resources(stage_cls, config, cluster_cpus, cluster_gpus, cpu_pools)
+    common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.num_cpus,
                   zero_copy_batch=False)
-    if stage_cls.num_gpus:
-        common["num_gpus"] = stage_cls.num_gpus
+    if res.num_gpus:
+        common["num_gpus"] = res.num_gpus
     if stage_cls.stateful:
-        size = actor_pool_size(stage_cls, cluster_cpus, cluster_gpus)
         return ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage_cls": stage_cls, "config": config, "label": label},
-                              compute=ActorPoolStrategy(size=size), **common)
+                              compute=ActorPoolStrategy(size=res.concurrency), **common)
     return ds.map_batches(TimedStage(stage_cls, config, label), **common)
 
 

@@ -20,8 +20,11 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
-           min: float | None = None, max: float | None = None) -> Any:
-    meta = {"help": help, "min": min, "max": max}
+           min: float | None = None, max: float | None = None, runtime: bool = False) -> Any:
+    """A config field. ``runtime`` fields (batch size, device, pool size) change how a job runs,
+    not what it produces, so they are left out of the spec fingerprint and a resumed run may
+    change them."""
+    meta = {"help": help, "min": min, "max": max, "runtime": runtime}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -143,6 +146,16 @@ def to_dict(obj: Any) -> Any:
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def result_dict(obj: Any) -> Any:
+    """``to_dict`` without runtime fields: what determines a job's output."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: result_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("runtime")}
+    if isinstance(obj, (list, tuple)):
+        return [result_dict(v) for v in obj]
     return obj
 
 

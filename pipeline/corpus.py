@@ -127,8 +127,28 @@ def bad_files(rng: np.random.Generator, photos: list[np.ndarray]) -> dict[str, t
     }
 
 
+POSTER_LINES = ("GRAND OPENING", "SALE 50% OFF", "FRESH BREAD DAILY", "CITY MARATHON", "LIVE MUSIC TONIGHT",
+                "NO PARKING", "WELCOME HOME", "SUMMER FESTIVAL")
+
+
+def text_image(lines: list[str], size: tuple[int, int] = (640, 480), font_size: int = 48,
+               background: tuple[int, int, int] = (238, 232, 220)) -> Image.Image:
+    """A sign/poster: dark text lines on a plain background (PIL's bundled font, no system fonts)."""
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=font_size)
+    y = font_size // 2
+    for line in lines:
+        draw.text((font_size // 2, y), line, fill=(25, 25, 30), font=font)
+        y += int(font_size * 1.6)
+    return img
+
+
 def make_corpus(root: str, n_images: int = 200, seed: int = 0, *, bad: bool = True,
-                duplicates: int = 4, min_side: int = 160, max_side: int = 1600) -> dict[str, str | None]:
+                duplicates: int = 4, min_side: int = 160, max_side: int = 1600,
+                text_images: int = 0) -> dict[str, str | None]:
     """Write a corpus into ``root``; returns {relative file: expected reject category or None}."""
     rng = np.random.default_rng(seed)
     photos = load_photos()
@@ -159,6 +179,15 @@ def make_corpus(root: str, n_images: int = 200, seed: int = 0, *, bad: bool = Tr
         with open(os.path.join(root, name), "wb") as fh:
             fh.write(_jpeg(small, quality=75))
         expected[name] = "duplicate"
+    for t in range(text_images):   # text-heavy posters, for the OCR stage to find
+        os.makedirs(os.path.join(root, "text"), exist_ok=True)
+        lines = [POSTER_LINES[(t + k) % len(POSTER_LINES)] for k in range(4)]
+        name = f"text/poster_{t:02d}.png"
+        with open(os.path.join(root, name), "wb") as fh:
+            fh.write(_png(text_image(lines, font_size=int(rng.integers(40, 56)))))
+        with open(os.path.join(root, name[:-4] + ".txt"), "w", encoding="utf-8") as fh:
+            fh.write("a poster with large printed words")
+        expected[name] = None
     if bad:
         os.makedirs(os.path.join(root, "bad"), exist_ok=True)
         for name, (data, outcome) in bad_files(rng, photos).items():

@@ -91,8 +91,10 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
     ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(storage_options=spec.input.storage_options,
                                                                         keep_columns=spec.input.keep_columns),
                              "load", cpus, gpus)
+    cpu_pools = sum(1 for st in spec.stages if registry.get(st.name).stateful
+                    and not registry.get(st.name).resources(st.config, gpus).num_gpus)
     for st in spec.stages:
-        ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus)
+        ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus, cpu_pools)
     ds = adapter.apply_fn(ds, shards.FragmentWriter(work), num_cpus=1.0)  # fuses with the stages
     bar = tqdm(total=pending.num_rows, desc="annotate", unit="img", file=log, disable=log is None)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -103,16 +105,14 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
 def reduce_stages(spec: CurateSpec, work: str) -> dict[str, tuple[str, str | None]]:
     decisions: dict[str, tuple[str, str | None]] = {}
     for st in spec.stages:
-        stage = registry.get(st.name)(st.config)
-        if not stage.has_reduce:
+        stage = registry.get(st.name)(st.config) if registry.get(st.name).has_reduce_method() else None
+        if stage is None:
             continue
-        table = shards.read_fragments(shards.fragment_files(work), columns=list(stage.reduce_columns))
-        if table is None:
-            continue
-        if decisions:  # rows a previous reduction rejected are not candidates any more
-            mask = pa.array([k not in decisions for k in table.column(KEY).to_pylist()])
-            table = table.filter(mask)
-        decisions.update(stage.reduce(table))
+        scratch = os.path.join(work, "reduce", st.label)
+        shutil.rmtree(scratch, ignore_errors=True)    # a killed run's partial scratch is redone
+        os.makedirs(scratch)
+        # rows a previous reduction rejected are not candidates any more
+        decisions.update(stage.reduce(shards.FragmentRows(work, exclude=set(decisions), scratch=scratch)))
     return decisions
 
 
@@ -190,7 +190,7 @@ def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
         return finalize(spec, plan, started, phases)
     cpus, gpus = init_ray(spec)
     for st in spec.stages:  # fail on impossible resources before any work starts
-        adapter.check_resources(registry.get(st.name), cpus, gpus)
+        adapter.check_resources(registry.get(st.name), cpus, gpus, st.config)
     t = time.time()
     finished_parts = {p for p in plan.counts if shards.shard_done(shards_dir, p)}
     have = shards.done_keys(work)

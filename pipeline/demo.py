@@ -11,7 +11,8 @@ import shutil
 import sys
 import time
 
-from pipeline import curate, spec as specmod
+from pipeline import curate
+from pipeline import spec as specmod
 from pipeline.cli import format_summary
 from pipeline.corpus import make_corpus
 

@@ -22,7 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, option
-from pipeline.stage import CAPTION, KEY, LAION_COLUMNS, PARTITION, RAW, SOURCE, Stage, active, column, reject
+from pipeline.stage import (
+    CAPTION,
+    KEY,
+    LAION_COLUMNS,
+    PARTITION,
+    RAW,
+    SOURCE,
+    Stage,
+    active,
+    column,
+    reject,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PATH_COLUMN_CANDIDATES = ("path", "filepath", "file_path", "image_path", "file_name", "filename", "URL", "url")
@@ -384,4 +395,4 @@ class LoadSource(Stage):
             return None
 
 
-__all__ = ["InputSpec", "Plan", "plan", "LoadSource", "decode_text", "detect_format"]
+__all__ = ["InputSpec", "LoadSource", "Plan", "decode_text", "detect_format", "plan"]

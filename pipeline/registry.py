@@ -1,12 +1,17 @@
 """Registered stages: YAML names a stage by these names, never by an import path."""
 from __future__ import annotations
 
+from curation.aesthetic import AestheticScore
+from curation.clip import ClipEmbed
 from curation.decode import DecodeImages
 from curation.metadata_filter import MetadataFilter
+from curation.ocr import OcrText
 from curation.phash import PHashDedup
+from curation.semantic_dedup import SemanticDedup
 from pipeline.stage import Stage
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (MetadataFilter, DecodeImages, PHashDedup)}
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (MetadataFilter, DecodeImages, PHashDedup, ClipEmbed,
+                                                            AestheticScore, OcrText, SemanticDedup)}
 
 
 def get(name: str) -> type[Stage]:

@@ -21,8 +21,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.stage import (BULK_COLUMNS, CAPTION, COLUMN_TYPES, DUPLICATE_OF, IMAGE, IMAGE_EXT, KEPT, KEY, PARTITION,
-                            REJECT_REASON, REJECTED, STATUS, TIMING_PREFIX, ensure_status)
+from pipeline.stage import (
+    BULK_COLUMNS,
+    CAPTION,
+    COLUMN_TYPES,
+    DUPLICATE_OF,
+    EMBEDDING_COLUMNS,
+    IMAGE,
+    IMAGE_EXT,
+    KEPT,
+    KEY,
+    PARTITION,
+    REJECT_REASON,
+    REJECTED,
+    STATUS,
+    TIMING_PREFIX,
+    ensure_status,
+)
 
 # plan bookkeeping that says where bytes lived; not part of the annotation contract
 PLAN_ONLY = ("ref_path", "ref_offset", "ref_size", "caption_ref", "json_ref", "plan_error")
@@ -45,10 +60,24 @@ def _to_arrow(values: list) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
+def embedding_array(values: np.ndarray) -> pa.Array:
+    """rows x dim floats -> fixed_size_list<halffloat>; rows of NaN (no embedding) become null."""
+    values = np.asarray(values, dtype=np.float32)
+    missing = np.isnan(values).any(axis=1)
+    flat = pa.array(np.nan_to_num(values).astype(np.float16).reshape(-1), pa.float16())
+    arr = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    if missing.any():
+        arr = pc.if_else(pa.array(~missing), arr, pa.scalar(None, arr.type))
+    return arr
+
+
 def batch_to_table(batch: dict[str, np.ndarray], drop: tuple[str, ...] = ()) -> pa.Table:
     cols = {}
     for name, values in batch.items():
         if name in drop:
+            continue
+        if isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype.kind == "f":
+            cols[name] = embedding_array(values)
             continue
         cols[name] = _to_arrow(values.tolist() if isinstance(values, np.ndarray) else list(values))
     return pa.table(cols)
@@ -126,6 +155,53 @@ def read_fragments(files: list[str], columns: list[str] | None = None) -> pa.Tab
     return table
 
 
+class FragmentRows:
+    """What a run-level reduction reads: the annotated rows, all at once or streamed.
+
+    ``exclude`` holds keys an earlier reduction already rejected; ``scratch`` is a folder under
+    ``_work`` the reduction may fill (it is deleted with ``_work``).
+    """
+
+    def __init__(self, work_dir: str, exclude: set[str] | frozenset = frozenset(), scratch: str = ""):
+        self.files = fragment_files(work_dir)
+        self.exclude = exclude
+        self.scratch = scratch
+
+    def table(self, columns: list[str]) -> pa.Table | None:
+        table = read_fragments(self.files, columns=list(dict.fromkeys([KEY, *columns])))
+        if table is not None and self.exclude:
+            table = table.filter(pa.array([k not in self.exclude for k in table.column(KEY).to_pylist()]))
+        return table
+
+    def batches(self, columns: list[str]):
+        """One table per fragment file, each key once over the whole stream, bounded memory."""
+        seen: set[str] = set()
+        for f in self.files:
+            names = pq.read_schema(f).names
+            table = pq.read_table(f, columns=[c for c in dict.fromkeys([KEY, *columns]) if c in names])
+            keys = table.column(KEY).to_pylist()
+            mask = [k not in seen and k not in self.exclude for k in keys]
+            seen.update(keys)
+            if any(mask):
+                yield table.filter(pa.array(mask))
+
+
+class TableRows:
+    """The same interface over an in-memory table (tests, notebooks, re-running a reduction)."""
+
+    def __init__(self, table: pa.Table, scratch: str = "", batch_rows: int = 65536):
+        self._table, self.scratch, self.batch_rows = table, scratch, batch_rows
+        self.exclude: frozenset = frozenset()
+
+    def table(self, columns: list[str]) -> pa.Table:
+        return self._table.select([c for c in dict.fromkeys([KEY, *columns]) if c in self._table.column_names])
+
+    def batches(self, columns: list[str]):
+        table = self.table(columns)
+        for i in range(0, table.num_rows, self.batch_rows):
+            yield table.slice(i, self.batch_rows)
+
+
 def done_keys(work_dir: str) -> set[str]:
     table = read_fragments(fragment_files(work_dir), columns=[KEY])
     return set(table.column(KEY).to_pylist()) if table is not None else set()
@@ -161,6 +237,15 @@ def _add_tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
+def write_embeddings(path: str, table: pa.Table) -> None:
+    """Keyed embeddings of one shard (every row that has one, kept or rejected)."""
+    emb_cols = [c for c in table.column_names if c != KEY]
+    has_any = pc.or_(*[pc.is_valid(table.column(c)) for c in emb_cols]) if len(emb_cols) > 1 else \
+        pc.is_valid(table.column(emb_cols[0]))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, table_bytes(table.filter(has_any)))
+
+
 def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
                 reductions: dict[str, tuple[str, str | None]]) -> dict:
     """Assemble one shard from its fragments; returns its stats (also written as the done marker)."""
@@ -169,7 +254,13 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     count = 0 if table is None else table.num_rows
     if count != expected:
         raise RuntimeError(f"partition {name}: {count} annotated rows, expected {expected}; re-run to finish it")
-    rows = sorted(table.to_pylist(), key=lambda r: r[KEY])
+    table = table.sort_by(KEY)
+    emb_cols = [c for c in EMBEDDING_COLUMNS if c in table.column_names]
+    if emb_cols:
+        write_embeddings(os.path.join(os.path.dirname(shards_dir), "embeddings", f"{name}.parquet"),
+                         table.select([KEY, *emb_cols]))
+        table = table.drop_columns(emb_cols)
+    rows = table.to_pylist()
     timing: dict[str, float] = {}
     for r in rows:
         for c in [c for c in r if c.startswith(TIMING_PREFIX)]:

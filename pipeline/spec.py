@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import registry
-from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
+from pipeline.config import (
+    ConfigError,
+    apply_overrides,
+    build,
+    load_yaml,
+    option,
+    result_dict,
+    to_dict,
+)
 from pipeline.readers import InputSpec
 
 DEFAULT_IMAGE_STAGES = [{"name": "decode"}, {"name": "phash_dedup"}]
@@ -48,7 +56,7 @@ class CurateSpec:
     def fingerprint(self) -> str:
         """What determines the result: input, sharding and stages (not Ray settings)."""
         doc = {"input": to_dict(self.input), "samples_per_shard": self.output.samples_per_shard,
-               "stages": [{"name": s.name, **to_dict(s.config)} for s in self.stages]}
+               "stages": [{"name": s.name, **result_dict(s.config)} for s in self.stages]}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -75,6 +83,7 @@ def _stages(items: Any) -> list[StageEntry]:
         except KeyError as exc:
             raise ConfigError(f"stages[{i}].name: {exc.args[0]}") from None
         cfg = build(cls.Config, item, f"stages[{i}]({name})")
+        cls.validate(cfg, f"stages[{i}]({name})", [(s.name, s.config) for s in out])
         seen[name] = seen.get(name, 0) + 1
         out.append(StageEntry(name, cfg, name if seen[name] == 1 else f"{name}_{seen[name]}"))
     return out
@@ -93,10 +102,6 @@ def parse(data: dict[str, Any]) -> CurateSpec:
                       stages=_stages(data.get("stages")),
                       ray=build(RaySpec, data.get("ray") or {}, "ray"))
     names = [s.name for s in spec.stages]
-    if "phash_dedup" in names and "decode" in names and names.index("phash_dedup") < names.index("decode"):
-        raise ConfigError("stages: phash_dedup hashes the decoded image; put it after decode")
-    if "phash_dedup" in names and "decode" not in names:
-        raise ConfigError("stages: phash_dedup needs a decode stage before it")
     if "decode" not in names:
         raise ConfigError("stages: an image run needs a 'decode' stage (it verifies images and writes what the shards store)")
     return spec

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.config import ConfigError
+
 # ---- column names (a contract: tests, reports and training read them) ----
 KEY = "key"
 SOURCE = "source"
@@ -27,22 +29,41 @@ STORED_HEIGHT = "stored_height"
 IMAGE = "image"                  # encoded bytes of the stored (capped) image
 IMAGE_EXT = "image_ext"          # "jpg" | "png" | "webp"
 RAW = "raw_bytes"                # bytes as read from the source, dropped after decode
+CLIP_SIMILARITY = "clip_similarity"
+AESTHETIC_SCORE = "aesthetic_score"
+OCR_TEXT = "ocr_text"
+OCR_AREA_RATIO = "ocr_area_ratio"
+IMAGE_EMBEDDING = "clip_image_embedding"   # L2-normalised, one fixed-size vector per row
+TEXT_EMBEDDING = "clip_text_embedding"
 LAION_COLUMNS = ("similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "WIDTH", "HEIGHT")
 
 # Arrow types of the contract columns; other columns keep the type they arrive with.
 COLUMN_TYPES = {KEY: "string", SOURCE: "string", CAPTION: "string", STATUS: "string", REJECT_REASON: "string",
                 DUPLICATE_OF: "string", PHASH: "string", WIDTH: "int64", HEIGHT: "int64", PARTITION: "int64",
-                STORED_WIDTH: "int64", STORED_HEIGHT: "int64", IMAGE_EXT: "string"}
+                STORED_WIDTH: "int64", STORED_HEIGHT: "int64", IMAGE_EXT: "string",
+                CLIP_SIMILARITY: "double", AESTHETIC_SCORE: "double", OCR_TEXT: "string", OCR_AREA_RATIO: "double"}
 
 KEPT = "kept"
 REJECTED = "rejected"
 
-# Columns that never go into the annotation table or a sample's JSON.
-BULK_COLUMNS = (RAW, IMAGE)
+# Columns that never go into the annotation table or a sample's JSON. Embeddings go to
+# OUTPUT/embeddings/PPPPP.parquet, keyed, so sweeps and later stages reuse them.
+EMBEDDING_COLUMNS = (IMAGE_EMBEDDING, TEXT_EMBEDDING)
+BULK_COLUMNS = (RAW, IMAGE, *EMBEDDING_COLUMNS)
 TIMING_PREFIX = "_time_"         # per-row share of a stage's wall time, summed into stats
 
 
 Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one copy of a stage needs; the adapter maps this onto Ray Data."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 64
+    concurrency: int | None = None   # actor pool size; None = sized by the adapter
 
 
 class Stage:
@@ -61,23 +82,40 @@ class Stage:
     stateful: ClassVar[bool] = False
     concurrency: ClassVar[int | None] = None   # actor pool size; None = sized by the adapter
 
+    # Stage names that must come earlier in the spec (e.g. aesthetic reads clip's embedding).
+    after: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, config: Any):
         self.config = config
+
+    @classmethod
+    def resources(cls, config: Any, cluster_gpus: float = 0.0) -> Resources:
+        """Resources per copy. Model stages override this to honour their ``device`` key."""
+        return Resources(cls.num_cpus, cls.num_gpus, cls.batch_size, cls.concurrency)
+
+    @classmethod
+    def validate(cls, config: Any, key: str, earlier: list[tuple[str, Any]]) -> None:
+        """Check what a dataclass cannot (weights exist, a needed stage came earlier) before Ray
+        starts; raise ``pipeline.config.ConfigError`` naming ``key``. ``earlier`` holds the
+        (name, config) of the stages before this one."""
+        names = [n for n, _ in earlier]
+        for need in cls.after:
+            if need not in names:
+                raise ConfigError(f"{key}: stage {cls.name!r} needs a {need!r} stage before it in stages")
 
     def __call__(self, batch: Batch) -> Batch:  # pragma: no cover - interface
         raise NotImplementedError
 
-    # A stage that needs every row of the run (dedup) also implements ``reduce``: it gets a
-    # table of the columns in ``reduce_columns`` for all rows and returns, per key to reject,
+    # A stage that needs every row of the run (dedup) also implements ``reduce``: it gets the
+    # annotated rows (``pipeline.shards.FragmentRows``: ``table(columns)`` or streamed
+    # ``batches(columns)``, plus a ``scratch`` folder) and returns, per key to reject,
     # (reason, duplicate_of or None). It runs on the driver between annotate and write.
-    reduce_columns: ClassVar[tuple[str, ...]] = ()
-
-    def reduce(self, table) -> dict[str, tuple[str, str | None]]:  # pragma: no cover
+    def reduce(self, rows) -> dict[str, tuple[str, str | None]]:  # pragma: no cover
         return {}
 
-    @property
-    def has_reduce(self) -> bool:
-        return type(self).reduce is not Stage.reduce
+    @classmethod
+    def has_reduce_method(cls) -> bool:
+        return cls.reduce is not Stage.reduce
 
 
 # ---- helpers every stage uses ----

@@ -8,7 +8,8 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from pipeline import curate, spec as specmod
+from pipeline import curate
+from pipeline import spec as specmod
 
 
 def run_curate(input_path: str, output: str, samples_per_shard: int = 10, stages=None, **extra):

@@ -2,7 +2,12 @@
 import numpy as np
 import pytest
 
-from pipeline.adapter import ResourceError, actor_pool_size, apply_stage, check_resources
+from pipeline.adapter import (
+    ResourceError,
+    actor_pool_size,
+    apply_stage,
+    check_resources,
+)
 from pipeline.stage import Stage, active, column
 
 

@@ -35,7 +35,7 @@ def test_sd1_recipe_is_expressible():
     (base(stages=[{"name": "decode", "max_side": 8}]), "stages[0](decode).max_side: 8 is below the minimum 16"),
     (base(output={"path": "/o", "samples_per_shard": "many"}), "output.samples_per_shard: expected an integer, got 'many'"),
     (base(stages=[{"name": "metadata_filter", "rules": [{"column": "x", "op": "=>", "value": 1}]}, "decode"]), "'=>' is not allowed"),
-    (base(stages=["phash_dedup", "decode"]), "put it after decode"),
+    (base(stages=["phash_dedup", "decode"]), "needs a 'decode' stage before it"),
     ({"input": {"path": "/d"}}, "missing 'output' section"),
     (base(extra=1), "unknown top-level key(s) ['extra']"),
 ])

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.decode import DecodeConfig, DecodeImages, capped_size, decode_image, to_rgb
+from curation.decode import (
+    DecodeConfig,
+    DecodeImages,
+    capped_size,
+    decode_image,
+    to_rgb,
+)
 from pipeline.corpus import bad_files, bomb_png, load_photos
 
 

@@ -4,8 +4,16 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from curation.phash import PHashDedup, PHashDedupConfig, greedy_keep, hamming, near_duplicate_pairs, phash_bytes
+from curation.phash import (
+    PHashDedup,
+    PHashDedupConfig,
+    greedy_keep,
+    hamming,
+    near_duplicate_pairs,
+    phash_bytes,
+)
 from pipeline.corpus import load_photos, synth_image
+from pipeline.shards import TableRows
 
 
 def encode(img, fmt="JPEG", **kw):
@@ -59,11 +67,11 @@ def test_reduce_keeps_largest_copy():
     table = pa.table({"key": ["a", "b", "c", "d"], "phash": [h, near, h, "ffff0000ffff0000"],
                       "status": ["kept", "kept", "rejected", "kept"], "width": [100, 400, 800, 50],
                       "height": [100, 300, 800, 50]})
-    got = PHashDedup(PHashDedupConfig(max_distance=2)).reduce(table)
+    got = PHashDedup(PHashDedupConfig(max_distance=2)).reduce(TableRows(table))
     assert got == {"a": ("duplicate: phash distance 2 to b", "b")}
-    got_first = PHashDedup(PHashDedupConfig(max_distance=2, prefer="first")).reduce(table)
+    got_first = PHashDedup(PHashDedupConfig(max_distance=2, prefer="first")).reduce(TableRows(table))
     assert got_first == {"b": ("duplicate: phash distance 2 to a", "a")}
-    assert PHashDedup(PHashDedupConfig(max_distance=1)).reduce(table) == {}
+    assert PHashDedup(PHashDedupConfig(max_distance=1)).reduce(TableRows(table)) == {}
 
 
 def test_stage_call_hashes_kept_rows_only():

@@ -5,7 +5,13 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.shards import FragmentWriter, done_keys, fragment_files, read_fragments, write_shard
+from pipeline.shards import (
+    FragmentWriter,
+    done_keys,
+    fragment_files,
+    read_fragments,
+    write_shard,
+)
 
 
 def test_fragments_normalise_nan_nulls_and_assemble_a_shard(tmp_path):

