@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, option
-from pipeline.stage import AESTHETIC_SCORE, IMAGE_EMBEDDING, Stage, active, column, reject
+from pipeline.stage import (
+    AESTHETIC_SCORE,
+    IMAGE_EMBEDDING,
+    Stage,
+    active,
+    column,
+    reject,
+)
 
 LAION_HIDDEN = (1024, 128, 64, 16)
 TINY_HIDDEN = (32, 16, 8, 4)
@@ -143,4 +150,4 @@ class AestheticScore(Stage):
         return batch
 
 
-__all__ = ["AestheticScore", "AestheticConfig", "AestheticMLP", "head_from_state", "load_head"]
+__all__ = ["AestheticConfig", "AestheticMLP", "AestheticScore", "head_from_state", "load_head"]

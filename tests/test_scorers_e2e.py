@@ -1,0 +1,80 @@
+"""All four model stages end to end on a local Ray, and GPU requests on a machine without GPU."""
+import glob
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import curate
+from pipeline import spec as specmod
+from pipeline.adapter import ResourceError, plan_resources
+from pipeline.corpus import make_corpus
+from pipeline.registry import STAGES
+
+STAGES_ALL = ["decode",
+              {"name": "clip"},
+              {"name": "aesthetic"},
+              {"name": "ocr", "backend": "rapidocr", "max_area_ratio": 0.05, "max_side": 512},
+              {"name": "semantic_dedup", "threshold": 0.999}]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scorers")
+    expected = make_corpus(str(root), n_images=10, seed=3, bad=False, duplicates=2, max_side=640, text_images=2)
+    return str(root), expected
+
+
+def test_all_model_stages_end_to_end(ray_local, small_corpus, tmp_path):
+    root, expected = small_corpus
+    spec = specmod.parse({"input": {"path": root}, "output": {"path": str(tmp_path / "out"), "samples_per_shard": 8},
+                          "ray": {"block_rows": 4}, "stages": STAGES_ALL})
+    result = curate.run(spec, log=None)
+    assert (result.inputs, result.kept, result.rejected) == (14, 9, 5)
+    table = pq.read_table(tmp_path / "out" / "annotations.parquet")
+    rejected = {r["source"]: r["reject_reason"].split(":")[0] for r in table.to_pylist() if r["status"] != "kept"}
+    # img_0002 is a crop of skimage's scanned "page": real printed text
+    assert rejected == {"dup_00_of_img_0000.jpg": "duplicate", "dup_01_of_img_0001.jpg": "duplicate",
+                        "part2/img_0002.jpg": "ocr_area_ratio", "text/poster_00.png": "ocr_area_ratio",
+                        "text/poster_01.png": "ocr_area_ratio"}
+    types = {f.name: str(f.type) for f in table.schema}
+    assert {types[c] for c in ("clip_similarity", "aesthetic_score", "ocr_area_ratio")} == {"double"}
+    assert types["ocr_text"] == "string" and "clip_image_embedding" not in types
+    rows = {r["source"]: r for r in table.to_pylist()}
+    for name in ("text/poster_00.png", "text/poster_01.png"):
+        assert rows[name]["reject_reason"].startswith("ocr_area_ratio: ")
+        assert "OPENING" in rows[name]["ocr_text"] or "SALE" in rows[name]["ocr_text"]
+    dups = {s: r for s, r in rows.items() if s.startswith("dup_")}
+    for source, r in dups.items():
+        original = source.split("_of_")[1].replace(".jpg", "")
+        assert r["reject_reason"].startswith("duplicate: clip cosine")
+        assert rows[[s for s in rows if original in s and not s.startswith("dup_")][0]]["key"] == r["duplicate_of"]
+    kept = [r for r in rows.values() if r["status"] == "kept"]
+    assert all(r["aesthetic_score"] is not None and r["ocr_area_ratio"] is not None for r in kept)
+    assert all(-1 <= r["clip_similarity"] <= 1 for r in kept if r["clip_similarity"] is not None)
+    emb = pq.read_table(glob.glob(str(tmp_path / "out" / "embeddings" / "*.parquet")))
+    assert emb.num_rows == 14 and emb.column_names == ["key", "clip_image_embedding", "clip_text_embedding"]
+    assert str(emb.schema.field("clip_image_embedding").type) == "fixed_size_list<element: halffloat>[64]"
+    assert set(result.stage_seconds) >= {"clip", "aesthetic", "ocr"}
+
+
+def test_gpu_request_without_gpu_fails_before_any_work(ray_local, small_corpus, tmp_path):
+    root, _ = small_corpus
+    spec = specmod.parse({"input": {"path": root}, "output": {"path": str(tmp_path / "gpu")},
+                          "stages": ["decode", {"name": "clip", "device": "cuda"}]})
+    with pytest.raises(ResourceError, match="stage 'clip' requests 1.0 GPU per worker but the Ray cluster has 0 GPUs"):
+        curate.run(spec, log=None)
+    assert not glob.glob(str(tmp_path / "gpu" / "_work" / "rows" / "*"))
+
+
+def test_resource_plans():
+    clip, ocr = STAGES["clip"], STAGES["ocr"]
+    cfg = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"}, "stages": STAGES_ALL}).stages
+    # 2 CPUs, two CPU actor pools: each gets half of the CPU left after reads and writes
+    assert plan_resources(clip, cfg[1].config, 2, 0, cpu_pools=2).num_cpus == 0.5
+    assert plan_resources(ocr, cfg[3].config, 2, 0, cpu_pools=2).concurrency == 1
+    # 16 CPUs, 4 GPUs, device auto: one GPU actor per GPU; rapidocr stays on CPU
+    gpu = plan_resources(clip, cfg[1].config, 16, 4)
+    assert (gpu.num_gpus, gpu.concurrency) == (1.0, 4)
+    assert plan_resources(ocr, cfg[3].config, 16, 4, cpu_pools=1).num_gpus == 0.0
+    assert os.cpu_count() >= 1
