@@ -119,7 +119,9 @@ class OcrReader:
 
             logging.getLogger("RapidOCR").setLevel(logging.ERROR)   # "detection result is empty" per photo
             threads = max(1, round(config.cpus_per_worker))
+            # PP-OCR's detector upscales so the *short* side is >= 736 by default: detect at our size instead
             self.reader = RapidOCR(params={"Global.log_level": "error",
+                                           "Det.limit_side_len": config.max_side, "Det.limit_type": "max",
                                            "EngineConfig.onnxruntime.intra_op_num_threads": threads,
                                            "EngineConfig.onnxruntime.inter_op_num_threads": 1})
 

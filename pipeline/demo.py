@@ -29,18 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = os.path.join(args.output, "run")
     shutil.rmtree(args.output, ignore_errors=True)
     t = time.time()
-    expected = make_corpus(corpus_dir, n_images=args.images, seed=0, duplicates=8)
+    expected = make_corpus(corpus_dir, n_images=args.images, seed=0, duplicates=8, text_images=6)
     bad = sum(1 for v in expected.values() if v and v != "duplicate")
     print(f"demo corpus: {len(expected)} files in {corpus_dir} ({args.images} images of varied aspect ratio and size, "
-          f"8 resized duplicates, {bad} broken files, 6 odd ones: CMYK, 16-bit, alpha, palette, EXIF-rotated, "
-          f"animated) made in {time.time() - t:.1f} s")
+          f"8 resized duplicates, 6 text-heavy posters, {bad} broken files, 6 odd ones: CMYK, 16-bit, alpha, palette, "
+          f"EXIF-rotated, animated) made in {time.time() - t:.1f} s")
+    print("note: the demo's CLIP model and aesthetic head are tiny with RANDOM weights, so clip_similarity and "
+          "aesthetic_score mean nothing here; its OCR (RapidOCR's bundled weights) is real")
     spec = specmod.load("jobs/demo.yaml" if os.path.exists("jobs/demo.yaml") else None, [
         f"input.path={corpus_dir}", f"output.path={run_dir}", f"output.samples_per_shard={args.samples_per_shard}"])
     result = curate.run(spec)
     print(format_summary(result))
     tars = sorted(glob.glob(os.path.join(run_dir, "shards", "*.tar")))
     print(f"\noutputs:\n  {run_dir}/shards/00000.tar .. {os.path.basename(tars[-1])}   WebDataset shards (KEY.jpg, KEY.txt, KEY.json)"
-          f"\n  {run_dir}/annotations.parquet   one row per input, kept and rejected, with reject_reason"
+          f"\n  {run_dir}/annotations.parquet   one row per input, kept and rejected, with reject_reason and every score"
+          f"\n  {run_dir}/embeddings/         CLIP image/caption embeddings per shard, keyed"
           f"\n  {run_dir}/summary.json          counts per reason and per-stage time"
           f"\n  {run_dir}/spec.yaml             the resolved spec (re-run the same command to resume)")
     return 0
