@@ -23,6 +23,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/curate_images.py
+	$(BIN)/python bench/scorers.py
 
 clean:
 	rm -rf demo_out .pytest_cache

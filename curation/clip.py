@@ -95,6 +95,12 @@ def _local_dir_config(path: str, key: str) -> dict:
     return doc["model_cfg"]
 
 
+def _default_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
 def _cached(repo: str, filenames: list[str], cache_dir: str | None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -119,7 +125,7 @@ def resolve_weights(config: ClipConfig, key: str = "clip") -> ResolvedWeights:
         cfg_file = _cached(repo, ["open_clip_config.json"], config.cache_dir)
         weights = _cached(repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME], config.cache_dir)
         if not cfg_file or not weights:
-            where = config.cache_dir or "the default hub cache (HF_HUB_CACHE)"
+            where = config.cache_dir or _default_cache()
             raise ConfigError(f"{key}.pretrained: {pre!r} is not in {where} (looked for open_clip_config.json and "
                               f"{HF_SAFE_WEIGHTS_NAME} / {HF_WEIGHTS_NAME}); set cache_dir to the cache that holds it, "
                               f"or {FIX}")
@@ -168,7 +174,7 @@ def resolve_weights(config: ClipConfig, key: str = "clip") -> ResolvedWeights:
         found = _cached(repo, names, config.cache_dir)
         if found:
             return ResolvedWeights(name, checkpoint=found, overrides=overrides, embed_dim=dim)
-        tried.append(f"hub cache {config.cache_dir or 'HF_HUB_CACHE'} for {repo}")
+        tried.append(f"hub cache {config.cache_dir or _default_cache()} for {repo}")
     if tag_cfg.get("url"):
         path = os.path.join(config.cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(tag_cfg["url"]))
         if os.path.isfile(path):
