@@ -15,12 +15,13 @@ import io
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from curation.models import ModelRuntime, model_resources, torch_device
+from curation.models import ModelRuntime, ModelStage, torch_device
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
     CAPTION,
@@ -28,8 +29,6 @@ from pipeline.stage import (
     IMAGE,
     IMAGE_EMBEDDING,
     TEXT_EMBEDDING,
-    Resources,
-    Stage,
     active,
     batch_len,
     column,
@@ -216,17 +215,11 @@ def open_for_clip(data: bytes, side: int):
     return img.convert("RGB")
 
 
-class ClipEmbed(Stage):
+class ClipEmbed(ModelStage):
     """Adds ``clip_image_embedding``, ``clip_text_embedding`` and ``clip_similarity``."""
 
     name = "clip"
     Config = ClipConfig
-    stateful = True
-    after = ("decode",)
-
-    @classmethod
-    def resources(cls, config: ClipConfig, cluster_gpus: float = 0.0) -> Resources:
-        return model_resources(config, cluster_gpus)
 
     @classmethod
     def validate(cls, config: ClipConfig, key: str, earlier: list[tuple[str, Any]]) -> None:
@@ -251,11 +244,22 @@ class ClipEmbed(Stage):
         self.image_size = int(self.model.visual.image_size[0] if isinstance(self.model.visual.image_size, tuple)
                               else self.model.visual.image_size)
         self.dim = int(self.resolved.embed_dim or self.model.text_projection.shape[-1])
+        self.pool = ThreadPoolExecutor(max_workers=max(1, round(cfg.cpus_per_worker)))
 
-    def embed_images(self, images: list) -> np.ndarray:
+    def _try_prepare(self, data: bytes):
+        try:
+            return self._prepare(data)
+        except Exception as exc:  # noqa: BLE001 - a sample that cannot be read is a rejected row
+            return exc
+
+    def _prepare(self, data: bytes):
+        """Stored bytes -> the model's input tensor; runs on the actor's CPU threads."""
+        return self.preprocess(open_for_clip(data, self.image_size))
+
+    def embed_images(self, tensors: list) -> np.ndarray:
         import torch
 
-        x = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
+        x = torch.stack(tensors).to(self.device, self.dtype)
         with torch.inference_mode():
             f = self.model.encode_image(x).float()
         return torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
@@ -273,18 +277,18 @@ class ClipEmbed(Stage):
         keep = active(batch)
         image_emb = np.full((n, self.dim), np.nan, dtype=np.float32)
         sims = column(batch, CLIP_SIMILARITY)
-        rows, images = [], []
-        for i in np.flatnonzero(keep):
-            data = batch[IMAGE][i] if IMAGE in batch else None
-            if data is None:
-                continue
-            try:
-                images.append(open_for_clip(data, self.image_size))
-                rows.append(int(i))
-            except Exception as exc:  # noqa: BLE001 - a sample that cannot be read is a rejected row
-                reject(batch, int(i), f"clip_error: {type(exc).__name__}: {exc}")
+        todo = [int(i) for i in np.flatnonzero(keep) if IMAGE in batch and batch[IMAGE][i] is not None]
+        # decode + resize in threads (PIL releases the GIL): a GPU actor is otherwise fed by one core
+        prepared = list(self.pool.map(self._try_prepare, [batch[IMAGE][i] for i in todo]))
+        rows, tensors = [], []
+        for i, got in zip(todo, prepared):
+            if isinstance(got, Exception):
+                reject(batch, i, f"clip_error: {type(got).__name__}: {got}")
+            else:
+                rows.append(i)
+                tensors.append(got)
         if rows:
-            image_emb[rows] = self.embed_images(images)
+            image_emb[rows] = self.embed_images(tensors)
         batch[IMAGE_EMBEDDING] = image_emb
         if not self.config.text:
             return batch

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.config import option
-from pipeline.stage import Resources
+from pipeline.stage import Resources, Stage
 
 
 @dataclass
@@ -42,3 +42,18 @@ def torch_device(config: Any) -> str:
     # one actor per CPU share: more threads than that only fight the other actors
     torch.set_num_threads(max(1, round(config.cpus_per_worker)))
     return "cpu"
+
+
+class ModelStage(Stage):
+    """A stage holding a model: an actor pool on CPU or GPU, per its ``ModelRuntime`` keys."""
+
+    stateful = True
+    after = ("decode",)
+
+    @classmethod
+    def gpu_capable(cls, config: Any) -> bool:
+        return True
+
+    @classmethod
+    def resources(cls, config: Any, cluster_gpus: float = 0.0) -> Resources:
+        return model_resources(config, cluster_gpus, gpu_capable=cls.gpu_capable(config))

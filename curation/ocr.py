@@ -16,14 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from curation.models import ModelRuntime, model_resources, torch_device
+from curation.models import ModelRuntime, ModelStage, torch_device
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
     IMAGE,
     OCR_AREA_RATIO,
     OCR_TEXT,
-    Resources,
-    Stage,
     active,
     column,
     reject,
@@ -148,17 +146,15 @@ def load_for_ocr(data: bytes, max_side: int) -> np.ndarray:
     return np.asarray(img)
 
 
-class OcrText(Stage):
+class OcrText(ModelStage):
     """Adds ``ocr_text`` and ``ocr_area_ratio``; optionally rejects text-heavy samples."""
 
     name = "ocr"
     Config = OcrConfig
-    stateful = True
-    after = ("decode",)
 
     @classmethod
-    def resources(cls, config: OcrConfig, cluster_gpus: float = 0.0) -> Resources:
-        return model_resources(config, cluster_gpus, gpu_capable=config.backend == "easyocr")
+    def gpu_capable(cls, config: OcrConfig) -> bool:
+        return config.backend == "easyocr"
 
     @classmethod
     def validate(cls, config: OcrConfig, key: str, earlier: list[tuple[str, Any]]) -> None:

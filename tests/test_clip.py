@@ -161,3 +161,12 @@ def test_random_weights_for_a_real_architecture_need_saying_so():
     got = resolve_weights(ClipConfig(model="ViT-B-32", pretrained="random"))
     assert got.checkpoint is None and got.embed_dim == 512
     assert TINY_CLIP == resolve_weights(ClipConfig()).model_name
+
+
+def test_unreadable_image_becomes_a_rejected_row(tiny, photos):
+    batch = batch_of(photos[:2], ["a", "b"])
+    batch["image"][1] = b"\xff\xd8 not really a jpeg"
+    out = tiny(batch)
+    assert out["status"].tolist() == ["kept", "rejected"]
+    assert out["reject_reason"][1].startswith("clip_error: UnidentifiedImageError")
+    assert not np.isnan(out["clip_image_embedding"][0]).any() and np.isnan(out["clip_image_embedding"][1]).all()
