@@ -47,7 +47,7 @@ class _ActorStage(TimedStage):
 
 
 def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, cluster_gpus: float,
-                   cpu_pools: int = 1) -> Resources:
+                   cpu_pools: int = 1, gpu_pools: int = 1) -> Resources:
     """Resources and pool size for one stage on this cluster.
 
     CPU actor pools share what is left after one CPU for the read, task and write steps
@@ -59,8 +59,10 @@ def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, clu
     if not stage_cls.stateful:
         return dataclasses.replace(res, concurrency=None)
     if res.num_gpus:
-        size = res.concurrency or max(1, int(cluster_gpus // res.num_gpus))
-        return dataclasses.replace(res, concurrency=size)
+        share = max(cluster_gpus, res.num_gpus) / max(gpu_pools, 1)
+        num_gpus = min(res.num_gpus, share)
+        size = res.concurrency or max(1, int(share // num_gpus))
+        return dataclasses.replace(res, num_gpus=num_gpus, concurrency=size)
     share = max(cluster_cpus - 1.0, 0.5) / max(cpu_pools, 1)
     num_cpus = min(res.num_cpus, share)
     size = res.concurrency or max(1, int(share // num_cpus))
@@ -82,12 +84,12 @@ def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: f
 
 
 def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpus: float,
-                cluster_gpus: float = 0.0, cpu_pools: int = 1):
+                cluster_gpus: float = 0.0, cpu_pools: int = 1, gpu_pools: int = 1):
     """Append one stage to a Ray Dataset."""
     from ray.data import ActorPoolStrategy
 
     check_resources(stage_cls, cluster_cpus, cluster_gpus, config)
-    res = plan_resources(stage_cls, config, cluster_cpus, cluster_gpus, cpu_pools)
+    res = plan_resources(stage_cls, config, cluster_cpus, cluster_gpus, cpu_pools, gpu_pools)
     common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.num_cpus,
                   zero_copy_batch=False)
     if res.num_gpus:

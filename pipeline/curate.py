@@ -91,10 +91,11 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
     ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(storage_options=spec.input.storage_options,
                                                                         keep_columns=spec.input.keep_columns),
                              "load", cpus, gpus)
-    cpu_pools = sum(1 for st in spec.stages if registry.get(st.name).stateful
-                    and not registry.get(st.name).resources(st.config, gpus).num_gpus)
+    pools = [registry.get(st.name).resources(st.config, gpus).num_gpus > 0
+             for st in spec.stages if registry.get(st.name).stateful]
+    cpu_pools, gpu_pools = pools.count(False), pools.count(True)
     for st in spec.stages:
-        ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus, cpu_pools)
+        ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus, cpu_pools, gpu_pools)
     ds = adapter.apply_fn(ds, shards.FragmentWriter(work), num_cpus=1.0)  # fuses with the stages
     bar = tqdm(total=pending.num_rows, desc="annotate", unit="img", file=log, disable=log is None)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

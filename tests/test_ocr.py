@@ -61,7 +61,9 @@ def test_thresholds_reject_text_heavy_samples(images):
     assert out["status"].tolist() == ["rejected", "kept"]
     assert out["reject_reason"][0].startswith("ocr_area_ratio: ") and out["reject_reason"][0].endswith("> 0.05")
     out = OcrText(OcrConfig(backend="rapidocr", max_text_chars=10))(
-        {"image": np.array(images[:1], dtype=object)})
+        {"image": np.array(images[:1] * 2, dtype=object), "status": np.array(["kept", "rejected"], dtype=object),
+         "reject_reason": np.array([None, "too_small: earlier filter"], dtype=object)})
+    assert out["ocr_text"][1] is None and out["reject_reason"][1] == "too_small: earlier filter"   # not OCR'd
     assert out["reject_reason"][0] == "ocr_text: 24 characters > 10"   # "WINNOW DATA SUNSET BEACH"
 
 

@@ -1,6 +1,5 @@
 """All four model stages end to end on a local Ray, and GPU requests on a machine without GPU."""
 import glob
-import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -77,4 +76,9 @@ def test_resource_plans():
     gpu = plan_resources(clip, cfg[1].config, 16, 4)
     assert (gpu.num_gpus, gpu.concurrency) == (1.0, 4)
     assert plan_resources(ocr, cfg[3].config, 16, 4, cpu_pools=1).num_gpus == 0.0
-    assert os.cpu_count() >= 1
+    # one GPU, two GPU stages (clip + easyocr): half a GPU each, so both pools can start
+    easy = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"},
+                          "stages": ["decode", "clip", "ocr"]}).stages[2].config
+    for stage, cfg_ in ((clip, cfg[1].config), (ocr, easy)):
+        got = plan_resources(stage, cfg_, 16, 1, cpu_pools=0, gpu_pools=2)
+        assert (got.num_gpus, got.concurrency) == (0.5, 1)
