@@ -134,15 +134,11 @@ class SemanticDedup(Stage):
 
     name = "semantic_dedup"
     Config = SemanticDedupConfig
-    num_cpus = 1.0
-    batch_size = 64
     after = ("clip",)
+    has_batch_work = False      # all of the work happens in ``reduce``, over the whole run
 
     def __init__(self, config: SemanticDedupConfig | None = None):
         super().__init__(config or SemanticDedupConfig())
-
-    def __call__(self, batch):   # all of the work happens in ``reduce``, over the whole run
-        return batch
 
     def _stream(self, rows):
         """(keys, pixels, unit embeddings) of kept rows that have an embedding, chunk by chunk."""

@@ -69,12 +69,6 @@ def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, clu
     return dataclasses.replace(res, num_cpus=num_cpus, concurrency=size)
 
 
-def actor_pool_size(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float, config: Any = None) -> int:
-    if not stage_cls.stateful:
-        return 1
-    return plan_resources(stage_cls, config, cluster_cpus, cluster_gpus).concurrency or 1
-
-
 def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float, config: Any = None) -> None:
     res = stage_cls.resources(config, cluster_gpus)
     if res.num_gpus and cluster_gpus < res.num_gpus:

@@ -31,6 +31,8 @@ def format_summary(result) -> str:
         for stage, s in result.stage_seconds.items():
             rate = f"{result.inputs / s:,.0f} samples/s per worker" if s >= 0.005 else "negligible"
             lines.append(f"    {stage:<22} {s:>8.2f} s  ({rate})")
+    if result.phases:
+        lines.append("  phases  " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
     lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {os.path.join(result.output, 'shards')}")
     return "\n".join(lines)
 

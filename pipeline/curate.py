@@ -95,7 +95,8 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
              for st in spec.stages if registry.get(st.name).stateful]
     cpu_pools, gpu_pools = pools.count(False), pools.count(True)
     for st in spec.stages:
-        ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus, cpu_pools, gpu_pools)
+        if registry.get(st.name).has_batch_work:
+            ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus, cpu_pools, gpu_pools)
     ds = adapter.apply_fn(ds, shards.FragmentWriter(work), num_cpus=1.0)  # fuses with the stages
     bar = tqdm(total=pending.num_rows, desc="annotate", unit="img", file=log, disable=log is None)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -103,7 +104,7 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
     bar.close()
 
 
-def reduce_stages(spec: CurateSpec, work: str) -> dict[str, tuple[str, str | None]]:
+def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> dict[str, tuple[str, str | None]]:
     decisions: dict[str, tuple[str, str | None]] = {}
     for st in spec.stages:
         stage = registry.get(st.name)(st.config) if registry.get(st.name).has_reduce_method() else None
@@ -113,7 +114,10 @@ def reduce_stages(spec: CurateSpec, work: str) -> dict[str, tuple[str, str | Non
         shutil.rmtree(scratch, ignore_errors=True)    # a killed run's partial scratch is redone
         os.makedirs(scratch)
         # rows a previous reduction rejected are not candidates any more
+        t = time.time()
         decisions.update(stage.reduce(shards.FragmentRows(work, exclude=set(decisions), scratch=scratch)))
+        if phases is not None:
+            phases[f"reduce:{st.label}"] = round(time.time() - t, 3)
     return decisions
 
 
@@ -207,7 +211,7 @@ def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
     phases["annotate"] = round(time.time() - t, 3)
     t = time.time()
     unfinished = any(p not in finished_parts for p in plan.counts)
-    decisions = reduce_stages(spec, work) if unfinished else {}
+    decisions = reduce_stages(spec, work, phases) if unfinished else {}
     phases["reduce"] = round(time.time() - t, 3)
     t = time.time()
     write_shards(spec, plan, work, decisions, log)

@@ -82,6 +82,8 @@ class Stage:
     stateful: ClassVar[bool] = False
     concurrency: ClassVar[int | None] = None   # actor pool size; None = sized by the adapter
 
+    # False for stages whose work is all in ``reduce`` (no per-batch pass is scheduled for them).
+    has_batch_work: ClassVar[bool] = True
     # Stage names that must come earlier in the spec (e.g. aesthetic reads clip's embedding).
     after: ClassVar[tuple[str, ...]] = ()
 

@@ -4,9 +4,9 @@ import pytest
 
 from pipeline.adapter import (
     ResourceError,
-    actor_pool_size,
     apply_stage,
     check_resources,
+    plan_resources,
 )
 from pipeline.stage import Stage, active, column
 
@@ -47,9 +47,9 @@ class GpuStage(ModelStage):
 
 
 def test_pool_sizes_leave_a_cpu_for_reads_and_writes():
-    assert actor_pool_size(ModelStage, cluster_cpus=2, cluster_gpus=0) == 2     # 2 x 0.5 CPU
-    assert actor_pool_size(AddOne, cluster_cpus=2, cluster_gpus=0) == 1
-    assert actor_pool_size(GpuStage, cluster_cpus=16, cluster_gpus=4) == 4
+    assert plan_resources(ModelStage, None, cluster_cpus=2, cluster_gpus=0).concurrency == 2   # 2 x 0.5 CPU
+    assert plan_resources(AddOne, None, cluster_cpus=2, cluster_gpus=0).concurrency is None    # tasks
+    assert plan_resources(GpuStage, None, cluster_cpus=16, cluster_gpus=4).concurrency == 4
 
 
 def test_gpu_request_without_gpu_fails_clearly():
