@@ -229,9 +229,15 @@ class ClipEmbed(ModelStage):
             raise ConfigError(f"{key}.precision: {config.precision} runs on GPU only here; use fp32 or auto with device cpu")
 
     def __init__(self, config: ClipConfig | None = None):
+        config = config or ClipConfig()
+        if not config.allow_download:
+            # belt and braces: weights are already resolved to files, and nothing else (a tokenizer
+            # config, say) may reach the hub either; set before huggingface_hub is first imported
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
 
-        super().__init__(config or ClipConfig())
+        super().__init__(config)
         cfg = self.config
         self.resolved = resolve_weights(cfg, "clip")
         self.device = torch_device(cfg)
