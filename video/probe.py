@@ -1,0 +1,120 @@
+"""Probe a video file with PyAV: what a curation run needs to know before decoding it.
+
+Reads the container header and demuxes packets (no decoding except one frame for the display
+rotation), so it costs milliseconds: duration, frame count, average fps, whether the frame rate
+is variable (from packet timestamps), coded and display size (rotation and sample aspect ratio
+applied), codec, audio. Anything unreadable is a ``ProbeError`` whose message is the reject
+reason: broken containers, no video stream (audio-only), zero frames.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import numpy as np
+
+
+class ProbeError(Exception):
+    """A video that cannot be used; the message is the reject reason."""
+
+
+@dataclass
+class VideoInfo:
+    codec: str
+    width: int                 # coded size
+    height: int
+    display_width: int         # after rotation and sample aspect ratio: what a player shows
+    display_height: int
+    rotation: int              # degrees, as the display matrix says (-90, 90, 180, 0)
+    sample_aspect_ratio: float
+    fps: float                 # average frame rate (frames / duration)
+    num_frames: int
+    duration_s: float
+    variable_frame_rate: bool
+    has_audio: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _open(source):
+    import av
+
+    av.logging.set_libav_level(av.logging.ERROR)
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ProbeError("probe_error: empty file")
+        source = io.BytesIO(source)
+    try:
+        return av.open(source)
+    except av.error.FFmpegError as exc:
+        raise ProbeError(f"probe_error: {type(exc).__name__}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise ProbeError(f"probe_error: {exc}") from None
+
+
+def probe(source) -> VideoInfo:
+    """Probe a path, file object or bytes; raises ProbeError with a reject reason."""
+    import av
+
+    container = _open(source)
+    try:
+        if not container.streams.video:
+            kind = "audio-only" if container.streams.audio else "no streams"
+            raise ProbeError(f"no_video_stream: {kind}")
+        stream = container.streams.video[0]
+        has_audio = bool(container.streams.audio)
+        codec = stream.codec_context.name
+        width, height = stream.codec_context.width, stream.codec_context.height
+        sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
+        pts: list[int] = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size and packet.pts is not None:
+                    pts.append(packet.pts)
+        except av.error.FFmpegError as exc:
+            if not pts:
+                raise ProbeError(f"probe_error: {type(exc).__name__}: {exc}") from None
+        if not pts:
+            raise ProbeError("no_frames: the video stream holds no frames")
+        rotation = _rotation(source, stream.index)
+        times = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base or Fraction(1, 1))
+        steps = np.diff(times)
+        if len(steps):
+            duration = float(times[-1] - times[0] + steps[-1])   # the last frame lasts as long as the one before
+        else:
+            duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        vfr = bool(len(steps) > 2 and np.median(steps) > 0 and
+                   (np.max(steps) - np.min(steps)) > 0.5 * np.median(steps))
+        n = len(pts)
+        fps = n / duration if duration > 0 else float(stream.average_rate or 0)
+        dw, dh = (round(width * sar), height) if sar >= 1 else (width, round(height / sar))
+        if rotation % 180:
+            dw, dh = dh, dw
+        return VideoInfo(codec=codec, width=width, height=height, display_width=int(dw), display_height=int(dh),
+                         rotation=int(rotation), sample_aspect_ratio=round(sar, 6), fps=round(fps, 4),
+                         num_frames=n, duration_s=round(duration, 4), variable_frame_rate=vfr, has_audio=has_audio)
+    finally:
+        container.close()
+
+
+def _rotation(source, index: int) -> int:
+    """The display rotation, read from the first decodable frame (PyAV exposes it per frame)."""
+    import av
+
+    if hasattr(source, "seek"):
+        source.seek(0)
+    container = _open(source)
+    try:
+        stream = container.streams.video[index] if index < len(container.streams.video) else container.streams.video[0]
+        for frame in container.decode(stream):
+            return int(round(getattr(frame, "rotation", 0) or 0))
+    except av.error.FFmpegError:
+        return 0
+    finally:
+        container.close()
+    return 0
+
+
+__all__ = ["probe", "ProbeError", "VideoInfo"]
