@@ -1,0 +1,32 @@
+"""Motion score: static < panning, in % of frame width per second, sampled by timestamp."""
+import numpy as np
+import pytest
+
+from video.frames import read_small
+from video.motion import motion_score, sample_indices
+from video.synth import shot, write_video
+
+
+@pytest.mark.parametrize("motion, expected", [(0.0, 0.0), (1.0, 6.25), (3.0, 18.75)])
+def test_pan_speed_in_percent_of_width_per_second(tmp_path, motion, expected):
+    # a pan of `motion` px/frame at 10 fps on a 160-px-wide frame = motion * 10 / 160 * 100 %/s
+    write_video(str(tmp_path / "v.mp4"), shot(30, 160, 96, seed=1, motion=motion), fps=10)
+    frames = read_small(str(tmp_path / "v.mp4"), width=160)
+    score, pairs = motion_score(frames.times, frames.yuv[..., 0])
+    assert len(pairs) == 5                               # 2.9 s at 2 fps: 6 samples, 5 pairs
+    assert score == pytest.approx(expected, abs=max(0.8, 0.05 * expected))
+
+
+def test_score_does_not_depend_on_resolution(tmp_path):
+    write_video(str(tmp_path / "v.mp4"), shot(30, 320, 192, seed=2, motion=4.0), fps=10)
+    small = read_small(str(tmp_path / "v.mp4"), width=160)
+    large = read_small(str(tmp_path / "v.mp4"), width=320)
+    a = motion_score(small.times, small.yuv[..., 0])[0]
+    b = motion_score(large.times, large.yuv[..., 0])[0]
+    assert a == pytest.approx(12.5, rel=0.08) and b == pytest.approx(12.5, rel=0.08)
+
+
+def test_samples_follow_timestamps_not_frame_counts():
+    times = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0, 1.5, 2.0])     # 10 fps, then 2 fps
+    assert sample_indices(times, 2.0).tolist() == [0, 5, 6, 7, 8]
+    assert motion_score(np.array([0.0]), np.zeros((1, 8, 8), np.uint8)) == (None, [])
