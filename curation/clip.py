@@ -11,7 +11,6 @@ into files on disk before Ray starts, and fails naming the key and the path it t
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from curation.models import ModelRuntime, ModelStage, torch_device
+from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
     CAPTION,
@@ -205,16 +204,6 @@ def load_model(resolved: ResolvedWeights, seed: int = 0, device: str = "cpu"):
     return model, preprocess, tokenizer
 
 
-def open_for_clip(data: bytes, side: int):
-    """Open stored image bytes as RGB; JPEGs decode at a reduced DCT scale that still covers ``side``."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("RGB", (side, side))
-    return img.convert("RGB")
-
-
 class ClipEmbed(ModelStage):
     """Adds ``clip_image_embedding``, ``clip_text_embedding`` and ``clip_similarity``."""
 
@@ -242,9 +231,8 @@ class ClipEmbed(ModelStage):
         self.resolved = resolve_weights(cfg, "clip")
         self.device = torch_device(cfg)
         self.model, self.preprocess, self.tokenizer = load_model(self.resolved, cfg.seed, self.device)
-        precision = cfg.precision if cfg.precision != "auto" else ("fp16" if self.device == "cuda" else "fp32")
-        if self.device == "cpu":
-            precision = "fp32"
+        # fp32 on CPU whatever was asked (device auto may land there); auto = fp16 on GPU
+        precision = "fp32" if self.device == "cpu" else ("fp16" if cfg.precision == "auto" else cfg.precision)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.model.to(self.dtype)
         self.image_size = int(self.model.visual.image_size[0] if isinstance(self.model.visual.image_size, tuple)
@@ -260,7 +248,7 @@ class ClipEmbed(ModelStage):
 
     def _prepare(self, data: bytes):
         """Stored bytes -> the model's input tensor; runs on the actor's CPU threads."""
-        return self.preprocess(open_for_clip(data, self.image_size))
+        return self.preprocess(open_rgb(data, self.image_size))
 
     def embed_images(self, tensors: list) -> np.ndarray:
         import torch

@@ -1,6 +1,7 @@
 """What every model stage shares: device and pool settings, and turning them into resources."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +32,17 @@ def model_resources(config: Any, cluster_gpus: float, gpu_capable: bool = True) 
     gpu = gpu_capable and on_gpu(config, cluster_gpus)
     return Resources(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker if gpu else 0.0,
                      batch_size=config.batch_size, concurrency=config.workers)
+
+
+def open_rgb(data: bytes, side: int):
+    """Open stored image bytes as RGB; JPEGs decode at a reduced DCT scale that still covers
+    ``side`` (PIL ``draft``), which is most of the cost a model stage's input would otherwise have."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (side, side))
+    return img.convert("RGB")
 
 
 def torch_device(config: Any) -> str:

@@ -8,7 +8,6 @@ detection cost grows with pixels. SVD (Blattmann et al., 2023) drops text-heavy 
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from curation.models import ModelRuntime, ModelStage, torch_device
+from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
     IMAGE,
@@ -135,10 +134,7 @@ class OcrReader:
 def load_for_ocr(data: bytes, max_side: int) -> np.ndarray:
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("RGB", (max_side, max_side))
-    img = img.convert("RGB")
+    img = open_rgb(data, max_side)
     scale = max_side / max(img.size)
     if scale < 1:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),

@@ -107,15 +107,16 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
 def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> dict[str, tuple[str, str | None]]:
     decisions: dict[str, tuple[str, str | None]] = {}
     for st in spec.stages:
-        stage = registry.get(st.name)(st.config) if registry.get(st.name).has_reduce_method() else None
-        if stage is None:
+        cls = registry.get(st.name)
+        if not cls.has_reduce_method():
             continue
         scratch = os.path.join(work, "reduce", st.label)
         shutil.rmtree(scratch, ignore_errors=True)    # a killed run's partial scratch is redone
         os.makedirs(scratch)
-        # rows a previous reduction rejected are not candidates any more
         t = time.time()
-        decisions.update(stage.reduce(shards.FragmentRows(work, exclude=set(decisions), scratch=scratch)))
+        # rows a previous reduction rejected are not candidates any more
+        rows = shards.FragmentRows(work, exclude=set(decisions), scratch=scratch)
+        decisions.update(cls(st.config).reduce(rows))
         if phases is not None:
             phases[f"reduce:{st.label}"] = round(time.time() - t, 3)
     return decisions

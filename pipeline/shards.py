@@ -8,6 +8,7 @@ partition, kept and rejected) and ``PPPPP_stats.json``, written last as the done
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -194,7 +195,6 @@ class TableRows:
 
     def __init__(self, table: pa.Table, scratch: str = "", batch_rows: int = 65536):
         self._table, self.scratch, self.batch_rows = table, scratch, batch_rows
-        self.exclude: frozenset = frozenset()
 
     def table(self, columns: list[str]) -> pa.Table:
         return self._table.select([c for c in dict.fromkeys([KEY, *columns]) if c in self._table.column_names])
@@ -242,9 +242,7 @@ def _add_tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_embeddings(path: str, table: pa.Table) -> None:
     """Keyed embeddings of one shard (every row that has one, kept or rejected)."""
-    emb_cols = [c for c in table.column_names if c != KEY]
-    has_any = pc.or_(*[pc.is_valid(table.column(c)) for c in emb_cols]) if len(emb_cols) > 1 else \
-        pc.is_valid(table.column(emb_cols[0]))
+    has_any = functools.reduce(pc.or_, [pc.is_valid(table.column(c)) for c in table.column_names if c != KEY])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, table_bytes(table.filter(has_any)))
 
