@@ -308,7 +308,7 @@ def embedding_dim(stages: list[tuple[str, Any]]) -> int | None:
     """Embedding size of the last clip stage among ``stages`` (for heads that read it)."""
     for name, cfg in reversed(stages):
         if name == ClipEmbed.name:
-            return resolve_weights(cfg).embed_dim
+            return resolve_weights(cfg).embed_dim or None   # 0: only known after a download
     return None
 
 

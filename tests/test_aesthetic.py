@@ -75,3 +75,12 @@ def test_head_and_clip_dimensions_must_match(tmp_path):
         specmod.parse(spec)
     with pytest.raises(ConfigError, match="needs a 'clip' stage before it"):
         specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"}, "stages": ["decode", "aesthetic"]})
+
+
+def test_head_is_not_checked_against_a_clip_size_known_only_after_download(tmp_path):
+    path = str(tmp_path / "laion_shaped.pth")
+    torch.save(AestheticMLP(768).state_dict(), path)
+    spec = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"},
+                          "stages": ["decode", {"name": "clip", "pretrained": "hf-hub:org/repo", "allow_download": True},
+                                     {"name": "aesthetic", "weights": path}]})
+    assert [s.name for s in spec.stages] == ["decode", "clip", "aesthetic"]
