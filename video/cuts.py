@@ -51,10 +51,10 @@ def _hist(yuv: np.ndarray) -> np.ndarray:
     out = np.empty((n, 32), np.float32)
     flat = yuv.reshape(n, -1, 3)
     px = flat.shape[1]
+    frame = np.arange(n)[:, None]
     for c, (lo, bins) in enumerate(((0, 16), (16, 8), (24, 8))):
-        idx = (flat[:, :, c].astype(np.int32) * bins) >> 8
-        counts = np.zeros((n, bins), np.float32)
-        np.add.at(counts, (np.repeat(np.arange(n), px), idx.reshape(-1)), 1.0)
+        idx = (flat[:, :, c].astype(np.int64) * bins) >> 8
+        counts = np.bincount((idx + frame * bins).ravel(), minlength=n * bins).reshape(n, bins)   # one pass, all frames
         out[:, lo:lo + bins] = counts / px
     return out
 
