@@ -21,6 +21,8 @@ from torch import nn
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
     AESTHETIC_SCORE,
+    CLIP_FRAMES,
+    FRAME_EMBEDDINGS,
     IMAGE_EMBEDDING,
     Stage,
     active,
@@ -131,17 +133,21 @@ class AestheticScore(Stage):
     def __call__(self, batch):
         keep = active(batch)
         scores = column(batch, AESTHETIC_SCORE)
-        emb = batch.get(IMAGE_EMBEDDING)
+        frames = batch.get(FRAME_EMBEDDINGS)
+        emb = batch.get(IMAGE_EMBEDDING) if frames is None else frames
         if emb is None:
             return batch
         emb = np.asarray(emb, dtype=np.float32)
+        if frames is not None:     # a clip: score each frame, keep the mean (SVD's LVD)
+            emb = emb.reshape(len(emb), CLIP_FRAMES, -1)
         if self.head is None:
-            self.head, _ = load_head(self.config, emb.shape[1])
+            self.head, _ = load_head(self.config, emb.shape[-1])
         rows = [i for i in np.flatnonzero(keep) if not np.isnan(emb[i]).any()]
         if not rows:
             return batch
         with torch.inference_mode():
-            out = self.head(torch.from_numpy(emb[rows])).squeeze(-1).numpy()
+            out = self.head(torch.from_numpy(emb[rows])).squeeze(-1)
+            out = (out.mean(dim=-1) if frames is not None else out).numpy()
         floor = self.config.min_score
         for i, s in zip(rows, out.tolist()):
             scores[i] = float(s)

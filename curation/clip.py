@@ -24,14 +24,19 @@ from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
     CAPTION,
+    CLIP_FRAMES,
     CLIP_SIMILARITY,
-    IMAGE,
+    FRAME_EMBEDDINGS,
     IMAGE_EMBEDDING,
+    KEPT,
+    STATUS,
     TEXT_EMBEDDING,
     active,
     batch_len,
     column,
+    is_clip_batch,
     reject,
+    sample_images,
 )
 
 TINY_MODELS_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
@@ -269,21 +274,36 @@ class ClipEmbed(ModelStage):
     def __call__(self, batch):
         n = batch_len(batch)
         keep = active(batch)
+        clips = is_clip_batch(batch)
         image_emb = np.full((n, self.dim), np.nan, dtype=np.float32)
+        frame_emb = np.full((n, CLIP_FRAMES * self.dim), np.nan, dtype=np.float32) if clips else None
         sims = column(batch, CLIP_SIMILARITY)
-        todo = [int(i) for i in np.flatnonzero(keep) if IMAGE in batch and batch[IMAGE][i] is not None]
+        owners, pictures = [], []     # a clip row has several frames; an image row one picture
+        for i in np.flatnonzero(keep):
+            for data in sample_images(batch, int(i)):
+                owners.append(int(i))
+                pictures.append(data)
         # decode + resize in threads (PIL releases the GIL): a GPU actor is otherwise fed by one core
-        prepared = list(self.pool.map(self._try_prepare, [batch[IMAGE][i] for i in todo]))
-        rows, tensors = [], []
-        for i, got in zip(todo, prepared):
+        prepared = list(self.pool.map(self._try_prepare, pictures))
+        for i, got in zip(owners, prepared):
             if isinstance(got, Exception):
                 reject(batch, i, f"clip_error: {type(got).__name__}: {got}")
-            else:
-                rows.append(i)
-                tensors.append(got)
-        if rows:
-            image_emb[rows] = self.embed_images(tensors)
+        good = [j for j, i in enumerate(owners) if batch[STATUS][i] == KEPT]
+        per_row: dict[int, list[np.ndarray]] = {}
+        if good:
+            emb = self.embed_images([prepared[j] for j in good])
+            for j, e in zip(good, emb):
+                per_row.setdefault(owners[j], []).append(e)
+        rows = sorted(per_row)
+        for i in rows:
+            mean = np.mean(per_row[i], axis=0)
+            image_emb[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+            if clips:
+                frames = (per_row[i] + [per_row[i][-1]] * CLIP_FRAMES)[:CLIP_FRAMES]
+                frame_emb[i] = np.concatenate(frames)
         batch[IMAGE_EMBEDDING] = image_emb
+        if clips:
+            batch[FRAME_EMBEDDINGS] = frame_emb
         if not self.config.text:
             return batch
         text_emb = np.full((n, self.dim), np.nan, dtype=np.float32)
@@ -291,8 +311,9 @@ class ClipEmbed(ModelStage):
         with_text = [i for i in rows if isinstance(captions[i], str) and captions[i].strip()]
         if with_text:
             text_emb[with_text] = self.embed_texts([captions[i] for i in with_text])
-            for i in with_text:
-                sims[i] = float(np.clip(image_emb[i] @ text_emb[i], -1.0, 1.0))
+            for i in with_text:   # a clip's similarity is the mean over its frames (SVD's LVD)
+                sim = float(np.mean([e @ text_emb[i] for e in per_row[i]]))
+                sims[i] = float(np.clip(sim, -1.0, 1.0))
         batch[TEXT_EMBEDDING] = text_emb
         floor = self.config.min_similarity
         for i in rows:

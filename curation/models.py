@@ -60,7 +60,7 @@ class ModelStage(Stage):
     """A stage holding a model: an actor pool on CPU or GPU, per its ``ModelRuntime`` keys."""
 
     stateful = True
-    after = ("decode",)
+    after = ("decode|clips",)   # images, or a video run's clips (scored on their frames)
 
     @classmethod
     def gpu_capable(cls, config: Any) -> bool:

@@ -18,12 +18,12 @@ import numpy as np
 from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
-    IMAGE,
     OCR_AREA_RATIO,
     OCR_TEXT,
     active,
     column,
     reject,
+    sample_images,
 )
 
 # EasyOCR's recogniser file per language group (its gen2 models); other groups are checked at load.
@@ -196,14 +196,16 @@ class OcrText(ModelStage):
         ratios = column(batch, OCR_AREA_RATIO)
         cfg = self.config
         for i in np.flatnonzero(keep):
-            data = batch[IMAGE][i] if IMAGE in batch else None
-            if data is None:
+            pictures = sample_images(batch, int(i))
+            if not pictures:
                 continue
-            try:
-                text, ratio = self.read(data)
+            try:   # a clip: the most text-covered of its frames counts (SVD's LVD OCR filter)
+                reads = [self.read(data) for data in pictures]
             except Exception as exc:  # noqa: BLE001 - a sample OCR cannot read is a rejected row
                 reject(batch, int(i), f"ocr_error: {type(exc).__name__}: {exc}")
                 continue
+            ratio = max(r for _, r in reads)
+            text = " | ".join(dict.fromkeys(t for t, _ in reads if t))
             texts[i], ratios[i] = text, round(ratio, 6)
             if cfg.max_area_ratio is not None and ratio > cfg.max_area_ratio:
                 reject(batch, int(i), f"ocr_area_ratio: {ratio:.3f} > {cfg.max_area_ratio}")

@@ -6,6 +6,7 @@ shards as an uninterrupted run, with no sample twice and none lost.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,6 +25,8 @@ from pipeline import adapter, readers, registry, shards
 from pipeline.config import ConfigError
 from pipeline.spec import CurateSpec
 from pipeline.stage import KEY, PARTITION, REJECT_REASON, STATUS
+from video import clips
+from video.clips import VideoWindows
 
 SPEC_FILE = "spec.yaml"
 
@@ -37,6 +41,7 @@ class RunResult:
     stage_seconds: dict[str, float]
     wall_seconds: float
     phases: dict[str, float] = field(default_factory=dict)
+    videos: dict | None = None     # video runs: input videos, with clips, without (per reason)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -84,21 +89,29 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
-def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: float, log) -> None:
+def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: float, log,
+             skip_keys: frozenset = frozenset()) -> None:
     import ray.data
 
-    ds = ray.data.from_arrow(_blocks(pending, spec.ray.block_rows))
-    ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(storage_options=spec.input.storage_options,
-                                                                        keep_columns=spec.input.keep_columns),
-                             "load", cpus, gpus)
+    if spec.is_video:   # one block per video: windows and clips fan out from there
+        ds = ray.data.from_arrow(_blocks(pending, 1))
+        clips_cfg = dataclasses.replace(spec.stages[0].config, storage_options=spec.input.storage_options)
+        ds = adapter.apply_stage(ds, VideoWindows, clips_cfg, "probe", cpus, gpus)
+    else:
+        ds = ray.data.from_arrow(_blocks(pending, spec.ray.block_rows))
+        ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(storage_options=spec.input.storage_options,
+                                                                            keep_columns=spec.input.keep_columns),
+                                 "load", cpus, gpus)
     pools = [registry.get(st.name).resources(st.config, gpus).num_gpus > 0
              for st in spec.stages if registry.get(st.name).stateful]
     cpu_pools, gpu_pools = pools.count(False), pools.count(True)
     for st in spec.stages:
         if registry.get(st.name).has_batch_work:
-            ds = adapter.apply_stage(ds, registry.get(st.name), st.config, st.label, cpus, gpus, cpu_pools, gpu_pools)
-    ds = adapter.apply_fn(ds, shards.FragmentWriter(work), num_cpus=1.0)  # fuses with the stages
-    bar = tqdm(total=pending.num_rows, desc="annotate", unit="img", file=log, disable=log is None)
+            cfg = clips_cfg if spec.is_video and st is spec.stages[0] else st.config
+            ds = adapter.apply_stage(ds, registry.get(st.name), cfg, st.label, cpus, gpus, cpu_pools, gpu_pools)
+    ds = adapter.apply_fn(ds, shards.FragmentWriter(work, skip_keys), num_cpus=1.0)  # fuses with the stages
+    bar = tqdm(total=None if spec.is_video else pending.num_rows, desc="annotate",
+               unit="clip" if spec.is_video else "img", file=log, disable=log is None)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         bar.update(len(batch[KEY]))
     bar.close()
@@ -122,11 +135,11 @@ def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> di
     return decisions
 
 
-def write_shards(spec: CurateSpec, plan: readers.Plan, work: str, decisions, log) -> None:
+def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions, log) -> None:
     import ray
 
     shards_dir = os.path.join(spec.output.path, "shards")
-    todo = [p for p in sorted(plan.counts) if not shards.shard_done(shards_dir, p)]
+    todo = [p for p in sorted(counts) if not shards.shard_done(shards_dir, p)]
     if not todo:
         return
     by_part: dict[int, dict] = {p: {} for p in todo}
@@ -135,7 +148,7 @@ def write_shards(spec: CurateSpec, plan: readers.Plan, work: str, decisions, log
         if p in by_part:
             by_part[p][key] = d
     task = ray.remote(num_cpus=0.5, max_retries=2)(shards.write_shard)
-    refs = [task.remote(work, shards_dir, p, plan.counts[p], by_part[p]) for p in todo]
+    refs = [task.remote(work, shards_dir, p, counts[p], by_part[p]) for p in todo]
     bar = tqdm(total=len(refs), desc="shards", unit="shard", file=log, disable=log is None)
     while refs:
         done, refs = ray.wait(refs, num_returns=1)
@@ -156,6 +169,14 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
     table = pa.concat_tables(tables, promote_options="permissive")
     table = table.sort_by(KEY)
     shards.atomic_write(os.path.join(out, "annotations.parquet"), shards.table_bytes(table))
+    videos = None
+    if spec.is_video:
+        vt = pa.concat_tables([pq.read_table(os.path.join(shards_dir, f"{shards.shard_name(p)}_videos.parquet"))
+                               for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
+        shards.atomic_write(os.path.join(out, "videos.parquet"), shards.table_bytes(vt))
+        videos = clips.video_counts(vt)
+        if videos["inputs"] != plan.num_inputs:
+            raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos.parquet {videos['inputs']}")
     kept = int(pc.sum(pc.equal(table.column(STATUS), "kept")).as_py() or 0)
     reasons: dict[str, int] = {}
     for r in table.column(REJECT_REASON).to_pylist():
@@ -169,8 +190,9 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
     result = RunResult(output=out, inputs=table.num_rows, kept=kept, rejected=table.num_rows - kept,
                        reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
                        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
-                       wall_seconds=round(time.time() - started, 2), phases=phases)
-    if result.inputs != plan.num_inputs or result.kept + result.rejected != result.inputs:
+                       wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos)
+    planned = result.inputs if spec.is_video else plan.num_inputs   # videos reconcile above
+    if result.inputs != planned or result.kept + result.rejected != result.inputs:
         raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "
                            f"kept {result.kept} + rejected {result.rejected}")
     summary = {**result.to_dict(), "shards": len(stats), "format": plan.format,
@@ -181,12 +203,23 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
     return result
 
 
+def check_input_kind(spec: CurateSpec, fmt: str) -> None:
+    if fmt == "videos" and not spec.is_video:
+        raise ConfigError(f"input.path {spec.input.path!r} holds videos, but the stages are an image run's; put a "
+                          f"'clips' stage first (see jobs/lvd_video_curation.yaml), or leave stages out for the "
+                          f"video defaults")
+    if fmt != "videos" and spec.is_video:
+        raise ConfigError(f"stages: 'clips' cuts videos, but input.path {spec.input.path!r} holds {fmt}; set "
+                          f"input.format: videos if it does hold videos")
+
+
 def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
     """Run (or resume) a curate job. Config problems raise ConfigError before Ray starts."""
     started = time.time()
     phases: dict[str, float] = {}
     t = time.time()
-    plan = readers.plan(spec.input, spec.output.samples_per_shard)
+    plan = readers.plan(spec.input, spec.output.samples_per_shard, spec.output.videos_per_shard)
+    check_input_kind(spec, plan.format)
     phases["plan"] = round(time.time() - t, 3)
     prepare_output(spec)
     out = spec.output.path
@@ -199,22 +232,39 @@ def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
         adapter.check_resources(registry.get(st.name), cpus, gpus, st.config)
     t = time.time()
     finished_parts = {p for p in plan.counts if shards.shard_done(shards_dir, p)}
-    have = shards.done_keys(work)
     keys = plan.table.column(KEY).to_pylist()
     parts = plan.table.column(PARTITION).to_pylist()
-    mask = [k not in have and p not in finished_parts for k, p in zip(keys, parts)]
+    if spec.is_video:
+        have, done_videos = clips.progress(shards.read_fragments(shards.fragment_files(work), clips.PROGRESS_COLUMNS))
+        mask = [k not in done_videos and p not in finished_parts for k, p in zip(keys, parts)]
+        unit = "videos"
+    else:
+        have = shards.done_keys(work)
+        mask = [k not in have and p not in finished_parts for k, p in zip(keys, parts)]
+        unit = "samples"
     pending = plan.table.filter(pa.array(mask))
     if log is not None and (have or finished_parts):
-        print(f"resuming: {len(have)} samples annotated and {len(finished_parts)} shards written by an earlier run; "
-              f"{pending.num_rows} samples left", file=log)
+        print(f"resuming: {len(have)} rows annotated and {len(finished_parts)} shards written by an earlier run; "
+              f"{pending.num_rows} {unit} left", file=log)
     if pending.num_rows:
-        annotate(spec, pending, work, cpus, gpus, log)
+        annotate(spec, pending, work, cpus, gpus, log, frozenset(have) if spec.is_video else frozenset())
     phases["annotate"] = round(time.time() - t, 3)
+    counts = plan.counts
+    if spec.is_video:   # a video's clip count is known only now
+        table = shards.read_fragments(shards.fragment_files(work), clips.PROGRESS_COLUMNS)
+        _, done_videos = clips.progress(table)
+        missing = [k for k, p in zip(keys, parts) if k not in done_videos and p not in finished_parts]
+        if missing:
+            raise RuntimeError(f"{len(missing)} videos were not fully processed (first: {missing[0]}); re-run to finish")
+        counts = {p: plan.counts[p] for p in finished_parts}
+        if table is not None:
+            tp, tc = np.unique(table.column(PARTITION).to_numpy(), return_counts=True)
+            counts.update({int(p): int(c) for p, c in zip(tp, tc) if int(p) not in finished_parts})
     t = time.time()
     unfinished = any(p not in finished_parts for p in plan.counts)
     decisions = reduce_stages(spec, work, phases) if unfinished else {}
     phases["reduce"] = round(time.time() - t, 3)
     t = time.time()
-    write_shards(spec, plan, work, decisions, log)
+    write_shards(spec, counts, work, decisions, log)
     phases["shards"] = round(time.time() - t, 3)
     return finalize(spec, plan, started, phases)

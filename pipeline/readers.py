@@ -36,6 +36,7 @@ from pipeline.stage import (
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 PATH_COLUMN_CANDIDATES = ("path", "filepath", "file_path", "image_path", "file_name", "filename", "URL", "url")
 CAPTION_COLUMN_CANDIDATES = ("caption", "TEXT", "text", "prompt", "alt")
 
@@ -50,8 +51,8 @@ PLAN_ERROR = "plan_error"        # reason a row is rejected before any bytes are
 
 @dataclass
 class InputSpec:
-    path: str = option(help="folder of images, a .parquet file or folder of them, or img2dataset .tar shards (folder, file, glob or {00000..00009} pattern; any fsspec URL)")
-    format: Literal["auto", "images", "laion_parquet", "webdataset"] = option("auto", "input kind; auto detects from the path")
+    path: str = option(help="folder of images or videos, a .parquet file or folder of them, or img2dataset .tar shards (folder, file, glob or {00000..00009} pattern; any fsspec URL)")
+    format: Literal["auto", "images", "laion_parquet", "webdataset", "videos"] = option("auto", "input kind; auto detects from the path (videos: a folder of video files, or a parquet whose path column names videos)")
     path_column: str = option("auto", f"parquet column with the image path (auto tries {', '.join(PATH_COLUMN_CANDIDATES)})")
     caption_column: str = option("auto", f"parquet column with the caption (auto tries {', '.join(CAPTION_COLUMN_CANDIDATES)})")
     rename_columns: dict[str, str] = option(help="parquet columns to rename on read, e.g. {aesthetic: AESTHETIC_SCORE}", factory=dict)
@@ -71,7 +72,7 @@ def detect_format(spec: InputSpec) -> str:
     path = spec.path
     low = path.lower()
     if low.endswith(".parquet"):
-        return "laion_parquet"
+        return "videos" if _parquet_names_videos(spec, [path]) else "laion_parquet"
     if low.endswith(".tar") or "{" in path or "*" in path:
         return "webdataset"
     if _is_remote(path):
@@ -85,11 +86,36 @@ def detect_format(spec: InputSpec) -> str:
         names = [os.path.join(d, f) for d, _, fs_ in os.walk(path) for f in fs_]
     if any(n.endswith(".tar") for n in names):
         return "webdataset"
-    if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names):
+    images = any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
+    videos = any(n.lower().endswith(VIDEO_EXTENSIONS) for n in names)
+    if images and videos:
+        raise ConfigError(f"input.path {path!r} holds both images and videos; set input.format to images or videos "
+                          f"(the other kind is ignored), or split the folder")
+    if images:
         return "images"
-    if any(n.endswith(".parquet") for n in names):
-        return "laion_parquet"
-    raise ConfigError(f"input.path {path!r} holds no images, parquet or .tar files; set input.format or check the path")
+    if videos:
+        return "videos"
+    parquets = sorted(n for n in names if n.endswith(".parquet"))
+    if parquets:
+        return "videos" if not _is_remote(path) and _parquet_names_videos(spec, parquets[:1]) else "laion_parquet"
+    raise ConfigError(f"input.path {path!r} holds no images, videos, parquet or .tar files; set input.format or check the path")
+
+
+def _parquet_names_videos(spec: InputSpec, files: list[str]) -> bool:
+    """Whether a parquet's path column points at video files (its first 100 rows)."""
+    try:
+        table = pq.ParquetFile(files[0]).read_row_group(0) if pq.ParquetFile(files[0]).num_row_groups else None
+    except Exception:  # noqa: BLE001 - unreadable here: planning reports it properly
+        return False
+    if table is None:
+        return False
+    cols = [spec.rename_columns.get(c, c) for c in table.column_names]
+    table = table.rename_columns(cols)
+    col = spec.path_column if spec.path_column != "auto" else next((c for c in PATH_COLUMN_CANDIDATES if c in cols), None)
+    if col not in cols:
+        return False
+    values = [v for v in table.column(col).slice(0, 100).to_pylist() if isinstance(v, str)]
+    return bool(values) and sum(v.lower().endswith(VIDEO_EXTENSIONS) for v in values) > len(values) / 2
 
 
 @dataclass
@@ -117,7 +143,7 @@ def _assign(rows: list[dict], samples_per_shard: int) -> list[dict]:
     return rows
 
 
-def plan_images(spec: InputSpec, samples_per_shard: int) -> list[dict]:
+def _list_folder(spec: InputSpec, extensions: tuple[str, ...]) -> tuple[list[str], set[str]]:
     root = spec.path
     files = []
     if spec.recursive:
@@ -126,8 +152,12 @@ def plan_images(spec: InputSpec, samples_per_shard: int) -> list[dict]:
             files += [os.path.join(d, n) for n in names]
     else:
         files = [os.path.join(root, n) for n in os.listdir(root)]
-    images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-    names = set(files)
+    return sorted(f for f in files if f.lower().endswith(extensions)), set(files)
+
+
+def plan_images(spec: InputSpec, samples_per_shard: int, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[dict]:
+    root = spec.path
+    images, names = _list_folder(spec, extensions)
     rows = []
     for f in images:
         sidecar = os.path.splitext(f)[0] + ".txt"
@@ -266,9 +296,19 @@ def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
     return rows
 
 
-def plan(spec: InputSpec, samples_per_shard: int) -> Plan:
+def plan_videos(spec: InputSpec, videos_per_shard: int) -> list[dict]:
+    """One row per video: a folder of videos (optional sidecar .txt captions), or a parquet of
+    video paths and captions."""
+    if not spec.path.lower().endswith(".parquet") and _list_folder(spec, VIDEO_EXTENSIONS)[0]:
+        return plan_images(spec, videos_per_shard, VIDEO_EXTENSIONS)
+    return plan_parquet(spec, videos_per_shard)
+
+
+def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) -> Plan:
     fmt = detect_format(spec)
-    if fmt == "images":
+    if fmt == "videos":
+        rows = plan_videos(spec, videos_per_shard)
+    elif fmt == "images":
         rows = plan_images(spec, samples_per_shard)
     elif fmt == "laion_parquet":
         rows = plan_parquet(spec, samples_per_shard)

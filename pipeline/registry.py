@@ -9,9 +9,12 @@ from curation.ocr import OcrText
 from curation.phash import PHashDedup
 from curation.semantic_dedup import SemanticDedup
 from pipeline.stage import Stage
+from video.clips import SplitClips
+from video.motion import MotionScore
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (MetadataFilter, DecodeImages, PHashDedup, ClipEmbed,
-                                                            AestheticScore, OcrText, SemanticDedup)}
+                                                            AestheticScore, OcrText, SemanticDedup, SplitClips,
+                                                            MotionScore)}
 
 
 def get(name: str) -> type[Stage]:

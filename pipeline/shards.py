@@ -30,6 +30,7 @@ from pipeline.stage import (
     EMBEDDING_COLUMNS,
     IMAGE,
     IMAGE_EXT,
+    JSON_LIST_COLUMNS,
     KEPT,
     KEY,
     PARTITION,
@@ -37,6 +38,7 @@ from pipeline.stage import (
     REJECTED,
     STATUS,
     TIMING_PREFIX,
+    VIDEO_KEY,
     ensure_status,
 )
 
@@ -108,12 +110,19 @@ def table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
 class FragmentWriter:
     """Last step of the annotate pass: persist each batch's rows per partition, return a tally."""
 
-    def __init__(self, work_dir: str):
+    def __init__(self, work_dir: str, skip_keys: frozenset = frozenset()):
         self.rows_dir = os.path.join(work_dir, "rows")
+        self.skip_keys = skip_keys      # rows an earlier run already wrote (a video redone after a kill)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ensure_status(batch)
         table = conform(batch_to_table(batch, drop=("raw_bytes",)))
+        for name in JSON_LIST_COLUMNS:
+            if name in table.column_names and pa.types.is_string(table.column(name).type):
+                values = [None if v is None else json.loads(v) for v in table.column(name).to_pylist()]
+                table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.list_(pa.float64())))
+        if self.skip_keys:
+            table = table.filter(pa.array([k not in self.skip_keys for k in table.column(KEY).to_pylist()]))
         parts = table.column(PARTITION).to_numpy()
         for p in np.unique(parts):
             sub = table.filter(pa.array(parts == p))
@@ -272,6 +281,10 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
         red = reductions.get(r[KEY])
         if red and r[STATUS] == KEPT:
             r[STATUS], r[REJECT_REASON], r[DUPLICATE_OF] = REJECTED, red[0], red[1]
+    videos = None
+    if VIDEO_KEY in table.column_names:   # clips: number them, and gather one row per video
+        from video.clips import split_video_rows
+        rows, videos = split_video_rows(rows)
     buf = io.BytesIO()
     kept = 0
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
@@ -287,6 +300,8 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     atomic_write(os.path.join(shards_dir, f"{name}.tar"), buf.getvalue())
     ann = [{k: v for k, v in r.items() if k not in BULK_COLUMNS} for r in rows]
     atomic_write(os.path.join(shards_dir, f"{name}.parquet"), table_bytes(conform(pa.Table.from_pylist(ann))))
+    if videos is not None:
+        atomic_write(os.path.join(shards_dir, f"{name}_videos.parquet"), table_bytes(pa.Table.from_pylist(videos)))
     reasons: dict[str, int] = {}
     for r in rows:
         if r[STATUS] != KEPT:

@@ -20,12 +20,14 @@ from pipeline.config import (
 from pipeline.readers import InputSpec
 
 DEFAULT_IMAGE_STAGES = [{"name": "decode"}, {"name": "phash_dedup"}]
+DEFAULT_VIDEO_STAGES = [{"name": "clips"}, {"name": "motion"}]
 
 
 @dataclass
 class OutputSpec:
     path: str = option(help="output folder: shards/, annotations.parquet, summary.json, spec.yaml")
     samples_per_shard: int = option(1000, "input samples per output shard (img2dataset's number_sample_per_shard)", min=1, max=1_000_000)
+    videos_per_shard: int = option(16, "video runs: input videos per output shard (a shard holds all their clips)", min=1, max=100_000)
     overwrite: bool = option(False, "delete an existing output folder made by a different spec instead of failing")
     keep_work: bool = option(False, "keep the intermediate _work/ folder after a successful run")
 
@@ -57,7 +59,13 @@ class CurateSpec:
         """What determines the result: input, sharding and stages (not Ray settings)."""
         doc = {"input": to_dict(self.input), "samples_per_shard": self.output.samples_per_shard,
                "stages": [{"name": s.name, **result_dict(s.config)} for s in self.stages]}
+        if self.is_video:
+            doc["videos_per_shard"] = self.output.videos_per_shard
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def is_video(self) -> bool:
+        return any(s.name == "clips" for s in self.stages)
 
     def to_dict(self) -> dict:
         return {"input": to_dict(self.input), "output": to_dict(self.output),
@@ -65,9 +73,18 @@ class CurateSpec:
                 "ray": to_dict(self.ray)}
 
 
-def _stages(items: Any) -> list[StageEntry]:
+def _default_stages(input_spec: InputSpec) -> list:
+    from pipeline.readers import detect_format
+    try:
+        video = detect_format(input_spec) == "videos"
+    except ConfigError:
+        video = False            # planning reports the bad path with its own message
+    return DEFAULT_VIDEO_STAGES if video else DEFAULT_IMAGE_STAGES
+
+
+def _stages(items: Any, input_spec: InputSpec) -> list[StageEntry]:
     if items is None:
-        items = DEFAULT_IMAGE_STAGES
+        items = _default_stages(input_spec)
     if not isinstance(items, list):
         raise ConfigError("stages: expected a list of {name: STAGE, ...options}")
     out, seen = [], {}
@@ -97,13 +114,18 @@ def parse(data: dict[str, Any]) -> CurateSpec:
     for required in ("input", "output"):
         if not isinstance(data.get(required), dict):
             raise ConfigError(f"missing {required!r} section: a curate spec needs input.path and output.path")
-    spec = CurateSpec(input=build(InputSpec, data["input"], "input"),
+    input_spec = build(InputSpec, data["input"], "input")
+    spec = CurateSpec(input=input_spec,
                       output=build(OutputSpec, data["output"], "output"),
-                      stages=_stages(data.get("stages")),
+                      stages=_stages(data.get("stages"), input_spec),
                       ray=build(RaySpec, data.get("ray") or {}, "ray"))
     names = [s.name for s in spec.stages]
-    if "decode" not in names:
-        raise ConfigError("stages: an image run needs a 'decode' stage (it verifies images and writes what the shards store)")
+    if "decode" in names and "clips" in names:
+        raise ConfigError("stages: 'decode' (images) and 'clips' (videos) cannot be in one run; a run curates "
+                          "one kind of input")
+    if "decode" not in names and "clips" not in names:
+        raise ConfigError("stages: an image run needs a 'decode' stage (it verifies images and writes what the "
+                          "shards store); a video run needs a 'clips' stage first (it cuts videos into clips)")
     return spec
 
 

@@ -35,21 +35,41 @@ OCR_TEXT = "ocr_text"
 OCR_AREA_RATIO = "ocr_area_ratio"
 IMAGE_EMBEDDING = "clip_image_embedding"   # L2-normalised, one fixed-size vector per row
 TEXT_EMBEDDING = "clip_text_embedding"
+# clips (video runs): a clip row's IMAGE holds the encoded MP4 (IMAGE_EXT "mp4") and FRAMES its
+# first, middle and last frame as JPEGs, which the image model stages score instead of IMAGE
+VIDEO_KEY = "video_key"
+CLIP_INDEX = "clip_index"
+CLIP_START = "start_s"
+CLIP_END = "end_s"
+FPS = "fps"
+NUM_FRAMES = "num_frames"
+FRAMES = "frames"
+CLIP_FRAMES = 3                  # a clip's first, middle and last frame
+MOTION_SCORE = "motion_score"
+MOTION_PAIRS = "motion_pairs"    # per sampled frame pair, same unit as motion_score
+FRAME_EMBEDDINGS = "clip_frame_embeddings"   # a clip's frames' image embeddings, concatenated
+WINDOW_CUTS = "window_cut_times_s"
+# Lists of numbers travel between stages as JSON text: Ray Data turns a batch of equal-length
+# lists into a tensor column, which then cannot merge with a batch of ragged ones. The fragment
+# writer stores them as list<double>.
+JSON_LIST_COLUMNS = (MOTION_PAIRS, WINDOW_CUTS)
 LAION_COLUMNS = ("similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "WIDTH", "HEIGHT")
 
 # Arrow types of the contract columns; other columns keep the type they arrive with.
 COLUMN_TYPES = {KEY: "string", SOURCE: "string", CAPTION: "string", STATUS: "string", REJECT_REASON: "string",
                 DUPLICATE_OF: "string", PHASH: "string", WIDTH: "int64", HEIGHT: "int64", PARTITION: "int64",
                 STORED_WIDTH: "int64", STORED_HEIGHT: "int64", IMAGE_EXT: "string",
-                CLIP_SIMILARITY: "double", AESTHETIC_SCORE: "double", OCR_TEXT: "string", OCR_AREA_RATIO: "double"}
+                CLIP_SIMILARITY: "double", AESTHETIC_SCORE: "double", OCR_TEXT: "string", OCR_AREA_RATIO: "double",
+                VIDEO_KEY: "string", CLIP_INDEX: "int64", CLIP_START: "double", CLIP_END: "double", FPS: "double",
+                NUM_FRAMES: "int64", MOTION_SCORE: "double"}
 
 KEPT = "kept"
 REJECTED = "rejected"
 
 # Columns that never go into the annotation table or a sample's JSON. Embeddings go to
 # OUTPUT/embeddings/PPPPP.parquet, keyed, so sweeps and later stages reuse them.
-EMBEDDING_COLUMNS = (IMAGE_EMBEDDING, TEXT_EMBEDDING)
-BULK_COLUMNS = (RAW, IMAGE, *EMBEDDING_COLUMNS)
+EMBEDDING_COLUMNS = (IMAGE_EMBEDDING, TEXT_EMBEDDING, FRAME_EMBEDDINGS)
+BULK_COLUMNS = (RAW, IMAGE, FRAMES, *EMBEDDING_COLUMNS)
 TIMING_PREFIX = "_time_"         # per-row share of a stage's wall time, summed into stats
 
 
@@ -84,7 +104,8 @@ class Stage:
 
     # False for stages whose work is all in ``reduce`` (no per-batch pass is scheduled for them).
     has_batch_work: ClassVar[bool] = True
-    # Stage names that must come earlier in the spec (e.g. aesthetic reads clip's embedding).
+    # Stage names that must come earlier in the spec (e.g. aesthetic reads clip's embedding);
+    # "decode|clips" accepts either.
     after: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any):
@@ -101,9 +122,11 @@ class Stage:
         starts; raise ``pipeline.config.ConfigError`` naming ``key``. ``earlier`` holds the
         (name, config) of the stages before this one."""
         names = [n for n, _ in earlier]
-        for need in cls.after:
-            if need not in names:
-                raise ConfigError(f"{key}: stage {cls.name!r} needs a {need!r} stage before it in stages")
+        for need in cls.after:   # "a|b": either stage will do
+            options = need.split("|")
+            if not any(o in names for o in options):
+                wanted = " or ".join(repr(o) for o in options)
+                raise ConfigError(f"{key}: stage {cls.name!r} needs a {wanted} stage before it in stages")
 
     def __call__(self, batch: Batch) -> Batch:  # pragma: no cover - interface
         raise NotImplementedError
@@ -172,6 +195,19 @@ def column(batch: Batch, name: str, default: Any = None) -> np.ndarray:
     elif batch[name].dtype != object:
         batch[name] = _nan_to_none(batch[name])
     return batch[name]
+
+
+def sample_images(batch: Batch, index: int) -> list[bytes]:
+    """The encoded pictures a model scores for one row: a clip's frames, or the image itself."""
+    if FRAMES in batch and batch[FRAMES][index] is not None and len(batch[FRAMES][index]):
+        return list(batch[FRAMES][index])
+    if IMAGE in batch and batch[IMAGE][index] is not None:
+        return [batch[IMAGE][index]]
+    return []
+
+
+def is_clip_batch(batch: Batch) -> bool:
+    return FRAMES in batch
 
 
 def as_optional_float(value: Any) -> float | None:

@@ -24,8 +24,28 @@ def _plane(frame, index: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return arr[np.ix_(rows, cols)]
 
 
-def read_small(source, width: int = 64, max_frames: int | None = None) -> SmallFrames:
-    """Decode every frame of the first video stream and keep a ``width``-wide YUV copy."""
+def frames_between(container, stream, start_s: float | None = None, end_s: float | None = None):
+    """Decoded frames of ``stream`` with ``start_s <= time < end_s`` (stream seconds): seeks to
+    the keyframe before ``start_s`` and drops what comes before it, so a window of a long file
+    costs only its own decoding."""
+    if start_s is not None and start_s > 0 and stream.time_base:
+        container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
+    for frame in container.decode(stream):
+        t = frame.time
+        if t is None:
+            yield frame
+            continue
+        if start_s is not None and t < start_s - 1e-6:
+            continue
+        if end_s is not None and t >= end_s - 1e-6:
+            break
+        yield frame
+
+
+def read_small(source, width: int = 64, max_frames: int | None = None, start_s: float | None = None,
+               end_s: float | None = None) -> SmallFrames:
+    """Decode the frames of the first video stream (those in [start_s, end_s) when given) and
+    keep a ``width``-wide YUV copy of each."""
     import av
 
     av.logging.set_libav_level(av.logging.ERROR)
@@ -34,7 +54,7 @@ def read_small(source, width: int = 64, max_frames: int | None = None) -> SmallF
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         grid = None
-        for frame in container.decode(stream):
+        for frame in frames_between(container, stream, start_s, end_s):
             if frame.format.name not in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"):
                 frame = frame.reformat(format="yuv420p")
             if grid is None:
@@ -59,4 +79,4 @@ def read_small(source, width: int = 64, max_frames: int | None = None) -> SmallF
     return SmallFrames(t, np.stack(frames)[order], len(t) / span if span > 0 else 0.0)
 
 
-__all__ = ["read_small", "SmallFrames"]
+__all__ = ["frames_between", "read_small", "SmallFrames"]

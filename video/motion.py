@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import option
+from pipeline.stage import IMAGE, IMAGE_EXT, MOTION_PAIRS, MOTION_SCORE, Stage, active, column, reject
 
 
 @dataclass
@@ -66,4 +67,47 @@ def motion_score(times: np.ndarray, luma: np.ndarray, config: MotionConfig | Non
     return round(float(pairs.mean()), 4), [round(float(p), 4) for p in pairs]
 
 
-__all__ = ["MotionConfig", "motion_score", "flow_magnitudes", "sample_indices"]
+@dataclass
+class MotionStageConfig(MotionConfig):
+    min_score: float | None = option(None, "reject clips whose motion_score is below this (static clips; "
+                                     "unit: % of frame width per second)", min=0)
+    max_score: float | None = option(None, "reject clips above this (shaky or flickering footage)", min=0)
+
+
+class MotionScore(Stage):
+    """The ``motion`` stage: decodes each clip small and adds ``motion_score`` and ``motion_pairs``."""
+
+    name = "motion"
+    Config = MotionStageConfig
+    after = ("clips",)
+    batch_size = 8
+
+    def __call__(self, batch):
+        import io
+        import json
+
+        from video.frames import read_small
+
+        keep = active(batch)
+        scores, pairs = column(batch, MOTION_SCORE), column(batch, MOTION_PAIRS)
+        cfg = self.config
+        for i in np.flatnonzero(keep):
+            if batch.get(IMAGE_EXT) is None or batch[IMAGE_EXT][i] != "mp4" or batch[IMAGE][i] is None:
+                continue
+            try:
+                small = read_small(io.BytesIO(batch[IMAGE][i]), width=cfg.width)
+                score, per_pair = motion_score(small.times, small.yuv[..., 0], cfg)
+            except Exception as exc:  # noqa: BLE001 - a clip that cannot be read is a rejected row
+                reject(batch, int(i), f"motion_error: {type(exc).__name__}: {exc}")
+                continue
+            scores[i], pairs[i] = score, json.dumps(per_pair)   # JSON in flight (see JSON_LIST_COLUMNS)
+            if score is None:
+                continue
+            if cfg.min_score is not None and score < cfg.min_score:
+                reject(batch, int(i), f"motion_score: {score:.2f} < {cfg.min_score:g}")
+            elif cfg.max_score is not None and score > cfg.max_score:
+                reject(batch, int(i), f"motion_score: {score:.2f} > {cfg.max_score:g}")
+        return batch
+
+
+__all__ = ["MotionConfig", "MotionScore", "MotionStageConfig", "motion_score", "flow_magnitudes", "sample_indices"]

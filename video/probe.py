@@ -33,6 +33,7 @@ class VideoInfo:
     duration_s: float
     variable_frame_rate: bool
     has_audio: bool
+    start_s: float = 0.0       # time of the first frame on the stream's clock (clip times count from it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +95,8 @@ def probe(source) -> VideoInfo:
             dw, dh = dh, dw
         return VideoInfo(codec=codec, width=width, height=height, display_width=int(dw), display_height=int(dh),
                          rotation=int(rotation), sample_aspect_ratio=round(sar, 6), fps=round(fps, 4),
-                         num_frames=n, duration_s=round(duration, 4), variable_frame_rate=vfr, has_audio=has_audio)
+                         num_frames=n, duration_s=round(duration, 4), variable_frame_rate=vfr, has_audio=has_audio,
+                         start_s=round(float(times[0]), 6))
     finally:
         container.close()
 

@@ -84,4 +84,66 @@ def _write_tone(container, stream, seconds: float) -> None:
     container.mux(stream.encode())
 
 
-__all__ = ["shot", "write_video", "write_audio_only"]
+def fade(a: np.ndarray, b: np.ndarray, steps: int) -> list[np.ndarray]:
+    """Fade from frame ``a`` to black and up into frame ``b`` (``steps`` frames each way)."""
+    ramp = [1 - k / steps for k in range(1, steps + 1)]
+    return [(a * g).astype(np.uint8) for g in ramp] + [(b * g).astype(np.uint8) for g in ramp[::-1]]
+
+
+def text_shot(n: int, width: int, height: int, lines: list[str], motion: float = 1.0) -> list[np.ndarray]:
+    """A slowly panning shot of a text poster (for the OCR filter)."""
+    from pipeline.corpus import text_image
+
+    big = np.asarray(text_image(lines, size=(width + int(motion * n) + 2, height), font_size=height // 6))
+    return [np.ascontiguousarray(big[:, int(motion * i):int(motion * i) + width]) for i in range(n)]
+
+
+def make_video_corpus(root: str, width: int = 160, height: int = 96, fps: float = 10.0) -> dict[str, dict]:
+    """A folder of short generated videos with known cuts and motion, plus broken files.
+
+    Returns, per file name, what a curation run must find: ``cuts`` (seconds), ``motion``
+    ("static", "moving" or None) and ``reason`` (reject reason category of an unusable file).
+    """
+    import os
+
+    os.makedirs(root, exist_ok=True)
+    W, H = width, height
+    expect: dict[str, dict] = {}
+
+    def put(name: str, frames: list[np.ndarray], caption: str | None, **kw) -> None:
+        write_video(os.path.join(root, name), frames, fps=kw.pop("fps", fps), **kw)
+        if caption:
+            with open(os.path.join(root, os.path.splitext(name)[0] + ".txt"), "w", encoding="utf-8") as fh:
+                fh.write(caption)
+
+    put("three_shots.mp4", shot(30, W, H, 1, motion=3) + shot(25, W, H, 2) + shot(40, W, H, 3, motion=-2),
+        "a pan, a still view, another pan")
+    expect["three_shots.mp4"] = {"cuts": [3.0, 5.5], "motion": None}
+    put("static.mp4", shot(50, W, H, 4), "a still view of a garden")
+    expect["static.mp4"] = {"cuts": [], "motion": "static"}
+    put("pan.mp4", shot(50, W, H, 5, motion=4), "a camera pans across a market")
+    expect["pan.mp4"] = {"cuts": [], "motion": "moving"}
+    a, b = shot(25, W, H, 6, motion=2), shot(25, W, H, 7, motion=2)
+    put("fade.mp4", a + fade(a[-1], b[0], 8) + b, "two scenes joined by a fade through black")
+    expect["fade.mp4"] = {"cuts": [], "motion": "moving"}
+    put("rotated.mp4", shot(30, H, W, 8, motion=2), "a phone video held upright", rotation=90)
+    expect["rotated.mp4"] = {"cuts": [], "motion": "moving"}
+    put("poster.mp4", text_shot(30, W * 2, H * 2, ["GRAND OPENING", "SALE 50% OFF", "TODAY ONLY"]),
+        "a shop window")
+    expect["poster.mp4"] = {"cuts": [], "motion": "moving", "text": True}
+    vfr = [i * 0.1 for i in range(20)] + [2.0 + i * 0.25 for i in range(12)]
+    put("vfr.mp4", shot(20, W, H, 9, motion=2) + shot(12, W, H, 10, motion=2), "variable frame rate", times_s=vfr)
+    expect["vfr.mp4"] = {"cuts": [2.0], "motion": "moving"}
+    with open(os.path.join(root, "three_shots.mp4"), "rb") as fh:
+        head = fh.read(3000)
+    with open(os.path.join(root, "truncated.mp4"), "wb") as fh:
+        fh.write(head)
+    expect["truncated.mp4"] = {"reason": "probe_error"}
+    open(os.path.join(root, "empty.mp4"), "wb").close()
+    expect["empty.mp4"] = {"reason": "probe_error"}
+    write_audio_only(os.path.join(root, "audio_only.mp4"), 1.0)
+    expect["audio_only.mp4"] = {"reason": "no_video_stream"}
+    return expect
+
+
+__all__ = ["fade", "make_video_corpus", "shot", "text_shot", "write_video", "write_audio_only"]

@@ -1,0 +1,476 @@
+"""From videos to clips: probe, split long videos into time windows, detect cuts, cut clips.
+
+Two steps, each a Ray Data stage:
+
+* ``VideoWindows`` (one row per video in, one row per *window* out): probes the file and splits
+  it into ``window_s``-long windows, so a two-hour file becomes many small tasks instead of one
+  straggler (the top complaint against Data-Juicer's and NeMo's video pipelines). A video that
+  cannot be used becomes one rejected row with the probe's reason.
+* ``SplitClips`` (the ``clips`` stage; one row per window in, one row per *segment* out):
+  decodes the window small and runs the cut cascade (``video.cuts``), splits each shot into
+  clips of ``min_s``..``max_s`` seconds, trims margins next to cuts and fades, then decodes the
+  window again and encodes each clip as H.264 with its first, middle and last frame kept as
+  JPEGs for the per-clip model stages. A segment too short to be a clip is a rejected row.
+
+Keys: ``VIDEOKEY_WWWW_SSSS`` (window, segment inside the window) sort in time order; the
+shard writer numbers each video's rows into ``clip_index``. Every row of a window carries
+``window_index``, ``num_windows`` and ``window_rows``, so a resumed run knows which videos are
+complete without any other bookkeeping. Times count from the video's first frame.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.config import ConfigError, option
+from pipeline.stage import (
+    CAPTION,
+    CLIP_END,
+    CLIP_INDEX,
+    CLIP_START,
+    FPS,
+    FRAMES,
+    HEIGHT,
+    IMAGE,
+    IMAGE_EXT,
+    KEPT,
+    KEY,
+    NUM_FRAMES,
+    PARTITION,
+    REJECT_REASON,
+    REJECTED,
+    SOURCE,
+    STATUS,
+    VIDEO_KEY,
+    WIDTH,
+    WINDOW_CUTS,
+    Stage,
+    batch_len,
+    ensure_status,
+)
+from video.cuts import CutConfig, detect_cuts
+
+# per-row columns describing the source video and the window (gathered into videos.parquet)
+WINDOW_INDEX = "window_index"
+NUM_WINDOWS = "num_windows"
+WINDOW_ROWS = "window_rows"
+WINDOW_START = "window_start_s"
+WINDOW_END = "window_end_s"
+VIDEO_INFO = ("codec", "width", "height", "display_width", "display_height", "rotation", "sample_aspect_ratio",
+              "fps", "num_frames", "duration_s", "variable_frame_rate", "has_audio", "start_s")
+VIDEO_PREFIX = "video_"
+
+
+@dataclass
+class ClipsConfig:
+    min_s: float = option(2.0, "shortest clip kept, seconds (SVD trained on 14 and 25 frames)", min=0.1)
+    max_s: float = option(10.0, "longer shots are cut into consecutive clips of this length", min=0.2)
+    margin_s: float = option(0.2, "trimmed from a clip's side that touches a cut (motion blur, dissolves)", min=0)
+    fade_ratio: float = option(0.6, "frames at a shot's ends darker than this fraction of the shot's median "
+                               "brightness are a fade and trimmed", min=0, max=1)
+    window_s: float = option(120.0, "long videos are processed in windows of this length (a clip never spans two)",
+                             min=5)
+    max_side: int = option(1024, "longest side of the encoded clips; never upscaled; sides even", min=32)
+    crf: int = option(20, "libx264 quality (lower = better, larger)", min=0, max=51)
+    preset: str = option("veryfast", "libx264 speed preset")
+    keyframe_side: int = option(512, "longest side of the first/middle/last JPEGs the model stages read", min=32)
+    cuts: CutConfig = field(default_factory=CutConfig)
+    storage_options: dict = option(help="filled in from input.storage_options", factory=dict, runtime=True)
+
+
+# ---- planning clips inside a window (pure, on the small frames) ----
+
+@dataclass
+class Segment:
+    start_s: float
+    end_s: float
+    frames: int
+    reason: str | None = None          # why it is not a clip (too short), else None
+
+
+def _trim(lo: int, hi: int, luma: np.ndarray, dark: np.ndarray, fade_ratio: float) -> tuple[int, int]:
+    """Drop black and fading frames at both ends of frames [lo, hi)."""
+    body = luma[lo:hi][~dark[lo:hi]]
+    if not len(body):
+        return lo, lo
+    floor = fade_ratio * float(np.median(body))
+    while lo < hi and (dark[lo] or luma[lo] < floor):
+        lo += 1
+    while hi > lo and (dark[hi - 1] or luma[hi - 1] < floor):
+        hi -= 1
+    return lo, hi
+
+
+def _runs(mask: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in mask[lo:hi]."""
+    out, start = [], None
+    for i in range(lo, hi):
+        if mask[i] and start is None:
+            start = i
+        elif not mask[i] and start is not None:
+            out.append((start, i))
+            start = None
+    if start is not None:
+        out.append((start, hi))
+    return out
+
+
+def plan_segments(times: np.ndarray, luma: np.ndarray, cut_frames: list[int], dark: np.ndarray,
+                  window_end: float, cfg: ClipsConfig) -> list[Segment]:
+    """Clips (and too-short leftovers) of one window, from its frames' times and brightness.
+
+    Shots run from cut to cut. Black frames (a fade through black is not a cut, but two scenes
+    meet there) split a shot, and the fading frames beside them are trimmed; ``margin_s`` is
+    trimmed where a shot touches a cut. Long pieces are cut into clips of ``max_s``.
+    """
+    n = len(times)
+    if n == 0:
+        return []
+    step = float(np.median(np.diff(times))) if n > 1 else 0.0
+
+    def end_time(i: int) -> float:     # end of frame i-1's display
+        return float(min(times[i - 1] + step, window_end))
+
+    bounds = [0, *[c for c in cut_frames if 0 < c < n], n]
+    out: list[Segment] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pieces = [p for p in _runs(~dark, a, b)]
+        if not pieces:
+            out.append(Segment(float(times[a]), end_time(b), b - a, "too_short: black frames only"))
+            continue
+        for p, q in pieces:
+            lo, hi = _trim(p, q, luma, dark, cfg.fade_ratio)
+            if hi <= lo:
+                out.append(Segment(float(times[p]), end_time(q), q - p, "too_short: fading frames only"))
+                continue
+            start, end = float(times[lo]), end_time(hi)
+            if lo == a and a > 0:
+                start += cfg.margin_s           # a cut just before
+            if hi == b and b < n:
+                end -= cfg.margin_s             # a cut just after
+            out.extend(_chunks(times, start, end, cfg))
+    return out
+
+
+def _chunks(times: np.ndarray, start: float, end: float, cfg: ClipsConfig) -> list[Segment]:
+    """Clips of ``max_s`` from start to end; a leftover shorter than ``min_s`` is a rejected row."""
+    def frames(lo: float, hi: float) -> int:
+        return int(np.sum((times >= lo - 1e-6) & (times < hi - 1e-6)))
+
+    length = end - start
+    if length < cfg.min_s:
+        return [Segment(start, max(start, end), frames(start, end),
+                        f"too_short: {max(length, 0):.2f} s < min_s {cfg.min_s:g}")]
+    out, t = [], start
+    while end - t >= cfg.max_s - 1e-6:
+        out.append(Segment(t, t + cfg.max_s, frames(t, t + cfg.max_s)))
+        t += cfg.max_s
+    rest = end - t
+    if rest > 1e-6:
+        reason = None if rest >= cfg.min_s else f"too_short: {rest:.2f} s < min_s {cfg.min_s:g}"
+        out.append(Segment(t, end, frames(t, end), reason))
+    return out
+
+
+# ---- stage 1: videos -> windows ----
+
+def window_bounds(duration: float, window_s: float) -> list[tuple[float, float]]:
+    """[start, end) of each window; a last window shorter than a quarter joins the one before."""
+    count = max(1, math.ceil(duration / window_s - 1e-9))
+    if count > 1 and duration - (count - 1) * window_s < window_s / 4:
+        count -= 1
+    edges = [i * window_s for i in range(count)] + [math.inf]
+    return [(edges[i], edges[i + 1]) for i in range(count)]
+
+
+def _rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows -> a numpy batch. Columns that are None in every row are left out: Ray turns such a
+    column into floats, which then cannot merge with the same column holding text elsewhere."""
+    names: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in names and v is not None:
+                names.append(k)
+    out = {}
+    for k in names:
+        arr = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows):
+            arr[i] = r.get(k)
+        out[k] = arr
+    return out
+
+
+def _plain(v):
+    """A batch value as a plain Python value; NaN (how Ray carries a null) becomes None."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, np.ndarray):
+        return v.tolist() if v.dtype != object else list(v)
+    return v
+
+
+def _batch_rows(batch: dict) -> list[dict]:
+    n = batch_len(batch)
+    return [{k: _plain(v[i]) for k, v in batch.items()} for i in range(n)]
+
+
+def _open_source(path: str, storage_options: dict):
+    """A path PyAV can open: local paths as they are, remote ones as seekable fsspec files."""
+    if "://" in path and not path.startswith("file://"):
+        import fsspec
+        return fsspec.open(path, "rb", **storage_options).open()
+    return path
+
+
+class VideoWindows(Stage):
+    """Probe each video and emit one row per time window (or one rejected row)."""
+
+    name = "video_windows"
+    Config = ClipsConfig
+    batch_size = 4
+
+    def __call__(self, batch):
+        from pipeline.readers import CAPTION_REF, PLAN_ERROR, REF_PATH, decode_text
+        from video.probe import ProbeError, probe
+
+        ensure_status(batch)
+        out: list[dict] = []
+        for row in _batch_rows(batch):
+            vk = row[KEY]
+            base = {k: v for k, v in row.items() if k not in (KEY,)}
+            base[VIDEO_KEY] = vk
+            if row.get(CAPTION_REF):
+                try:
+                    with open(row[CAPTION_REF], "rb") as fh:
+                        base[CAPTION] = decode_text(fh.read())
+                except OSError:
+                    base[CAPTION] = None
+            elif isinstance(row.get(CAPTION), bytes):
+                base[CAPTION] = decode_text(row[CAPTION])
+            reason = row.get(PLAN_ERROR)
+            info = None
+            if not reason:
+                try:
+                    if isinstance(row[REF_PATH], str) and os.path.isfile(row[REF_PATH]) \
+                            and os.path.getsize(row[REF_PATH]) == 0:
+                        raise ProbeError("probe_error: empty file")
+                    src = _open_source(row[REF_PATH], self.config.storage_options)
+                    try:
+                        info = probe(src)
+                    finally:
+                        if hasattr(src, "close"):
+                            src.close()
+                except FileNotFoundError:
+                    reason = "missing_file: not found"
+                except ProbeError as exc:
+                    reason = str(exc)
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is a rejected row
+                    reason = f"probe_error: {type(exc).__name__}: {exc}"
+            if info is None:
+                out.append({**base, KEY: f"{vk}_0000_0000", STATUS: REJECTED, REJECT_REASON: reason,
+                            WINDOW_INDEX: 0, NUM_WINDOWS: 1, WINDOW_ROWS: 1})
+                continue
+            meta = {VIDEO_PREFIX + k: v for k, v in info.to_dict().items()}
+            windows = window_bounds(info.duration_s, self.config.window_s)
+            for w, (lo, hi) in enumerate(windows):
+                out.append({**base, **meta, KEY: f"{vk}_{w:04d}", STATUS: KEPT, REJECT_REASON: None,
+                            WINDOW_INDEX: w, NUM_WINDOWS: len(windows), WINDOW_START: lo,
+                            WINDOW_END: hi if math.isfinite(hi) else info.duration_s + 1.0})
+        return _rows_to_batch(out)
+
+
+# ---- stage 2: windows -> clips ----
+
+class SplitClips(Stage):
+    """The ``clips`` stage: cut detection, clip planning and H.264 encoding for one window."""
+
+    name = "clips"
+    Config = ClipsConfig
+    batch_size = 1
+
+    @classmethod
+    def validate(cls, config: ClipsConfig, key: str, earlier) -> None:
+        if earlier:
+            raise ConfigError(f"{key}: 'clips' must be the first stage of a video run (it turns videos into clips)")
+        if config.min_s > config.max_s:
+            raise ConfigError(f"{key}.min_s: {config.min_s} is longer than max_s {config.max_s}")
+        if config.max_s > config.window_s:
+            raise ConfigError(f"{key}.window_s: {config.window_s} must be at least max_s {config.max_s}")
+        if config.preset not in ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                                 "slower", "veryslow"):
+            raise ConfigError(f"{key}.preset: {config.preset!r} is not a libx264 preset (e.g. veryfast, medium)")
+
+    def __init__(self, config: ClipsConfig | None = None):
+        super().__init__(config or ClipsConfig())
+
+    def __call__(self, batch):
+        ensure_status(batch)
+        out: list[dict] = []
+        for row in _batch_rows(batch):
+            if row[STATUS] != KEPT:          # an unusable video: its one row passes through
+                out.append(row)
+                continue
+            try:
+                rows = self.window(row)
+            except Exception as exc:  # noqa: BLE001 - a window that cannot be cut is a rejected row
+                rows = [{**row, STATUS: REJECTED, REJECT_REASON: f"clip_error: {type(exc).__name__}: {exc}"}]
+            for j, r in enumerate(rows):
+                r[KEY] = f"{row[KEY]}_{j:04d}"
+                r[WINDOW_ROWS] = len(rows)
+            out.extend(rows)
+        return _rows_to_batch(out)
+
+    def window(self, row: dict) -> list[dict]:
+        """All segment rows of one window."""
+        import av
+
+        from pipeline.readers import REF_PATH
+        from video.encode import ClipEncoder, output_size
+        from video.frames import frames_between, read_small
+
+        cfg = self.config
+        t0 = float(row[VIDEO_PREFIX + "start_s"] or 0.0)
+        lo, hi = float(row[WINDOW_START]), float(row[WINDOW_END])
+        src = _open_source(row[REF_PATH], self.config.storage_options)
+        small = read_small(src, width=cfg.cuts.width, start_s=t0 + lo, end_s=t0 + hi)
+        if hasattr(src, "seek"):
+            src.seek(0)
+        times = small.times - t0
+        if not len(times):
+            return [{**row, STATUS: REJECTED, REJECT_REASON: "no_frames: nothing decodable in this window",
+                     WINDOW_CUTS: "[]"}]
+        fps = small.fps or float(row[VIDEO_PREFIX + "fps"] or 0.0)
+        cuts = detect_cuts(times, small.yuv, fps, cfg.cuts)
+        luma = small.yuv[..., 0].reshape(len(times), -1).mean(axis=1)
+        segments = plan_segments(times, luma, cuts.frames, cuts.dark, hi, cfg)
+        base = {**row, WINDOW_CUTS: json.dumps([round(float(times[i]), 4) for i in cuts.frames])}
+        rows = [{**base, CLIP_START: round(s.start_s, 4), CLIP_END: round(s.end_s, 4), NUM_FRAMES: s.frames,
+                 STATUS: REJECTED if s.reason else KEPT, REJECT_REASON: s.reason} for s in segments]
+        todo = [i for i, s in enumerate(segments) if s.reason is None]
+        if not todo:
+            return rows
+        width, height = output_size(int(row[VIDEO_PREFIX + "display_width"]),
+                                    int(row[VIDEO_PREFIX + "display_height"]), cfg.max_side)
+        rotation = int(row[VIDEO_PREFIX + "rotation"] or 0)
+        av.logging.set_libav_level(av.logging.ERROR)
+        with av.open(src) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            first = segments[todo[0]].start_s
+            k, enc = 0, None
+            for frame in frames_between(container, stream, t0 + first, t0 + segments[todo[-1]].end_s):
+                t = float(frame.time) - t0 if frame.time is not None else None
+                if t is None:
+                    continue
+                while k < len(todo) and t >= segments[todo[k]].end_s - 1e-6:
+                    self._close(enc, rows[todo[k]])
+                    enc, k = None, k + 1
+                if k == len(todo):
+                    break
+                seg = segments[todo[k]]
+                if t < seg.start_s - 1e-6:
+                    continue
+                if enc is None:
+                    enc = ClipEncoder(width, height, rotation, stream.time_base, (seg.start_s + seg.end_s) / 2,
+                                      crf=cfg.crf, preset=cfg.preset, keyframe_side=cfg.keyframe_side)
+                enc.add(frame, t)
+            while k < len(todo):
+                self._close(enc, rows[todo[k]])
+                enc, k = None, k + 1
+        if hasattr(src, "close"):
+            src.close()
+        return rows
+
+    @staticmethod
+    def _close(enc, row: dict) -> None:
+        clip = enc.finish() if enc is not None else None
+        if clip is None or clip.num_frames < 2:
+            row[STATUS], row[REJECT_REASON] = REJECTED, "no_frames: the clip's frames did not decode"
+            return
+        row.update({IMAGE: clip.data, IMAGE_EXT: "mp4", FRAMES: clip.keyframes, WIDTH: clip.width,
+                    HEIGHT: clip.height, NUM_FRAMES: clip.num_frames, FPS: clip.fps,
+                    CLIP_START: round(clip.start_s, 4), CLIP_END: round(clip.end_s, 4)})
+
+
+# ---- bookkeeping: resume, per-video table ----
+
+PROGRESS_COLUMNS = [KEY, VIDEO_KEY, PARTITION, WINDOW_INDEX, NUM_WINDOWS, WINDOW_ROWS]
+
+
+def progress(table) -> tuple[set[str], set[str]]:
+    """(row keys written, videos complete) from the fragments' bookkeeping columns. A video is
+    complete when each of its windows has all the rows that window produced."""
+    if table is None or table.num_rows == 0:
+        return set(), set()
+    rows = table.select(PROGRESS_COLUMNS).to_pylist()
+    have = {r[KEY] for r in rows}
+    seen: dict[tuple[str, int], int] = {}
+    expect: dict[tuple[str, int], int] = {}
+    windows: dict[str, int] = {}
+    for r in rows:
+        w = (r[VIDEO_KEY], int(r[WINDOW_INDEX]))
+        seen[w] = seen.get(w, 0) + 1
+        expect[w] = int(r[WINDOW_ROWS])
+        windows[r[VIDEO_KEY]] = int(r[NUM_WINDOWS])
+    done = {v for v, nw in windows.items()
+            if all(seen.get((v, w), 0) == expect.get((v, w), -1) for w in range(nw))}
+    return have, done
+
+
+def _no_clip_reason(rows: list[dict]) -> str:
+    if len(rows) == 1:
+        return rows[0][REJECT_REASON] or "unknown"
+    cats: dict[str, int] = {}
+    for r in rows:
+        c = (r[REJECT_REASON] or "unknown").split(":", 1)[0]
+        cats[c] = cats.get(c, 0) + 1
+    return "no_clip_kept: " + ", ".join(f"{c} {n}" for c, n in sorted(cats.items(), key=lambda kv: -kv[1]))
+
+
+def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """One shard's rows (sorted by key) -> (clip rows for the annotation contract, one row per
+    video for ``videos.parquet``). Numbers each video's rows into ``clip_index``."""
+    by_video: dict[str, list[dict]] = {}
+    for r in rows:
+        by_video.setdefault(r[VIDEO_KEY], []).append(r)
+    videos = []
+    for vk, vrows in by_video.items():
+        windows: dict[int, list[float]] = {}
+        for j, r in enumerate(vrows):
+            r[CLIP_INDEX] = j
+            windows.setdefault(int(r.get(WINDOW_INDEX) or 0), list(r.get(WINDOW_CUTS) or []))
+        first = vrows[0]
+        kept = sum(r[STATUS] == KEPT for r in vrows)
+        video = {KEY: vk, SOURCE: first.get(SOURCE), CAPTION: first.get(CAPTION)}
+        video.update({k: first.get(VIDEO_PREFIX + k) for k in VIDEO_INFO})
+        video.update({"cut_times_s": sorted(t for w in windows.values() for t in w), "num_windows": first.get(NUM_WINDOWS),
+                      "segments": len(vrows), "num_clips": kept, STATUS: KEPT if kept else REJECTED,
+                      REJECT_REASON: None if kept else _no_clip_reason(vrows)})
+        videos.append(video)
+    bookkeeping = {WINDOW_INDEX, NUM_WINDOWS, WINDOW_ROWS, WINDOW_START, WINDOW_END, WINDOW_CUTS}
+    clips = [{k: v for k, v in r.items() if k == VIDEO_KEY or (k not in bookkeeping and not k.startswith(VIDEO_PREFIX))}
+             for r in rows]
+    return clips, videos
+
+
+def video_counts(videos) -> dict:
+    """Funnel of a run's videos (the ``videos.parquet`` table)."""
+    status = videos.column(STATUS).to_pylist()
+    reasons: dict[str, int] = {}
+    for s, r in zip(status, videos.column(REJECT_REASON).to_pylist()):
+        if s != KEPT:
+            c = (r or "unknown").split(":", 1)[0]
+            reasons[c] = reasons.get(c, 0) + 1
+    return {"inputs": len(status), "with_clips": status.count(KEPT), "without_clips": len(status) - status.count(KEPT),
+            "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+            "clips": int(sum(videos.column("num_clips").to_pylist()))}
+
+
+__all__ = ["PROGRESS_COLUMNS", "ClipsConfig", "Segment", "SplitClips", "VideoWindows", "plan_segments",
+           "progress", "split_video_rows", "video_counts", "window_bounds"]
