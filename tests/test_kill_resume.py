@@ -13,9 +13,9 @@ from tests.helpers import annotations, run_curate, tar_members
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start(corpus_root, out):
+def start(corpus_root, out, *extra):
     cmd = [sys.executable, "-m", "pipeline.cli", "curate", "--input", corpus_root, "--output", out,
-           "--samples-per-shard", "4", "--set", "ray.block_rows=2", "--set", "ray.num_cpus=2"]
+           "--samples-per-shard", "4", "--set", "ray.block_rows=2", "--set", "ray.num_cpus=2", *extra]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

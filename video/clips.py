@@ -257,8 +257,10 @@ class VideoWindows(Stage):
             info = None
             if not reason:
                 try:
-                    if isinstance(row[REF_PATH], str) and os.path.isfile(row[REF_PATH]) \
-                            and os.path.getsize(row[REF_PATH]) == 0:
+                    local = "://" not in row[REF_PATH] or row[REF_PATH].startswith("file://")
+                    if local and not os.path.exists(row[REF_PATH]):
+                        raise FileNotFoundError(row[REF_PATH])
+                    if local and os.path.getsize(row[REF_PATH]) == 0:
                         raise ProbeError("probe_error: empty file")
                     src = _open_source(row[REF_PATH], self.config.storage_options)
                     try:
@@ -448,7 +450,7 @@ def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         first = vrows[0]
         kept = sum(r[STATUS] == KEPT for r in vrows)
         video = {KEY: vk, SOURCE: first.get(SOURCE), CAPTION: first.get(CAPTION)}
-        video.update({k: first.get(VIDEO_PREFIX + k) for k in VIDEO_INFO})
+        video.update({k: _plain(first.get(VIDEO_PREFIX + k)) for k in VIDEO_INFO})   # NaN (Ray's null) -> None
         video.update({"cut_times_s": sorted(t for w in windows.values() for t in w), "num_windows": first.get(NUM_WINDOWS),
                       "segments": len(vrows), "num_clips": kept, STATUS: KEPT if kept else REJECTED,
                       REJECT_REASON: None if kept else _no_clip_reason(vrows)})
