@@ -14,14 +14,22 @@ Curate a corpus into WebDataset shards and one annotation table.
   winnow curate --input PATH --output DIR [--samples-per-shard N] [--set ...]
 
 The input may be a folder of images (with optional NAME.txt captions), a LAION-style
-parquet of paths + captions, or img2dataset .tar shards. Re-running the same command on the
+parquet of paths + captions, img2dataset .tar shards, or a folder (or parquet) of videos,
+which are cut into clips (see jobs/lvd_video_curation.yaml). Re-running the same command on the
 same output folder resumes an interrupted run. See jobs/*.yaml for full specs.
 """
 
 
 def format_summary(result) -> str:
-    lines = [f"winnow curate: {result.output}",
-             f"  inputs    {result.inputs:>8}",
+    lines = [f"winnow curate: {result.output}"]
+    v = result.videos
+    if v:
+        lines += [f"  videos    {v['inputs']:>8}",
+                  f"    with clips           {v['with_clips']:>6}",
+                  f"    without clips        {v['without_clips']:>6}"]
+        lines += [f"      {reason:<20} {n:>6}" for reason, n in v["reasons"].items()]
+        lines.append("  clips and segments (a segment too short to be a clip is a rejected row)")
+    lines += [f"  inputs    {result.inputs:>8}",
              f"  kept      {result.kept:>8}  ({100 * result.kept / max(1, result.inputs):.1f} %)",
              f"  rejected  {result.rejected:>8}"]
     for reason, n in result.reasons.items():

@@ -15,6 +15,7 @@ from pipeline import curate
 from pipeline import spec as specmod
 from pipeline.cli import format_summary
 from pipeline.corpus import make_corpus
+from video.synth import make_video_corpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +47,21 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  {run_dir}/embeddings/         CLIP image/caption embeddings per shard, keyed"
           f"\n  {run_dir}/summary.json          counts per reason and per-stage time"
           f"\n  {run_dir}/spec.yaml             the resolved spec (re-run the same command to resume)")
+
+    video_dir = os.path.join(args.output, "videos")
+    video_run = os.path.join(args.output, "video_run")
+    t = time.time()
+    make_video_corpus(video_dir)
+    print(f"\ndemo videos: 10 files in {video_dir} (hard cuts, a fade through black, static and panning shots, a "
+          f"rotated phone clip, a text poster, variable frame rate; a truncated, an empty and an audio-only file) "
+          f"made in {time.time() - t:.1f} s")
+    spec = specmod.load("jobs/demo_video.yaml" if os.path.exists("jobs/demo_video.yaml") else None, [
+        f"input.path={video_dir}", f"output.path={video_run}"])
+    result = curate.run(spec)
+    print(format_summary(result))
+    print(f"\noutputs:\n  {video_run}/shards/*.tar          clips (KEY.mp4 H.264, KEY.txt, KEY.json)"
+          f"\n  {video_run}/videos.parquet      one row per video: probe fields, cut_times_s, num_clips, reason"
+          f"\n  {video_run}/annotations.parquet one row per clip: start_s, end_s, motion_score, ocr, clip scores")
     return 0
 
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from pipeline import spec as specmod
@@ -71,10 +73,11 @@ def test_jobs_specs_parse():
         try:
             specmod.load(f)
         except ConfigError as exc:   # templates that name real weights say exactly what is missing
-            assert "curate_images_scored" in f and "stages[3](clip).pretrained: tag 'laion2b_s32b_b82k'" in str(exc)
+            index = {"curate_images_scored": 3, "lvd_video_curation": 3}[os.path.basename(f)[:-5]]
+            assert f"stages[{index}](clip).pretrained: tag 'laion2b_s32b_b82k'" in str(exc)
             spec = specmod.load(f, ["stages.clip.model=winnow-tiny-clip", "stages.clip.pretrained=random",
                                     "stages.aesthetic.weights=random"])
-            assert [s.name for s in spec.stages][-4:] == ["clip", "aesthetic", "ocr", "semantic_dedup"]
+            assert {"clip", "aesthetic", "ocr", "semantic_dedup"} <= {s.name for s in spec.stages}
 
 
 def test_runtime_keys_stay_out_of_the_fingerprint():

@@ -170,7 +170,7 @@ def _chunks(times: np.ndarray, start: float, end: float, cfg: ClipsConfig) -> li
         out.append(Segment(t, t + cfg.max_s, frames(t, t + cfg.max_s)))
         t += cfg.max_s
     rest = end - t
-    if rest > 1e-6:
+    if frames(t, end) >= 2:           # a sliver of less than two frames is not a segment at all
         reason = None if rest >= cfg.min_s else f"too_short: {rest:.2f} s < min_s {cfg.min_s:g}"
         out.append(Segment(t, end, frames(t, end), reason))
     return out
