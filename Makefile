@@ -24,6 +24,7 @@ test: install
 bench: install
 	$(BIN)/python bench/curate_images.py
 	$(BIN)/python bench/scorers.py
+	$(BIN)/python bench/video.py
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -1,0 +1,84 @@
+"""The video path end to end on ../shared/data/videos (skipped when absent).
+
+    python bench/video.py [--models]
+
+1. ``winnow curate`` on the whole folder (a local Ray on this machine's cores): per-stage
+   worker time, frames/s and videos/s, the run's wall time, and the funnel. ``--models`` adds
+   the frame stages (RapidOCR, tiny CLIP, random aesthetic head) to the clips + motion run.
+2. Cut detection F1 and speed against PySceneDetect's ContentDetector (``bench/video_cuts.py``).
+3. Motion score per labelled video (``bench/video_motion.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+VIDEOS = os.path.join(ROOT, "..", "shared", "data", "videos")
+
+
+def curate_folder(models: bool) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline import curate
+    from pipeline import spec as specmod
+
+    stages = [{"name": "clips"}, {"name": "motion"}]
+    if models:
+        stages += [{"name": "ocr", "backend": "rapidocr", "max_side": 512},
+                   {"name": "clip", "model": "winnow-tiny-clip"}, {"name": "aesthetic", "weights": "random"}]
+    out = tempfile.mkdtemp(prefix="winnow-bench-video-")
+    try:
+        spec = specmod.parse({"input": {"path": VIDEOS, "format": "videos"},
+                              "output": {"path": out, "videos_per_shard": 8}, "stages": stages})
+        t = time.perf_counter()
+        result = curate.run(spec, log=None)
+        wall = time.perf_counter() - t
+        videos = pq.read_table(os.path.join(out, "videos.parquet")).to_pandas()
+        clips = pq.read_table(os.path.join(out, "annotations.parquet")).to_pandas()
+        src_frames = int(videos["num_frames"].fillna(0).sum())
+        src_seconds = float(videos["duration_s"].fillna(0).sum())
+        clip_frames = int(clips.loc[clips["status"] == "kept", "num_frames"].fillna(0).sum())
+        print(f"curate: {len(videos)} videos, {src_seconds:.0f} s of video, {src_frames} frames -> "
+              f"{result.kept} clips kept ({clip_frames} frames), {result.rejected} segments rejected")
+        print(f"  funnel: {json.dumps(result.videos)}")
+        print(f"  wall {wall:.1f} s: {len(videos) / wall:.2f} videos/s, {src_frames / wall:.0f} source frames/s, "
+              f"{src_seconds / wall:.1f} s of video per s; annotate phase {result.phases.get('annotate', 0):.1f} s")
+        print("  stage          worker s   frames/s per worker   videos/s per worker")
+        for stage, secs in result.stage_seconds.items():
+            frames = src_frames if stage in ("probe", "clips") else clip_frames
+            print(f"  {stage:<12} {secs:9.2f}   {frames / secs:19.0f}   {len(videos) / secs:19.2f}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", action="store_true", help="add the OCR / CLIP / aesthetic frame stages")
+    args = parser.parse_args()
+    if not os.path.isdir(VIDEOS):
+        print(f"skipped: {VIDEOS} not found")
+        return 0
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    print(f"machine: {os.cpu_count()} cores\n")
+    curate_folder(args.models)
+    import video_cuts
+    import video_motion
+
+    print("\ncut detection vs PySceneDetect (bench/video_cuts.py)")
+    video_cuts.main()
+    print("\nmotion score per labelled video (bench/video_motion.py)")
+    video_motion.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
