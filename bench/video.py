@@ -18,9 +18,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+# this file is bench/video.py: its own folder must not shadow the ``video`` package
+sys.path = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != BENCH]
 
 VIDEOS = os.path.join(ROOT, "..", "shared", "data", "videos")
 
@@ -70,8 +71,15 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     print(f"machine: {os.cpu_count()} cores\n")
     curate_folder(args.models)
-    import video_cuts
-    import video_motion
+    import importlib.util
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    video_cuts, video_motion = load("video_cuts"), load("video_motion")
 
     print("\ncut detection vs PySceneDetect (bench/video_cuts.py)")
     video_cuts.main()
