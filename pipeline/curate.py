@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from pipeline import adapter, readers, registry, shards
 from pipeline.config import ConfigError
 from pipeline.spec import CurateSpec
-from pipeline.stage import KEY, PARTITION, REJECT_REASON, STATUS
+from pipeline.stage import KEY, PARTITION, REJECT_REASON, STATUS, reason_counts
 from video import clips
 from video.clips import VideoWindows
 
@@ -178,17 +178,13 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
         if videos["inputs"] != plan.num_inputs:
             raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos.parquet {videos['inputs']}")
     kept = int(pc.sum(pc.equal(table.column(STATUS), "kept")).as_py() or 0)
-    reasons: dict[str, int] = {}
-    for r in table.column(REJECT_REASON).to_pylist():
-        if r:
-            cat = shards.reason_category(r)
-            reasons[cat] = reasons.get(cat, 0) + 1
+    reasons = reason_counts(r for r in table.column(REJECT_REASON).to_pylist() if r)
     stage_seconds: dict[str, float] = {}
     for s in stats:
         for k, v in s["stage_seconds"].items():
             stage_seconds[k] = stage_seconds.get(k, 0.0) + v
     result = RunResult(output=out, inputs=table.num_rows, kept=kept, rejected=table.num_rows - kept,
-                       reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+                       reasons=reasons,
                        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
                        wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos)
     planned = result.inputs if spec.is_video else plan.num_inputs   # videos reconcile above

@@ -62,7 +62,7 @@ class InputSpec:
     storage_options: dict[str, Any] = option(help="fsspec options for remote paths (e.g. anon: true for public S3)", factory=dict)
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
@@ -75,7 +75,7 @@ def detect_format(spec: InputSpec) -> str:
         return "videos" if _parquet_names_videos(spec, [path]) else "laion_parquet"
     if low.endswith(".tar") or "{" in path or "*" in path:
         return "webdataset"
-    if _is_remote(path):
+    if is_remote(path):
         fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
         names = [n for n in fs.ls(root, detail=False)]
     else:
@@ -97,14 +97,15 @@ def detect_format(spec: InputSpec) -> str:
         return "videos"
     parquets = sorted(n for n in names if n.endswith(".parquet"))
     if parquets:
-        return "videos" if not _is_remote(path) and _parquet_names_videos(spec, parquets[:1]) else "laion_parquet"
+        return "videos" if not is_remote(path) and _parquet_names_videos(spec, parquets[:1]) else "laion_parquet"
     raise ConfigError(f"input.path {path!r} holds no images, videos, parquet or .tar files; set input.format or check the path")
 
 
 def _parquet_names_videos(spec: InputSpec, files: list[str]) -> bool:
     """Whether a parquet's path column points at video files (its first 100 rows)."""
     try:
-        table = pq.ParquetFile(files[0]).read_row_group(0) if pq.ParquetFile(files[0]).num_row_groups else None
+        pf = pq.ParquetFile(files[0])
+        table = pf.read_row_group(0) if pf.num_row_groups else None
     except Exception:  # noqa: BLE001 - unreadable here: planning reports it properly
         return False
     if table is None:
@@ -218,7 +219,7 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
                 row[REF_PATH] = ref
                 row[PLAN_ERROR] = "not_downloaded: URL inputs are fetched by img2dataset; run it and read its shards"
             else:
-                row[REF_PATH] = ref if (_is_remote(ref) or os.path.isabs(ref)) else os.path.join(base, ref)
+                row[REF_PATH] = ref if (is_remote(ref) or os.path.isabs(ref)) else os.path.join(base, ref)
             rows.append(row)
     return _assign(rows, samples_per_shard)
 
@@ -364,7 +365,7 @@ class LoadSource(Stage):
         super().__init__(config or LoadConfig())
 
     def _open(self, path: str):
-        if _is_remote(path):
+        if is_remote(path):
             return fsspec.open(path, "rb", **self.config.storage_options).open()
         return open(path, "rb")
 

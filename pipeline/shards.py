@@ -40,6 +40,7 @@ from pipeline.stage import (
     TIMING_PREFIX,
     VIDEO_KEY,
     ensure_status,
+    reason_counts,
 )
 
 # plan bookkeeping that says where bytes lived; not part of the annotation contract
@@ -237,10 +238,6 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def reason_category(reason: str | None) -> str:
-    return (reason or "").split(":", 1)[0].strip() or "unknown"
-
-
 def _add_tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -302,11 +299,7 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     atomic_write(os.path.join(shards_dir, f"{name}.parquet"), table_bytes(conform(pa.Table.from_pylist(ann))))
     if videos is not None:
         atomic_write(os.path.join(shards_dir, f"{name}_videos.parquet"), table_bytes(pa.Table.from_pylist(videos)))
-    reasons: dict[str, int] = {}
-    for r in rows:
-        if r[STATUS] != KEPT:
-            cat = reason_category(r[REJECT_REASON])
-            reasons[cat] = reasons.get(cat, 0) + 1
+    reasons = reason_counts(r[REJECT_REASON] for r in rows if r[STATUS] != KEPT)
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": kept,
              "rejected": len(rows) - kept, "reasons": dict(sorted(reasons.items())),
              "stage_seconds": {k: round(v, 4) for k, v in timing.items()},

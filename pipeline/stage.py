@@ -210,6 +210,20 @@ def is_clip_batch(batch: Batch) -> bool:
     return FRAMES in batch
 
 
+def reason_category(reason: str | None) -> str:
+    """The part of a reject reason before the colon ("too_short: 1.2 s < 2" -> "too_short")."""
+    return (reason or "").split(":", 1)[0].strip() or "unknown"
+
+
+def reason_counts(reasons) -> dict[str, int]:
+    """Rejected rows per reason category, most frequent first."""
+    counts: dict[str, int] = {}
+    for r in reasons:
+        cat = reason_category(r)
+        counts[cat] = counts.get(cat, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def as_optional_float(value: Any) -> float | None:
     """None for missing/NaN/unparseable values, else a float."""
     if value is None:

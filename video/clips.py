@@ -51,6 +51,7 @@ from pipeline.stage import (
     Stage,
     batch_len,
     ensure_status,
+    reason_counts,
 )
 from video.cuts import CutConfig, detect_cuts
 
@@ -138,7 +139,7 @@ def plan_segments(times: np.ndarray, luma: np.ndarray, cut_frames: list[int], da
     bounds = [0, *[c for c in cut_frames if 0 < c < n], n]
     out: list[Segment] = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        pieces = [p for p in _runs(~dark, a, b)]
+        pieces = _runs(~dark, a, b)
         if not pieces:
             out.append(Segment(float(times[a]), end_time(b), b - a, "too_short: black frames only"))
             continue
@@ -222,7 +223,9 @@ def _batch_rows(batch: dict) -> list[dict]:
 
 def _open_source(path: str, storage_options: dict):
     """A path PyAV can open: local paths as they are, remote ones as seekable fsspec files."""
-    if "://" in path and not path.startswith("file://"):
+    from pipeline.readers import is_remote
+
+    if is_remote(path):
         import fsspec
         return fsspec.open(path, "rb", **storage_options).open()
     return path
@@ -236,7 +239,7 @@ class VideoWindows(Stage):
     batch_size = 4
 
     def __call__(self, batch):
-        from pipeline.readers import CAPTION_REF, PLAN_ERROR, REF_PATH, decode_text
+        from pipeline.readers import CAPTION_REF, PLAN_ERROR, REF_PATH, decode_text, is_remote
         from video.probe import ProbeError, probe
 
         ensure_status(batch)
@@ -257,7 +260,7 @@ class VideoWindows(Stage):
             info = None
             if not reason:
                 try:
-                    local = "://" not in row[REF_PATH] or row[REF_PATH].startswith("file://")
+                    local = not is_remote(row[REF_PATH])
                     if local and not os.path.exists(row[REF_PATH]):
                         raise FileNotFoundError(row[REF_PATH])
                     if local and os.path.getsize(row[REF_PATH]) == 0:
@@ -313,9 +316,6 @@ class SplitClips(Stage):
                                  "slower", "veryslow"):
             raise ConfigError(f"{key}.preset: {config.preset!r} is not a libx264 preset (e.g. veryfast, medium)")
 
-    def __init__(self, config: ClipsConfig | None = None):
-        super().__init__(config or ClipsConfig())
-
     def __call__(self, batch):
         ensure_status(batch)
         out: list[dict] = []
@@ -335,16 +335,24 @@ class SplitClips(Stage):
 
     def window(self, row: dict) -> list[dict]:
         """All segment rows of one window."""
+        from pipeline.readers import REF_PATH
+
+        src = _open_source(row[REF_PATH], self.config.storage_options)
+        try:
+            return self._window(row, src)
+        finally:
+            if hasattr(src, "close"):
+                src.close()
+
+    def _window(self, row: dict, src) -> list[dict]:
         import av
 
-        from pipeline.readers import REF_PATH
         from video.encode import ClipEncoder, output_size
         from video.frames import frames_between, read_small
 
         cfg = self.config
         t0 = float(row[VIDEO_PREFIX + "start_s"] or 0.0)
         lo, hi = float(row[WINDOW_START]), float(row[WINDOW_END])
-        src = _open_source(row[REF_PATH], self.config.storage_options)
         small = read_small(src, width=cfg.cuts.width, start_s=t0 + lo, end_s=t0 + hi)
         if hasattr(src, "seek"):
             src.seek(0)
@@ -390,8 +398,6 @@ class SplitClips(Stage):
             while k < len(todo):
                 self._close(enc, rows[todo[k]])
                 enc, k = None, k + 1
-        if hasattr(src, "close"):
-            src.close()
         return rows
 
     @staticmethod
@@ -433,11 +439,8 @@ def progress(table) -> tuple[set[str], set[str]]:
 def _no_clip_reason(rows: list[dict]) -> str:
     if len(rows) == 1:
         return rows[0][REJECT_REASON] or "unknown"
-    cats: dict[str, int] = {}
-    for r in rows:
-        c = (r[REJECT_REASON] or "unknown").split(":", 1)[0]
-        cats[c] = cats.get(c, 0) + 1
-    return "no_clip_kept: " + ", ".join(f"{c} {n}" for c, n in sorted(cats.items(), key=lambda kv: -kv[1]))
+    cats = reason_counts(r[REJECT_REASON] for r in rows)
+    return "no_clip_kept: " + ", ".join(f"{c} {n}" for c, n in cats.items())
 
 
 def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -469,13 +472,9 @@ def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def video_counts(videos) -> dict:
     """Funnel of a run's videos (the ``videos.parquet`` table)."""
     status = videos.column(STATUS).to_pylist()
-    reasons: dict[str, int] = {}
-    for s, r in zip(status, videos.column(REJECT_REASON).to_pylist()):
-        if s != KEPT:
-            c = (r or "unknown").split(":", 1)[0]
-            reasons[c] = reasons.get(c, 0) + 1
+    reasons = reason_counts(r for s, r in zip(status, videos.column(REJECT_REASON).to_pylist()) if s != KEPT)
     return {"inputs": len(status), "with_clips": status.count(KEPT), "without_clips": len(status) - status.count(KEPT),
-            "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+            "reasons": reasons,
             "clips": int(sum(videos.column("num_clips").to_pylist()))}
 
 

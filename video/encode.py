@@ -121,11 +121,5 @@ class ClipEncoder:
         return EncodedClip(self.buf.getvalue(), self.width, self.height, len(self.times), self.times[0],
                            self.times[-1] + step, keyframes)
 
-    def abort(self) -> None:
-        try:
-            self.container.close()
-        except Exception:  # noqa: BLE001 - nothing to save from a clip that failed
-            pass
-
 
 __all__ = ["ClipEncoder", "EncodedClip", "jpeg", "output_size"]
