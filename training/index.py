@@ -1,0 +1,175 @@
+"""The training index: one row per kept sample of a curated shard set, with what the loader needs
+to fetch it by one ranged read (shard, byte offset and size of the image inside the tar) plus its
+caption and sizes. Buckets are assigned from the stored sizes for each stage's resolution, so one
+index serves every stage.
+
+One Ray Data pass (a task per shard) reads only tar headers and the shard's annotation parquet.
+The result is cached as ``train_index.parquet`` beside ``shards/`` (or in the training output
+when the shard set is read-only) and rebuilt when the shard files change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError
+from pipeline.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
+from training.buckets import Bucket, assign, bucket_table
+
+INDEX_FILE = "train_index.parquet"
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
+SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+                    ("ext", pa.string()), ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+                    ("original_width", pa.int64()), ("original_height", pa.int64())])
+
+
+def shard_dir(path: str) -> str:
+    """A run folder (with ``shards/``) or a shards folder itself."""
+    sub = os.path.join(path, "shards")
+    fs, p = fsspec.core.url_to_fs(sub)
+    return sub if fs.isdir(p) else path
+
+
+def list_shards(path: str) -> list[dict]:
+    """The shard tars of a shard set with their size and modification time (the cache key)."""
+    d = shard_dir(path)
+    fs, root = fsspec.core.url_to_fs(d)
+    if not fs.isdir(root):
+        raise ConfigError(f"data.shards: {path!r} is not a folder; give a curate output folder or its shards/")
+    out = []
+    for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"]):
+        name = info["name"]
+        if name.endswith(".tar"):
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            url = name if protocol in ("file", "local") else f"{protocol}://{name}"
+            out.append({"shard": url, "bytes": int(info.get("size") or 0), "mtime": str(info.get("mtime", ""))})
+    if not out:
+        raise ConfigError(f"data.shards: no .tar shards in {d!r}; run `winnow curate` first")
+    return out
+
+
+def index_shard(shard: str) -> pa.Table:
+    """Index rows of one shard: the kept samples that have an image member."""
+    members: dict[str, tuple[int, int, str]] = {}
+    with fsspec.open(shard, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.rpartition(".")
+            if ext.lower() in IMAGE_EXTS:
+                members[key] = (m.offset_data, m.size, ext.lower())
+    meta_path = shard[:-len(".tar")] + ".parquet"
+    meta: dict[str, dict] = {}
+    try:
+        with fsspec.open(meta_path, "rb") as fh:
+            table = pq.read_table(fh)
+        cols = [c for c in (KEY, STATUS, CAPTION, WIDTH, HEIGHT, STORED_WIDTH, STORED_HEIGHT) if c in table.column_names]
+        meta = {r[KEY]: r for r in table.select(cols).to_pylist() if r.get(STATUS, KEPT) == KEPT}
+    except FileNotFoundError:
+        pass
+    rows = []
+    for key, (offset, size, ext) in members.items():
+        r = meta.get(key)
+        if r is None or not r.get(STORED_WIDTH):
+            r = _sizes_from_json(shard, key, r)
+        rows.append({"shard": shard, "key": key, "offset": offset, "size": size, "ext": ext,
+                     "caption": r.get(CAPTION) or "", "width": int(r[STORED_WIDTH]), "height": int(r[STORED_HEIGHT]),
+                     "original_width": int(r.get(WIDTH) or r[STORED_WIDTH]),
+                     "original_height": int(r.get(HEIGHT) or r[STORED_HEIGHT])})
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
+    """Shards without an annotation parquet (or older ones): read the sample's JSON, else the image header."""
+    from PIL import Image
+
+    with fsspec.open(shard, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+        names = {m.name: m for m in tf.getmembers()}
+        meta = dict(row or {})
+        if f"{key}.json" in names:
+            meta.update(json.loads(tf.extractfile(names[f"{key}.json"]).read()))
+        if f"{key}.txt" in names and not meta.get(CAPTION):
+            meta[CAPTION] = tf.extractfile(names[f"{key}.txt"]).read().decode("utf-8", "replace")
+        if not meta.get(STORED_WIDTH):
+            img_name = next(n for n in names if n.rpartition(".")[0] == key and n.rpartition(".")[2].lower() in IMAGE_EXTS)
+            with Image.open(tf.extractfile(names[img_name])) as im:
+                meta[STORED_WIDTH], meta[STORED_HEIGHT] = im.size
+    return meta
+
+
+def _fingerprint(shards: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_paths(path: str, fallback_dir: str) -> list[str]:
+    beside = os.path.join(os.path.dirname(shard_dir(path).rstrip("/")), INDEX_FILE)
+    return [beside, os.path.join(fallback_dir, f"index_{hashlib.sha256(path.encode()).hexdigest()[:8]}.parquet")]
+
+
+def _read_cached(paths: list[str], fp: str) -> tuple[pa.Table | None, str]:
+    for p in paths:
+        try:
+            with fsspec.open(p, "rb") as fh:
+                t = pq.read_table(fh)
+        except (FileNotFoundError, OSError, pa.ArrowInvalid):
+            continue
+        if (t.schema.metadata or {}).get(b"winnow_fingerprint", b"").decode() == fp:
+            return t, p
+    return None, ""
+
+
+def build_index(path: str, fallback_dir: str, log=None) -> tuple[pa.Table, str]:
+    """The index of shard set ``path`` (cached); returns (table, where it is cached)."""
+    import ray.data
+
+    shards = list_shards(path)
+    fp = _fingerprint(shards)
+    paths = _cache_paths(path, fallback_dir)
+    cached, where = _read_cached(paths, fp)
+    if cached is not None:
+        return cached, where
+    ds = ray.data.from_items([{"shard": s["shard"]} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(lambda b: index_shard(str(b["shard"][0])), batch_size=1, batch_format="numpy", num_cpus=0.5)
+    parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+             for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    table = pa.concat_tables([p.cast(SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
+    table = table.sort_by([("shard", "ascending"), ("offset", "ascending")])
+    table = table.replace_schema_metadata({"winnow_fingerprint": fp})
+    for p in paths:
+        try:
+            fs, fp_path = fsspec.core.url_to_fs(p)
+            fs.makedirs(os.path.dirname(fp_path), exist_ok=True)
+            tmp = fp_path + ".tmp"
+            with fs.open(tmp, "wb") as fh:
+                pq.write_table(table, fh)
+            fs.mv(tmp, fp_path)
+            if log:
+                print(f"train index: {table.num_rows} samples in {len(shards)} shards -> {p}", file=log)
+            return table, p
+        except OSError:
+            continue
+    return table, ""
+
+
+def load_index(paths: list[str], fallback_dir: str, log=None) -> pa.Table:
+    """The concatenated index of several shard sets."""
+    tables = [build_index(p, fallback_dir, log)[0] for p in paths]
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    if table.num_rows == 0:
+        raise ConfigError(f"data.shards: no kept images in {paths}; nothing to train on")
+    return table
+
+
+def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4.0) -> tuple[list[Bucket], np.ndarray]:
+    table = bucket_table(base, step, max_aspect)
+    return table, assign(index.column("width").to_numpy(), index.column("height").to_numpy(), table)
+
+
+__all__ = ["INDEX_FILE", "SCHEMA", "bucket_ids", "build_index", "index_shard", "list_shards", "load_index", "shard_dir"]

@@ -1,0 +1,162 @@
+"""The bucketed loader: the schedule's batches for one rank, decoded ahead by a thread pool.
+
+Each step's samples come from ``Schedule`` (one bucket per global batch, this rank's slice), so
+the loader is stateless apart from its ``Cursor``: ``state()`` is the cursor after the last batch
+handed out, which a checkpoint stores and a resumed run passes back. Samples are fetched by one
+ranged read from their shard (offset and size from the index), decoded with PIL (JPEG draft mode
+skips most of the work for large images), resized to cover the bucket and cropped. A random crop
+draws from a generator seeded by (seed, epoch, sample), so a resumed run crops exactly as the
+uninterrupted one would. Decoding releases the GIL, so threads overlap with the training step.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from training.buckets import Bucket, plan_crop
+from training.schedule import Cursor, Schedule, _rng, rank_slice
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor          # (B, 3, H, W) float32 in [-1, 1]
+    captions: list[str]
+    time_ids: torch.Tensor        # (B, 6): original (h, w), crop top-left (top, left), target (h, w)
+    ids: list[int]                # sample ids (index rows)
+    bucket: int
+    epoch: int
+
+
+class SampleReader:
+    """Ranged reads from shards; one open file per shard per thread."""
+
+    def __init__(self, index: pa.Table):
+        self.shard = index.column("shard").to_pylist()
+        self.offset = index.column("offset").to_numpy()
+        self.size = index.column("size").to_numpy()
+        self._local = threading.local()
+
+    def read(self, i: int) -> bytes:
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = collections.OrderedDict()
+        path = self.shard[i]
+        fh = files.pop(path, None) or fsspec.open(path, "rb").open()
+        files[path] = fh
+        while len(files) > 8:
+            files.popitem(last=False)[1].close()
+        fh.seek(int(self.offset[i]))
+        return fh.read(int(self.size[i]))
+
+
+def load_image(data: bytes, bucket: Bucket, rng: np.random.Generator | None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(uint8 HxWx3 array of the bucket's size, (orig_h, orig_w, top, left) of the crop)."""
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+        crop = plan_crop(width, height, bucket, rng)
+        if im.format == "JPEG":
+            im.draft("RGB", (crop.resize_w, crop.resize_h))   # decode at a reduced scale >= the target
+        rgb = im.convert("RGB")
+    box = (crop.left, crop.top, crop.left + bucket.width, crop.top + bucket.height)
+    if rgb.size != (crop.resize_w, crop.resize_h):
+        sx, sy = rgb.width / crop.resize_w, rgb.height / crop.resize_h
+        rgb = rgb.resize((bucket.width, bucket.height), Image.BICUBIC,
+                         box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    else:
+        rgb = rgb.crop(box)
+    return np.asarray(rgb, dtype=np.uint8), (height, width, crop.top, crop.left)
+
+
+class BucketLoader:
+    """Iterate this rank's batches from ``cursor`` on, across epochs, forever."""
+
+    def __init__(self, index: pa.Table, table: list[Bucket], bucket_of: np.ndarray, cursor: Cursor, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4,
+                 prefetch: int = 2):
+        self.table, self.bucket_of = table, np.asarray(bucket_of)
+        self.schedule = Schedule(self.bucket_of, seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.cursor = Schedule.start(cursor, batch_size * world_size)
+        self.seed, self.random_crop = seed, random_crop
+        self.reader = SampleReader(index)
+        self.captions = index.column("caption").to_pylist()
+        self.original = np.stack([index.column("original_height").to_numpy(),
+                                  index.column("original_width").to_numpy()], axis=1)
+        self.stored = np.stack([index.column("height").to_numpy(), index.column("width").to_numpy()], axis=1)
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="winnow-decode")
+        self.prefetch = max(1, prefetch)
+        self.wait_s = 0.0            # time the consumer waited for a batch
+        self.samples = 0
+
+    def state(self) -> Cursor:
+        return self.cursor
+
+    def global_batches_per_epoch(self) -> int:
+        g = self.batch_size * self.world_size
+        counts = np.bincount(self.bucket_of)
+        return int(sum(c // g for c in counts))
+
+    def _plan(self):
+        cursor, empty = self.cursor, 0
+        while True:
+            batches = self.schedule.batches(cursor)
+            for gb in batches:
+                cursor = Schedule.advance(cursor)
+                yield cursor, gb
+            empty = 0 if batches else empty + 1
+            if empty > 1:
+                raise RuntimeError(f"no bucket holds a global batch of {self.batch_size * self.world_size} samples; "
+                                   f"lower train.batch_size or ray.num_workers, or add data")
+            cursor = self.schedule.next_epoch(cursor)
+
+    def _sample(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        bucket = self.table[int(self.bucket_of[i])]
+        rng = _rng(self.seed, "crop", epoch, i) if self.random_crop else None
+        try:
+            pixels, (_, _, top, left) = load_image(self.reader.read(i), bucket, rng)
+        except Exception as exc:
+            raise RuntimeError(f"sample {i} ({self.reader.shard[i]} @ {self.reader.offset[i]}): {exc}") from exc
+        return pixels, (int(self.original[i][0]), int(self.original[i][1]), top, left)
+
+    def _submit(self, cursor: Cursor, gb: list[int]) -> tuple[Cursor, list[int], list[Future]]:
+        mine = rank_slice(gb, self.rank, self.world_size)
+        return cursor, mine, [self.pool.submit(self._sample, i, cursor.epoch) for i in mine]
+
+    def __iter__(self):
+        plan = self._plan()
+        pending: collections.deque = collections.deque()
+        try:
+            while True:
+                while len(pending) < self.prefetch:
+                    pending.append(self._submit(*next(plan)))
+                cursor, ids, futures = pending.popleft()
+                t = time.perf_counter()
+                done = [f.result() for f in futures]
+                self.wait_s += time.perf_counter() - t
+                pixels = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+                bucket = self.table[int(self.bucket_of[ids[0]])]
+                time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
+                self.cursor = cursor
+                self.samples += len(ids)
+                yield Batch(pixels, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]),
+                            cursor.epoch)
+        finally:
+            for _, _, futures in pending:
+                for f in futures:
+                    f.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["Batch", "BucketLoader", "SampleReader", "load_image"]

@@ -1,0 +1,147 @@
+"""The train job spec, validated before Ray starts (``winnow train SPEC.yaml``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option, result_dict, to_dict
+
+
+@dataclass
+class DataSpec:
+    shards: list[str] = option(factory=list, help="curated shard sets: `winnow curate` output folders (or their shards/)")
+    resolution: int = option(512, "bucket base resolution: 512 (SD 1.x), 768 (SD 2 v), 1024 (SDXL)", min=64)
+    max_aspect: float = option(2.0, "widest bucket aspect ratio (SDXL's table runs to 4.0)", min=1.0, max=8.0)
+    bucket_step: int = option(64, "bucket sides are multiples of this", min=8)
+    random_crop: bool = option(True, "random crop inside the covering resize (else centre); seeded per sample and epoch")
+    workers: int = option(4, "decode threads per training worker", min=1, runtime=True)
+    prefetch: int = option(4, "batches decoded ahead of the step", min=1, runtime=True)
+
+
+@dataclass
+class ModelSpec:
+    kind: Literal["sd", "sdxl"] = option("sd", "sd (SD 1.x / 2.x: one text encoder) or sdxl (two, plus micro-conditioning)")
+    pretrained: str | None = option(None, "diffusers pipeline folder or hub id; null builds the tiny random preset")
+    allow_download: bool = option(False, "let a hub id download (otherwise only the local cache is used)")
+    seed: int = option(0, "seed of the tiny preset's random weights")
+
+
+@dataclass
+class ObjectiveSpec:
+    prediction_type: Literal["epsilon", "v_prediction"] | None = option(
+        None, "null keeps the model's scheduler setting; v_prediction for SD 2 768-v")
+    offset_noise: float = option(0.0, "per-channel noise offset (SDXL trained with 0.05)", min=0.0, max=1.0)
+    caption_dropout: float = option(0.1, "share of captions replaced by '' (classifier-free guidance)", min=0.0, max=1.0)
+    min_snr_gamma: float | None = option(None, "min-SNR-gamma loss weighting (5.0 in the paper); null is off", min=0.0)
+
+
+@dataclass
+class OptimSpec:
+    lr: float = option(1e-4, "AdamW learning rate", min=0.0)
+    weight_decay: float = option(1e-2, "AdamW weight decay", min=0.0)
+    beta1: float = option(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = option(0.999, "AdamW beta2", min=0.0, max=1.0)
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps, then constant", min=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0)
+
+
+@dataclass
+class EmaSpec:
+    enabled: bool = option(True, "keep an exponential moving average of the UNet; the export uses it")
+    decay: float = option(0.9999, "EMA decay ceiling", min=0.0, max=1.0)
+    start_step: int = option(0, "EMA copies the weights until this step, then averages (delayed start)", min=0)
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = option(4, "samples per worker per step (global batch = batch_size x ray.num_workers)", min=1)
+    max_steps: int = option(1000, "optimizer steps in total (a resumed run continues to this)", min=1)
+    seed: int = option(0, "seed of the schedule, crops, noise and caption dropout")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "accelerate mixed precision (bf16 on H100/A100)", runtime=True)
+    gradient_checkpointing: bool = option(False, "trade compute for activation memory", runtime=True)
+    checkpoint_every: int = option(100, "steps between checkpoints (and one at the end)", min=1)
+    keep_checkpoints: int = option(2, "checkpoints kept (oldest deleted)", min=1, runtime=True)
+    log_every: int = option(10, "steps between logged metrics", min=1, runtime=True)
+    sample_every: int = option(0, "steps between sample images (0 = only at the end)", min=0, runtime=True)
+    sample_prompts: list[str] = option(factory=lambda: ["a photo of a dog"], help="prompts for the sample images", runtime=True)
+    sample_steps: int = option(20, "sampler steps for the sample images", min=1, runtime=True)
+
+
+@dataclass
+class RayTrainSpec:
+    address: str | None = option(None, "Ray cluster address; null uses RAY_ADDRESS or a local Ray", runtime=True)
+    num_cpus: int | None = option(None, "CPUs of a local Ray (default: all cores)", min=1, runtime=True)
+    num_workers: int = option(2, "Ray Train workers (one per GPU on a cluster)", min=1, runtime=True)
+    use_gpu: bool = option(False, "one GPU per worker, NCCL; false trains on CPU with gloo", runtime=True)
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker", min=0.1, runtime=True)
+    max_failures: int = option(0, "worker-group restarts from the last checkpoint before the run fails", min=0, runtime=True)
+
+
+@dataclass
+class TrainOutput:
+    path: str = option(help="run folder: checkpoints, tensorboard/, samples/, final/ (the diffusers pipeline)")
+    overwrite: bool = option(False, "delete an existing run made by a different spec instead of failing")
+
+
+@dataclass
+class TrainSpec:
+    data: DataSpec
+    output: TrainOutput
+    model: ModelSpec = field(default_factory=ModelSpec)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    ema: EmaSpec = field(default_factory=EmaSpec)
+    train: TrainSection = field(default_factory=TrainSection)
+    ray: RayTrainSpec = field(default_factory=RayTrainSpec)
+
+    def fingerprint(self) -> str:
+        """What the trajectory depends on (not worker counts or logging): a run folder holds one."""
+        doc = {k: result_dict(getattr(self, k)) for k in ("data", "model", "objective", "optim", "ema", "train")}
+        doc["data"]["shards"] = [os.path.abspath(p) if "://" not in p else p for p in self.data.shards]
+        doc["train"].pop("max_steps")        # raising max_steps continues the same run
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+SECTIONS = {"data": DataSpec, "output": TrainOutput, "model": ModelSpec, "objective": ObjectiveSpec,
+            "optim": OptimSpec, "ema": EmaSpec, "train": TrainSection, "ray": RayTrainSpec}
+
+
+def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
+    """Build and validate; ``check_paths=False`` on workers (the driver checked the files)."""
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a train spec has {', '.join(SECTIONS)}")
+    for required in ("data", "output"):
+        if not isinstance(data.get(required), dict):
+            raise ConfigError(f"missing {required!r} section: a train spec needs data.shards and output.path")
+    spec = TrainSpec(**{k: build(cls, data.get(k) or {}, k) for k, cls in SECTIONS.items()})
+    if not spec.data.shards:
+        raise ConfigError("data.shards: give at least one curated shard set (a `winnow curate` output folder)")
+    if spec.data.resolution % spec.data.bucket_step:
+        raise ConfigError(f"data.resolution: {spec.data.resolution} is not a multiple of data.bucket_step "
+                          f"({spec.data.bucket_step})")
+    if spec.data.bucket_step % 8:
+        raise ConfigError("data.bucket_step: must be a multiple of 8 (the VAE downsamples by 8)")
+    if spec.train.mixed_precision == "fp16" and not spec.ray.use_gpu:
+        raise ConfigError("train.mixed_precision: fp16 needs GPUs (ray.use_gpu: true); use bf16 or no on CPU")
+    for p in spec.data.shards if check_paths else []:
+        if "://" not in p and not os.path.isdir(p):
+            raise ConfigError(f"data.shards: {p!r} does not exist; give a `winnow curate` output folder")
+    if spec.model.pretrained and check_paths:
+        from training.models import check_pretrained
+        check_pretrained(spec.model.pretrained, spec.model.kind)
+    return spec
+
+
+def load(path: str | None = None, overrides: list[str] | None = None) -> TrainSpec:
+    data = load_yaml(path) if path else {}
+    return parse(apply_overrides(data, overrides or []))
+
+
+__all__ = ["TrainSpec", "load", "parse"]
