@@ -1,5 +1,6 @@
 """Entry point that ``ray job submit`` runs: ``python -m jobs.run SPEC.yaml [--set k=v ...]``.
 
+A spec with a ``data:`` section is a training job (``winnow train``), otherwise a curation job.
 Inside a Ray job ``RAY_ADDRESS`` is set, so the run joins the cluster instead of starting one.
 """
 from __future__ import annotations
@@ -7,6 +8,16 @@ from __future__ import annotations
 import sys
 
 from pipeline.cli import main
+from pipeline.config import ConfigError, load_yaml
+
+
+def command(argv: list[str]) -> str:
+    spec = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
+    try:
+        return "train" if spec and "data" in load_yaml(spec) else "curate"
+    except ConfigError:
+        return "curate"          # let the command report the bad file
+
 
 if __name__ == "__main__":
-    sys.exit(main(["curate", *sys.argv[1:]]))
+    sys.exit(main([command(sys.argv[1:]), *sys.argv[1:]]))

@@ -59,6 +59,28 @@ def cmd_curate(args) -> int:
     return 0
 
 
+TRAIN_HELP = """\
+Train SD 1.x/2.x or SDXL on curated shards as a Ray Train job.
+
+  winnow train SPEC.yaml [--set dotted.key=value ...]
+
+The spec names the shard sets (`winnow curate` outputs), the model (a diffusers pipeline folder,
+or the tiny random preset), the objective, optimizer, EMA and Ray workers; see jobs/train_sd15.yaml
+and jobs/train_sdxl.yaml. Running the same command on the same output.path resumes from the last
+checkpoint, to the sample; the end of the run exports OUTPUT/final, a diffusers pipeline folder.
+"""
+
+
+def cmd_train(args) -> int:
+    from training import spec as trainspec
+    from training import trainer
+
+    spec = trainspec.load(args.spec, args.set)
+    result = trainer.run(spec)
+    print(trainer.format_summary(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="winnow", description="Curate image/video corpora for diffusion training, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     cur.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set stages.decode.max_side=512 (repeatable)")
     cur.set_defaults(func=cmd_curate)
+    tr = sub.add_parser("train", help="train SD / SDXL on curated shards (Ray Train)", description=TRAIN_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("spec", help="train spec YAML (see jobs/train_sd15.yaml)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a spec value, e.g. --set train.max_steps=500 (repeatable)")
+    tr.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -410,7 +410,8 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
     prepare_output(spec)
     init_ray(spec)
     p = plan(spec, log)
-    print(format_plan(spec, p), file=log, flush=True)
+    if log:
+        print(format_plan(spec, p), file=log, flush=True)
     out = os.path.abspath(spec.output.path)
     resources = {"CPU": spec.ray.cpus_per_worker}
     trainer = TorchTrainer(

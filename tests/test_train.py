@@ -1,0 +1,317 @@
+"""Index, loader, models and the Ray Train trainer on a small curated shard set."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import ConfigError
+from tests.helpers import run_curate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, corpus, tmp_path_factory):
+    root, expected = corpus
+    out = str(tmp_path_factory.mktemp("train_shards") / "run")
+    result = run_curate(root, out, samples_per_shard=8)
+    return out, result.kept
+
+
+def train_spec(shards_dir: str, out: str, **sections) -> dict:
+    spec = {"data": {"shards": [shards_dir], "resolution": 96, "bucket_step": 32, "max_aspect": 2.0, "workers": 2},
+            "model": {"kind": "sd"},
+            "train": {"batch_size": 2, "max_steps": 6, "checkpoint_every": 3, "log_every": 1,
+                      "sample_prompts": ["a photo"], "sample_steps": 2},
+            "ray": {"num_workers": 2, "num_cpus": 2},
+            "output": {"path": out}}
+    for k, v in sections.items():
+        spec.setdefault(k, {}).update(v)
+    return spec
+
+
+# ---- tokenizer ----
+
+def test_offline_tokenizer_matches_open_clip(tmp_path):
+    import open_clip
+
+    from training.models import offline_clip_tokenizer
+
+    tok = offline_clip_tokenizer(str(tmp_path / "tok"))
+    ref = open_clip.get_tokenizer("ViT-B-32")
+    captions = ["a photo of a cat", "Crème brûlée, 3 spoons!", ""]
+    ids = tok(captions, padding="max_length", max_length=77, truncation=True).input_ids
+    for caption, row in zip(captions, ids):
+        want = ref([caption])[0].tolist()
+        n = want.index(49407) + 1
+        assert row[:n] == want[:n]
+        assert row[n:] == [49407] * (77 - n)          # SD pads with <|endoftext|>
+    assert len(tok) == 49408
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+# ---- index and loader ----
+
+def test_index_reads_every_kept_image_by_offset(ray_local, shards, tmp_path):
+    from training.index import INDEX_FILE, build_index
+
+    out, kept = shards
+    index, where = build_index(out, str(tmp_path))
+    assert index.num_rows == kept == 46       # 40 images + 6 odd ones (CMYK, 16-bit, alpha, ...)
+    assert where == os.path.join(out, INDEX_FILE)
+    for row in index.to_pylist()[::7]:
+        with tarfile.open(row["shard"]) as tf:
+            data = tf.extractfile(f"{row['key']}.{row['ext']}").read()
+        with open(row["shard"], "rb") as fh:
+            fh.seek(row["offset"])
+            assert fh.read(row["size"]) == data
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size == (row["width"], row["height"])
+    mtime = os.path.getmtime(where)
+    again, _ = build_index(out, str(tmp_path))
+    assert again.equals(index) and os.path.getmtime(where) == mtime     # cached, not rebuilt
+
+
+def test_index_rebuilds_when_shards_change(ray_local, shards, tmp_path):
+    import shutil
+
+    from training.index import build_index
+
+    out, _ = shards
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(out, "shards"), os.path.join(copy, "shards"))
+    first, _ = build_index(copy, str(tmp_path))
+    last = sorted(glob.glob(os.path.join(copy, "shards", "*.tar")))[-1]
+    os.remove(last)
+    second, _ = build_index(copy, str(tmp_path))
+    assert second.num_rows == first.num_rows - sum(1 for s in first.column("shard").to_pylist() if s == last)
+
+
+def test_loader_batches_follow_the_schedule_and_resume_exactly(ray_local, shards, tmp_path):
+    from training.index import bucket_ids, build_index
+    from training.loader import BucketLoader
+    from training.schedule import Cursor
+
+    index, _ = build_index(shards[0], str(tmp_path))
+    table, bucket_of = bucket_ids(index, 96, 32, 2.0)
+    assert [(b.width, b.height) for b in table] == [(64, 128), (96, 96), (128, 64)]
+
+    def take(cursor, rank, n):
+        loader = BucketLoader(index, table, bucket_of, cursor, batch_size=2, rank=rank, world_size=2, seed=3, workers=2)
+        out = []
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+        loader.close()
+        return out, loader.state()
+
+    r0, state = take(Cursor(), 0, 5)
+    r1, _ = take(Cursor(), 1, 5)
+    for a, b in zip(r0, r1):
+        assert a.bucket == b.bucket and not set(a.ids) & set(b.ids)      # same bucket, disjoint samples
+        bucket = table[a.bucket]
+        assert a.pixels.shape == (2, 3, bucket.height, bucket.width)
+        assert -1.0 <= float(a.pixels.min()) and float(a.pixels.max()) <= 1.0
+        assert a.time_ids[:, 4:].tolist() == [[bucket.height, bucket.width]] * 2
+    assert state.segments == [[4, 5]]
+    first3, mid = take(Cursor(), 0, 3)
+    rest, _ = take(mid, 0, 2)
+    for a, b in zip(first3 + rest, r0):                                  # stop at 3, resume: same batches
+        assert a.ids == b.ids and torch.equal(a.pixels, b.pixels) and torch.equal(a.time_ids, b.time_ids)
+
+
+def test_random_crop_keeps_the_bucket_size_and_records_its_corner():
+    from training.buckets import Bucket
+    from training.loader import load_image
+
+    img = Image.fromarray(np.tile(np.arange(300, dtype=np.uint8)[None, :, None] % 251, (200, 1, 3)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    bucket = Bucket(96, 96)
+    pixels, (h, w, top, left) = load_image(buf.getvalue(), bucket, np.random.default_rng(0))
+    assert pixels.shape == (96, 96, 3) and (h, w) == (200, 300) and top == 0
+    assert 0 <= left <= 144 - 96                   # covering resize is 144x96
+    centre, (_, _, ctop, cleft) = load_image(buf.getvalue(), bucket, None)
+    assert (ctop, cleft) == (0, 24)
+
+
+# ---- spec validation (before Ray starts) ----
+
+def test_train_spec_errors_name_the_key(shards, tmp_path):
+    from training import spec as trainspec
+
+    out = str(tmp_path / "o")
+    cases = [
+        (train_spec("/nope", out), "data.shards: '/nope' does not exist"),
+        (train_spec(shards[0], out, data={"resolution": 100}), "data.resolution: 100 is not a multiple"),
+        (train_spec(shards[0], out, train={"mixed_precision": "fp16"}), "fp16 needs GPUs"),
+        (train_spec(shards[0], out, model={"kind": "sdx"}), "did you mean 'sdxl'"),
+        (train_spec(shards[0], out, optim={"lr": -1}), "optim.lr: -1.0 is below the minimum"),
+        (train_spec(shards[0], out, model={"pretrained": str(tmp_path)}), "has no model_index.json"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            trainspec.parse(data)
+    sd_dir = tmp_path / "sd15"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (sd_dir / sub).mkdir(parents=True)
+    (sd_dir / "model_index.json").write_text("{}")
+    with pytest.raises(ConfigError, match="lacks text_encoder_2, tokenizer_2/"):
+        trainspec.parse(train_spec(shards[0], out, model={"kind": "sdxl", "pretrained": str(sd_dir)}))
+
+
+def test_a_global_batch_larger_than_every_bucket_fails_in_the_plan(ray_local, shards, tmp_path):
+    from training import spec as trainspec
+    from training import trainer
+
+    spec = trainspec.parse(train_spec(shards[0], str(tmp_path / "o"), train={"batch_size": 32}))
+    trainer.prepare_output(spec)
+    with pytest.raises(ConfigError, match="global batch|more than any bucket holds"):
+        trainer.plan(spec, log=None)
+
+
+def test_jobs_train_specs_parse(shards):
+    from training import spec as trainspec
+
+    for f in sorted(glob.glob(os.path.join(ROOT, "jobs", "train_*.yaml"))):
+        spec = trainspec.load(f, [f"data.shards=[{shards[0]}]"])
+        assert spec.model.pretrained is None and spec.ray.num_workers == 2
+
+
+# ---- training on Ray Train ----
+
+def _losses(out: str) -> dict[int, float]:
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return {m["step"]: m["loss"] for m in map(json.loads, fh)}
+
+
+def _unet(out: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "final", "unet", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sd_run(ray_local, shards, tmp_path_factory):
+    """An uninterrupted 2-worker run of tiny SD, 12 steps."""
+    from training import spec as trainspec
+    from training import trainer
+
+    out = str(tmp_path_factory.mktemp("sd") / "run")
+    spec = trainspec.parse(train_spec(shards[0], out, train={"max_steps": 12}))
+    return out, trainer.run(spec, log=None)
+
+
+def test_two_worker_sd_run_exports_a_loadable_pipeline(sd_run):
+    from diffusers import StableDiffusionPipeline
+
+    out, result = sd_run
+    s = result.summary
+    assert (s["steps"], s["world_size"], s["global_batch"], s["num_processes"]) == (12, 2, 4, 2)
+    assert s["distributed"] == "DistributedType.MULTI_CPU"
+    assert [m["step"] for m in result.metrics] == list(range(1, 13))
+    assert all(np.isfinite(m["loss"]) and m["samples_per_s"] > 0 and 0 <= m["data_wait"] <= 1 for m in result.metrics)
+    ckpts = sorted(os.listdir(os.path.join(out, "ray", "train")))
+    assert [c for c in ckpts if c.startswith("checkpoint_0")] == ["checkpoint_0000009", "checkpoint_0000012"]
+    ck = os.path.join(out, "ray", "train", "checkpoint_0000012")
+    assert {"unet", "ema_unet", "state.pt", "cursor.json", "meta.json"} <= set(os.listdir(ck))
+    index = pq.read_table(os.path.join(out, "index.parquet"))
+    from training.index import bucket_ids
+    per_epoch = int(sum(c // 4 for c in np.bincount(bucket_ids(index, 96, 32, 2.0)[1])))
+    cursor = json.load(open(os.path.join(ck, "cursor.json")))
+    assert (cursor["epoch"], cursor["segments"]) == (12 // per_epoch, [[4, 12 % per_epoch]])
+    assert s["epoch"] == 12 // per_epoch
+    assert glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+    assert os.path.exists(os.path.join(out, "samples", "step0000012_0.png"))
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(out, "final"))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_kill9_then_rerun_trains_the_same_steps(sd_run, shards, tmp_path):
+    """SIGKILL the driver (and its Ray) after the first checkpoint; the rerun resumes from the last
+    checkpoint and every later step's loss and the final weights equal the uninterrupted run."""
+    import yaml
+
+    clean_out, _ = sd_run
+    out = str(tmp_path / "run")
+    spec_path = str(tmp_path / "spec.yaml")
+    with open(spec_path, "w") as fh:
+        yaml.safe_dump(train_spec(shards[0], out, train={"max_steps": 12}), fh)
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", spec_path]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    snapshot = os.path.join(out, "ray", "train", "checkpoint_manager_snapshot.json")
+
+    def registered() -> bool:   # Ray has recorded the step-3 checkpoint as a result of the run
+        try:
+            with open(snapshot) as fh:
+                return "checkpoint_0000003" in fh.read()
+        except OSError:
+            return False
+
+    while not registered():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "final"))
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["resumed_from"] in (3, 6, 9) and summary["steps"] == 12
+    assert f"resumed from step {summary['resumed_from']}" in rerun.stdout
+    clean, resumed = _losses(clean_out), _losses(out)
+    assert resumed == clean                               # every step, before and after the kill
+    a, b = _unet(clean_out), _unet(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_worker_sdxl_run_and_world_size_change(ray_local, shards, tmp_path):
+    """Tiny SDXL (two text encoders, micro-conditioning, v-prediction, offset noise, min-SNR) on 2
+    workers, then resumed on 1 worker: the schedule remaps the rest of the epoch."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from training import spec as trainspec
+    from training import trainer
+
+    out = str(tmp_path / "run")
+    data = train_spec(shards[0], out, model={"kind": "sdxl"}, train={"max_steps": 4, "checkpoint_every": 2},
+                      objective={"prediction_type": "v_prediction", "offset_noise": 0.05, "min_snr_gamma": 5.0})
+    first = trainer.run(trainspec.parse(data), log=None)
+    assert (first.summary["steps"], first.summary["kind"], first.summary["prediction_type"]) == (4, "sdxl", "v_prediction")
+    data["ray"]["num_workers"] = 1
+    data["train"]["max_steps"] = 7
+    second = trainer.run(trainspec.parse(data), log=None)
+    assert (second.summary["resumed_from"], second.summary["steps"], second.summary["world_size"]) == (4, 7, 1)
+    cursor = json.load(open(os.path.join(out, "ray", "train", "checkpoint_0000007", "cursor.json")))
+    assert cursor["segments"] == [[4, 4], [2, 3]]
+    pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(out, "final"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    image = pipe("a photo", num_inference_steps=2, height=64, width=96, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 96, 3) and np.isfinite(image).all()
+
+
+def test_index_parquet_is_what_the_workers_read(sd_run, shards):
+    out, _ = sd_run
+    assert pq.read_table(os.path.join(out, "index.parquet")).num_rows == shards[1]
