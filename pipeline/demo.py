@@ -1,4 +1,4 @@
-"""``make demo``: build a bundled corpus, curate it on a local Ray, print what happened.
+"""``make demo``: build a bundled corpus, curate it on a local Ray, train tiny SD and SDXL on the shards.
 
     python -m pipeline.demo [--output demo_out] [--images 240]
 """
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo_out", help="where the corpus and the run go (default demo_out/)")
     parser.add_argument("--images", type=int, default=240, help="good images in the corpus (plus duplicates and bad files)")
     parser.add_argument("--samples-per-shard", type=int, default=64)
+    parser.add_argument("--train-steps", type=int, default=8, help="tiny SD and SDXL training steps at the end")
     args = parser.parse_args(argv)
 
     corpus_dir = os.path.join(args.output, "corpus")
@@ -62,6 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\noutputs:\n  {video_run}/shards/*.tar          clips (KEY.mp4 H.264, KEY.txt, KEY.json)"
           f"\n  {video_run}/videos.parquet      one row per video: probe fields, cut_times_s, num_clips, reason"
           f"\n  {video_run}/annotations.parquet one row per clip: start_s, end_s, motion_score, ocr, clip scores")
+
+    from training import spec as trainspec
+    from training import trainer
+
+    for job, kind in (("jobs/train_sd15.yaml", "SD"), ("jobs/train_sdxl.yaml", "SDXL")):
+        out = os.path.join(args.output, f"train_{kind.lower()}")
+        print(f"\ntraining tiny {kind} (random weights) for {args.train_steps} steps on {run_dir}/shards with "
+              f"2 Ray Train workers ({job}, at bucket base 128)")
+        tspec = trainspec.load(job if os.path.exists(job) else None, [
+            f"data.shards=[{run_dir}]", f"output.path={out}", "data.resolution=128", "data.bucket_step=32",
+            f"train.max_steps={args.train_steps}", f"train.checkpoint_every={max(1, args.train_steps // 2)}",
+            "train.log_every=2", "train.sample_steps=10", "ema.start_step=0", "optim.lr=1e-4"])
+        print(trainer.format_summary(trainer.run(tspec)))
+    print(f"\n  {args.output}/train_sd/final   a StableDiffusionPipeline folder (from_pretrained loads it)"
+          f"\n  {args.output}/train_sdxl/final a StableDiffusionXLPipeline folder"
+          f"\n  continue a run: winnow train {args.output}/train_sd/train_spec.yaml --set train.max_steps=16")
     return 0
 
 

@@ -86,3 +86,12 @@ def test_runtime_keys_stay_out_of_the_fingerprint():
     b = specmod.parse(base(stages=["decode", {"name": "clip", "batch_size": 7, "device": "cpu", "workers": 3}]))
     c = specmod.parse(base(stages=["decode", {"name": "clip", "min_similarity": 0.2}]))
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_float_keys_accept_yaml_exponents_without_a_dot():
+    from training import spec as trainspec
+
+    data = {"data": {"shards": ["x"]}, "output": {"path": "o"}, "optim": {"lr": "1e-4"}}
+    assert trainspec.parse(data, check_paths=False).optim.lr == 1e-4
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        trainspec.parse({**data, "optim": {"lr": "fast"}}, check_paths=False)

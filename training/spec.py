@@ -141,6 +141,7 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> TrainSpec:
     data = load_yaml(path) if path else {}
+    data.pop("fingerprint", None)           # a run's own train_spec.yaml loads as a spec
     return parse(apply_overrides(data, overrides or []))
 
 
