@@ -25,6 +25,7 @@ bench: install
 	$(BIN)/python bench/curate_images.py
 	$(BIN)/python bench/scorers.py
 	$(BIN)/python bench/video.py
+	$(BIN)/python bench/loader.py
 
 clean:
 	rm -rf demo_out .pytest_cache
