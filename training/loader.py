@@ -29,12 +29,15 @@ from training.schedule import Cursor, Schedule, _rng, rank_slice
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor          # (B, 3, H, W) float32 in [-1, 1]
+    pixels: torch.Tensor | None   # (B, 3, H, W) float32 in [-1, 1]; None when read from the latent cache
     captions: list[str]
     time_ids: torch.Tensor        # (B, 6): original (h, w), crop top-left (top, left), target (h, w)
     ids: list[int]                # sample ids (index rows)
     bucket: int
     epoch: int
+    latents: torch.Tensor | None = None   # cached (B, 2, C, h, w): posterior mean and std
+    context: torch.Tensor | None = None   # cached (B, 77, D) text context
+    pooled: torch.Tensor | None = None    # cached (B, P) pooled text embedding (SDXL)
 
 
 class SampleReader:
@@ -82,7 +85,8 @@ class BucketLoader:
 
     def __init__(self, index: pa.Table, table: list[Bucket], bucket_of: np.ndarray, cursor: Cursor, batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4,
-                 prefetch: int = 2):
+                 prefetch: int = 2, cache=None):
+        self.cache = cache            # a training.cache.LatentCache: serve cached latents, no decoding
         self.table, self.bucket_of = table, np.asarray(bucket_of)
         self.schedule = Schedule(self.bucket_of, seed)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -119,8 +123,11 @@ class BucketLoader:
                                    f"lower train.batch_size or ray.num_workers, or add data")
             cursor = self.schedule.next_epoch(cursor)
 
-    def _sample(self, i: int, epoch: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    def _sample(self, i: int, epoch: int) -> tuple:
         bucket = self.table[int(self.bucket_of[i])]
+        if self.cache is not None:
+            top, left = self.cache.crop_ids(int(self.stored[i][1]), int(self.stored[i][0]), bucket)
+            return self.cache.get(i), (int(self.original[i][0]), int(self.original[i][1]), top, left)
         rng = _rng(self.seed, "crop", epoch, i) if self.random_crop else None
         try:
             pixels, (_, _, top, left) = load_image(self.reader.read(i), bucket, rng)
@@ -143,13 +150,20 @@ class BucketLoader:
                 t = time.perf_counter()
                 done = [f.result() for f in futures]
                 self.wait_s += time.perf_counter() - t
-                pixels = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
                 bucket = self.table[int(self.bucket_of[ids[0]])]
                 time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
                 self.cursor = cursor
                 self.samples += len(ids)
-                yield Batch(pixels, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]),
-                            cursor.epoch)
+                batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]),
+                              cursor.epoch)
+                if self.cache is None:
+                    batch.pixels = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+                else:
+                    batch.latents = torch.from_numpy(np.stack([d[0][0] for d in done])).float()
+                    batch.context = torch.from_numpy(np.stack([d[0][1] for d in done])).float()
+                    if done[0][0][2] is not None:
+                        batch.pooled = torch.from_numpy(np.stack([d[0][2] for d in done])).float()
+                yield batch
         finally:
             for _, _, futures in pending:
                 for f in futures:

@@ -78,11 +78,15 @@ def sdxl_time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int],
     return [*original_hw, *crop_top_left, *target_hw]
 
 
+def caption_keep(n: int, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Which of ``n`` captions survive a dropout of probability ``p``."""
+    return rng.random(n) >= p
+
+
 def drop_captions(captions: list[str], p: float, rng: np.random.Generator) -> list[str]:
     """Replace each caption by "" with probability ``p`` (the unconditional branch of CFG)."""
-    keep = rng.random(len(captions)) >= p
-    return [c if k else "" for c, k in zip(captions, keep)]
+    return [c if k else "" for c, k in zip(captions, caption_keep(len(captions), p, rng))]
 
 
-__all__ = ["add_noise", "alphas_cumprod", "drop_captions", "min_snr_weights", "offset_noise", "sdxl_time_ids",
+__all__ = ["add_noise", "alphas_cumprod", "caption_keep", "drop_captions", "min_snr_weights", "offset_noise", "sdxl_time_ids",
            "snr", "target", "velocity"]

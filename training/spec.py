@@ -17,6 +17,8 @@ class DataSpec:
     max_aspect: float = option(2.0, "widest bucket aspect ratio (SDXL's table runs to 4.0)", min=1.0, max=8.0)
     bucket_step: int = option(64, "bucket sides are multiples of this", min=8)
     random_crop: bool = option(True, "random crop inside the covering resize (else centre); seeded per sample and epoch")
+    cache: bool = option(False, "precompute VAE latents and text embeddings once (a Ray Data pass) and train from "
+                                "them; one centre crop per sample, so it needs random_crop: false")
     workers: int = option(4, "decode threads per training worker", min=1, runtime=True)
     prefetch: int = option(4, "batches decoded ahead of the step", min=1, runtime=True)
 
@@ -126,6 +128,8 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     if spec.data.resolution % spec.data.bucket_step:
         raise ConfigError(f"data.resolution: {spec.data.resolution} is not a multiple of data.bucket_step "
                           f"({spec.data.bucket_step})")
+    if spec.data.cache and spec.data.random_crop:
+        raise ConfigError("data.cache: the cache holds one crop per sample; set data.random_crop: false with it")
     if spec.data.bucket_step % 8:
         raise ConfigError("data.bucket_step: must be a multiple of 8 (the VAE downsamples by 8)")
     if spec.train.mixed_precision == "fp16" and not spec.ray.use_gpu:

@@ -180,8 +180,15 @@ def train_loop(config: dict) -> None:
 
     index = pq.read_table(config["index_path"])
     table, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+    cache = None
+    if config.get("cache_dir"):
+        from training.cache import LatentCache
+
+        cache = LatentCache(config["cache_dir"], table, bucket_of)
+        empty_context = torch.from_numpy(cache.empty).float().to(device)
+        empty_pooled = None if cache.empty_pooled is None else torch.from_numpy(cache.empty_pooled).float().to(device)
     loader = BucketLoader(index, table, bucket_of, cursor, spec.train.batch_size, rank, world, spec.train.seed,
-                          spec.data.random_crop, spec.data.workers, spec.data.prefetch)
+                          spec.data.random_crop, spec.data.workers, spec.data.prefetch, cache=cache)
     ac = comps.noise_scheduler.alphas_cumprod.to(device)
     T = comps.noise_scheduler.config.num_train_timesteps
     pred_type = comps.prediction_type
@@ -198,14 +205,23 @@ def train_loop(config: dict) -> None:
         wait0 = loader.wait_s
         batch = next(it)
         g = torch.Generator("cpu").manual_seed(step_seed(spec.train.seed, step, rank))
-        captions = obj.drop_captions(batch.captions, spec.objective.caption_dropout,
-                                     _rng(spec.train.seed, "captions", step, rank))
+        keep = obj.caption_keep(len(batch.ids), spec.objective.caption_dropout,
+                                _rng(spec.train.seed, "captions", step, rank))
+        latent_dtype = weight_dtype if weight_dtype != torch.float16 else torch.float32
         with torch.no_grad():
-            pixels = batch.pixels.to(device, dtype=vae_dtype)
-            dist = comps.vae.encode(pixels).latent_dist
-            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype))
-            latents = (latents * scale).to(weight_dtype if weight_dtype != torch.float16 else torch.float32)
-            context, pooled = encode_text(comps, captions, device)
+            if batch.latents is None:
+                dist = comps.vae.encode(batch.pixels.to(device, dtype=vae_dtype)).latent_dist
+                mean, std = dist.mean, dist.std
+                context, pooled = encode_text(comps, [c if k else "" for c, k in zip(batch.captions, keep)], device)
+            else:                                   # data.cache: latents and text precomputed
+                mean, std = batch.latents[:, 0].to(device), batch.latents[:, 1].to(device)
+                mask = torch.from_numpy(keep).to(device)
+                context = torch.where(mask[:, None, None], batch.context.to(device), empty_context)
+                pooled = None if batch.pooled is None else torch.where(mask[:, None], batch.pooled.to(device), empty_pooled)
+            latents = mean + std * torch.randn(mean.shape, generator=g).to(device, mean.dtype)
+            latents = (latents * scale).to(latent_dtype)
+            context = context.to(weight_dtype)
+            pooled = None if pooled is None else pooled.to(weight_dtype)
         noise = obj.offset_noise(torch.randn(latents.shape, generator=g), spec.objective.offset_noise, g).to(device, latents.dtype)
         t = torch.randint(0, T, (latents.shape[0],), generator=g).to(device)
         noisy = obj.add_noise(latents, noise, t, ac)
@@ -412,11 +428,25 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
     p = plan(spec, log)
     if log:
         print(format_plan(spec, p), file=log, flush=True)
+    cache_dir = ""
+    if spec.data.cache:
+        import pyarrow.parquet as pq
+
+        from training.cache import build_cache
+        from training.index import bucket_ids
+
+        index = pq.read_table(p.index_path)
+        table, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+        started = time.time()
+        cache_dir = build_cache(spec, index, table, bucket_of, log)
+        if log:
+            print(f"latent cache: {index.num_rows} samples in {cache_dir} ({time.time() - started:.1f} s)", file=log)
     out = os.path.abspath(spec.output.path)
     resources = {"CPU": spec.ray.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "output": out, "index_path": os.path.abspath(p.index_path),
+                           "cache_dir": cache_dir,
                            "fingerprint": spec.fingerprint()},
         scaling_config=ScalingConfig(num_workers=spec.ray.num_workers, use_gpu=spec.ray.use_gpu,
                                      resources_per_worker=resources),

@@ -1,0 +1,231 @@
+"""Precomputed VAE latents and text embeddings (``data.cache: true``).
+
+The VAE encoder and the text encoders are frozen, so their outputs for a given crop and caption
+never change: computing them once, in a Ray Data pass before training, removes most of a step's
+non-UNet work (MosaicML's largest single saving when training SD 2 from scratch). The cost is one
+fixed crop per sample, so a cached run uses the centre crop.
+
+Layout (``OUTPUT/cache/<fingerprint>/``), NumPy files opened as memory maps so a worker reads
+only the rows it trains on:
+
+* ``latents_<W>x<H>.npy`` per bucket: ``(n, 2, C, H/8, W/8)`` float16, the posterior's mean and
+  std (each step still draws its own latent sample, as uncached training does);
+* ``context.npy`` ``(N, 77, D)`` and, for SDXL, ``pooled.npy`` ``(N, P)`` float16;
+* ``empty.npy`` / ``empty_pooled.npy``: the empty caption, for caption dropout;
+* ``blocks/<i>.done`` per finished block (a killed pass resumes) and ``done.json`` at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from training.buckets import Bucket, plan_crop
+
+BLOCK_ROWS = 64
+VERSION = 1
+
+
+def model_dims(kind: str, pretrained: str | None, allow_download: bool = False) -> dict:
+    """Latent channels, context width and pooled width, from configs only (no weights loaded)."""
+    if not pretrained:
+        from training.models import TINY_TEXT_WIDTH
+
+        return {"latent_channels": 4, "context": TINY_TEXT_WIDTH * (2 if kind == "sdxl" else 1),
+                "pooled": TINY_TEXT_WIDTH if kind == "sdxl" else 0, "tokens": 77}
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig
+
+    kw = dict(local_files_only=not allow_download)
+    vae = AutoencoderKL.load_config(pretrained, subfolder="vae", **kw)
+    te = [CLIPTextConfig.from_pretrained(pretrained, subfolder=s, **kw)
+          for s in (["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"])]
+    return {"latent_channels": vae["latent_channels"], "context": sum(c.hidden_size for c in te),
+            "pooled": te[-1].projection_dim if kind == "sdxl" else 0, "tokens": te[0].max_position_embeddings}
+
+
+class Layout:
+    """Where every sample's rows live in the cache files."""
+
+    def __init__(self, folder: str, table: list[Bucket], bucket_of: np.ndarray, dims: dict):
+        self.folder, self.table, self.dims = folder, table, dims
+        self.bucket_of = np.asarray(bucket_of)
+        self.pos = np.zeros(len(self.bucket_of), np.int64)
+        self.counts = np.bincount(self.bucket_of, minlength=len(table))
+        for b in range(len(table)):
+            ids = np.flatnonzero(self.bucket_of == b)
+            self.pos[ids] = np.arange(len(ids))
+
+    def latents_path(self, b: int) -> str:
+        return os.path.join(self.folder, f"latents_{self.table[b].width}x{self.table[b].height}.npy")
+
+    def latent_shape(self, b: int) -> tuple:
+        bk = self.table[b]
+        return (int(self.counts[b]), 2, self.dims["latent_channels"], bk.height // 8, bk.width // 8)
+
+    def create(self) -> None:
+        """Allocate the files once (a resumed pass reuses them)."""
+        n, t = len(self.bucket_of), self.dims["tokens"]
+        files = [(self.latents_path(b), self.latent_shape(b)) for b in range(len(self.table)) if self.counts[b]]
+        files.append((os.path.join(self.folder, "context.npy"), (n, t, self.dims["context"])))
+        if self.dims["pooled"]:
+            files.append((os.path.join(self.folder, "pooled.npy"), (n, self.dims["pooled"])))
+        for path, shape in files:
+            if not os.path.exists(path):
+                np.lib.format.open_memmap(path + ".tmp", mode="w+", dtype=np.float16, shape=shape).flush()
+                os.replace(path + ".tmp", path)
+
+
+class EncodeBlock:
+    """Ray Data actor: encode a block of index rows into the cache files."""
+
+    def __init__(self, spec: dict, folder: str, table: list[tuple[int, int]], bucket_of: np.ndarray, dims: dict,
+                 device: str):
+        import tempfile
+
+        import torch
+
+        from training.models import load_components, tiny_components
+
+        m = spec["model"]
+        self.scratch = tempfile.mkdtemp(prefix="winnow-cache-")
+        self.comps = (load_components(m["kind"], m["pretrained"], m["allow_download"]) if m["pretrained"]
+                      else tiny_components(m["kind"], m["seed"], self.scratch))
+        self.device = torch.device(device)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.comps.vae.to(self.device, dtype=torch.float32 if self.comps.vae.config.get("force_upcast") else dtype).eval()
+        for enc in self.comps.text_encoders:
+            enc.to(self.device, dtype=dtype).eval()
+        self.layout = Layout(folder, [Bucket(w, h) for w, h in table], bucket_of, dims)
+        self._maps: dict[str, np.ndarray] = {}
+        self._write_empty()
+
+    def _map(self, path: str) -> np.ndarray:
+        if path not in self._maps:
+            self._maps[path] = np.load(path, mmap_mode="r+")
+        return self._maps[path]
+
+    def _write_empty(self) -> None:
+        from training.models import encode_text
+
+        ctx, pooled = encode_text(self.comps, [""], self.device)
+        np.save(os.path.join(self.layout.folder, "empty.npy"), ctx[0].float().cpu().numpy().astype(np.float16))
+        if pooled is not None:
+            np.save(os.path.join(self.layout.folder, "empty_pooled.npy"), pooled[0].float().cpu().numpy().astype(np.float16))
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from training.loader import load_image
+        from training.models import encode_text
+
+        rows = batch["row"].astype(np.int64)
+        lay = self.layout
+        with torch.no_grad():
+            for b in np.unique(lay.bucket_of[rows]):
+                sel = np.flatnonzero(lay.bucket_of[rows] == b)
+                pixels = []
+                for j in sel:
+                    with fsspec.open(str(batch["shard"][j]), "rb") as fh:
+                        fh.seek(int(batch["offset"][j]))
+                        data = fh.read(int(batch["size"][j]))
+                    pixels.append(load_image(data, lay.table[int(b)], None)[0])
+                x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+                vae = self.comps.vae
+                dist = vae.encode(x.to(self.device, next(vae.parameters()).dtype)).latent_dist
+                out = torch.stack([dist.mean, dist.std], dim=1).float().cpu().numpy().astype(np.float16)
+                lat = self._map(lay.latents_path(int(b)))
+                for k, j in enumerate(sel):
+                    lat[lay.pos[rows[j]]] = out[k]
+            ctx, pooled = encode_text(self.comps, [str(c) for c in batch["caption"]], self.device)
+            context = self._map(os.path.join(lay.folder, "context.npy"))
+            context[rows] = ctx.float().cpu().numpy().astype(np.float16)
+            if pooled is not None:
+                self._map(os.path.join(lay.folder, "pooled.npy"))[rows] = pooled.float().cpu().numpy().astype(np.float16)
+        for m in self._maps.values():
+            m.flush()
+        return {"block": batch["block"][:1]}
+
+
+def fingerprint(index: pa.Table, spec, table: list[Bucket]) -> str:
+    h = hashlib.sha256()
+    for col in ("shard", "offset", "size", "caption"):
+        h.update(json.dumps(index.column(col).to_pylist()).encode())
+    h.update(json.dumps({"model": vars(spec.model), "buckets": [(b.width, b.height) for b in table],
+                         "version": VERSION}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def build_cache(spec, index: pa.Table, table: list[Bucket], bucket_of: np.ndarray, log=None) -> str:
+    """Fill ``OUTPUT/cache/<fingerprint>`` with one Ray Data pass (skipping finished blocks)."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    folder = os.path.join(os.path.abspath(spec.output.path), "cache", fingerprint(index, spec, table))
+    if os.path.exists(os.path.join(folder, "done.json")):
+        return folder
+    os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
+    dims = model_dims(spec.model.kind, spec.model.pretrained, spec.model.allow_download)
+    Layout(folder, table, bucket_of, dims).create()
+    rows = index.select(["shard", "offset", "size", "caption"]).append_column("row", pa.array(np.arange(index.num_rows)))
+    blocks = []
+    for i, start in enumerate(range(0, index.num_rows, BLOCK_ROWS)):
+        if not os.path.exists(os.path.join(folder, "blocks", f"{i}.done")):
+            part = rows.slice(start, BLOCK_ROWS)
+            blocks.append(part.append_column("block", pa.array(np.full(part.num_rows, i))))
+    if blocks:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        gpu = spec.ray.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1
+        from tqdm import tqdm
+
+        ds = ray.data.from_arrow(blocks).map_batches(
+            EncodeBlock, batch_size=None, batch_format="numpy", zero_copy_batch=False,
+            fn_constructor_kwargs={"spec": spec.to_dict(), "folder": folder, "bucket_of": np.asarray(bucket_of),
+                                   "table": [(b.width, b.height) for b in table], "dims": dims,
+                                   "device": "cuda" if gpu else "cpu"},
+            compute=ActorPoolStrategy(size=max(1, spec.ray.num_workers if gpu else 1)),
+            num_cpus=min(1.0, cpus / 2), **({"num_gpus": 1} if gpu else {}))
+        bar = tqdm(total=len(blocks), desc="cache latents", unit="block", file=log, disable=log is None)
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for b in np.unique(out["block"]):
+                open(os.path.join(folder, "blocks", f"{int(b)}.done"), "w").close()
+                bar.update(1)
+        bar.close()
+    with open(os.path.join(folder, "done.json"), "w") as fh:
+        json.dump({"samples": index.num_rows, **dims}, fh)
+    return folder
+
+
+class LatentCache:
+    """Read side: a sample's (mean, std, context, pooled) from the memory-mapped files."""
+
+    def __init__(self, folder: str, table: list[Bucket], bucket_of: np.ndarray):
+        with open(os.path.join(folder, "done.json")) as fh:
+            dims = json.load(fh)
+        self.layout = Layout(folder, table, bucket_of, dims)
+        self.latents = {b: np.load(self.layout.latents_path(b), mmap_mode="r")
+                        for b in range(len(table)) if self.layout.counts[b]}
+        self.context = np.load(os.path.join(folder, "context.npy"), mmap_mode="r")
+        pooled = os.path.join(folder, "pooled.npy")
+        self.pooled = np.load(pooled, mmap_mode="r") if os.path.exists(pooled) else None
+        self.empty = np.load(os.path.join(folder, "empty.npy"))
+        ep = os.path.join(folder, "empty_pooled.npy")
+        self.empty_pooled = np.load(ep) if os.path.exists(ep) else None
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        b = int(self.layout.bucket_of[i])
+        return (np.asarray(self.latents[b][self.layout.pos[i]]), np.asarray(self.context[i]),
+                None if self.pooled is None else np.asarray(self.pooled[i]))
+
+    @staticmethod
+    def crop_ids(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
+        c = plan_crop(width, height, bucket)
+        return c.top, c.left
+
+
+__all__ = ["LatentCache", "build_cache", "model_dims"]
