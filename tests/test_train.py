@@ -345,3 +345,36 @@ def test_latent_cache_trains_like_decoding_and_is_reused(ray_local, shards, tmp_
                       objective={"caption_dropout": 0.5})
     again = trainer.run(trainspec.parse(data), log=None)
     assert again.summary["resumed_from"] == 3 and os.path.getmtime(os.path.join(folders[0], "done.json")) == mtime
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_path):
+    """Ray Train's failure handling: SIGKILL one training worker mid-run; with ray.max_failures=1
+    the worker group restarts from the newest checkpoint and the run ends as the clean one did."""
+    import threading
+
+    import psutil
+
+    from training import spec as trainspec
+    from training import trainer
+
+    clean_out, _ = sd_run
+    out = str(tmp_path / "run")
+    spec = trainspec.parse(train_spec(shards[0], out, train={"max_steps": 12}, ray={"max_failures": 1}))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=trainer.run(spec, log=None)))
+    thread.start()
+    snapshot = os.path.join(out, "ray", "train", "checkpoint_manager_snapshot.json")
+    deadline = time.time() + 240
+    while not (os.path.exists(snapshot) and "checkpoint_0000003" in open(snapshot).read()):
+        assert thread.is_alive() and time.time() < deadline
+        time.sleep(0.01)
+    workers = sorted(p.pid for p in psutil.process_iter(["cmdline"])
+                     if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    thread.join(timeout=300)
+    summary = result["r"].summary
+    assert summary["steps"] == 12 and summary["resumed_from"] in (3, 6, 9)
+    assert _losses(out) == _losses(clean_out)
+    a, b = _unet(clean_out), _unet(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
