@@ -82,7 +82,7 @@ def main() -> int:
     sizes = np.stack([index.column("width").to_numpy(), index.column("height").to_numpy()], 1)
     print(f"{index.num_rows} photos curated ({result.kept} kept), stored sizes {sizes.min(0)}..{sizes.max(0)} (w, h); "
           f"{os.cpu_count()} cores")
-    print(f"| base | loader, 1 thread | loader, 2 threads | baseline (full decode, 1 thread) | 1-thread speed-up |")
+    print("| base | loader, 1 thread | loader, 2 threads | baseline (full decode, 1 thread) | 1-thread speed-up |")
     print("| --- | --- | --- | --- | --- |")
     reader = SampleReader(index)
     for base in (256, 512):

@@ -8,6 +8,7 @@ pool that holds both CPUs starves the read and write tasks and the dataset hangs
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -97,6 +98,20 @@ def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpu
 def apply_fn(ds, fn, *, num_cpus: float = 1.0, batch_size: int | None = None):
     """Append a plain function step (e.g. the fragment writer) as Ray tasks."""
     return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=False)
+
+
+def connect(address: str | None, num_cpus: int | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray of ``num_cpus``."""
+    import logging
+
+    import ray
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
 def configure(no_progress_timeout_s: float, progress_bars: bool, has_actor_stages: bool = True) -> None:

@@ -68,17 +68,9 @@ def prepare_output(spec: CurateSpec) -> None:
 
 
 def init_ray(spec: CurateSpec):
-    import logging
-
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        if spec.ray.address:
-            ray.init(address=spec.ray.address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=spec.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False)
+    adapter.connect(spec.ray.address, spec.ray.num_cpus)
     adapter.configure(spec.ray.no_progress_timeout_s, spec.ray.progress_bars,
                       has_actor_stages=any(registry.get(s.name).stateful for s in spec.stages))
     res = ray.cluster_resources()

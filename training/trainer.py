@@ -403,20 +403,10 @@ def format_summary(r: TrainResult) -> str:
 
 
 def init_ray(spec: TrainSpec):
-    import logging
+    from pipeline import adapter
 
-    import ray
-    from ray.data import DataContext
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        if spec.ray.address:
-            ray.init(address=spec.ray.address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=spec.ray.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    adapter.connect(spec.ray.address, spec.ray.num_cpus)
+    adapter.configure(no_progress_timeout_s=900, progress_bars=False, has_actor_stages=spec.data.cache)
 
 
 def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
