@@ -294,12 +294,17 @@ def test_two_worker_sdxl_run_and_world_size_change(ray_local, shards, tmp_path):
     from training import trainer
 
     out = str(tmp_path / "run")
-    data = train_spec(shards[0], out, model={"kind": "sdxl"}, train={"max_steps": 4, "checkpoint_every": 2},
+    data = train_spec(shards[0], out, model={"kind": "sdxl"},
+                      train={"max_steps": 4, "checkpoint_every": 2, "mixed_precision": "bf16",
+                             "gradient_checkpointing": True, "sample_every": 2},
+                      optim={"warmup_steps": 2},
                       objective={"prediction_type": "v_prediction", "offset_noise": 0.05, "min_snr_gamma": 5.0})
     first = trainer.run(trainspec.parse(data), log=None)
     assert (first.summary["steps"], first.summary["kind"], first.summary["prediction_type"]) == (4, "sdxl", "v_prediction")
+    assert [m["lr"] for m in first.metrics] == [5e-5, 1e-4, 1e-4, 1e-4]          # linear warm-up
+    assert os.path.exists(os.path.join(out, "samples", "step0000002_0.png"))
     data["ray"]["num_workers"] = 1
-    data["train"]["max_steps"] = 7
+    data["train"].update(max_steps=7, mixed_precision="no", gradient_checkpointing=False, sample_every=0)
     second = trainer.run(trainspec.parse(data), log=None)
     assert (second.summary["resumed_from"], second.summary["steps"], second.summary["world_size"]) == (4, 7, 1)
     cursor = json.load(open(os.path.join(out, "ray", "train", "checkpoint_0000007", "cursor.json")))
@@ -307,6 +312,7 @@ def test_two_worker_sdxl_run_and_world_size_change(ray_local, shards, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(out, "final"))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.text_encoder_2.dtype == pipe.vae.dtype == torch.float32
     image = pipe("a photo", num_inference_steps=2, height=64, width=96, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 96, 3) and np.isfinite(image).all()

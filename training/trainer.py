@@ -87,7 +87,7 @@ def _save_checkpoint(folder: str, unet, ema, optimizer, lr_sched, step: int, cur
         json.dump({"step": step, **extra}, fh, indent=2)
 
 
-def _samples(comps, unet, spec: TrainSpec, out: str, step: int, metrics: _Metrics, device) -> list[str]:
+def _samples(comps, unet, spec: TrainSpec, out: str, step: int, metrics: _Metrics, device, autocast) -> list[str]:
     import torch
 
     from training.models import build_pipeline
@@ -99,13 +99,23 @@ def _samples(comps, unet, spec: TrainSpec, out: str, step: int, metrics: _Metric
     paths = []
     for k, prompt in enumerate(spec.train.sample_prompts):
         g = torch.Generator("cpu").manual_seed(spec.train.seed + k)
-        img = pipe(prompt, num_inference_steps=spec.train.sample_steps, height=spec.data.resolution,
-                   width=spec.data.resolution, generator=g).images[0]
+        with autocast():
+            img = pipe(prompt, num_inference_steps=spec.train.sample_steps, height=spec.data.resolution,
+                       width=spec.data.resolution, generator=g).images[0]
         path = os.path.join(folder, f"step{step:07d}_{k}.png")
         img.save(path)
         metrics.image(f"samples/{k}", np.asarray(img), step)
         paths.append(path)
     return paths
+
+
+def _components(spec: TrainSpec, scratch: str):
+    from training.models import load_components, tiny_components
+
+    if spec.model.pretrained:
+        return load_components(spec.model.kind, spec.model.pretrained, spec.model.allow_download,
+                               spec.objective.prediction_type)
+    return tiny_components(spec.model.kind, spec.model.seed, scratch, spec.objective.prediction_type or "epsilon")
 
 
 def train_loop(config: dict) -> None:
@@ -122,7 +132,7 @@ def train_loop(config: dict) -> None:
     from training import objectives as obj
     from training.index import bucket_ids
     from training.loader import BucketLoader
-    from training.models import encode_text, export_pipeline, load_components, tiny_components
+    from training.models import encode_text, export_pipeline
     from training.schedule import Cursor, _rng
     from training.spec import parse
 
@@ -133,14 +143,11 @@ def train_loop(config: dict) -> None:
     acc = Accelerator(mixed_precision=spec.train.mixed_precision, cpu=not spec.ray.use_gpu)
     device = acc.device
     scratch = tempfile.mkdtemp(prefix="winnow-train-")
-    if spec.model.pretrained:
-        comps = load_components(spec.model.kind, spec.model.pretrained, spec.model.allow_download,
-                                spec.objective.prediction_type)
-    else:
-        comps = tiny_components(spec.model.kind, spec.model.seed, scratch, spec.objective.prediction_type or "epsilon")
+    comps = _components(spec, scratch)
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.train.mixed_precision]
-    vae_dtype = torch.float16 if weight_dtype == torch.float16 and not comps.vae.config.get("force_upcast", True) else (
-        torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    vae_dtype = weight_dtype
+    if weight_dtype == torch.float16 and comps.vae.config.get("force_upcast", True):
+        vae_dtype = torch.float32                          # SD / SDXL VAEs overflow in fp16
     comps.vae.to(device, dtype=vae_dtype).requires_grad_(False).eval()
     for enc in comps.text_encoders:
         enc.to(device, dtype=weight_dtype).requires_grad_(False).eval()
@@ -238,6 +245,7 @@ def train_loop(config: dict) -> None:
         acc.backward(loss)
         if spec.optim.max_grad_norm:
             acc.clip_grad_norm_(unet.parameters(), spec.optim.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]                 # the rate this step used
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
@@ -252,7 +260,7 @@ def train_loop(config: dict) -> None:
         window["samples"] += len(batch.ids) * world
         tick = now
         if step % spec.train.log_every == 0 or step == spec.train.max_steps:
-            metrics.log(step, {"loss": float(np.mean(window["loss"])), "lr": lr_sched.get_last_lr()[0],
+            metrics.log(step, {"loss": float(np.mean(window["loss"])), "lr": lr,
                                "samples_per_s": window["samples"] / max(window["time"], 1e-9),
                                "data_wait": window["wait"] / max(window["time"], 1e-9),
                                "epoch": batch.epoch, "bucket": f"{table[batch.bucket].width}x{table[batch.bucket].height}",
@@ -260,7 +268,7 @@ def train_loop(config: dict) -> None:
             window = {"loss": [], "time": 0.0, "wait": 0.0, "samples": 0}
         if spec.train.sample_every and step % spec.train.sample_every == 0 and step != spec.train.max_steps:
             if acc.is_main_process:
-                _samples(comps, raw_unet, spec, out, step, metrics, device)
+                _samples(comps, raw_unet, spec, out, step, metrics, device, acc.autocast)
             acc.wait_for_everyone()
             raw_unet.train()
         if step % spec.train.checkpoint_every == 0 or step == spec.train.max_steps:
@@ -283,10 +291,11 @@ def train_loop(config: dict) -> None:
             ema.copy_to(raw_unet.parameters())
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        export_pipeline(comps, raw_unet, tmp)
+        # the frozen parts were cast to the training dtype: export pristine copies beside the UNet
+        export_pipeline(comps if weight_dtype == torch.float32 else _components(spec, scratch), raw_unet, tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        sample_paths = _samples(comps, raw_unet, spec, out, step, metrics, device) if spec.train.sample_prompts else []
+        sample_paths = _samples(comps, raw_unet, spec, out, step, metrics, device, acc.autocast) if spec.train.sample_prompts else []
         if ema is not None:
             ema.restore(raw_unet.parameters())
         wall = time.time() - started
