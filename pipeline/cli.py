@@ -81,6 +81,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+SWEEP_HELP = """\
+Sweep filter thresholds over annotation tables, without re-running a model.
+
+  winnow sweep SPEC.yaml [--set dotted.key=value ...]
+
+Per annotation: drop fractions from the bad end (SVD's 12.5/25/50 %) and/or absolute thresholds;
+every level alone and every AND-combination. Writes cells.csv / cells.md, a selection manifest per
+cell (selections/cell_NNN.parquet), overlap.csv, plots/ and contact sheets/. See
+jobs/sweep_svd_filters.yaml and jobs/sweep_laion_aesthetic.yaml.
+"""
+
+
+def cmd_sweep(args) -> int:
+    from curation import sweep
+
+    spec = sweep.load(args.spec, args.set)
+    print(sweep.format_summary(sweep.run(spec)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="winnow", description="Curate image/video corpora for diffusion training, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a spec value, e.g. --set train.max_steps=500 (repeatable)")
     tr.set_defaults(func=cmd_train)
+    sw = sub.add_parser("sweep", help="sweep filter thresholds over annotations (tables, plots, contact sheets)",
+                        description=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("spec", help="sweep spec YAML (see jobs/sweep_svd_filters.yaml)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value (repeatable)")
+    sw.set_defaults(func=cmd_sweep)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,126 @@
+"""Contact sheets for a sweep: per annotation and cut, the samples just below (dropped) and just
+above (kept) the threshold, as thumbnails read from the run's shards. A clip shows its first,
+middle and last frame. Reviewers judge what a threshold removes by looking, as the SVD authors
+did with human preference studies.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from pipeline.stage import KEY
+
+LABEL_H = 14
+
+
+class ShardImages:
+    """Thumbnails by key from the shards of ``annotations`` files' runs."""
+
+    def __init__(self, annotation_files: list[str], thumb: int):
+        self.dirs = [os.path.join(os.path.dirname(os.path.abspath(p)), "shards") for p in annotation_files]
+        self.thumb = thumb
+        self._tars: dict[str, tuple[tarfile.TarFile, dict]] = {}
+
+    def _member(self, run: int, partition: int, key: str) -> tuple[bytes, str] | None:
+        path = os.path.join(self.dirs[run], f"{partition:05d}.tar")
+        if path not in self._tars:
+            if not os.path.exists(path):
+                return None
+            tf = tarfile.open(path)
+            self._tars[path] = (tf, {m.name.rpartition(".")[0] + "|" + m.name.rpartition(".")[2]: m for m in tf})
+        tf, members = self._tars[path]
+        for ext in ("jpg", "jpeg", "png", "webp", "mp4"):
+            m = members.get(f"{key}|{ext}")
+            if m is not None:
+                return tf.extractfile(m).read(), ext
+        return None
+
+    def thumbnail(self, run: int, partition: int, key: str) -> Image.Image:
+        found = self._member(run, partition, key)
+        t = self.thumb
+        if found is None:
+            return Image.new("RGB", (t, t), (60, 60, 60))
+        data, ext = found
+        if ext == "mp4":
+            frames = clip_frames(data)
+            w3 = t // 3
+            tiles = [f.resize((w3, max(1, min(t, int(w3 * f.height / max(1, f.width)))))) for f in frames]
+            out = Image.new("RGB", (t, t), (20, 20, 20))
+            for i, tile in enumerate(tiles):
+                out.paste(tile, (i * w3, (t - tile.height) // 2))
+            return out
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            im.thumbnail((t, t))
+        out = Image.new("RGB", (t, t), (20, 20, 20))
+        out.paste(im, ((t - im.width) // 2, (t - im.height) // 2))
+        return out
+
+    def close(self) -> None:
+        for tf, _ in self._tars.values():
+            tf.close()
+
+
+def clip_frames(data: bytes) -> list[Image.Image]:
+    """First, middle and last frame of an encoded clip."""
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        frames = [f.to_image() for f in c.decode(video=0)]
+    if not frames:
+        return [Image.new("RGB", (16, 16))]
+    return [frames[0], frames[len(frames) // 2], frames[-1]]
+
+
+def nearest(values: np.ndarray, threshold: float, keep: str, per_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices just below (dropped) and just above (kept) ``threshold``, nearest first."""
+    ok = np.flatnonzero(~np.isnan(values))
+    kept = values[ok] >= threshold if keep == "high" else values[ok] <= threshold
+    dist = np.abs(values[ok] - threshold)
+    dropped_rows, kept_rows = ok[~kept], ok[kept]
+    return (dropped_rows[np.argsort(dist[~kept], kind="stable")[:per_side]],
+            kept_rows[np.argsort(dist[kept], kind="stable")[:per_side]])
+
+
+def sheet(images: ShardImages, table: pa.Table, values: np.ndarray, level, per_side: int) -> Image.Image:
+    t = images.thumb
+    below, above = nearest(values, level.threshold, level.keep, per_side)
+    width = max(1, per_side) * t
+    out = Image.new("RGB", (width, 2 * (t + LABEL_H) + 2 * LABEL_H), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    run, part, keys = (table.column("run").to_numpy(), table.column("partition").to_numpy(),
+                       table.column(KEY).to_pylist())
+    for r, (label, rows) in enumerate((("dropped (just past the cut)", below), ("kept (just inside the cut)", above))):
+        y = r * (t + 2 * LABEL_H)
+        draw.text((4, y), f"{label}: {level.name}", fill=(0, 0, 0))
+        for i, row in enumerate(rows):
+            out.paste(images.thumbnail(int(run[row]), int(part[row]), keys[row]), (i * t, y + LABEL_H))
+            draw.text((i * t + 3, y + LABEL_H + t), f"{values[row]:.4g}", fill=(0, 0, 0))
+    return out
+
+
+def contact_sheets(table: pa.Table, spec, levels: dict, out: str) -> list[str]:
+    from curation.sweep import annotation_path, values as column_values
+
+    folder = os.path.join(out, "sheets")
+    os.makedirs(folder, exist_ok=True)
+    images = ShardImages([annotation_path(p) for p in spec.annotations], spec.sheets.thumb)
+    paths = []
+    try:
+        for col, lvls in levels.items():
+            v = column_values(table, col)
+            for j, lv in enumerate(lvls):
+                path = os.path.join(folder, f"{col}_{j}.jpg")
+                sheet(images, table, v, lv, spec.sheets.per_side).save(path, quality=88)
+                paths.append(path)
+    finally:
+        images.close()
+    return paths
+
+
+__all__ = ["ShardImages", "clip_frames", "contact_sheets", "nearest", "sheet"]

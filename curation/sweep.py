@@ -1,0 +1,323 @@
+"""Filtering sweeps over annotation tables: choose thresholds without re-running a model.
+
+The SVD paper (Blattmann et al., 2023, sec. 3 and app. E) chose its LVD-F filters by removing the
+bottom 12.5 %, 25 % and 50 % of the data per annotation (CLIP score, aesthetic score, OCR rate,
+motion) and comparing. ``winnow sweep`` automates that loop on ``annotations.parquet``:
+
+* per annotation, *levels*: drop fractions from its bad end (the threshold each implies is the
+  value at that quantile) and/or absolute thresholds;
+* *cells*: each level alone, and (``combine: true``) every AND-combination across annotations;
+* per cell: surviving count and fraction, its thresholds, a selection manifest (parquet of keys),
+  and the overlap (Jaccard) between single-annotation cells;
+* a table of all cells (CSV and Markdown), plots (histograms with the cut lines, survival curves,
+  score correlations) and contact sheets of samples just above and below each cut.
+
+Everything is vectorised numpy on the loaded columns: no Ray, no model.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option
+from pipeline.stage import KEPT, KEY, STATUS
+
+# which end of each known annotation is good (others must say ``keep:``)
+GOOD_END = {"aesthetic_score": "high", "clip_similarity": "high", "motion_score": "high",
+            "ocr_area_ratio": "low", "pwatermark": "low", "punsafe": "low", "AESTHETIC_SCORE": "high",
+            "similarity": "high"}
+
+
+@dataclass
+class FilterSpec:
+    column: str = option(help="annotation column, e.g. aesthetic_score, clip_similarity, ocr_area_ratio, motion_score")
+    keep: Literal["high", "low", "auto"] = option("auto", "which end is good; auto knows the annotations winnow writes")
+    drop_fractions: list[float] = option(factory=list, help="drop this share from the bad end (0.125, 0.25, 0.5 as in SVD)")
+    thresholds: list[float] = option(factory=list, help="absolute cut values (keep >= t for high, <= t for low)")
+
+
+@dataclass
+class SheetSpec:
+    per_side: int = option(8, "samples shown on each side of a cut", min=0, max=64)
+    thumb: int = option(128, "thumbnail side in pixels", min=32, max=512)
+
+
+@dataclass
+class SweepSpec:
+    output: str = option(help="sweep folder: cells.csv, cells.md, selections/, plots/, sheets/")
+    annotations: list[str] = option(factory=list, help="annotations.parquet files or `winnow curate` output folders")
+    filters: list[FilterSpec] = option(factory=list, help="one entry per annotation swept")
+    combine: bool = option(True, "also every AND-combination of levels across annotations")
+    only_kept: bool = option(True, "sweep the rows curation kept (rejected rows are never selectable)")
+    plots: bool = option(True, "histograms, survival curves and the correlation matrix")
+    sheets: SheetSpec = field(default_factory=SheetSpec)
+
+
+@dataclass
+class Level:
+    column: str
+    keep: str              # high | low
+    threshold: float
+    fraction: float | None  # the drop fraction it came from, or None for an absolute threshold
+
+    @property
+    def name(self) -> str:
+        op = ">=" if self.keep == "high" else "<="
+        src = f"drop{self.fraction:g}" if self.fraction is not None else "abs"
+        return f"{self.column}{op}{self.threshold:.6g}({src})"
+
+    def mask(self, values: np.ndarray) -> np.ndarray:
+        ok = ~np.isnan(values)
+        return ok & (values >= self.threshold if self.keep == "high" else values <= self.threshold)
+
+
+def parse(data: dict) -> SweepSpec:
+    spec = build(SweepSpec, data)
+    if not spec.annotations:
+        raise ConfigError("annotations: give at least one annotations.parquet (or a `winnow curate` output folder)")
+    if not spec.filters:
+        raise ConfigError("filters: give at least one {column: ..., drop_fractions: [...]} entry")
+    for i, f in enumerate(spec.filters):
+        if f.keep == "auto":
+            if f.column not in GOOD_END:
+                raise ConfigError(f"filters[{i}].keep: winnow does not know which end of {f.column!r} is good; "
+                                  f"set keep: high or keep: low")
+            f.keep = GOOD_END[f.column]
+        if not f.drop_fractions and not f.thresholds:
+            raise ConfigError(f"filters[{i}]: give drop_fractions and/or thresholds for {f.column!r}")
+        bad = [p for p in f.drop_fractions if not 0 < p < 1]
+        if bad:
+            raise ConfigError(f"filters[{i}].drop_fractions: {bad} must be between 0 and 1 (exclusive)")
+    return spec
+
+
+def load(path: str | None, overrides: list[str] | None = None) -> SweepSpec:
+    return parse(apply_overrides(load_yaml(path) if path else {}, overrides or []))
+
+
+def annotation_path(p: str) -> str:
+    return os.path.join(p, "annotations.parquet") if os.path.isdir(p) else p
+
+
+def read_table(spec: SweepSpec) -> pa.Table:
+    """The columns a sweep needs, from every table (a ``run`` column tells them apart)."""
+    wanted = {KEY, STATUS, "partition", "video_key", *(f.column for f in spec.filters)}
+    tables = []
+    for i, p in enumerate(spec.annotations):
+        path = annotation_path(p)
+        if not os.path.exists(path):
+            raise ConfigError(f"annotations[{i}]: {path!r} does not exist")
+        names = pq.read_schema(path).names
+        missing = [f.column for f in spec.filters if f.column not in names]
+        if missing:
+            raise ConfigError(f"annotations[{i}]: {path!r} has no column {missing[0]!r}; it has "
+                              f"{', '.join(n for n in names if n not in (KEY, STATUS))}")
+        t = pq.read_table(path, columns=[c for c in names if c in wanted])
+        if spec.only_kept and STATUS in t.column_names:
+            t = t.filter(pc.equal(t.column(STATUS), KEPT))
+        tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def values(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def levels_for(f: FilterSpec, v: np.ndarray) -> list[Level]:
+    """Drop fractions become thresholds: dropping the bottom ``p`` of the n scored rows keeps the
+    rows at or beyond the value of rank ``floor(p * n)`` from the bad end (ties are kept)."""
+    scored = np.sort(v[~np.isnan(v)])
+    if f.keep == "low":
+        scored = scored[::-1]
+    out = []
+    for p in f.drop_fractions:
+        k = min(int(np.floor(p * len(scored))), len(scored) - 1)
+        out.append(Level(f.column, f.keep, float(scored[k]) if len(scored) else float("nan"), p))
+    out += [Level(f.column, f.keep, float(t), None) for t in f.thresholds]
+    return out
+
+
+@dataclass
+class Cell:
+    name: str
+    levels: list[Level]
+    mask: np.ndarray
+    count: int = 0
+    fraction: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    output: str
+    rows: int
+    cells: list[Cell]
+    levels: dict[str, list[Level]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_cells(table: pa.Table, spec: SweepSpec) -> tuple[list[Cell], dict[str, list[Level]]]:
+    n = table.num_rows
+    per: dict[str, list[tuple[Level, np.ndarray]]] = {}
+    for f in spec.filters:
+        v = values(table, f.column)
+        per[f.column] = [(lv, lv.mask(v)) for lv in levels_for(f, v)]
+    cells = [Cell("all", [], np.ones(n, bool))]
+    for col, lvls in per.items():
+        cells += [Cell(lv.name, [lv], m) for lv, m in lvls]
+    if spec.combine and len(per) > 1:
+        options = [[None] + lvls for lvls in per.values()]
+        for combo in itertools.product(*options):
+            chosen = [c for c in combo if c is not None]
+            if len(chosen) < 2:
+                continue
+            mask = np.logical_and.reduce([m for _, m in chosen])
+            cells.append(Cell(" & ".join(lv.name for lv, _ in chosen), [lv for lv, _ in chosen], mask))
+    for c in cells:
+        c.count = int(c.mask.sum())
+        c.fraction = c.count / max(1, n)
+    return cells, {col: [lv for lv, _ in lvls] for col, lvls in per.items()}
+
+
+def overlap(cells: list[Cell]) -> np.ndarray:
+    """Jaccard index between cells' surviving sets (one matrix product)."""
+    m = np.stack([c.mask for c in cells]).astype(np.float32)
+    inter = m @ m.T
+    counts = m.sum(axis=1)
+    union = counts[:, None] + counts[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def _slug(i: int) -> str:
+    return f"cell_{i:03d}"
+
+
+def write_outputs(table: pa.Table, cells: list[Cell], out: str) -> None:
+    os.makedirs(os.path.join(out, "selections"), exist_ok=True)
+    keys = table.column(KEY)
+    run = table.column("run")
+    rows = []
+    for i, c in enumerate(cells):
+        thresholds = {lv.column: {"keep": lv.keep, "threshold": lv.threshold, "drop_fraction": lv.fraction}
+                      for lv in c.levels}
+        sel = pa.table({"run": run, KEY: keys}).filter(pa.array(c.mask))
+        sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds)})
+        pq.write_table(sel, os.path.join(out, "selections", f"{_slug(i)}.parquet"))
+        rows.append({"cell": _slug(i), "filters": c.name, "count": c.count, "fraction": round(c.fraction, 6),
+                     "thresholds": json.dumps(thresholds)})
+    pa.Table.from_pylist(rows).to_pandas().to_csv(os.path.join(out, "cells.csv"), index=False)
+    single = [i for i, c in enumerate(cells) if len(c.levels) <= 1]
+    ov = overlap([cells[i] for i in single])
+    np.savetxt(os.path.join(out, "overlap.csv"), ov, delimiter=",", fmt="%.4f",
+               header=",".join(_slug(i) for i in single), comments="")
+    with open(os.path.join(out, "cells.md"), "w", encoding="utf-8") as fh:
+        fh.write("| cell | filters | kept | fraction |\n| --- | --- | ---: | ---: |\n")
+        for r in rows:
+            fh.write(f"| {r['cell']} | {r['filters'].replace('|', '/')} | {r['count']} | {100 * r['fraction']:.1f} % |\n")
+
+
+def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = os.path.join(out, "plots")
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    cols = [f.column for f in spec.filters]
+    fig, axes = plt.subplots(2, len(cols), figsize=(4.2 * len(cols), 6.4), squeeze=False)
+    for j, col in enumerate(cols):
+        v = values(table, col)
+        v = v[~np.isnan(v)]
+        ax = axes[0][j]
+        ax.hist(v, bins=60, color="#4a7ab7")
+        for lv in levels[col]:
+            ax.axvline(lv.threshold, color="#c0392b" if lv.fraction is not None else "#27ae60", lw=1.2)
+            ax.text(lv.threshold, ax.get_ylim()[1] * 0.95, lv.name.split("(")[1].rstrip(")"), rotation=90,
+                    fontsize=7, va="top", ha="right")
+        ax.set_title(f"{col} (n={len(v)}; keep {levels[col][0].keep if levels[col] else ''})", fontsize=9)
+        ax = axes[1][j]
+        s = np.sort(v)
+        keep_high = levels[col][0].keep == "high" if levels[col] else True
+        kept = 1 - np.arange(len(s)) / max(1, len(s)) if keep_high else (np.arange(len(s)) + 1) / max(1, len(s))
+        ax.plot(s, kept, color="#4a7ab7")
+        for lv in levels[col]:
+            ax.axvline(lv.threshold, color="#c0392b", lw=0.8, ls="--")
+        ax.set_xlabel(f"threshold on {col}", fontsize=8)
+        ax.set_ylabel("fraction kept", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(os.path.join(folder, "histograms_survival.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    if len(cols) > 1:
+        mat = np.stack([values(table, c) for c in cols])
+        ok = ~np.isnan(mat).any(axis=0)
+        ranks = np.argsort(np.argsort(mat[:, ok], axis=1), axis=1).astype(np.float64)
+        corr = np.corrcoef(ranks) if ok.sum() > 2 else np.full((len(cols), len(cols)), np.nan)
+        fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 1.2 * len(cols) + 2))
+        im = ax.imshow(corr, vmin=-1, vmax=1, cmap="coolwarm")
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(cols)), cols, fontsize=8)
+        for a in range(len(cols)):
+            for b in range(len(cols)):
+                ax.text(b, a, f"{corr[a, b]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"Spearman correlation ({int(ok.sum())} rows with every score)", fontsize=9)
+        fig.colorbar(im)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, "correlation.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def run(spec: SweepSpec, log=None) -> SweepResult:
+    t0 = time.perf_counter()
+    table = read_table(spec)
+    t1 = time.perf_counter()
+    cells, levels = run_cells(table, spec)
+    t2 = time.perf_counter()
+    write_outputs(table, cells, spec.output)
+    t3 = time.perf_counter()
+    seconds = {"read": t1 - t0, "cells": t2 - t1, "write": t3 - t2}
+    if spec.plots:
+        plot(table, spec, levels, spec.output)
+        seconds["plots"] = time.perf_counter() - t3
+    if spec.sheets.per_side:
+        from curation.sheets import contact_sheets
+
+        t4 = time.perf_counter()
+        contact_sheets(table, spec, levels, spec.output)
+        seconds["sheets"] = time.perf_counter() - t4
+    result = SweepResult(spec.output, table.num_rows, cells, levels, seconds)
+    with open(os.path.join(spec.output, "sweep.json"), "w") as fh:
+        json.dump({"rows": table.num_rows, "cells": len(cells), "seconds": seconds,
+                   "annotations": [annotation_path(p) for p in spec.annotations]}, fh, indent=2)
+    return result
+
+
+def format_summary(r: SweepResult, limit: int = 30) -> str:
+    lines = [f"winnow sweep: {r.rows} rows, {len(r.cells)} cells -> {r.output}"]
+    for col, lvls in r.levels.items():
+        for lv in lvls:
+            c = next(c for c in r.cells if c.levels == [lv])
+            lines.append(f"  {lv.name:<48} kept {c.count:>9} ({100 * c.fraction:5.1f} %)")
+    combos = [c for c in r.cells if len(c.levels) > 1]
+    if combos:
+        lines.append(f"  {len(combos)} combinations (cells.md); the smallest: "
+                     + ", ".join(f"{c.count}" for c in sorted(combos, key=lambda c: c.count)[:5]))
+    lines.append("  time " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()))
+    lines.append(f"  table {os.path.join(r.output, 'cells.md')}; selections in {os.path.join(r.output, 'selections')}/")
+    return "\n".join(lines[:limit + 4])
+
+
+__all__ = ["FilterSpec", "Level", "SweepSpec", "levels_for", "load", "overlap", "parse", "run", "run_cells"]

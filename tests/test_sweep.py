@@ -1,0 +1,105 @@
+"""winnow sweep: grid arithmetic on a table with known quantiles, manifests, plots and sheets."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation import sweep
+from pipeline.config import ConfigError
+from tests.helpers import run_curate
+
+
+@pytest.fixture()
+def table_path(tmp_path):
+    """1,000 kept rows with aesthetic = i and ocr = (7 i mod 1000) / 1000, plus 10 rejected rows
+    and 5 kept rows without an aesthetic score."""
+    i = np.arange(1000)
+    rows = {"key": [f"{k:09d}" for k in range(1015)],
+            "status": ["kept"] * 1000 + ["rejected"] * 10 + ["kept"] * 5,
+            "partition": [0] * 1015,
+            "aesthetic_score": list(i.astype(float)) + [5000.0] * 10 + [None] * 5,
+            "ocr_area_ratio": list((7 * i % 1000) / 1000) + [0.0] * 15}
+    path = tmp_path / "annotations.parquet"
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+def spec(path, out, **extra):
+    data = {"annotations": [path], "output": out, "plots": False, "sheets": {"per_side": 0},
+            "filters": [{"column": "aesthetic_score", "drop_fractions": [0.125, 0.25, 0.5], "thresholds": [900]},
+                        {"column": "ocr_area_ratio", "drop_fractions": [0.25]}]}
+    data.update(extra)
+    return sweep.parse(data)
+
+
+def test_grid_counts_thresholds_and_combinations(table_path, tmp_path):
+    r = sweep.run(spec(table_path, str(tmp_path / "s")))
+    assert r.rows == 1005                                     # kept rows only
+    by_name = {c.name: c for c in r.cells}
+    # 1,000 scored rows: dropping the bottom p keeps the rows >= the value of rank floor(p n)
+    assert by_name["aesthetic_score>=125(drop0.125)"].count == 875
+    assert by_name["aesthetic_score>=250(drop0.25)"].count == 750
+    assert by_name["aesthetic_score>=500(drop0.5)"].count == 500
+    assert by_name["aesthetic_score>=900(abs)"].count == 100
+    # 1,005 scored rows (the 5 unscored have ocr 0): the top 251 are dropped
+    assert by_name["ocr_area_ratio<=0.748(drop0.25)"].count == 754
+    assert by_name["all"].count == 1005
+    combo = by_name["aesthetic_score>=500(drop0.5) & ocr_area_ratio<=0.748(drop0.25)"]
+    want = sum(1 for i in range(500, 1000) if (7 * i % 1000) / 1000 <= 0.748)
+    assert combo.count == want == 357
+    assert len(r.cells) == 1 + 5 + 4 * 1                      # all, 5 single levels, 4 x 1 combinations
+
+
+def test_selection_manifests_round_trip(table_path, tmp_path):
+    out = str(tmp_path / "s")
+    r = sweep.run(spec(table_path, out))
+    rows = {row["filters"]: row for row in _csv(os.path.join(out, "cells.csv"))}
+    cell = rows["aesthetic_score>=900(abs)"]["cell"]
+    sel = pq.read_table(os.path.join(out, "selections", f"{cell}.parquet"))
+    assert sel.column("key").to_pylist() == [f"{k:09d}" for k in range(900, 1000)]
+    meta = json.loads(sel.schema.metadata[b"winnow_thresholds"])
+    assert meta == {"aesthetic_score": {"keep": "high", "threshold": 900.0, "drop_fraction": None}}
+    ov = np.loadtxt(os.path.join(out, "overlap.csv"), delimiter=",", skiprows=1)
+    assert ov.shape == (6, 6) and np.allclose(np.diag(ov), 1)
+    assert ov[1, 3] == pytest.approx(500 / 875, abs=1e-4)     # drop 0.5 inside drop 0.125
+    assert "| aesthetic_score>=900(abs) | 100 | 10.0 % |" in open(os.path.join(out, "cells.md")).read()
+    assert r.seconds["cells"] < 60
+
+
+def _csv(path):
+    import csv
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_bad_sweep_specs(table_path, tmp_path):
+    with pytest.raises(ConfigError, match="which end of 'width' is good"):
+        spec(table_path, "o", filters=[{"column": "width", "drop_fractions": [0.5]}])
+    with pytest.raises(ConfigError, match=r"drop_fractions: \[1.5\] must be between 0 and 1"):
+        spec(table_path, "o", filters=[{"column": "aesthetic_score", "drop_fractions": [1.5]}])
+    with pytest.raises(ConfigError, match="has no column 'motion_score'"):
+        sweep.run(spec(table_path, str(tmp_path / "o"), filters=[{"column": "motion_score", "thresholds": [1]}]))
+
+
+def test_sweep_of_a_curated_run_writes_plots_and_contact_sheets(ray_local, corpus, tmp_path):
+    from PIL import Image
+
+    root, _ = corpus
+    run_dir = str(tmp_path / "run")
+    run_curate(root, run_dir, samples_per_shard=16)
+    out = str(tmp_path / "sweep")
+    r = sweep.run(sweep.parse({"annotations": [run_dir], "output": out, "sheets": {"per_side": 3, "thumb": 64},
+                               "filters": [{"column": "width", "keep": "high", "drop_fractions": [0.25]},
+                                           {"column": "height", "keep": "high", "drop_fractions": [0.5]}]}))
+    assert r.rows == 46
+    assert os.path.exists(os.path.join(out, "plots", "histograms_survival.png"))
+    assert os.path.exists(os.path.join(out, "plots", "correlation.png"))
+    with Image.open(os.path.join(out, "sheets", "width_0.jpg")) as im:
+        assert im.size == (3 * 64, 2 * (64 + 14) + 2 * 14)
+        px = np.asarray(im.convert("L"))
+    assert px[14:78, :64].std() > 5                           # a real thumbnail, not the grey placeholder
