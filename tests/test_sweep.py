@@ -103,3 +103,17 @@ def test_sweep_of_a_curated_run_writes_plots_and_contact_sheets(ray_local, corpu
         assert im.size == (3 * 64, 2 * (64 + 14) + 2 * 14)
         px = np.asarray(im.convert("L"))
     assert px[14:78, :64].std() > 5                           # a real thumbnail, not the grey placeholder
+
+
+def test_jobs_sweep_specs_parse():
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(root, "jobs", "sweep_*.yaml")))
+    assert len(files) == 2
+    specs = {os.path.basename(f): sweep.load(f) for f in files}
+    svd = specs["sweep_svd_filters.yaml"]
+    assert [f.column for f in svd.filters] == ["clip_similarity", "aesthetic_score", "ocr_area_ratio", "motion_score"]
+    assert [f.keep for f in svd.filters] == ["high", "high", "low", "high"]
+    assert all(f.drop_fractions == [0.125, 0.25, 0.5] for f in svd.filters)
+    assert specs["sweep_laion_aesthetic.yaml"].filters[0].thresholds == [4.5, 5.0, 5.5, 6.0]
