@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 from tqdm.auto import tqdm
 
 from pipeline import adapter, readers, registry, shards
@@ -50,21 +49,9 @@ class RunResult:
 def prepare_output(spec: CurateSpec) -> None:
     """Create the output folder, or check that it belongs to this same spec (resume)."""
     out = spec.output.path
-    marker = os.path.join(out, SPEC_FILE)
-    if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as fh:
-            previous = (yaml.safe_load(fh) or {}).get("fingerprint")
-        if previous != spec.fingerprint():
-            if not spec.output.overwrite:
-                raise ConfigError(
-                    f"output.path {out!r} holds a run made by a different spec (input, samples_per_shard or stages "
-                    f"changed); choose a new output.path, or set output.overwrite=true to delete it")
-            shutil.rmtree(out)
-    elif os.path.isdir(out) and os.listdir(out) and not spec.output.overwrite:
-        raise ConfigError(f"output.path {out!r} exists and is not a winnow run; choose an empty or new folder")
+    shards.claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
+                        "run", "input, samples_per_shard or stages")
     os.makedirs(os.path.join(out, "_work"), exist_ok=True)
-    doc = {"fingerprint": spec.fingerprint(), **spec.to_dict()}
-    shards.atomic_write(marker, yaml.safe_dump(doc, sort_keys=False).encode())
 
 
 def init_ray(spec: CurateSpec):

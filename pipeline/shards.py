@@ -47,6 +47,30 @@ from pipeline.stage import (
 PLAN_ONLY = ("ref_path", "ref_offset", "ref_size", "caption_ref", "json_ref", "plan_error")
 
 
+def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: bool, noun: str, changed: str) -> None:
+    """Create output folder ``out``, or check that its ``marker`` (a YAML spec with a fingerprint)
+    records this same spec, so re-running resumes; then write the marker. A different spec fails
+    unless ``overwrite`` (then the folder is deleted); a non-empty folder without a marker fails."""
+    import shutil
+
+    import yaml
+
+    from pipeline.config import ConfigError
+
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as fh:
+            previous = (yaml.safe_load(fh) or {}).get("fingerprint")
+        if previous != fingerprint:
+            if not overwrite:
+                raise ConfigError(f"output.path {out!r} holds a {noun} made by a different spec ({changed} changed); "
+                                  f"choose a new output.path, or set output.overwrite=true to delete it")
+            shutil.rmtree(out)
+    elif os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConfigError(f"output.path {out!r} exists and is not a winnow {noun}; choose an empty or new folder")
+    os.makedirs(out, exist_ok=True)
+    atomic_write(marker, yaml.safe_dump({"fingerprint": fingerprint, **doc}, sort_keys=False).encode())
+
+
 def atomic_write(path: str, data: bytes) -> None:
     tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "wb") as fh:

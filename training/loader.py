@@ -100,15 +100,9 @@ class BucketLoader:
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="winnow-decode")
         self.prefetch = max(1, prefetch)
         self.wait_s = 0.0            # time the consumer waited for a batch
-        self.samples = 0
 
     def state(self) -> Cursor:
         return self.cursor
-
-    def global_batches_per_epoch(self) -> int:
-        g = self.batch_size * self.world_size
-        counts = np.bincount(self.bucket_of)
-        return int(sum(c // g for c in counts))
 
     def _plan(self):
         cursor, empty = self.cursor, 0
@@ -153,7 +147,6 @@ class BucketLoader:
                 bucket = self.table[int(self.bucket_of[ids[0]])]
                 time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
                 self.cursor = cursor
-                self.samples += len(ids)
                 batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]),
                               cursor.epoch)
                 if self.cache is None:

@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import yaml
 
 from pipeline.config import ConfigError
 from training.spec import TrainSpec
@@ -325,25 +324,18 @@ class Plan:
     carried_per_epoch: int
     index_path: str = ""
     notes: list[str] = field(default_factory=list)
+    index: object = field(default=None, repr=False)         # the pyarrow index the plan was made from
+    table: list = field(default_factory=list, repr=False)   # its bucket table ...
+    bucket_of: object = field(default=None, repr=False)     # ... and every sample's bucket
 
 
 def prepare_output(spec: TrainSpec) -> None:
+    """Create the run folder, or check that it belongs to this same spec (resume)."""
+    from pipeline.shards import claim_output
+
     out = spec.output.path
-    marker = os.path.join(out, SPEC_FILE)
-    if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as fh:
-            old = yaml.safe_load(fh) or {}
-        if old.get("fingerprint") != spec.fingerprint():
-            if not spec.output.overwrite:
-                raise ConfigError(f"output.path {out!r} holds a training run made by a different spec (data, model, "
-                                  f"objective, optim, ema or train changed); choose a new output.path, or set "
-                                  f"output.overwrite=true to delete it")
-            shutil.rmtree(out)
-    elif os.path.isdir(out) and os.listdir(out) and not spec.output.overwrite:
-        raise ConfigError(f"output.path {out!r} exists and is not a winnow training run; choose an empty or new folder")
-    os.makedirs(out, exist_ok=True)
-    with open(marker, "w", encoding="utf-8") as fh:
-        yaml.safe_dump({"fingerprint": spec.fingerprint(), **spec.to_dict()}, fh, sort_keys=False)
+    claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
+                 "training run", "data, model, objective, optim, ema or train")
 
 
 def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
@@ -364,7 +356,8 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     steps = int(sum(c // g for c in counts))
     starved = int(sum(c for c in counts if c < g))
     p = Plan(index.num_rows, {f"{table[i].width}x{table[i].height}": int(c) for i, c in enumerate(counts) if c},
-             g, steps, starved, int(sum(c % g for c in counts if c >= g)), path)
+             g, steps, starved, int(sum(c % g for c in counts if c >= g)), path,
+             index=index, table=table, bucket_of=bucket_of)
     if steps == 0:
         raise ConfigError(f"train.batch_size x ray.num_workers = {g} is more than any bucket holds "
                           f"(largest: {counts.max()} of {index.num_rows} samples); lower the batch size or the "
@@ -429,17 +422,12 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         print(format_plan(spec, p), file=log, flush=True)
     cache_dir = ""
     if spec.data.cache:
-        import pyarrow.parquet as pq
-
         from training.cache import build_cache
-        from training.index import bucket_ids
 
-        index = pq.read_table(p.index_path)
-        table, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
         started = time.time()
-        cache_dir = build_cache(spec, index, table, bucket_of, log)
+        cache_dir = build_cache(spec, p.index, p.table, p.bucket_of, log)
         if log:
-            print(f"latent cache: {index.num_rows} samples in {cache_dir} ({time.time() - started:.1f} s)", file=log)
+            print(f"latent cache: {p.samples} samples in {cache_dir} ({time.time() - started:.1f} s)", file=log)
     out = os.path.abspath(spec.output.path)
     resources = {"CPU": spec.ray.cpus_per_worker}
     trainer = TorchTrainer(
