@@ -86,7 +86,13 @@ def parse(data: dict) -> SweepSpec:
         raise ConfigError("annotations: give at least one annotations.parquet (or a `winnow curate` output folder)")
     if not spec.filters:
         raise ConfigError("filters: give at least one {column: ..., drop_fractions: [...]} entry")
-    for i, f in enumerate(spec.filters):
+    check_filters(spec.filters)
+    return spec
+
+
+def check_filters(filters: list[FilterSpec]) -> None:
+    """Resolve ``keep: auto`` and check the levels (shared by sweep and select specs)."""
+    for i, f in enumerate(filters):
         if f.keep == "auto":
             if f.column not in GOOD_END:
                 raise ConfigError(f"filters[{i}].keep: winnow does not know which end of {f.column!r} is good; "
@@ -97,7 +103,6 @@ def parse(data: dict) -> SweepSpec:
         bad = [p for p in f.drop_fractions if not 0 < p < 1]
         if bad:
             raise ConfigError(f"filters[{i}].drop_fractions: {bad} must be between 0 and 1 (exclusive)")
-    return spec
 
 
 def load(path: str | None, overrides: list[str] | None = None) -> SweepSpec:
@@ -200,8 +205,10 @@ def _slug(i: int) -> str:
     return f"cell_{i:03d}"
 
 
-def write_outputs(table: pa.Table, cells: list[Cell], out: str) -> None:
+def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: list[str] = ()) -> None:
     os.makedirs(os.path.join(out, "selections"), exist_ok=True)
+    # the run folders the manifests' run indices point to (``winnow select`` reads them from here)
+    runs = json.dumps([os.path.dirname(os.path.abspath(annotation_path(p))) for p in annotations])
     keys = table.column(KEY)
     run = table.column("run")
     rows = []
@@ -209,7 +216,8 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str) -> None:
         thresholds = {lv.column: {"keep": lv.keep, "threshold": lv.threshold, "drop_fraction": lv.fraction}
                       for lv in c.levels}
         sel = pa.table({"run": run, KEY: keys}).filter(pa.array(c.mask))
-        sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds)})
+        sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds),
+                                           "winnow_runs": runs})
         pq.write_table(sel, os.path.join(out, "selections", f"{_slug(i)}.parquet"))
         rows.append({"cell": _slug(i), "filters": c.name, "count": c.count, "fraction": round(c.fraction, 6),
                      "thresholds": json.dumps(thresholds)})
@@ -286,7 +294,7 @@ def run(spec: SweepSpec, log=None) -> SweepResult:
     t1 = time.perf_counter()
     cells, levels = run_cells(table, spec)
     t2 = time.perf_counter()
-    write_outputs(table, cells, spec.output)
+    write_outputs(table, cells, spec.output, spec.annotations)
     t3 = time.perf_counter()
     seconds = {"read": t1 - t0, "cells": t2 - t1, "write": t3 - t2}
     if spec.plots:

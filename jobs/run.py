@@ -1,6 +1,7 @@
 """Entry point that ``ray job submit`` runs: ``python -m jobs.run SPEC.yaml [--set k=v ...]``.
 
-A spec with a ``data:`` section is a training job (``winnow train``), otherwise a curation job.
+A spec with a ``data:`` section is a training job (``winnow train``); ``annotations:`` + ``filters:`` a
+sweep; ``selection:`` or ``runs:`` a select job; otherwise a curation job.
 Inside a Ray job ``RAY_ADDRESS`` is set, so the run joins the cluster instead of starting one.
 """
 from __future__ import annotations
@@ -14,9 +15,16 @@ from pipeline.config import ConfigError, load_yaml
 def command(argv: list[str]) -> str:
     spec = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
     try:
-        return "train" if spec and "data" in load_yaml(spec) else "curate"
+        data = load_yaml(spec) if spec else {}
     except ConfigError:
         return "curate"          # let the command report the bad file
+    if "data" in data:
+        return "train"
+    if "filters" in data and "annotations" in data:
+        return "sweep"
+    if "selection" in data or "runs" in data:
+        return "select"
+    return "curate"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, apply_overrides, load_yaml
 
 CURATE_HELP = """\
 Curate a corpus into WebDataset shards and one annotation table.
@@ -42,6 +42,8 @@ def format_summary(result) -> str:
     if result.phases:
         lines.append("  phases  " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
     lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {os.path.join(result.output, 'shards')}")
+    if result.report:
+        lines.append(f"  report    {result.report}")
     return "\n".join(lines)
 
 
@@ -101,6 +103,52 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+SELECT_HELP = """\
+Materialise a selection into a new shard set, copied from the source runs' shards.
+
+  winnow select SPEC.yaml [--set dotted.key=value ...]
+  winnow select --selection SWEEP/selections/cell_NNN.parquet --output DIR [--set ...]
+
+The selection is a manifest from `winnow sweep` (its runs are read from the manifest) and/or inline
+filters (one drop_fraction or threshold per annotation, ANDed). The output is a run folder like
+`winnow curate`'s: shards/, annotations.parquet, embeddings/, summary.json, report.html. Re-running
+the same command resumes. See jobs/select_laion_aesthetic.yaml.
+"""
+
+
+def cmd_select(args) -> int:
+    from pipeline import select
+
+    data = load_yaml(args.spec) if args.spec else {}
+    if args.selection:
+        data["selection"] = args.selection
+    if args.output:
+        data.setdefault("output", {})["path"] = args.output
+    spec = select.parse(apply_overrides(data, args.set))
+    result = select.run(spec)
+    print(select.format_summary(result))
+    return 0
+
+
+REPORT_HELP = """\
+Write the HTML report of a `winnow curate` (or `winnow select`) output folder.
+
+  winnow report RUN_DIR [--out FILE] [--examples N]
+
+One self-contained file (images embedded, no network): the funnel, score histograms, aspect-ratio
+and bucket distribution, per-stage throughput, kept and rejected examples per reason, and the spec.
+`winnow curate` writes RUN_DIR/report.html at the end of every run.
+"""
+
+
+def cmd_report(args) -> int:
+    from pipeline import report
+
+    path = report.write(args.run_dir, args.out, examples=args.examples)
+    print(f"winnow report: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="winnow", description="Curate image/video corpora for diffusion training, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("spec", help="sweep spec YAML (see jobs/sweep_svd_filters.yaml)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value (repeatable)")
     sw.set_defaults(func=cmd_sweep)
+    se = sub.add_parser("select", help="write the samples of a selection as a new shard set", description=SELECT_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    se.add_argument("spec", nargs="?", help="select spec YAML (see jobs/select_laion_aesthetic.yaml)")
+    se.add_argument("--selection", help="selection manifest (winnow sweep's selections/cell_NNN.parquet)")
+    se.add_argument("--output", help="output folder")
+    se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value (repeatable)")
+    se.set_defaults(func=cmd_select)
+    rp = sub.add_parser("report", help="write the HTML report of a curate or select output", description=REPORT_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("run_dir", help="a `winnow curate` or `winnow select` output folder")
+    rp.add_argument("--out", help="report file (default RUN_DIR/report.html)")
+    rp.add_argument("--examples", type=int, default=8, help="example thumbnails per reason (default 8)")
+    rp.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

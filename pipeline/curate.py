@@ -41,6 +41,7 @@ class RunResult:
     wall_seconds: float
     phases: dict[str, float] = field(default_factory=dict)
     videos: dict | None = None     # video runs: input videos, with clips, without (per reason)
+    report: str | None = None      # report.html, when written
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -189,7 +190,16 @@ def check_input_kind(spec: CurateSpec, fmt: str) -> None:
 
 
 def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
-    """Run (or resume) a curate job. Config problems raise ConfigError before Ray starts."""
+    """Run (or resume) a curate job, then write its report. Config problems raise ConfigError before Ray starts."""
+    result = _run(spec, log)
+    if spec.output.report:
+        from pipeline import report
+
+        result.report = report.write(spec.output.path)
+    return result
+
+
+def _run(spec: CurateSpec, log) -> RunResult:
     started = time.time()
     phases: dict[str, float] = {}
     t = time.time()

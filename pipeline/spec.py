@@ -30,6 +30,7 @@ class OutputSpec:
     videos_per_shard: int = option(16, "video runs: input videos per output shard (a shard holds all their clips)", min=1, max=100_000)
     overwrite: bool = option(False, "delete an existing output folder made by a different spec instead of failing")
     keep_work: bool = option(False, "keep the intermediate _work/ folder after a successful run")
+    report: bool = option(True, "write report.html (funnel, scores, buckets, timing, examples) at the end", runtime=True)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pipeline import spec as specmod
 
 def run_curate(input_path: str, output: str, samples_per_shard: int = 10, stages=None, **extra):
     data = {"input": {"path": input_path, **extra.pop("input", {})},
-            "output": {"path": output, "samples_per_shard": samples_per_shard, **extra.pop("output_options", {})},
+            "output": {"path": output, "samples_per_shard": samples_per_shard, "report": False,
+                       **extra.pop("output_options", {})},
             "ray": {"block_rows": 4}}
     if stages is not None:
         data["stages"] = stages

@@ -67,7 +67,7 @@ def test_fingerprint_ignores_ray_settings():
 
 def test_jobs_specs_parse():
     import glob
-    files = sorted(f for f in glob.glob("jobs/*.yaml") if not os.path.basename(f).startswith(("train_", "sweep_")))
+    files = sorted(f for f in glob.glob("jobs/*.yaml") if not os.path.basename(f).startswith(("train_", "sweep_", "select_")))
     assert files
     for f in files:
         try:
@@ -78,6 +78,18 @@ def test_jobs_specs_parse():
             spec = specmod.load(f, ["stages.clip.model=winnow-tiny-clip", "stages.clip.pretrained=random",
                                     "stages.aesthetic.weights=random"])
             assert {"clip", "aesthetic", "ocr", "semantic_dedup"} <= {s.name for s in spec.stages}
+
+
+def test_jobs_run_dispatches_each_spec_to_its_command():
+    import glob
+
+    from jobs.run import command
+
+    got = {os.path.basename(f): command([f]) for f in glob.glob("jobs/*.yaml")}
+    for name, cmd in got.items():
+        want = {"train_": "train", "sweep_": "sweep", "select_": "select"}.get(name.split("_")[0] + "_", "curate")
+        assert cmd == want, name
+    assert {"train", "sweep", "select", "curate"} == set(got.values())
 
 
 def test_runtime_keys_stay_out_of_the_fingerprint():

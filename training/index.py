@@ -158,13 +158,46 @@ def build_index(path: str, fallback_dir: str, log=None) -> tuple[pa.Table, str]:
     return table, ""
 
 
-def load_index(paths: list[str], fallback_dir: str, log=None) -> pa.Table:
-    """The concatenated index of several shard sets."""
-    tables = [build_index(p, fallback_dir, log)[0] for p in paths]
-    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+def load_index(paths: list[str], fallback_dir: str, log=None, selection: str | None = None) -> pa.Table:
+    """The concatenated index of several shard sets, restricted to a selection manifest if given."""
+    tables = [build_index(p, fallback_dir, log)[0].replace_schema_metadata(None) for p in paths]
+    if selection:
+        tables = select(tables, paths, selection)
+    table = pa.concat_tables(tables)
     if table.num_rows == 0:
         raise ConfigError(f"data.shards: no kept images in {paths}; nothing to train on")
     return table
+
+
+def run_folder(path: str) -> str:
+    return os.path.abspath(os.path.dirname(shard_dir(path).rstrip("/")))
+
+
+def select(tables: list[pa.Table], paths: list[str], selection: str) -> list[pa.Table]:
+    """Keep the index rows a ``winnow sweep`` manifest selects. Its ``run`` column indexes the runs
+    recorded in its metadata; each shard set is matched to one of them by folder (a manifest without
+    that record selects by key alone)."""
+    import pyarrow.compute as pc
+
+    man = pq.read_table(selection, columns=["run", KEY])
+    runs = json.loads((pq.read_schema(selection).metadata or {}).get(b"winnow_runs", b"[]"))
+    out, wanted = [], 0
+    for p, t in zip(paths, tables):
+        if runs:
+            folder = run_folder(p)
+            if folder not in runs:
+                raise ConfigError(f"data.selection: the manifest selects from {runs}; data.shards entry {p!r} is "
+                                  f"none of them")
+            keys = man.filter(pc.equal(man.column("run"), runs.index(folder))).column(KEY)
+        else:
+            keys = man.column(KEY)
+        wanted += len(keys)
+        out.append(t.filter(pc.is_in(t.column("key"), value_set=keys)))
+    found = sum(t.num_rows for t in out)
+    if runs and found != wanted:
+        raise ConfigError(f"data.selection: {wanted - found} of the {wanted} selected samples are not in the shard "
+                          f"sets (re-curated since the sweep?); sweep the current annotations again")
+    return out
 
 
 def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4.0) -> tuple[list[Bucket], np.ndarray]:
@@ -172,4 +205,5 @@ def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4
     return table, assign(index.column("width").to_numpy(), index.column("height").to_numpy(), table)
 
 
-__all__ = ["INDEX_FILE", "SCHEMA", "bucket_ids", "build_index", "index_shard", "list_shards", "load_index", "shard_dir"]
+__all__ = ["INDEX_FILE", "SCHEMA", "bucket_ids", "build_index", "index_shard", "list_shards", "load_index", "select",
+           "shard_dir"]

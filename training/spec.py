@@ -13,6 +13,8 @@ from pipeline.config import ConfigError, apply_overrides, build, load_yaml, opti
 @dataclass
 class DataSpec:
     shards: list[str] = option(factory=list, help="curated shard sets: `winnow curate` output folders (or their shards/)")
+    selection: str | None = option(None, "train on only the samples of a selection manifest (winnow sweep's "
+                                         "selections/cell_NNN.parquet) instead of every kept sample of data.shards")
     resolution: int = option(512, "bucket base resolution: 512 (SD 1.x), 768 (SD 2 v), 1024 (SDXL)", min=64)
     max_aspect: float = option(2.0, "widest bucket aspect ratio (SDXL's table runs to 4.0)", min=1.0, max=8.0)
     bucket_step: int = option(64, "bucket sides are multiples of this", min=8)
@@ -103,6 +105,8 @@ class TrainSpec:
         """What the trajectory depends on (not worker counts or logging): a run folder holds one."""
         doc = {k: result_dict(getattr(self, k)) for k in ("data", "model", "objective", "optim", "ema", "train")}
         doc["data"]["shards"] = [os.path.abspath(p) if "://" not in p else p for p in self.data.shards]
+        if self.data.selection:
+            doc["data"]["selection"] = os.path.abspath(self.data.selection)
         doc["train"].pop("max_steps")        # raising max_steps continues the same run
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -137,6 +141,9 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     for p in spec.data.shards if check_paths else []:
         if "://" not in p and not os.path.isdir(p):
             raise ConfigError(f"data.shards: {p!r} does not exist; give a `winnow curate` output folder")
+    if spec.data.selection and check_paths and not os.path.exists(spec.data.selection):
+        raise ConfigError(f"data.selection: {spec.data.selection!r} does not exist; give a manifest from `winnow sweep` "
+                          f"(selections/cell_NNN.parquet)")
     if spec.model.pretrained and check_paths:
         from training.models import check_pretrained
         check_pretrained(spec.model.pretrained, spec.model.kind)

@@ -345,7 +345,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     from pipeline.shards import atomic_write, table_bytes
     from training.index import bucket_ids, load_index
 
-    index = load_index(spec.data.shards, os.path.join(spec.output.path, "_index"), log)
+    index = load_index(spec.data.shards, os.path.join(spec.output.path, "_index"), log, spec.data.selection)
     path = os.path.join(spec.output.path, "index.parquet")
     if not os.path.exists(path) or pq.read_metadata(path).num_rows != index.num_rows or \
             not pq.read_table(path).equals(index):

@@ -1,0 +1,439 @@
+"""The curation report: one self-contained HTML file per run (``RUN_DIR/report.html``).
+
+Sections: the funnel (inputs, kept, rejected per reason), score histograms (kept and rejected),
+aspect-ratio, size and training-bucket distributions of the kept samples, per-stage throughput
+and phase times, example thumbnails of kept samples and of each rejection reason, the shards, and
+the spec that produced the run. Plots and thumbnails are embedded as data URIs, so the file opens
+anywhere with no network and no folder beside it. It reads only the run folder (and, for
+rejected samples, whose bytes are not in the shards, the source files where they still exist).
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import glob
+import html
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from pipeline.stage import (
+    CLIP_END,
+    CLIP_START,
+    DUPLICATE_OF,
+    HEIGHT,
+    KEPT,
+    KEY,
+    PARTITION,
+    REJECT_REASON,
+    SOURCE,
+    STATUS,
+    WIDTH,
+    reason_category,
+)
+
+REPORT_FILE = "report.html"
+# score columns worth a histogram, when present (winnow's own, then LAION's metadata)
+SCORES = ("aesthetic_score", "clip_similarity", "ocr_area_ratio", "motion_score", "watermark_prob", "nsfw_prob",
+          "AESTHETIC_SCORE", "similarity", "pwatermark", "punsafe")
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+MAX_SOURCE_BYTES = 64 << 20     # a rejected sample's source larger than this is not opened for a thumbnail
+THUMB = 144
+KEPT_COLOR, REJECTED_COLOR = "#3b7dd8", "#d8593b"
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d232b;background:#f5f6f8}
+header{background:#1d232b;color:#fff;padding:18px 28px}header h1{margin:0 0 4px;font-size:22px}
+header .sub{color:#b9c2cf;font-size:13px}main{padding:8px 28px 40px;max-width:1280px}
+section{background:#fff;border-radius:8px;padding:14px 20px;margin:16px 0;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+h2{font-size:17px;margin:2px 0 10px}h3{font-size:14px;margin:14px 0 6px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{background:#f0f3f7;border-radius:6px;padding:8px 14px;min-width:120px}
+.card b{display:block;font-size:22px}.card span{color:#5b6573;font-size:12px}
+table{border-collapse:collapse;font-size:13px}td,th{padding:3px 10px;border-bottom:1px solid #e3e6ea;text-align:left}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:100%}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.ex{width:144px;font-size:11px;color:#3a4350;word-break:break-all}
+.ex img{width:144px;height:144px;border-radius:4px;display:block;background:#222}
+pre{background:#f0f3f7;padding:10px;border-radius:6px;overflow:auto;font-size:12px}
+.note{color:#5b6573;font-size:12px}nav a{color:#b9c2cf;margin-right:14px;font-size:13px}
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _jpeg(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _num(table, col: str) -> np.ndarray:
+    return table.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _placeholder(text: str) -> Image.Image:
+    im = Image.new("RGB", (THUMB, THUMB), (52, 56, 62))
+    d = ImageDraw.Draw(im)
+    for i, line in enumerate([text[j:j + 22] for j in range(0, min(len(text), 110), 22)]):
+        d.text((6, 8 + 14 * i), line, fill=(225, 225, 225))
+    return im
+
+
+def _fit(im: Image.Image) -> Image.Image:
+    im = im.convert("RGB")
+    im.thumbnail((THUMB, THUMB))
+    out = Image.new("RGB", (THUMB, THUMB), (30, 30, 30))
+    out.paste(im, ((THUMB - im.width) // 2, (THUMB - im.height) // 2))
+    return out
+
+
+def source_thumbnail(root: str | None, row: dict) -> Image.Image | None:
+    """A rejected sample's thumbnail from its source file (its bytes are not in the shards), or None."""
+    src = row.get(SOURCE)
+    reason = row.get(REJECT_REASON) or ""
+    if not src or reason.startswith("decompression_bomb") or "://" in src:
+        return None
+    path = src if os.path.isabs(src) or not root else os.path.join(root, src)
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_SOURCE_BYTES:
+            return None
+        if path.lower().endswith(VIDEO_EXTS):
+            import av
+
+            with av.open(path) as c:
+                start = row.get(CLIP_START) or 0.0
+                stream = c.streams.video[0]
+                if start and stream.time_base:
+                    c.seek(int(start / stream.time_base), stream=stream)
+                for frame in c.decode(video=0):
+                    return _fit(frame.to_image())
+            return None
+        with Image.open(path) as im:
+            if im.width * im.height > 64_000_000:
+                return None
+            im.draft("RGB", (THUMB * 2, THUMB * 2))
+            return _fit(im)
+    except Exception:   # the sample was rejected for a reason: unreadable is expected
+        return None
+
+
+class Report:
+    def __init__(self, run_dir: str, examples: int = 8, seed: int = 0):
+        self.dir = run_dir
+        self.examples = examples
+        self.rng = np.random.default_rng(seed)
+        self.table = pq.read_table(os.path.join(run_dir, "annotations.parquet"))
+        self.summary = self._json("summary.json") or {}
+        self.spec_text = self._text("spec.yaml")
+        self.kept = np.asarray(self.table.column(STATUS).to_pylist()) == KEPT
+        self.is_video = "video_key" in self.table.column_names
+        self.is_selection = self.summary.get("kind") == "selection"
+        self.input_root = self._input_root()
+
+    def _json(self, name: str):
+        path = os.path.join(self.dir, name)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def _text(self, name: str) -> str:
+        path = os.path.join(self.dir, name)
+        if not os.path.exists(path):
+            return ""
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+
+    def _input_root(self) -> str | None:
+        import yaml
+
+        try:
+            path = ((yaml.safe_load(self.spec_text) or {}).get("input") or {}).get("path")
+        except yaml.YAMLError:
+            return None
+        if not path:
+            return None
+        return path if os.path.isdir(path) else os.path.dirname(path)
+
+    # ---- sections -------------------------------------------------------------------------
+    def funnel(self) -> str:
+        n, kept = self.table.num_rows, int(self.kept.sum())
+        reasons = self.summary.get("reasons") or {}
+        if not reasons:
+            from pipeline.stage import reason_counts
+
+            reasons = reason_counts(r for r in self.table.column(REJECT_REASON).to_pylist() if r)
+        unit = "clips" if self.is_video else "samples"
+        cards = [("inputs" if not self.is_selection else "selected", n), ("kept", kept), ("rejected", n - kept)]
+        if self.is_selection:
+            cards = [("source kept", self.summary.get("source_kept", n)), ("selected", n),
+                     ("shards", self.summary.get("shards", 0))]
+        out = ['<div class="cards">']
+        out += [f'<div class="card"><b>{v:,}</b><span>{html.escape(k)} {unit if k != "shards" else ""}</span></div>'
+                for k, v in cards]
+        if not self.is_selection:
+            out.append(f'<div class="card"><b>{100 * kept / max(1, n):.1f} %</b><span>kept</span></div>')
+        out.append("</div>")
+        videos = self.summary.get("videos")
+        if videos:
+            out.append("<h3>Videos</h3><table><tr><th>videos</th><th class=n>count</th></tr>")
+            out.append(f"<tr><td>input videos</td><td class=n>{videos['inputs']:,}</td></tr>"
+                       f"<tr><td>with clips</td><td class=n>{videos['with_clips']:,}</td></tr>"
+                       f"<tr><td>without clips</td><td class=n>{videos['without_clips']:,}</td></tr>")
+            out += [f"<tr><td>&nbsp;&nbsp;{html.escape(r)}</td><td class=n>{c:,}</td></tr>"
+                    for r, c in videos.get("reasons", {}).items()]
+            out.append("</table>")
+        if self.is_selection:
+            sel = self.summary.get("selection") or {}
+            out.append(f"<h3>Selection</h3><pre>{html.escape(json.dumps(sel, indent=2))}</pre>")
+            out.append("<p class=note>Sources: " + ", ".join(html.escape(r) for r in self.summary.get("source_runs", []))
+                       + "</p>")
+            return "\n".join(out)
+        plt = _plt()
+        items = sorted(reasons.items(), key=lambda kv: -kv[1])
+        labels = [f"inputs ({n:,})"] + [f"- {r} ({c:,})" for r, c in items] + [f"kept ({kept:,})"]
+        fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(labels) + 0.9))
+        left = n
+        ax.barh(0, n, color="#8a96a6")
+        for i, (r, c) in enumerate(items, start=1):
+            left -= c
+            ax.barh(i, c, left=left, color=REJECTED_COLOR)
+        ax.barh(len(labels) - 1, kept, color=KEPT_COLOR)
+        ax.set_yticks(range(len(labels)), labels, fontsize=9)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        ax.set_title("funnel: each rejection reason removes its rows from what is left", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        out.append(f'<img class="plot" alt="funnel" src="{_png(fig)}">')
+        out.append("<table><tr><th>reason</th><th class=n>rows</th><th class=n>share of inputs</th></tr>")
+        out += [f"<tr><td>{html.escape(r)}</td><td class=n>{c:,}</td><td class=n>{100 * c / max(1, n):.1f} %</td></tr>"
+                for r, c in items]
+        out.append("</table>")
+        return "\n".join(out)
+
+    def scores(self) -> str:
+        cols = [c for c in SCORES if c in self.table.column_names
+                and np.isfinite(_num(self.table, c)).any()]
+        extra = []
+        if self.is_video and CLIP_START in self.table.column_names:
+            dur = _num(self.table, CLIP_END) - _num(self.table, CLIP_START)
+            extra.append(("clip duration (s)", dur))
+        if not cols and not extra:
+            return "<p class=note>No score columns in this run (its stages wrote none).</p>"
+        series = [(c, _num(self.table, c)) for c in cols] + extra
+        plt = _plt()
+        ncol = min(3, len(series))
+        nrow = (len(series) + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.9 * nrow), squeeze=False)
+        rows = []
+        for ax, (name, v) in zip(axes.ravel(), series):
+            ok = np.isfinite(v)
+            k, r = v[ok & self.kept], v[ok & ~self.kept]
+            bins = np.histogram_bin_edges(v[ok], bins=40) if ok.any() else 10
+            ax.hist([k, r], bins=bins, stacked=True, color=[KEPT_COLOR, REJECTED_COLOR], label=["kept", "rejected"])
+            ax.set_title(f"{name} (n={int(ok.sum()):,})", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.25)
+            if len(k):
+                q = np.percentile(k, [0, 12.5, 25, 50, 75, 100])
+                rows.append(f"<tr><td>{html.escape(name)}</td><td class=n>{len(k):,}</td>"
+                            + "".join(f"<td class=n>{x:.4g}</td>" for x in q) + "</tr>")
+        for ax in axes.ravel()[len(series):]:
+            ax.axis("off")
+        fig.tight_layout()
+        table = ("<table><tr><th>kept rows</th><th class=n>scored</th><th class=n>min</th><th class=n>p12.5</th>"
+                 "<th class=n>p25</th><th class=n>median</th><th class=n>p75</th><th class=n>max</th></tr>"
+                 + "".join(rows) + "</table><p class=note>The p12.5 / p25 / median columns are the thresholds that "
+                 "drop SVD's bottom 12.5 / 25 / 50 % (winnow sweep explores them).</p>")
+        return f'<img class="plot" alt="score histograms" src="{_png(fig)}">' + table
+
+    def aspect(self) -> str:
+        from training.buckets import assign, bucket_table
+
+        if WIDTH not in self.table.column_names:
+            return "<p class=note>No sizes in this run.</p>"
+        w, h = _num(self.table, WIDTH), _num(self.table, HEIGHT)
+        ok = self.kept & np.isfinite(w) & np.isfinite(h) & (w > 0) & (h > 0)
+        if not ok.any():
+            return "<p class=note>No kept samples with a size.</p>"
+        w, h = w[ok], h[ok]
+        plt = _plt()
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.4), gridspec_kw={"width_ratios": [1, 1, 1.3, 1.3]})
+        ratios = np.log2(w / h)
+        axes[0].hist(ratios, bins=40, color=KEPT_COLOR)
+        ticks = [-2, -1, -np.log2(4 / 3), 0, np.log2(4 / 3), np.log2(16 / 9), 1, 2]
+        axes[0].set_xticks(ticks, ["1:4", "1:2", "3:4", "1:1", "4:3", "16:9", "2:1", "4:1"], fontsize=7)
+        axes[0].set_xlim(min(-1.2, ratios.min() - 0.1), max(1.2, ratios.max() + 0.1))
+        axes[0].set_title("aspect ratio (w:h), kept", fontsize=9)
+        axes[1].hist(np.minimum(w, h), bins=40, color=KEPT_COLOR)
+        axes[1].set_title("shorter side (px, original), kept", fontsize=9)
+        lines = []
+        for ax, base in zip(axes[2:], (512, 1024)):
+            table = bucket_table(base, 64, 2.0)
+            ids = assign(w, h, table)
+            counts = np.bincount(ids, minlength=len(table))
+            used = [i for i in range(len(table)) if counts[i]]
+            ax.bar(range(len(used)), counts[used], color=KEPT_COLOR)
+            ax.set_xticks(range(len(used)), [f"{table[i].width}x{table[i].height}" for i in used], rotation=60,
+                          fontsize=6)
+            ax.set_title(f"training buckets at base {base} (max aspect 2)", fontsize=9)
+            top = sorted(used, key=lambda i: -counts[i])[:3]
+            lines.append(f"base {base}: {len(used)} of {len(table)} buckets used; largest " +
+                         ", ".join(f"{table[i].width}x{table[i].height} ({counts[i]:,})" for i in top))
+        fig.tight_layout()
+        return (f'<img class="plot" alt="aspect ratios and buckets" src="{_png(fig)}">'
+                + "".join(f"<p class=note>{html.escape(x)}</p>" for x in lines))
+
+    def throughput(self) -> str:
+        s = self.summary
+        n = self.table.num_rows
+        out = []
+        stage = s.get("stage_seconds") or {}
+        if stage:
+            total = sum(stage.values()) or 1.0
+            out.append("<table><tr><th>stage</th><th class=n>worker seconds</th><th class=n>share</th>"
+                       "<th class=n>rows/s per worker</th></tr>")
+            for k, v in stage.items():
+                rate = f"{n / v:,.0f}" if v >= 0.005 else "negligible"
+                out.append(f"<tr><td>{html.escape(k)}</td><td class=n>{v:,.2f}</td>"
+                           f"<td class=n>{100 * v / total:.1f} %</td><td class=n>{rate}</td></tr>")
+            out.append("</table><p class=note>Worker seconds are summed over all workers (each row carries its "
+                       "share of its batch's time).</p>")
+        phases = {k: v for k, v in (s.get("phases") or {}).items() if not k.startswith("reduce:")}
+        if phases:
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(8.5, 0.38 * len(phases) + 0.9))
+            ax.barh(range(len(phases)), list(phases.values()), color="#6b7a8f")
+            ax.set_yticks(range(len(phases)), list(phases), fontsize=9)
+            ax.invert_yaxis()
+            ax.set_xlabel("wall seconds")
+            ax.set_title(f"phases (run wall time {s.get('wall_seconds', 0):.1f} s, "
+                         f"{n / max(1e-9, s.get('wall_seconds') or 1e-9):,.1f} rows/s end to end)", fontsize=10)
+            fig.tight_layout()
+            out.append(f'<img class="plot" alt="phases" src="{_png(fig)}">')
+        if not out:
+            return "<p class=note>No timing recorded.</p>"
+        return "\n".join(out)
+
+    def _pick(self, idx: np.ndarray) -> np.ndarray:
+        if len(idx) <= self.examples:
+            return idx
+        return np.sort(self.rng.choice(idx, self.examples, replace=False))
+
+    def examples_html(self) -> str:
+        from curation.sheets import ShardImages
+
+        rows_of = self.table.column(REJECT_REASON).to_pylist()
+        keys = self.table.column(KEY).to_pylist()
+        parts = self.table.column(PARTITION).to_pylist() if PARTITION in self.table.column_names else [0] * len(keys)
+        images = ShardImages([os.path.join(self.dir, "annotations.parquet")], THUMB)
+        out = []
+        try:
+            kept_idx = self._pick(np.flatnonzero(self.kept))
+            out.append(f"<h3>kept ({int(self.kept.sum()):,})</h3><div class=grid>")
+            caption = self.table.column("caption").to_pylist() if "caption" in self.table.column_names else None
+            for i in kept_idx:
+                im = images.thumbnail(0, int(parts[i]), keys[i])
+                label = html.escape(keys[i]) + (f"<br>{html.escape((caption[i] or '')[:60])}" if caption else "")
+                out.append(f'<div class=ex><img src="{_jpeg(im)}" alt="{html.escape(keys[i])}">{label}</div>')
+            out.append("</div>")
+            cats: dict[str, list[int]] = {}
+            for i, r in enumerate(rows_of):
+                if r and not self.kept[i]:
+                    cats.setdefault(reason_category(r), []).append(i)
+            dup = self.table.column(DUPLICATE_OF).to_pylist() if DUPLICATE_OF in self.table.column_names else None
+            for cat, idx in sorted(cats.items(), key=lambda kv: -len(kv[1])):
+                out.append(f"<h3>rejected: {html.escape(cat)} ({len(idx):,})</h3><div class=grid>")
+                for i in self._pick(np.asarray(idx)):
+                    row = self.table.slice(int(i), 1).to_pylist()[0]
+                    im = source_thumbnail(self.input_root, row) or _placeholder(row[REJECT_REASON] or cat)
+                    detail = row[REJECT_REASON] or ""
+                    if dup and dup[i]:
+                        detail += f" (of {dup[i]})"
+                    out.append(f'<div class=ex><img src="{_jpeg(im)}" alt="{html.escape(keys[i])}">'
+                               f"{html.escape(keys[i])}<br>{html.escape(detail[:90])}</div>")
+                out.append("</div>")
+        finally:
+            images.close()
+        return "\n".join(out)
+
+    def shards_html(self) -> str:
+        stats = []
+        for f in sorted(glob.glob(os.path.join(self.dir, "shards", "*_stats.json"))):
+            with open(f, encoding="utf-8") as fh:
+                stats.append(json.load(fh))
+        if not stats:
+            return "<p class=note>No shards.</p>"
+        total = sum(s.get("tar_bytes", 0) for s in stats)
+        out = [f"<p>{len(stats)} shards, {sum(s['kept'] for s in stats):,} samples, {total / 1e6:,.1f} MB of tar in "
+               f"<code>{html.escape(os.path.join(os.path.abspath(self.dir), 'shards'))}</code></p>",
+               "<table><tr><th>shard</th><th class=n>rows</th><th class=n>kept</th><th class=n>rejected</th>"
+               "<th class=n>MB</th></tr>"]
+        for s in stats[:50]:
+            out.append(f"<tr><td>{s['shard']}.tar</td><td class=n>{s['count']:,}</td><td class=n>{s['kept']:,}</td>"
+                       f"<td class=n>{s['rejected']:,}</td><td class=n>{s.get('tar_bytes', 0) / 1e6:.2f}</td></tr>")
+        out.append("</table>")
+        if len(stats) > 50:
+            out.append(f"<p class=note>... and {len(stats) - 50} more (shards/*_stats.json).</p>")
+        return "\n".join(out)
+
+    def render(self) -> str:
+        sections = [("funnel", "Funnel", self.funnel), ("scores", "Scores", self.scores),
+                    ("aspect", "Aspect ratios, sizes and buckets", self.aspect),
+                    ("throughput", "Throughput and time", self.throughput),
+                    ("examples", "Examples", self.examples_html), ("shards", "Shards", self.shards_html)]
+        body = []
+        for sid, title, fn in sections:
+            try:
+                content = fn()
+            except Exception as exc:   # one broken section must not cost the others
+                content = f"<p class=note>This section failed: {html.escape(repr(exc))}</p>"
+            body.append(f'<section id="{sid}"><h2>{title}</h2>\n{content}\n</section>')
+        body.append(f'<section id="spec"><h2>Spec</h2><pre>{html.escape(self.spec_text or "(no spec.yaml)")}</pre>'
+                    f"</section>")
+        kind = "selection" if self.is_selection else ("video clips" if self.is_video else "images")
+        when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        nav = "".join(f'<a href="#{sid}">{sid}</a>' for sid in
+                      ("funnel", "scores", "aspect", "throughput", "examples", "shards", "spec"))
+        title = html.escape(os.path.abspath(self.dir))
+        return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>winnow report: {title}</title>"
+                f"<style>{CSS}</style></head><body><header><h1>winnow report</h1><div class=sub>{title} · {kind} · "
+                f"{self.table.num_rows:,} rows · written {when}</div><nav>{nav}</nav></header><main>"
+                + "\n".join(body) + "</main></body></html>")
+
+
+def write(run_dir: str, out: str | None = None, examples: int = 8) -> str:
+    """Write the report of ``run_dir`` (a curate or select output) and return its path."""
+    from pipeline.config import ConfigError
+    from pipeline.shards import atomic_write
+
+    if not os.path.exists(os.path.join(run_dir, "annotations.parquet")):
+        raise ConfigError(f"{run_dir!r} has no annotations.parquet: give a finished `winnow curate` or "
+                          f"`winnow select` output folder")
+    page = Report(run_dir, examples).render()
+    path = out or os.path.join(run_dir, REPORT_FILE)
+    atomic_write(path, page.encode("utf-8"))
+    return path
+
+
+__all__ = ["REPORT_FILE", "Report", "source_thumbnail", "write"]

@@ -1,0 +1,360 @@
+"""Materialise a selection: ``winnow select`` writes a new shard set holding only the chosen
+samples of one or more curated runs, copied from their shards (no re-decoding, no model).
+
+The selection is a manifest of keys (``winnow sweep``'s ``selections/cell_NNN.parquet``) or
+thresholds given inline (the sweep's levels, ANDed). The plan is fixed before Ray starts: the
+selected rows sorted by (run, source shard, key) and cut into output shards of
+``samples_per_shard``. Each output shard is one Ray task that reads its samples' members from
+the source tars by byte range and writes ``PPPPP.tar``, ``PPPPP.parquet`` (the samples'
+annotation rows) and ``PPPPP_stats.json`` last, each atomically; a re-run after a kill skips the
+shards whose stats exist, so the result equals an uninterrupted run, with no sample twice and none
+lost. The output is a run folder like ``winnow curate``'s (shards/, annotations.parquet,
+embeddings/, summary.json, report.html), so training, sweeps and reports read it the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from curation.sweep import FilterSpec, check_filters, levels_for, values
+from pipeline import adapter, shards
+from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
+from pipeline.stage import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
+
+SPEC_FILE = "spec.yaml"
+SOURCE_RUN, SOURCE_KEY, SOURCE_PARTITION = "source_run", "source_key", "source_partition"
+
+
+@dataclass
+class SelectOutput:
+    path: str = option(help="new run folder: shards/, annotations.parquet, embeddings/, summary.json, report.html")
+    samples_per_shard: int = option(1000, "selected samples per output shard", min=1, max=1_000_000)
+    overwrite: bool = option(False, "delete an existing output folder made by a different selection instead of failing")
+    report: bool = option(True, "write report.html at the end", runtime=True)
+
+
+@dataclass
+class SelectRay:
+    address: str | None = option(None, "Ray cluster address; null uses RAY_ADDRESS or a local Ray", runtime=True)
+    num_cpus: int | None = option(None, "CPUs of a local Ray (default: all cores)", min=1, runtime=True)
+
+
+@dataclass
+class SelectSpec:
+    output: SelectOutput = field(default_factory=SelectOutput)
+    runs: list[str] = option(factory=list, help="`winnow curate` output folders; default: the runs the selection's "
+                                                "sweep read (in its order)")
+    selection: str | None = option(None, "selection manifest (winnow sweep's selections/cell_NNN.parquet: run, key)")
+    filters: list[FilterSpec] = option(factory=list, help="inline thresholds instead of (or on top of) a manifest: "
+                                                          "one drop_fraction or threshold each, ANDed")
+    ray: SelectRay = field(default_factory=SelectRay)
+
+
+def parse(data: dict) -> SelectSpec:
+    spec = build(SelectSpec, data)
+    if not spec.output.path:
+        raise ConfigError("output.path: give the folder the selected shard set is written to")
+    if spec.selection is None and not spec.filters:
+        raise ConfigError("give selection: (a manifest from `winnow sweep`) and/or filters: (inline thresholds)")
+    if spec.selection is not None and not os.path.exists(spec.selection):
+        raise ConfigError(f"selection: {spec.selection!r} does not exist")
+    for i, f in enumerate(spec.filters):
+        if len(f.drop_fractions) + len(f.thresholds) != 1:
+            raise ConfigError(f"filters[{i}]: a selection takes one level per filter (one drop_fraction or one "
+                              f"threshold) for {f.column!r}; sweep several with `winnow sweep`")
+    check_filters(spec.filters)
+    if not spec.runs:
+        spec.runs = manifest_runs(spec.selection) if spec.selection else []
+        if not spec.runs:
+            raise ConfigError("runs: give the `winnow curate` output folders to select from (the selection manifest "
+                              "does not name them)")
+    for i, r in enumerate(spec.runs):
+        if not os.path.exists(os.path.join(r, "annotations.parquet")) or not os.path.isdir(os.path.join(r, "shards")):
+            raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no annotations.parquet "
+                              f"and shards/); finish that run first")
+    if spec.output.path and os.path.abspath(spec.output.path) in {os.path.abspath(r) for r in spec.runs}:
+        raise ConfigError("output.path: must differ from the source runs")
+    return spec
+
+
+def load(path: str | None, overrides: list[str] | None = None) -> SelectSpec:
+    return parse(apply_overrides(load_yaml(path) if path else {}, overrides or []))
+
+
+def manifest_runs(path: str) -> list[str]:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"winnow_runs", b"[]"))
+
+
+def _source_table(spec: SelectSpec) -> pa.Table:
+    """The kept rows of every source run: run index, key, source partition and the filter columns."""
+    tables = []
+    for i, r in enumerate(spec.runs):
+        path = os.path.join(r, "annotations.parquet")
+        names = pq.read_schema(path).names
+        missing = [f.column for f in spec.filters if f.column not in names]
+        if missing:
+            raise ConfigError(f"filters: run {r!r} has no column {missing[0]!r}")
+        t = pq.read_table(path, columns=[KEY, STATUS, PARTITION, *dict.fromkeys(f.column for f in spec.filters)])
+        t = t.filter(pc.equal(t.column(STATUS), KEPT)).drop_columns([STATUS])
+        tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+@dataclass
+class Plan:
+    table: pa.Table          # run, key, partition (source), out_partition, out_key; sorted
+    source_kept: int         # kept rows over all source runs
+    thresholds: dict         # what the selection applied (for the summary and report)
+    fingerprint: str
+
+    @property
+    def counts(self) -> dict[int, int]:
+        p, c = np.unique(self.table.column("out_partition").to_numpy(), return_counts=True)
+        return {int(a): int(b) for a, b in zip(p, c)}
+
+
+def plan(spec: SelectSpec) -> Plan:
+    """Which samples go to which output shard; fixed before Ray starts, so a re-run writes the same."""
+    src = _source_table(spec)
+    mask = np.ones(src.num_rows, bool)
+    thresholds: dict = {}
+    if spec.selection:
+        man = pq.read_table(spec.selection, columns=["run", KEY])
+        if man.num_rows and int(pc.max(man.column("run")).as_py()) >= len(spec.runs):
+            raise ConfigError(f"selection: {spec.selection!r} names run {pc.max(man.column('run')).as_py()}, but only "
+                              f"{len(spec.runs)} runs are given")
+        want = pc.binary_join_element_wise(pc.cast(man.column("run"), pa.string()), man.column(KEY), "|")
+        have = pc.binary_join_element_wise(pc.cast(src.column("run"), pa.string()), src.column(KEY), "|")
+        mask &= pc.is_in(have, value_set=want).to_numpy(zero_copy_only=False)
+        if int(mask.sum()) != man.num_rows:
+            missing = pc.filter(want, pc.invert(pc.is_in(want, value_set=have)))
+            raise ConfigError(f"selection: {man.num_rows - int(mask.sum())} of its {man.num_rows} keys are not kept "
+                              f"samples of the runs (first: run|key {missing[0].as_py() if len(missing) else '?'}); "
+                              f"was it made from other runs? set runs: to the folders its sweep read")
+        meta = pq.read_schema(spec.selection).metadata or {}
+        thresholds["manifest"] = {"path": os.path.abspath(spec.selection),
+                                  "cell": meta.get(b"winnow_cell", b"").decode(),
+                                  "thresholds": json.loads(meta.get(b"winnow_thresholds", b"{}"))}
+    for f in spec.filters:   # drop fractions are quantiles of all kept rows, as in the sweep
+        lv = levels_for(f, values(src, f.column))[0]
+        mask &= lv.mask(values(src, f.column))
+        thresholds.setdefault("filters", []).append({"column": lv.column, "keep": lv.keep, "threshold": lv.threshold,
+                                                     "drop_fraction": lv.fraction})
+    sel = src.select(["run", KEY, PARTITION]).filter(pa.array(mask))
+    sel = sel.sort_by([("run", "ascending"), (PARTITION, "ascending"), (KEY, "ascending")])
+    if sel.num_rows == 0:
+        raise ConfigError("the selection is empty: no kept sample passes it; loosen the filters")
+    keys = sel.column(KEY).to_pylist()
+    out_keys = keys
+    if len(spec.runs) > 1 and len(set(keys)) != len(keys):   # two runs share key names: prefix the run
+        out_keys = [f"r{r:02d}_{k}" for r, k in zip(sel.column("run").to_pylist(), keys)]
+    sel = sel.append_column("out_partition", pa.array(np.arange(sel.num_rows) // spec.output.samples_per_shard))
+    sel = sel.append_column("out_key", pa.array(out_keys, pa.string()))
+    h = hashlib.sha256()
+    for r in spec.runs:   # a re-curated source is a different selection
+        st = os.stat(os.path.join(r, "annotations.parquet"))
+        h.update(f"{os.path.abspath(r)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{spec.output.samples_per_shard}\n".encode())
+    h.update(pc.binary_join_element_wise(pc.cast(sel.column("run"), pa.string()), sel.column(KEY), "|")
+             .to_numpy(zero_copy_only=False).astype(str).tobytes())
+    return Plan(sel, src.num_rows, thresholds, h.hexdigest()[:16])
+
+
+def _members(tar_path: str, keys: set[str]) -> dict[str, list[tuple[str, int, int]]]:
+    """key -> [(extension, data offset, size)] of the tar's members for ``keys``, from headers only."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    with tarfile.open(tar_path, mode="r:") as tf:
+        for m in tf:
+            key, _, ext = m.name.rpartition(".")
+            if m.isfile() and key in keys:
+                out.setdefault(key, []).append((ext, m.offset_data, m.size))
+    return out
+
+
+def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> dict:
+    """Copy one output shard's samples from their source shards; stats are written last (done marker)."""
+    name = shards.shard_name(partition)
+    members, ann, emb = {}, [], []
+    by_source: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        by_source.setdefault((r["run"], r[PARTITION]), []).append(r)
+    for (run, src_part), rs in sorted(by_source.items()):
+        base = os.path.join(runs[run], "shards", shards.shard_name(src_part))
+        keys = {r[KEY] for r in rs}
+        found = _members(base + ".tar", keys)
+        lost = keys - set(found)
+        if lost:
+            raise RuntimeError(f"{base}.tar lacks {len(lost)} selected samples (first {sorted(lost)[0]}); "
+                               f"was the source run changed?")
+        with open(base + ".tar", "rb") as fh:
+            for r in rs:
+                data = []
+                for ext, offset, size in found[r[KEY]]:
+                    fh.seek(offset)
+                    data.append((ext, fh.read(size)))
+                members[r["out_key"]] = data
+        t = pq.read_table(base + ".parquet")
+        t = t.filter(pc.is_in(t.column(KEY), value_set=pa.array(sorted(keys))))
+        ann.append(_relabel(t, {r[KEY]: r["out_key"] for r in rs}, runs[run], partition))
+        emb_path = os.path.join(runs[run], "embeddings", shards.shard_name(src_part) + ".parquet")
+        if os.path.exists(emb_path):
+            e = pq.read_table(emb_path)
+            e = e.filter(pc.is_in(e.column(KEY), value_set=pa.array(sorted(keys))))
+            emb.append(_relabel(e, {r[KEY]: r["out_key"] for r in rs}))
+    table = pa.concat_tables(ann, promote_options="permissive")
+    table = table.take(pc.sort_indices(table.column(KEY)))
+    if table.num_rows != len(rows):
+        raise RuntimeError(f"shard {name}: {table.num_rows} annotation rows for {len(rows)} samples")
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for key in table.column(KEY).to_pylist():
+            for ext, data in members[key]:
+                if ext == "json":   # the sample's annotation row carries its (new) key
+                    meta = json.loads(data)
+                    if meta.get(KEY) != key:
+                        meta[SOURCE_KEY], meta[KEY] = meta.get(KEY), key
+                        data = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+                shards._add_tar_member(tf, f"{key}.{ext}", data)
+    sdir = os.path.join(out, "shards")
+    os.makedirs(sdir, exist_ok=True)
+    if emb:
+        e = pa.concat_tables(emb, promote_options="permissive")
+        shards.write_embeddings(os.path.join(out, "embeddings", f"{name}.parquet"), e.take(pc.sort_indices(e.column(KEY))))
+    shards.atomic_write(os.path.join(sdir, f"{name}.tar"), buf.getvalue())
+    shards.atomic_write(os.path.join(sdir, f"{name}.parquet"), shards.table_bytes(table))
+    stats = {"shard": name, "partition": partition, "count": len(rows), "kept": len(rows), "rejected": 0,
+             "reasons": {}, "stage_seconds": {}, "tar_bytes": buf.tell(),
+             "sources": sorted({f"{runs[r]}/shards/{shards.shard_name(p)}.tar" for r, p in by_source})}
+    shards.atomic_write(os.path.join(sdir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
+    return stats
+
+
+def _relabel(t: pa.Table, new_keys: dict[str, str], run: str | None = None, partition: int | None = None) -> pa.Table:
+    """Output rows: keys renamed where runs collide, the output's partition, the source noted."""
+    old = t.column(KEY).to_pylist()
+    if any(new_keys[k] != k for k in old):
+        t = t.set_column(t.column_names.index(KEY), KEY, pa.array([new_keys[k] for k in old], pa.string()))
+        t = t.append_column(SOURCE_KEY, pa.array(old, pa.string()))
+    if partition is not None:
+        src = t.column(PARTITION)
+        t = t.set_column(t.column_names.index(PARTITION), PARTITION, pa.array(np.full(t.num_rows, partition, np.int64)))
+        t = t.append_column(SOURCE_PARTITION, src)
+    if run is not None:
+        t = t.append_column(SOURCE_RUN, pa.array([run] * t.num_rows, pa.string()))
+    return t
+
+
+@dataclass
+class SelectResult:
+    output: str
+    source_kept: int
+    selected: int
+    shards: int
+    thresholds: dict
+    wall_seconds: float
+    samples_per_s: float = 0.0
+    report: str | None = None
+
+
+def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
+    import ray
+
+    started = time.time()
+    p = plan(spec)
+    out = spec.output.path
+    doc = to_dict(spec)
+    shards.claim_output(out, os.path.join(out, SPEC_FILE), p.fingerprint, doc, spec.output.overwrite, "selection",
+                        "runs, selection, filters or samples_per_shard")
+    sdir = os.path.join(out, "shards")
+    counts = p.counts
+    todo = [q for q in sorted(counts) if not shards.shard_done(sdir, q)]
+    if todo and log is not None and len(todo) < len(counts):
+        print(f"resuming: {len(counts) - len(todo)} of {len(counts)} shards written by an earlier run", file=log)
+    t = time.time()
+    if todo:
+        adapter.connect(spec.ray.address, spec.ray.num_cpus)
+        task = ray.remote(num_cpus=0.5, max_retries=2)(write_shard)
+        runs = [os.path.abspath(r) for r in spec.runs]
+        size = spec.output.samples_per_shard   # out_partition = row // size: each shard is one slice
+        refs = [task.remote(runs, p.table.slice(q * size, counts[q]).to_pylist(), out, q) for q in todo]
+        bar = tqdm(total=len(refs), desc="select", unit="shard", file=log, disable=log is None)
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            ray.get(done)
+            bar.update(len(done))
+        bar.close()
+    copy_s = time.time() - t
+    result = finalize(spec, p, started, copy_s)
+    if spec.output.report:
+        from pipeline import report
+
+        result.report = report.write(out)
+    return result
+
+
+def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> SelectResult:
+    out = spec.output.path
+    sdir = os.path.join(out, "shards")
+    names = [shards.shard_name(q) for q in sorted(p.counts)]
+    table = pa.concat_tables([pq.read_table(os.path.join(sdir, f"{n}.parquet")) for n in names],
+                             promote_options="permissive")
+    table = table.take(pc.sort_indices(table.column(KEY)))
+    if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(p.table.column("out_key").to_pylist()):
+        raise RuntimeError(f"counts do not reconcile: planned {p.table.num_rows} samples, shards hold {table.num_rows}")
+    shards.atomic_write(os.path.join(out, "annotations.parquet"), shards.table_bytes(table))
+    if VIDEO_KEY in table.column_names:   # the source videos of the selected clips
+        vids = []
+        for i, r in enumerate(spec.runs):
+            vp = os.path.join(r, "videos.parquet")
+            if os.path.exists(vp):
+                v = pq.read_table(vp)
+                chosen = table.filter(pc.equal(table.column(SOURCE_RUN), os.path.abspath(r))).column(VIDEO_KEY)
+                vids.append(v.filter(pc.is_in(v.column(KEY), value_set=pc.unique(chosen))))
+        if vids:
+            shards.atomic_write(os.path.join(out, "videos.parquet"),
+                                shards.table_bytes(pa.concat_tables(vids, promote_options="permissive")))
+    wall = time.time() - started
+    result = SelectResult(out, p.source_kept, table.num_rows, len(names), p.thresholds, round(wall, 2),
+                          round(table.num_rows / copy_s, 1) if copy_s > 0.01 else 0.0)
+    summary = {"output": out, "kind": "selection", "inputs": table.num_rows, "kept": table.num_rows, "rejected": 0,
+               "reasons": {}, "stage_seconds": {}, "phases": {"copy": round(copy_s, 3)},
+               "wall_seconds": result.wall_seconds, "shards": len(names), "format": "selection",
+               "kept_fraction": 1.0, "source_runs": [os.path.abspath(r) for r in spec.runs],
+               "source_kept": p.source_kept, "selection": p.thresholds}
+    shards.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    return result
+
+
+def format_summary(r: SelectResult) -> str:
+    lines = [f"winnow select: {r.output}",
+             f"  source kept  {r.source_kept:>9}",
+             f"  selected     {r.selected:>9}  ({100 * r.selected / max(1, r.source_kept):.1f} %)",
+             f"  shards       {r.shards:>9}"]
+    man = r.thresholds.get("manifest")
+    if man:
+        lines.append(f"  manifest     {man['path']} ({man['cell'] or 'no cell name'})")
+    for f in r.thresholds.get("filters", []):
+        op = ">=" if f["keep"] == "high" else "<="
+        lines.append(f"  filter       {f['column']} {op} {f['threshold']:.6g}")
+    rate = f"; {r.samples_per_s:,.0f} samples/s copied" if r.samples_per_s else ""
+    lines.append(f"  wall time {r.wall_seconds:.1f} s{rate}; shards in {os.path.join(r.output, 'shards')}")
+    if r.report:
+        lines.append(f"  report       {r.report}")
+    return "\n".join(lines)
+
+
+__all__ = ["Plan", "SelectSpec", "format_summary", "load", "parse", "plan", "run", "write_shard"]

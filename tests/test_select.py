@@ -1,0 +1,201 @@
+"""winnow select (materialise a selection), training from a selection, and the HTML report."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from curation import sweep
+from pipeline import report, select
+from pipeline.config import ConfigError
+from pipeline.stage import reason_counts
+from tests.helpers import annotations, run_curate, tar_members
+from tests.test_kill_resume import ROOT, kill_when
+
+STAGES = ["decode", "phash_dedup", "clip", "aesthetic"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, corpus, tmp_path_factory):
+    root, _ = corpus
+    out = str(tmp_path_factory.mktemp("sel") / "run")
+    result = run_curate(root, out, samples_per_shard=8, stages=STAGES, output_options={"report": True})
+    assert result.report == os.path.join(out, "report.html")      # curate writes its report at the end
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(run_dir, tmp_path_factory):
+    """The sweep cell 'drop the bottom half by aesthetic score'."""
+    out = str(tmp_path_factory.mktemp("sweep") / "s")
+    spec = sweep.parse({"annotations": [run_dir], "output": out, "plots": False, "sheets": {"per_side": 0},
+                        "filters": [{"column": "aesthetic_score", "drop_fractions": [0.5]}]})
+    r = sweep.run(spec)
+    assert r.cells[1].name.endswith("(drop0.5)")
+    return os.path.join(out, "selections", "cell_001.parquet")
+
+
+def members_by_key(out: str) -> dict[str, dict[str, bytes]]:
+    got: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(glob.glob(os.path.join(out, "shards", "*.tar"))):
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                key, _, ext = m.name.rpartition(".")
+                got.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return got
+
+
+def test_select_keeps_exactly_the_manifest_keys(run_dir, manifest, tmp_path):
+    out = str(tmp_path / "picked")
+    spec = select.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}})
+    assert spec.runs == [os.path.abspath(run_dir)]          # read from the manifest
+    result = select.run(spec, log=None)
+    want = sorted(pq.read_table(manifest).column("key").to_pylist())
+    kept = annotations(run_dir).query("status == 'kept'")
+    assert result.source_kept == len(kept) == 46
+    assert len(want) == result.selected == 23                   # drop the bottom half of 46 distinct scores
+    df = annotations(out)
+    assert sorted(df["key"]) == want and df["key"].is_unique
+    assert result.shards == 8 and df["partition"].tolist() == [i // 3 for i in range(23)]
+    assert (df["status"] == "kept").all() and (df["source_run"] == os.path.abspath(run_dir)).all()
+    # every member byte-identical to the source shard's, and nothing else in the tars
+    src, got = members_by_key(run_dir), members_by_key(out)
+    assert sorted(got) == want
+    for key in want:
+        assert set(got[key]) == {"jpg", "txt", "json"}
+        assert got[key] == src[key]
+    # per-shard annotation parquet = the tar's samples; embeddings follow the samples
+    for p in range(8):
+        part = pq.read_table(os.path.join(out, "shards", f"{p:05d}.parquet")).column("key").to_pylist()
+        with tarfile.open(os.path.join(out, "shards", f"{p:05d}.tar")) as tf:
+            assert sorted({n.rpartition(".")[0] for n in tf.getnames()}) == part
+    emb = pq.read_table(os.path.join(out, "embeddings"))
+    assert sorted(emb.column("key").to_pylist()) == want
+    src_emb = pq.read_table(os.path.join(run_dir, "embeddings")).to_pandas().set_index("key")
+    e = emb.to_pandas().set_index("key")
+    assert np.array_equal(np.stack(e.loc[want[0], "clip_image_embedding"]),
+                          np.stack(src_emb.loc[want[0], "clip_image_embedding"]))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["kind"] == "selection" and summary["inputs"] == summary["kept"] == 23
+    assert summary["selection"]["manifest"]["thresholds"]["aesthetic_score"]["drop_fraction"] == 0.5
+    assert os.path.exists(os.path.join(out, "report.html"))
+    # a re-run is a no-op; another selection into the same folder is refused
+    again = select.run(select.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}}), log=None)
+    assert again.selected == 23
+    with pytest.raises(ConfigError, match="different spec"):
+        select.run(select.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 4}}), log=None)
+
+
+def test_inline_filters_equal_the_sweep_cell(run_dir, manifest, tmp_path):
+    """drop_fractions inline resolve to the sweep's threshold, so they select the same samples."""
+    spec = select.parse({"runs": [run_dir], "output": {"path": str(tmp_path / "o"), "report": False},
+                         "filters": [{"column": "aesthetic_score", "drop_fractions": [0.5]}]})
+    p = select.plan(spec)
+    assert sorted(p.table.column("key").to_pylist()) == sorted(pq.read_table(manifest).column("key").to_pylist())
+    assert p.thresholds["filters"][0]["keep"] == "high"
+
+
+def test_select_bad_specs(run_dir, manifest, tmp_path):
+    out = {"path": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match="give selection"):
+        select.parse({"runs": [run_dir], "output": out})
+    with pytest.raises(ConfigError, match="one level per filter"):
+        select.parse({"runs": [run_dir], "output": out,
+                      "filters": [{"column": "aesthetic_score", "drop_fractions": [0.25, 0.5]}]})
+    with pytest.raises(ConfigError, match="keep: high or keep: low"):
+        select.parse({"runs": [run_dir], "output": out, "filters": [{"column": "width", "thresholds": [10]}]})
+    with pytest.raises(ConfigError, match="not a finished"):
+        select.parse({"runs": [str(tmp_path)], "output": out, "filters": [{"column": "width", "keep": "high",
+                                                                              "thresholds": [10]}]})
+    with pytest.raises(ConfigError, match="empty"):
+        select.plan(select.parse({"runs": [run_dir], "output": out,
+                                  "filters": [{"column": "width", "keep": "high", "thresholds": [1e9]}]}))
+    # a manifest naming a key the run does not keep (a rejected one)
+    rejected = annotations(run_dir).query("status == 'rejected'")["key"].iloc[0]
+    t = pq.read_table(manifest)
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(t.from_pylist(t.to_pylist() + [{"run": 0, "key": rejected}], schema=t.schema), bad)
+    with pytest.raises(ConfigError, match="1 of its 24 keys are not kept"):
+        select.plan(select.parse({"selection": bad, "output": out}))
+
+
+def test_select_survives_kill9(run_dir, manifest, tmp_path):
+    clean = str(tmp_path / "clean")
+    select.run(select.parse({"selection": manifest, "output": {"path": clean, "samples_per_shard": 1,
+                                                               "report": False}}), log=None)
+    out = str(tmp_path / "out")
+    spec_path = tmp_path / "select.yaml"
+    spec_path.write_text(yaml.safe_dump({"selection": manifest, "ray": {"num_cpus": 1},
+                                         "output": {"path": out, "samples_per_shard": 1, "report": False}}))
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "select", str(spec_path)], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_when(proc, os.path.join(out, "shards", "*_stats.json")), "select finished before it could be killed"
+    assert not os.path.exists(os.path.join(out, "summary.json"))        # it really was interrupted
+    done_before = len(glob.glob(os.path.join(out, "shards", "*_stats.json")))
+    assert 1 <= done_before < 23
+    result = select.run(select.parse(yaml.safe_load(spec_path.read_text())), log=None)
+    assert result.selected == 23
+    assert tar_members(out) == tar_members(clean)                       # same shards, same samples
+    names = [n for ms in tar_members(out).values() for n in ms]
+    assert len(names) == len(set(names)) == 69                          # none twice, none lost
+    for tar in glob.glob(os.path.join(clean, "shards", "*.tar")):       # byte-identical
+        with open(tar, "rb") as a, open(os.path.join(out, "shards", os.path.basename(tar)), "rb") as b:
+            assert a.read() == b.read()
+    assert annotations(out)["key"].tolist() == annotations(clean)["key"].tolist()
+
+
+def test_training_index_from_selection(run_dir, manifest, tmp_path):
+    """data.selection trains on the manifest's samples without materialising them."""
+    from training.index import load_index
+
+    index = load_index([run_dir], str(tmp_path), selection=manifest)
+    assert sorted(index.column("key").to_pylist()) == sorted(pq.read_table(manifest).column("key").to_pylist())
+    other = str(tmp_path / "copy")
+    shutil.copytree(run_dir, other)
+    with pytest.raises(ConfigError, match="none of them"):
+        load_index([other], str(tmp_path), selection=manifest)
+
+
+def test_report_has_every_section(run_dir, tmp_path):
+    path = report.write(run_dir, str(tmp_path / "r.html"), examples=4)
+    page = open(path, encoding="utf-8").read()
+    for sid in ("funnel", "scores", "aspect", "throughput", "examples", "shards", "spec"):
+        assert f'<section id="{sid}">' in page
+    assert "This section failed" not in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page    # self-contained
+    df = annotations(run_dir)
+    kept, n = int((df["status"] == "kept").sum()), len(df)
+    assert f"<b>{n:,}</b><span>inputs samples" in page and f"<b>{kept:,}</b><span>kept samples" in page
+    reasons = reason_counts(r for r in df["reject_reason"] if isinstance(r, str))
+    assert {"decode_error", "duplicate", "decompression_bomb"} <= set(reasons)
+    for reason, count in reasons.items():                               # every reason: its examples and its count
+        assert f"rejected: {reason} ({count:,})" in page
+    assert page.count('alt="funnel"') == 1 and page.count('alt="score histograms"') == 1
+    assert page.count("data:image/jpeg;base64,") >= 4 + 3                 # kept examples + rejected ones
+    assert "aesthetic_score" in page and "base 512:" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed")
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    from PIL import Image
+
+    shot = str(tmp_path / "shot.png")
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", "--hide-scrollbars",
+                    f"--screenshot={shot}", "file://" + os.path.join(run_dir, "report.html")],
+                   check=True, timeout=120, capture_output=True)
+    im = np.asarray(Image.open(shot).convert("RGB"))
+    assert im.shape == (2400, 1280, 3)
+    assert (im[:80].mean(axis=2) < 60).mean() > 0.5                     # the dark header rendered
+    assert len(np.unique(im.reshape(-1, 3)[::97], axis=0)) > 200        # plots and thumbnails, not a blank page
