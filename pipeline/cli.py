@@ -117,16 +117,16 @@ the same command resumes. See jobs/select_laion_aesthetic.yaml.
 
 
 def cmd_select(args) -> int:
-    from pipeline import select
+    from pipeline import selection
 
     data = load_yaml(args.spec) if args.spec else {}
     if args.selection:
         data["selection"] = args.selection
     if args.output:
         data.setdefault("output", {})["path"] = args.output
-    spec = select.parse(apply_overrides(data, args.set))
-    result = select.run(spec)
-    print(select.format_summary(result))
+    spec = selection.parse(apply_overrides(data, args.set))
+    result = selection.run(spec)
+    print(selection.format_summary(result))
     return 0
 
 

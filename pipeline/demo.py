@@ -1,4 +1,5 @@
-"""``make demo``: build a bundled corpus, curate it on a local Ray, train tiny SD and SDXL on the shards.
+"""``make demo``: build a bundled corpus, curate it on a local Ray (with HTML reports), sweep thresholds,
+materialise a selection, and train tiny SD and SDXL on the selected samples.
 
     python -m pipeline.demo [--output demo_out] [--images 240]
 """
@@ -64,15 +65,37 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  {video_run}/videos.parquet      one row per video: probe fields, cut_times_s, num_clips, reason"
           f"\n  {video_run}/annotations.parquet one row per clip: start_s, end_s, motion_score, ocr, clip scores")
 
+    from curation import sweep
+    from pipeline import selection
+
+    sweeps = {}
+    for job, src, name in (("jobs/sweep_laion_aesthetic.yaml", run_dir, "sweep_laion"),
+                           ("jobs/sweep_svd_filters.yaml", video_run, "sweep_svd")):
+        sweeps[name] = os.path.join(args.output, name)
+        print(f"\nsweeping {src}/annotations.parquet ({job})")
+        print(sweep.format_summary(sweep.run(sweep.load(job, [f"annotations=[{src}]", f"output={sweeps[name]}"]))))
+    select_dir = os.path.join(args.output, "select_aesthetic")
+    print("\nmaterialising 'drop the bottom 25 % by aesthetic score' as its own shard set "
+          "(jobs/select_laion_aesthetic.yaml)")
+    sel = selection.load("jobs/select_laion_aesthetic.yaml", [f"runs=[{run_dir}]", f"output.path={select_dir}"])
+    print(selection.format_summary(selection.run(sel)))
+    manifest = os.path.join(sweeps["sweep_laion"], "selections", "cell_002.parquet")
+    print(f"\nreports (open in a browser; self-contained):\n  {run_dir}/report.html\n  {video_run}/report.html"
+          f"\n  {select_dir}/report.html\nsweeps: {sweeps['sweep_laion']}/cells.md, plots/, sheets/ and "
+          f"{sweeps['sweep_svd']}/cells.md, plots/, sheets/")
+
     from training import spec as trainspec
     from training import trainer
 
-    for job, kind in (("jobs/train_sd15.yaml", "SD"), ("jobs/train_sdxl.yaml", "SDXL")):
+    # SD trains on the materialised selection; SDXL on the full run restricted by a sweep cell's manifest
+    for job, kind, data in (("jobs/train_sd15.yaml", "SD", [f"data.shards=[{select_dir}]"]),
+                            ("jobs/train_sdxl.yaml", "SDXL", [f"data.shards=[{run_dir}]", f"data.selection={manifest}"])):
         out = os.path.join(args.output, f"train_{kind.lower()}")
-        print(f"\ntraining tiny {kind} (random weights) for {args.train_steps} steps on {run_dir}/shards with "
+        source = f"{select_dir}/shards" if kind == "SD" else f"{run_dir}/shards, selection {manifest}"
+        print(f"\ntraining tiny {kind} (random weights) for {args.train_steps} steps on {source} with "
               f"2 Ray Train workers ({job}, at bucket base 128)")
         tspec = trainspec.load(job if os.path.exists(job) else None, [
-            f"data.shards=[{run_dir}]", f"output.path={out}", "data.resolution=128", "data.bucket_step=32",
+            *data, f"output.path={out}", "data.resolution=128", "data.bucket_step=32",
             f"train.max_steps={args.train_steps}", f"train.checkpoint_every={max(1, args.train_steps // 2)}",
             "train.log_every=2", "train.sample_steps=10", "ema.start_step=0", "optim.lr=1e-4"])
         print(trainer.format_summary(trainer.run(tspec)))

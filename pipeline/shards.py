@@ -15,7 +15,7 @@ import math
 import os
 import tarfile
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -71,13 +71,36 @@ def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: 
     atomic_write(marker, yaml.safe_dump({"fingerprint": fingerprint, **doc}, sort_keys=False).encode())
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes | Iterable[bytes]) -> int:
+    """Write ``data`` (bytes, or chunks streamed in order) to a temporary name, fsync, rename; returns the size."""
     tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    size = 0
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                size += fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return size
+
+
+def tar_block(name: str, data: bytes) -> bytes:
+    """One regular-file member as tar bytes (USTAR header, data, padding), as ``_add_tar_member`` writes it."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % 512)
+
+
+def tar_end(size: int) -> bytes:
+    """The end-of-archive blocks after ``size`` bytes of members, padded to a whole record (as tarfile does)."""
+    end = size + 1024
+    return b"\0" * (1024 + (-end % tarfile.RECORDSIZE))
 
 
 def _to_arrow(values: list) -> pa.Array:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from curation import sweep
-from pipeline import report, select
+from pipeline import report, selection
 from pipeline.config import ConfigError
 from pipeline.stage import reason_counts
 from tests.helpers import annotations, run_curate, tar_members
@@ -56,9 +56,9 @@ def members_by_key(out: str) -> dict[str, dict[str, bytes]]:
 
 def test_select_keeps_exactly_the_manifest_keys(run_dir, manifest, tmp_path):
     out = str(tmp_path / "picked")
-    spec = select.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}})
+    spec = selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}})
     assert spec.runs == [os.path.abspath(run_dir)]          # read from the manifest
-    result = select.run(spec, log=None)
+    result = selection.run(spec, log=None)
     want = sorted(pq.read_table(manifest).column("key").to_pylist())
     kept = annotations(run_dir).query("status == 'kept'")
     assert result.source_kept == len(kept) == 46
@@ -89,17 +89,17 @@ def test_select_keeps_exactly_the_manifest_keys(run_dir, manifest, tmp_path):
     assert summary["selection"]["manifest"]["thresholds"]["aesthetic_score"]["drop_fraction"] == 0.5
     assert os.path.exists(os.path.join(out, "report.html"))
     # a re-run is a no-op; another selection into the same folder is refused
-    again = select.run(select.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}}), log=None)
+    again = selection.run(selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}}), log=None)
     assert again.selected == 23
     with pytest.raises(ConfigError, match="different spec"):
-        select.run(select.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 4}}), log=None)
+        selection.run(selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 4}}), log=None)
 
 
 def test_inline_filters_equal_the_sweep_cell(run_dir, manifest, tmp_path):
     """drop_fractions inline resolve to the sweep's threshold, so they select the same samples."""
-    spec = select.parse({"runs": [run_dir], "output": {"path": str(tmp_path / "o"), "report": False},
+    spec = selection.parse({"runs": [run_dir], "output": {"path": str(tmp_path / "o"), "report": False},
                          "filters": [{"column": "aesthetic_score", "drop_fractions": [0.5]}]})
-    p = select.plan(spec)
+    p = selection.plan(spec)
     assert sorted(p.table.column("key").to_pylist()) == sorted(pq.read_table(manifest).column("key").to_pylist())
     assert p.thresholds["filters"][0]["keep"] == "high"
 
@@ -107,17 +107,17 @@ def test_inline_filters_equal_the_sweep_cell(run_dir, manifest, tmp_path):
 def test_select_bad_specs(run_dir, manifest, tmp_path):
     out = {"path": str(tmp_path / "o")}
     with pytest.raises(ConfigError, match="give selection"):
-        select.parse({"runs": [run_dir], "output": out})
+        selection.parse({"runs": [run_dir], "output": out})
     with pytest.raises(ConfigError, match="one level per filter"):
-        select.parse({"runs": [run_dir], "output": out,
+        selection.parse({"runs": [run_dir], "output": out,
                       "filters": [{"column": "aesthetic_score", "drop_fractions": [0.25, 0.5]}]})
     with pytest.raises(ConfigError, match="keep: high or keep: low"):
-        select.parse({"runs": [run_dir], "output": out, "filters": [{"column": "width", "thresholds": [10]}]})
+        selection.parse({"runs": [run_dir], "output": out, "filters": [{"column": "width", "thresholds": [10]}]})
     with pytest.raises(ConfigError, match="not a finished"):
-        select.parse({"runs": [str(tmp_path)], "output": out, "filters": [{"column": "width", "keep": "high",
+        selection.parse({"runs": [str(tmp_path)], "output": out, "filters": [{"column": "width", "keep": "high",
                                                                               "thresholds": [10]}]})
     with pytest.raises(ConfigError, match="empty"):
-        select.plan(select.parse({"runs": [run_dir], "output": out,
+        selection.plan(selection.parse({"runs": [run_dir], "output": out,
                                   "filters": [{"column": "width", "keep": "high", "thresholds": [1e9]}]}))
     # a manifest naming a key the run does not keep (a rejected one)
     rejected = annotations(run_dir).query("status == 'rejected'")["key"].iloc[0]
@@ -125,12 +125,12 @@ def test_select_bad_specs(run_dir, manifest, tmp_path):
     bad = str(tmp_path / "bad.parquet")
     pq.write_table(t.from_pylist(t.to_pylist() + [{"run": 0, "key": rejected}], schema=t.schema), bad)
     with pytest.raises(ConfigError, match="1 of its 24 keys are not kept"):
-        select.plan(select.parse({"selection": bad, "output": out}))
+        selection.plan(selection.parse({"selection": bad, "output": out}))
 
 
 def test_select_survives_kill9(run_dir, manifest, tmp_path):
     clean = str(tmp_path / "clean")
-    select.run(select.parse({"selection": manifest, "output": {"path": clean, "samples_per_shard": 1,
+    selection.run(selection.parse({"selection": manifest, "output": {"path": clean, "samples_per_shard": 1,
                                                                "report": False}}), log=None)
     out = str(tmp_path / "out")
     spec_path = tmp_path / "select.yaml"
@@ -143,7 +143,7 @@ def test_select_survives_kill9(run_dir, manifest, tmp_path):
     assert not os.path.exists(os.path.join(out, "summary.json"))        # it really was interrupted
     done_before = len(glob.glob(os.path.join(out, "shards", "*_stats.json")))
     assert 1 <= done_before < 23
-    result = select.run(select.parse(yaml.safe_load(spec_path.read_text())), log=None)
+    result = selection.run(selection.parse(yaml.safe_load(spec_path.read_text())), log=None)
     assert result.selected == 23
     assert tar_members(out) == tar_members(clean)                       # same shards, same samples
     names = [n for ms in tar_members(out).values() for n in ms]
@@ -199,3 +199,43 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert im.shape == (2400, 1280, 3)
     assert (im[:80].mean(axis=2) < 60).mean() > 0.5                     # the dark header rendered
     assert len(np.unique(im.reshape(-1, 3)[::97], axis=0)) > 200        # plots and thumbnails, not a blank page
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_member_scan_and_copy_match_tarfile(tmp_path, fmt):
+    """The header scanner reads winnow's USTAR shards directly and other archives through tarfile;
+    either way a copied sample reads back byte-identical, under its old or a new key."""
+    import io
+
+    long_key = "k" * (120 if fmt != tarfile.USTAR_FORMAT else 60)
+    members = {"000000001": {"jpg": b"\xff\xd8" + bytes(range(256)) * 3, "txt": "caption é".encode(),
+                             "json": b'{"key": "000000001"}'},
+               long_key: {"png": b"\x89PNG" + b"\x01" * 1000, "txt": b""}}
+    path = str(tmp_path / "src.tar")
+    with tarfile.open(path, "w", format=fmt) as tf:
+        d = tarfile.TarInfo("a_folder")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for key, exts in members.items():
+            for ext, data in exts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    found = selection.scan_members(path, set(members) | {"absent"})
+    assert sorted(found) == sorted(members)
+    for key, exts in members.items():
+        assert [m.ext for m in found[key]] == list(exts)
+        with open(path, "rb") as fh:
+            for m in found[key]:
+                fh.seek(m.data)
+                assert fh.read(m.size) == exts[m.ext]
+    for new_key in ("000000001", "r01_000000001"):
+        with open(path, "rb") as fh:
+            blob = b"".join(selection._sample_chunks(fh, "000000001", new_key, found["000000001"]))
+        blob += selection.shards.tar_end(len(blob))
+        assert len(blob) % tarfile.RECORDSIZE == 0
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+            got = {m.name: tf.extractfile(m).read() for m in tf}
+        assert got[f"{new_key}.jpg"] == members["000000001"]["jpg"] and set(got) == {f"{new_key}.{e}" for e in
+                                                                                     ("jpg", "txt", "json")}
+        assert json.loads(got[f"{new_key}.json"])["key"] == new_key

@@ -172,39 +172,99 @@ def plan(spec: SelectSpec) -> Plan:
     return Plan(sel, src.num_rows, thresholds, h.hexdigest()[:16])
 
 
-def _members(tar_path: str, keys: set[str]) -> dict[str, list[tuple[str, int, int]]]:
-    """key -> [(extension, data offset, size)] of the tar's members for ``keys``, from headers only."""
-    out: dict[str, list[tuple[str, int, int]]] = {}
+@dataclass
+class Member:
+    ext: str
+    header: int      # offset of its first header block (extended headers included)
+    data: int        # offset of its data
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.data + self.size + (-self.size % 512)
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:          # base-256 (GNU) sizes: let tarfile handle the archive
+        raise ValueError("base-256 number")
+    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
+
+
+def scan_members(tar_path: str, keys: set[str]) -> dict[str, list[Member]]:
+    """key -> its members in ``tar_path``, from the headers alone (data is seeked over). Plain USTAR
+    headers (what winnow writes) are parsed directly; any other kind of archive (PAX, GNU long
+    names, base-256 sizes) goes through ``tarfile``, whose members then start at their real header."""
+    out: dict[str, list[Member]] = {}
+    with open(tar_path, "rb") as fh:
+        pos = 0
+        while True:
+            fh.seek(pos)
+            h = fh.read(512)
+            if len(h) < 512 or h == b"\0" * 512:
+                return out
+            try:
+                if h[156:157] not in (b"0", b"\0", b"5") or h[257:262] != b"ustar":
+                    raise ValueError("not a plain ustar member")
+                if _octal(h[148:156]) != sum(h[:148]) + 256 + sum(h[156:]):
+                    raise ValueError("bad header checksum")
+                size = _octal(h[124:136])
+            except ValueError:
+                return _scan_tarfile(tar_path, keys)
+            name = h[:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            prefix = h[345:500].rstrip(b"\0")
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            key, _, ext = name.rpartition(".")
+            if h[156:157] != b"5" and key in keys:
+                out.setdefault(key, []).append(Member(ext, pos, pos + 512, size))
+            pos += 512 + size + (-size % 512)
+
+
+def _scan_tarfile(tar_path: str, keys: set[str]) -> dict[str, list[Member]]:
+    out: dict[str, list[Member]] = {}
     with tarfile.open(tar_path, mode="r:") as tf:
         for m in tf:
             key, _, ext = m.name.rpartition(".")
             if m.isfile() and key in keys:
-                out.setdefault(key, []).append((ext, m.offset_data, m.size))
+                out.setdefault(key, []).append(Member(ext, m.offset, m.offset_data, m.size))
     return out
+
+
+def _sample_chunks(fh, key: str, out_key: str, members: list[Member]):
+    """The tar bytes of one sample: its members' header and data blocks copied as they are (one read
+    when they are contiguous); rebuilt only when the key is renamed (the JSON row carries the key)."""
+    if out_key == key and all(a.end == b.header for a, b in zip(members, members[1:])) \
+            and all(m.data - m.header == 512 for m in members):
+        fh.seek(members[0].header)
+        yield fh.read(members[-1].end - members[0].header)
+        return
+    for m in members:
+        fh.seek(m.data)
+        data = fh.read(m.size)
+        if m.ext == "json" and out_key != key:
+            meta = json.loads(data)
+            meta[SOURCE_KEY], meta[KEY] = meta.get(KEY), out_key
+            data = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        yield shards.tar_block(f"{out_key}.{m.ext}", data)
 
 
 def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> dict:
     """Copy one output shard's samples from their source shards; stats are written last (done marker)."""
     name = shards.shard_name(partition)
-    members, ann, emb = {}, [], []
+    ann, emb = [], []
+    plan: list[tuple[str, str, str, list[Member]]] = []    # out_key, key, source tar, members
     by_source: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
         by_source.setdefault((r["run"], r[PARTITION]), []).append(r)
     for (run, src_part), rs in sorted(by_source.items()):
         base = os.path.join(runs[run], "shards", shards.shard_name(src_part))
         keys = {r[KEY] for r in rs}
-        found = _members(base + ".tar", keys)
+        found = scan_members(base + ".tar", keys)
         lost = keys - set(found)
         if lost:
             raise RuntimeError(f"{base}.tar lacks {len(lost)} selected samples (first {sorted(lost)[0]}); "
                                f"was the source run changed?")
-        with open(base + ".tar", "rb") as fh:
-            for r in rs:
-                data = []
-                for ext, offset, size in found[r[KEY]]:
-                    fh.seek(offset)
-                    data.append((ext, fh.read(size)))
-                members[r["out_key"]] = data
+        plan += [(r["out_key"], r[KEY], base + ".tar", found[r[KEY]]) for r in rs]
         t = pq.read_table(base + ".parquet")
         t = t.filter(pc.is_in(t.column(KEY), value_set=pa.array(sorted(keys))))
         ann.append(_relabel(t, {r[KEY]: r["out_key"] for r in rs}, runs[run], partition))
@@ -217,27 +277,32 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
     table = table.take(pc.sort_indices(table.column(KEY)))
     if table.num_rows != len(rows):
         raise RuntimeError(f"shard {name}: {table.num_rows} annotation rows for {len(rows)} samples")
-    import io
+    plan.sort(key=lambda p: p[0])          # the tar lists samples in key order, like the parquet
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for key in table.column(KEY).to_pylist():
-            for ext, data in members[key]:
-                if ext == "json":   # the sample's annotation row carries its (new) key
-                    meta = json.loads(data)
-                    if meta.get(KEY) != key:
-                        meta[SOURCE_KEY], meta[KEY] = meta.get(KEY), key
-                        data = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-                shards._add_tar_member(tf, f"{key}.{ext}", data)
+    def chunks():
+        files: dict[str, object] = {}
+        size = 0
+        try:
+            for out_key, key, tar, members in plan:
+                if tar not in files:
+                    files[tar] = open(tar, "rb")
+                for c in _sample_chunks(files[tar], key, out_key, members):
+                    size += len(c)
+                    yield c
+        finally:
+            for f in files.values():
+                f.close()
+        yield shards.tar_end(size)
+
     sdir = os.path.join(out, "shards")
     os.makedirs(sdir, exist_ok=True)
     if emb:
         e = pa.concat_tables(emb, promote_options="permissive")
         shards.write_embeddings(os.path.join(out, "embeddings", f"{name}.parquet"), e.take(pc.sort_indices(e.column(KEY))))
-    shards.atomic_write(os.path.join(sdir, f"{name}.tar"), buf.getvalue())
+    tar_bytes = shards.atomic_write(os.path.join(sdir, f"{name}.tar"), chunks())
     shards.atomic_write(os.path.join(sdir, f"{name}.parquet"), shards.table_bytes(table))
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": len(rows), "rejected": 0,
-             "reasons": {}, "stage_seconds": {}, "tar_bytes": buf.tell(),
+             "reasons": {}, "stage_seconds": {}, "tar_bytes": tar_bytes,
              "sources": sorted({f"{runs[r]}/shards/{shards.shard_name(p)}.tar" for r, p in by_source})}
     shards.atomic_write(os.path.join(sdir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
     return stats
