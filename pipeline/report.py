@@ -278,11 +278,11 @@ class Report:
             return "<p class=note>No kept samples with a size.</p>"
         w, h = w[ok], h[ok]
         plt = _plt()
-        fig, axes = plt.subplots(1, 4, figsize=(17, 3.4), gridspec_kw={"width_ratios": [1, 1, 1.3, 1.3]})
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.9), gridspec_kw={"width_ratios": [1, 1, 1.3, 1.3]})
         ratios = np.log2(w / h)
         axes[0].hist(ratios, bins=40, color=KEPT_COLOR)
         ticks = [-2, -1, -np.log2(4 / 3), 0, np.log2(4 / 3), np.log2(16 / 9), 1, 2]
-        axes[0].set_xticks(ticks, ["1:4", "1:2", "3:4", "1:1", "4:3", "16:9", "2:1", "4:1"], fontsize=7)
+        axes[0].set_xticks(ticks, ["1:4", "1:2", "3:4", "1:1", "4:3", "16:9", "2:1", "4:1"], fontsize=8, rotation=45)
         axes[0].set_xlim(min(-1.2, ratios.min() - 0.1), max(1.2, ratios.max() + 0.1))
         axes[0].set_title("aspect ratio (w:h), kept", fontsize=9)
         axes[1].hist(np.minimum(w, h), bins=40, color=KEPT_COLOR)
@@ -295,7 +295,7 @@ class Report:
             used = [i for i in range(len(table)) if counts[i]]
             ax.bar(range(len(used)), counts[used], color=KEPT_COLOR)
             ax.set_xticks(range(len(used)), [f"{table[i].width}x{table[i].height}" for i in used], rotation=60,
-                          fontsize=6)
+                          fontsize=8)
             ax.set_title(f"training buckets at base {base} (max aspect 2)", fontsize=9)
             top = sorted(used, key=lambda i: -counts[i])[:3]
             lines.append(f"base {base}: {len(used)} of {len(table)} buckets used; largest " +
