@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -209,18 +210,28 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: lis
     os.makedirs(os.path.join(out, "selections"), exist_ok=True)
     # the run folders the manifests' run indices point to (``winnow select`` reads them from here)
     runs = json.dumps([os.path.dirname(os.path.abspath(annotation_path(p))) for p in annotations])
-    keys = table.column(KEY)
-    run = table.column("run")
+    base = pa.table({"run": table.column("run"), KEY: table.column(KEY)})
     rows = []
-    for i, c in enumerate(cells):
-        thresholds = {lv.column: {"keep": lv.keep, "threshold": lv.threshold, "drop_fraction": lv.fraction}
-                      for lv in c.levels}
-        sel = pa.table({"run": run, KEY: keys}).filter(pa.array(c.mask))
+
+    def write_manifest(i: int, c: Cell, thresholds: dict) -> None:
+        sel = base.filter(pa.array(c.mask))
         sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds),
                                            "winnow_runs": runs})
-        pq.write_table(sel, os.path.join(out, "selections", f"{_slug(i)}.parquet"))
-        rows.append({"cell": _slug(i), "filters": c.name, "count": c.count, "fraction": round(c.fraction, 6),
-                     "thresholds": json.dumps(thresholds)})
+        # keys are unique: a dictionary would only be built and thrown away
+        pq.write_table(sel, os.path.join(out, "selections", f"{_slug(i)}.parquet"), use_dictionary=["run"],
+                       compression="zstd")
+
+    # Arrow's filter and parquet writer release the GIL: one manifest per core at a time
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = []
+        for i, c in enumerate(cells):
+            thresholds = {lv.column: {"keep": lv.keep, "threshold": lv.threshold, "drop_fraction": lv.fraction}
+                          for lv in c.levels}
+            futures.append(pool.submit(write_manifest, i, c, thresholds))
+            rows.append({"cell": _slug(i), "filters": c.name, "count": c.count, "fraction": round(c.fraction, 6),
+                         "thresholds": json.dumps(thresholds)})
+        for f in futures:
+            f.result()
     pa.Table.from_pylist(rows).to_pandas().to_csv(os.path.join(out, "cells.csv"), index=False)
     single = [i for i, c in enumerate(cells) if len(c.levels) <= 1]
     ov = overlap([cells[i] for i in single])

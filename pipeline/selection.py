@@ -349,9 +349,10 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
     todo = [q for q in sorted(counts) if not shards.shard_done(sdir, q)]
     if todo and log is not None and len(todo) < len(counts):
         print(f"resuming: {len(counts) - len(todo)} of {len(counts)} shards written by an earlier run", file=log)
-    t = time.time()
     if todo:
         adapter.connect(spec.ray.address, spec.ray.num_cpus)
+    t = time.time()
+    if todo:
         task = ray.remote(num_cpus=0.5, max_retries=2)(write_shard)
         runs = [os.path.abspath(r) for r in spec.runs]
         size = spec.output.samples_per_shard   # out_partition = row // size: each shard is one slice
