@@ -326,17 +326,20 @@ def run(spec: SweepSpec, log=None) -> SweepResult:
 
 def format_summary(r: SweepResult, limit: int = 30) -> str:
     lines = [f"winnow sweep: {r.rows} rows, {len(r.cells)} cells -> {r.output}"]
-    for col, lvls in r.levels.items():
-        for lv in lvls:
-            c = next(c for c in r.cells if c.levels == [lv])
-            lines.append(f"  {lv.name:<48} kept {c.count:>9} ({100 * c.fraction:5.1f} %)")
+    singles = [c for c in r.cells if len(c.levels) == 1]
+    for c in singles[:limit]:
+        lines.append(f"  {c.levels[0].name:<48} kept {c.count:>9} ({100 * c.fraction:5.1f} %)")
+    if len(singles) > limit:
+        lines.append(f"  ... {len(singles) - limit} more levels (cells.md)")
     combos = [c for c in r.cells if len(c.levels) > 1]
     if combos:
         lines.append(f"  {len(combos)} combinations (cells.md); the smallest: "
                      + ", ".join(f"{c.count}" for c in sorted(combos, key=lambda c: c.count)[:5]))
     lines.append("  time " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()))
     lines.append(f"  table {os.path.join(r.output, 'cells.md')}; selections in {os.path.join(r.output, 'selections')}/")
-    return "\n".join(lines[:limit + 4])
+    lines.append(f"  materialise a cell: winnow select --selection {os.path.join(r.output, 'selections', 'cell_NNN.parquet')} "
+                 f"--output DIR (or train on it: data.selection)")
+    return "\n".join(lines)
 
 
 __all__ = ["FilterSpec", "Level", "SweepSpec", "levels_for", "load", "overlap", "parse", "run", "run_cells"]
