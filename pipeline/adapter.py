@@ -125,3 +125,21 @@ def configure(no_progress_timeout_s: float, progress_bars: bool, has_actor_stage
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s
     ctx.enable_progress_bars = progress_bars
     ctx.enable_operator_progress_bars = progress_bars
+
+
+def run_tasks(fn, calls: list[tuple], desc: str, unit: str, log, num_cpus: float = 0.5, max_retries: int = 2) -> list:
+    """Run ``fn(*args)`` for every tuple in ``calls`` as Ray tasks, with a progress bar on ``log``;
+    returns the results in completion order. A failed task is retried, then raises."""
+    import ray
+    from tqdm.auto import tqdm
+
+    task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
+    refs = [task.remote(*args) for args in calls]
+    bar = tqdm(total=len(refs), desc=desc, unit=unit, file=log, disable=log is None)
+    results = []
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        results += ray.get(done)
+        bar.update(len(done))
+    bar.close()
+    return results

@@ -116,8 +116,6 @@ def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> di
 
 
 def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions, log) -> None:
-    import ray
-
     shards_dir = os.path.join(spec.output.path, "shards")
     todo = [p for p in sorted(counts) if not shards.shard_done(shards_dir, p)]
     if not todo:
@@ -127,14 +125,8 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
         p = int(key[:5])
         if p in by_part:
             by_part[p][key] = d
-    task = ray.remote(num_cpus=0.5, max_retries=2)(shards.write_shard)
-    refs = [task.remote(work, shards_dir, p, counts[p], by_part[p]) for p in todo]
-    bar = tqdm(total=len(refs), desc="shards", unit="shard", file=log, disable=log is None)
-    while refs:
-        done, refs = ray.wait(refs, num_returns=1)
-        ray.get(done)
-        bar.update(len(done))
-    bar.close()
+    adapter.run_tasks(shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p]) for p in todo], "shards", "shard",
+                      log)
 
 
 def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict) -> RunResult:

@@ -25,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from curation.sweep import FilterSpec, check_filters, levels_for, values
 from pipeline import adapter, shards
@@ -336,8 +335,6 @@ class SelectResult:
 
 
 def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
-    import ray
-
     started = time.time()
     p = plan(spec)
     out = spec.output.path
@@ -353,16 +350,10 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
         adapter.connect(spec.ray.address, spec.ray.num_cpus)
     t = time.time()
     if todo:
-        task = ray.remote(num_cpus=0.5, max_retries=2)(write_shard)
         runs = [os.path.abspath(r) for r in spec.runs]
         size = spec.output.samples_per_shard   # out_partition = row // size: each shard is one slice
-        refs = [task.remote(runs, p.table.slice(q * size, counts[q]).to_pylist(), out, q) for q in todo]
-        bar = tqdm(total=len(refs), desc="select", unit="shard", file=log, disable=log is None)
-        while refs:
-            done, refs = ray.wait(refs, num_returns=1)
-            ray.get(done)
-            bar.update(len(done))
-        bar.close()
+        adapter.run_tasks(write_shard, [(runs, p.table.slice(q * size, counts[q]).to_pylist(), out, q) for q in todo],
+                          "select", "shard", log)
     copy_s = time.time() - t
     result = finalize(spec, p, started, copy_s)
     if spec.output.report:
