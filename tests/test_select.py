@@ -239,3 +239,27 @@ def test_member_scan_and_copy_match_tarfile(tmp_path, fmt):
         assert got[f"{new_key}.jpg"] == members["000000001"]["jpg"] and set(got) == {f"{new_key}.{e}" for e in
                                                                                      ("jpg", "txt", "json")}
         assert json.loads(got[f"{new_key}.json"])["key"] == new_key
+
+
+def test_two_runs_with_colliding_keys_get_prefixed(run_dir, tmp_path):
+    """Two runs share key names: output keys become rNN_KEY, the JSON row and source_key say where
+    each came from, and the training index reads the new shard set."""
+    from training.index import index_shard
+
+    twin = str(tmp_path / "twin")
+    shutil.copytree(run_dir, twin)
+    out = str(tmp_path / "both")
+    result = selection.run(selection.parse({"runs": [run_dir, twin], "output": {"path": out, "report": False},
+                                            "filters": [{"column": "width", "keep": "high", "thresholds": [0]}]}),
+                           log=None)
+    df = annotations(out)
+    kept = annotations(run_dir).query("status == 'kept'")["key"].tolist()
+    assert result.selected == 2 * len(kept) == 92
+    assert df["key"].tolist() == sorted([f"r00_{k}" for k in kept] + [f"r01_{k}" for k in kept])
+    assert df["source_key"].tolist() == kept + kept
+    assert df["source_run"].tolist() == [os.path.abspath(run_dir)] * 46 + [os.path.abspath(twin)] * 46
+    got = members_by_key(out)
+    assert json.loads(got[f"r01_{kept[0]}"]["json"])["key"] == f"r01_{kept[0]}"
+    assert got[f"r01_{kept[0]}"]["jpg"] == members_by_key(run_dir)[kept[0]]["jpg"]
+    index = index_shard(os.path.join(out, "shards", "00000.tar"))
+    assert index.num_rows == 92 and index.column("key").to_pylist()[0] == f"r00_{kept[0]}"
