@@ -189,12 +189,21 @@ def test_report_has_every_section(run_dir, tmp_path):
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     from PIL import Image
 
+    def screenshot(url: str, shot: str) -> None:
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", "--hide-scrollbars",
+                        f"--screenshot={shot}", url], check=True, timeout=120, capture_output=True)
+
     shot = str(tmp_path / "shot.png")
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", "--hide-scrollbars",
-                    f"--screenshot={shot}", "file://" + os.path.join(run_dir, "report.html")],
-                   check=True, timeout=120, capture_output=True)
+    try:
+        screenshot("file://" + os.path.join(run_dir, "report.html"), shot)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        try:   # a browser that cannot render an empty page either is this machine's problem, not the report's
+            screenshot("data:text/html,<p>x</p>", str(tmp_path / "blank.png"))
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"chromium cannot render here: {exc}")
+        raise
     im = np.asarray(Image.open(shot).convert("RGB"))
     assert im.shape == (2400, 1280, 3)
     assert (im[:80].mean(axis=2) < 60).mean() > 0.5                     # the dark header rendered
