@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option
+from pipeline.shards import MANIFEST_RUNS
 from pipeline.stage import KEPT, KEY, STATUS
 
 # which end of each known annotation is good (others must say ``keep:``)
@@ -216,7 +217,7 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: lis
     def write_manifest(i: int, c: Cell, thresholds: dict) -> None:
         sel = base.filter(pa.array(c.mask))
         sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds),
-                                           "winnow_runs": runs})
+                                           MANIFEST_RUNS: runs})
         # keys are unique: a dictionary would only be built and thrown away
         pq.write_table(sel, os.path.join(out, "selections", f"{_slug(i)}.parquet"), use_dictionary=["run"],
                        compression="zstd")

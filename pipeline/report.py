@@ -34,6 +34,7 @@ from pipeline.stage import (
     STATUS,
     WIDTH,
     reason_category,
+    reason_counts,
 )
 
 REPORT_FILE = "report.html"
@@ -179,14 +180,13 @@ class Report:
         n, kept = self.table.num_rows, int(self.kept.sum())
         reasons = self.summary.get("reasons") or {}
         if not reasons:
-            from pipeline.stage import reason_counts
-
             reasons = reason_counts(r for r in self.table.column(REJECT_REASON).to_pylist() if r)
         unit = "clips" if self.is_video else "samples"
-        cards = [("inputs" if not self.is_selection else "selected", n), ("kept", kept), ("rejected", n - kept)]
         if self.is_selection:
             cards = [("source kept", self.summary.get("source_kept", n)), ("selected", n),
                      ("shards", self.summary.get("shards", 0))]
+        else:
+            cards = [("inputs", n), ("kept", kept), ("rejected", n - kept)]
         out = ['<div class="cards">']
         out += [f'<div class="card"><b>{v:,}</b><span>{html.escape(k)} {unit if k != "shards" else ""}</span></div>'
                 for k, v in cards]
@@ -232,15 +232,12 @@ class Report:
         return "\n".join(out)
 
     def scores(self) -> str:
-        cols = [c for c in SCORES if c in self.table.column_names
-                and np.isfinite(_num(self.table, c)).any()]
-        extra = []
+        series = [(c, _num(self.table, c)) for c in SCORES if c in self.table.column_names]
+        series = [(c, v) for c, v in series if np.isfinite(v).any()]
         if self.is_video and CLIP_START in self.table.column_names:
-            dur = _num(self.table, CLIP_END) - _num(self.table, CLIP_START)
-            extra.append(("clip duration (s)", dur))
-        if not cols and not extra:
+            series.append(("clip duration (s)", _num(self.table, CLIP_END) - _num(self.table, CLIP_START)))
+        if not series:
             return "<p class=note>No score columns in this run (its stages wrote none).</p>"
-        series = [(c, _num(self.table, c)) for c in cols] + extra
         plt = _plt()
         ncol = min(3, len(series))
         nrow = (len(series) + ncol - 1) // ncol

@@ -74,7 +74,7 @@ def parse(data: dict) -> SelectSpec:
                               f"threshold) for {f.column!r}; sweep several with `winnow sweep`")
     check_filters(spec.filters)
     if not spec.runs:
-        spec.runs = manifest_runs(spec.selection) if spec.selection else []
+        spec.runs = shards.manifest_runs(spec.selection) if spec.selection else []
         if not spec.runs:
             raise ConfigError("runs: give the `winnow curate` output folders to select from (the selection manifest "
                               "does not name them)")
@@ -82,18 +82,13 @@ def parse(data: dict) -> SelectSpec:
         if not os.path.exists(os.path.join(r, "annotations.parquet")) or not os.path.isdir(os.path.join(r, "shards")):
             raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no annotations.parquet "
                               f"and shards/); finish that run first")
-    if spec.output.path and os.path.abspath(spec.output.path) in {os.path.abspath(r) for r in spec.runs}:
+    if os.path.abspath(spec.output.path) in {os.path.abspath(r) for r in spec.runs}:
         raise ConfigError("output.path: must differ from the source runs")
     return spec
 
 
 def load(path: str | None, overrides: list[str] | None = None) -> SelectSpec:
     return parse(apply_overrides(load_yaml(path) if path else {}, overrides or []))
-
-
-def manifest_runs(path: str) -> list[str]:
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"winnow_runs", b"[]"))
 
 
 def _source_table(spec: SelectSpec) -> pa.Table:
@@ -147,8 +142,9 @@ def plan(spec: SelectSpec) -> Plan:
                                   "cell": meta.get(b"winnow_cell", b"").decode(),
                                   "thresholds": json.loads(meta.get(b"winnow_thresholds", b"{}"))}
     for f in spec.filters:   # drop fractions are quantiles of all kept rows, as in the sweep
-        lv = levels_for(f, values(src, f.column))[0]
-        mask &= lv.mask(values(src, f.column))
+        v = values(src, f.column)
+        lv = levels_for(f, v)[0]
+        mask &= lv.mask(v)
         thresholds.setdefault("filters", []).append({"column": lv.column, "keep": lv.keep, "threshold": lv.threshold,
                                                      "drop_fraction": lv.fraction})
     sel = src.select(["run", KEY, PARTITION]).filter(pa.array(mask))
@@ -257,7 +253,9 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
         by_source.setdefault((r["run"], r[PARTITION]), []).append(r)
     for (run, src_part), rs in sorted(by_source.items()):
         base = os.path.join(runs[run], "shards", shards.shard_name(src_part))
-        keys = {r[KEY] for r in rs}
+        new_keys = {r[KEY]: r["out_key"] for r in rs}
+        keys = set(new_keys)
+        chosen = pa.array(sorted(keys))
         found = scan_members(base + ".tar", keys)
         lost = keys - set(found)
         if lost:
@@ -265,13 +263,13 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
                                f"was the source run changed?")
         plan += [(r["out_key"], r[KEY], base + ".tar", found[r[KEY]]) for r in rs]
         t = pq.read_table(base + ".parquet")
-        t = t.filter(pc.is_in(t.column(KEY), value_set=pa.array(sorted(keys))))
-        ann.append(_relabel(t, {r[KEY]: r["out_key"] for r in rs}, runs[run], partition))
+        t = t.filter(pc.is_in(t.column(KEY), value_set=chosen))
+        ann.append(_relabel(t, new_keys, runs[run], partition))
         emb_path = os.path.join(runs[run], "embeddings", shards.shard_name(src_part) + ".parquet")
         if os.path.exists(emb_path):
             e = pq.read_table(emb_path)
-            e = e.filter(pc.is_in(e.column(KEY), value_set=pa.array(sorted(keys))))
-            emb.append(_relabel(e, {r[KEY]: r["out_key"] for r in rs}))
+            e = e.filter(pc.is_in(e.column(KEY), value_set=chosen))
+            emb.append(_relabel(e, new_keys))
     table = pa.concat_tables(ann, promote_options="permissive")
     table = table.take(pc.sort_indices(table.column(KEY)))
     if table.num_rows != len(rows):
@@ -375,7 +373,7 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
     shards.atomic_write(os.path.join(out, "annotations.parquet"), shards.table_bytes(table))
     if VIDEO_KEY in table.column_names:   # the source videos of the selected clips
         vids = []
-        for i, r in enumerate(spec.runs):
+        for r in spec.runs:
             vp = os.path.join(r, "videos.parquet")
             if os.path.exists(vp):
                 v = pq.read_table(vp)

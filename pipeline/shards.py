@@ -71,6 +71,15 @@ def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: 
     atomic_write(marker, yaml.safe_dump({"fingerprint": fingerprint, **doc}, sort_keys=False).encode())
 
 
+MANIFEST_RUNS = "winnow_runs"   # a selection manifest's metadata: the run folders its ``run`` column indexes
+
+
+def manifest_runs(path: str) -> list[str]:
+    """The run folders a selection manifest (``winnow sweep``'s selections/cell_NNN.parquet) was made from."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(MANIFEST_RUNS.encode(), b"[]"))
+
+
 def atomic_write(path: str, data: bytes | Iterable[bytes]) -> int:
     """Write ``data`` (bytes, or chunks streamed in order) to a temporary name, fsync, rename; returns the size."""
     tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
@@ -90,10 +99,7 @@ def atomic_write(path: str, data: bytes | Iterable[bytes]) -> int:
 
 def tar_block(name: str, data: bytes) -> bytes:
     """One regular-file member as tar bytes (USTAR header, data, padding), as ``_add_tar_member`` writes it."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
+    info = _tar_info(name, len(data))
     return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % 512)
 
 
@@ -285,12 +291,16 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _add_tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mtime = 0          # byte-identical shards across re-runs
     info.mode = 0o644
-    tf.addfile(info, io.BytesIO(data))
+    return info
+
+
+def _add_tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    tf.addfile(_tar_info(name, len(data)), io.BytesIO(data))
 
 
 def write_embeddings(path: str, table: pa.Table) -> None:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError
+from pipeline.shards import manifest_runs
 from pipeline.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from training.buckets import Bucket, assign, bucket_table
 
@@ -180,7 +181,7 @@ def select(tables: list[pa.Table], paths: list[str], selection: str) -> list[pa.
     import pyarrow.compute as pc
 
     man = pq.read_table(selection, columns=["run", KEY])
-    runs = json.loads((pq.read_schema(selection).metadata or {}).get(b"winnow_runs", b"[]"))
+    runs = manifest_runs(selection)
     out, wanted = [], 0
     for p, t in zip(paths, tables):
         if runs:
