@@ -228,7 +228,7 @@ def test_two_worker_sd_run_exports_a_loadable_pipeline(sd_run):
     ckpts = sorted(os.listdir(os.path.join(out, "ray", "train")))
     assert [c for c in ckpts if c.startswith("checkpoint_0")] == ["checkpoint_0000009", "checkpoint_0000012"]
     ck = os.path.join(out, "ray", "train", "checkpoint_0000012")
-    assert {"unet", "ema_unet", "state.pt", "cursor.json", "meta.json"} <= set(os.listdir(ck))
+    assert {"unet", "ema_unet", "state.json", "state.safetensors", "cursor.json", "meta.json"} <= set(os.listdir(ck))
     index = pq.read_table(os.path.join(out, "index.parquet"))
     from training.index import bucket_ids
     per_epoch = int(sum(c // 4 for c in np.bincount(bucket_ids(index, 96, 32, 2.0)[1])))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import ConfigError
+from training.checkpoint import CheckpointError, load_json, load_state, load_tensors, save_state
 from training.spec import TrainSpec
 
 RUN_NAME = "train"
@@ -76,14 +77,51 @@ def _save_checkpoint(folder: str, unet, ema, optimizer, lr_sched, step: int, cur
     unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
     if ema is not None:
         ema.save_pretrained(os.path.join(folder, "ema_unet"))
-    import torch
-
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "step": step},
-               os.path.join(folder, "state.pt"))
+    save_state(folder, {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "step": step})
     with open(os.path.join(folder, "cursor.json"), "w") as fh:
         json.dump(cursor.to_dict(), fh)
     with open(os.path.join(folder, "meta.json"), "w") as fh:
         json.dump({"step": step, **extra}, fh, indent=2)
+
+
+def restore_checkpoint(folder: str, unet, ema, optimizer, lr_sched):
+    """Load a checkpoint ``_save_checkpoint`` wrote into the live objects; returns (step, cursor).
+
+    Only safetensors and JSON are read: a planted pickle is never loaded, and a file that is not
+    what winnow writes raises ``CheckpointError`` naming it."""
+    from training.schedule import Cursor
+
+    weights = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    try:
+        unet.load_state_dict(load_tensors(weights))
+    except RuntimeError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{weights}: does not fit this run's UNet ({str(exc).splitlines()[0]})") from None
+    state = load_state(folder)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        step = int(state["step"])
+        cursor = Cursor.from_dict(load_json(os.path.join(folder, "cursor.json")))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{folder}: state.json or cursor.json is not a valid checkpoint file "
+                              f"({type(exc).__name__}: {exc})") from None
+    ema_dir = os.path.join(folder, "ema_unet")
+    if ema is not None and os.path.isdir(ema_dir):
+        config = load_json(os.path.join(ema_dir, "config.json"))
+        shadow = load_tensors(os.path.join(ema_dir, "diffusion_pytorch_model.safetensors"))
+        names = [n for n, _ in unet.named_parameters()]
+        missing = [n for n in names if n not in shadow]
+        if missing or not isinstance(config, dict):
+            raise CheckpointError(f"{ema_dir}: not a valid EMA checkpoint (missing {missing[:3]})")
+        scalars = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma",
+                   "power")
+        ema.load_state_dict({**{k: config[k] for k in scalars if k in config},
+                             "shadow_params": [shadow[n].float() for n in names]})
+    return step, cursor
 
 
 def _samples(comps, unet, spec: TrainSpec, out: str, step: int, metrics: _Metrics, device, autocast) -> list[str]:
@@ -163,22 +201,12 @@ def train_loop(config: dict) -> None:
     ema = None
     step, cursor = 0, Cursor()
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        from safetensors.torch import load_file
-
-        with ckpt.as_directory() as d:
-            unet.load_state_dict(load_file(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors")))
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
-            optimizer.load_state_dict(state["optimizer"])
-            lr_sched.load_state_dict(state["lr_scheduler"])
-            step = int(state["step"])
-            with open(os.path.join(d, "cursor.json")) as fh:
-                cursor = Cursor.from_dict(json.load(fh))
-            if spec.ema.enabled and os.path.isdir(os.path.join(d, "ema_unet")):
-                ema = EMAModel.from_pretrained(os.path.join(d, "ema_unet"), UNet2DConditionModel)
-    if spec.ema.enabled and ema is None:
+    if spec.ema.enabled:
         ema = EMAModel(unet.parameters(), decay=spec.ema.decay, update_after_step=spec.ema.start_step,
                        model_cls=UNet2DConditionModel, model_config=unet.config)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            step, cursor = restore_checkpoint(d, unet, ema, optimizer, lr_sched)
     if ema is not None:
         ema.to(device)
     unet, optimizer = acc.prepare(unet, optimizer)

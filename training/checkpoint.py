@@ -1,0 +1,113 @@
+"""Training state on disk without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint folder is read back by a resumed run, possibly from shared storage other people
+can write to, so nothing in it is unpickled (``torch.load`` runs arbitrary code from a planted
+file). ``save_state`` splits a nested state (an optimizer's or LR scheduler's ``state_dict()``,
+the step) into a JSON skeleton whose tensors are references into one safetensors file;
+``load_state`` rebuilds it. A file that does not parse raises ``CheckpointError`` naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+_TENSOR, _TUPLE, _INTKEYS = "__tensor__", "__tuple__", "__intkeys__"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing or not what winnow writes; the message names the file."""
+
+
+def _split(obj: Any, tensors: dict, path: str) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {_TENSOR: name}
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            return {_INTKEYS: [[k, _split(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"{path}: mixed or non-string keys cannot be stored as JSON")
+        if any(k in (_TENSOR, _TUPLE, _INTKEYS) for k in obj):
+            raise TypeError(f"{path}: a key collides with the checkpoint's own markers")
+        return {k: _split(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_split(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_split(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{path}: {type(obj).__name__} cannot be stored without pickle")
+
+
+def _join(obj: Any, tensors: dict, where: str) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            if obj[_TENSOR] not in tensors:
+                raise CheckpointError(f"{where}: refers to tensor {obj[_TENSOR]!r}, which is not in {STATE_TENSORS}")
+            return tensors[obj[_TENSOR]]
+        if _TUPLE in obj:
+            return tuple(_join(v, tensors, where) for v in obj[_TUPLE])
+        if _INTKEYS in obj:
+            return {int(k): _join(v, tensors, where) for k, v in obj[_INTKEYS]}
+        return {k: _join(v, tensors, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors, where) for v in obj]
+    return obj
+
+
+def save_state(folder: str, state: dict) -> None:
+    """Write ``state`` as ``state.json`` + ``state.safetensors`` in ``folder``."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    skeleton = _split(state, tensors, "state")
+    save_file(tensors, os.path.join(folder, STATE_TENSORS))
+    with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as fh:
+        json.dump(skeleton, fh)
+
+
+def load_tensors(path: str) -> dict:
+    """A safetensors file's tensors; anything else (a pickle, a truncated file) is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete (delete the checkpoint folder to "
+                              f"resume from the one before it)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a valid checkpoint file (expected safetensors: {exc}); winnow never "
+                              f"unpickles checkpoint files") from None
+
+
+def load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a valid checkpoint file (expected JSON: {exc})") from None
+
+
+def load_state(folder: str) -> dict:
+    """Inverse of ``save_state``."""
+    skeleton = load_json(os.path.join(folder, STATE_JSON))
+    tensors = load_tensors(os.path.join(folder, STATE_TENSORS))
+    try:
+        state = _join(skeleton, tensors, os.path.join(folder, STATE_JSON))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{os.path.join(folder, STATE_JSON)}: not a valid checkpoint file ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{os.path.join(folder, STATE_JSON)}: not a valid checkpoint file (expected a mapping)")
+    return state
+
+
+__all__ = ["CheckpointError", "load_json", "load_state", "load_tensors", "save_state"]
