@@ -202,8 +202,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. output.samples_per_shard=500")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it for a "
+                              f"string (--set '{dotted}=\"{raw}\"'), or write a list as [a, b]") from None
         parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: {dotted!r} is not a dotted key; write e.g. output.samples_per_shard=500")
         node: Any = data
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
@@ -219,7 +226,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:          # an empty section in the YAML (``ray:``)
+                    node[part] = {}
+                node = node[part]
     return data
 
 

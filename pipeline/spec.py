@@ -138,7 +138,13 @@ def load(path: str | None = None, overrides: list[str] | None = None, base: dict
                 data.setdefault(k, {}).update({kk: vv for kk, vv in v.items() if vv is not None})
             elif v is not None:
                 data[k] = v
-    data = apply_overrides(data, overrides or [])
+    overrides = list(overrides or [])
+    stage_sets = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] == "stages"]
+    data = apply_overrides(data, [o for o in overrides if o not in stage_sets])
+    if stage_sets and data.get("stages") is None and isinstance(data.get("input"), dict):
+        # the short form has no stage list yet: --set stages.decode.max_side=512 edits the defaults
+        data["stages"] = [dict(s) for s in _default_stages(build(InputSpec, data["input"], "input"))]
+    data = apply_overrides(data, stage_sets)
     spec = parse(data)
     if spec.ray.address is None and os.environ.get("RAY_ADDRESS"):
         spec.ray.address = os.environ["RAY_ADDRESS"]

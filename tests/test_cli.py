@@ -26,6 +26,10 @@ def test_help():
     (["curate", "jobs/curate_images.yaml", "--set", "stages.decode.max_sid=5"], "unknown key 'stages[0](decode).max_sid'. Did you mean 'max_side'?"),
     (["curate", "--input", "/nonexistent/photos", "--output", "/tmp/x"], "input.path '/nonexistent/photos' does not exist"),
     (["curate", "missing.yaml"], "spec file 'missing.yaml' does not exist"),
+    (["curate", "jobs/curate_images.yaml", "--set", "output.samples_per_shard=[1,"], "the value '[1,' is not valid YAML"),
+    (["train", "jobs/train_sd15.yaml", "--set", "train.max_steps={"], "the value '{' is not valid YAML"),
+    (["sweep", "jobs/sweep_svd_filters.yaml", "--set", "a..b=1"], "'a..b' is not a dotted key"),
+    (["curate", "jobs/curate_images.yaml", "--set", "stages.nope.x=1"], "no item named 'nope'"),
 ])
 def test_bad_spec_fails_before_ray(args, message, tmp_path):
     res = winnow(*args)
@@ -39,3 +43,17 @@ def test_jobs_run_is_the_same_entry_point(tmp_path):
     res = subprocess.run([sys.executable, "-m", "jobs.run", "jobs/demo.yaml", "--set", "output.samples_per_shard=0"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "output.samples_per_shard: 0 is below the minimum 1" in res.stderr
+
+
+def test_short_form_sets_options_of_the_default_stages(tmp_path):
+    """``--set stages.NAME.KEY=VALUE`` without a spec edits the default stage list (the --help example)."""
+    from PIL import Image
+
+    from pipeline import spec as specmod
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    base = {"input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path / "out")}}
+    spec = specmod.load(None, ["stages.decode.max_side=512", "stages.phash_dedup.max_distance=2"], base=base)
+    assert [(s.name, s.config.max_side if s.name == "decode" else s.config.max_distance) for s in spec.stages] == \
+        [("decode", 512), ("phash_dedup", 2)]
+    assert specmod.DEFAULT_IMAGE_STAGES == [{"name": "decode"}, {"name": "phash_dedup"}]   # defaults untouched
