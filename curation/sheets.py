@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
+from pipeline.shards import atomic_path
 from pipeline.stage import KEY
 
 LABEL_H = 14
@@ -116,7 +117,8 @@ def contact_sheets(table: pa.Table, spec, levels: dict, out: str) -> list[str]:
             v = column_values(table, col)
             for j, lv in enumerate(lvls):
                 path = os.path.join(folder, f"{col}_{j}.jpg")
-                sheet(images, table, v, lv, spec.sheets.per_side).save(path, quality=88)
+                with atomic_path(path) as tmp:
+                    sheet(images, table, v, lv, spec.sheets.per_side).save(tmp, format="JPEG", quality=88)
                 paths.append(path)
     finally:
         images.close()

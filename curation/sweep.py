@@ -16,6 +16,8 @@ Everything is vectorised numpy on the loaded columns: no Ray, no model.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
 import json
 import os
@@ -30,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option
-from pipeline.shards import MANIFEST_RUNS
+from pipeline.shards import MANIFEST_RUNS, atomic_path, atomic_write, claim_output
 from pipeline.stage import KEPT, KEY, STATUS
 
 # which end of each known annotation is good (others must say ``keep:``)
@@ -56,6 +58,8 @@ class SheetSpec:
 @dataclass
 class SweepSpec:
     output: str = option(help="sweep folder: cells.csv, cells.md, selections/, plots/, sheets/")
+    overwrite: bool = option(False, "replace the files of a sweep made by a different spec in output (only those)",
+                             runtime=True)
     annotations: list[str] = option(factory=list, help="annotations.parquet files or `winnow curate` output folders")
     filters: list[FilterSpec] = option(factory=list, help="one entry per annotation swept")
     combine: bool = option(True, "also every AND-combination of levels across annotations")
@@ -219,8 +223,8 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: lis
         sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds),
                                            MANIFEST_RUNS: runs})
         # keys are unique: a dictionary would only be built and thrown away
-        pq.write_table(sel, os.path.join(out, "selections", f"{_slug(i)}.parquet"), use_dictionary=["run"],
-                       compression="zstd")
+        with atomic_path(os.path.join(out, "selections", f"{_slug(i)}.parquet")) as tmp:
+            pq.write_table(sel, tmp, use_dictionary=["run"], compression="zstd")
 
     # Arrow's filter and parquet writer release the GIL: one manifest per core at a time
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -233,15 +237,16 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: lis
                          "thresholds": json.dumps(thresholds)})
         for f in futures:
             f.result()
-    pa.Table.from_pylist(rows).to_pandas().to_csv(os.path.join(out, "cells.csv"), index=False)
+    atomic_write(os.path.join(out, "cells.csv"), pa.Table.from_pylist(rows).to_pandas().to_csv(index=False).encode())
     single = [i for i, c in enumerate(cells) if len(c.levels) <= 1]
     ov = overlap([cells[i] for i in single])
-    np.savetxt(os.path.join(out, "overlap.csv"), ov, delimiter=",", fmt="%.4f",
-               header=",".join(_slug(i) for i in single), comments="")
-    with open(os.path.join(out, "cells.md"), "w", encoding="utf-8") as fh:
-        fh.write("| cell | filters | kept | fraction |\n| --- | --- | ---: | ---: |\n")
-        for r in rows:
-            fh.write(f"| {r['cell']} | {r['filters'].replace('|', '/')} | {r['count']} | {100 * r['fraction']:.1f} % |\n")
+    buf = io.BytesIO()
+    np.savetxt(buf, ov, delimiter=",", fmt="%.4f", header=",".join(_slug(i) for i in single), comments="")
+    atomic_write(os.path.join(out, "overlap.csv"), buf.getvalue())
+    md = ["| cell | filters | kept | fraction |\n| --- | --- | ---: | ---: |\n"]
+    md += [f"| {r['cell']} | {r['filters'].replace('|', '/')} | {r['count']} | {100 * r['fraction']:.1f} % |\n"
+           for r in rows]
+    atomic_write(os.path.join(out, "cells.md"), "".join(md).encode("utf-8"))
 
 
 def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: str) -> list[str]:
@@ -277,7 +282,8 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
         ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(os.path.join(folder, "histograms_survival.png"))
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     if len(cols) > 1:
         mat = np.stack([values(table, c) for c in cols])
@@ -295,14 +301,34 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
         fig.colorbar(im)
         fig.tight_layout()
         paths.append(os.path.join(folder, "correlation.png"))
-        fig.savefig(paths[-1], dpi=110)
+        with atomic_path(paths[-1]) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
     return paths
+
+
+SPEC_FILE = "sweep_spec.yaml"
+# every top-level name a sweep writes: a re-run or overwrite deletes these and nothing else
+ENTRIES = [SPEC_FILE, "cells.csv", "cells.md", "selections", "overlap.csv", "plots", "sheets", "sweep.json"]
+
+
+def claim(spec: SweepSpec) -> None:
+    """Own the output folder. A sweep is cheap and redone whole on every run, so the previous
+    sweep's files (its ownership record lists them) are cleared first: no stale cell_NNN.parquet
+    from a bigger sweep survives. A different spec needs ``overwrite: true``."""
+    from pipeline.config import result_dict
+
+    doc = result_dict(spec)
+    fp = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    claim_output(spec.output, os.path.join(spec.output, SPEC_FILE), fp, doc, spec.overwrite, "sweep",
+                 "annotations or filters", ENTRIES, "sweep",
+                 {f"annotations[{i}]": p for i, p in enumerate(spec.annotations)}, fresh=True)
 
 
 def run(spec: SweepSpec, log=None) -> SweepResult:
     t0 = time.perf_counter()
     table = read_table(spec)
+    claim(spec)
     t1 = time.perf_counter()
     cells, levels = run_cells(table, spec)
     t2 = time.perf_counter()
@@ -319,9 +345,9 @@ def run(spec: SweepSpec, log=None) -> SweepResult:
         contact_sheets(table, spec, levels, spec.output)
         seconds["sheets"] = time.perf_counter() - t4
     result = SweepResult(spec.output, table.num_rows, cells, levels, seconds)
-    with open(os.path.join(spec.output, "sweep.json"), "w") as fh:
-        json.dump({"rows": table.num_rows, "cells": len(cells), "seconds": seconds,
-                   "annotations": [annotation_path(p) for p in spec.annotations]}, fh, indent=2)
+    atomic_write(os.path.join(spec.output, "sweep.json"),   # written last: the sweep is complete
+                 json.dumps({"rows": table.num_rows, "cells": len(cells), "seconds": seconds,
+                             "annotations": [annotation_path(p) for p in spec.annotations]}, indent=2).encode())
     return result
 
 

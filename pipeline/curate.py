@@ -28,6 +28,9 @@ from video import clips
 from video.clips import VideoWindows
 
 SPEC_FILE = "spec.yaml"
+# every top-level name a curate run writes: output.overwrite deletes these and nothing else
+ENTRIES = [SPEC_FILE, "shards", "_work", "annotations.parquet", "videos.parquet", "embeddings", "summary.json",
+           "report.html", "README.md"]
 
 
 @dataclass
@@ -51,7 +54,11 @@ def prepare_output(spec: CurateSpec) -> None:
     """Create the output folder, or check that it belongs to this same spec (resume)."""
     out = spec.output.path
     shards.claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
-                        "run", "input, samples_per_shard or stages")
+                        "run", "input, samples_per_shard or stages", ENTRIES, "curate", input_paths(spec))
+
+
+def input_paths(spec: CurateSpec) -> dict[str, str]:
+    return {k: v for k, v in {"input.path": spec.input.path, "input.base_dir": spec.input.base_dir}.items() if v}
     os.makedirs(os.path.join(out, "_work"), exist_ok=True)
 
 
@@ -195,6 +202,7 @@ def _run(spec: CurateSpec, log) -> RunResult:
     started = time.time()
     phases: dict[str, float] = {}
     t = time.time()
+    shards.check_separate(spec.output.path, input_paths(spec))   # before reading anything
     plan = readers.plan(spec.input, spec.output.samples_per_shard, spec.output.videos_per_shard)
     check_input_kind(spec, plan.format)
     phases["plan"] = round(time.time() - t, 3)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import shutil
 import sys
 import time
 
@@ -17,6 +16,10 @@ from pipeline import spec as specmod
 from pipeline.cli import format_summary
 from pipeline.corpus import make_corpus
 from video.synth import make_video_corpus
+
+
+DEMO_ENTRIES = ["demo.yaml", "corpus", "run", "videos", "video_run", "sweep_laion", "sweep_svd", "select_aesthetic",
+                "train_sd", "train_sdxl"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     corpus_dir = os.path.join(args.output, "corpus")
     run_dir = os.path.join(args.output, "run")
-    shutil.rmtree(args.output, ignore_errors=True)
+    # the demo starts afresh, deleting only what an earlier demo wrote there (its ownership record)
+    from pipeline.shards import claim_output
+    claim_output(args.output, os.path.join(args.output, "demo.yaml"), "demo", {"args": vars(args)}, True, "demo",
+                 "arguments", DEMO_ENTRIES, "demo", fresh=True)
     t = time.time()
     expected = make_corpus(corpus_dir, n_images=args.images, seed=0, duplicates=8, text_images=6)
     bad = sum(1 for v in expected.values() if v and v != "duplicate")

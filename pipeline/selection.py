@@ -32,6 +32,9 @@ from pipeline.config import ConfigError, apply_overrides, build, load_yaml, opti
 from pipeline.stage import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
 
 SPEC_FILE = "spec.yaml"
+# every top-level name a select run writes: output.overwrite deletes these and nothing else
+ENTRIES = [SPEC_FILE, "shards", "annotations.parquet", "videos.parquet", "embeddings", "summary.json", "report.html",
+           "README.md"]
 SOURCE_RUN, SOURCE_KEY, SOURCE_PARTITION = "source_run", "source_key", "source_partition"
 
 
@@ -82,9 +85,12 @@ def parse(data: dict) -> SelectSpec:
         if not os.path.exists(os.path.join(r, "annotations.parquet")) or not os.path.isdir(os.path.join(r, "shards")):
             raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no annotations.parquet "
                               f"and shards/); finish that run first")
-    if os.path.abspath(spec.output.path) in {os.path.abspath(r) for r in spec.runs}:
-        raise ConfigError("output.path: must differ from the source runs")
+    shards.check_separate(spec.output.path, input_paths(spec))
     return spec
+
+
+def input_paths(spec: SelectSpec) -> dict[str, str]:
+    return {**{f"runs[{i}]": r for i, r in enumerate(spec.runs)}, "selection": spec.selection or ""}
 
 
 def load(path: str | None, overrides: list[str] | None = None) -> SelectSpec:
@@ -338,7 +344,7 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
     out = spec.output.path
     doc = to_dict(spec)
     shards.claim_output(out, os.path.join(out, SPEC_FILE), p.fingerprint, doc, spec.output.overwrite, "selection",
-                        "runs, selection, filters or samples_per_shard")
+                        "runs, selection, filters or samples_per_shard", ENTRIES, "select", input_paths(spec))
     sdir = os.path.join(out, "shards")
     counts = p.counts
     todo = [q for q in sorted(counts) if not shards.shard_done(sdir, q)]

@@ -4,7 +4,7 @@ caption and sizes. Buckets are assigned from the stored sizes for each stage's r
 index serves every stage.
 
 One Ray Data pass (a task per shard) reads only tar headers and the shard's annotation parquet.
-The result is cached as ``train_index.parquet`` beside ``shards/`` (or in the training output
+The result is cached as ``.winnow/train_index.parquet`` beside ``shards/`` (or in the training output
 when the shard set is read-only) and rebuilt when the shard files change.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pipeline.shards import manifest_runs
 from pipeline.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from training.buckets import Bucket, assign, bucket_table
 
-INDEX_FILE = "train_index.parquet"
+INDEX_FILE = os.path.join(".winnow", "train_index.parquet")   # hidden: not a "train" split to HF datasets
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
                     ("ext", pa.string()), ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()),

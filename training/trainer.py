@@ -32,6 +32,9 @@ from training.spec import TrainSpec
 
 RUN_NAME = "train"
 SPEC_FILE = "train_spec.yaml"
+# every top-level name a training run writes: output.overwrite deletes these and nothing else
+ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", "summary.json",
+           "index.parquet", "_index", "cache"]
 
 
 def step_seed(seed: int, step: int, rank: int, what: str = "noise") -> int:
@@ -363,7 +366,8 @@ def prepare_output(spec: TrainSpec) -> None:
 
     out = spec.output.path
     claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
-                 "training run", "data, model, objective, optim, ema or train")
+                 "training run", "data, model, objective, optim, ema or train", ENTRIES, "train",
+                 {**{f"data.shards[{i}]": p for i, p in enumerate(spec.data.shards)}, "data.selection": spec.data.selection})
 
 
 def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
