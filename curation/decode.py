@@ -9,6 +9,7 @@ speed-up over a plain open/convert/resize loop.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,7 @@ from pipeline.stage import (
     HEIGHT,
     IMAGE,
     IMAGE_EXT,
+    IMAGE_EXTENSIONS,
     RAW,
     STORED_HEIGHT,
     STORED_WIDTH,
@@ -43,6 +45,9 @@ EXTENSIONS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 class DecodeConfig:
     max_side: int = option(1024, "longest side of the stored image; never upscaled", min=16)
     max_pixels: int = option(178_956_970, "decompression-bomb cap: reject images with more pixels (PIL's default)", min=1)
+    max_decoded_bytes: int = option(4 * 178_956_970, "memory cap: reject images whose decoded pixels take more bytes "
+                                    "(width x height x bytes per pixel as Pillow holds them: 1 for grey or palette, "
+                                    "2 for 16-bit, 4 for colour), checked from the header before decoding", min=1)
     animated: Literal["first_frame", "reject"] = option("first_frame", "animated GIF/PNG/WebP: keep the first frame or reject")
     format: Literal["jpg", "png", "webp"] = option("jpg", "encoding of the stored image")
     quality: int = option(95, "JPEG/WebP quality", min=1, max=100)
@@ -52,6 +57,9 @@ class DecodeConfig:
 
 _RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
              "bilinear": Image.Resampling.BILINEAR}
+
+
+NOT_AN_IMAGE = "decode_error: not an image"
 
 
 class DecodeError(Exception):
@@ -67,16 +75,42 @@ def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; alpha is flattened on white, 16/32-bit rescaled."""
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Bytes Pillow holds for a decoded image: one per pixel for grey and palette, two for 16-bit,
+    four for every other mode (Pillow pads RGB to four bytes a pixel)."""
+    per = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return width * height * per
+
+
+def _to_grey8(img: Image.Image, strip_bytes: int = 16 << 20) -> Image.Image:
+    """16/32-bit or float grey -> 8-bit grey, in strips: no float64 copy of the whole image, so the
+    peak stays near the decoded size plus the 8-bit result. 16-bit scales by 65535; ``I``/``F``
+    images scale by 65535 when their values exceed 255, else by 255."""
+    lo_v, hi_v = img.getextrema()
+    hi = 65535.0 if img.mode.startswith("I;16") or (hi_v or 0) > 255 else 255.0
+    w, h = img.size
+    out = np.empty((h, w), dtype=np.uint8)
+    rows = max(1, strip_bytes // max(1, w * 4))
+    for top in range(0, h, rows):
+        strip = np.asarray(img.crop((0, top, w, min(h, top + rows))), dtype=np.float32)
+        np.clip(strip * np.float32(255.0 / hi) + np.float32(0.5), 0, 255, out=strip)
+        out[top:top + strip.shape[0]] = strip.astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def to_rgb(img: Image.Image, size: tuple[int, int] | None = None,
+           resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; alpha is flattened on white, 16/32-bit rescaled. A grey
+    image is resized to ``size`` (when given) before it is widened to RGB, so the four-byte RGB copy
+    is made of the small image only."""
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
+        grey = _to_grey8(img) if mode != "L" else img
+        if size is not None and size != grey.size:
+            grey = grey.resize(size, resample, reducing_gap=3.0)
+        return grey.convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
@@ -100,7 +134,7 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[Image.Image, int, int]
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise DecodeError("decode_error: not an image") from None
+        raise DecodeError(NOT_AN_IMAGE) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a bad sample
         raise DecodeError(f"decode_error: {type(exc).__name__}: {exc}") from None
     width, height = img.size
@@ -125,10 +159,16 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[Image.Image, int, int]
             warnings.simplefilter("ignore")
             if cfg.fast_jpeg and img.format == "JPEG" and (target_w, target_h) != (width, height):
                 img.draft("RGB", (target_w, target_h))
+            need = decoded_bytes(img.width, img.height, img.mode)     # after draft: what decoding allocates
+            if need > cfg.max_decoded_bytes:
+                raise DecodeError(f"decompression_bomb: {width}x{height} {img.mode} decodes to {need} bytes > "
+                                  f"max_decoded_bytes={cfg.max_decoded_bytes}")
             img.load()
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
+            img = to_rgb(img, capped_size(img.width, img.height, cfg.max_side), _RESAMPLE[cfg.resample])
+    except DecodeError:
+        raise
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"decompression_bomb: {exc}") from None
     except Exception as exc:  # noqa: BLE001
@@ -173,6 +213,7 @@ class DecodeImages(Stage):
         exts = column(batch, IMAGE_EXT)
         widths, heights = column(batch, WIDTH), column(batch, HEIGHT)
         sw, sh = column(batch, STORED_WIDTH), column(batch, STORED_HEIGHT)
+        paths, offsets = batch.get("ref_path"), batch.get("ref_offset")     # the file a sample was read from
         for i in range(len(raw)):
             if not keep[i]:
                 continue
@@ -180,7 +221,13 @@ class DecodeImages(Stage):
                 img, w, h = decode_image(raw[i], cfg)
                 images[i] = encode_image(img, cfg)
             except DecodeError as exc:
-                reject(batch, i, str(exc))
+                reason = str(exc)
+                whole_file = int(offsets[i]) < 0 if offsets is not None and offsets[i] is not None else False
+                ext = os.path.splitext(str(paths[i] or ""))[1].lower() if whole_file else ""
+                if reason == NOT_AN_IMAGE and whole_file and ext not in IMAGE_EXTENSIONS:
+                    # identified by content: a file without an image name that no image decoder reads
+                    reason = f"unsupported_format: {ext or 'no extension'} is not an image Pillow reads"
+                reject(batch, i, reason)
                 continue
             exts[i] = cfg.format
             widths[i], heights[i] = w, h

@@ -34,6 +34,8 @@ def format_summary(result) -> str:
              f"  rejected  {result.rejected:>8}"]
     for reason, n in result.reasons.items():
         lines.append(f"    {reason:<22} {n:>6}")
+    if getattr(result, "sidecars", 0):
+        lines.append(f"  sidecars  {result.sidecars:>8}  (captions and JSON beside the samples; not samples)")
     if result.stage_seconds:
         lines.append("  stage time (worker seconds, all workers)")
         for stage, s in result.stage_seconds.items():

@@ -45,6 +45,7 @@ class RunResult:
     phases: dict[str, float] = field(default_factory=dict)
     videos: dict | None = None     # video runs: input videos, with clips, without (per reason)
     report: str | None = None      # report.html, when written
+    sidecars: int = 0              # caption / JSON files beside the samples (read, not samples themselves)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -82,11 +83,12 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
 
     if spec.is_video:   # one block per video: windows and clips fan out from there
         ds = ray.data.from_arrow(_blocks(pending, 1))
-        clips_cfg = dataclasses.replace(spec.stages[0].config, storage_options=spec.input.storage_options)
+        clips_cfg = dataclasses.replace(spec.stages[0].config, storage_options=spec.input.storage_options,
+                                        policy=spec.input.policy())
         ds = adapter.apply_stage(ds, VideoWindows, clips_cfg, "probe", cpus, gpus)
     else:
         ds = ray.data.from_arrow(_blocks(pending, spec.ray.block_rows))
-        ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(storage_options=spec.input.storage_options,
+        ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(policy=spec.input.policy(),
                                                                             keep_columns=spec.input.keep_columns),
                                  "load", cpus, gpus)
     pools = [registry.get(st.name).resources(st.config, gpus).num_gpus > 0
@@ -165,7 +167,8 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
     result = RunResult(output=out, inputs=table.num_rows, kept=kept, rejected=table.num_rows - kept,
                        reasons=reasons,
                        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
-                       wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos)
+                       wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos,
+                       sidecars=plan.sidecars)
     planned = result.inputs if spec.is_video else plan.num_inputs   # videos reconcile above
     if result.inputs != planned or result.kept + result.rejected != result.inputs:
         raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "

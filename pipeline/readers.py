@@ -8,12 +8,15 @@ so they are stable across re-runs of the same input.
 """
 from __future__ import annotations
 
+import base64
 import glob as globlib
 import json
 import os
+import posixpath
+import stat
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import fsspec
@@ -23,6 +26,9 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
+    IMAGE_EXTENSIONS,
+    SIDECAR_EXTENSIONS,
+    VIDEO_EXTENSIONS,
     CAPTION,
     KEY,
     LAION_COLUMNS,
@@ -35,8 +41,6 @@ from pipeline.stage import (
     reject,
 )
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 PATH_COLUMN_CANDIDATES = ("path", "filepath", "file_path", "image_path", "file_name", "filename", "URL", "url")
 CAPTION_COLUMN_CANDIDATES = ("caption", "TEXT", "text", "prompt", "alt")
 
@@ -57,13 +61,147 @@ class InputSpec:
     caption_column: str = option("auto", f"parquet column with the caption (auto tries {', '.join(CAPTION_COLUMN_CANDIDATES)})")
     rename_columns: dict[str, str] = option(help="parquet columns to rename on read, e.g. {aesthetic: AESTHETIC_SCORE}", factory=dict)
     keep_columns: list[str] = option(help="extra parquet/json columns to carry into the annotations (LAION's score columns are always carried)", factory=list)
-    base_dir: str | None = option(None, "where relative parquet paths are resolved (default: the parquet's folder)")
+    base_dir: str | None = option(None, "where relative parquet paths are resolved (default: the parquet's folder); "
+                                        "every local path a parquet names must lie under it")
+    allow_outside_base: bool = option(False, "let parquet rows (and symlinks in a folder) name local files outside "
+                                      "base_dir / the input folder; off, such rows are rejected (outside_base)")
+    protocols: list[str] = option(help="remote protocols parquet rows may name, e.g. [s3, gcs]; any other URL is a "
+                                  "rejected row (http, https and ftp never: downloading is img2dataset's job)",
+                                  factory=list)
+    max_file_bytes: int = option(256 * 1024 ** 2, "largest image, caption or JSON file read (bytes); bigger files "
+                                 "are rejected rows (too_large). Videos are streamed, not read whole", min=1)
     recursive: bool = option(True, "walk sub-folders of an image folder")
     storage_options: dict[str, Any] = option(help="fsspec options for remote paths (e.g. anon: true for public S3)", factory=dict)
+
+    def __post_init__(self):
+        bad = [p for p in self.protocols if p.lower() in DOWNLOAD_PROTOCOLS or not p.isidentifier()]
+        if bad:
+            raise ConfigError(f"input.protocols: {bad[0]!r} is not allowed; winnow reads storage protocols such as "
+                              f"s3, gcs, gs, abfs, hdfs; web URLs ({', '.join(DOWNLOAD_PROTOCOLS)}) are downloaded "
+                              f"by img2dataset, whose output folder winnow reads")
+        self.protocols = [p.lower() for p in self.protocols]
+
+    def policy(self) -> InputPolicy:
+        """What the loading stages may open (local root, protocols, byte cap)."""
+        root = None
+        if not is_remote(self.path):
+            root = self.base_dir or (self.path if os.path.isdir(self.path) else os.path.dirname(os.path.abspath(self.path)))
+            root = os.path.realpath(root)
+        return InputPolicy(root=root, allow_outside=self.allow_outside_base, max_file_bytes=self.max_file_bytes,
+                           storage_options=dict(self.storage_options))
+
+
+DOWNLOAD_PROTOCOLS = ("http", "https", "ftp", "ftps", "sftp", "ssh", "scp", "data", "blob")
+NOT_DOWNLOADED = ("not_downloaded: {what} is not read by winnow; download with img2dataset and give winnow its "
+                  "output folder")
+_FS_TAG = "\x00fsb64:"            # a NUL never occurs in a real path: marks a name that is not UTF-8
 
 
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
+
+
+def encode_fs_path(path: str) -> str:
+    """A path as Arrow-safe text: itself, or (a name that is not valid UTF-8, which Python holds with
+    surrogate escapes) its exact bytes, tagged and base64-encoded. ``fs_path`` reverses it."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return _FS_TAG + base64.b64encode(os.fsencode(path)).decode("ascii")
+
+
+def fs_path(text: str) -> str:
+    """The path to open for a plan's path text (see ``encode_fs_path``)."""
+    if text.startswith(_FS_TAG):
+        return os.fsdecode(base64.b64decode(text[len(_FS_TAG):]))
+    return text
+
+
+def display_name(path: str) -> str:
+    """A path for people and tables: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class InputPolicy:
+    """What a loading stage may open: local files under ``root`` (unless ``allow_outside``), regular
+    files only, at most ``max_file_bytes`` read into memory. ``root`` None: no local check (tar shards
+    named by the spec itself)."""
+    root: str | None = None
+    allow_outside: bool = False
+    max_file_bytes: int = 256 * 1024 ** 2
+    storage_options: dict = field(default_factory=dict)
+
+
+class InputRejected(Exception):
+    """An input the policy refuses; the message is the reject reason."""
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def check_local(text: str, policy: InputPolicy) -> str:
+    """The real path of a local input the policy allows, after checking it is a regular file under the
+    root; raises InputRejected (or FileNotFoundError)."""
+    path = os.path.realpath(fs_path(text[len("file://"):] if text.startswith("file://") else text))
+    if policy.root and not policy.allow_outside and not (path == policy.root or path.startswith(policy.root.rstrip(os.sep) + os.sep)):
+        raise InputRejected(f"outside_base: {display_name(path)} is outside {display_name(policy.root)} "
+                            f"(set input.allow_outside_base: true to read it)")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise InputRejected(f"not_a_regular_file: {_KINDS.get(stat.S_IFMT(mode), 'not a file')}")
+    return path
+
+
+def read_local(text: str, policy: InputPolicy, offset: int = -1, size: int = -1) -> bytes:
+    """Read a whole local file (or ``size`` bytes at ``offset``), bounded by ``max_file_bytes``.
+
+    Opened non-blocking and checked on the open descriptor, so a FIFO or device swapped in after
+    the check cannot hang or flood the reader."""
+    path = check_local(text, policy)
+    want = policy.max_file_bytes if offset < 0 else size
+    if want > policy.max_file_bytes:
+        raise InputRejected(f"too_large: {want} bytes > input.max_file_bytes {policy.max_file_bytes}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputRejected(f"not_a_regular_file: {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}")
+        if offset < 0:
+            if st.st_size > policy.max_file_bytes:
+                raise InputRejected(f"too_large: {st.st_size} bytes > input.max_file_bytes {policy.max_file_bytes}")
+            data = fh.read(policy.max_file_bytes + 1)
+            if len(data) > policy.max_file_bytes:
+                raise InputRejected(f"too_large: more than input.max_file_bytes {policy.max_file_bytes} bytes")
+            return data
+        fh.seek(offset)
+        return fh.read(size)
+
+
+def classify_ref(ref, base: str, policy_protocols: list[str]) -> tuple[str | None, str | None]:
+    """(path to read, plan error) for a path a parquet row names, by the input policy: URLs are read
+    only for protocols named in ``input.protocols`` (never web downloads or chained URLs); local paths
+    resolve under ``base`` (the root check itself happens when the file is opened)."""
+    if not ref or not isinstance(ref, str):
+        return None, "missing_file: empty path"
+    if "\x00" in ref:
+        return None, "missing_file: the path holds a NUL character"
+    if "::" in ref.split("/", 1)[0] or ("::" in ref and "://" in ref):
+        return ref, NOT_DOWNLOADED.format(what="a chained fsspec URL")
+    if "://" in ref and not ref.startswith("file://"):
+        proto = ref.split("://", 1)[0].lower()
+        if proto in DOWNLOAD_PROTOCOLS:
+            return ref, NOT_DOWNLOADED.format(what=f"a {proto} URL")
+        if proto not in policy_protocols:
+            return ref, f"protocol_not_allowed: {proto}:// (add {proto} to input.protocols to read it)"
+        return ref, None
+    if ref.startswith("file://"):
+        ref = ref[len("file://"):]
+    if is_remote(base):
+        return posixpath.normpath(posixpath.join(base, ref)), None
+    return (ref if os.path.isabs(ref) else os.path.join(base, ref)), None
 
 
 def detect_format(spec: InputSpec) -> str:
@@ -90,7 +228,7 @@ def detect_format(spec: InputSpec) -> str:
     videos = any(n.lower().endswith(VIDEO_EXTENSIONS) for n in names)
     if images and videos:
         raise ConfigError(f"input.path {path!r} holds both images and videos; set input.format to images or videos "
-                          f"(the other kind is ignored), or split the folder")
+                          f"(files of the other kind become rejected rows, unsupported_format), or split the folder")
     if images:
         return "images"
     if videos:
@@ -124,6 +262,7 @@ class Plan:
     table: pa.Table              # one row per input sample
     format: str
     counts: dict[int, int]       # partition -> number of inputs
+    sidecars: int = 0            # caption / JSON files read beside the samples (not samples themselves)
 
     @property
     def num_inputs(self) -> int:
@@ -144,7 +283,8 @@ def _assign(rows: list[dict], samples_per_shard: int) -> list[dict]:
     return rows
 
 
-def _list_folder(spec: InputSpec, extensions: tuple[str, ...]) -> tuple[list[str], set[str]]:
+def _walk(spec: InputSpec) -> list[str]:
+    """Every non-folder entry under the input folder (files, FIFOs, devices, links), sorted by bytes."""
     root = spec.path
     files = []
     if spec.recursive:
@@ -152,19 +292,41 @@ def _list_folder(spec: InputSpec, extensions: tuple[str, ...]) -> tuple[list[str
             dirs.sort()
             files += [os.path.join(d, n) for n in names]
     else:
-        files = [os.path.join(root, n) for n in os.listdir(root)]
-    return sorted(f for f in files if f.lower().endswith(extensions)), set(files)
+        files = [os.path.join(root, n) for n in os.listdir(root) if not os.path.isdir(os.path.join(root, n))]
+    return sorted(files, key=os.fsencode)
 
 
-def plan_images(spec: InputSpec, samples_per_shard: int, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[dict]:
+def _list_folder(spec: InputSpec, extensions: tuple[str, ...]) -> tuple[list[str], set[str]]:
+    files = _walk(spec)
+    return [f for f in files if f.lower().endswith(extensions)], set(files)
+
+
+def split_sidecars(files: list[str]) -> tuple[list[str], list[str]]:
+    """(samples, sidecars): ``NAME.txt`` / ``NAME.json`` / ``NAME.caption`` beside another file of the
+    same stem is that file's sidecar; every other file is a sample (a text file alone is a sample that
+    decoding rejects, so it is counted)."""
+    stems = {os.path.splitext(f)[0] for f in files if not f.lower().endswith(SIDECAR_EXTENSIONS)}
+    sidecars = [f for f in files if f.lower().endswith(SIDECAR_EXTENSIONS) and os.path.splitext(f)[0] in stems]
+    taken = set(sidecars)
+    return [f for f in files if f not in taken], sidecars
+
+
+def plan_folder(spec: InputSpec, samples_per_shard: int, kind: str) -> tuple[list[dict], int]:
+    """One row per file of the folder (its sidecars excepted, which are counted). Files are told apart
+    by content when they are decoded, not by an extension list; in a video run, image files are
+    rejected rows (``unsupported_format``)."""
     root = spec.path
-    images, names = _list_folder(spec, extensions)
+    files, sidecars = split_sidecars(_walk(spec))
+    captions = {f for f in sidecars if f.lower().endswith(".txt")}
     rows = []
-    for f in images:
+    for f in files:
         sidecar = os.path.splitext(f)[0] + ".txt"
-        rows.append({SOURCE: os.path.relpath(f, root), REF_PATH: f, REF_OFFSET: -1, REF_SIZE: -1,
-                     CAPTION_REF: sidecar if sidecar in names else None})
-    return _assign(rows, samples_per_shard)
+        row = {SOURCE: display_name(os.path.relpath(f, root)), REF_PATH: encode_fs_path(f), REF_OFFSET: -1,
+               REF_SIZE: -1, CAPTION_REF: encode_fs_path(sidecar) if sidecar in captions else None}
+        if kind == "videos" and f.lower().endswith(IMAGE_EXTENSIONS):
+            row[PLAN_ERROR] = f"unsupported_format: {os.path.splitext(f)[1].lower()} is an image in a video run"
+        rows.append(row)
+    return _assign(rows, samples_per_shard), len(sidecars)
 
 
 def _pick(columns: list[str], wanted: str, candidates: tuple[str, ...], what: str, path: str) -> str | None:
@@ -213,13 +375,7 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
                 row[c] = rec.get(c)
             if path_col.lower() == "url":
                 row["url"] = ref
-            if not ref or not isinstance(ref, str):
-                row[REF_PATH], row[PLAN_ERROR] = None, "missing_file: empty path"
-            elif ref.startswith(("http://", "https://")):
-                row[REF_PATH] = ref
-                row[PLAN_ERROR] = "not_downloaded: URL inputs are fetched by img2dataset; run it and read its shards"
-            else:
-                row[REF_PATH] = ref if (is_remote(ref) or os.path.isabs(ref)) else os.path.join(base, ref)
+            row[REF_PATH], row[PLAN_ERROR] = classify_ref(ref, base, spec.protocols)
             rows.append(row)
     return _assign(rows, samples_per_shard)
 
@@ -297,20 +453,16 @@ def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
     return rows
 
 
-def plan_videos(spec: InputSpec, videos_per_shard: int) -> list[dict]:
-    """One row per video: a folder of videos (optional sidecar .txt captions), or a parquet of
-    video paths and captions."""
-    if not spec.path.lower().endswith(".parquet") and _list_folder(spec, VIDEO_EXTENSIONS)[0]:
-        return plan_images(spec, videos_per_shard, VIDEO_EXTENSIONS)
-    return plan_parquet(spec, videos_per_shard)
-
-
 def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) -> Plan:
     fmt = detect_format(spec)
-    if fmt == "videos":
-        rows = plan_videos(spec, videos_per_shard)
+    sidecars = 0
+    folder = not spec.path.lower().endswith(".parquet") and not is_remote(spec.path) and os.path.isdir(spec.path)
+    if fmt == "videos" and folder and _list_folder(spec, VIDEO_EXTENSIONS)[0]:
+        rows, sidecars = plan_folder(spec, videos_per_shard, "videos")
+    elif fmt == "videos":
+        rows = plan_parquet(spec, videos_per_shard)
     elif fmt == "images":
-        rows = plan_images(spec, samples_per_shard)
+        rows, sidecars = plan_folder(spec, samples_per_shard, "images")
     elif fmt == "laion_parquet":
         rows = plan_parquet(spec, samples_per_shard)
     else:
@@ -323,7 +475,7 @@ def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) ->
     table = pa.Table.from_pylist(rows)
     parts = table.column(PARTITION).to_numpy()
     uniq, cnt = np.unique(parts, return_counts=True)
-    return Plan(table=table, format=fmt, counts={int(p): int(c) for p, c in zip(uniq, cnt)})
+    return Plan(table=table, format=fmt, counts={int(p): int(c) for p, c in zip(uniq, cnt)}, sidecars=sidecars)
 
 
 # ---- fetching bytes: the first stage of every run ----
@@ -349,12 +501,13 @@ def _read_range(fh, offset: int, size: int) -> bytes:
 
 @dataclass
 class LoadConfig:
-    storage_options: dict[str, Any] = option(help="fsspec options", factory=dict)
+    policy: InputPolicy = field(default_factory=InputPolicy)
     keep_columns: list[str] = option(help="extra img2dataset json fields to carry", factory=list)
 
 
 class LoadSource(Stage):
-    """Fetch each sample's bytes, sidecar caption and img2dataset JSON; unreadable -> rejected."""
+    """Fetch each sample's bytes, sidecar caption and img2dataset JSON under the input policy;
+    unreadable or refused -> rejected."""
 
     name = "load"
     Config = LoadConfig
@@ -364,10 +517,30 @@ class LoadSource(Stage):
     def __init__(self, config: LoadConfig | None = None):
         super().__init__(config or LoadConfig())
 
-    def _open(self, path: str):
-        if is_remote(path):
-            return fsspec.open(path, "rb", **self.config.storage_options).open()
-        return open(path, "rb")
+    def _open_remote(self, path: str):
+        return fsspec.open(path, "rb", **self.config.policy.storage_options).open()
+
+    def _read(self, path: str, off: int, size: int, handles: dict) -> bytes:
+        """A whole file (off < 0) or a byte range of a tar shard, bounded by the policy."""
+        policy = self.config.policy
+        if off >= 0 and size > policy.max_file_bytes:
+            raise InputRejected(f"too_large: {size} bytes > input.max_file_bytes {policy.max_file_bytes}")
+        if not is_remote(path):
+            if off < 0:
+                return read_local(path, policy)
+            if path not in handles:            # a shard the spec names: opened once per batch
+                real = check_local(path, InputPolicy(root=None, max_file_bytes=policy.max_file_bytes))
+                handles[path] = open(real, "rb")
+            return _read_range(handles[path], off, size)
+        if off < 0:
+            with self._open_remote(path) as fh:
+                data = fh.read(policy.max_file_bytes + 1)
+            if len(data) > policy.max_file_bytes:
+                raise InputRejected(f"too_large: more than input.max_file_bytes {policy.max_file_bytes} bytes")
+            return data
+        if path not in handles:
+            handles[path] = self._open_remote(path)
+        return _read_range(handles[path], off, size)
 
     def __call__(self, batch):
         keep = active(batch)
@@ -387,19 +560,16 @@ class LoadSource(Stage):
                     continue
                 path, off, size = batch[REF_PATH][i], int(batch[REF_OFFSET][i]), int(batch[REF_SIZE][i])
                 try:
-                    if off < 0:
-                        with self._open(path) as fh:
-                            raw[i] = fh.read()
-                    else:
-                        if path not in handles:
-                            handles[path] = self._open(path)
-                        raw[i] = _read_range(handles[path], off, size)
-                        if len(raw[i]) != size:
-                            raise EOFError(f"shard ends {size - len(raw[i])} bytes early")
+                    raw[i] = self._read(path, off, size, handles)
+                    if off >= 0 and len(raw[i]) != size:
+                        raise EOFError(f"shard ends {size - len(raw[i])} bytes early")
+                except InputRejected as exc:
+                    reject(batch, i, str(exc))
+                    continue
                 except FileNotFoundError:
                     reject(batch, i, "missing_file: not found")
                     continue
-                except (OSError, EOFError, ValueError) as exc:
+                except (OSError, EOFError, ValueError, MemoryError) as exc:
                     reject(batch, i, f"read_error: {type(exc).__name__}: {exc}")
                     continue
                 cref = caption_refs[i]
@@ -411,7 +581,9 @@ class LoadSource(Stage):
                 if jref:
                     try:
                         meta = json.loads(decode_text(self._read_ref(jref, path, handles)) or "{}")
-                    except (json.JSONDecodeError, OSError):
+                    except (json.JSONDecodeError, OSError, RecursionError):
+                        meta = {}
+                    if not isinstance(meta, dict):
                         meta = {}
                     if captions[i] is None and isinstance(meta.get("caption"), str):
                         captions[i] = meta["caption"]
@@ -424,16 +596,15 @@ class LoadSource(Stage):
         return batch
 
     def _read_ref(self, ref: str, tar_path: str, handles: dict) -> bytes | None:
+        """A caption or JSON: ``tar:OFFSET:SIZE`` inside the sample's shard, or a sidecar file."""
         try:
             if ref.startswith("tar:"):
                 _, off, size = ref.split(":")
-                if tar_path not in handles:
-                    handles[tar_path] = self._open(tar_path)
-                return _read_range(handles[tar_path], int(off), int(size))
-            with self._open(ref) as fh:
-                return fh.read()
-        except OSError:
+                return self._read(tar_path, int(off), int(size), handles)
+            return self._read(ref, -1, -1, handles)
+        except (OSError, ValueError, InputRejected):
             return None
 
 
-__all__ = ["InputSpec", "LoadSource", "Plan", "decode_text", "detect_format", "plan"]
+__all__ = ["InputPolicy", "InputRejected", "InputSpec", "LoadSource", "Plan", "check_local", "classify_ref",
+           "decode_text", "detect_format", "display_name", "encode_fs_path", "fs_path", "plan", "read_local"]

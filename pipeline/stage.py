@@ -49,6 +49,14 @@ MOTION_SCORE = "motion_score"
 MOTION_PAIRS = "motion_pairs"    # per sampled frame pair, same unit as motion_score
 FRAME_EMBEDDINGS = "clip_frame_embeddings"   # a clip's frames' image embeddings, concatenated
 WINDOW_CUTS = "window_cut_times_s"
+# file extensions: images (what Pillow reads, with plugins such as pillow-heif), videos, sidecars
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo", ".avif", ".jp2",
+                    ".j2k", ".jpx", ".heic", ".heif", ".jxl", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".dds",
+                    ".psd", ".pcx", ".sgi", ".qoi", ".jfif", ".pjpeg")
+SIDECAR_EXTENSIONS = (".txt", ".json", ".caption")   # NAME.txt / NAME.json beside NAME.jpg: a sidecar
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
+
+
 # Lists of numbers travel between stages as JSON text: Ray Data turns a batch of equal-length
 # lists into a tensor column, which then cannot merge with a batch of ragged ones. The fragment
 # writer stores them as list<double>.

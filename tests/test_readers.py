@@ -27,14 +27,17 @@ def test_folder_plan_keys_captions_and_partitions(tmp_path):
     for i in range(5):
         write_img(tmp_path / f"a{i}.jpg")
     (tmp_path / "a1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / "notes.md").write_text("counted")        # not an image: a row (decode rejects it), never skipped
     plan = readers.plan(InputSpec(path=str(tmp_path)), samples_per_shard=2)
-    assert plan.format == "images"
-    assert plan.table.column("key").to_pylist() == ["000000000", "000000001", "000010000", "000010001", "000020000"]
-    assert plan.counts == {0: 2, 1: 2, 2: 1}
+    assert plan.format == "images" and plan.sidecars == 1
+    assert plan.table.column("key").to_pylist() == ["000000000", "000000001", "000010000", "000010001", "000020000",
+                                                    "000020001"]
+    assert plan.table.column("source").to_pylist()[-1] == "notes.md"
+    assert plan.counts == {0: 2, 1: 2, 2: 2}
     out = LoadSource()(plan_batch(plan))
-    assert out["caption"].tolist() == [None, "café", None, None, None]
-    assert all(isinstance(b, bytes) and len(b) > 100 for b in out["raw_bytes"])
+    assert out["caption"].tolist() == [None, "café", None, None, None, None]
+    assert all(isinstance(b, bytes) and len(b) > 100 for b in out["raw_bytes"][:5])
+    assert out["raw_bytes"][5] == b"counted"
 
 
 def test_parquet_plan_missing_files_urls_and_laion_columns(tmp_path):
@@ -50,7 +53,7 @@ def test_parquet_plan_missing_files_urls_and_laion_columns(tmp_path):
     assert out["status"].tolist() == ["kept", "rejected", "rejected", "rejected"]
     assert out["reject_reason"].tolist()[1:] == [
         "missing_file: not found",
-        "not_downloaded: URL inputs are fetched by img2dataset; run it and read its shards",
+        "not_downloaded: a http URL is not read by winnow; download with img2dataset and give winnow its output folder",
         "missing_file: empty path"]
     assert out["caption"].tolist() == ["one", "two", "three", "four"]
     assert out["AESTHETIC_SCORE"].tolist() == [5.5, 4.0, 6.0, 7.0]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import ConfigError, option
+from pipeline.readers import InputPolicy
 from pipeline.stage import (
     CAPTION,
     CLIP_END,
@@ -79,8 +80,22 @@ class ClipsConfig:
     crf: int = option(20, "libx264 quality (lower = better, larger)", min=0, max=51)
     preset: str = option("veryfast", "libx264 speed preset")
     keyframe_side: int = option(512, "longest side of the first/middle/last JPEGs the model stages read", min=32)
+    max_frame_pixels: int = option(7680 * 4320, "videos whose coded width x height exceeds this (8K UHD) are "
+                                   "rejected at probe, before any frame is decoded (too_large)", min=1)
+    max_duration_s: float = option(6 * 3600.0, "videos longer than this are rejected at probe (too_long)", min=1)
+    max_frame_gap_s: float = option(60.0, "a gap between consecutive frames longer than this is a broken clock, "
+                                    "not video: the file is rejected (bad_timestamps)", min=0.1)
     cuts: CutConfig = field(default_factory=CutConfig)
     storage_options: dict = option(help="filled in from input.storage_options", factory=dict, runtime=True)
+    policy: InputPolicy = option(help="filled in from the input section (what may be opened)", factory=InputPolicy,
+                                 runtime=True)
+
+
+    @property
+    def limits(self):
+        from video.probe import ProbeLimits
+
+        return ProbeLimits(self.max_frame_pixels, self.max_duration_s, self.max_frame_gap_s)
 
 
 # ---- planning clips inside a window (pure, on the small frames) ----
@@ -221,14 +236,15 @@ def _batch_rows(batch: dict) -> list[dict]:
     return [{k: _plain(v[i]) for k, v in batch.items()} for i in range(n)]
 
 
-def _open_source(path: str, storage_options: dict):
-    """A path PyAV can open: local paths as they are, remote ones as seekable fsspec files."""
-    from pipeline.readers import is_remote
+def _open_source(path: str, storage_options: dict, policy: InputPolicy | None = None):
+    """A path PyAV can open: a local regular file the input policy allows (a FIFO or device would hang
+    or flood the demuxer), or a remote one as a seekable fsspec file."""
+    from pipeline.readers import check_local, is_remote
 
     if is_remote(path):
         import fsspec
         return fsspec.open(path, "rb", **storage_options).open()
-    return path
+    return check_local(path, policy or InputPolicy())
 
 
 class VideoWindows(Stage):
@@ -239,7 +255,7 @@ class VideoWindows(Stage):
     batch_size = 4
 
     def __call__(self, batch):
-        from pipeline.readers import CAPTION_REF, PLAN_ERROR, REF_PATH, decode_text, is_remote
+        from pipeline.readers import CAPTION_REF, PLAN_ERROR, REF_PATH, InputRejected, decode_text, read_local
         from video.probe import ProbeError, probe
 
         ensure_status(batch)
@@ -250,9 +266,8 @@ class VideoWindows(Stage):
             base[VIDEO_KEY] = vk
             if row.get(CAPTION_REF):
                 try:
-                    with open(row[CAPTION_REF], "rb") as fh:
-                        base[CAPTION] = decode_text(fh.read())
-                except OSError:
+                    base[CAPTION] = decode_text(read_local(row[CAPTION_REF], self.config.policy))
+                except (OSError, InputRejected):
                     base[CAPTION] = None
             elif isinstance(row.get(CAPTION), bytes):
                 base[CAPTION] = decode_text(row[CAPTION])
@@ -260,20 +275,17 @@ class VideoWindows(Stage):
             info = None
             if not reason:
                 try:
-                    local = not is_remote(row[REF_PATH])
-                    if local and not os.path.exists(row[REF_PATH]):
-                        raise FileNotFoundError(row[REF_PATH])
-                    if local and os.path.getsize(row[REF_PATH]) == 0:
+                    src = _open_source(row[REF_PATH], self.config.storage_options, self.config.policy)
+                    if isinstance(src, str) and os.path.getsize(src) == 0:
                         raise ProbeError("probe_error: empty file")
-                    src = _open_source(row[REF_PATH], self.config.storage_options)
                     try:
-                        info = probe(src)
+                        info = probe(src, self.config.limits)
                     finally:
                         if hasattr(src, "close"):
                             src.close()
                 except FileNotFoundError:
                     reason = "missing_file: not found"
-                except ProbeError as exc:
+                except (ProbeError, InputRejected) as exc:
                     reason = str(exc)
                 except Exception as exc:  # noqa: BLE001 - any unreadable file is a rejected row
                     reason = f"probe_error: {type(exc).__name__}: {exc}"
@@ -337,7 +349,7 @@ class SplitClips(Stage):
         """All segment rows of one window."""
         from pipeline.readers import REF_PATH
 
-        src = _open_source(row[REF_PATH], self.config.storage_options)
+        src = _open_source(row[REF_PATH], self.config.storage_options, self.config.policy)
         try:
             return self._window(row, src)
         finally:

@@ -20,6 +20,14 @@ class ProbeError(Exception):
 
 
 @dataclass
+class ProbeLimits:
+    """Bounds checked from the container before any frame is decoded."""
+    max_pixels: int = 7680 * 4320          # coded width x height (8K UHD)
+    max_duration_s: float = 6 * 3600.0
+    max_gap_s: float = 60.0                # longest plausible time between two consecutive frames
+
+
+@dataclass
 class VideoInfo:
     codec: str
     width: int                 # coded size
@@ -55,10 +63,20 @@ def _open(source):
         raise ProbeError(f"probe_error: {exc}") from None
 
 
-def probe(source) -> VideoInfo:
-    """Probe a path, file object or bytes; raises ProbeError with a reject reason."""
+def _check_size(width: int, height: int, limits: ProbeLimits) -> None:
+    if width < 0 or height < 0 or width * height > limits.max_pixels:
+        raise ProbeError(f"too_large: {width}x{height} frames exceed max_frame_pixels={limits.max_pixels}")
+
+
+def probe(source, limits: ProbeLimits | None = None) -> VideoInfo:
+    """Probe a path, file object or bytes; raises ProbeError with a reject reason.
+
+    Frame size, duration and the gaps between frame timestamps are checked from the container
+    and packets before the one frame that is decoded (for the display rotation), so a file
+    claiming 16000x16000 frames or an 8-hour timestamp jump costs milliseconds, not gigabytes."""
     import av
 
+    limits = limits or ProbeLimits()
     container = _open(source)
     try:
         if not container.streams.video:
@@ -68,6 +86,7 @@ def probe(source) -> VideoInfo:
         has_audio = bool(container.streams.audio)
         codec = stream.codec_context.name
         width, height = stream.codec_context.width, stream.codec_context.height
+        _check_size(width, height, limits)
         sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
         pts: list[int] = []
         try:
@@ -79,9 +98,16 @@ def probe(source) -> VideoInfo:
                 raise ProbeError(f"probe_error: {type(exc).__name__}: {exc}") from None
         if not pts:
             raise ProbeError("no_frames: the video stream holds no frames")
-        rotation = _rotation(source, stream.index)
         times = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base or Fraction(1, 1))
         steps = np.diff(times)
+        if len(steps) and steps.max() > limits.max_gap_s:
+            j = int(steps.argmax())
+            raise ProbeError(f"bad_timestamps: {steps[j]:.1f} s between frames {j} and {j + 1} "
+                             f"(more than max_frame_gap_s={limits.max_gap_s:g})")
+        if not np.isfinite(times).all() or times[-1] - times[0] > limits.max_duration_s:
+            raise ProbeError(f"too_long: {times[-1] - times[0]:.0f} s of timestamps > max_duration_s="
+                             f"{limits.max_duration_s:g}")
+        rotation = _rotation(source, stream.index, limits)
         if len(steps):
             duration = float(times[-1] - times[0] + steps[-1])   # the last frame lasts as long as the one before
         else:
@@ -101,8 +127,9 @@ def probe(source) -> VideoInfo:
         container.close()
 
 
-def _rotation(source, index: int) -> int:
-    """The display rotation, read from the first decodable frame (PyAV exposes it per frame)."""
+def _rotation(source, index: int, limits: ProbeLimits) -> int:
+    """The display rotation, read from the first decodable frame (PyAV exposes it per frame).
+    A stream whose header gave no size is checked on the decoder before the frame is decoded."""
     import av
 
     if hasattr(source, "seek"):
@@ -110,8 +137,10 @@ def _rotation(source, index: int) -> int:
     container = _open(source)
     try:
         stream = container.streams.video[index] if index < len(container.streams.video) else container.streams.video[0]
-        for frame in container.decode(stream):
-            return int(round(getattr(frame, "rotation", 0) or 0))
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                _check_size(frame.width, frame.height, limits)
+                return int(round(getattr(frame, "rotation", 0) or 0))
     except av.error.FFmpegError:
         return 0
     finally:
@@ -119,4 +148,4 @@ def _rotation(source, index: int) -> int:
     return 0
 
 
-__all__ = ["probe", "ProbeError", "VideoInfo"]
+__all__ = ["probe", "ProbeError", "ProbeLimits", "VideoInfo"]

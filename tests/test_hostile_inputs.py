@@ -1,0 +1,216 @@
+"""Hostile inputs become rejected rows with their reason; the run finishes; nothing outside changes.
+
+Every input is built here in a temp dir: special files, names that are not UTF-8, formats found by
+content, parquet rows naming URLs or files elsewhere, memory bombs, broken video clocks.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import readers
+from pipeline.readers import InputSpec, LoadConfig, LoadSource
+from tests.helpers import annotations, run_curate
+
+
+def _tree(root: str) -> dict[str, tuple[int, int]]:
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(d, f)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _photo(path, size=(96, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _hostile_folder(root):
+    """A camera folder as found: formats by content, a FIFO, a name that is not UTF-8, a symlink out."""
+    photos = os.path.join(root, "photos")
+    os.makedirs(photos)
+    _photo(os.path.join(photos, "a_good.jpg"), seed=1)
+    open(os.path.join(photos, "a_good.txt"), "w").write("a caption")                       # a sidecar
+    first = Image.fromarray(np.full((64, 96, 3), 90, np.uint8))
+    first.save(os.path.join(photos, "b_camera.mpo"), format="MPO", save_all=True,
+               append_images=[Image.fromarray(np.full((64, 96, 3), 160, np.uint8))])
+    _photo(os.path.join(photos, "c_phone.avif"), seed=2)
+    Image.open(os.path.join(photos, "c_phone.avif")).load()
+    _photo(os.path.join(photos, "d_scan.jp2"), seed=3)
+    os.mkfifo(os.path.join(photos, "e_pipe.jpg"))
+    _photo(os.fsencode(os.path.join(photos, "f_caf")) + b"\xe9.png", seed=4)          # latin-1 name
+    secret = os.path.join(root, "secret.png")
+    _photo(secret, seed=5)
+    os.symlink(secret, os.path.join(photos, "g_link.png"))
+    open(os.path.join(photos, "h_readme.md"), "w").write("# notes")
+    return photos, secret
+
+
+def test_a_hostile_folder_is_all_rows_and_the_run_finishes(ray_local, tmp_path):
+    photos, secret = _hostile_folder(str(tmp_path))
+    before = _tree(str(tmp_path))
+    res = run_curate(photos, str(tmp_path / "out"), samples_per_shard=4)
+    ann = annotations(str(tmp_path / "out")).sort_values("key")
+    got = dict(zip(ann["source"], ann["reject_reason"].where(ann["status"] == "rejected", "kept")))
+    assert got == {
+        "a_good.jpg": "kept",
+        "b_camera.mpo": "kept",
+        "c_phone.avif": "kept",
+        "d_scan.jp2": "kept",
+        "e_pipe.jpg": "not_a_regular_file: a FIFO",
+        "f_caf\\xe9.png": "kept",
+        "g_link.png": f"outside_base: {secret} is outside {os.path.realpath(photos)} "
+                      f"(set input.allow_outside_base: true to read it)",
+        "h_readme.md": "unsupported_format: .md is not an image Pillow reads",
+    }
+    assert (res.inputs, res.kept, res.rejected, res.sidecars) == (8, 5, 3, 1)
+    assert ann.loc[ann["source"] == "a_good.jpg", "caption"].item() == "a caption"
+    assert ann.loc[ann["source"] == "b_camera.mpo", ["width", "height"]].values.tolist() == [[96, 64]]
+    after = _tree(str(tmp_path))
+    assert {k: v for k, v in after.items() if not k.startswith("out" + os.sep)} == before
+    # a re-run (the FIFO still there) resumes at once instead of hanging
+    again = run_curate(photos, str(tmp_path / "out"), samples_per_shard=4)
+    assert (again.inputs, again.kept) == (8, 5)
+
+
+def test_parquet_rows_naming_urls_or_files_elsewhere_are_rejected_rows(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    _photo(str(data / "sub" / "ok.jpg"))
+    _photo(str(tmp_path / "secret.png"))
+    refs = ["sub/ok.jpg", "../secret.png", "/etc/hostname", "/dev/zero", "sub/../sub/ok.jpg",
+            "simplecache::http://example.com/a.jpg", "ftp://example.com/a.jpg", "HTTPS://example.com/a.jpg",
+            "s3://bucket/a.jpg", "memory://a.jpg", "file:///etc/passwd", "sub/\x00ok.jpg"]
+    pq.write_table(pa.table({"path": refs, "caption": [str(i) for i in range(len(refs))]}), data / "rows.parquet")
+    spec = InputSpec(path=str(data / "rows.parquet"))
+    plan = readers.plan(spec, samples_per_shard=100)
+    batch = {c: np.asarray(plan.table.column(c).to_pylist(), dtype=object) for c in plan.table.column_names}
+    out = LoadSource(LoadConfig(policy=spec.policy()))(batch)
+    root = os.path.realpath(data)
+    outside = "outside_base: {} is outside " + root + " (set input.allow_outside_base: true to read it)"
+    hint = "download with img2dataset and give winnow its output folder"
+    assert list(zip(refs, out["reject_reason"])) == [
+        ("sub/ok.jpg", None),
+        ("../secret.png", outside.format(os.path.realpath(tmp_path / "secret.png"))),
+        ("/etc/hostname", outside.format(os.path.realpath("/etc/hostname"))),
+        ("/dev/zero", outside.format("/dev/zero")),
+        ("sub/../sub/ok.jpg", None),
+        ("simplecache::http://example.com/a.jpg", f"not_downloaded: a chained fsspec URL is not read by winnow; {hint}"),
+        ("ftp://example.com/a.jpg", f"not_downloaded: a ftp URL is not read by winnow; {hint}"),
+        ("HTTPS://example.com/a.jpg", f"not_downloaded: a https URL is not read by winnow; {hint}"),
+        ("s3://bucket/a.jpg", "protocol_not_allowed: s3:// (add s3 to input.protocols to read it)"),
+        ("memory://a.jpg", "protocol_not_allowed: memory:// (add memory to input.protocols to read it)"),
+        ("file:///etc/passwd", outside.format("/etc/passwd")),
+        ("sub/\x00ok.jpg", "missing_file: the path holds a NUL character"),
+    ]
+    # allowed outside the base: special files are still refused, and every read is bounded
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\xff" * 5000)
+    refs2 = ["/dev/zero", str(big), "sub/ok.jpg"]
+    pq.write_table(pa.table({"path": refs2}), data / "rows.parquet")
+    spec = InputSpec(path=str(data / "rows.parquet"), allow_outside_base=True, max_file_bytes=4500)
+    plan = readers.plan(spec, samples_per_shard=100)
+    batch = {c: np.asarray(plan.table.column(c).to_pylist(), dtype=object) for c in plan.table.column_names}
+    out = LoadSource(LoadConfig(policy=spec.policy()))(batch)
+    assert out["reject_reason"].tolist() == ["not_a_regular_file: a character device",
+                                             "too_large: 5000 bytes > input.max_file_bytes 4500", None]
+
+
+def test_web_protocols_can_never_be_allowed():
+    from pipeline.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="input.protocols: 'https' is not allowed"):
+        build(InputSpec, {"path": "x", "protocols": ["s3", "https"]}, "input")
+    assert build(InputSpec, {"path": "x", "protocols": ["S3", "gcs"]}, "input").protocols == ["s3", "gcs"]
+
+
+def test_non_utf8_names_round_trip_losslessly(tmp_path):
+    raw = os.fsencode(str(tmp_path)) + b"/x\xff\xfe.jpg"
+    _photo(raw)
+    plan = readers.plan(InputSpec(path=str(tmp_path)), samples_per_shard=10)
+    text = plan.table.column("ref_path").to_pylist()[0]
+    assert os.fsencode(readers.fs_path(text)) == raw and "\x00" in text
+    assert plan.table.column("source").to_pylist() == ["x\\xff\\xfe.jpg"]
+    out = LoadSource(LoadConfig(policy=InputSpec(path=str(tmp_path)).policy()))(
+        {c: np.asarray(plan.table.column(c).to_pylist(), dtype=object) for c in plan.table.column_names})
+    assert out["raw_bytes"][0] == open(raw, "rb").read()
+
+
+# ---- memory: decoded bytes, not pixels ----
+
+def test_16bit_png_converts_without_float64_and_the_decoded_byte_cap_holds():
+    from curation.decode import DecodeConfig, DecodeError, decode_image, decoded_bytes
+
+    ramp = (np.arange(300 * 200, dtype=np.uint32).reshape(200, 300) * 65535 // (300 * 200 - 1)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    img, w, h = decode_image(buf.getvalue(), DecodeConfig(max_side=1024))
+    arr = np.asarray(img)
+    assert (w, h) == (300, 200) and img.mode == "RGB"
+    want = np.clip(ramp.astype(np.float64) / 65535 * 255 + 0.5, 0, 255).astype(np.uint8)
+    assert np.abs(arr[..., 0].astype(int) - want).max() <= 1 and (arr[..., 0] == arr[..., 2]).all()
+    assert decoded_bytes(300, 200, "I;16") == 120_000
+    with pytest.raises(DecodeError, match=r"decompression_bomb: 300x200 I;16 decodes to 120000 bytes > "
+                                          r"max_decoded_bytes=100000"):
+        decode_image(buf.getvalue(), DecodeConfig(max_decoded_bytes=100_000))
+    # the same cap passes an 8-bit grey image of the same size (one byte a pixel)
+    buf8 = io.BytesIO()
+    Image.fromarray((ramp >> 8).astype(np.uint8), "L").save(buf8, "PNG")
+    assert decode_image(buf8.getvalue(), DecodeConfig(max_decoded_bytes=100_000))[0].size == (300, 200)
+
+
+# ---- videos: size, duration and clock checked at probe ----
+
+def _video(path, pts, size=(64, 48), rate=25):
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=rate)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        s.time_base = Fraction(1, rate)
+        s.codec_context.time_base = Fraction(1, rate)
+        for i, p in enumerate(pts):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), (i * 20) % 255, np.uint8), format="rgb24")
+            frame.pts = p
+            frame.time_base = Fraction(1, rate)
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+def test_video_clock_jumps_sizes_and_durations_are_rejected_at_probe(tmp_path):
+    from video.probe import ProbeError, ProbeLimits, probe
+
+    _video(tmp_path / "jump.mp4", list(range(10)) + [8 * 3600 * 25 + i for i in range(10)])
+    with pytest.raises(ProbeError, match=r"bad_timestamps: 28799\.6 s between frames 9 and 10"):
+        probe(str(tmp_path / "jump.mp4"))
+    _video(tmp_path / "ok.mp4", list(range(50)))
+    assert probe(str(tmp_path / "ok.mp4")).num_frames == 50
+    with pytest.raises(ProbeError, match=r"too_large: 64x48 frames exceed max_frame_pixels=3000"):
+        probe(str(tmp_path / "ok.mp4"), ProbeLimits(max_pixels=3000))
+    with pytest.raises(ProbeError, match=r"too_long: 2 s of timestamps > max_duration_s=1"):
+        probe(str(tmp_path / "ok.mp4"), ProbeLimits(max_duration_s=1))
+
+
+def test_a_video_run_rejects_the_broken_clock_as_one_row(ray_local, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _video(videos / "jump.mp4", list(range(10)) + [8 * 3600 * 25 + i for i in range(10)])
+    os.mkfifo(videos / "pipe.mp4")
+    Image.new("RGB", (8, 8)).save(videos / "thumb.jpg")
+    res = run_curate(str(videos), str(tmp_path / "out"), stages=[{"name": "clips"}], input={"format": "videos"})
+    ann = annotations(str(tmp_path / "out")).sort_values("key")
+    assert ann["reject_reason"].str.split(":").str[0].tolist() == ["bad_timestamps", "not_a_regular_file",
+                                                                   "unsupported_format"]
+    assert res.videos["inputs"] == 3 and res.inputs == 3
