@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 def make_run(root: str, shards: int, per_shard: int, rng: np.random.Generator) -> int:
     from PIL import Image
 
-    from pipeline.shards import _add_tar_member
+    from pipeline import tars
 
     images = []
     for i in range(24):   # distinct photo-like JPEGs (smooth gradients + noise), ~30-60 KB each
@@ -48,18 +48,20 @@ def make_run(root: str, shards: int, per_shard: int, rng: np.random.Generator) -
     tables, total = [], 0
     for s in range(shards):
         rows = []
-        with tarfile.open(os.path.join(root, "shards", f"{s:05d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tf:
-            for j in range(per_shard):
-                key = f"{s:05d}{j:04d}"
-                data, w, h = images[(s * per_shard + j) % len(images)]
-                row = {"key": key, "partition": s, "status": "kept", "reject_reason": None, "caption": f"sample {key}",
-                       "width": w, "height": h, "stored_width": w, "stored_height": h,
-                       "aesthetic_score": float(rng.normal(5, 1)), "source": f"img_{key}.jpg", "image_ext": "jpg"}
-                _add_tar_member(tf, f"{key}.jpg", data)
-                _add_tar_member(tf, f"{key}.txt", row["caption"].encode())
-                _add_tar_member(tf, f"{key}.json", json.dumps(row).encode())
-                rows.append(row)
-                total += len(data)
+        blocks = []
+        for j in range(per_shard):
+            key = f"{s:05d}{j:04d}"
+            data, w, h = images[(s * per_shard + j) % len(images)]
+            row = {"key": key, "partition": s, "status": "kept", "reject_reason": None, "caption": f"sample {key}",
+                   "width": w, "height": h, "stored_width": w, "stored_height": h,
+                   "aesthetic_score": float(rng.normal(5, 1)), "source": f"img_{key}.jpg", "image_ext": "jpg"}
+            blocks += [tars.block(f"{key}.jpg", data), tars.block(f"{key}.txt", row["caption"].encode()),
+                       tars.block(f"{key}.json", json.dumps(row).encode())]
+            rows.append(row)
+            total += len(data)
+        blocks.append(tars.end(sum(len(b) for b in blocks)))
+        with open(os.path.join(root, "shards", f"{s:05d}.tar"), "wb") as fh:
+            fh.write(b"".join(blocks))
         t = pa.Table.from_pylist(rows)
         pq.write_table(t, os.path.join(root, "shards", f"{s:05d}.parquet"))
         with open(os.path.join(root, "shards", f"{s:05d}_stats.json"), "w") as fh:

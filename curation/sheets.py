@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
+from pipeline import tars
 from pipeline.shards import atomic_path
 from pipeline.stage import KEY
 
@@ -25,21 +25,22 @@ class ShardImages:
     def __init__(self, annotation_files: list[str], thumb: int):
         self.dirs = [os.path.join(os.path.dirname(os.path.abspath(p)), "shards") for p in annotation_files]
         self.thumb = thumb
-        self._tars: dict[str, tuple[tarfile.TarFile, dict]] = {}
+        self._tars: dict[str, tuple[object, dict]] = {}
 
     def _member(self, run: int, partition: int, key: str) -> tuple[bytes, str] | None:
         path = os.path.join(self.dirs[run], f"{partition:05d}.tar")
         if path not in self._tars:
             if not os.path.exists(path):
                 return None
-            tf = tarfile.open(path)
-            self._tars[path] = (tf, {m.name.rpartition(".")[0] + "|" + m.name.rpartition(".")[2]: m for m in tf})
-        tf, members = self._tars[path]
-        for ext in ("jpg", "jpeg", "png", "webp", "mp4"):
-            m = members.get(f"{key}|{ext}")
-            if m is not None:
-                return tf.extractfile(m).read(), ext
-        return None
+            fh = open(path, "rb")
+            samples = [s for s in tars.group(list(tars.scan(fh))) if isinstance(s, tars.Sample) and s.media]
+            self._tars[path] = (fh, {s.key: s for s in samples})
+        fh, samples = self._tars[path]
+        sample = samples.get(key)
+        if sample is None:
+            return None
+        fh.seek(sample.media.data)
+        return fh.read(sample.media.size), sample.media_ext
 
     def thumbnail(self, run: int, partition: int, key: str) -> Image.Image:
         found = self._member(run, partition, key)
@@ -63,8 +64,8 @@ class ShardImages:
         return out
 
     def close(self) -> None:
-        for tf, _ in self._tars.values():
-            tf.close()
+        for fh, _ in self._tars.values():
+            fh.close()
 
 
 def clip_frames(data: bytes) -> list[Image.Image]:

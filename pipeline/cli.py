@@ -151,9 +151,74 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _describe_fields(cls: type, indent: str, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    from pipeline.config import _type_name
+
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("runtime") and "filled in" in f.metadata.get("help", ""):
+            continue                                   # set by winnow from the input section
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _describe_fields(hints[f.name], indent, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        lines.append(f"{indent}{prefix}{f.name}: {_type_name(hints[f.name])} = {default}")
+        if f.metadata.get("help"):
+            lines.append(f"{indent}    {f.metadata['help']}")
+    return lines
+
+
+def describe_stages(only: str | None = None) -> str:
+    """Every registered stage with its options, types, defaults and help (from the typed configs)."""
+    from pipeline import registry
+
+    names = [only] if only else sorted(registry.STAGES)
+    lines = []
+    for name in names:
+        cls = registry.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"{name}: {doc}")
+        lines += _describe_fields(cls.Config, "    ")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def cmd_stages(args) -> int:
+    from pipeline import registry
+
+    if args.name and args.name not in registry.STAGES:
+        registry.get(args.name)                           # raises with a suggestion
+    print(describe_stages(args.name))
+    return 0
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    try:
+        return pkg_version("winnow")
+    except PackageNotFoundError:
+        return "unknown (not installed; run from a checkout)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="winnow", description="Curate image/video corpora for diffusion training, on Ray.")
+    parser.add_argument("--version", action="version", version=f"winnow {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stages", help="list the curate stages with their options, defaults and help",
+                        description="List the stages a curate spec's `stages:` may name, with every option.")
+    st.add_argument("name", nargs="?", help="one stage (default: all)")
+    st.set_defaults(func=cmd_stages)
     cur = sub.add_parser("curate", help="annotate a corpus and write shards", description=CURATE_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     cur.add_argument("spec", nargs="?", help="job spec YAML (see jobs/)")
@@ -192,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"winnow: bad spec: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:       # an unknown stage name given to `winnow stages`
+        if args.command != "stages":
+            raise
+        print(f"winnow: {exc.args[0]}", file=sys.stderr)
         return 2
 
 

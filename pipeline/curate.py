@@ -29,8 +29,8 @@ from video.clips import VideoWindows
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a curate run writes: output.overwrite deletes these and nothing else
-ENTRIES = [SPEC_FILE, "shards", "_work", "annotations.parquet", "videos.parquet", "embeddings", "summary.json",
-           "report.html", "README.md"]
+ENTRIES = [SPEC_FILE, "shards", "_work", "annotations.parquet", "videos.parquet", shards.VIDEO_ROWS_DIR, "embeddings",
+           "summary.json", "report.html", "README.md"]
 
 
 @dataclass
@@ -152,7 +152,7 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
     shards.atomic_write(os.path.join(out, "annotations.parquet"), shards.table_bytes(table))
     videos = None
     if spec.is_video:
-        vt = pa.concat_tables([pq.read_table(os.path.join(shards_dir, f"{shards.shard_name(p)}_videos.parquet"))
+        vt = pa.concat_tables([pq.read_table(os.path.join(out, shards.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
                                for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
         shards.atomic_write(os.path.join(out, "videos.parquet"), shards.table_bytes(vt))
         videos = clips.video_counts(vt)

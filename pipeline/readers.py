@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import tars
 from pipeline.config import ConfigError, option
 from pipeline.stage import (
     IMAGE_EXTENSIONS,
@@ -401,55 +402,78 @@ def list_tars(spec: InputSpec) -> list[str]:
     return [prefix + t if prefix and not t.startswith(prefix) else t for t in tars]
 
 
-def _tar_members(url: str, opts: dict) -> tuple[list[dict], str | None]:
-    """Group a tar's members by sample key; each group maps extension -> (offset, size)."""
-    groups: dict[str, dict[str, tuple[int, int]]] = {}
-    order: list[str] = []
+TAR_IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)
+
+
+def _tar_members(url: str, opts: dict) -> tuple[list, str | None]:
+    """A tar's samples and stray image members, by webdataset's key rule (``pipeline.tars``)."""
     try:
-        with fsspec.open(url, "rb", **opts) as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if base.startswith(".") or "." not in base:
-                    continue
-                prefix = os.path.dirname(m.name)
-                stem, ext = base.split(".", 1)
-                key = f"{prefix}/{stem}" if prefix else stem
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext.lower()] = (m.offset_data, m.size)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        with fsspec.open(url, "rb", **opts) as fh:
+            items = tars.group(list(tars.scan(fh)), TAR_IMAGE_EXTS)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         return [], f"broken_shard: {type(exc).__name__}: {exc}"
-    return [{"_key": k, "_members": groups[k]} for k in order], None
+    return items, None
+
+
+IMG2DATASET_STATUS = ("success", "failed_to_download", "failed_to_resize")
+
+
+def _img2dataset_failures(tar: str, opts: dict) -> list[dict]:
+    """img2dataset writes ``NNNNN.parquet`` beside each tar with a row per URL of the shard, failed
+    ones included (``status``, ``error_message``); those rows become rejected rows here, so the funnel
+    starts at the URL count. A parquet that is not img2dataset's (a winnow run's) is left alone."""
+    path = tar[:-len(".tar")] + ".parquet"
+    try:
+        with fsspec.open(path, "rb", **opts) as fh:
+            table = pq.read_table(fh)
+    except (OSError, pa.ArrowException, ValueError):
+        return []
+    names = table.column_names
+    if not {"key", "status"} <= set(names):
+        return []
+    rows = table.select([c for c in ("key", "status", "error_message", "url", "caption") if c in names]).to_pylist()
+    if not rows or any(r["status"] not in IMG2DATASET_STATUS for r in rows):
+        return []
+    return [r for r in rows if r["status"] != "success"]
 
 
 def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
-    tars = list_tars(spec)
+    """One row per sample of each shard, plus one rejected row per image member that is not its
+    sample's one image (``duplicate_member``, ``ambiguous_key``): every image member is counted."""
+    tars_ = list_tars(spec)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        listings = list(pool.map(lambda t: _tar_members(t, spec.storage_options), tars))
-    width = _key_width([len(m) for m, _ in listings], samples_per_shard)
+        listings = list(pool.map(lambda t: _tar_members(t, spec.storage_options), tars_))
+        failures = list(pool.map(lambda t: _img2dataset_failures(t, spec.storage_options), tars_))
+    width = _key_width([len(m) + len(f) for (m, _), f in zip(listings, failures)], samples_per_shard)
     rows: list[dict] = []
-    for p, (tar, (members, error)) in enumerate(zip(tars, listings)):
+    for p, (tar, (items, error)) in enumerate(zip(tars_, listings)):
         if error:  # one row stands for the whole unreadable shard, so it is counted
             rows.append({SOURCE: tar, REF_PATH: tar, REF_OFFSET: -1, REF_SIZE: -1, CAPTION_REF: None,
                          JSON_REF: None, PLAN_ERROR: error, PARTITION: p, KEY: f"{p:05d}{0:0{width}d}"})
             continue
-        for j, m in enumerate(members):
-            exts = m["_members"]
-            image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in exts), None)
-            row = {SOURCE: tar, REF_PATH: tar, PARTITION: p, KEY: f"{p:05d}{j:0{width}d}",
-                   "source_key": m["_key"], CAPTION_REF: None, JSON_REF: None}
-            if image_ext is None:
+        for j, item in enumerate(items):
+            row = {SOURCE: tar, REF_PATH: tar, PARTITION: p, KEY: f"{p:05d}{j:0{width}d}", CAPTION_REF: None,
+                   JSON_REF: None}
+            if isinstance(item, tars.Stray):
+                row.update({"source_key": display_name(item.member.name), REF_OFFSET: -1, REF_SIZE: -1,
+                            PLAN_ERROR: display_name(item.reason)})
+                rows.append(row)
+                continue
+            row["source_key"] = display_name(item.key)
+            if item.media is None:
                 row.update({REF_OFFSET: -1, REF_SIZE: -1, PLAN_ERROR: "missing_image: no .jpg/.png/.webp member"})
             else:
-                row[REF_OFFSET], row[REF_SIZE] = exts[image_ext]
-            if "txt" in exts:
-                row[CAPTION_REF] = "tar:%d:%d" % exts["txt"]
-            if "json" in exts:
-                row[JSON_REF] = "tar:%d:%d" % exts["json"]
+                row[REF_OFFSET], row[REF_SIZE] = item.media.data, item.media.size
+            if "txt" in item.members:
+                row[CAPTION_REF] = "tar:%d:%d" % (item.members["txt"].data, item.members["txt"].size)
+            if "json" in item.members:
+                row[JSON_REF] = "tar:%d:%d" % (item.members["json"].data, item.members["json"].size)
             rows.append(row)
+        for j, f in enumerate(failures[p], start=len(items)):
+            rows.append({SOURCE: tar, REF_PATH: tar, PARTITION: p, KEY: f"{p:05d}{j:0{width}d}", CAPTION_REF: None,
+                         JSON_REF: None, REF_OFFSET: -1, REF_SIZE: -1, "source_key": str(f["key"]),
+                         "url": f.get("url"), CAPTION: f.get("caption"),
+                         PLAN_ERROR: f"not_downloaded: img2dataset {f['status']}: {f.get('error_message') or ''}".rstrip(": ")})
     return rows
 
 
@@ -469,8 +493,11 @@ def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) ->
         rows = plan_webdataset(spec, samples_per_shard)
     if not rows:
         raise ConfigError(f"input.path {spec.path!r}: found no samples to curate")
-    for c in (PLAN_ERROR, CAPTION, JSON_REF):
-        for r in rows:
+    names = dict.fromkeys([PLAN_ERROR, CAPTION, JSON_REF])
+    for r in rows:                   # Arrow takes the schema from the first row: give every row every column
+        names.update(dict.fromkeys(r))
+    for r in rows:
+        for c in names:
             r.setdefault(c, None)
     table = pa.Table.from_pylist(rows)
     parts = table.column(PARTITION).to_numpy()

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.sweep import FilterSpec, check_filters, levels_for, values
-from pipeline import adapter, shards
+from pipeline import adapter, shards, tars
 from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
 from pipeline.stage import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
 
@@ -161,6 +160,10 @@ def plan(spec: SelectSpec) -> Plan:
     out_keys = keys
     if len(spec.runs) > 1 and len(set(keys)) != len(keys):   # two runs share key names: prefix the run
         out_keys = [f"r{r:02d}_{k}" for r, k in zip(sel.column("run").to_pylist(), keys)]
+    bad = next(((k, why) for k in out_keys if (why := tars.unsafe_name(k))), None)
+    if bad:   # the key becomes a member name of the output tar: it must not name a path
+        raise ConfigError(f"runs: the key {bad[0]!r} {bad[1]}, so it cannot name a tar member; that run's "
+                          f"annotations were not written by winnow curate")
     sel = sel.append_column("out_partition", pa.array(np.arange(sel.num_rows) // spec.output.samples_per_shard))
     sel = sel.append_column("out_key", pa.array(out_keys, pa.string()))
     h = hashlib.sha256()
@@ -173,65 +176,18 @@ def plan(spec: SelectSpec) -> Plan:
     return Plan(sel, src.num_rows, thresholds, h.hexdigest()[:16])
 
 
-@dataclass
-class Member:
-    ext: str
-    header: int      # offset of its first header block (extended headers included)
-    data: int        # offset of its data
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.data + self.size + (-self.size % 512)
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:          # base-256 (GNU) sizes: let tarfile handle the archive
-        raise ValueError("base-256 number")
-    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
-
-
-def scan_members(tar_path: str, keys: set[str]) -> dict[str, list[Member]]:
-    """key -> its members in ``tar_path``, from the headers alone (data is seeked over). Plain USTAR
-    headers (what winnow writes) are parsed directly; any other kind of archive (PAX, GNU long
-    names, base-256 sizes) goes through ``tarfile``, whose members then start at their real header."""
-    out: dict[str, list[Member]] = {}
+def scan_members(tar_path: str, keys: set[str]) -> dict[str, list[tars.Member]]:
+    """key -> its members in ``tar_path`` (webdataset's key rule), for the keys asked for."""
+    out: dict[str, list[tars.Member]] = {}
     with open(tar_path, "rb") as fh:
-        pos = 0
-        while True:
-            fh.seek(pos)
-            h = fh.read(512)
-            if len(h) < 512 or h == b"\0" * 512:
-                return out
-            try:
-                if h[156:157] not in (b"0", b"\0", b"5") or h[257:262] != b"ustar":
-                    raise ValueError("not a plain ustar member")
-                if _octal(h[148:156]) != sum(h[:148]) + 256 + sum(h[156:]):
-                    raise ValueError("bad header checksum")
-                size = _octal(h[124:136])
-            except ValueError:
-                return _scan_tarfile(tar_path, keys)
-            name = h[:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
-            prefix = h[345:500].rstrip(b"\0")
-            if prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            key, _, ext = name.rpartition(".")
-            if h[156:157] != b"5" and key in keys:
-                out.setdefault(key, []).append(Member(ext, pos, pos + 512, size))
-            pos += 512 + size + (-size % 512)
-
-
-def _scan_tarfile(tar_path: str, keys: set[str]) -> dict[str, list[Member]]:
-    out: dict[str, list[Member]] = {}
-    with tarfile.open(tar_path, mode="r:") as tf:
-        for m in tf:
-            key, _, ext = m.name.rpartition(".")
-            if m.isfile() and key in keys:
-                out.setdefault(key, []).append(Member(ext, m.offset, m.offset_data, m.size))
+        for m in tars.scan(fh):
+            key = m.key
+            if key in keys:
+                out.setdefault(key, []).append(m)
     return out
 
 
-def _sample_chunks(fh, key: str, out_key: str, members: list[Member]):
+def _sample_chunks(fh, key: str, out_key: str, members: list[tars.Member]):
     """The tar bytes of one sample: its members' header and data blocks copied as they are (one read
     when they are contiguous); rebuilt only when the key is renamed (the JSON row carries the key)."""
     if out_key == key and all(a.end == b.header for a, b in zip(members, members[1:])) \
@@ -246,14 +202,14 @@ def _sample_chunks(fh, key: str, out_key: str, members: list[Member]):
             meta = json.loads(data)
             meta[SOURCE_KEY], meta[KEY] = meta.get(KEY), out_key
             data = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-        yield shards.tar_block(f"{out_key}.{m.ext}", data)
+        yield tars.block(f"{out_key}.{m.ext}", data)
 
 
 def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> dict:
     """Copy one output shard's samples from their source shards; stats are written last (done marker)."""
     name = shards.shard_name(partition)
     ann, emb = [], []
-    plan: list[tuple[str, str, str, list[Member]]] = []    # out_key, key, source tar, members
+    plan: list[tuple[str, str, str, list[tars.Member]]] = []    # out_key, key, source tar, members
     by_source: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
         by_source.setdefault((r["run"], r[PARTITION]), []).append(r)
@@ -295,7 +251,7 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
         finally:
             for f in files.values():
                 f.close()
-        yield shards.tar_end(size)
+        yield tars.end(size)
 
     sdir = os.path.join(out, "shards")
     os.makedirs(sdir, exist_ok=True)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import tarfile
 import uuid
 from typing import Any, Iterable
 
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import tars
 from pipeline.stage import (
     BULK_COLUMNS,
     CAPTION,
@@ -44,6 +44,8 @@ from pipeline.stage import (
     ensure_status,
     reason_counts,
 )
+
+VIDEO_ROWS_DIR = "videos"     # video runs: per-shard rows of videos.parquet (OUTPUT/videos/NNNNN.parquet)
 
 # plan bookkeeping that says where bytes lived; not part of the annotation contract
 PLAN_ONLY = ("ref_path", "ref_offset", "ref_size", "caption_ref", "json_ref", "plan_error")
@@ -214,18 +216,6 @@ def atomic_path(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def tar_block(name: str, data: bytes) -> bytes:
-    """One regular-file member as tar bytes (USTAR header, data, padding), as ``_add_tar_member`` writes it."""
-    info = _tar_info(name, len(data))
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % 512)
-
-
-def tar_end(size: int) -> bytes:
-    """The end-of-archive blocks after ``size`` bytes of members, padded to a whole record (as tarfile does)."""
-    end = size + 1024
-    return b"\0" * (1024 + (-end % tarfile.RECORDSIZE))
 
 
 def _to_arrow(values: list) -> pa.Array:
@@ -410,18 +400,6 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0          # byte-identical shards across re-runs
-    info.mode = 0o644
-    return info
-
-
-def _add_tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    tf.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-
-
 def write_embeddings(path: str, table: pa.Table) -> None:
     """Keyed embeddings of one shard (every row that has one, kept or rejected)."""
     has_any = functools.reduce(pc.or_, [pc.is_valid(table.column(c)) for c in table.column_names if c != KEY])
@@ -458,27 +436,31 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     if VIDEO_KEY in table.column_names:   # clips: number them, and gather one row per video
         from video.clips import split_video_rows
         rows, videos = split_video_rows(rows)
-    buf = io.BytesIO()
+    blocks: list[bytes] = []
     kept = 0
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for r in rows:
-            if r[STATUS] != KEPT:
-                continue
-            kept += 1
-            meta = {k: _jsonable(v) for k, v in r.items() if k not in BULK_COLUMNS}
-            _add_tar_member(tf, f"{r[KEY]}.{r.get(IMAGE_EXT) or 'jpg'}", r[IMAGE])
-            _add_tar_member(tf, f"{r[KEY]}.txt", (r.get(CAPTION) or "").encode("utf-8"))
-            _add_tar_member(tf, f"{r[KEY]}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    for r in rows:
+        if r[STATUS] != KEPT:
+            continue
+        kept += 1
+        meta = {k: _jsonable(v) for k, v in r.items() if k not in BULK_COLUMNS}
+        blocks.append(tars.block(f"{r[KEY]}.{r.get(IMAGE_EXT) or 'jpg'}", r[IMAGE]))
+        blocks.append(tars.block(f"{r[KEY]}.txt", (r.get(CAPTION) or "").encode("utf-8")))
+        blocks.append(tars.block(f"{r[KEY]}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")))
+    size = sum(len(b) for b in blocks)
+    blocks.append(tars.end(size))
     os.makedirs(shards_dir, exist_ok=True)
-    atomic_write(os.path.join(shards_dir, f"{name}.tar"), buf.getvalue())
+    tar_size = atomic_write(os.path.join(shards_dir, f"{name}.tar"), blocks)
     ann = [{k: v for k, v in r.items() if k not in BULK_COLUMNS} for r in rows]
     atomic_write(os.path.join(shards_dir, f"{name}.parquet"), table_bytes(conform(pa.Table.from_pylist(ann))))
     if videos is not None:
-        atomic_write(os.path.join(shards_dir, f"{name}_videos.parquet"), table_bytes(pa.Table.from_pylist(videos)))
+        # beside shards/, not in it: one parquet schema per glob there (shards/*.parquet reads as one table)
+        vdir = os.path.join(os.path.dirname(shards_dir), VIDEO_ROWS_DIR)
+        os.makedirs(vdir, exist_ok=True)
+        atomic_write(os.path.join(vdir, f"{name}.parquet"), table_bytes(pa.Table.from_pylist(videos)))
     reasons = reason_counts(r[REJECT_REASON] for r in rows if r[STATUS] != KEPT)
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": kept,
              "rejected": len(rows) - kept, "reasons": dict(sorted(reasons.items())),
              "stage_seconds": {k: round(v, 4) for k, v in timing.items()},
-             "tar_bytes": buf.tell()}
+             "tar_bytes": tar_size}
     atomic_write(os.path.join(shards_dir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
     return stats

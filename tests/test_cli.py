@@ -57,3 +57,18 @@ def test_short_form_sets_options_of_the_default_stages(tmp_path):
     assert [(s.name, s.config.max_side if s.name == "decode" else s.config.max_distance) for s in spec.stages] == \
         [("decode", 512), ("phash_dedup", 2)]
     assert specmod.DEFAULT_IMAGE_STAGES == [{"name": "decode"}, {"name": "phash_dedup"}]   # defaults untouched
+
+
+def test_version_and_stage_listing():
+    res = winnow("--version")
+    assert res.returncode == 0 and res.stdout.strip() == "winnow 0.1.0"
+    res = winnow("stages")
+    assert res.returncode == 0
+    heads = [line.split(":")[0] for line in res.stdout.splitlines() if line and not line.startswith(" ")]
+    assert heads == ["aesthetic", "clip", "clips", "decode", "metadata_filter", "motion", "ocr", "phash_dedup",
+                     "semantic_dedup"]
+    assert "    max_side: int = 1024\n        longest side of the stored image; never upscaled" in res.stdout
+    assert "    cuts.detector: 'cascade' | 'transnetv2' = 'cascade'" in res.stdout      # nested configs, dotted
+    assert "policy" not in res.stdout and "storage_options" not in res.stdout         # filled in by winnow
+    res = winnow("stages", "deocde")
+    assert res.returncode == 2 and "unknown stage 'deocde'. Did you mean 'decode'?" in res.stderr

@@ -120,7 +120,9 @@ def test_laion_parquet_with_sd1_filters(ray_local, corpus, tmp_path):
     stages = [{"name": "metadata_filter", "rules": [{"column": "AESTHETIC_SCORE", "op": ">=", "value": 5},
                                                     {"column": "pwatermark", "op": "<", "value": 0.5}]},
               {"name": "decode"}]
-    res = run_curate(str(tmp_path / "laion.parquet"), str(tmp_path / "out"), samples_per_shard=20, stages=stages)
+    # the images live outside the parquet's folder: base_dir says where inputs may come from
+    res = run_curate(str(tmp_path / "laion.parquet"), str(tmp_path / "out"), samples_per_shard=20, stages=stages,
+                     input={"base_dir": root})
     passes = (aesthetic >= 5) & (watermark < 0.5)
     bad = {s for s, o in expected.items() if o in ("decode_error", "decompression_bomb")}
     want_kept = sum(1 for s, ok in zip(sources, passes) if ok and s not in bad)

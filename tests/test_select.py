@@ -241,7 +241,7 @@ def test_member_scan_and_copy_match_tarfile(tmp_path, fmt):
     for new_key in ("000000001", "r01_000000001"):
         with open(path, "rb") as fh:
             blob = b"".join(selection._sample_chunks(fh, "000000001", new_key, found["000000001"]))
-        blob += selection.shards.tar_end(len(blob))
+        blob += selection.tars.end(len(blob))
         assert len(blob) % tarfile.RECORDSIZE == 0
         with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
             got = {m.name: tf.extractfile(m).read() for m in tf}

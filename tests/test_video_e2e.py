@@ -53,6 +53,19 @@ def test_every_video_gets_a_row_with_cuts_or_a_reason(videos, video_run):
     assert result.videos == {"inputs": 10, "with_clips": 6, "without_clips": 4, "clips": 12,
                              "reasons": {"probe_error": 2, "no_video_stream": 1, "ocr_area_ratio": 1}}
     assert (result.inputs, result.kept, result.rejected) == (16, 12, 4)
+    schema = pq.read_schema(os.path.join(out, "videos.parquet"))
+    for name in ("width", "height", "display_width", "display_height", "rotation", "num_frames", "num_windows",
+                 "segments", "num_clips"):
+        assert schema.field(name).type == "int64", name
+    # one schema per glob: shards/*.parquet are the clip rows only; per-shard video rows live in videos/
+    import pyarrow.dataset as ds
+
+    assert sorted(os.listdir(os.path.join(out, "videos"))) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    import glob
+
+    files = sorted(glob.glob(os.path.join(out, "shards", "*.parquet")))
+    assert ds.dataset(files, format="parquet").to_table().num_rows == 16
+    assert len({pq.read_schema(f).names[0] for f in files}) == 1
 
 
 def test_clip_boundaries_follow_cuts_margins_fades_and_timestamps(video_run):
@@ -126,7 +139,7 @@ def test_a_parquet_of_video_paths_is_a_video_input(ray_local, videos, tmp_path):
                       "caption": ["from the parquet", "gone"]})
     pq.write_table(table, str(tmp_path / "list.parquet"))
     out = str(tmp_path / "out")
-    result = run_curate(str(tmp_path / "list.parquet"), out, stages=[{"name": "clips"}])
+    result = run_curate(str(tmp_path / "list.parquet"), out, stages=[{"name": "clips"}], input={"base_dir": root})
     df = annotations(out)
     assert result.videos["inputs"] == 2 and df["caption"].tolist() == ["from the parquet", "gone"]
     assert df["reject_reason"].tolist()[1] == "missing_file: not found"

@@ -10,15 +10,16 @@ when the shard set is read-only) and rebuilt when the shard files change.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tarfile
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import tars
 from pipeline.config import ConfigError
 from pipeline.shards import manifest_runs
 from pipeline.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
@@ -59,13 +60,10 @@ def list_shards(path: str) -> list[dict]:
 def index_shard(shard: str) -> pa.Table:
     """Index rows of one shard: the kept samples that have an image member."""
     members: dict[str, tuple[int, int, str]] = {}
-    with fsspec.open(shard, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.rpartition(".")
-            if ext.lower() in IMAGE_EXTS:
-                members[key] = (m.offset_data, m.size, ext.lower())
+    with fsspec.open(shard, "rb") as fh:
+        for item in tars.group(list(tars.scan(fh)), tuple(sorted(IMAGE_EXTS))):
+            if isinstance(item, tars.Sample) and item.media is not None:
+                members[item.key] = (item.media.data, item.media.size, item.media_ext)
     meta_path = shard[:-len(".tar")] + ".parquet"
     meta: dict[str, dict] = {}
     try:
@@ -91,16 +89,22 @@ def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
     """Shards without an annotation parquet (or older ones): read the sample's JSON, else the image header."""
     from PIL import Image
 
-    with fsspec.open(shard, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
-        names = {m.name: m for m in tf.getmembers()}
+    with fsspec.open(shard, "rb") as fh:
+        found = {m.name: m for m in tars.scan(fh)}
+
+        def read(name: str) -> bytes:
+            fh.seek(found[name].data)
+            return fh.read(found[name].size)
+
         meta = dict(row or {})
-        if f"{key}.json" in names:
-            meta.update(json.loads(tf.extractfile(names[f"{key}.json"]).read()))
-        if f"{key}.txt" in names and not meta.get(CAPTION):
-            meta[CAPTION] = tf.extractfile(names[f"{key}.txt"]).read().decode("utf-8", "replace")
+        if f"{key}.json" in found:
+            meta.update(json.loads(read(f"{key}.json")))
+        if f"{key}.txt" in found and not meta.get(CAPTION):
+            meta[CAPTION] = read(f"{key}.txt").decode("utf-8", "replace")
         if not meta.get(STORED_WIDTH):
-            img_name = next(n for n in names if n.rpartition(".")[0] == key and n.rpartition(".")[2].lower() in IMAGE_EXTS)
-            with Image.open(tf.extractfile(names[img_name])) as im:
+            img_name = next(n for n, m in found.items()
+                            if m.key == key and m.ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+            with Image.open(io.BytesIO(read(img_name))) as im:
                 meta[STORED_WIDTH], meta[STORED_HEIGHT] = im.size
     return meta
 

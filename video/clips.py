@@ -64,6 +64,7 @@ WINDOW_START = "window_start_s"
 WINDOW_END = "window_end_s"
 VIDEO_INFO = ("codec", "width", "height", "display_width", "display_height", "rotation", "sample_aspect_ratio",
               "fps", "num_frames", "duration_s", "variable_frame_rate", "has_audio", "start_s")
+VIDEO_INT_INFO = ("width", "height", "display_width", "display_height", "rotation", "num_frames")
 VIDEO_PREFIX = "video_"
 
 
@@ -471,7 +472,11 @@ def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         kept = sum(r[STATUS] == KEPT for r in vrows)
         video = {KEY: vk, SOURCE: first.get(SOURCE), CAPTION: first.get(CAPTION)}
         video.update({k: _plain(first.get(VIDEO_PREFIX + k)) for k in VIDEO_INFO})   # NaN (Ray's null) -> None
-        video.update({"cut_times_s": sorted(t for w in windows.values() for t in w), "num_windows": first.get(NUM_WINDOWS),
+        for k in VIDEO_INT_INFO:                     # Ray carries them as floats: integers again
+            video[k] = None if video.get(k) is None else int(video[k])
+        num_windows = first.get(NUM_WINDOWS)
+        video.update({"cut_times_s": sorted(t for w in windows.values() for t in w),
+                      "num_windows": None if num_windows is None else int(num_windows),
                       "segments": len(vrows), "num_clips": kept, STATUS: KEPT if kept else REJECTED,
                       REJECT_REASON: None if kept else _no_clip_reason(vrows)})
         videos.append(video)
