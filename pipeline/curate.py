@@ -124,14 +124,20 @@ def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> di
     return decisions
 
 
-def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions, log) -> None:
+def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions, log,
+                 part_of: dict[str, int] | None = None) -> None:
+    """``part_of``: plan key -> partition (keys need not start with it: img2dataset's are kept);
+    a clip's key starts with its video's plan key."""
     shards_dir = os.path.join(spec.output.path, "shards")
     todo = [p for p in sorted(counts) if not shards.shard_done(shards_dir, p)]
     if not todo:
         return
     by_part: dict[int, dict] = {p: {} for p in todo}
+    part_of = part_of or {}
     for key, d in decisions.items():
-        p = int(key[:5])
+        p = part_of.get(key)
+        if p is None:
+            p = part_of.get(key.rsplit("_", 2)[0], int(key[:5]) if key[:5].isdigit() else -1)
         if p in by_part:
             by_part[p][key] = d
     adapter.run_tasks(shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p]) for p in todo], "shards", "shard",
@@ -253,6 +259,6 @@ def _run(spec: CurateSpec, log) -> RunResult:
     decisions = reduce_stages(spec, work, phases) if unfinished else {}
     phases["reduce"] = round(time.time() - t, 3)
     t = time.time()
-    write_shards(spec, counts, work, decisions, log)
+    write_shards(spec, counts, work, decisions, log, dict(zip(keys, parts)) if decisions else None)
     phases["shards"] = round(time.time() - t, 3)
     return finalize(spec, plan, started, phases)

@@ -474,6 +474,13 @@ def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
                          JSON_REF: None, REF_OFFSET: -1, REF_SIZE: -1, "source_key": str(f["key"]),
                          "url": f.get("url"), CAPTION: f.get("caption"),
                          PLAN_ERROR: f"not_downloaded: img2dataset {f['status']}: {f.get('error_message') or ''}".rstrip(": ")})
+    # img2dataset's keys stay the keys when they name every row once and are safe member names, so
+    # a join on ``key`` with img2dataset's parquet is right; otherwise rows are numbered (NNNNN + index
+    # in the shard) and the join is on (source, source_key)
+    src = [r.get("source_key") for r in rows]
+    if all(isinstance(k, str) and not tars.unsafe_name(k) for k in src) and len(set(src)) == len(src):
+        for r in rows:
+            r[KEY] = r["source_key"]
     return rows
 
 

@@ -59,6 +59,8 @@ def test_every_image_member_is_a_sample_or_a_named_rejected_row(tmp_path, fmt):
         ("w", "missing_image: no .jpg/.png/.webp member"),
         (".hidden.jpg", "ambiguous_key: '.hidden.jpg' has no sample key (its file name starts with a dot)"),
     ]
+    keys = plan.table.column("key").to_pylist()          # strays share keys: rows are numbered instead
+    assert keys == [f"00000{j:04d}" for j in range(11)]
     images = sum(1 for n, _ in HOSTILE if n.lower().endswith(".jpg"))
     accounted = sum(1 for r in rows if r["plan_error"] is None or r["plan_error"].split(":")[0] in
                     ("duplicate_member", "ambiguous_key"))
@@ -146,6 +148,8 @@ def test_img2dataset_failed_rows_start_the_funnel_at_the_url_count(tmp_path):
         ("000000001", "not_downloaded: img2dataset failed_to_download: HTTP Error 404", "http://x/1.jpg"),
         ("000000003", "not_downloaded: img2dataset failed_to_resize: image too small", "http://x/3.jpg")]
     assert plan.num_inputs == 4
+    # unique img2dataset keys stay the keys: a join on key with img2dataset's parquet is right
+    assert [r["key"] for r in rows] == [r["source_key"] for r in rows]
     # a winnow run's own shard parquet (status kept / rejected) is not img2dataset's: nothing added
     pq.write_table(pa.table({"key": ["000000000"], "status": ["kept"]}), tmp_path / "00000.parquet")
     assert readers.plan(InputSpec(path=str(tmp_path)), samples_per_shard=100).num_inputs == 2
