@@ -182,6 +182,7 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
     summary = {**result.to_dict(), "shards": len(stats), "format": plan.format,
                "kept_fraction": round(kept / max(1, result.inputs), 4)}
     shards.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    shards.write_dataset_card(out, "curate", summary)
     if not spec.output.keep_work:
         shutil.rmtree(os.path.join(out, "_work"), ignore_errors=True)
     return result

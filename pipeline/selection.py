@@ -353,6 +353,7 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
                "kept_fraction": 1.0, "source_runs": [os.path.abspath(r) for r in spec.runs],
                "source_kept": p.source_kept, "selection": p.thresholds}
     shards.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    shards.write_dataset_card(out, "select", summary)
     return result
 
 

@@ -178,6 +178,26 @@ def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: 
     atomic_write(marker, yaml.safe_dump({"fingerprint": fingerprint, **doc}, sort_keys=False).encode())
 
 
+def write_dataset_card(out: str, command: str, summary: dict) -> None:
+    """``OUTPUT/README.md`` (and ``shards/README.md``): a Hugging Face dataset card whose ``configs``
+    point at the tar shards, so ``datasets.load_dataset(OUTPUT)`` loads images (or clips), captions
+    and annotation rows, and never takes winnow's other files for splits or rows."""
+    reasons = summary.get("reasons") or {}
+    head = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"{path}\"\ntags:\n- winnow\n---\n"
+    body = (f"# winnow {command} output\n\n"
+            f"{summary.get('kept', 0)} samples kept of {summary.get('inputs', 0)} inputs"
+            + (f" (rejected: {', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else "") + ".\n\n"
+            "- `shards/NNNNN.tar`: WebDataset shards in img2dataset's layout: `KEY.jpg` (or `.png`, `.webp`, "
+            "`.mp4` for clips), `KEY.txt` (caption), `KEY.json` (the sample's annotation row).\n"
+            "- `annotations.parquet`: one row per input, kept and rejected, with `reject_reason` and every score.\n"
+            "- `summary.json`, `report.html`: counts and the run's report.\n\n"
+            "```python\nfrom datasets import load_dataset\nds = load_dataset(\"PATH_TO_THIS_FOLDER\")   "
+            "# columns jpg, txt, json, __key__\n```\n")
+    atomic_write(os.path.join(out, "README.md"), (head.format(path="shards/*.tar") + body).encode("utf-8"))
+    if os.path.isdir(os.path.join(out, "shards")):
+        atomic_write(os.path.join(out, "shards", "README.md"), (head.format(path="*.tar") + body).encode("utf-8"))
+
+
 MANIFEST_RUNS = "winnow_runs"   # a selection manifest's metadata: the run folders its ``run`` column indexes
 
 

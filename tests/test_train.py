@@ -384,3 +384,23 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_p
     assert _losses(out) == _losses(clean_out)
     a, b = _unet(clean_out), _unet(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_driver_shows_a_progress_bar_with_loss_and_throughput(tmp_path):
+    """The driver reads rank 0's metrics.jsonl while the job runs; lines from an earlier run and a
+    line still being written are skipped."""
+    import io as _io
+
+    from training.trainer import _ProgressBar
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 4, "loss": 9.0, "samples_per_s": 1.0}) + "\n")   # a previous run
+    log = _io.StringIO()
+    bar = _ProgressBar(str(path), total=12, log=log, every_s=0.05)
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"step": 6, "loss": 0.25, "samples_per_s": 3.5}) + "\n")
+        fh.write(json.dumps({"step": 12, "loss": 0.125, "samples_per_s": 4.0}) + "\n")
+        fh.write('{"step": 13, "lo')                               # rank 0 mid-write
+    bar.close()
+    text = log.getvalue()
+    assert "12/12" in text and "loss=0.1250" in text and "samples_s=4.0" in text and "loss=9.0000" not in text

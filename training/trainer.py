@@ -443,6 +443,53 @@ def init_ray(spec: TrainSpec):
     adapter.configure(no_progress_timeout_s=900, progress_bars=False, has_actor_stages=spec.data.cache)
 
 
+class _ProgressBar:
+    """The driver's view of a running job: a bar to ``max_steps`` with the loss and samples/s, read
+    from rank 0's ``metrics.jsonl`` (the workers' own output goes to Ray's logs)."""
+
+    def __init__(self, path: str, total: int, log, every_s: float = 1.0):
+        import threading
+
+        from tqdm.auto import tqdm
+
+        self.path, self.every_s = path, every_s
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        self.bar = tqdm(total=total, desc="train", unit="step", file=log, disable=log is None, dynamic_ncols=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                fh.seek(self.offset)
+                lines = fh.readlines()
+        except OSError:
+            return
+        for line in lines:
+            if not line.endswith("\n"):
+                break                                       # a line rank 0 is still writing
+            self.offset += len(line.encode("utf-8"))
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.bar.n = int(m.get("step", self.bar.n))
+            self.bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
+                                 samples_s=f"{m.get('samples_per_s', 0):.1f}", refresh=False)
+            self.bar.refresh()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._poll()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._poll()
+        self.bar.close()
+
+
 def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -472,7 +519,11 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
                              failure_config=FailureConfig(max_failures=spec.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)))
-    trainer.fit()
+    progress = _ProgressBar(os.path.join(out, "metrics.jsonl"), spec.train.max_steps, log)
+    try:
+        trainer.fit()
+    finally:
+        progress.close()
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
     metrics = []
