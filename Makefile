@@ -26,6 +26,7 @@ bench: install
 	$(BIN)/python bench/scorers.py
 	$(BIN)/python bench/video.py
 	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf demo_out .pytest_cache

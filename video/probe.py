@@ -47,7 +47,9 @@ class VideoInfo:
         return asdict(self)
 
 
-def _open(source):
+def _open(source, limits: ProbeLimits | None = None):
+    """Open a container. FFmpeg decodes a frame or two while it reads the stream parameters, so the
+    decoders get ``max_pixels`` too: a frame bigger than the cap is never allocated, even there."""
     import av
 
     av.logging.set_libav_level(av.logging.ERROR)
@@ -56,7 +58,7 @@ def _open(source):
             raise ProbeError("probe_error: empty file")
         source = io.BytesIO(source)
     try:
-        return av.open(source)
+        return av.open(source, options={"max_pixels": str(limits.max_pixels)} if limits else None)
     except av.error.FFmpegError as exc:
         raise ProbeError(f"probe_error: {type(exc).__name__}: {exc}") from None
     except (OSError, ValueError) as exc:
@@ -77,7 +79,7 @@ def probe(source, limits: ProbeLimits | None = None) -> VideoInfo:
     import av
 
     limits = limits or ProbeLimits()
-    container = _open(source)
+    container = _open(source, limits)
     try:
         if not container.streams.video:
             kind = "audio-only" if container.streams.audio else "no streams"
@@ -134,7 +136,7 @@ def _rotation(source, index: int, limits: ProbeLimits) -> int:
 
     if hasattr(source, "seek"):
         source.seek(0)
-    container = _open(source)
+    container = _open(source, limits)
     try:
         stream = container.streams.video[index] if index < len(container.streams.video) else container.streams.video[0]
         for packet in container.demux(stream):
