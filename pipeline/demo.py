@@ -34,9 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     corpus_dir = os.path.join(args.output, "corpus")
     run_dir = os.path.join(args.output, "run")
     # the demo starts afresh, deleting only what an earlier demo wrote there (its ownership record)
+    from pipeline.config import ConfigError
     from pipeline.shards import claim_output
-    claim_output(args.output, os.path.join(args.output, "demo.yaml"), "demo", {"args": vars(args)}, True, "demo",
-                 "arguments", DEMO_ENTRIES, "demo", fresh=True)
+    try:
+        claim_output(args.output, os.path.join(args.output, "demo.yaml"), "demo", {"args": vars(args)}, True, "demo",
+                     "arguments", DEMO_ENTRIES, "demo", fresh=True)
+    except ConfigError as exc:
+        print(f"demo: {exc} (or pass --output NEW_FOLDER)", file=sys.stderr)
+        return 2
     t = time.time()
     expected = make_corpus(corpus_dir, n_images=args.images, seed=0, duplicates=8, text_images=6)
     bad = sum(1 for v in expected.values() if v and v != "duplicate")

@@ -181,7 +181,7 @@ def read_local(text: str, policy: InputPolicy, offset: int = -1, size: int = -1)
         return fh.read(size)
 
 
-def classify_ref(ref, base: str, policy_protocols: list[str]) -> tuple[str | None, str | None]:
+def classify_ref(ref, base: str, policy_protocols: list[str], allow_outside: bool = False) -> tuple[str | None, str | None]:
     """(path to read, plan error) for a path a parquet row names, by the input policy: URLs are read
     only for protocols named in ``input.protocols`` (never web downloads or chained URLs); local paths
     resolve under ``base`` (the root check itself happens when the file is opened)."""
@@ -200,8 +200,14 @@ def classify_ref(ref, base: str, policy_protocols: list[str]) -> tuple[str | Non
         return ref, None
     if ref.startswith("file://"):
         ref = ref[len("file://"):]
-    if is_remote(base):
-        return posixpath.normpath(posixpath.join(base, ref)), None
+    if is_remote(base):          # a remote parquet: its relative paths stay under its folder, remote too
+        proto, root = base.split("://", 1)
+        if os.path.isabs(ref):
+            return ref, None if allow_outside else f"outside_base: {ref} is a local path; {base} is remote"
+        joined = posixpath.normpath(posixpath.join(root, ref))
+        if not allow_outside and not (joined + "/").startswith(root.rstrip("/") + "/"):
+            return ref, f"outside_base: {ref} is outside {base} (set input.allow_outside_base: true to read it)"
+        return f"{proto}://{joined}", None
     return (ref if os.path.isabs(ref) else os.path.join(base, ref)), None
 
 
@@ -366,7 +372,7 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
         missing = [c for c in spec.keep_columns if c not in cols]
         if missing:
             raise ConfigError(f"input.keep_columns: {missing} not in {f} (columns: {', '.join(cols)})")
-        base = spec.base_dir or os.path.dirname(os.path.abspath(f))
+        base = spec.base_dir or (posixpath.dirname(f) if is_remote(f) else os.path.dirname(os.path.abspath(f)))
         data = table.select(list(dict.fromkeys([path_col] + ([cap_col] if cap_col else []) + carry))).to_pylist()
         for rec in data:
             ref = rec.get(path_col)
@@ -376,7 +382,7 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
                 row[c] = rec.get(c)
             if path_col.lower() == "url":
                 row["url"] = ref
-            row[REF_PATH], row[PLAN_ERROR] = classify_ref(ref, base, spec.protocols)
+            row[REF_PATH], row[PLAN_ERROR] = classify_ref(ref, base, spec.protocols, spec.allow_outside_base)
             rows.append(row)
     return _assign(rows, samples_per_shard)
 

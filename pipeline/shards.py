@@ -193,9 +193,17 @@ def write_dataset_card(out: str, command: str, summary: dict) -> None:
             "- `summary.json`, `report.html`: counts and the run's report.\n\n"
             "```python\nfrom datasets import load_dataset\nds = load_dataset(\"PATH_TO_THIS_FOLDER\")   "
             "# columns jpg, txt, json, __key__\n```\n")
-    atomic_write(os.path.join(out, "README.md"), (head.format(path="shards/*.tar") + body).encode("utf-8"))
+    cards = {os.path.join(out, "README.md"): head.format(path="shards/*.tar") + body}
     if os.path.isdir(os.path.join(out, "shards")):
-        atomic_write(os.path.join(out, "shards", "README.md"), (head.format(path="*.tar") + body).encode("utf-8"))
+        cards[os.path.join(out, "shards", "README.md")] = head.format(path="*.tar") + body
+    for path, text in cards.items():
+        try:
+            with open(path, encoding="utf-8") as fh:
+                if fh.read() == text:
+                    continue                  # a re-run of a finished output changes nothing
+        except (OSError, UnicodeDecodeError):
+            pass
+        atomic_write(path, text.encode("utf-8"))
 
 
 MANIFEST_RUNS = "winnow_runs"   # a selection manifest's metadata: the run folders its ``run`` column indexes

@@ -214,3 +214,13 @@ def test_a_video_run_rejects_the_broken_clock_as_one_row(ray_local, tmp_path):
     assert ann["reject_reason"].str.split(":").str[0].tolist() == ["bad_timestamps", "not_a_regular_file",
                                                                    "unsupported_format"]
     assert res.videos["inputs"] == 3 and res.inputs == 3
+
+
+def test_a_remote_parquet_names_files_under_its_own_folder_only():
+    base = "s3://bucket/laion/part0"
+    assert readers.classify_ref("img/a.jpg", base, []) == ("s3://bucket/laion/part0/img/a.jpg", None)
+    assert readers.classify_ref("/etc/passwd", base, [])[1] == \
+        "outside_base: /etc/passwd is a local path; s3://bucket/laion/part0 is remote"
+    assert readers.classify_ref("../../other/a.jpg", base, [])[1].startswith("outside_base: ../../other/a.jpg is outside")
+    assert readers.classify_ref("../../other/a.jpg", base, [], allow_outside=True) == \
+        ("s3://bucket/other/a.jpg", None)
