@@ -68,7 +68,7 @@ def test_a_hostile_folder_is_all_rows_and_the_run_finishes(ray_local, tmp_path):
         "d_scan.jp2": "kept",
         "e_pipe.jpg": "not_a_regular_file: a FIFO",
         "f_caf\\xe9.png": "kept",
-        "g_link.png": f"outside_base: {secret} is outside {os.path.realpath(photos)} "
+        "g_link.png": f"outside_base: {os.path.realpath(secret)} is outside {os.path.realpath(photos)} "
                       f"(set input.allow_outside_base: true to read it)",
         "h_readme.md": "unsupported_format: .md is not an image Pillow reads",
     }
