@@ -258,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"winnow: bad spec: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:   # a checkpoint winnow refuses to load (training.checkpoint.CheckpointError)
+        if type(exc).__name__ != "CheckpointError":
+            raise
+        print(f"winnow: bad checkpoint: {exc}", file=sys.stderr)
+        return 2
     except KeyError as exc:       # an unknown stage name given to `winnow stages`
         if args.command != "stages":
             raise

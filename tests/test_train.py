@@ -404,3 +404,31 @@ def test_the_driver_shows_a_progress_bar_with_loss_and_throughput(tmp_path):
     bar.close()
     text = log.getvalue()
     assert "12/12" in text and "loss=0.1250" in text and "samples_s=4.0" in text and "loss=9.0000" not in text
+
+
+def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_local, shards, tmp_path):
+    """A pickle planted in a real run's newest checkpoint: the resumed job refuses it, naming the file,
+    and the payload never runs (the old trainer unpickled state.pt here)."""
+    import pickle
+
+    from training import spec as trainspec
+    from training import trainer
+    from training.checkpoint import CheckpointError
+
+    out = str(tmp_path / "run")
+    data = train_spec(shards[0], out, train={"max_steps": 3, "sample_prompts": []}, ray={"num_workers": 1})
+    trainer.run(trainspec.parse(data), log=None)
+    marker = str(tmp_path / "pwned")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (marker,))
+
+    ckpt = os.path.join(out, "ray", "train", "checkpoint_0000003")
+    for name in ("state.safetensors", "state.pt"):
+        with open(os.path.join(ckpt, name), "wb") as fh:
+            fh.write(pickle.dumps(Payload()))
+    data["train"]["max_steps"] = 4
+    with pytest.raises(CheckpointError, match=r"checkpoint_0000003/state.safetensors: not a valid checkpoint file"):
+        trainer.run(trainspec.parse(data), log=None)
+    assert not os.path.exists(marker)

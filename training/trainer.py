@@ -522,6 +522,13 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
     progress = _ProgressBar(os.path.join(out, "metrics.jsonl"), spec.train.max_steps, log)
     try:
         trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - a refused checkpoint is the user's to fix: say which file
+        import re
+
+        found = re.findall(r"CheckpointError: ([^\n]+)", str(exc))     # the worker's own error line
+        if found:
+            raise CheckpointError(found[-1]) from None
+        raise
     finally:
         progress.close()
     with open(os.path.join(out, "summary.json")) as fh:
