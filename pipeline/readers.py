@@ -384,7 +384,22 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
                 row["url"] = ref
             row[REF_PATH], row[PLAN_ERROR] = classify_ref(ref, base, spec.protocols, spec.allow_outside_base)
             rows.append(row)
+    _check_base(spec, rows)
     return _assign(rows, samples_per_shard)
+
+
+def _check_base(spec: InputSpec, rows: list[dict]) -> None:
+    """A parquet whose local paths *all* lie outside the allowed folder is a config mistake (LAION
+    metadata in one folder, images in a sibling), not a file of hostile rows: say so before Ray starts."""
+    root = spec.policy().root
+    if root is None or spec.allow_outside_base:
+        return
+    roots = {os.path.realpath(root).rstrip(os.sep) + os.sep, os.path.normpath(os.path.abspath(root)).rstrip(os.sep) + os.sep}
+    local = [r[REF_PATH] for r in rows if not r.get(PLAN_ERROR) and r[REF_PATH] and not is_remote(r[REF_PATH])]
+    if local and not any(os.path.normpath(p).startswith(tuple(roots)) for p in local):
+        raise ConfigError(f"input: all {len(local)} local paths in {spec.path!r} lie outside {root} (first: "
+                          f"{local[0]}); set input.base_dir to a folder that holds the images (paths resolve "
+                          f"under it), or input.allow_outside_base: true")
 
 
 def list_tars(spec: InputSpec) -> list[str]:

@@ -224,3 +224,18 @@ def test_a_remote_parquet_names_files_under_its_own_folder_only():
     assert readers.classify_ref("../../other/a.jpg", base, [])[1].startswith("outside_base: ../../other/a.jpg is outside")
     assert readers.classify_ref("../../other/a.jpg", base, [], allow_outside=True) == \
         ("s3://bucket/other/a.jpg", None)
+
+
+def test_a_parquet_whose_paths_all_lie_elsewhere_fails_before_ray(tmp_path):
+    """LAION metadata in one folder, images in a sibling: a config mistake, said before Ray starts."""
+    from pipeline.config import ConfigError
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "images").mkdir()
+    _photo(str(tmp_path / "images" / "a.jpg"))
+    pq.write_table(pa.table({"path": ["../images/a.jpg", str(tmp_path / "images" / "a.jpg")]}),
+                   tmp_path / "meta" / "part.parquet")
+    with pytest.raises(ConfigError, match=r"all 2 local paths in .* lie outside \S*meta \(first: .*\); set input.base_dir"):
+        readers.plan(InputSpec(path=str(tmp_path / "meta" / "part.parquet")), 10)
+    plan = readers.plan(InputSpec(path=str(tmp_path / "meta" / "part.parquet"), base_dir=str(tmp_path)), 10)
+    assert plan.num_inputs == 2
