@@ -52,6 +52,7 @@ REF_SIZE = "ref_size"
 CAPTION_REF = "caption_ref"      # sidecar .txt file path, or "tar:offset:size"
 JSON_REF = "json_ref"            # "tar:offset:size" of an img2dataset KEY.json
 PLAN_ERROR = "plan_error"        # reason a row is rejected before any bytes are read
+SOURCE_RAW = "source_bytes_b64"  # a file name that is not UTF-8: its exact bytes (base64); else null
 
 
 @dataclass
@@ -328,8 +329,11 @@ def plan_folder(spec: InputSpec, samples_per_shard: int, kind: str) -> tuple[lis
     rows = []
     for f in files:
         sidecar = os.path.splitext(f)[0] + ".txt"
-        row = {SOURCE: display_name(os.path.relpath(f, root)), REF_PATH: encode_fs_path(f), REF_OFFSET: -1,
+        rel = os.path.relpath(f, root)
+        row = {SOURCE: display_name(rel), REF_PATH: encode_fs_path(f), REF_OFFSET: -1,
                REF_SIZE: -1, CAPTION_REF: encode_fs_path(sidecar) if sidecar in captions else None}
+        if row[SOURCE] != rel:          # not UTF-8: the exact bytes too, base64 (``source`` shows \xNN escapes)
+            row[SOURCE_RAW] = base64.b64encode(os.fsencode(rel)).decode("ascii")
         if kind == "videos" and f.lower().endswith(IMAGE_EXTENSIONS):
             row[PLAN_ERROR] = f"unsupported_format: {os.path.splitext(f)[1].lower()} is an image in a video run"
         rows.append(row)

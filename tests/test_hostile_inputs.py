@@ -73,6 +73,9 @@ def test_a_hostile_folder_is_all_rows_and_the_run_finishes(ray_local, tmp_path):
         "h_readme.md": "unsupported_format: .md is not an image Pillow reads",
     }
     assert (res.inputs, res.kept, res.rejected, res.sidecars) == (8, 5, 3, 1)
+    import base64
+    raw = ann.set_index("source")["source_bytes_b64"]
+    assert base64.b64decode(raw["f_caf\\xe9.png"]) == b"f_caf\xe9.png" and raw.drop("f_caf\\xe9.png").isna().all()
     assert ann.loc[ann["source"] == "a_good.jpg", "caption"].item() == "a caption"
     assert ann.loc[ann["source"] == "b_camera.mpo", ["width", "height"]].values.tolist() == [[96, 64]]
     after = _tree(str(tmp_path))
