@@ -34,6 +34,12 @@ from pipeline.stage import (
 )
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+try:                                    # HEIC / HEIF (phone cameras) through libheif
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:                     # an older install without it: such files are unsupported_format rows
+    pass
 # We enforce our own pixel cap from the header; PIL's global guard would raise before we can
 # record a reason, so it is lifted here and replaced by ``max_pixels``.
 Image.MAX_IMAGE_PIXELS = None

@@ -46,6 +46,8 @@ def _hostile_folder(root):
     _photo(os.path.join(photos, "c_phone.avif"), seed=2)
     Image.open(os.path.join(photos, "c_phone.avif")).load()
     _photo(os.path.join(photos, "d_scan.jp2"), seed=3)
+    import curation.decode  # noqa: F401 - registers the HEIF opener
+    _photo(os.path.join(photos, "d_iphone.heic"), seed=6)
     os.mkfifo(os.path.join(photos, "e_pipe.jpg"))
     _photo(os.fsencode(os.path.join(photos, "f_caf")) + b"\xe9.png", seed=4)          # latin-1 name
     secret = os.path.join(root, "secret.png")
@@ -66,13 +68,14 @@ def test_a_hostile_folder_is_all_rows_and_the_run_finishes(ray_local, tmp_path):
         "b_camera.mpo": "kept",
         "c_phone.avif": "kept",
         "d_scan.jp2": "kept",
+        "d_iphone.heic": "kept",
         "e_pipe.jpg": "not_a_regular_file: a FIFO",
         "f_caf\\xe9.png": "kept",
         "g_link.png": f"outside_base: {os.path.realpath(secret)} is outside {os.path.realpath(photos)} "
                       f"(set input.allow_outside_base: true to read it)",
         "h_readme.md": "unsupported_format: .md is not an image Pillow reads",
     }
-    assert (res.inputs, res.kept, res.rejected, res.sidecars) == (8, 5, 3, 1)
+    assert (res.inputs, res.kept, res.rejected, res.sidecars) == (9, 6, 3, 1)
     import base64
     raw = ann.set_index("source")["source_bytes_b64"]
     assert base64.b64decode(raw["f_caf\\xe9.png"]) == b"f_caf\xe9.png" and raw.drop("f_caf\\xe9.png").isna().all()
@@ -82,7 +85,7 @@ def test_a_hostile_folder_is_all_rows_and_the_run_finishes(ray_local, tmp_path):
     assert {k: v for k, v in after.items() if not k.startswith("out" + os.sep)} == before
     # a re-run (the FIFO still there) resumes at once instead of hanging
     again = run_curate(photos, str(tmp_path / "out"), samples_per_shard=4)
-    assert (again.inputs, again.kept) == (8, 5)
+    assert (again.inputs, again.kept) == (9, 6)
 
 
 def test_parquet_rows_naming_urls_or_files_elsewhere_are_rejected_rows(tmp_path):
