@@ -48,20 +48,20 @@ def make_run(root: str, shards: int, per_shard: int, rng: np.random.Generator) -
     tables, total = [], 0
     for s in range(shards):
         rows = []
-        blocks = []
-        for j in range(per_shard):
-            key = f"{s:05d}{j:04d}"
-            data, w, h = images[(s * per_shard + j) % len(images)]
-            row = {"key": key, "partition": s, "status": "kept", "reject_reason": None, "caption": f"sample {key}",
-                   "width": w, "height": h, "stored_width": w, "stored_height": h,
-                   "aesthetic_score": float(rng.normal(5, 1)), "source": f"img_{key}.jpg", "image_ext": "jpg"}
-            blocks += [tars.block(f"{key}.jpg", data), tars.block(f"{key}.txt", row["caption"].encode()),
-                       tars.block(f"{key}.json", json.dumps(row).encode())]
-            rows.append(row)
-            total += len(data)
-        blocks.append(tars.end(sum(len(b) for b in blocks)))
-        with open(os.path.join(root, "shards", f"{s:05d}.tar"), "wb") as fh:
-            fh.write(b"".join(blocks))
+        with open(os.path.join(root, "shards", f"{s:05d}.tar"), "wb") as fh:   # streamed, as a writer would
+            size = 0
+            for j in range(per_shard):
+                key = f"{s:05d}{j:04d}"
+                data, w, h = images[(s * per_shard + j) % len(images)]
+                row = {"key": key, "partition": s, "status": "kept", "reject_reason": None,
+                       "caption": f"sample {key}", "width": w, "height": h, "stored_width": w, "stored_height": h,
+                       "aesthetic_score": float(rng.normal(5, 1)), "source": f"img_{key}.jpg", "image_ext": "jpg"}
+                for name, blob in ((f"{key}.jpg", data), (f"{key}.txt", row["caption"].encode()),
+                                   (f"{key}.json", json.dumps(row).encode())):
+                    size += fh.write(tars.block(name, blob))
+                rows.append(row)
+                total += len(data)
+            fh.write(tars.end(size))
         t = pa.Table.from_pylist(rows)
         pq.write_table(t, os.path.join(root, "shards", f"{s:05d}.parquet"))
         with open(os.path.join(root, "shards", f"{s:05d}_stats.json"), "w") as fh:
