@@ -8,8 +8,11 @@ speed-up over a plain open/convert/resize loop.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -59,6 +62,9 @@ class DecodeConfig:
     quality: int = option(95, "JPEG/WebP quality", min=1, max=100)
     fast_jpeg: bool = option(True, "decode JPEGs at a reduced DCT scale when the cap allows (PIL draft)")
     resample: Literal["lanczos", "bicubic", "bilinear"] = option("bicubic", "downscaling filter")
+    max_seconds: float = option(60.0, "a sample whose decode and re-encode take longer is rejected (decode_timeout); "
+                                "0 turns the limit off. Enforced where the stage runs as a Ray task (its default)",
+                                min=0)
 
 
 _RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
@@ -70,6 +76,33 @@ NOT_AN_IMAGE = "decode_error: not an image"
 
 class DecodeError(Exception):
     """A sample that cannot become a training image; the message is the reject reason."""
+
+
+class DecodeTimeout(BaseException):
+    """Raised by ``time_limit`` inside a decode; a BaseException so no ``except Exception`` in a
+    decoder swallows it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise ``DecodeTimeout`` when the block runs longer than ``seconds`` of wall time (SIGALRM). A
+    Python signal handler runs between bytecodes, and Pillow feeds its decoders 64 KB at a time from
+    Python, so a slow decode is stopped within one chunk. Only the main thread can take signals (Ray
+    runs tasks there): elsewhere, or with 0, the block runs unbounded."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise DecodeTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -224,8 +257,12 @@ class DecodeImages(Stage):
             if not keep[i]:
                 continue
             try:
-                img, w, h = decode_image(raw[i], cfg)
-                images[i] = encode_image(img, cfg)
+                with time_limit(cfg.max_seconds):
+                    img, w, h = decode_image(raw[i], cfg)
+                    images[i] = encode_image(img, cfg)
+            except DecodeTimeout:
+                reject(batch, i, f"decode_timeout: more than max_seconds={cfg.max_seconds:g} s")
+                continue
             except DecodeError as exc:
                 reason = str(exc)
                 whole_file = int(offsets[i]) < 0 if offsets is not None and offsets[i] is not None else False

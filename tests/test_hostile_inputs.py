@@ -245,3 +245,25 @@ def test_a_parquet_whose_paths_all_lie_elsewhere_fails_before_ray(tmp_path):
         readers.plan(InputSpec(path=str(tmp_path / "meta" / "part.parquet")), 10)
     plan = readers.plan(InputSpec(path=str(tmp_path / "meta" / "part.parquet"), base_dir=str(tmp_path)), 10)
     assert plan.num_inputs == 2
+
+
+def test_a_decode_that_runs_too_long_becomes_a_rejected_row():
+    """Time per sample is bounded: the decode is interrupted between Pillow's 64 KB chunks."""
+    from curation.decode import DecodeConfig, DecodeImages
+
+    rng = np.random.default_rng(0)
+    noise = io.BytesIO()
+    Image.fromarray(rng.integers(0, 65535, (3000, 3000), dtype=np.uint16)).save(noise, "PNG", compress_level=1)
+    small = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(small, "PNG")
+
+    def batch(data):
+        return {"raw_bytes": np.array([data], dtype=object), "status": np.array(["kept"], dtype=object),
+                "reject_reason": np.array([None], dtype=object)}
+
+    out = DecodeImages(DecodeConfig(max_seconds=0.02))(batch(noise.getvalue()))   # that decode takes 0.14-0.28 s
+    assert out["reject_reason"][0] == "decode_timeout: more than max_seconds=0.02 s"
+    out = DecodeImages(DecodeConfig())(batch(small.getvalue()))                    # the default: 60 s
+    assert out["status"][0] == "kept" and out["stored_width"][0] == 32
+    import signal
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)         # no timer left behind
