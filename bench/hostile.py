@@ -16,7 +16,6 @@ its RSS after imports):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -108,7 +107,8 @@ def make_huge_video(path: str, side: int = 16000) -> int:
 def policy_overhead(folder: str, n: int) -> dict:
     from curation.decode import DecodeConfig, decode_image
     from pipeline import readers
-    from pipeline.readers import InputSpec, read_local
+    from pipeline.contract.inputs import read_local
+    from pipeline.readers import InputSpec
 
     rng = np.random.default_rng(0)
     for i in range(n):

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 def make_run(root: str, shards: int, per_shard: int, rng: np.random.Generator) -> int:
     from PIL import Image
 
-    from pipeline import tars
+    from pipeline.contract import tar as tars
 
     images = []
     for i in range(24):   # distinct photo-like JPEGs (smooth gradients + noise), ~30-60 KB each

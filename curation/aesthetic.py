@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, option
-from pipeline.stage import (
+from pipeline.contract.config import ConfigError, option
+from pipeline.contract.stage import (
     AESTHETIC_SCORE,
     CLIP_FRAMES,
     FRAME_EMBEDDINGS,

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import numpy as np
 
 from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
-from pipeline.config import ConfigError, option
-from pipeline.stage import (
+from pipeline.contract.config import ConfigError, option
+from pipeline.contract.stage import (
     CAPTION,
     CLIP_FRAMES,
     CLIP_SIMILARITY,

@@ -20,8 +20,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.config import option
-from pipeline.stage import (
+from pipeline.contract.config import option
+from pipeline.contract.stage import (
     HEIGHT,
     IMAGE,
     IMAGE_EXT,

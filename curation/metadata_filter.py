@@ -10,8 +10,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, option
-from pipeline.stage import HEIGHT, WIDTH, Stage, active, as_optional_float, reject
+from pipeline.contract.config import ConfigError, option
+from pipeline.contract.stage import HEIGHT, WIDTH, Stage, active, as_optional_float, reject
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
        "==": operator.eq, "!=": operator.ne}

@@ -5,8 +5,8 @@ import io
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import option
-from pipeline.stage import Resources, Stage
+from pipeline.contract.config import option
+from pipeline.contract.stage import Resources, Stage
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from pipeline.config import option
-from pipeline.stage import (
+from pipeline.contract.config import option
+from pipeline.contract.stage import (
     HEIGHT,
     IMAGE,
     KEPT,

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from curation.phash import greedy_keep
-from pipeline.config import option
-from pipeline.stage import HEIGHT, IMAGE_EMBEDDING, KEPT, KEY, STATUS, WIDTH, Stage
+from pipeline.contract.config import option
+from pipeline.contract.stage import HEIGHT, IMAGE_EMBEDDING, KEPT, KEY, STATUS, WIDTH, Stage
 
 
 @dataclass

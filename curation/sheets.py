@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from pipeline import tars
-from pipeline.shards import atomic_path
-from pipeline.stage import KEY
+from pipeline.contract import tar as tars
+from pipeline.contract.layout import atomic_path
+from pipeline.contract.stage import KEY
 
 LABEL_H = 14
 

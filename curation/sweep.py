@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option
-from pipeline.shards import MANIFEST_RUNS, atomic_path, atomic_write, claim_output
-from pipeline.stage import KEPT, KEY, STATUS
+from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option
+from pipeline.contract.layout import MANIFEST_RUNS, atomic_path, atomic_write, claim_output
+from pipeline.contract.stage import KEPT, KEY, STATUS
 
 # which end of each known annotation is good (others must say ``keep:``)
 GOOD_END = {"aesthetic_score": "high", "clip_similarity": "high", "motion_score": "high",
@@ -316,7 +316,7 @@ def claim(spec: SweepSpec) -> None:
     """Own the output folder. A sweep is cheap and redone whole on every run, so the previous
     sweep's files (its ownership record lists them) are cleared first: no stale cell_NNN.parquet
     from a bigger sweep survives. A different spec needs ``overwrite: true``."""
-    from pipeline.config import result_dict
+    from pipeline.contract.config import result_dict
 
     doc = result_dict(spec)
     fp = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]

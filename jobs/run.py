@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_yaml
+from pipeline.contract.config import ConfigError, load_yaml
 
 
 def command(argv: list[str]) -> str:

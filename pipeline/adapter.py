@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.stage import TIMING_PREFIX, Resources, Stage, batch_len, ensure_status
+from pipeline.contract.stage import TIMING_PREFIX, Resources, Stage, batch_len, ensure_status
 
 
 class ResourceError(ValueError):

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from pipeline.config import ConfigError, apply_overrides, load_yaml
+from pipeline.contract.config import ConfigError, apply_overrides, load_yaml
 
 CURATE_HELP = """\
 Curate a corpus into WebDataset shards and one annotation table.
@@ -155,7 +155,7 @@ def _describe_fields(cls: type, indent: str, prefix: str = "") -> list[str]:
     import dataclasses
     import typing
 
-    from pipeline.config import _type_name
+    from pipeline.contract.config import _type_name
 
     lines = []
     hints = typing.get_type_hints(cls)

@@ -21,15 +21,16 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline import adapter, readers, registry, shards
-from pipeline.config import ConfigError
+from pipeline.contract import layout
+from pipeline.contract.config import ConfigError
 from pipeline.spec import CurateSpec
-from pipeline.stage import KEY, PARTITION, REJECT_REASON, STATUS, reason_counts
+from pipeline.contract.stage import KEY, PARTITION, REJECT_REASON, STATUS, reason_counts
 from video import clips
 from video.clips import VideoWindows
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a curate run writes: output.overwrite deletes these and nothing else
-ENTRIES = [SPEC_FILE, "shards", "_work", "annotations.parquet", "videos.parquet", shards.VIDEO_ROWS_DIR, "embeddings",
+ENTRIES = [SPEC_FILE, "shards", "_work", "annotations.parquet", "videos.parquet", layout.VIDEO_ROWS_DIR, "embeddings",
            "summary.json", "report.html", "README.md"]
 
 
@@ -54,13 +55,13 @@ class RunResult:
 def prepare_output(spec: CurateSpec) -> None:
     """Create the output folder, or check that it belongs to this same spec (resume)."""
     out = spec.output.path
-    shards.claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
+    layout.claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
                         "run", "input, samples_per_shard or stages", ENTRIES, "curate", input_paths(spec))
+    os.makedirs(os.path.join(out, "_work"), exist_ok=True)
 
 
 def input_paths(spec: CurateSpec) -> dict[str, str]:
     return {k: v for k, v in {"input.path": spec.input.path, "input.base_dir": spec.input.base_dir}.items() if v}
-    os.makedirs(os.path.join(out, "_work"), exist_ok=True)
 
 
 def init_ray(spec: CurateSpec):
@@ -155,12 +156,12 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
             stats.append(json.load(fh))
     table = pa.concat_tables(tables, promote_options="permissive")
     table = table.sort_by(KEY)
-    shards.atomic_write(os.path.join(out, "annotations.parquet"), shards.table_bytes(table))
+    layout.atomic_write(os.path.join(out, "annotations.parquet"), layout.table_bytes(table))
     videos = None
     if spec.is_video:
-        vt = pa.concat_tables([pq.read_table(os.path.join(out, shards.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
+        vt = pa.concat_tables([pq.read_table(os.path.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
                                for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
-        shards.atomic_write(os.path.join(out, "videos.parquet"), shards.table_bytes(vt))
+        layout.atomic_write(os.path.join(out, "videos.parquet"), layout.table_bytes(vt))
         videos = clips.video_counts(vt)
         if videos["inputs"] != plan.num_inputs:
             raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos.parquet {videos['inputs']}")
@@ -181,8 +182,8 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
                            f"kept {result.kept} + rejected {result.rejected}")
     summary = {**result.to_dict(), "shards": len(stats), "format": plan.format,
                "kept_fraction": round(kept / max(1, result.inputs), 4)}
-    shards.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
-    shards.write_dataset_card(out, "curate", summary)
+    layout.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    layout.write_dataset_card(out, "curate", summary)
     if not spec.output.keep_work:
         shutil.rmtree(os.path.join(out, "_work"), ignore_errors=True)
     return result
@@ -212,7 +213,7 @@ def _run(spec: CurateSpec, log) -> RunResult:
     started = time.time()
     phases: dict[str, float] = {}
     t = time.time()
-    shards.check_separate(spec.output.path, input_paths(spec))   # before reading anything
+    layout.check_separate(spec.output.path, input_paths(spec))   # before reading anything
     plan = readers.plan(spec.input, spec.output.samples_per_shard, spec.output.videos_per_shard)
     check_input_kind(spec, plan.format)
     phases["plan"] = round(time.time() - t, 3)

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus_dir = os.path.join(args.output, "corpus")
     run_dir = os.path.join(args.output, "run")
     # the demo starts afresh, deleting only what an earlier demo wrote there (its ownership record)
-    from pipeline.config import ConfigError
-    from pipeline.shards import claim_output
+    from pipeline.contract.config import ConfigError
+    from pipeline.contract.layout import claim_output
     try:
         claim_output(args.output, os.path.join(args.output, "demo.yaml"), "demo", {"args": vars(args)}, True, "demo",
                      "arguments", DEMO_ENTRIES, "demo", fresh=True)

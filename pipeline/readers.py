@@ -13,7 +13,6 @@ import glob as globlib
 import json
 import os
 import posixpath
-import stat
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,18 +23,36 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import tars
-from pipeline.config import ConfigError, option
-from pipeline.stage import (
-    IMAGE_EXTENSIONS,
-    SIDECAR_EXTENSIONS,
-    VIDEO_EXTENSIONS,
+from pipeline.contract import tar as tars
+from pipeline.contract.config import ConfigError, option
+from pipeline.contract.inputs import (
+    DOWNLOAD_PROTOCOLS,
+    InputPolicy,
+    InputRejected,
+    check_local,
+    decode_text,
+    display_name,
+    encode_fs_path,
+    is_remote,
+    read_local,
+)
+from pipeline.contract.stage import (
     CAPTION,
+    CAPTION_REF,
+    IMAGE_EXTENSIONS,
+    JSON_REF,
     KEY,
     LAION_COLUMNS,
     PARTITION,
+    PLAN_ERROR,
     RAW,
+    REF_OFFSET,
+    REF_PATH,
+    REF_SIZE,
+    SIDECAR_EXTENSIONS,
     SOURCE,
+    SOURCE_RAW,
+    VIDEO_EXTENSIONS,
     Stage,
     active,
     column,
@@ -44,16 +61,6 @@ from pipeline.stage import (
 
 PATH_COLUMN_CANDIDATES = ("path", "filepath", "file_path", "image_path", "file_name", "filename", "URL", "url")
 CAPTION_COLUMN_CANDIDATES = ("caption", "TEXT", "text", "prompt", "alt")
-
-# plan columns describing where bytes live
-REF_PATH = "ref_path"            # file to read (image file, or tar holding the sample)
-REF_OFFSET = "ref_offset"        # byte offset inside the tar (-1: whole file)
-REF_SIZE = "ref_size"
-CAPTION_REF = "caption_ref"      # sidecar .txt file path, or "tar:offset:size"
-JSON_REF = "json_ref"            # "tar:offset:size" of an img2dataset KEY.json
-PLAN_ERROR = "plan_error"        # reason a row is rejected before any bytes are read
-SOURCE_RAW = "source_bytes_b64"  # a file name that is not UTF-8: its exact bytes (base64); else null
-
 
 @dataclass
 class InputSpec:
@@ -93,94 +100,8 @@ class InputSpec:
                            storage_options=dict(self.storage_options))
 
 
-DOWNLOAD_PROTOCOLS = ("http", "https", "ftp", "ftps", "sftp", "ssh", "scp", "data", "blob")
 NOT_DOWNLOADED = ("not_downloaded: {what} is not read by winnow; download with img2dataset and give winnow its "
                   "output folder")
-_FS_TAG = "\x00fsb64:"            # a NUL never occurs in a real path: marks a name that is not UTF-8
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def encode_fs_path(path: str) -> str:
-    """A path as Arrow-safe text: itself, or (a name that is not valid UTF-8, which Python holds with
-    surrogate escapes) its exact bytes, tagged and base64-encoded. ``fs_path`` reverses it."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return _FS_TAG + base64.b64encode(os.fsencode(path)).decode("ascii")
-
-
-def fs_path(text: str) -> str:
-    """The path to open for a plan's path text (see ``encode_fs_path``)."""
-    if text.startswith(_FS_TAG):
-        return os.fsdecode(base64.b64decode(text[len(_FS_TAG):]))
-    return text
-
-
-def display_name(path: str) -> str:
-    """A path for people and tables: bytes that are not UTF-8 shown as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-@dataclass
-class InputPolicy:
-    """What a loading stage may open: local files under ``root`` (unless ``allow_outside``), regular
-    files only, at most ``max_file_bytes`` read into memory. ``root`` None: no local check (tar shards
-    named by the spec itself)."""
-    root: str | None = None
-    allow_outside: bool = False
-    max_file_bytes: int = 256 * 1024 ** 2
-    storage_options: dict = field(default_factory=dict)
-
-
-class InputRejected(Exception):
-    """An input the policy refuses; the message is the reject reason."""
-
-
-_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
-
-
-def check_local(text: str, policy: InputPolicy) -> str:
-    """The real path of a local input the policy allows, after checking it is a regular file under the
-    root; raises InputRejected (or FileNotFoundError)."""
-    path = os.path.realpath(fs_path(text[len("file://"):] if text.startswith("file://") else text))
-    if policy.root and not policy.allow_outside and not (path == policy.root or path.startswith(policy.root.rstrip(os.sep) + os.sep)):
-        raise InputRejected(f"outside_base: {display_name(path)} is outside {display_name(policy.root)} "
-                            f"(set input.allow_outside_base: true to read it)")
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise InputRejected(f"not_a_regular_file: {_KINDS.get(stat.S_IFMT(mode), 'not a file')}")
-    return path
-
-
-def read_local(text: str, policy: InputPolicy, offset: int = -1, size: int = -1) -> bytes:
-    """Read a whole local file (or ``size`` bytes at ``offset``), bounded by ``max_file_bytes``.
-
-    Opened non-blocking and checked on the open descriptor, so a FIFO or device swapped in after
-    the check cannot hang or flood the reader."""
-    path = check_local(text, policy)
-    want = policy.max_file_bytes if offset < 0 else size
-    if want > policy.max_file_bytes:
-        raise InputRejected(f"too_large: {want} bytes > input.max_file_bytes {policy.max_file_bytes}")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputRejected(f"not_a_regular_file: {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}")
-        if offset < 0:
-            if st.st_size > policy.max_file_bytes:
-                raise InputRejected(f"too_large: {st.st_size} bytes > input.max_file_bytes {policy.max_file_bytes}")
-            data = fh.read(policy.max_file_bytes + 1)
-            if len(data) > policy.max_file_bytes:
-                raise InputRejected(f"too_large: more than input.max_file_bytes {policy.max_file_bytes} bytes")
-            return data
-        fh.seek(offset)
-        return fh.read(size)
-
 
 def classify_ref(ref, base: str, policy_protocols: list[str], allow_outside: bool = False) -> tuple[str | None, str | None]:
     """(path to read, plan error) for a path a parquet row names, by the input policy: URLs are read
@@ -431,7 +352,7 @@ TAR_IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTENSIONS)
 
 
 def _tar_members(url: str, opts: dict) -> tuple[list, str | None]:
-    """A tar's samples and stray image members, by webdataset's key rule (``pipeline.tars``)."""
+    """A tar's samples and stray image members, by webdataset's key rule (``pipeline.contract.tar``)."""
     try:
         with fsspec.open(url, "rb", **opts) as fh:
             items = tars.group(list(tars.scan(fh)), TAR_IMAGE_EXTS)
@@ -538,20 +459,6 @@ def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) ->
 
 
 # ---- fetching bytes: the first stage of every run ----
-
-def decode_text(data: bytes | None) -> str | None:
-    """Caption bytes to text: UTF-8 (with or without BOM), else cp1252, else latin-1; NULs dropped; empty -> None."""
-    if data is None:
-        return None
-    for enc in ("utf-8-sig", "cp1252", "latin-1"):
-        try:
-            text = data.decode(enc)
-            break
-        except UnicodeDecodeError:
-            continue
-    text = text.replace("\x00", "").strip()
-    return text or None
-
 
 def _read_range(fh, offset: int, size: int) -> bytes:
     fh.seek(offset)
@@ -665,5 +572,4 @@ class LoadSource(Stage):
             return None
 
 
-__all__ = ["InputPolicy", "InputRejected", "InputSpec", "LoadSource", "Plan", "check_local", "classify_ref",
-           "decode_text", "detect_format", "display_name", "encode_fs_path", "fs_path", "plan", "read_local"]
+__all__ = ["InputSpec", "LoadSource", "Plan", "classify_ref", "detect_format", "plan"]

@@ -8,7 +8,7 @@ from curation.metadata_filter import MetadataFilter
 from curation.ocr import OcrText
 from curation.phash import PHashDedup
 from curation.semantic_dedup import SemanticDedup
-from pipeline.stage import Stage
+from pipeline.contract.stage import Stage
 from video.clips import SplitClips
 from video.motion import MotionScore
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.stage import (
+from pipeline.contract.stage import (
     CLIP_END,
     CLIP_START,
     DUPLICATE_OF,
@@ -421,8 +421,8 @@ class Report:
 
 def write(run_dir: str, out: str | None = None, examples: int = 8) -> str:
     """Write the report of ``run_dir`` (a curate or select output) and return its path."""
-    from pipeline.config import ConfigError
-    from pipeline.shards import atomic_write
+    from pipeline.contract.config import ConfigError
+    from pipeline.contract.layout import atomic_write
 
     if not os.path.exists(os.path.join(run_dir, "annotations.parquet")):
         raise ConfigError(f"{run_dir!r} has no annotations.parquet: give a finished `winnow curate` or "

@@ -26,9 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.sweep import FilterSpec, check_filters, levels_for, values
-from pipeline import adapter, shards, tars
-from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
-from pipeline.stage import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
+from pipeline import adapter, shards
+from pipeline.contract import layout
+from pipeline.contract import tar as tars
+from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
+from pipeline.contract.stage import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a select run writes: output.overwrite deletes these and nothing else
@@ -76,7 +78,7 @@ def parse(data: dict) -> SelectSpec:
                               f"threshold) for {f.column!r}; sweep several with `winnow sweep`")
     check_filters(spec.filters)
     if not spec.runs:
-        spec.runs = shards.manifest_runs(spec.selection) if spec.selection else []
+        spec.runs = layout.manifest_runs(spec.selection) if spec.selection else []
         if not spec.runs:
             raise ConfigError("runs: give the `winnow curate` output folders to select from (the selection manifest "
                               "does not name them)")
@@ -84,7 +86,7 @@ def parse(data: dict) -> SelectSpec:
         if not os.path.exists(os.path.join(r, "annotations.parquet")) or not os.path.isdir(os.path.join(r, "shards")):
             raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no annotations.parquet "
                               f"and shards/); finish that run first")
-    shards.check_separate(spec.output.path, input_paths(spec))
+    layout.check_separate(spec.output.path, input_paths(spec))
     return spec
 
 
@@ -258,12 +260,12 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
     if emb:
         e = pa.concat_tables(emb, promote_options="permissive")
         shards.write_embeddings(os.path.join(out, "embeddings", f"{name}.parquet"), e.take(pc.sort_indices(e.column(KEY))))
-    tar_bytes = shards.atomic_write(os.path.join(sdir, f"{name}.tar"), chunks())
-    shards.atomic_write(os.path.join(sdir, f"{name}.parquet"), shards.table_bytes(table))
+    tar_bytes = layout.atomic_write(os.path.join(sdir, f"{name}.tar"), chunks())
+    layout.atomic_write(os.path.join(sdir, f"{name}.parquet"), layout.table_bytes(table))
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": len(rows), "rejected": 0,
              "reasons": {}, "stage_seconds": {}, "tar_bytes": tar_bytes,
              "sources": sorted({f"{runs[r]}/shards/{shards.shard_name(p)}.tar" for r, p in by_source})}
-    shards.atomic_write(os.path.join(sdir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
+    layout.atomic_write(os.path.join(sdir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
     return stats
 
 
@@ -299,7 +301,7 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
     p = plan(spec)
     out = spec.output.path
     doc = to_dict(spec)
-    shards.claim_output(out, os.path.join(out, SPEC_FILE), p.fingerprint, doc, spec.output.overwrite, "selection",
+    layout.claim_output(out, os.path.join(out, SPEC_FILE), p.fingerprint, doc, spec.output.overwrite, "selection",
                         "runs, selection, filters or samples_per_shard", ENTRIES, "select", input_paths(spec))
     sdir = os.path.join(out, "shards")
     counts = p.counts
@@ -332,7 +334,7 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
     table = table.take(pc.sort_indices(table.column(KEY)))
     if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(p.table.column("out_key").to_pylist()):
         raise RuntimeError(f"counts do not reconcile: planned {p.table.num_rows} samples, shards hold {table.num_rows}")
-    shards.atomic_write(os.path.join(out, "annotations.parquet"), shards.table_bytes(table))
+    layout.atomic_write(os.path.join(out, "annotations.parquet"), layout.table_bytes(table))
     if VIDEO_KEY in table.column_names:   # the source videos of the selected clips
         vids = []
         for r in spec.runs:
@@ -342,8 +344,8 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
                 chosen = table.filter(pc.equal(table.column(SOURCE_RUN), os.path.abspath(r))).column(VIDEO_KEY)
                 vids.append(v.filter(pc.is_in(v.column(KEY), value_set=pc.unique(chosen))))
         if vids:
-            shards.atomic_write(os.path.join(out, "videos.parquet"),
-                                shards.table_bytes(pa.concat_tables(vids, promote_options="permissive")))
+            layout.atomic_write(os.path.join(out, "videos.parquet"),
+                                layout.table_bytes(pa.concat_tables(vids, promote_options="permissive")))
     wall = time.time() - started
     result = SelectResult(out, p.source_kept, table.num_rows, len(names), p.thresholds, round(wall, 2),
                           round(table.num_rows / copy_s, 1) if copy_s > 0.01 else 0.0)
@@ -352,8 +354,8 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
                "wall_seconds": result.wall_seconds, "shards": len(names), "format": "selection",
                "kept_fraction": 1.0, "source_runs": [os.path.abspath(r) for r in spec.runs],
                "source_kept": p.source_kept, "selection": p.thresholds}
-    shards.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
-    shards.write_dataset_card(out, "select", summary)
+    layout.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    layout.write_dataset_card(out, "select", summary)
     return result
 
 

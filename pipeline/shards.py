@@ -8,23 +8,21 @@ partition, kept and rejected) and ``PPPPP_stats.json``, written last as the done
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import math
 import os
-import shutil
 import uuid
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import tars
-from pipeline.stage import (
+from pipeline.contract import tar as tars
+from pipeline.contract.layout import VIDEO_ROWS_DIR, atomic_write, table_bytes
+from pipeline.contract.stage import (
     BULK_COLUMNS,
     CAPTION,
     COLUMN_TYPES,
@@ -45,205 +43,8 @@ from pipeline.stage import (
     reason_counts,
 )
 
-VIDEO_ROWS_DIR = "videos"     # video runs: per-shard rows of videos.parquet (OUTPUT/videos/NNNNN.parquet)
-
 # plan bookkeeping that says where bytes lived; not part of the annotation contract
 PLAN_ONLY = ("ref_path", "ref_offset", "ref_size", "caption_ref", "json_ref", "plan_error")
-
-
-OWNER_DIR = ".winnow"              # winnow's own files in any output folder (hidden from HF datasets, globs)
-OWNER_FILE = os.path.join(OWNER_DIR, "owner.json")
-
-
-def _is_inside(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
-def check_separate(out: str, inputs: dict[str, str]) -> None:
-    """Refuse an output folder that is an input, lies inside one, or holds one (``inputs``: key -> path).
-
-    Remote inputs (``s3://`` ...) cannot overlap a local output and are skipped."""
-    from pipeline.config import ConfigError
-
-    real_out = os.path.realpath(out)
-    for key, path in inputs.items():
-        if not path or "://" in str(path):
-            continue
-        real_in = os.path.realpath(path)
-        if real_in == real_out:
-            raise ConfigError(f"output.path {out!r} is the same folder as {key} {path!r}; write to a new folder")
-        if _is_inside(real_out, real_in):
-            raise ConfigError(f"output.path {out!r} lies inside {key} {path!r}; write outside the input, or the next "
-                              f"run would read its own output")
-        if _is_inside(real_in, real_out):
-            raise ConfigError(f"{key} {path!r} lies inside output.path {out!r}; choose an output folder that does not "
-                              f"hold the input (overwrite would delete it)")
-
-
-def read_owner(out: str) -> dict | None:
-    """The ownership record of a winnow output folder, or None (not winnow's, or unreadable)."""
-    try:
-        with open(os.path.join(out, OWNER_FILE), encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
-        return None
-    return doc
-
-
-def _owned(name: str, entries: list[str]) -> bool:
-    """A top-level name winnow writes (or a temporary file of one, left by a kill mid-write)."""
-    if name in entries or name == OWNER_DIR:
-        return True
-    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{e}.") for e in entries)
-
-
-def foreign_entries(out: str, entries: list[str]) -> list[str]:
-    """Top-level names in ``out`` that winnow did not write."""
-    return sorted(n for n in os.listdir(out) if not _owned(n, entries))
-
-
-def clear_owned(out: str, noun: str) -> None:
-    """Delete what a winnow command wrote in ``out`` (its ownership record lists it); refuse, listing
-    them, when the folder holds anything else. The folder itself stays."""
-    from pipeline.config import ConfigError
-
-    owner = read_owner(out)
-    if owner is None:
-        raise ConfigError(f"output.path {out!r} has no {OWNER_FILE}, so winnow cannot tell which files it wrote; "
-                          f"delete the folder yourself or choose a new output.path")
-    entries = [e for e in owner["entries"] if isinstance(e, str) and e and os.sep not in e and e not in (".", "..")]
-    foreign = foreign_entries(out, entries)
-    if foreign:
-        shown = ", ".join(repr(n) for n in foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
-        raise ConfigError(f"output.path {out!r} holds files winnow did not write ({shown}); overwrite deletes only a "
-                          f"{noun}'s own files, so move those away or choose a new output.path")
-    for name in os.listdir(out):
-        if name == OWNER_DIR or not _owned(name, entries):
-            continue
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: bool, noun: str, changed: str,
-                 entries: list[str], command: str, inputs: dict[str, str] | None = None, fresh: bool = False) -> None:
-    """Create output folder ``out``, or check that its ``marker`` (a YAML spec with a fingerprint)
-    records this same spec, so re-running resumes; then record ownership and write the marker.
-
-    ``entries`` are the top-level names the command may write; ``.winnow/owner.json`` records them,
-    and ``overwrite`` (or ``fresh``: a command that redoes its outputs on every run) deletes only
-    those. A different spec fails unless ``overwrite``; a non-empty folder winnow does not own fails.
-    ``inputs`` (key -> path) must not overlap the output."""
-    import yaml
-
-    from pipeline.config import ConfigError
-
-    check_separate(out, inputs or {})
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"output.path {out!r} exists and is not a folder")
-    previous = None
-    if os.path.isfile(marker):
-        try:
-            with open(marker, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
-            previous = loaded.get("fingerprint") if isinstance(loaded, dict) else None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            previous = None
-    owner = read_owner(out) if os.path.isdir(out) else None
-    if previous is not None and previous == fingerprint and owner is not None and not fresh:
-        pass                                                     # resume
-    elif previous is not None and previous == fingerprint and owner is None:
-        foreign = foreign_entries(out, entries)                  # a run from before ownership records
-        if foreign:
-            raise ConfigError(f"output.path {out!r} holds a {noun} and files winnow did not write "
-                              f"({', '.join(map(repr, foreign[:10]))}); move those away to resume")
-    elif os.path.isdir(out) and [n for n in os.listdir(out) if n != OWNER_DIR]:
-        if owner is None:
-            if previous is not None:
-                raise ConfigError(f"output.path {out!r} holds a {noun} made by a different spec ({changed} changed), "
-                                  f"and no {OWNER_FILE} says which files are winnow's; choose a new output.path")
-            raise ConfigError(f"output.path {out!r} exists and is not a winnow {noun}; choose an empty or new folder")
-        if not (overwrite or (fresh and previous == fingerprint)):
-            raise ConfigError(f"output.path {out!r} holds a {noun} made by a different spec ({changed} changed); "
-                              f"choose a new output.path, or set output.overwrite=true to delete what that run wrote")
-        clear_owned(out, noun)
-    os.makedirs(os.path.join(out, OWNER_DIR), exist_ok=True)
-    atomic_write(os.path.join(out, OWNER_FILE),
-                 json.dumps({"command": command, "entries": sorted(set(entries) | {os.path.basename(marker)})},
-                            indent=2).encode())
-    atomic_write(marker, yaml.safe_dump({"fingerprint": fingerprint, **doc}, sort_keys=False).encode())
-
-
-def write_dataset_card(out: str, command: str, summary: dict) -> None:
-    """``OUTPUT/README.md`` (and ``shards/README.md``): a Hugging Face dataset card whose ``configs``
-    point at the tar shards, so ``datasets.load_dataset(OUTPUT)`` loads images (or clips), captions
-    and annotation rows, and never takes winnow's other files for splits or rows."""
-    reasons = summary.get("reasons") or {}
-    head = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"{path}\"\ntags:\n- winnow\n---\n"
-    body = (f"# winnow {command} output\n\n"
-            f"{summary.get('kept', 0)} samples kept of {summary.get('inputs', 0)} inputs"
-            + (f" (rejected: {', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else "") + ".\n\n"
-            "- `shards/NNNNN.tar`: WebDataset shards in img2dataset's layout: `KEY.jpg` (or `.png`, `.webp`, "
-            "`.mp4` for clips), `KEY.txt` (caption), `KEY.json` (the sample's annotation row).\n"
-            "- `annotations.parquet`: one row per input, kept and rejected, with `reject_reason` and every score.\n"
-            "- `summary.json`, `report.html`: counts and the run's report.\n\n"
-            "```python\nfrom datasets import load_dataset\nds = load_dataset(\"PATH_TO_THIS_FOLDER\")   "
-            "# columns jpg, txt, json, __key__\n```\n")
-    cards = {os.path.join(out, "README.md"): head.format(path="shards/*.tar") + body}
-    if os.path.isdir(os.path.join(out, "shards")):
-        cards[os.path.join(out, "shards", "README.md")] = head.format(path="*.tar") + body
-    for path, text in cards.items():
-        try:
-            with open(path, encoding="utf-8") as fh:
-                if fh.read() == text:
-                    continue                  # a re-run of a finished output changes nothing
-        except (OSError, UnicodeDecodeError):
-            pass
-        atomic_write(path, text.encode("utf-8"))
-
-
-MANIFEST_RUNS = "winnow_runs"   # a selection manifest's metadata: the run folders its ``run`` column indexes
-
-
-def manifest_runs(path: str) -> list[str]:
-    """The run folders a selection manifest (``winnow sweep``'s selections/cell_NNN.parquet) was made from."""
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(MANIFEST_RUNS.encode(), b"[]"))
-
-
-def atomic_write(path: str, data: bytes | Iterable[bytes]) -> int:
-    """Write ``data`` (bytes, or chunks streamed in order) to a temporary name, fsync, rename; returns the size."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    size = 0
-    try:
-        with open(tmp, "wb") as fh:
-            for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
-                size += fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return size
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """A temporary name beside ``path`` for a writer that wants a file name (parquet, matplotlib,
-    PIL): renamed to ``path`` when the block ends without an exception, removed otherwise. Give the
-    writer the format explicitly: the temporary name ends in ``.tmp``."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _to_arrow(values: list) -> pa.Array:
@@ -290,12 +91,6 @@ def conform(table: pa.Table) -> pa.Table:
             col = col.cast(pa.type_for_alias(typ))
         table = table.set_column(i, name, col)
     return table
-
-
-def table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression)
-    return sink.getvalue()
 
 
 class FragmentWriter:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import registry
-from pipeline.config import (
+from pipeline.contract.config import (
     ConfigError,
     apply_overrides,
     build,

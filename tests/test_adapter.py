@@ -8,7 +8,7 @@ from pipeline.adapter import (
     check_resources,
     plan_resources,
 )
-from pipeline.stage import Stage, active, column
+from pipeline.contract.stage import Stage, active, column
 
 
 class AddOne(Stage):

@@ -11,7 +11,7 @@ from curation.aesthetic import (
     load_head,
 )
 from pipeline import spec as specmod
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 
 
 def emb_batch(n=4, dim=64, seed=0):

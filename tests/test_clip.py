@@ -10,7 +10,7 @@ from PIL import Image
 
 from curation.clip import TINY_CLIP, ClipConfig, ClipEmbed, load_model, resolve_weights
 from pipeline import spec as specmod
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 from pipeline.corpus import load_photos
 
 TINY_CFG = os.path.join(os.path.dirname(__file__), "..", "curation", "model_configs", "winnow-tiny-clip.json")

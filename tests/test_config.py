@@ -3,7 +3,7 @@ import os
 import pytest
 
 from pipeline import spec as specmod
-from pipeline.config import ConfigError, apply_overrides
+from pipeline.contract.config import ConfigError, apply_overrides
 
 
 def base(**extra):

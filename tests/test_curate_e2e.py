@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 from tests.helpers import annotations, run_curate, shard_stats
 
 

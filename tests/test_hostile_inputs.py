@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline import readers
+from pipeline.contract.inputs import fs_path
 from pipeline.readers import InputSpec, LoadConfig, LoadSource
 from tests.helpers import annotations, run_curate
 
@@ -132,7 +133,7 @@ def test_parquet_rows_naming_urls_or_files_elsewhere_are_rejected_rows(tmp_path)
 
 
 def test_web_protocols_can_never_be_allowed():
-    from pipeline.config import ConfigError, build
+    from pipeline.contract.config import ConfigError, build
 
     with pytest.raises(ConfigError, match="input.protocols: 'https' is not allowed"):
         build(InputSpec, {"path": "x", "protocols": ["s3", "https"]}, "input")
@@ -144,7 +145,7 @@ def test_non_utf8_names_round_trip_losslessly(tmp_path):
     _photo(raw)
     plan = readers.plan(InputSpec(path=str(tmp_path)), samples_per_shard=10)
     text = plan.table.column("ref_path").to_pylist()[0]
-    assert os.fsencode(readers.fs_path(text)) == raw and "\x00" in text
+    assert os.fsencode(fs_path(text)) == raw and "\x00" in text
     assert plan.table.column("source").to_pylist() == ["x\\xff\\xfe.jpg"]
     out = LoadSource(LoadConfig(policy=InputSpec(path=str(tmp_path)).policy()))(
         {c: np.asarray(plan.table.column(c).to_pylist(), dtype=object) for c in plan.table.column_names})
@@ -234,7 +235,7 @@ def test_a_remote_parquet_names_files_under_its_own_folder_only():
 
 def test_a_parquet_whose_paths_all_lie_elsewhere_fails_before_ray(tmp_path):
     """LAION metadata in one folder, images in a sibling: a config mistake, said before Ray starts."""
-    from pipeline.config import ConfigError
+    from pipeline.contract.config import ConfigError
 
     (tmp_path / "meta").mkdir()
     (tmp_path / "images").mkdir()

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.shards import OWNER_FILE, check_separate, claim_output
+from pipeline.contract.config import ConfigError
+from pipeline.contract.layout import OWNER_FILE, check_separate, claim_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRIES = ["spec.yaml", "shards", "summary.json"]

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import readers, tars
-from pipeline.config import ConfigError
+from pipeline import readers
+from pipeline.contract import tar as tars
+from pipeline.contract.config import ConfigError
 from pipeline.readers import InputSpec
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from curation.ocr import OcrConfig, OcrText, reading_order, text_area_ratio
 from pipeline import spec as specmod
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 from pipeline.corpus import load_photos, text_image
 
 LINES = ["WINNOW DATA", "SUNSET BEACH"]

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from pipeline import readers
-from pipeline.config import ConfigError
-from pipeline.readers import InputSpec, LoadSource, decode_text
+from pipeline.contract.config import ConfigError
+from pipeline.contract.inputs import decode_text
+from pipeline.readers import InputSpec, LoadSource
 
 
 def plan_batch(plan, rows=None):

@@ -16,8 +16,8 @@ import yaml
 
 from curation import sweep
 from pipeline import report, selection
-from pipeline.config import ConfigError
-from pipeline.stage import reason_counts
+from pipeline.contract.config import ConfigError
+from pipeline.contract.stage import reason_counts
 from tests.helpers import annotations, run_curate, tar_members
 from tests.test_kill_resume import ROOT, kill_when
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import sweep
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 from tests.helpers import run_curate
 
 

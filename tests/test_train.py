@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 from tests.helpers import run_curate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

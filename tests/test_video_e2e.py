@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 from tests.helpers import annotations, run_curate, shard_stats, tar_members
 from tests.test_kill_resume import kill_when, start
 from video.synth import make_video_corpus, shot, write_video

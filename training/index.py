@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import tars
-from pipeline.config import ConfigError
-from pipeline.shards import manifest_runs
-from pipeline.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
+from pipeline.contract import tar as tars
+from pipeline.contract.config import ConfigError
+from pipeline.contract.layout import manifest_runs
+from pipeline.contract.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from training.buckets import Bucket, assign, bucket_table
 
 INDEX_FILE = os.path.join(".winnow", "train_index.parquet")   # hidden: not a "train" split to HF datasets

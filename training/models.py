@@ -131,7 +131,7 @@ def tiny_components(kind: str, seed: int, scratch: str, prediction_type: str = "
 
 def check_pretrained(path: str, kind: str, key: str = "model.pretrained") -> None:
     """Fail before Ray starts when a local pipeline folder lacks what ``kind`` needs."""
-    from pipeline.config import ConfigError
+    from pipeline.contract.config import ConfigError
 
     if not os.path.isdir(path):
         return                                         # a hub id; resolved by from_pretrained

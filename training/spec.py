@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, apply_overrides, build, load_yaml, option, result_dict, to_dict
+from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, result_dict, to_dict
 
 
 @dataclass

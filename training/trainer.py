@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 from training.checkpoint import CheckpointError, load_json, load_state, load_tensors, save_state
 from training.spec import TrainSpec
 
@@ -362,7 +362,7 @@ class Plan:
 
 def prepare_output(spec: TrainSpec) -> None:
     """Create the run folder, or check that it belongs to this same spec (resume)."""
-    from pipeline.shards import claim_output
+    from pipeline.contract.layout import claim_output
 
     out = spec.output.path
     claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
@@ -374,7 +374,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     """Index the shard sets (one Ray Data pass, cached) and check the bucket plan."""
     import pyarrow.parquet as pq
 
-    from pipeline.shards import atomic_write, table_bytes
+    from pipeline.contract.layout import atomic_write, table_bytes
     from training.index import bucket_ids, load_index
 
     index = load_index(spec.data.shards, os.path.join(spec.output.path, "_index"), log, spec.data.selection)

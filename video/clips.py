@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.config import ConfigError, option
-from pipeline.readers import InputPolicy
-from pipeline.stage import (
+from pipeline.contract.config import ConfigError, option
+from pipeline.contract.inputs import InputPolicy
+from pipeline.contract.stage import (
     CAPTION,
     CLIP_END,
     CLIP_INDEX,
@@ -240,7 +240,7 @@ def _batch_rows(batch: dict) -> list[dict]:
 def _open_source(path: str, storage_options: dict, policy: InputPolicy | None = None):
     """A path PyAV can open: a local regular file the input policy allows (a FIFO or device would hang
     or flood the demuxer), or a remote one as a seekable fsspec file."""
-    from pipeline.readers import check_local, is_remote
+    from pipeline.contract.inputs import check_local, is_remote
 
     if is_remote(path):
         import fsspec
@@ -256,7 +256,8 @@ class VideoWindows(Stage):
     batch_size = 4
 
     def __call__(self, batch):
-        from pipeline.readers import CAPTION_REF, PLAN_ERROR, REF_PATH, InputRejected, decode_text, read_local
+        from pipeline.contract.inputs import InputRejected, decode_text, read_local
+        from pipeline.contract.stage import CAPTION_REF, PLAN_ERROR, REF_PATH
         from video.probe import ProbeError, probe
 
         ensure_status(batch)
@@ -348,7 +349,7 @@ class SplitClips(Stage):
 
     def window(self, row: dict) -> list[dict]:
         """All segment rows of one window."""
-        from pipeline.readers import REF_PATH
+        from pipeline.contract.stage import REF_PATH
 
         src = _open_source(row[REF_PATH], self.config.storage_options, self.config.policy)
         try:

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.config import option
+from pipeline.contract.config import option
 
 
 @dataclass

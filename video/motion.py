@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import option
-from pipeline.stage import IMAGE, IMAGE_EXT, MOTION_PAIRS, MOTION_SCORE, Stage, active, column, reject
+from pipeline.contract.config import option
+from pipeline.contract.stage import IMAGE, IMAGE_EXT, MOTION_PAIRS, MOTION_SCORE, Stage, active, column, reject
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.contract.config import ConfigError
 
 # ---- column names (a contract: tests, reports and training read them) ----
 KEY = "key"
@@ -49,6 +49,16 @@ MOTION_SCORE = "motion_score"
 MOTION_PAIRS = "motion_pairs"    # per sampled frame pair, same unit as motion_score
 FRAME_EMBEDDINGS = "clip_frame_embeddings"   # a clip's frames' image embeddings, concatenated
 WINDOW_CUTS = "window_cut_times_s"
+# plan columns: where a sample's bytes live (the reader fills them; the first stage reads them)
+REF_PATH = "ref_path"            # file to read (image file, or tar holding the sample)
+REF_OFFSET = "ref_offset"        # byte offset inside the tar (-1: whole file)
+REF_SIZE = "ref_size"
+CAPTION_REF = "caption_ref"      # sidecar .txt file path, or "tar:offset:size"
+JSON_REF = "json_ref"            # "tar:offset:size" of an img2dataset KEY.json
+PLAN_ERROR = "plan_error"        # reason a row is rejected before any bytes are read
+SOURCE_RAW = "source_bytes_b64"  # a file name that is not UTF-8: its exact bytes (base64); else null
+
+
 # file extensions: images (what Pillow reads, with plugins such as pillow-heif), videos, sidecars
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo", ".avif", ".jp2",
                     ".j2k", ".jpx", ".heic", ".heif", ".jxl", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".dds",
@@ -127,7 +137,7 @@ class Stage:
     @classmethod
     def validate(cls, config: Any, key: str, earlier: list[tuple[str, Any]]) -> None:
         """Check what a dataclass cannot (weights exist, a needed stage came earlier) before Ray
-        starts; raise ``pipeline.config.ConfigError`` naming ``key``. ``earlier`` holds the
+        starts; raise ``pipeline.contract.config.ConfigError`` naming ``key``. ``earlier`` holds the
         (name, config) of the stages before this one."""
         names = [n for n, _ in earlier]
         for need in cls.after:   # "a|b": either stage will do

@@ -1,0 +1,103 @@
+"""The house's import rules, read from every module's imports (``ast``): stage packages import only
+``pipeline/contract`` of the engine, the contract imports nothing above it, only the adapter imports
+``ray.data``, and no two modules import each other.
+
+``DEBT`` lists the imports that break a rule today, each to be removed as issue 14 moves the engine
+into ``pipeline/commands`` and ``training/families``; the test fails on any new break and on any
+entry that no longer exists (so the list only shrinks).
+"""
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("pipeline", "curation", "video", "training", "jobs")
+STAGE_PACKAGES = ("curation", "video", "training")
+
+# pipeline modules that are (or become) commands: they may import the stage packages
+COMMANDS = ("pipeline/cli.py", "pipeline/curate.py", "pipeline/selection.py", "pipeline/report.py",
+            "pipeline/demo.py", "pipeline/registry.py")
+
+DEBT = {
+    ("stage package imports the engine", "training/trainer.py", "pipeline.adapter"),   # the driver half
+    ("stage package imports the engine", "video/synth.py", "pipeline.corpus"),
+    ("ray.data outside the adapter", "training/index.py", "ray.data"),
+    ("ray.data outside the adapter", "training/cache.py", "ray.data"),
+    ("ray.data outside the adapter", "pipeline/curate.py", "ray.data"),
+    ("modules import each other", "curation/sheets.py", "curation.sweep"),
+    ("the engine imports a stage package", "pipeline/shards.py", "video.clips"),
+}
+
+
+def module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def imports() -> dict[str, set[str]]:
+    """module file (relative) -> the modules it imports (a ``from X import Y`` counts X and X.Y)."""
+    out: dict[str, set[str]] = {}
+    for pkg in PACKAGES:
+        for d, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                path = os.path.join(d, f)
+                names: set[str] = set()
+                for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                    if isinstance(node, ast.Import):
+                        names.update(a.name for a in node.names)
+                    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                        names.add(node.module)
+                        names.update(f"{node.module}.{a.name}" for a in node.names)
+                out[os.path.relpath(path, ROOT)] = names
+    return out
+
+
+def breaks() -> set[tuple[str, str, str]]:
+    found = set()
+    graph = imports()
+    modules = {module_name(os.path.join(ROOT, p)): p for p in graph}
+    packages = {m for m, p in modules.items() if p.endswith("__init__.py")}
+
+    def resolve(names: set[str]) -> set[str]:
+        """Module names among the imported names (``from pkg import module`` names the module)."""
+        out = set()
+        for n in names:
+            m = n if n in modules else n.rpartition(".")[0]
+            if m in modules and m not in packages:
+                out.add(m)
+        return out
+
+    for path, names in graph.items():
+        top = path.split(os.sep)[0]
+        contract = path.startswith(os.path.join("pipeline", "contract"))
+        if any(n == "ray.data" or n.startswith("ray.data.") for n in names) and path != "pipeline/adapter.py":
+            found.add(("ray.data outside the adapter", path, "ray.data"))
+        for real in resolve(names):
+            first = real.split(".")[0]
+            if top in STAGE_PACKAGES and first == "pipeline" and not real.startswith("pipeline.contract"):
+                found.add(("stage package imports the engine", path, real))
+            if contract and not real.startswith("pipeline.contract"):
+                found.add(("the contract imports above itself", path, real))
+            if top == "pipeline" and not contract and path not in COMMANDS and first in STAGE_PACKAGES:
+                found.add(("the engine imports a stage package", path, real))
+            other = modules[real]
+            if other != path and module_name(os.path.join(ROOT, path)) in resolve(graph[other]):
+                a, b = sorted([path, other])
+                found.add(("modules import each other", a, module_name(os.path.join(ROOT, b))))
+    return found
+
+
+def test_the_import_rules_hold_except_for_the_listed_debt():
+    found = breaks()
+    assert sorted(found - DEBT) == [], "new imports that break the house's rules"
+    assert sorted(DEBT - found) == [], "debt paid: remove these entries from DEBT"
+
+
+def test_the_contract_is_self_contained():
+    graph = imports()
+    for path, names in graph.items():
+        if path.startswith(os.path.join("pipeline", "contract")):
+            assert not {n for n in names if n.split(".")[0] in PACKAGES and not n.startswith("pipeline.contract")}, path
