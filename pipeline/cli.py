@@ -151,35 +151,10 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _describe_fields(cls: type, indent: str, prefix: str = "") -> list[str]:
-    import dataclasses
-    import typing
-
-    from pipeline.contract.config import _type_name
-
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("runtime") and "filled in" in f.metadata.get("help", ""):
-            continue                                   # set by winnow from the input section
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines += _describe_fields(hints[f.name], indent, f"{prefix}{f.name}.")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
-        lines.append(f"{indent}{prefix}{f.name}: {_type_name(hints[f.name])} = {default}")
-        if f.metadata.get("help"):
-            lines.append(f"{indent}    {f.metadata['help']}")
-    return lines
-
-
 def describe_stages(only: str | None = None) -> str:
     """Every registered stage with its options, types, defaults and help (from the typed configs)."""
     from pipeline import registry
+    from pipeline.contract.config import describe
 
     names = [only] if only else sorted(registry.STAGES)
     lines = []
@@ -187,7 +162,7 @@ def describe_stages(only: str | None = None) -> str:
         cls = registry.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         lines.append(f"{name}: {doc}")
-        lines += _describe_fields(cls.Config, "    ")
+        lines += describe(cls.Config, "    ")
         lines.append("")
     return "\n".join(lines).rstrip()
 

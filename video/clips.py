@@ -87,9 +87,10 @@ class ClipsConfig:
     max_frame_gap_s: float = option(60.0, "a gap between consecutive frames longer than this is a broken clock, "
                                     "not video: the file is rejected (bad_timestamps)", min=0.1)
     cuts: CutConfig = field(default_factory=CutConfig)
-    storage_options: dict = option(help="filled in from input.storage_options", factory=dict, runtime=True)
+    storage_options: dict = option(help="filled in from input.storage_options", factory=dict, runtime=True,
+                                   internal=True)
     policy: InputPolicy = option(help="filled in from the input section (what may be opened)", factory=InputPolicy,
-                                 runtime=True)
+                                 runtime=True, internal=True)
 
 
     @property

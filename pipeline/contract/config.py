@@ -20,11 +20,11 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
-           min: float | None = None, max: float | None = None, runtime: bool = False) -> Any:
+           min: float | None = None, max: float | None = None, runtime: bool = False, internal: bool = False) -> Any:
     """A config field. ``runtime`` fields (batch size, device, pool size) change how a job runs,
     not what it produces, so they are left out of the spec fingerprint and a resumed run may
-    change them."""
-    meta = {"help": help, "min": min, "max": max, "runtime": runtime}
+    change them. ``internal`` fields are filled in by winnow, not the user: ``describe`` omits them."""
+    meta = {"help": help, "min": min, "max": max, "runtime": runtime, "internal": internal}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -164,15 +164,27 @@ def result_dict(obj: Any) -> Any:
     return obj
 
 
-def describe(cls: type, indent: str = "  ") -> str:
-    """Human-readable field list with defaults and help, for ``--help`` and docs."""
+def describe(cls: type, indent: str = "  ", prefix: str = "") -> list[str]:
+    """One line per field (``name: type = default``, nested configs dotted) with its help on the next,
+    for ``winnow stages`` and docs; internal fields are left out."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
-        lines.append(f"{indent}{f.name}: {_type_name(hints[f.name])} = {default!r}  # {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+        if f.metadata.get("internal"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], indent, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        lines.append(f"{indent}{prefix}{f.name}: {_type_name(hints[f.name])} = {default}")
+        if f.metadata.get("help"):
+            lines.append(f"{indent}    {f.metadata['help']}")
+    return lines
 
 
 # ---- YAML and --set overrides ----
