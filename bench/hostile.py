@@ -181,18 +181,14 @@ def main() -> int:
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, "gray16.png")
-        size = make_png16(png)
-        print(f"\n13000x13000 16-bit PNG ({size / 1e3:.0f} KB; decoded 338 MB as I;16)")
-        for what in ("png_before", "png_after"):
-            r = child(what, png)
-            print(f"  {what:<13} peak +{r['mb']:7.0f} MB  {r['s']:6.2f} s  -> {r['out']}")
-        video = os.path.join(tmp, "huge.mp4")
-        size = make_huge_video(video)
-        print(f"\n16000x16000 H.264 video ({size / 1e3:.0f} KB, 2 frames)")
-        for what in ("video_before", "video_after"):
-            r = child(what, video)
-            print(f"  {what:<13} peak +{r['mb']:7.0f} MB  {r['s']:6.2f} s  -> {r['out'][:80]}")
+        for kind, name, make, title in (
+                ("png", "gray16.png", make_png16, "13000x13000 16-bit PNG ({} KB; decoded 338 MB as I;16)"),
+                ("video", "huge.mp4", make_huge_video, "16000x16000 H.264 video ({} KB, 2 frames)")):
+            path = os.path.join(tmp, name)
+            print("\n" + title.format(round(make(path) / 1e3)))
+            for what in (f"{kind}_before", f"{kind}_after"):
+                r = child(what, path)
+                print(f"  {what:<13} peak +{r['mb']:7.0f} MB  {r['s']:6.2f} s  -> {r['out'][:80]}")
         folder = os.path.join(tmp, "photos")
         os.makedirs(folder)
         r = policy_overhead(folder, args.images)

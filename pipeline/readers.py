@@ -33,7 +33,9 @@ from pipeline.contract.inputs import (
     decode_text,
     display_name,
     encode_fs_path,
+    is_inside,
     is_remote,
+    read_bounded,
     read_local,
 )
 from pipeline.contract.stage import (
@@ -319,9 +321,9 @@ def _check_base(spec: InputSpec, rows: list[dict]) -> None:
     root = spec.policy().root
     if root is None or spec.allow_outside_base:
         return
-    roots = {os.path.realpath(root).rstrip(os.sep) + os.sep, os.path.normpath(os.path.abspath(root)).rstrip(os.sep) + os.sep}
+    roots = {os.path.realpath(root), os.path.normpath(os.path.abspath(root))}   # before / after symlinks
     local = [r[REF_PATH] for r in rows if not r.get(PLAN_ERROR) and r[REF_PATH] and not is_remote(r[REF_PATH])]
-    if local and not any(os.path.normpath(p).startswith(tuple(roots)) for p in local):
+    if local and not any(is_inside(os.path.normpath(p), r) for p in local for r in roots):
         raise ConfigError(f"input: all {len(local)} local paths in {spec.path!r} lie outside {root} (first: "
                           f"{local[0]}); set input.base_dir to a folder that holds the images (paths resolve "
                           f"under it), or input.allow_outside_base: true")
@@ -494,16 +496,12 @@ class LoadSource(Stage):
         if not is_remote(path):
             if off < 0:
                 return read_local(path, policy)
-            if path not in handles:            # a shard the spec names: opened once per batch
-                real = check_local(path, InputPolicy(root=None, max_file_bytes=policy.max_file_bytes))
-                handles[path] = open(real, "rb")
+            if path not in handles:            # a shard the spec names (no root to check): opened once per batch
+                handles[path] = open(check_local(path, InputPolicy()), "rb")
             return _read_range(handles[path], off, size)
         if off < 0:
             with self._open_remote(path) as fh:
-                data = fh.read(policy.max_file_bytes + 1)
-            if len(data) > policy.max_file_bytes:
-                raise InputRejected(f"too_large: more than input.max_file_bytes {policy.max_file_bytes} bytes")
-            return data
+                return read_bounded(fh, policy.max_file_bytes)
         if path not in handles:
             handles[path] = self._open_remote(path)
         return _read_range(handles[path], off, size)

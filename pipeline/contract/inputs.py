@@ -57,11 +57,16 @@ _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFB
           stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
+def is_inside(child: str, parent: str) -> bool:
+    """Whether path ``child`` is ``parent`` or lies under it (both already normalised)."""
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
 def check_local(text: str, policy: InputPolicy) -> str:
     """The real path of a local input the policy allows, after checking it is a regular file under the
     root; raises InputRejected (or FileNotFoundError)."""
     path = os.path.realpath(fs_path(text[len("file://"):] if text.startswith("file://") else text))
-    if policy.root and not policy.allow_outside and not (path == policy.root or path.startswith(policy.root.rstrip(os.sep) + os.sep)):
+    if policy.root and not policy.allow_outside and not is_inside(path, policy.root):
         raise InputRejected(f"outside_base: {display_name(path)} is outside {display_name(policy.root)} "
                             f"(set input.allow_outside_base: true to read it)")
     mode = os.stat(path).st_mode
@@ -70,29 +75,28 @@ def check_local(text: str, policy: InputPolicy) -> str:
     return path
 
 
-def read_local(text: str, policy: InputPolicy, offset: int = -1, size: int = -1) -> bytes:
-    """Read a whole local file (or ``size`` bytes at ``offset``), bounded by ``max_file_bytes``.
+def read_bounded(fh, limit: int) -> bytes:
+    """All of an open file, refused when it holds more than ``limit`` bytes (at most limit + 1 are read)."""
+    data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise InputRejected(f"too_large: more than input.max_file_bytes {limit} bytes")
+    return data
+
+
+def read_local(text: str, policy: InputPolicy) -> bytes:
+    """A whole local file the policy allows, bounded by ``max_file_bytes``.
 
     Opened non-blocking and checked on the open descriptor, so a FIFO or device swapped in after
     the check cannot hang or flood the reader."""
     path = check_local(text, policy)
-    want = policy.max_file_bytes if offset < 0 else size
-    if want > policy.max_file_bytes:
-        raise InputRejected(f"too_large: {want} bytes > input.max_file_bytes {policy.max_file_bytes}")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InputRejected(f"not_a_regular_file: {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}")
-        if offset < 0:
-            if st.st_size > policy.max_file_bytes:
-                raise InputRejected(f"too_large: {st.st_size} bytes > input.max_file_bytes {policy.max_file_bytes}")
-            data = fh.read(policy.max_file_bytes + 1)
-            if len(data) > policy.max_file_bytes:
-                raise InputRejected(f"too_large: more than input.max_file_bytes {policy.max_file_bytes} bytes")
-            return data
-        fh.seek(offset)
-        return fh.read(size)
+        if st.st_size > policy.max_file_bytes:
+            raise InputRejected(f"too_large: {st.st_size} bytes > input.max_file_bytes {policy.max_file_bytes}")
+        return read_bounded(fh, policy.max_file_bytes)
 
 
 def decode_text(data: bytes | None) -> str | None:
@@ -110,4 +114,4 @@ def decode_text(data: bytes | None) -> str | None:
 
 
 __all__ = ["DOWNLOAD_PROTOCOLS", "InputPolicy", "InputRejected", "check_local", "decode_text", "display_name",
-           "encode_fs_path", "fs_path", "is_remote", "read_local"]
+           "encode_fs_path", "fs_path", "is_inside", "is_remote", "read_bounded", "read_local"]

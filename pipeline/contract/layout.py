@@ -13,14 +13,12 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.contract.inputs import is_inside
+
 VIDEO_ROWS_DIR = "videos"     # video runs: per-shard rows of videos.parquet (OUTPUT/videos/NNNNN.parquet)
 
 OWNER_DIR = ".winnow"              # winnow's own files in any output folder (hidden from HF datasets, globs)
 OWNER_FILE = os.path.join(OWNER_DIR, "owner.json")
-
-
-def _is_inside(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
 def check_separate(out: str, inputs: dict[str, str]) -> None:
@@ -36,10 +34,10 @@ def check_separate(out: str, inputs: dict[str, str]) -> None:
         real_in = os.path.realpath(path)
         if real_in == real_out:
             raise ConfigError(f"output.path {out!r} is the same folder as {key} {path!r}; write to a new folder")
-        if _is_inside(real_out, real_in):
+        if is_inside(real_out, real_in):
             raise ConfigError(f"output.path {out!r} lies inside {key} {path!r}; write outside the input, or the next "
                               f"run would read its own output")
-        if _is_inside(real_in, real_out):
+        if is_inside(real_in, real_out):
             raise ConfigError(f"{key} {path!r} lies inside output.path {out!r}; choose an output folder that does not "
                               f"hold the input (overwrite would delete it)")
 
@@ -181,18 +179,12 @@ def manifest_runs(path: str) -> list[str]:
 
 def atomic_write(path: str, data: bytes | Iterable[bytes]) -> int:
     """Write ``data`` (bytes, or chunks streamed in order) to a temporary name, fsync, rename; returns the size."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
     size = 0
-    try:
-        with open(tmp, "wb") as fh:
-            for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
-                size += fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+            size += fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
     return size
 
 

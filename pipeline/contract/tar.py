@@ -73,7 +73,7 @@ def scan(fh: BinaryIO) -> Iterator[Member]:
     headers (what winnow and img2dataset write) are parsed directly; any other kind of archive (PAX,
     GNU long names, base-256 sizes) is handed to ``tarfile`` from the start, whose members then
     start at their real header."""
-    found: list[Member] = []
+    found: list[Member] = []          # yielded only once the whole scan succeeded: a fallback restarts
     pos = 0
     while True:
         fh.seek(pos)
