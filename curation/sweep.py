@@ -16,7 +16,6 @@ Everything is vectorised numpy on the loaded columns: no Ray, no model.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -32,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option
-from pipeline.contract.layout import MANIFEST_RUNS, atomic_path, atomic_write, claim_output
+from pipeline.contract.layout import MANIFEST_RUNS, atomic_path, atomic_write, claim_output, fingerprint
 from pipeline.contract.stage import KEPT, KEY, STATUS
 
 # which end of each known annotation is good (others must say ``keep:``)
@@ -319,7 +318,7 @@ def claim(spec: SweepSpec) -> None:
     from pipeline.contract.config import result_dict
 
     doc = result_dict(spec)
-    fp = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fp = fingerprint(doc)
     claim_output(spec.output, os.path.join(spec.output, SPEC_FILE), fp, doc, spec.overwrite, "sweep",
                  "annotations or filters", ENTRIES, "sweep",
                  {f"annotations[{i}]": p for i, p in enumerate(spec.annotations)}, fresh=True)

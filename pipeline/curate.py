@@ -136,9 +136,7 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
     by_part: dict[int, dict] = {p: {} for p in todo}
     part_of = part_of or {}
     for key, d in decisions.items():
-        p = part_of.get(key)
-        if p is None:
-            p = part_of.get(key.rsplit("_", 2)[0], int(key[:5]) if key[:5].isdigit() else -1)
+        p = part_of[key] if key in part_of else part_of.get(key.rsplit("_", 2)[0])
         if p in by_part:
             by_part[p][key] = d
     adapter.run_tasks(shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p]) for p in todo], "shards", "shard",

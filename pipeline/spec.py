@@ -1,13 +1,12 @@
 """The curate job spec: input, output, stages and Ray settings, validated before Ray starts."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import registry
+from pipeline.contract import layout
 from pipeline.contract.config import (
     ConfigError,
     apply_overrides,
@@ -62,7 +61,7 @@ class CurateSpec:
                "stages": [{"name": s.name, **result_dict(s.config)} for s in self.stages]}
         if self.is_video:
             doc["videos_per_shard"] = self.output.videos_per_shard
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return layout.fingerprint(doc)
 
     @property
     def is_video(self) -> bool:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.contract import tar as tars
 from pipeline.contract.config import ConfigError
-from pipeline.contract.layout import manifest_runs
+from pipeline.contract.layout import fingerprint, manifest_runs
 from pipeline.contract.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from training.buckets import Bucket, assign, bucket_table
 
@@ -109,10 +109,6 @@ def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
     return meta
 
 
-def _fingerprint(shards: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _cache_paths(path: str, fallback_dir: str) -> list[str]:
     beside = os.path.join(os.path.dirname(shard_dir(path).rstrip("/")), INDEX_FILE)
     return [beside, os.path.join(fallback_dir, f"index_{hashlib.sha256(path.encode()).hexdigest()[:8]}.parquet")]
@@ -135,7 +131,7 @@ def build_index(path: str, fallback_dir: str, log=None) -> tuple[pa.Table, str]:
     import ray.data
 
     shards = list_shards(path)
-    fp = _fingerprint(shards)
+    fp = fingerprint(shards)
     paths = _cache_paths(path, fallback_dir)
     cached, where = _read_cached(paths, fp)
     if cached is not None:

@@ -1,12 +1,11 @@
 """The train job spec, validated before Ray starts (``winnow train SPEC.yaml``)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipeline.contract import layout
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, result_dict, to_dict
 
 
@@ -108,7 +107,7 @@ class TrainSpec:
         if self.data.selection:
             doc["data"]["selection"] = os.path.abspath(self.data.selection)
         doc["train"].pop("max_steps")        # raising max_steps continues the same run
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return layout.fingerprint(doc)
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -3,6 +3,7 @@ manifests and the dataset card. Every command and stage writes through these."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -171,6 +172,11 @@ def write_dataset_card(out: str, command: str, summary: dict) -> None:
 MANIFEST_RUNS = "winnow_runs"   # a selection manifest's metadata: the run folders its ``run`` column indexes
 
 
+def fingerprint(doc) -> str:
+    """16 hex digits of the SHA-256 of ``doc`` as sorted JSON: what identifies a spec or a shard set."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def manifest_runs(path: str) -> list[str]:
     """The run folders a selection manifest (``winnow sweep``'s selections/cell_NNN.parquet) was made from."""
     meta = pq.read_schema(path).metadata or {}
@@ -209,5 +215,5 @@ def table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
 
 
 __all__ = ["MANIFEST_RUNS", "OWNER_DIR", "OWNER_FILE", "VIDEO_ROWS_DIR", "atomic_path", "atomic_write",
-           "check_separate", "claim_output", "clear_owned", "foreign_entries", "manifest_runs", "read_owner",
+           "check_separate", "claim_output", "clear_owned", "fingerprint", "foreign_entries", "manifest_runs", "read_owner",
            "table_bytes", "write_dataset_card"]
