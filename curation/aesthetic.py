@@ -19,16 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.contract.config import ConfigError, option
-from pipeline.contract.stage import (
-    AESTHETIC_SCORE,
-    CLIP_FRAMES,
-    FRAME_EMBEDDINGS,
-    IMAGE_EMBEDDING,
-    Stage,
-    active,
-    column,
-    reject,
-)
+from pipeline.contract.schema import AESTHETIC_SCORE, CLIP_FRAMES, FRAME_EMBEDDINGS, IMAGE_EMBEDDING
+from pipeline.contract.stage import Stage, active, column, reject
 
 LAION_HIDDEN = (1024, 128, 64, 16)
 TINY_HIDDEN = (32, 16, 8, 4)

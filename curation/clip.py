@@ -22,7 +22,7 @@ import numpy as np
 
 from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
 from pipeline.contract.config import ConfigError, option
-from pipeline.contract.stage import (
+from pipeline.contract.schema import (
     CAPTION,
     CLIP_FRAMES,
     CLIP_SIMILARITY,
@@ -31,13 +31,8 @@ from pipeline.contract.stage import (
     KEPT,
     STATUS,
     TEXT_EMBEDDING,
-    active,
-    batch_len,
-    column,
-    is_clip_batch,
-    reject,
-    sample_images,
 )
+from pipeline.contract.stage import active, batch_len, column, is_clip_batch, reject, sample_images
 
 TINY_MODELS_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 TINY_CLIP = "winnow-tiny-clip"

@@ -21,20 +21,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.contract.config import option
-from pipeline.contract.stage import (
-    HEIGHT,
-    IMAGE,
-    IMAGE_EXT,
-    IMAGE_EXTENSIONS,
-    RAW,
-    STORED_HEIGHT,
-    STORED_WIDTH,
-    WIDTH,
-    Stage,
-    active,
-    column,
-    reject,
-)
+from pipeline.contract.schema import HEIGHT, IMAGE, IMAGE_EXT, IMAGE_EXTENSIONS, RAW, STORED_HEIGHT, STORED_WIDTH, WIDTH
+from pipeline.contract.stage import Stage, active, column, reject
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 try:                                    # HEIC / HEIF (phone cameras) through libheif

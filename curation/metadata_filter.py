@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.contract.config import ConfigError, option
-from pipeline.contract.stage import HEIGHT, WIDTH, Stage, active, as_optional_float, reject
+from pipeline.contract.schema import HEIGHT, WIDTH
+from pipeline.contract.stage import Stage, active, as_optional_float, reject
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
        "==": operator.eq, "!=": operator.ne}

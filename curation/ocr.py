@@ -17,14 +17,8 @@ import numpy as np
 
 from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
 from pipeline.contract.config import ConfigError, option
-from pipeline.contract.stage import (
-    OCR_AREA_RATIO,
-    OCR_TEXT,
-    active,
-    column,
-    reject,
-    sample_images,
-)
+from pipeline.contract.schema import OCR_AREA_RATIO, OCR_TEXT
+from pipeline.contract.stage import active, column, reject, sample_images
 
 # EasyOCR's recogniser file per language group (its gen2 models); other groups are checked at load.
 _EASYOCR_RECOGNIZERS = {"ch_sim": "zh_sim_g2.pth", "ja": "japanese_g2.pth", "ko": "korean_g2.pth",

@@ -15,18 +15,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.contract.config import option
-from pipeline.contract.stage import (
-    HEIGHT,
-    IMAGE,
-    KEPT,
-    KEY,
-    PHASH,
-    STATUS,
-    WIDTH,
-    Stage,
-    active,
-    column,
-)
+from pipeline.contract.schema import HEIGHT, IMAGE, KEPT, KEY, PHASH, STATUS, WIDTH
+from pipeline.contract.stage import Stage, active, column
 
 
 def _dct_matrix(n: int) -> np.ndarray:

@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from curation.phash import greedy_keep
 from pipeline.contract.config import option
-from pipeline.contract.stage import HEIGHT, IMAGE_EMBEDDING, KEPT, KEY, STATUS, WIDTH, Stage
+from pipeline.contract.schema import HEIGHT, IMAGE_EMBEDDING, KEPT, KEY, STATUS, WIDTH
+from pipeline.contract.stage import Stage
 
 
 @dataclass

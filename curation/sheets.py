@@ -13,8 +13,9 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline.contract import tar as tars
+from pipeline.contract import layout
 from pipeline.contract.layout import atomic_path
-from pipeline.contract.stage import KEY
+from pipeline.contract.schema import KEY
 
 LABEL_H = 14
 
@@ -23,7 +24,7 @@ class ShardImages:
     """Thumbnails by key from the shards of ``annotations`` files' runs."""
 
     def __init__(self, annotation_files: list[str], thumb: int):
-        self.dirs = [os.path.join(os.path.dirname(os.path.abspath(p)), "shards") for p in annotation_files]
+        self.dirs = [os.path.join(os.path.dirname(os.path.abspath(p)), layout.SHARDS_DIR) for p in annotation_files]
         self.thumb = thumb
         self._tars: dict[str, tuple[object, dict]] = {}
 

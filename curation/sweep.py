@@ -30,14 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.contract import layout
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option
 from pipeline.contract.layout import MANIFEST_RUNS, atomic_path, atomic_write, claim_output, fingerprint
-from pipeline.contract.stage import KEPT, KEY, STATUS
-
-# which end of each known annotation is good (others must say ``keep:``)
-GOOD_END = {"aesthetic_score": "high", "clip_similarity": "high", "motion_score": "high",
-            "ocr_area_ratio": "low", "pwatermark": "low", "punsafe": "low", "AESTHETIC_SCORE": "high",
-            "similarity": "high"}
+from pipeline.contract.schema import KEPT, KEY, SCORE_GOOD_END, STATUS
 
 
 @dataclass
@@ -99,10 +95,10 @@ def check_filters(filters: list[FilterSpec]) -> None:
     """Resolve ``keep: auto`` and check the levels (shared by sweep and select specs)."""
     for i, f in enumerate(filters):
         if f.keep == "auto":
-            if f.column not in GOOD_END:
+            if f.column not in SCORE_GOOD_END:
                 raise ConfigError(f"filters[{i}].keep: winnow does not know which end of {f.column!r} is good; "
                                   f"set keep: high or keep: low")
-            f.keep = GOOD_END[f.column]
+            f.keep = SCORE_GOOD_END[f.column]
         if not f.drop_fractions and not f.thresholds:
             raise ConfigError(f"filters[{i}]: give drop_fractions and/or thresholds for {f.column!r}")
         bad = [p for p in f.drop_fractions if not 0 < p < 1]
@@ -115,7 +111,7 @@ def load(path: str | None, overrides: list[str] | None = None) -> SweepSpec:
 
 
 def annotation_path(p: str) -> str:
-    return os.path.join(p, "annotations.parquet") if os.path.isdir(p) else p
+    return os.path.join(p, layout.ANNOTATIONS_FILE) if os.path.isdir(p) else p
 
 
 def read_table(spec: SweepSpec) -> pa.Table:

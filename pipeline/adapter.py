@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contract.stage import TIMING_PREFIX, Resources, Stage, batch_len, ensure_status
+from pipeline.contract.schema import TIMING_PREFIX
+from pipeline.contract.stage import Resources, Stage, batch_len, ensure_status
 
 
 class ResourceError(ValueError):

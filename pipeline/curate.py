@@ -24,14 +24,15 @@ from pipeline import adapter, readers, registry, shards
 from pipeline.contract import layout
 from pipeline.contract.config import ConfigError
 from pipeline.spec import CurateSpec
-from pipeline.contract.stage import KEY, PARTITION, REJECT_REASON, STATUS, reason_counts
+from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS
+from pipeline.contract.stage import reason_counts
 from video import clips
 from video.clips import VideoWindows
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a curate run writes: output.overwrite deletes these and nothing else
-ENTRIES = [SPEC_FILE, "shards", "_work", "annotations.parquet", "videos.parquet", layout.VIDEO_ROWS_DIR, "embeddings",
-           "summary.json", "report.html", "README.md"]
+ENTRIES = [SPEC_FILE, layout.SHARDS_DIR, layout.WORK_DIR, layout.ANNOTATIONS_FILE, layout.VIDEOS_FILE, layout.VIDEO_ROWS_DIR,
+           layout.EMBEDDINGS_DIR, layout.SUMMARY_FILE, layout.REPORT_FILE, layout.CARD_FILE]
 
 
 @dataclass
@@ -57,7 +58,7 @@ def prepare_output(spec: CurateSpec) -> None:
     out = spec.output.path
     layout.claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
                         "run", "input, samples_per_shard or stages", ENTRIES, "curate", input_paths(spec))
-    os.makedirs(os.path.join(out, "_work"), exist_ok=True)
+    os.makedirs(os.path.join(out, layout.WORK_DIR), exist_ok=True)
 
 
 def input_paths(spec: CurateSpec) -> dict[str, str]:
@@ -129,7 +130,7 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
                  part_of: dict[str, int] | None = None) -> None:
     """``part_of``: plan key -> partition (keys need not start with it: img2dataset's are kept);
     a clip's key starts with its video's plan key."""
-    shards_dir = os.path.join(spec.output.path, "shards")
+    shards_dir = os.path.join(spec.output.path, layout.SHARDS_DIR)
     todo = [p for p in sorted(counts) if not shards.shard_done(shards_dir, p)]
     if not todo:
         return
@@ -145,7 +146,7 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
 
 def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict) -> RunResult:
     out = spec.output.path
-    shards_dir = os.path.join(out, "shards")
+    shards_dir = os.path.join(out, layout.SHARDS_DIR)
     tables, stats = [], []
     for p in sorted(plan.counts):
         name = shards.shard_name(p)
@@ -154,12 +155,12 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
             stats.append(json.load(fh))
     table = pa.concat_tables(tables, promote_options="permissive")
     table = table.sort_by(KEY)
-    layout.atomic_write(os.path.join(out, "annotations.parquet"), layout.table_bytes(table))
+    layout.atomic_write(os.path.join(out, layout.ANNOTATIONS_FILE), layout.table_bytes(table))
     videos = None
     if spec.is_video:
         vt = pa.concat_tables([pq.read_table(os.path.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
                                for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
-        layout.atomic_write(os.path.join(out, "videos.parquet"), layout.table_bytes(vt))
+        layout.atomic_write(os.path.join(out, layout.VIDEOS_FILE), layout.table_bytes(vt))
         videos = clips.video_counts(vt)
         if videos["inputs"] != plan.num_inputs:
             raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos.parquet {videos['inputs']}")
@@ -180,10 +181,10 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
                            f"kept {result.kept} + rejected {result.rejected}")
     summary = {**result.to_dict(), "shards": len(stats), "format": plan.format,
                "kept_fraction": round(kept / max(1, result.inputs), 4)}
-    layout.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    layout.atomic_write(os.path.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     layout.write_dataset_card(out, "curate", summary)
     if not spec.output.keep_work:
-        shutil.rmtree(os.path.join(out, "_work"), ignore_errors=True)
+        shutil.rmtree(os.path.join(out, layout.WORK_DIR), ignore_errors=True)
     return result
 
 
@@ -217,9 +218,9 @@ def _run(spec: CurateSpec, log) -> RunResult:
     phases["plan"] = round(time.time() - t, 3)
     prepare_output(spec)
     out = spec.output.path
-    work = os.path.join(out, "_work")
-    shards_dir = os.path.join(out, "shards")
-    if all(shards.shard_done(shards_dir, p) for p in plan.counts) and os.path.exists(os.path.join(out, "summary.json")):
+    work = os.path.join(out, layout.WORK_DIR)
+    shards_dir = os.path.join(out, layout.SHARDS_DIR)
+    if all(shards.shard_done(shards_dir, p) for p in plan.counts) and os.path.exists(os.path.join(out, layout.SUMMARY_FILE)):
         return finalize(spec, plan, started, phases)
     cpus, gpus = init_ray(spec)
     for st in spec.stages:  # fail on impossible resources before any work starts

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from pipeline.contract import layout
 from pipeline import curate
 from pipeline import spec as specmod
 from pipeline.cli import format_summary
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         f"input.path={corpus_dir}", f"output.path={run_dir}", f"output.samples_per_shard={args.samples_per_shard}"])
     result = curate.run(spec)
     print(format_summary(result))
-    tars = sorted(glob.glob(os.path.join(run_dir, "shards", "*.tar")))
+    tars = sorted(glob.glob(os.path.join(run_dir, layout.SHARDS_DIR, "*.tar")))
     print(f"\noutputs:\n  {run_dir}/shards/00000.tar .. {os.path.basename(tars[-1])}   WebDataset shards (KEY.jpg, KEY.txt, KEY.json)"
           f"\n  {run_dir}/annotations.parquet   one row per input, kept and rejected, with reject_reason and every score"
           f"\n  {run_dir}/embeddings/         CLIP image/caption embeddings per shard, keyed"

@@ -38,7 +38,7 @@ from pipeline.contract.inputs import (
     read_bounded,
     read_local,
 )
-from pipeline.contract.stage import (
+from pipeline.contract.schema import (
     CAPTION,
     CAPTION_REF,
     IMAGE_EXTENSIONS,
@@ -55,11 +55,8 @@ from pipeline.contract.stage import (
     SOURCE,
     SOURCE_RAW,
     VIDEO_EXTENSIONS,
-    Stage,
-    active,
-    column,
-    reject,
 )
+from pipeline.contract.stage import Stage, active, column, reject
 
 PATH_COLUMN_CANDIDATES = ("path", "filepath", "file_path", "image_path", "file_name", "filename", "URL", "url")
 CAPTION_COLUMN_CANDIDATES = ("caption", "TEXT", "text", "prompt", "alt")

@@ -21,7 +21,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.contract.stage import (
+from pipeline.contract import layout
+from pipeline.contract.schema import (
+    SCORE_GOOD_END,
+    VIDEO_EXTENSIONS,
     CLIP_END,
     CLIP_START,
     DUPLICATE_OF,
@@ -33,15 +36,9 @@ from pipeline.contract.stage import (
     SOURCE,
     STATUS,
     WIDTH,
-    reason_category,
-    reason_counts,
 )
+from pipeline.contract.stage import reason_category, reason_counts
 
-REPORT_FILE = "report.html"
-# score columns worth a histogram, when present (winnow's own, then LAION's metadata)
-SCORES = ("aesthetic_score", "clip_similarity", "ocr_area_ratio", "motion_score", "watermark_prob", "nsfw_prob",
-          "AESTHETIC_SCORE", "similarity", "pwatermark", "punsafe")
-VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 MAX_SOURCE_BYTES = 64 << 20     # a rejected sample's source larger than this is not opened for a thumbnail
 THUMB = 144
 KEPT_COLOR, REJECTED_COLOR = "#3b7dd8", "#d8593b"
@@ -117,7 +114,7 @@ def source_thumbnail(root: str | None, row: dict) -> Image.Image | None:
     try:
         if not os.path.isfile(path) or os.path.getsize(path) > MAX_SOURCE_BYTES:
             return None
-        if path.lower().endswith(VIDEO_EXTS):
+        if path.lower().endswith(VIDEO_EXTENSIONS):
             import av
 
             with av.open(path) as c:
@@ -142,7 +139,7 @@ class Report:
         self.dir = run_dir
         self.examples = examples
         self.rng = np.random.default_rng(seed)
-        self.table = pq.read_table(os.path.join(run_dir, "annotations.parquet"))
+        self.table = pq.read_table(os.path.join(run_dir, layout.ANNOTATIONS_FILE))
         self.summary = self._json("summary.json") or {}
         self.spec_text = self._text("spec.yaml")
         self.kept = np.asarray(self.table.column(STATUS).to_pylist()) == KEPT
@@ -232,7 +229,7 @@ class Report:
         return "\n".join(out)
 
     def scores(self) -> str:
-        series = [(c, _num(self.table, c)) for c in SCORES if c in self.table.column_names]
+        series = [(c, _num(self.table, c)) for c in SCORE_GOOD_END if c in self.table.column_names]
         series = [(c, v) for c, v in series if np.isfinite(v).any()]
         if self.is_video and CLIP_START in self.table.column_names:
             series.append(("clip duration (s)", _num(self.table, CLIP_END) - _num(self.table, CLIP_START)))
@@ -343,7 +340,7 @@ class Report:
         rows_of = self.table.column(REJECT_REASON).to_pylist()
         keys = self.table.column(KEY).to_pylist()
         parts = self.table.column(PARTITION).to_pylist() if PARTITION in self.table.column_names else [0] * len(keys)
-        images = ShardImages([os.path.join(self.dir, "annotations.parquet")], THUMB)
+        images = ShardImages([os.path.join(self.dir, layout.ANNOTATIONS_FILE)], THUMB)
         out = []
         try:
             kept_idx = self._pick(np.flatnonzero(self.kept))
@@ -376,7 +373,7 @@ class Report:
 
     def shards_html(self) -> str:
         stats = []
-        for f in sorted(glob.glob(os.path.join(self.dir, "shards", "*_stats.json"))):
+        for f in sorted(glob.glob(os.path.join(self.dir, layout.SHARDS_DIR, "*_stats.json"))):
             with open(f, encoding="utf-8") as fh:
                 stats.append(json.load(fh))
         if not stats:
@@ -424,13 +421,13 @@ def write(run_dir: str, out: str | None = None, examples: int = 8) -> str:
     from pipeline.contract.config import ConfigError
     from pipeline.contract.layout import atomic_write
 
-    if not os.path.exists(os.path.join(run_dir, "annotations.parquet")):
+    if not os.path.exists(os.path.join(run_dir, layout.ANNOTATIONS_FILE)):
         raise ConfigError(f"{run_dir!r} has no annotations.parquet: give a finished `winnow curate` or "
                           f"`winnow select` output folder")
     page = Report(run_dir, examples).render()
-    path = out or os.path.join(run_dir, REPORT_FILE)
+    path = out or os.path.join(run_dir, layout.REPORT_FILE)
     atomic_write(path, page.encode("utf-8"))
     return path
 
 
-__all__ = ["REPORT_FILE", "Report", "source_thumbnail", "write"]
+__all__ = ["Report", "source_thumbnail", "write"]

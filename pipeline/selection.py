@@ -30,12 +30,12 @@ from pipeline import adapter, shards
 from pipeline.contract import layout
 from pipeline.contract import tar as tars
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
-from pipeline.contract.stage import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
+from pipeline.contract.schema import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a select run writes: output.overwrite deletes these and nothing else
-ENTRIES = [SPEC_FILE, "shards", "annotations.parquet", "videos.parquet", "embeddings", "summary.json", "report.html",
-           "README.md"]
+ENTRIES = [SPEC_FILE, layout.SHARDS_DIR, layout.ANNOTATIONS_FILE, layout.VIDEOS_FILE, layout.EMBEDDINGS_DIR,
+           layout.SUMMARY_FILE, layout.REPORT_FILE, layout.CARD_FILE]
 SOURCE_RUN, SOURCE_KEY, SOURCE_PARTITION = "source_run", "source_key", "source_partition"
 
 
@@ -83,7 +83,7 @@ def parse(data: dict) -> SelectSpec:
             raise ConfigError("runs: give the `winnow curate` output folders to select from (the selection manifest "
                               "does not name them)")
     for i, r in enumerate(spec.runs):
-        if not os.path.exists(os.path.join(r, "annotations.parquet")) or not os.path.isdir(os.path.join(r, "shards")):
+        if not os.path.exists(os.path.join(r, layout.ANNOTATIONS_FILE)) or not os.path.isdir(os.path.join(r, layout.SHARDS_DIR)):
             raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no annotations.parquet "
                               f"and shards/); finish that run first")
     layout.check_separate(spec.output.path, input_paths(spec))
@@ -102,7 +102,7 @@ def _source_table(spec: SelectSpec) -> pa.Table:
     """The kept rows of every source run: run index, key, source partition and the filter columns."""
     tables = []
     for i, r in enumerate(spec.runs):
-        path = os.path.join(r, "annotations.parquet")
+        path = os.path.join(r, layout.ANNOTATIONS_FILE)
         names = pq.read_schema(path).names
         missing = [f.column for f in spec.filters if f.column not in names]
         if missing:
@@ -170,7 +170,7 @@ def plan(spec: SelectSpec) -> Plan:
     sel = sel.append_column("out_key", pa.array(out_keys, pa.string()))
     h = hashlib.sha256()
     for r in spec.runs:   # a re-curated source is a different selection
-        st = os.stat(os.path.join(r, "annotations.parquet"))
+        st = os.stat(os.path.join(r, layout.ANNOTATIONS_FILE))
         h.update(f"{os.path.abspath(r)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(f"{spec.output.samples_per_shard}\n".encode())
     h.update(pc.binary_join_element_wise(pc.cast(sel.column("run"), pa.string()), sel.column(KEY), "|")
@@ -216,7 +216,7 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
     for r in rows:
         by_source.setdefault((r["run"], r[PARTITION]), []).append(r)
     for (run, src_part), rs in sorted(by_source.items()):
-        base = os.path.join(runs[run], "shards", shards.shard_name(src_part))
+        base = os.path.join(runs[run], layout.SHARDS_DIR, shards.shard_name(src_part))
         new_keys = {r[KEY]: r["out_key"] for r in rs}
         keys = set(new_keys)
         chosen = pa.array(sorted(keys))
@@ -229,7 +229,7 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
         t = pq.read_table(base + ".parquet")
         t = t.filter(pc.is_in(t.column(KEY), value_set=chosen))
         ann.append(_relabel(t, new_keys, runs[run], partition))
-        emb_path = os.path.join(runs[run], "embeddings", shards.shard_name(src_part) + ".parquet")
+        emb_path = os.path.join(runs[run], layout.EMBEDDINGS_DIR, shards.shard_name(src_part) + ".parquet")
         if os.path.exists(emb_path):
             e = pq.read_table(emb_path)
             e = e.filter(pc.is_in(e.column(KEY), value_set=chosen))
@@ -255,11 +255,11 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
                 f.close()
         yield tars.end(size)
 
-    sdir = os.path.join(out, "shards")
+    sdir = os.path.join(out, layout.SHARDS_DIR)
     os.makedirs(sdir, exist_ok=True)
     if emb:
         e = pa.concat_tables(emb, promote_options="permissive")
-        shards.write_embeddings(os.path.join(out, "embeddings", f"{name}.parquet"), e.take(pc.sort_indices(e.column(KEY))))
+        shards.write_embeddings(os.path.join(out, layout.EMBEDDINGS_DIR, f"{name}.parquet"), e.take(pc.sort_indices(e.column(KEY))))
     tar_bytes = layout.atomic_write(os.path.join(sdir, f"{name}.tar"), chunks())
     layout.atomic_write(os.path.join(sdir, f"{name}.parquet"), layout.table_bytes(table))
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": len(rows), "rejected": 0,
@@ -303,7 +303,7 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
     doc = to_dict(spec)
     layout.claim_output(out, os.path.join(out, SPEC_FILE), p.fingerprint, doc, spec.output.overwrite, "selection",
                         "runs, selection, filters or samples_per_shard", ENTRIES, "select", input_paths(spec))
-    sdir = os.path.join(out, "shards")
+    sdir = os.path.join(out, layout.SHARDS_DIR)
     counts = p.counts
     todo = [q for q in sorted(counts) if not shards.shard_done(sdir, q)]
     if todo and log is not None and len(todo) < len(counts):
@@ -327,24 +327,24 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
 
 def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> SelectResult:
     out = spec.output.path
-    sdir = os.path.join(out, "shards")
+    sdir = os.path.join(out, layout.SHARDS_DIR)
     names = [shards.shard_name(q) for q in sorted(p.counts)]
     table = pa.concat_tables([pq.read_table(os.path.join(sdir, f"{n}.parquet")) for n in names],
                              promote_options="permissive")
     table = table.take(pc.sort_indices(table.column(KEY)))
     if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(p.table.column("out_key").to_pylist()):
         raise RuntimeError(f"counts do not reconcile: planned {p.table.num_rows} samples, shards hold {table.num_rows}")
-    layout.atomic_write(os.path.join(out, "annotations.parquet"), layout.table_bytes(table))
+    layout.atomic_write(os.path.join(out, layout.ANNOTATIONS_FILE), layout.table_bytes(table))
     if VIDEO_KEY in table.column_names:   # the source videos of the selected clips
         vids = []
         for r in spec.runs:
-            vp = os.path.join(r, "videos.parquet")
+            vp = os.path.join(r, layout.VIDEOS_FILE)
             if os.path.exists(vp):
                 v = pq.read_table(vp)
                 chosen = table.filter(pc.equal(table.column(SOURCE_RUN), os.path.abspath(r))).column(VIDEO_KEY)
                 vids.append(v.filter(pc.is_in(v.column(KEY), value_set=pc.unique(chosen))))
         if vids:
-            layout.atomic_write(os.path.join(out, "videos.parquet"),
+            layout.atomic_write(os.path.join(out, layout.VIDEOS_FILE),
                                 layout.table_bytes(pa.concat_tables(vids, promote_options="permissive")))
     wall = time.time() - started
     result = SelectResult(out, p.source_kept, table.num_rows, len(names), p.thresholds, round(wall, 2),
@@ -354,7 +354,7 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
                "wall_seconds": result.wall_seconds, "shards": len(names), "format": "selection",
                "kept_fraction": 1.0, "source_runs": [os.path.abspath(r) for r in spec.runs],
                "source_kept": p.source_kept, "selection": p.thresholds}
-    layout.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    layout.atomic_write(os.path.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     layout.write_dataset_card(out, "select", summary)
     return result
 

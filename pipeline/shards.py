@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.contract import tar as tars
+from pipeline.contract import layout
 from pipeline.contract.layout import VIDEO_ROWS_DIR, atomic_write, table_bytes
-from pipeline.contract.stage import (
+from pipeline.contract.schema import (
     BULK_COLUMNS,
     CAPTION,
     COLUMN_TYPES,
@@ -39,9 +40,8 @@ from pipeline.contract.stage import (
     STATUS,
     TIMING_PREFIX,
     VIDEO_KEY,
-    ensure_status,
-    reason_counts,
 )
+from pipeline.contract.stage import ensure_status, reason_counts
 
 # plan bookkeeping that says where bytes lived; not part of the annotation contract
 PLAN_ONLY = ("ref_path", "ref_offset", "ref_size", "caption_ref", "json_ref", "plan_error")
@@ -241,7 +241,7 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     table = table.sort_by(KEY)
     emb_cols = [c for c in EMBEDDING_COLUMNS if c in table.column_names]
     if emb_cols:
-        write_embeddings(os.path.join(os.path.dirname(shards_dir), "embeddings", f"{name}.parquet"),
+        write_embeddings(os.path.join(os.path.dirname(shards_dir), layout.EMBEDDINGS_DIR, f"{name}.parquet"),
                          table.select([KEY, *emb_cols]))
         table = table.drop_columns(emb_cols)
     rows = table.to_pylist()

@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.contract import tar as tars
+from pipeline.contract import layout
 from pipeline.contract.config import ConfigError
 from pipeline.contract.layout import fingerprint, manifest_runs
-from pipeline.contract.stage import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
+from pipeline.contract.schema import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from training.buckets import Bucket, assign, bucket_table
 
 INDEX_FILE = os.path.join(".winnow", "train_index.parquet")   # hidden: not a "train" split to HF datasets
@@ -34,7 +35,7 @@ SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.
 
 def shard_dir(path: str) -> str:
     """A run folder (with ``shards/``) or a shards folder itself."""
-    sub = os.path.join(path, "shards")
+    sub = os.path.join(path, layout.SHARDS_DIR)
     fs, p = fsspec.core.url_to_fs(sub)
     return sub if fs.isdir(p) else path
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.contract import layout
 from pipeline.contract.config import ConfigError
 from training.checkpoint import CheckpointError, load_json, load_state, load_tensors, save_state
 from training.spec import TrainSpec
@@ -33,7 +34,7 @@ from training.spec import TrainSpec
 RUN_NAME = "train"
 SPEC_FILE = "train_spec.yaml"
 # every top-level name a training run writes: output.overwrite deletes these and nothing else
-ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", "summary.json",
+ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", layout.SUMMARY_FILE,
            "index.parquet", "_index", "cache"]
 
 
@@ -336,7 +337,7 @@ def train_loop(config: dict) -> None:
                    "final": final, "ema": ema is not None, "samples": sample_paths,
                    "prediction_type": pred_type, "kind": comps.kind,
                    "distributed": str(acc.distributed_type), "num_processes": acc.num_processes}
-        with open(os.path.join(out, "summary.json"), "w") as fh:
+        with open(os.path.join(out, layout.SUMMARY_FILE), "w") as fh:
             json.dump(summary, fh, indent=2)
     metrics.close()
     acc.wait_for_everyone()
@@ -531,7 +532,7 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         raise
     finally:
         progress.close()
-    with open(os.path.join(out, "summary.json")) as fh:
+    with open(os.path.join(out, layout.SUMMARY_FILE)) as fh:
         summary = json.load(fh)
     metrics = []
     with open(os.path.join(out, "metrics.jsonl")) as fh:

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.inputs import InputPolicy
-from pipeline.contract.stage import (
+from pipeline.contract.schema import (
     CAPTION,
     CLIP_END,
     CLIP_INDEX,
@@ -49,11 +49,8 @@ from pipeline.contract.stage import (
     VIDEO_KEY,
     WIDTH,
     WINDOW_CUTS,
-    Stage,
-    batch_len,
-    ensure_status,
-    reason_counts,
 )
+from pipeline.contract.stage import Stage, batch_len, ensure_status, reason_counts
 from video.cuts import CutConfig, detect_cuts
 
 # per-row columns describing the source video and the window (gathered into videos.parquet)
@@ -258,7 +255,7 @@ class VideoWindows(Stage):
 
     def __call__(self, batch):
         from pipeline.contract.inputs import InputRejected, decode_text, read_local
-        from pipeline.contract.stage import CAPTION_REF, PLAN_ERROR, REF_PATH
+        from pipeline.contract.schema import CAPTION_REF, PLAN_ERROR, REF_PATH
         from video.probe import ProbeError, probe
 
         ensure_status(batch)
@@ -350,7 +347,7 @@ class SplitClips(Stage):
 
     def window(self, row: dict) -> list[dict]:
         """All segment rows of one window."""
-        from pipeline.contract.stage import REF_PATH
+        from pipeline.contract.schema import REF_PATH
 
         src = _open_source(row[REF_PATH], self.config.storage_options, self.config.policy)
         try:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.contract.config import option
-from pipeline.contract.stage import IMAGE, IMAGE_EXT, MOTION_PAIRS, MOTION_SCORE, Stage, active, column, reject
+from pipeline.contract.schema import IMAGE, IMAGE_EXT, MOTION_PAIRS, MOTION_SCORE
+from pipeline.contract.stage import Stage, active, column, reject
 
 
 @dataclass

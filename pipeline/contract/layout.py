@@ -16,7 +16,16 @@ import pyarrow.parquet as pq
 
 from pipeline.contract.inputs import is_inside
 
-VIDEO_ROWS_DIR = "videos"     # video runs: per-shard rows of videos.parquet (OUTPUT/videos/NNNNN.parquet)
+# a run folder (curate and select write these; sweeps and training read them)
+SHARDS_DIR = "shards"               # NNNNN.tar (WebDataset), NNNNN.parquet (every row), NNNNN_stats.json (done marker)
+ANNOTATIONS_FILE = "annotations.parquet"   # one row per input, kept and rejected
+VIDEOS_FILE = "videos.parquet"      # video runs: one row per input video
+VIDEO_ROWS_DIR = "videos"           # video runs: per-shard rows of videos.parquet (OUTPUT/videos/NNNNN.parquet)
+EMBEDDINGS_DIR = "embeddings"       # NNNNN.parquet: keyed CLIP embeddings of a shard
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+CARD_FILE = "README.md"             # the Hugging Face dataset card
+WORK_DIR = "_work"                  # curate's fragments and reduction scratch; deleted at the end
 
 OWNER_DIR = ".winnow"              # winnow's own files in any output folder (hidden from HF datasets, globs)
 OWNER_FILE = os.path.join(OWNER_DIR, "owner.json")
@@ -156,9 +165,9 @@ def write_dataset_card(out: str, command: str, summary: dict) -> None:
             "- `summary.json`, `report.html`: counts and the run's report.\n\n"
             "```python\nfrom datasets import load_dataset\nds = load_dataset(\"PATH_TO_THIS_FOLDER\")   "
             "# columns jpg, txt, json, __key__\n```\n")
-    cards = {os.path.join(out, "README.md"): head.format(path="shards/*.tar") + body}
-    if os.path.isdir(os.path.join(out, "shards")):
-        cards[os.path.join(out, "shards", "README.md")] = head.format(path="*.tar") + body
+    cards = {os.path.join(out, CARD_FILE): head.format(path="shards/*.tar") + body}
+    if os.path.isdir(os.path.join(out, SHARDS_DIR)):
+        cards[os.path.join(out, SHARDS_DIR, CARD_FILE)] = head.format(path="*.tar") + body
     for path, text in cards.items():
         try:
             with open(path, encoding="utf-8") as fh:
