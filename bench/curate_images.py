@@ -153,7 +153,8 @@ def main() -> int:
         # 3) the pipeline on a local Ray (start-up excluded)
         import ray
 
-        from pipeline import curate, spec as specmod
+        from pipeline.commands import curate
+        from pipeline.commands import curate_spec as specmod
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         runs = {}

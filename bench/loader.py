@@ -68,8 +68,8 @@ def main() -> int:
         return 0
     import ray
 
-    from pipeline import curate
-    from pipeline import spec as specmod
+    from pipeline.commands import curate
+    from pipeline.commands import curate_spec as specmod
     from training.index import bucket_ids, build_index
     from training.loader import SampleReader
 
@@ -93,8 +93,8 @@ def main() -> int:
         base_rate = naive(reader, ids, table, bucket_of)
         print(f"| {base} | {one:.1f} samples/s | {two:.1f} samples/s | {base_rate:.1f} samples/s | {one / base_rate:.2f}x |")
 
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
 
     out = os.path.join(work, "train")
     tspec = trainspec.parse({"data": {"shards": [os.path.join(work, "run")], "resolution": 256, "workers": 2},

@@ -30,7 +30,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
-    from curation import sweep
+    from pipeline.commands import sweep
 
     rng = np.random.default_rng(0)
     n = args.rows

@@ -29,8 +29,8 @@ VIDEOS = os.path.join(ROOT, "..", "shared", "data", "videos")
 def curate_folder(models: bool) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline import curate
-    from pipeline import spec as specmod
+    from pipeline.commands import curate
+    from pipeline.commands import curate_spec as specmod
 
     stages = [{"name": "clips"}, {"name": "motion"}]
     if models:

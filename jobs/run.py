@@ -1,7 +1,8 @@
 """Entry point that ``ray job submit`` runs: ``python -m jobs.run SPEC.yaml [--set k=v ...]``.
 
-A spec with a ``data:`` section is a training job (``winnow train``); ``annotations:`` + ``filters:`` a
-sweep; ``selection:`` or ``runs:`` a select job; otherwise a curation job.
+The spec's ``kind:`` (curate, train, sweep or select) names the command. A spec without one is
+routed by its keys, as before ``kind:`` existed: ``data:`` a training job, ``annotations:`` +
+``filters:`` a sweep, ``selection:`` or ``runs:`` a select job, otherwise a curation job.
 Inside a Ray job ``RAY_ADDRESS`` is set, so the run joins the cluster instead of starting one.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.cli import main
-from pipeline.contract.config import ConfigError, load_yaml
+from pipeline.contract.config import SPEC_KINDS, ConfigError, load_yaml
 
 
 def command(argv: list[str]) -> str:
@@ -18,6 +19,10 @@ def command(argv: list[str]) -> str:
         data = load_yaml(spec) if spec else {}
     except ConfigError:
         return "curate"          # let the command report the bad file
+    if data.get("kind") in SPEC_KINDS:
+        return data["kind"]
+    if "kind" in data:
+        return "curate"          # the curate spec parser names the unknown kind
     if "data" in data:
         return "train"
     if "filters" in data and "annotations" in data:

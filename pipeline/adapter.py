@@ -1,4 +1,5 @@
-"""The one place that knows Ray Data's arguments: turns stages into ``map_batches`` calls.
+"""The one module that imports Ray Data: turns stages into ``map_batches`` calls, and runs the
+training index pass and the latent-cache pass, all with one rule for sizing actor pools.
 
 Cheap stages run as Ray tasks (and Ray fuses consecutive ones into one task, so a batch is
 read, filtered, decoded and hashed without leaving the worker); stages that hold a model run as
@@ -48,17 +49,13 @@ class _ActorStage(TimedStage):
         self._stage = stage_cls(config)
 
 
-def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, cluster_gpus: float,
-                   cpu_pools: int = 1, gpu_pools: int = 1) -> Resources:
-    """Resources and pool size for one stage on this cluster.
-
-    CPU actor pools share what is left after one CPU for the read, task and write steps
-    (``cpu_pools`` = how many CPU actor pools the job has); an actor that asks for more than its
-    share gets a fractional CPU so the dataset cannot deadlock. GPU pools get one actor per
-    ``num_gpus`` the cluster holds.
-    """
-    res = stage_cls.resources(config, cluster_gpus)
-    if not stage_cls.stateful:
+def size_pool(res: Resources, stateful: bool, cluster_cpus: float, cluster_gpus: float, cpu_pools: int = 1,
+              gpu_pools: int = 1) -> Resources:
+    """The one pool-sizing rule. CPU actor pools share what is left after one CPU for the read,
+    task and write steps (``cpu_pools`` = how many CPU actor pools the job has); an actor that
+    asks for more than its share gets a fractional CPU so the dataset cannot deadlock. GPU pools
+    get one actor per ``num_gpus`` the cluster holds, unless ``res.concurrency`` fixes the size."""
+    if not stateful:
         return dataclasses.replace(res, concurrency=None)
     if res.num_gpus:
         share = max(cluster_gpus, res.num_gpus) / max(gpu_pools, 1)
@@ -69,6 +66,13 @@ def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, clu
     num_cpus = min(res.num_cpus, share)
     size = res.concurrency or max(1, int(share // num_cpus))
     return dataclasses.replace(res, num_cpus=num_cpus, concurrency=size)
+
+
+def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, cluster_gpus: float,
+                   cpu_pools: int = 1, gpu_pools: int = 1) -> Resources:
+    """Resources and pool size for one stage on this cluster (``size_pool``)."""
+    return size_pool(stage_cls.resources(config, cluster_gpus), stage_cls.stateful, cluster_cpus, cluster_gpus,
+                     cpu_pools, gpu_pools)
 
 
 def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float, config: Any = None) -> None:
@@ -94,6 +98,45 @@ def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpu
         return ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage_cls": stage_cls, "config": config, "label": label},
                               compute=ActorPoolStrategy(size=res.concurrency), **common)
     return ds.map_batches(TimedStage(stage_cls, config, label), **common)
+
+
+def from_blocks(blocks: list):
+    """A dataset of Arrow tables, one block each."""
+    import ray.data
+
+    return ray.data.from_arrow(blocks)
+
+
+def iter_batches(ds):
+    """Run the dataset; yields its output blocks as numpy batches."""
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def map_tables(fn, items: list[dict]):
+    """``fn(item)`` -> a pyarrow table, one Ray task per item (half a CPU each); yields the tables as
+    they come. The training index runs one per shard."""
+    import pyarrow as pa
+    import ray.data
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(lambda b: fn({k: v[0] for k, v in b.items()}), batch_size=1, batch_format="numpy",
+                        num_cpus=0.5)
+    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+
+
+def actor_pass(blocks: list, actor_cls, kwargs: dict, res: Resources):
+    """Every block through one actor pool of ``actor_cls(**kwargs)`` (a model pass, e.g. the latent
+    cache), sized by ``size_pool`` like a curate model stage; yields each block's output batch."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cluster = ray.cluster_resources()
+    res = size_pool(res, True, float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0)))
+    ds = from_blocks(blocks).map_batches(actor_cls, batch_size=None, batch_format="numpy", zero_copy_batch=False,
+                                         fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=res.concurrency),
+                                         num_cpus=res.num_cpus, **({"num_gpus": res.num_gpus} if res.num_gpus else {}))
+    yield from iter_batches(ds)
 
 
 def apply_fn(ds, fn, *, num_cpus: float = 1.0, batch_size: int | None = None):

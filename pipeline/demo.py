@@ -12,11 +12,11 @@ import sys
 import time
 
 from pipeline.contract import layout
-from pipeline import curate
-from pipeline import spec as specmod
-from pipeline.cli import format_summary
+from pipeline.commands import curate
+from pipeline.commands import curate_spec as specmod
+from pipeline.commands.curate import format_summary
 from pipeline.corpus import make_corpus
-from video.synth import make_video_corpus
+from pipeline.synth import make_video_corpus
 
 
 DEMO_ENTRIES = ["demo.yaml", "corpus", "run", "videos", "video_run", "sweep_laion", "sweep_svd", "select_aesthetic",
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  {video_run}/videos.parquet      one row per video: probe fields, cut_times_s, num_clips, reason"
           f"\n  {video_run}/annotations.parquet one row per clip: start_s, end_s, motion_score, ocr, clip scores")
 
-    from curation import sweep
-    from pipeline import selection
+    from pipeline.commands import sweep
+    from pipeline.commands import select as selection
 
     sweeps = {}
     for job, src, name in (("jobs/sweep_laion_aesthetic.yaml", run_dir, "sweep_laion"),
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  {select_dir}/report.html\nsweeps: {sweeps['sweep_laion']}/cells.md, plots/, sheets/ and "
           f"{sweeps['sweep_svd']}/cells.md, plots/, sheets/")
 
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
 
     # SD trains on the materialised selection; SDXL on the full run restricted by a sweep cell's manifest
     for job, kind, data in (("jobs/train_sd15.yaml", "SD", [f"data.shards=[{select_dir}]"]),

@@ -39,7 +39,6 @@ from pipeline.contract.schema import (
     REJECTED,
     STATUS,
     TIMING_PREFIX,
-    VIDEO_KEY,
 )
 from pipeline.contract.stage import ensure_status, reason_counts
 
@@ -231,8 +230,9 @@ def write_embeddings(path: str, table: pa.Table) -> None:
 
 
 def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
-                reductions: dict[str, tuple[str, str | None]]) -> dict:
-    """Assemble one shard from its fragments; returns its stats (also written as the done marker)."""
+                reductions: dict[str, tuple[str, str | None]], split_rows=None) -> dict:
+    """Assemble one shard from its fragments; returns its stats (also written as the done marker).
+    ``split_rows``: a fan-out stage's ``FanOut.split_rows`` (rows -> output rows, one row per input)."""
     name = shard_name(partition)
     table = read_fragments(fragment_files(work_dir, partition))
     count = 0 if table is None else table.num_rows
@@ -256,9 +256,8 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
         if red and r[STATUS] == KEPT:
             r[STATUS], r[REJECT_REASON], r[DUPLICATE_OF] = REJECTED, red[0], red[1]
     videos = None
-    if VIDEO_KEY in table.column_names:   # clips: number them, and gather one row per video
-        from video.clips import split_video_rows
-        rows, videos = split_video_rows(rows)
+    if split_rows is not None:   # clips: number them, and gather one row per video
+        rows, videos = split_rows(rows)
     blocks: list[bytes] = []
     kept = 0
     for r in rows:

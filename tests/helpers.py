@@ -8,8 +8,8 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from pipeline import curate
-from pipeline import spec as specmod
+from pipeline.commands import curate
+from pipeline.commands import curate_spec as specmod
 
 
 def run_curate(input_path: str, output: str, samples_per_shard: int = 10, stages=None, **extra):

@@ -10,7 +10,7 @@ from curation.aesthetic import (
     head_from_state,
     load_head,
 )
-from pipeline import spec as specmod
+from pipeline.commands import curate_spec as specmod
 from pipeline.contract.config import ConfigError
 
 

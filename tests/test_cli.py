@@ -49,7 +49,7 @@ def test_short_form_sets_options_of_the_default_stages(tmp_path):
     """``--set stages.NAME.KEY=VALUE`` without a spec edits the default stage list (the --help example)."""
     from PIL import Image
 
-    from pipeline import spec as specmod
+    from pipeline.commands import curate_spec as specmod
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
     base = {"input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path / "out")}}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from curation.clip import TINY_CLIP, ClipConfig, ClipEmbed, load_model, resolve_weights
-from pipeline import spec as specmod
+from pipeline.commands import curate_spec as specmod
 from pipeline.contract.config import ConfigError
 from pipeline.corpus import load_photos
 

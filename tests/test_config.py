@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from pipeline import spec as specmod
+from pipeline.commands import curate_spec as specmod
 from pipeline.contract.config import ConfigError, apply_overrides
 
 
@@ -101,9 +101,30 @@ def test_runtime_keys_stay_out_of_the_fingerprint():
 
 
 def test_float_keys_accept_yaml_exponents_without_a_dot():
-    from training import spec as trainspec
+    from training import train_spec as trainspec
 
     data = {"data": {"shards": ["x"]}, "output": {"path": "o"}, "optim": {"lr": "1e-4"}}
     assert trainspec.parse(data, check_paths=False).optim.lr == 1e-4
     with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
         trainspec.parse({**data, "optim": {"lr": "fast"}}, check_paths=False)
+
+
+def test_every_job_spec_names_its_command_and_a_wrong_kind_says_which_to_run(tmp_path):
+    import glob
+
+    import yaml
+
+    from jobs.run import command
+
+    for f in glob.glob("jobs/*.yaml"):
+        assert yaml.safe_load(open(f))["kind"] in ("curate", "train", "sweep", "select"), f
+    # kind wins over the keys: a spec with a curate-looking `stages:` section is still a train job
+    spec = tmp_path / "curriculum.yaml"
+    spec.write_text("kind: train\nstages: [{resolution: 256}]\n")
+    assert command([str(spec)]) == "train"
+    spec.write_text("data: {shards: [x]}\n")                 # no kind: routed by its keys, as before
+    assert command([str(spec)]) == "train"
+    with pytest.raises(ConfigError, match=r"this is a sweep spec, not a curate spec; run it with `winnow sweep`"):
+        specmod.parse({**base(), "kind": "sweep"})
+    with pytest.raises(ConfigError, match=r"'curation' is not a winnow command"):
+        specmod.parse({**base(), "kind": "curation"})

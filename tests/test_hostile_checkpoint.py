@@ -44,28 +44,32 @@ def _train_step(unet, opt, sched, ema):
     ema.step(unet.parameters())
 
 
+def _states(unet, opt, sched, ema) -> dict:
+    return {"unet": unet, "ema_unet": ema, "optimizer": opt, "lr_scheduler": sched}
+
+
 @pytest.fixture()
 def checkpoint(tmp_path):
     from training.schedule import Cursor
-    from training.trainer import _save_checkpoint
+    from training.checkpoint import save_checkpoint
 
     unet, opt, sched, ema = _objects(0)
     for _ in range(3):
         _train_step(unet, opt, sched, ema)
     folder = str(tmp_path / "ckpt")
     os.makedirs(folder)
-    _save_checkpoint(folder, unet, ema, opt, sched, 3, Cursor(1, [2, 3], [[4, 5]]), {"epoch": 1})
+    save_checkpoint(folder, _states(unet, opt, sched, ema), 3, Cursor(1, [2, 3], [[4, 5]]), {"epoch": 1})
     return folder, (unet, opt, sched, ema)
 
 
 def test_checkpoint_round_trip_is_exact_without_pickle(checkpoint):
-    from training.trainer import restore_checkpoint
+    from training.checkpoint import restore_checkpoint
 
     folder, (unet, opt, sched, ema) = checkpoint
     assert sorted(os.listdir(folder)) == ["cursor.json", "ema_unet", "meta.json", "state.json", "state.safetensors",
                                           "unet"]
     unet2, opt2, sched2, ema2 = _objects(1)
-    step, cursor = restore_checkpoint(folder, unet2, ema2, opt2, sched2)
+    step, cursor = restore_checkpoint(folder, _states(unet2, opt2, sched2, ema2))
     assert step == 3 and cursor.to_dict() == {"epoch": 1, "carry": [2, 3], "segments": [[4, 5]]}
     for a, b in zip(unet.parameters(), unet2.parameters()):
         assert torch.equal(a, b)
@@ -89,7 +93,7 @@ def test_a_payload_planted_in_any_checkpoint_file_never_runs(checkpoint, tmp_pat
     import shutil
 
     from training.checkpoint import CheckpointError
-    from training.trainer import restore_checkpoint
+    from training.checkpoint import restore_checkpoint
 
     folder, _ = checkpoint
     files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
@@ -107,7 +111,7 @@ def test_a_payload_planted_in_any_checkpoint_file_never_runs(checkpoint, tmp_pat
             fh.write(payload)
         unet, opt, sched, ema = _objects(2)
         try:
-            restore_checkpoint(planted, unet, ema, opt, sched)
+            restore_checkpoint(planted, _states(unet, opt, sched, ema))
             outcomes[rel] = "loaded"
         except CheckpointError as exc:
             assert os.path.join(planted, rel) in str(exc) and "not a valid checkpoint file" in str(exc), str(exc)

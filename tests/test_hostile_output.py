@@ -118,9 +118,9 @@ def test_curate_into_its_own_input_is_refused_before_reading(tmp_path):
 
 
 def test_select_train_and_sweep_refuse_overlapping_outputs(tmp_path):
-    from curation import sweep
-    from pipeline import selection
-    from training import spec as trainspec
+    from pipeline.commands import sweep
+    from pipeline.commands import select as selection
+    from training import train_spec as trainspec
 
     run = tmp_path / "run"
     (run / "shards").mkdir(parents=True)
@@ -131,14 +131,14 @@ def test_select_train_and_sweep_refuse_overlapping_outputs(tmp_path):
     with pytest.raises(ConfigError, match=r"lies inside annotations\[0\]"):
         sweep.run(sweep.parse({"annotations": [str(run)], "output": str(run / "sweep"),
                                "filters": [{"column": "aesthetic_score", "thresholds": [0.5]}]}))
-    from training.trainer import prepare_output
+    from pipeline.commands.train import prepare_output
     spec = trainspec.load(None, [f"data.shards=[{run}]", f"output.path={run}"])
     with pytest.raises(ConfigError, match=r"is the same folder as data.shards\[0\]"):
         prepare_output(spec)
 
 
 def test_a_smaller_sweep_leaves_no_stale_manifests(tmp_path):
-    from curation import sweep
+    from pipeline.commands import sweep
 
     table = tmp_path / "annotations.parquet"
     pq.write_table(pa.table({"key": [f"{i:04d}" for i in range(100)], "status": ["kept"] * 100,

@@ -93,7 +93,7 @@ def test_unsafe_member_names_are_never_written(name):
 
 
 def test_select_refuses_keys_that_name_paths(tmp_path):
-    from pipeline import selection
+    from pipeline.commands import select as selection
 
     run = tmp_path / "run"
     (run / "shards").mkdir(parents=True)
@@ -107,7 +107,7 @@ def test_select_refuses_keys_that_name_paths(tmp_path):
 
 
 def test_the_index_and_sheets_read_shards_by_the_same_rule(tmp_path):
-    from curation.sheets import ShardImages
+    from pipeline.commands.sheets import ShardImages
     from training.index import index_shard
 
     shards = tmp_path / "run" / "shards"

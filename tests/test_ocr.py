@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from curation.ocr import OcrConfig, OcrText, reading_order, text_area_ratio
-from pipeline import spec as specmod
+from pipeline.commands import curate_spec as specmod
 from pipeline.contract.config import ConfigError
 from pipeline.corpus import load_photos, text_image
 

@@ -4,8 +4,8 @@ import glob
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import curate
-from pipeline import spec as specmod
+from pipeline.commands import curate
+from pipeline.commands import curate_spec as specmod
 from pipeline.adapter import ResourceError, plan_resources
 from pipeline.corpus import make_corpus
 from pipeline.registry import STAGES

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from curation import sweep
-from pipeline import report, selection
+from pipeline.commands import sweep
+from pipeline.commands import report, select as selection
 from pipeline.contract.config import ConfigError
 from pipeline.contract.stage import reason_counts
 from tests.helpers import annotations, run_curate, tar_members

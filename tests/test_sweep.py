@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation import sweep
+from pipeline.commands import sweep
 from pipeline.contract.config import ConfigError
 from tests.helpers import run_curate
 

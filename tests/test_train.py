@@ -48,7 +48,7 @@ def train_spec(shards_dir: str, out: str, **sections) -> dict:
 def test_offline_tokenizer_matches_open_clip(tmp_path):
     import open_clip
 
-    from training.models import offline_clip_tokenizer
+    from training.families.base import offline_clip_tokenizer
 
     tok = offline_clip_tokenizer(str(tmp_path / "tok"))
     ref = open_clip.get_tokenizer("ViT-B-32")
@@ -152,7 +152,7 @@ def test_random_crop_keeps_the_bucket_size_and_records_its_corner():
 # ---- spec validation (before Ray starts) ----
 
 def test_train_spec_errors_name_the_key(shards, tmp_path):
-    from training import spec as trainspec
+    from training import train_spec as trainspec
 
     out = str(tmp_path / "o")
     cases = [
@@ -175,8 +175,8 @@ def test_train_spec_errors_name_the_key(shards, tmp_path):
 
 
 def test_a_global_batch_larger_than_every_bucket_fails_in_the_plan(ray_local, shards, tmp_path):
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
 
     spec = trainspec.parse(train_spec(shards[0], str(tmp_path / "o"), train={"batch_size": 32}))
     trainer.prepare_output(spec)
@@ -185,7 +185,7 @@ def test_a_global_batch_larger_than_every_bucket_fails_in_the_plan(ray_local, sh
 
 
 def test_jobs_train_specs_parse(shards):
-    from training import spec as trainspec
+    from training import train_spec as trainspec
 
     for f in sorted(glob.glob(os.path.join(ROOT, "jobs", "train_*.yaml"))):
         spec = trainspec.load(f, [f"data.shards=[{shards[0]}]"])
@@ -208,8 +208,8 @@ def _unet(out: str) -> dict:
 @pytest.fixture(scope="module")
 def sd_run(ray_local, shards, tmp_path_factory):
     """An uninterrupted 2-worker run of tiny SD, 12 steps."""
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
 
     out = str(tmp_path_factory.mktemp("sd") / "run")
     spec = trainspec.parse(train_spec(shards[0], out, train={"max_steps": 12}))
@@ -290,8 +290,8 @@ def test_two_worker_sdxl_run_and_world_size_change(ray_local, shards, tmp_path):
     workers, then resumed on 1 worker: the schedule remaps the rest of the epoch."""
     from diffusers import StableDiffusionXLPipeline
 
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
 
     out = str(tmp_path / "run")
     data = train_spec(shards[0], out, model={"kind": "sdxl"},
@@ -326,8 +326,8 @@ def test_index_parquet_is_what_the_workers_read(sd_run, shards):
 def test_latent_cache_trains_like_decoding_and_is_reused(ray_local, shards, tmp_path):
     """data.cache: one Ray Data pass fills memory-mapped latents and text embeddings; a cached run's
     losses match an uncached centre-crop run's to float16 rounding; a second run reuses the cache."""
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
 
     def run(name, cache):
         data = train_spec(shards[0], str(tmp_path / name), data={"cache": cache, "random_crop": False},
@@ -360,8 +360,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_p
 
     import psutil
 
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
 
     clean_out, _ = sd_run
     out = str(tmp_path / "run")
@@ -391,7 +391,7 @@ def test_the_driver_shows_a_progress_bar_with_loss_and_throughput(tmp_path):
     line still being written are skipped."""
     import io as _io
 
-    from training.trainer import _ProgressBar
+    from pipeline.commands.train import _ProgressBar
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 4, "loss": 9.0, "samples_per_s": 1.0}) + "\n")   # a previous run
@@ -411,8 +411,8 @@ def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_
     and the payload never runs (the old trainer unpickled state.pt here)."""
     import pickle
 
-    from training import spec as trainspec
-    from training import trainer
+    from training import train_spec as trainspec
+    from pipeline.commands import train as trainer
     from training.checkpoint import CheckpointError
 
     out = str(tmp_path / "run")

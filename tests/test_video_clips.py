@@ -9,7 +9,7 @@ import pytest
 from video.clips import ClipsConfig, plan_segments, progress, window_bounds
 from video.encode import ClipEncoder, output_size
 from video.probe import probe
-from video.synth import write_video
+from pipeline.synth import write_video
 
 
 def segs(out):

@@ -4,7 +4,7 @@ import pytest
 
 from video.cuts import CutConfig, detect_cuts, f1_score
 from video.frames import read_small
-from video.synth import shot, write_video
+from pipeline.synth import shot, write_video
 
 W, H = 160, 96
 

@@ -12,7 +12,7 @@ import pytest
 from pipeline.contract.config import ConfigError
 from tests.helpers import annotations, run_curate, shard_stats, tar_members
 from tests.test_kill_resume import kill_when, start
-from video.synth import make_video_corpus, shot, write_video
+from pipeline.synth import make_video_corpus, shot, write_video
 
 STAGES = [{"name": "clips", "min_s": 1.0, "max_s": 4.0}, {"name": "motion"},
           {"name": "ocr", "backend": "rapidocr", "max_area_ratio": 0.05}]

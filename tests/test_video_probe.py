@@ -2,7 +2,7 @@
 import pytest
 
 from video.probe import ProbeError, probe
-from video.synth import shot, write_audio_only, write_video
+from pipeline.synth import shot, write_audio_only, write_video
 
 
 @pytest.fixture(scope="module")

@@ -30,47 +30,29 @@ BLOCK_ROWS = 64
 VERSION = 1
 
 
-def model_dims(kind: str, pretrained: str | None, allow_download: bool = False) -> dict:
-    """Latent channels, context width and pooled width, from configs only (no weights loaded)."""
-    if not pretrained:
-        from training.models import TINY_TEXT_WIDTH
-
-        return {"latent_channels": 4, "context": TINY_TEXT_WIDTH * (2 if kind == "sdxl" else 1),
-                "pooled": TINY_TEXT_WIDTH if kind == "sdxl" else 0, "tokens": 77}
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig
-
-    kw = dict(local_files_only=not allow_download)
-    vae = AutoencoderKL.load_config(pretrained, subfolder="vae", **kw)
-    te = [CLIPTextConfig.from_pretrained(pretrained, subfolder=s, **kw)
-          for s in (["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"])]
-    return {"latent_channels": vae["latent_channels"], "context": sum(c.hidden_size for c in te),
-            "pooled": te[-1].projection_dim if kind == "sdxl" else 0, "tokens": te[0].max_position_embeddings}
-
-
 class Layout:
     """Where every sample's rows live in the cache files."""
 
-    def __init__(self, folder: str, table: list[Bucket], bucket_of: np.ndarray, dims: dict):
-        self.folder, self.table, self.dims = folder, table, dims
+    def __init__(self, folder: str, buckets: list[Bucket], bucket_of: np.ndarray, dims: dict):
+        self.folder, self.buckets, self.dims = folder, buckets, dims
         self.bucket_of = np.asarray(bucket_of)
         self.pos = np.zeros(len(self.bucket_of), np.int64)
-        self.counts = np.bincount(self.bucket_of, minlength=len(table))
-        for b in range(len(table)):
+        self.counts = np.bincount(self.bucket_of, minlength=len(buckets))
+        for b in range(len(buckets)):
             ids = np.flatnonzero(self.bucket_of == b)
             self.pos[ids] = np.arange(len(ids))
 
     def latents_path(self, b: int) -> str:
-        return os.path.join(self.folder, f"latents_{self.table[b].width}x{self.table[b].height}.npy")
+        return os.path.join(self.folder, f"latents_{self.buckets[b].width}x{self.buckets[b].height}.npy")
 
     def latent_shape(self, b: int) -> tuple:
-        bk = self.table[b]
+        bk = self.buckets[b]
         return (int(self.counts[b]), 2, self.dims["latent_channels"], bk.height // 8, bk.width // 8)
 
     def create(self) -> None:
         """Allocate the files once (a resumed pass reuses them)."""
         n, t = len(self.bucket_of), self.dims["tokens"]
-        files = [(self.latents_path(b), self.latent_shape(b)) for b in range(len(self.table)) if self.counts[b]]
+        files = [(self.latents_path(b), self.latent_shape(b)) for b in range(len(self.buckets)) if self.counts[b]]
         files.append((os.path.join(self.folder, "context.npy"), (n, t, self.dims["context"])))
         if self.dims["pooled"]:
             files.append((os.path.join(self.folder, "pooled.npy"), (n, self.dims["pooled"])))
@@ -83,24 +65,24 @@ class Layout:
 class EncodeBlock:
     """Ray Data actor: encode a block of index rows into the cache files."""
 
-    def __init__(self, spec: dict, folder: str, table: list[tuple[int, int]], bucket_of: np.ndarray, dims: dict,
+    def __init__(self, spec: dict, folder: str, buckets: list[tuple[int, int]], bucket_of: np.ndarray, dims: dict,
                  device: str):
         import tempfile
 
         import torch
 
-        from training.models import load_components, tiny_components
+        from training import families
 
         m = spec["model"]
         self.scratch = tempfile.mkdtemp(prefix="winnow-cache-")
-        self.comps = (load_components(m["kind"], m["pretrained"], m["allow_download"]) if m["pretrained"]
-                      else tiny_components(m["kind"], m["seed"], self.scratch))
+        self.family = families.get(m["kind"])
+        self.comps = self.family.components(m["pretrained"], m["allow_download"], m["seed"], self.scratch, None)
         self.device = torch.device(device)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.comps.vae.to(self.device, dtype=torch.float32 if self.comps.vae.config.get("force_upcast") else dtype).eval()
         for enc in self.comps.text_encoders:
             enc.to(self.device, dtype=dtype).eval()
-        self.layout = Layout(folder, [Bucket(w, h) for w, h in table], bucket_of, dims)
+        self.layout = Layout(folder, [Bucket(w, h) for w, h in buckets], bucket_of, dims)
         self._maps: dict[str, np.ndarray] = {}
         self._write_empty()
 
@@ -110,9 +92,7 @@ class EncodeBlock:
         return self._maps[path]
 
     def _write_empty(self) -> None:
-        from training.models import encode_text
-
-        ctx, pooled = encode_text(self.comps, [""], self.device)
+        ctx, pooled = self.family.encode_text(self.comps, [""], self.device)
         np.save(os.path.join(self.layout.folder, "empty.npy"), ctx[0].float().cpu().numpy().astype(np.float16))
         if pooled is not None:
             np.save(os.path.join(self.layout.folder, "empty_pooled.npy"), pooled[0].float().cpu().numpy().astype(np.float16))
@@ -121,7 +101,6 @@ class EncodeBlock:
         import torch
 
         from training.loader import load_image
-        from training.models import encode_text
 
         rows = batch["row"].astype(np.int64)
         lay = self.layout
@@ -133,7 +112,7 @@ class EncodeBlock:
                     with fsspec.open(str(batch["shard"][j]), "rb") as fh:
                         fh.seek(int(batch["offset"][j]))
                         data = fh.read(int(batch["size"][j]))
-                    pixels.append(load_image(data, lay.table[int(b)], None)[0])
+                    pixels.append(load_image(data, lay.buckets[int(b)], None)[0])
                 x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
                 vae = self.comps.vae
                 dist = vae.encode(x.to(self.device, next(vae.parameters()).dtype)).latent_dist
@@ -141,7 +120,7 @@ class EncodeBlock:
                 lat = self._map(lay.latents_path(int(b)))
                 for k, j in enumerate(sel):
                     lat[lay.pos[rows[j]]] = out[k]
-            ctx, pooled = encode_text(self.comps, [str(c) for c in batch["caption"]], self.device)
+            ctx, pooled = self.family.encode_text(self.comps, [str(c) for c in batch["caption"]], self.device)
             context = self._map(os.path.join(lay.folder, "context.npy"))
             context[rows] = ctx.float().cpu().numpy().astype(np.float16)
             if pooled is not None:
@@ -151,27 +130,31 @@ class EncodeBlock:
         return {"block": batch["block"][:1]}
 
 
-def fingerprint(index: pa.Table, spec, table: list[Bucket]) -> str:
+def fingerprint(index: pa.Table, spec, buckets: list[Bucket]) -> str:
     h = hashlib.sha256()
     for col in ("shard", "offset", "size", "caption"):
         h.update(json.dumps(index.column(col).to_pylist()).encode())
-    h.update(json.dumps({"model": vars(spec.model), "buckets": [(b.width, b.height) for b in table],
+    h.update(json.dumps({"model": vars(spec.model), "buckets": [(b.width, b.height) for b in buckets],
                          "version": VERSION}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
-def build_cache(spec, index: pa.Table, table: list[Bucket], bucket_of: np.ndarray, log=None) -> str:
-    """Fill ``OUTPUT/cache/<fingerprint>`` with one Ray Data pass (skipping finished blocks)."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
+def build_cache(spec, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndarray, actor_pass, gpu: bool,
+                log=None) -> str:
+    """Fill ``OUTPUT/cache/<fingerprint>`` with one pass of ``EncodeBlock`` actors (skipping finished
+    blocks). ``actor_pass(blocks, cls, kwargs, resources)`` runs it (``pipeline.adapter.actor_pass``);
+    ``gpu``: the cluster has a GPU for each encoder actor."""
+    from tqdm import tqdm
 
-    folder = os.path.join(os.path.abspath(spec.output.path), "cache", fingerprint(index, spec, table))
+    from pipeline.contract.stage import Resources
+    from training import families
+
+    folder = os.path.join(os.path.abspath(spec.output.path), "cache", fingerprint(index, spec, buckets))
     if os.path.exists(os.path.join(folder, "done.json")):
         return folder
     os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
-    dims = model_dims(spec.model.kind, spec.model.pretrained, spec.model.allow_download)
-    Layout(folder, table, bucket_of, dims).create()
+    dims = families.get(spec.model.kind).cache_dims(spec.model.pretrained, spec.model.allow_download)
+    Layout(folder, buckets, bucket_of, dims).create()
     rows = index.select(["shard", "offset", "size", "caption"]).append_column("row", pa.array(np.arange(index.num_rows)))
     blocks = []
     for i, start in enumerate(range(0, index.num_rows, BLOCK_ROWS)):
@@ -179,19 +162,11 @@ def build_cache(spec, index: pa.Table, table: list[Bucket], bucket_of: np.ndarra
             part = rows.slice(start, BLOCK_ROWS)
             blocks.append(part.append_column("block", pa.array(np.full(part.num_rows, i))))
     if blocks:
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        gpu = spec.ray.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1
-        from tqdm import tqdm
-
-        ds = ray.data.from_arrow(blocks).map_batches(
-            EncodeBlock, batch_size=None, batch_format="numpy", zero_copy_batch=False,
-            fn_constructor_kwargs={"spec": spec.to_dict(), "folder": folder, "bucket_of": np.asarray(bucket_of),
-                                   "table": [(b.width, b.height) for b in table], "dims": dims,
-                                   "device": "cuda" if gpu else "cpu"},
-            compute=ActorPoolStrategy(size=max(1, spec.ray.num_workers if gpu else 1)),
-            num_cpus=min(1.0, cpus / 2), **({"num_gpus": 1} if gpu else {}))
+        kwargs = {"spec": spec.to_dict(), "folder": folder, "bucket_of": np.asarray(bucket_of),
+                  "buckets": [(b.width, b.height) for b in buckets], "dims": dims, "device": "cuda" if gpu else "cpu"}
+        res = Resources(num_cpus=1.0, num_gpus=1.0 if gpu else 0.0, concurrency=spec.ray.num_workers if gpu else 1)
         bar = tqdm(total=len(blocks), desc="cache latents", unit="block", file=log, disable=log is None)
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for out in actor_pass(blocks, EncodeBlock, kwargs, res):
             for b in np.unique(out["block"]):
                 open(os.path.join(folder, "blocks", f"{int(b)}.done"), "w").close()
                 bar.update(1)
@@ -204,12 +179,12 @@ def build_cache(spec, index: pa.Table, table: list[Bucket], bucket_of: np.ndarra
 class LatentCache:
     """Read side: a sample's (mean, std, context, pooled) from the memory-mapped files."""
 
-    def __init__(self, folder: str, table: list[Bucket], bucket_of: np.ndarray):
+    def __init__(self, folder: str, buckets: list[Bucket], bucket_of: np.ndarray):
         with open(os.path.join(folder, "done.json")) as fh:
             dims = json.load(fh)
-        self.layout = Layout(folder, table, bucket_of, dims)
+        self.layout = Layout(folder, buckets, bucket_of, dims)
         self.latents = {b: np.load(self.layout.latents_path(b), mmap_mode="r")
-                        for b in range(len(table)) if self.layout.counts[b]}
+                        for b in range(len(buckets)) if self.layout.counts[b]}
         self.context = np.load(os.path.join(folder, "context.npy"), mmap_mode="r")
         pooled = os.path.join(folder, "pooled.npy")
         self.pooled = np.load(pooled, mmap_mode="r") if os.path.exists(pooled) else None
@@ -228,4 +203,4 @@ class LatentCache:
         return c.top, c.left
 
 
-__all__ = ["LatentCache", "build_cache", "model_dims"]
+__all__ = ["LatentCache", "build_cache"]

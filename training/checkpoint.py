@@ -5,6 +5,12 @@ can write to, so nothing in it is unpickled (``torch.load`` runs arbitrary code 
 file). ``save_state`` splits a nested state (an optimizer's or LR scheduler's ``state_dict()``,
 the step) into a JSON skeleton whose tensors are references into one safetensors file;
 ``load_state`` rebuilds it. A file that does not parse raises ``CheckpointError`` naming it.
+
+``save_checkpoint`` and ``restore_checkpoint`` walk the same ``states`` mapping (name -> live
+object), so what is saved and what is restored cannot drift apart: a ``torch.nn.Module`` is a
+diffusers folder (``unet/``), an ``EMAModel`` its shadow weights (``ema_unet/``), anything else
+with a ``state_dict`` (optimizer, LR scheduler) an entry of ``state.json`` + ``state.safetensors``.
+A new trained part (an adapter, a second model) is one more entry in the mapping.
 """
 from __future__ import annotations
 
@@ -110,4 +116,85 @@ def load_state(folder: str) -> dict:
     return state
 
 
-__all__ = ["CheckpointError", "load_json", "load_state", "load_tensors", "save_state"]
+def _is_ema(obj) -> bool:
+    return hasattr(obj, "shadow_params")
+
+
+def save_checkpoint(folder: str, states: dict, step: int, cursor, meta: dict) -> None:
+    """Write every entry of ``states`` (name -> live object), the step, the loader cursor and ``meta``."""
+    import torch
+
+    plain = {}
+    for name, obj in states.items():
+        if obj is None:
+            continue
+        if _is_ema(obj):
+            obj.save_pretrained(os.path.join(folder, name))
+        elif isinstance(obj, torch.nn.Module):
+            obj.save_pretrained(os.path.join(folder, name), safe_serialization=True)
+        else:
+            plain[name] = obj.state_dict()
+    save_state(folder, {**plain, "step": step})
+    with open(os.path.join(folder, "cursor.json"), "w") as fh:
+        json.dump(cursor.to_dict(), fh)
+    with open(os.path.join(folder, "meta.json"), "w") as fh:
+        json.dump({"step": step, **meta}, fh, indent=2)
+
+
+def _restore_module(folder: str, module) -> None:
+    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    try:
+        module.load_state_dict(load_tensors(weights))
+    except RuntimeError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{weights}: does not fit this run's model ({str(exc).splitlines()[0]})") from None
+
+
+def _restore_ema(folder: str, ema, model) -> None:
+    config = load_json(os.path.join(folder, "config.json"))
+    shadow = load_tensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in shadow]
+    if missing or not isinstance(config, dict):
+        raise CheckpointError(f"{folder}: not a valid EMA checkpoint (missing {missing[:3]})")
+    scalars = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+    ema.load_state_dict({**{k: config[k] for k in scalars if k in config},
+                         "shadow_params": [shadow[n].float() for n in names]})
+
+
+def restore_checkpoint(folder: str, states: dict):
+    """Load a checkpoint ``save_checkpoint`` wrote into the live objects of ``states``; returns (step, cursor).
+
+    Only safetensors and JSON are read: a planted pickle is never loaded, and a file that is not
+    what winnow writes raises ``CheckpointError`` naming it. An EMA restores against the module
+    saved before it in the mapping (the model it shadows)."""
+    import torch
+
+    from training.schedule import Cursor
+
+    model = None
+    for name, obj in states.items():
+        if isinstance(obj, torch.nn.Module) and not _is_ema(obj):
+            _restore_module(os.path.join(folder, name), obj)
+            model = obj
+    state = load_state(folder)
+    try:
+        for name, obj in states.items():
+            if obj is not None and not _is_ema(obj) and not isinstance(obj, torch.nn.Module):
+                obj.load_state_dict(state[name])
+        step = int(state["step"])
+        cursor = Cursor.from_dict(load_json(os.path.join(folder, "cursor.json")))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{folder}: state.json or cursor.json is not a valid checkpoint file "
+                              f"({type(exc).__name__}: {exc})") from None
+    for name, obj in states.items():
+        if obj is not None and _is_ema(obj) and os.path.isdir(os.path.join(folder, name)):
+            _restore_ema(os.path.join(folder, name), obj, model)
+    return step, cursor
+
+
+__all__ = ["CheckpointError", "load_json", "load_state", "load_tensors", "restore_checkpoint", "save_checkpoint",
+           "save_state"]

@@ -3,7 +3,7 @@ to fetch it by one ranged read (shard, byte offset and size of the image inside 
 caption and sizes. Buckets are assigned from the stored sizes for each stage's resolution, so one
 index serves every stage.
 
-One Ray Data pass (a task per shard) reads only tar headers and the shard's annotation parquet.
+One pass (a Ray task per shard, through ``pipeline.adapter``) reads only tar headers and the shard's annotation parquet.
 The result is cached as ``.winnow/train_index.parquet`` beside ``shards/`` (or in the training output
 when the shard set is read-only) and rebuilt when the shard files change.
 """
@@ -127,20 +127,23 @@ def _read_cached(paths: list[str], fp: str) -> tuple[pa.Table | None, str]:
     return None, ""
 
 
-def build_index(path: str, fallback_dir: str, log=None) -> tuple[pa.Table, str]:
-    """The index of shard set ``path`` (cached); returns (table, where it is cached)."""
-    import ray.data
+def index_item(item: dict) -> pa.Table:
+    return index_shard(str(item["shard"]))
 
+
+def build_index(path: str, fallback_dir: str, log=None, map_tables=None) -> tuple[pa.Table, str]:
+    """The index of shard set ``path`` (cached); returns (table, where it is cached).
+
+    ``map_tables(fn, items)`` runs ``fn`` over the shards (``pipeline.adapter.map_tables``: one Ray
+    task per shard); without it the shards are read here, one after another."""
     shards = list_shards(path)
     fp = fingerprint(shards)
     paths = _cache_paths(path, fallback_dir)
     cached, where = _read_cached(paths, fp)
     if cached is not None:
         return cached, where
-    ds = ray.data.from_items([{"shard": s["shard"]} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(lambda b: index_shard(str(b["shard"][0])), batch_size=1, batch_format="numpy", num_cpus=0.5)
-    parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
-             for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    items = [{"shard": s["shard"]} for s in shards]
+    parts = list(map_tables(index_item, items) if map_tables else map(index_item, items))
     table = pa.concat_tables([p.cast(SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
     table = table.sort_by([("shard", "ascending"), ("offset", "ascending")])
     table = table.replace_schema_metadata({"winnow_fingerprint": fp})
@@ -160,9 +163,10 @@ def build_index(path: str, fallback_dir: str, log=None) -> tuple[pa.Table, str]:
     return table, ""
 
 
-def load_index(paths: list[str], fallback_dir: str, log=None, selection: str | None = None) -> pa.Table:
+def load_index(paths: list[str], fallback_dir: str, log=None, selection: str | None = None,
+               map_tables=None) -> pa.Table:
     """The concatenated index of several shard sets, restricted to a selection manifest if given."""
-    tables = [build_index(p, fallback_dir, log)[0].replace_schema_metadata(None) for p in paths]
+    tables = [build_index(p, fallback_dir, log, map_tables)[0].replace_schema_metadata(None) for p in paths]
     if selection:
         tables = select(tables, paths, selection)
     table = pa.concat_tables(tables)
@@ -203,8 +207,9 @@ def select(tables: list[pa.Table], paths: list[str], selection: str) -> list[pa.
 
 
 def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4.0) -> tuple[list[Bucket], np.ndarray]:
-    table = bucket_table(base, step, max_aspect)
-    return table, assign(index.column("width").to_numpy(), index.column("height").to_numpy(), table)
+    """(the buckets for base resolution ``base``, every index row's bucket number)."""
+    buckets = bucket_table(base, step, max_aspect)
+    return buckets, assign(index.column("width").to_numpy(), index.column("height").to_numpy(), buckets)
 
 
 __all__ = ["INDEX_FILE", "SCHEMA", "bucket_ids", "build_index", "index_shard", "list_shards", "load_index", "select",

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from training.buckets import Bucket, plan_crop
-from training.schedule import Cursor, Schedule, _rng, rank_slice
+from training.schedule import Cursor, Schedule, rank_slice, seeded_rng
 
 
 @dataclass
@@ -83,11 +83,11 @@ def load_image(data: bytes, bucket: Bucket, rng: np.random.Generator | None) -> 
 class BucketLoader:
     """Iterate this rank's batches from ``cursor`` on, across epochs, forever."""
 
-    def __init__(self, index: pa.Table, table: list[Bucket], bucket_of: np.ndarray, cursor: Cursor, batch_size: int,
+    def __init__(self, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndarray, cursor: Cursor, batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4,
                  prefetch: int = 2, cache=None):
         self.cache = cache            # a training.cache.LatentCache: serve cached latents, no decoding
-        self.table, self.bucket_of = table, np.asarray(bucket_of)
+        self.buckets, self.bucket_of = buckets, np.asarray(bucket_of)
         self.schedule = Schedule(self.bucket_of, seed)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.cursor = Schedule.start(cursor, batch_size * world_size)
@@ -118,11 +118,11 @@ class BucketLoader:
             cursor = self.schedule.next_epoch(cursor)
 
     def _sample(self, i: int, epoch: int) -> tuple:
-        bucket = self.table[int(self.bucket_of[i])]
+        bucket = self.buckets[int(self.bucket_of[i])]
         if self.cache is not None:
             top, left = self.cache.crop_ids(int(self.stored[i][1]), int(self.stored[i][0]), bucket)
             return self.cache.get(i), (int(self.original[i][0]), int(self.original[i][1]), top, left)
-        rng = _rng(self.seed, "crop", epoch, i) if self.random_crop else None
+        rng = seeded_rng(self.seed, "crop", epoch, i) if self.random_crop else None
         try:
             pixels, (_, _, top, left) = load_image(self.reader.read(i), bucket, rng)
         except Exception as exc:
@@ -144,7 +144,7 @@ class BucketLoader:
                 t = time.perf_counter()
                 done = [f.result() for f in futures]
                 self.wait_s += time.perf_counter() - t
-                bucket = self.table[int(self.bucket_of[ids[0]])]
+                bucket = self.buckets[int(self.bucket_of[ids[0]])]
                 time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
                 self.cursor = cursor
                 batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]),

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _rng(*parts: int | str) -> np.random.Generator:
+def seeded_rng(*parts: int | str) -> np.random.Generator:
+    """A generator seeded by the parts (seed, what, step, rank ...): the same parts, the same draws, on any machine."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
@@ -65,7 +66,7 @@ class Schedule:
             ids = np.flatnonzero(self.buckets == b)
             if first:
                 ids = np.setdiff1d(ids, first)
-            out[b] = first + _rng(self.seed, epoch, b).permutation(ids).tolist()
+            out[b] = first + seeded_rng(self.seed, epoch, b).permutation(ids).tolist()
         return out
 
     def cut(self, pools: dict[int, list[int]], global_batch: int, epoch: int, salt: int) -> list[list[int]]:
@@ -75,7 +76,7 @@ class Schedule:
             pool = pools.get(b, [])
             for i in range(0, len(pool) - global_batch + 1, global_batch):
                 batches.append(pool[i:i + global_batch])
-        order = _rng(self.seed, epoch, "order", salt, global_batch).permutation(len(batches))
+        order = seeded_rng(self.seed, epoch, "order", salt, global_batch).permutation(len(batches))
         return [batches[i] for i in order]
 
     def remaining(self, cursor: Cursor, segments: int | None = None) -> dict[int, list[int]]:
@@ -124,4 +125,4 @@ def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:
     return batch[rank * per:(rank + 1) * per]
 
 
-__all__ = ["Cursor", "Schedule", "rank_slice"]
+__all__ = ["Cursor", "Schedule", "rank_slice", "seeded_rng"]

@@ -50,7 +50,7 @@ from pipeline.contract.schema import (
     WIDTH,
     WINDOW_CUTS,
 )
-from pipeline.contract.stage import Stage, batch_len, ensure_status, reason_counts
+from pipeline.contract.stage import FanOut, Stage, batch_rows, ensure_status, plain, reason_counts, rows_to_batch
 from video.cuts import CutConfig, detect_cuts
 
 # per-row columns describing the source video and the window (gathered into videos.parquet)
@@ -202,39 +202,6 @@ def window_bounds(duration: float, window_s: float) -> list[tuple[float, float]]
     return [(edges[i], edges[i + 1]) for i in range(count)]
 
 
-def _rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows -> a numpy batch. Columns that are None in every row are left out: Ray turns such a
-    column into floats, which then cannot merge with the same column holding text elsewhere."""
-    names: list[str] = []
-    for r in rows:
-        for k, v in r.items():
-            if k not in names and v is not None:
-                names.append(k)
-    out = {}
-    for k in names:
-        arr = np.empty(len(rows), dtype=object)
-        for i, r in enumerate(rows):
-            arr[i] = r.get(k)
-        out[k] = arr
-    return out
-
-
-def _plain(v):
-    """A batch value as a plain Python value; NaN (how Ray carries a null) becomes None."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and v != v:
-        return None
-    if isinstance(v, np.ndarray):
-        return v.tolist() if v.dtype != object else list(v)
-    return v
-
-
-def _batch_rows(batch: dict) -> list[dict]:
-    n = batch_len(batch)
-    return [{k: _plain(v[i]) for k, v in batch.items()} for i in range(n)]
-
-
 def _open_source(path: str, storage_options: dict, policy: InputPolicy | None = None):
     """A path PyAV can open: a local regular file the input policy allows (a FIFO or device would hang
     or flood the demuxer), or a remote one as a seekable fsspec file."""
@@ -260,7 +227,7 @@ class VideoWindows(Stage):
 
         ensure_status(batch)
         out: list[dict] = []
-        for row in _batch_rows(batch):
+        for row in batch_rows(batch):
             vk = row[KEY]
             base = {k: v for k, v in row.items() if k not in (KEY,)}
             base[VIDEO_KEY] = vk
@@ -299,7 +266,7 @@ class VideoWindows(Stage):
                 out.append({**base, **meta, KEY: f"{vk}_{w:04d}", STATUS: KEPT, REJECT_REASON: None,
                             WINDOW_INDEX: w, NUM_WINDOWS: len(windows), WINDOW_START: lo,
                             WINDOW_END: hi if math.isfinite(hi) else info.duration_s + 1.0})
-        return _rows_to_batch(out)
+        return rows_to_batch(out)
 
 
 # ---- stage 2: windows -> clips ----
@@ -331,7 +298,7 @@ class SplitClips(Stage):
     def __call__(self, batch):
         ensure_status(batch)
         out: list[dict] = []
-        for row in _batch_rows(batch):
+        for row in batch_rows(batch):
             if row[STATUS] != KEPT:          # an unusable video: its one row passes through
                 out.append(row)
                 continue
@@ -343,7 +310,7 @@ class SplitClips(Stage):
                 r[KEY] = f"{row[KEY]}_{j:04d}"
                 r[WINDOW_ROWS] = len(rows)
             out.extend(rows)
-        return _rows_to_batch(out)
+        return rows_to_batch(out)
 
     def window(self, row: dict) -> list[dict]:
         """All segment rows of one window."""
@@ -470,7 +437,7 @@ def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         first = vrows[0]
         kept = sum(r[STATUS] == KEPT for r in vrows)
         video = {KEY: vk, SOURCE: first.get(SOURCE), CAPTION: first.get(CAPTION)}
-        video.update({k: _plain(first.get(VIDEO_PREFIX + k)) for k in VIDEO_INFO})   # NaN (Ray's null) -> None
+        video.update({k: plain(first.get(VIDEO_PREFIX + k)) for k in VIDEO_INFO})   # NaN (Ray's null) -> None
         for k in VIDEO_INT_INFO:                     # Ray carries them as floats: integers again
             video[k] = None if video.get(k) is None else int(video[k])
         num_windows = first.get(NUM_WINDOWS)
@@ -494,5 +461,28 @@ def video_counts(videos) -> dict:
             "clips": int(sum(videos.column("num_clips").to_pylist()))}
 
 
-__all__ = ["PROGRESS_COLUMNS", "ClipsConfig", "Segment", "SplitClips", "VideoWindows", "plan_segments",
+class ClipFanOut(FanOut):
+    """A video becomes windows (``VideoWindows``, one block per video), then clips (``SplitClips``)."""
+
+    reader = VideoWindows
+    reader_label = "probe"
+    unit = "clip"
+    input_format = "videos"
+    progress_columns = PROGRESS_COLUMNS
+
+    @staticmethod
+    def with_input(config: ClipsConfig, input_spec) -> ClipsConfig:
+        import dataclasses
+
+        return dataclasses.replace(config, storage_options=input_spec.storage_options, policy=input_spec.policy())
+
+    progress = staticmethod(progress)
+    split_rows = staticmethod(split_video_rows)
+    counts = staticmethod(video_counts)
+
+
+SplitClips.fan_out = ClipFanOut
+
+
+__all__ = ["PROGRESS_COLUMNS", "ClipFanOut", "ClipsConfig", "Segment", "SplitClips", "VideoWindows", "plan_segments",
            "progress", "split_video_rows", "video_counts", "window_bounds"]

@@ -19,6 +19,23 @@ class ConfigError(ValueError):
     """A spec that cannot run. The message names the key and says how to fix it."""
 
 
+SPEC_KINDS = ("curate", "train", "sweep", "select")   # the commands a spec file can be for
+
+
+def take_kind(data: dict, kind: str) -> dict:
+    """A spec's ``kind:`` names its command (``jobs/run.py`` dispatches on it); return the spec
+    without it. A spec of another kind fails here with the command to use instead."""
+    if "kind" not in data:
+        return data
+    data = dict(data)
+    found = data.pop("kind")
+    if found != kind:
+        if found in SPEC_KINDS:
+            raise ConfigError(f"kind: this is a {found} spec, not a {kind} spec; run it with `winnow {found}`")
+        raise ConfigError(f"kind: {found!r} is not a winnow command; use one of {', '.join(SPEC_KINDS)}")
+    return data
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
            min: float | None = None, max: float | None = None, runtime: bool = False, internal: bool = False) -> Any:
     """A config field. ``runtime`` fields (batch size, device, pool size) change how a job runs,

@@ -83,6 +83,44 @@ class Stage:
     def has_reduce_method(cls) -> bool:
         return cls.reduce is not Stage.reduce
 
+    # A first stage that turns one input row into many (a video into clips) says so here; the
+    # engine then asks it, not a module it imports, how to read, resume and count (``FanOut``).
+    fan_out: ClassVar[type[FanOut] | None] = None
+
+
+class FanOut:
+    """What the engine must know of a stage that turns one input row into many rows.
+
+    ``reader`` reads each input row in place of the engine's loader (one block per input);
+    ``progress`` tells, from the written fragments' ``progress_columns``, which output rows exist
+    and which inputs are complete (so a killed run redoes only unfinished inputs); ``split_rows``
+    turns one shard's rows into (output rows, one row per input) and ``counts`` summarises the
+    per-input table (``videos.parquet`` for clips).
+    """
+
+    reader: ClassVar[type[Stage]] = Stage
+    reader_label: ClassVar[str] = "read"
+    unit: ClassVar[str] = "row"                 # what the progress bar counts
+    input_format: ClassVar[str] = ""            # the plan format it reads, e.g. "videos"
+    progress_columns: ClassVar[list[str]] = []
+
+    @staticmethod
+    def with_input(config: Any, input_spec: Any) -> Any:
+        """The stage's config with what it needs from the input section filled in."""
+        return config
+
+    @staticmethod
+    def progress(table) -> tuple[set[str], set[str]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @staticmethod
+    def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @staticmethod
+    def counts(per_input) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
 
 # ---- helpers every stage uses ----
 
@@ -90,6 +128,40 @@ def batch_len(batch: Batch) -> int:
     for value in batch.values():
         return len(value)
     return 0
+
+
+def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows -> a numpy batch. Columns that are None in every row are left out: Ray turns such a
+    column into floats, which then cannot merge with the same column holding text elsewhere."""
+    names: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in names and v is not None:
+                names.append(k)
+    out = {}
+    for k in names:
+        arr = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows):
+            arr[i] = r.get(k)
+        out[k] = arr
+    return out
+
+
+def plain(v: Any) -> Any:
+    """A batch value as a plain Python value; NaN (how Ray carries a null) becomes None."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, np.ndarray):
+        return v.tolist() if v.dtype != object else list(v)
+    return v
+
+
+def batch_rows(batch: Batch) -> list[dict]:
+    """A numpy batch -> rows of plain values."""
+    n = batch_len(batch)
+    return [{k: plain(v[i]) for k, v in batch.items()} for i in range(n)]
 
 
 def _nan_to_none(values: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from pipeline.contract.config import (
     load_yaml,
     option,
     result_dict,
+    take_kind,
     to_dict,
 )
 from pipeline.readers import InputSpec
@@ -64,8 +65,13 @@ class CurateSpec:
         return layout.fingerprint(doc)
 
     @property
+    def fan_out(self):
+        """The first stage's ``FanOut`` (one input row becomes many: a video becomes clips), or None."""
+        return registry.get(self.stages[0].name).fan_out if self.stages else None
+
+    @property
     def is_video(self) -> bool:
-        return any(s.name == "clips" for s in self.stages)
+        return self.fan_out is not None
 
     def to_dict(self) -> dict:
         return {"input": to_dict(self.input), "output": to_dict(self.output),
@@ -107,7 +113,7 @@ def _stages(items: Any, input_spec: InputSpec) -> list[StageEntry]:
 
 
 def parse(data: dict[str, Any]) -> CurateSpec:
-    data = dict(data)
+    data = take_kind(data, "curate")
     unknown = set(data) - {"input", "output", "stages", "ray"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a curate spec has input, output, stages, ray")

@@ -16,6 +16,7 @@ import html
 import io
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -38,6 +39,17 @@ from pipeline.contract.schema import (
     WIDTH,
 )
 from pipeline.contract.stage import reason_category, reason_counts
+
+NAME = "report"
+DESCRIPTION = """\
+Write the HTML report of a `winnow curate` (or `winnow select`) output folder.
+
+  winnow report RUN_DIR [--out FILE] [--examples N]
+
+One self-contained file (images embedded, no network): the funnel, score histograms, aspect-ratio
+and bucket distribution, per-stage throughput, kept and rejected examples per reason, and the spec.
+`winnow curate` writes RUN_DIR/report.html at the end of every run.
+"""
 
 MAX_SOURCE_BYTES = 64 << 20     # a rejected sample's source larger than this is not opened for a thumbnail
 THUMB = 144
@@ -335,7 +347,7 @@ class Report:
         return np.sort(self.rng.choice(idx, self.examples, replace=False))
 
     def examples_html(self) -> str:
-        from curation.sheets import ShardImages
+        from pipeline.commands.sheets import ShardImages
 
         rows_of = self.table.column(REJECT_REASON).to_pylist()
         keys = self.table.column(KEY).to_pylist()
@@ -418,16 +430,44 @@ class Report:
 
 def write(run_dir: str, out: str | None = None, examples: int = 8) -> str:
     """Write the report of ``run_dir`` (a curate or select output) and return its path."""
-    from pipeline.contract.config import ConfigError
-    from pipeline.contract.layout import atomic_write
+    return run(ReportSpec(run_dir, out, examples))
 
-    if not os.path.exists(os.path.join(run_dir, layout.ANNOTATIONS_FILE)):
-        raise ConfigError(f"{run_dir!r} has no annotations.parquet: give a finished `winnow curate` or "
+
+@dataclass
+class ReportSpec:
+    run_dir: str
+    out: str | None = None
+    examples: int = 8
+
+
+def arguments(parser) -> None:
+    parser.add_argument("run_dir", help="a `winnow curate` or `winnow select` output folder")
+    parser.add_argument("--out", help="report file (default RUN_DIR/report.html)")
+    parser.add_argument("--examples", type=int, default=8, help="example thumbnails per reason (default 8)")
+
+
+def from_args(args) -> ReportSpec:
+    return ReportSpec(args.run_dir, args.out, args.examples)
+
+
+def plan(spec: ReportSpec) -> str:
+    """The file the report goes to; refuses a folder that is not a finished run."""
+    from pipeline.contract.config import ConfigError
+
+    if not os.path.exists(os.path.join(spec.run_dir, layout.ANNOTATIONS_FILE)):
+        raise ConfigError(f"{spec.run_dir!r} has no annotations.parquet: give a finished `winnow curate` or "
                           f"`winnow select` output folder")
-    page = Report(run_dir, examples).render()
-    path = out or os.path.join(run_dir, layout.REPORT_FILE)
-    atomic_write(path, page.encode("utf-8"))
+    return spec.out or os.path.join(spec.run_dir, layout.REPORT_FILE)
+
+
+def run(spec: ReportSpec, log=None) -> str:
+    path = plan(spec)
+    layout.atomic_write(path, Report(spec.run_dir, spec.examples).render().encode("utf-8"))
     return path
+
+
+def format_summary(path: str) -> str:
+    return f"winnow report: {path}"
 
 
 __all__ = ["Report", "source_thumbnail", "write"]

@@ -25,12 +25,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.sweep import FilterSpec, check_filters, levels_for, values
+from pipeline.commands.sweep import FilterSpec, check_filters, levels_for, values
 from pipeline import adapter, shards
 from pipeline.contract import layout
 from pipeline.contract import tar as tars
-from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, to_dict
+from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind, to_dict
 from pipeline.contract.schema import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
+
+NAME = "select"
+DESCRIPTION = """\
+Materialise a selection into a new shard set, copied from the source runs' shards.
+
+  winnow select SPEC.yaml [--set dotted.key=value ...]
+  winnow select --selection SWEEP/selections/cell_NNN.parquet --output DIR [--set ...]
+
+The selection is a manifest from `winnow sweep` (its runs are read from the manifest) and/or inline
+filters (one drop_fraction or threshold per annotation, ANDed). The output is a run folder like
+`winnow curate`'s: shards/, annotations.parquet, embeddings/, summary.json, report.html. Re-running
+the same command resumes. See jobs/select_laion_aesthetic.yaml.
+"""
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a select run writes: output.overwrite deletes these and nothing else
@@ -65,7 +78,7 @@ class SelectSpec:
 
 
 def parse(data: dict) -> SelectSpec:
-    spec = build(SelectSpec, data)
+    spec = build(SelectSpec, take_kind(data, "select"))
     if not spec.output.path:
         raise ConfigError("output.path: give the folder the selected shard set is written to")
     if spec.selection is None and not spec.filters:
@@ -319,7 +332,7 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
     copy_s = time.time() - t
     result = finalize(spec, p, started, copy_s)
     if spec.output.report:
-        from pipeline import report
+        from pipeline.commands import report
 
         result.report = report.write(out)
     return result
@@ -378,3 +391,21 @@ def format_summary(r: SelectResult) -> str:
 
 
 __all__ = ["Plan", "SelectSpec", "format_summary", "load", "parse", "plan", "run", "write_shard"]
+
+
+def arguments(parser) -> None:
+    from pipeline.commands import add_set_argument
+
+    parser.add_argument("spec", nargs="?", help="select spec YAML (see jobs/select_laion_aesthetic.yaml)")
+    parser.add_argument("--selection", help="selection manifest (winnow sweep's selections/cell_NNN.parquet)")
+    parser.add_argument("--output", help="output folder")
+    add_set_argument(parser)
+
+
+def from_args(args) -> SelectSpec:
+    data = load_yaml(args.spec) if args.spec else {}
+    if args.selection:
+        data["selection"] = args.selection
+    if args.output:
+        data.setdefault("output", {})["path"] = args.output
+    return parse(apply_overrides(data, args.set))

@@ -6,7 +6,6 @@ shards as an uninterrupted run, with no sample twice and none lost.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,11 +22,22 @@ from tqdm.auto import tqdm
 from pipeline import adapter, readers, registry, shards
 from pipeline.contract import layout
 from pipeline.contract.config import ConfigError
-from pipeline.spec import CurateSpec
+from pipeline.commands.curate_spec import CurateSpec
 from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS
 from pipeline.contract.stage import reason_counts
-from video import clips
-from video.clips import VideoWindows
+
+NAME = "curate"
+DESCRIPTION = """\
+Curate a corpus into WebDataset shards and one annotation table.
+
+  winnow curate SPEC.yaml [--set dotted.key=value ...]
+  winnow curate --input PATH --output DIR [--samples-per-shard N] [--set ...]
+
+The input may be a folder of images (with optional NAME.txt captions), a LAION-style
+parquet of paths + captions, img2dataset .tar shards, or a folder (or parquet) of videos,
+which are cut into clips (see jobs/lvd_video_curation.yaml). Re-running the same command on the
+same output folder resumes an interrupted run. See jobs/*.yaml for full specs.
+"""
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a curate run writes: output.overwrite deletes these and nothing else
@@ -81,15 +91,13 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
 
 def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: float, log,
              skip_keys: frozenset = frozenset()) -> None:
-    import ray.data
-
-    if spec.is_video:   # one block per video: windows and clips fan out from there
-        ds = ray.data.from_arrow(_blocks(pending, 1))
-        clips_cfg = dataclasses.replace(spec.stages[0].config, storage_options=spec.input.storage_options,
-                                        policy=spec.input.policy())
-        ds = adapter.apply_stage(ds, VideoWindows, clips_cfg, "probe", cpus, gpus)
+    fan = spec.fan_out
+    if fan:   # one block per input: its rows fan out from there (a video's windows, then clips)
+        ds = adapter.from_blocks(_blocks(pending, 1))
+        first_cfg = fan.with_input(spec.stages[0].config, spec.input)
+        ds = adapter.apply_stage(ds, fan.reader, first_cfg, fan.reader_label, cpus, gpus)
     else:
-        ds = ray.data.from_arrow(_blocks(pending, spec.ray.block_rows))
+        ds = adapter.from_blocks(_blocks(pending, spec.ray.block_rows))
         ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(policy=spec.input.policy(),
                                                                             keep_columns=spec.input.keep_columns),
                                  "load", cpus, gpus)
@@ -98,12 +106,12 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: 
     cpu_pools, gpu_pools = pools.count(False), pools.count(True)
     for st in spec.stages:
         if registry.get(st.name).has_batch_work:
-            cfg = clips_cfg if spec.is_video and st is spec.stages[0] else st.config
+            cfg = first_cfg if fan and st is spec.stages[0] else st.config
             ds = adapter.apply_stage(ds, registry.get(st.name), cfg, st.label, cpus, gpus, cpu_pools, gpu_pools)
     ds = adapter.apply_fn(ds, shards.FragmentWriter(work, skip_keys), num_cpus=1.0)  # fuses with the stages
-    bar = tqdm(total=None if spec.is_video else pending.num_rows, desc="annotate",
-               unit="clip" if spec.is_video else "img", file=log, disable=log is None)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    bar = tqdm(total=None if fan else pending.num_rows, desc="annotate", unit=fan.unit if fan else "img", file=log,
+               disable=log is None)
+    for batch in adapter.iter_batches(ds):
         bar.update(len(batch[KEY]))
     bar.close()
 
@@ -140,7 +148,8 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
         p = part_of[key] if key in part_of else part_of.get(key.rsplit("_", 2)[0])
         if p in by_part:
             by_part[p][key] = d
-    adapter.run_tasks(shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p]) for p in todo], "shards", "shard",
+    split = spec.fan_out.split_rows if spec.fan_out else None
+    adapter.run_tasks(shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p], split) for p in todo], "shards", "shard",
                       log)
 
 
@@ -161,7 +170,7 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
         vt = pa.concat_tables([pq.read_table(os.path.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
                                for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
         layout.atomic_write(os.path.join(out, layout.VIDEOS_FILE), layout.table_bytes(vt))
-        videos = clips.video_counts(vt)
+        videos = spec.fan_out.counts(vt)
         if videos["inputs"] != plan.num_inputs:
             raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos.parquet {videos['inputs']}")
     kept = int(pc.sum(pc.equal(table.column(STATUS), "kept")).as_py() or 0)
@@ -202,7 +211,7 @@ def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
     """Run (or resume) a curate job, then write its report. Config problems raise ConfigError before Ray starts."""
     result = _run(spec, log)
     if spec.output.report:
-        from pipeline import report
+        from pipeline.commands import report
 
         result.report = report.write(spec.output.path)
     return result
@@ -212,54 +221,110 @@ def _run(spec: CurateSpec, log) -> RunResult:
     started = time.time()
     phases: dict[str, float] = {}
     t = time.time()
-    layout.check_separate(spec.output.path, input_paths(spec))   # before reading anything
-    plan = readers.plan(spec.input, spec.output.samples_per_shard, spec.output.videos_per_shard)
-    check_input_kind(spec, plan.format)
+    job = plan(spec)
     phases["plan"] = round(time.time() - t, 3)
     prepare_output(spec)
     out = spec.output.path
     work = os.path.join(out, layout.WORK_DIR)
     shards_dir = os.path.join(out, layout.SHARDS_DIR)
-    if all(shards.shard_done(shards_dir, p) for p in plan.counts) and os.path.exists(os.path.join(out, layout.SUMMARY_FILE)):
-        return finalize(spec, plan, started, phases)
+    if all(shards.shard_done(shards_dir, p) for p in job.counts) and os.path.exists(os.path.join(out, layout.SUMMARY_FILE)):
+        return finalize(spec, job, started, phases)
     cpus, gpus = init_ray(spec)
     for st in spec.stages:  # fail on impossible resources before any work starts
         adapter.check_resources(registry.get(st.name), cpus, gpus, st.config)
     t = time.time()
-    finished_parts = {p for p in plan.counts if shards.shard_done(shards_dir, p)}
-    keys = plan.table.column(KEY).to_pylist()
-    parts = plan.table.column(PARTITION).to_pylist()
+    finished_parts = {p for p in job.counts if shards.shard_done(shards_dir, p)}
+    keys = job.table.column(KEY).to_pylist()
+    parts = job.table.column(PARTITION).to_pylist()
     if spec.is_video:
-        have, done_videos = clips.progress(shards.read_fragments(shards.fragment_files(work), clips.PROGRESS_COLUMNS))
+        fan = spec.fan_out
+        have, done_videos = fan.progress(shards.read_fragments(shards.fragment_files(work), fan.progress_columns))
         mask = [k not in done_videos and p not in finished_parts for k, p in zip(keys, parts)]
         unit = "videos"
     else:
         have = shards.done_keys(work)
         mask = [k not in have and p not in finished_parts for k, p in zip(keys, parts)]
         unit = "samples"
-    pending = plan.table.filter(pa.array(mask))
+    pending = job.table.filter(pa.array(mask))
     if log is not None and (have or finished_parts):
         print(f"resuming: {len(have)} rows annotated and {len(finished_parts)} shards written by an earlier run; "
               f"{pending.num_rows} {unit} left", file=log)
     if pending.num_rows:
         annotate(spec, pending, work, cpus, gpus, log, frozenset(have) if spec.is_video else frozenset())
     phases["annotate"] = round(time.time() - t, 3)
-    counts = plan.counts
+    counts = job.counts
     if spec.is_video:   # a video's clip count is known only now
-        table = shards.read_fragments(shards.fragment_files(work), clips.PROGRESS_COLUMNS)
-        _, done_videos = clips.progress(table)
+        table = shards.read_fragments(shards.fragment_files(work), fan.progress_columns)
+        _, done_videos = fan.progress(table)
         missing = [k for k, p in zip(keys, parts) if k not in done_videos and p not in finished_parts]
         if missing:
             raise RuntimeError(f"{len(missing)} videos were not fully processed (first: {missing[0]}); re-run to finish")
-        counts = {p: plan.counts[p] for p in finished_parts}
+        counts = {p: job.counts[p] for p in finished_parts}
         if table is not None:
             tp, tc = np.unique(table.column(PARTITION).to_numpy(), return_counts=True)
             counts.update({int(p): int(c) for p, c in zip(tp, tc) if int(p) not in finished_parts})
     t = time.time()
-    unfinished = any(p not in finished_parts for p in plan.counts)
+    unfinished = any(p not in finished_parts for p in job.counts)
     decisions = reduce_stages(spec, work, phases) if unfinished else {}
     phases["reduce"] = round(time.time() - t, 3)
     t = time.time()
     write_shards(spec, counts, work, decisions, log, dict(zip(keys, parts)) if decisions else None)
     phases["shards"] = round(time.time() - t, 3)
-    return finalize(spec, plan, started, phases)
+    return finalize(spec, job, started, phases)
+
+
+def plan(spec: CurateSpec) -> readers.Plan:
+    """The inputs, their partitions and format; refuses an output that overlaps an input, or
+    stages that do not fit the input's kind, before anything is read or written."""
+    layout.check_separate(spec.output.path, input_paths(spec))   # before reading anything
+    p = readers.plan(spec.input, spec.output.samples_per_shard, spec.output.videos_per_shard)
+    check_input_kind(spec, p.format)
+    return p
+
+
+def arguments(parser) -> None:
+    from pipeline.commands import add_set_argument
+
+    parser.add_argument("spec", nargs="?", help="job spec YAML (see jobs/)")
+    parser.add_argument("--input", help="input path (short form, defaults for everything else)")
+    parser.add_argument("--output", help="output folder")
+    parser.add_argument("--samples-per-shard", type=int, default=None, help="samples per output shard (default 1000)")
+    add_set_argument(parser, "stages.decode.max_side=512")
+
+
+def from_args(args) -> CurateSpec:
+    from pipeline.commands import curate_spec
+
+    if args.spec is None and (args.input is None or args.output is None):
+        raise ConfigError("give a SPEC.yaml, or both --input PATH and --output DIR")
+    base = {"input": {"path": args.input}, "output": {"path": args.output, "samples_per_shard": args.samples_per_shard}}
+    return curate_spec.load(args.spec, args.set, base=base)
+
+
+def format_summary(result) -> str:
+    lines = [f"winnow curate: {result.output}"]
+    v = result.videos
+    if v:
+        lines += [f"  videos    {v['inputs']:>8}",
+                  f"    with clips           {v['with_clips']:>6}",
+                  f"    without clips        {v['without_clips']:>6}"]
+        lines += [f"      {reason:<20} {n:>6}" for reason, n in v["reasons"].items()]
+        lines.append("  clips and segments (a segment too short to be a clip is a rejected row)")
+    lines += [f"  inputs    {result.inputs:>8}",
+             f"  kept      {result.kept:>8}  ({100 * result.kept / max(1, result.inputs):.1f} %)",
+             f"  rejected  {result.rejected:>8}"]
+    for reason, n in result.reasons.items():
+        lines.append(f"    {reason:<22} {n:>6}")
+    if getattr(result, "sidecars", 0):
+        lines.append(f"  sidecars  {result.sidecars:>8}  (captions and JSON beside the samples; not samples)")
+    if result.stage_seconds:
+        lines.append("  stage time (worker seconds, all workers)")
+        for stage, s in result.stage_seconds.items():
+            rate = f"{result.inputs / s:,.0f} samples/s per worker" if s >= 0.005 else "negligible"
+            lines.append(f"    {stage:<22} {s:>8.2f} s  ({rate})")
+    if result.phases:
+        lines.append("  phases  " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
+    lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {os.path.join(result.output, 'shards')}")
+    if result.report:
+        lines.append(f"  report    {result.report}")
+    return "\n".join(lines)

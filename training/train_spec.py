@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.contract import layout
-from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, result_dict, to_dict
+from pipeline.contract.config import (
+    ConfigError,
+    apply_overrides,
+    build,
+    load_yaml,
+    option,
+    result_dict,
+    take_kind,
+    to_dict,
+)
 
 
 @dataclass
@@ -119,6 +128,7 @@ SECTIONS = {"data": DataSpec, "output": TrainOutput, "model": ModelSpec, "object
 
 def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     """Build and validate; ``check_paths=False`` on workers (the driver checked the files)."""
+    data = take_kind(data, "train")
     unknown = set(data) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a train spec has {', '.join(SECTIONS)}")
@@ -144,8 +154,8 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
         raise ConfigError(f"data.selection: {spec.data.selection!r} does not exist; give a manifest from `winnow sweep` "
                           f"(selections/cell_NNN.parquet)")
     if spec.model.pretrained and check_paths:
-        from training.models import check_pretrained
-        check_pretrained(spec.model.pretrained, spec.model.kind)
+        from training import families
+        families.get(spec.model.kind).check_pretrained(spec.model.pretrained)
     return spec
 
 

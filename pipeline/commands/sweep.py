@@ -30,10 +30,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.commands.sheets import contact_sheets
 from pipeline.contract import layout
-from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option
+from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind
 from pipeline.contract.layout import MANIFEST_RUNS, atomic_path, atomic_write, claim_output, fingerprint
 from pipeline.contract.schema import KEPT, KEY, SCORE_GOOD_END, STATUS
+
+
+NAME = "sweep"
+DESCRIPTION = """\
+Sweep filter thresholds over annotation tables, without re-running a model.
+
+  winnow sweep SPEC.yaml [--set dotted.key=value ...]
+
+Per annotation: drop fractions from the bad end (SVD's 12.5/25/50 %) and/or absolute thresholds;
+every level alone and every AND-combination. Writes cells.csv / cells.md, a selection manifest per
+cell (selections/cell_NNN.parquet), overlap.csv, plots/ and contact sheets/. See
+jobs/sweep_svd_filters.yaml and jobs/sweep_laion_aesthetic.yaml.
+"""
 
 
 @dataclass
@@ -82,7 +96,7 @@ class Level:
 
 
 def parse(data: dict) -> SweepSpec:
-    spec = build(SweepSpec, data)
+    spec = build(SweepSpec, take_kind(data, "sweep"))
     if not spec.annotations:
         raise ConfigError("annotations: give at least one annotations.parquet (or a `winnow curate` output folder)")
     if not spec.filters:
@@ -322,7 +336,7 @@ def claim(spec: SweepSpec) -> None:
 
 def run(spec: SweepSpec, log=None) -> SweepResult:
     t0 = time.perf_counter()
-    table = read_table(spec)
+    table = plan(spec)
     claim(spec)
     t1 = time.perf_counter()
     cells, levels = run_cells(table, spec)
@@ -334,10 +348,9 @@ def run(spec: SweepSpec, log=None) -> SweepResult:
         plot(table, spec, levels, spec.output)
         seconds["plots"] = time.perf_counter() - t3
     if spec.sheets.per_side:
-        from curation.sheets import contact_sheets
-
         t4 = time.perf_counter()
-        contact_sheets(table, spec, levels, spec.output)
+        contact_sheets(table, [annotation_path(p) for p in spec.annotations], {c: values(table, c) for c in levels},
+                       levels, spec.sheets.per_side, spec.sheets.thumb, spec.output)
         seconds["sheets"] = time.perf_counter() - t4
     result = SweepResult(spec.output, table.num_rows, cells, levels, seconds)
     atomic_write(os.path.join(spec.output, "sweep.json"),   # written last: the sweep is complete
@@ -365,3 +378,19 @@ def format_summary(r: SweepResult, limit: int = 30) -> str:
 
 
 __all__ = ["FilterSpec", "Level", "SweepSpec", "levels_for", "load", "overlap", "parse", "run", "run_cells"]
+
+
+def plan(spec: SweepSpec) -> pa.Table:
+    """The rows a sweep cuts: the swept columns of every annotation table (checked before anything is written)."""
+    return read_table(spec)
+
+
+def arguments(parser) -> None:
+    from pipeline.commands import add_set_argument
+
+    parser.add_argument("spec", help="sweep spec YAML (see jobs/sweep_svd_filters.yaml)")
+    add_set_argument(parser)
+
+
+def from_args(args) -> SweepSpec:
+    return load(args.spec, args.set)

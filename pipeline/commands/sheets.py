@@ -107,20 +107,21 @@ def sheet(images: ShardImages, table: pa.Table, values: np.ndarray, level, per_s
     return out
 
 
-def contact_sheets(table: pa.Table, spec, levels: dict, out: str) -> list[str]:
-    from curation.sweep import annotation_path, values as column_values
-
+def contact_sheets(table: pa.Table, annotation_files: list[str], columns: dict[str, np.ndarray], levels: dict,
+                   per_side: int, thumb: int, out: str) -> list[str]:
+    """One sheet per annotation and level: ``columns`` holds each swept column's values (float, NaN
+    for none), ``levels`` its cuts; images come from the shards beside ``annotation_files``."""
     folder = os.path.join(out, "sheets")
     os.makedirs(folder, exist_ok=True)
-    images = ShardImages([annotation_path(p) for p in spec.annotations], spec.sheets.thumb)
+    images = ShardImages(annotation_files, thumb)
     paths = []
     try:
         for col, lvls in levels.items():
-            v = column_values(table, col)
+            v = columns[col]
             for j, lv in enumerate(lvls):
                 path = os.path.join(folder, f"{col}_{j}.jpg")
                 with atomic_path(path) as tmp:
-                    sheet(images, table, v, lv, spec.sheets.per_side).save(tmp, format="JPEG", quality=88)
+                    sheet(images, table, v, lv, per_side).save(tmp, format="JPEG", quality=88)
                 paths.append(path)
     finally:
         images.close()

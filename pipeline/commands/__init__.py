@@ -1,0 +1,35 @@
+"""One module per ``winnow`` command, each with the same small protocol:
+
+* ``NAME`` and ``DESCRIPTION`` (``winnow NAME --help``; the one line ``winnow --help`` shows is in
+  ``COMMANDS`` below, so listing the commands imports none of them);
+* ``arguments(parser)`` adds the command's arguments; ``from_args(args)`` loads its spec from them
+  (a YAML file plus ``--set`` overrides, or the short form), raising ``ConfigError`` before Ray starts;
+* ``plan(spec)`` works out what to do without doing it; ``run(spec, log)`` does it (resuming what
+  an earlier run finished) and returns a result; ``format_summary(result)`` is what the CLI prints.
+
+``pipeline/cli.py`` is the table of these modules; ``jobs/run.py`` dispatches a spec's ``kind:``
+to the same table. A new command is a new module here and one entry in ``COMMANDS``.
+"""
+from __future__ import annotations
+
+import importlib
+
+# command name -> (module, one line of help); a module is imported only when its command runs
+COMMANDS = {
+    "stages": ("pipeline.commands.stages", "list the curate stages with their options, defaults and help"),
+    "curate": ("pipeline.commands.curate", "annotate a corpus and write shards"),
+    "train": ("pipeline.commands.train", "train SD / SDXL on curated shards (Ray Train)"),
+    "sweep": ("pipeline.commands.sweep", "sweep filter thresholds over annotations (tables, plots, contact sheets)"),
+    "select": ("pipeline.commands.select", "write the samples of a selection as a new shard set"),
+    "report": ("pipeline.commands.report", "write the HTML report of a curate or select output"),
+}
+
+
+def get(name: str):
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def add_set_argument(parser, example: str = "") -> None:
+    """The ``--set dotted.key=value`` overrides every spec-driven command takes."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec value" + (f", e.g. --set {example}" if example else "") + " (repeatable)")

@@ -1,0 +1,257 @@
+"""``winnow train``, the driver half: validate the spec, claim the output, build (or reuse) the shard
+index with one Ray Data pass, check the bucket plan, fill the latent cache when asked, and run
+``training.loop.train_loop`` on a ``TorchTrainer``.
+
+Ray Train keeps the checkpoints under ``OUTPUT/ray/train`` and restores the newest when the same
+output is run again (or when a worker group restarts within ``ray.max_failures``). The end of
+the run exports ``OUTPUT/final``, a complete diffusers pipeline folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import adapter
+from pipeline.contract import layout
+from pipeline.contract.config import ConfigError
+from training.checkpoint import CheckpointError
+from training.loop import train_loop
+from training.train_spec import TrainSpec
+
+NAME = "train"
+DESCRIPTION = """\
+Train SD 1.x/2.x or SDXL on curated shards as a Ray Train job.
+
+  winnow train SPEC.yaml [--set dotted.key=value ...]
+
+The spec names the shard sets (`winnow curate` outputs), the model (a diffusers pipeline folder,
+or the tiny random preset), the objective, optimizer, EMA and Ray workers; see jobs/train_sd15.yaml
+and jobs/train_sdxl.yaml. Running the same command on the same output.path resumes from the last
+checkpoint, to the sample; the end of the run exports OUTPUT/final, a diffusers pipeline folder.
+"""
+
+RUN_NAME = "train"
+SPEC_FILE = "train_spec.yaml"
+# every top-level name a training run writes: output.overwrite deletes these and nothing else
+ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", layout.SUMMARY_FILE,
+           "index.parquet", "_index", "cache"]
+
+
+@dataclass
+class Plan:
+    samples: int
+    bucket_counts: dict[str, int]  # samples per bucket, by WxH
+    global_batch: int
+    steps_per_epoch: int
+    starved: int                    # samples in buckets smaller than one global batch
+    carried_per_epoch: int
+    index_path: str = ""
+    notes: list[str] = field(default_factory=list)
+    index: object = field(default=None, repr=False)         # the pyarrow index the plan was made from
+    buckets: list = field(default_factory=list, repr=False)    # its buckets ...
+    bucket_of: object = field(default=None, repr=False)     # ... and every sample's bucket
+
+
+def prepare_output(spec: TrainSpec) -> None:
+    """Create the run folder, or check that it belongs to this same spec (resume)."""
+    from pipeline.contract.layout import claim_output
+
+    out = spec.output.path
+    claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
+                 "training run", "data, model, objective, optim, ema or train", ENTRIES, "train",
+                 {**{f"data.shards[{i}]": p for i, p in enumerate(spec.data.shards)}, "data.selection": spec.data.selection})
+
+
+def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
+    """Index the shard sets (one Ray Data pass, cached) and check the bucket plan."""
+    import pyarrow.parquet as pq
+
+    from pipeline.contract.layout import atomic_write, table_bytes
+    from training.index import bucket_ids, load_index
+
+    index = load_index(spec.data.shards, os.path.join(spec.output.path, "_index"), log, spec.data.selection,
+                       adapter.map_tables)
+    path = os.path.join(spec.output.path, "index.parquet")
+    if not os.path.exists(path) or pq.read_metadata(path).num_rows != index.num_rows or \
+            not pq.read_table(path).equals(index):
+        atomic_write(path, table_bytes(index))
+    buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+    g = spec.train.batch_size * spec.ray.num_workers
+    counts = np.bincount(bucket_of, minlength=len(buckets))
+    steps = int(sum(c // g for c in counts))
+    starved = int(sum(c for c in counts if c < g))
+    p = Plan(index.num_rows, {f"{buckets[i].width}x{buckets[i].height}": int(c) for i, c in enumerate(counts) if c},
+             g, steps, starved, int(sum(c % g for c in counts if c >= g)), path,
+             index=index, buckets=buckets, bucket_of=bucket_of)
+    if steps == 0:
+        raise ConfigError(f"train.batch_size x ray.num_workers = {g} is more than any bucket holds "
+                          f"(largest: {counts.max()} of {index.num_rows} samples); lower the batch size or the "
+                          f"worker count, or lower data.max_aspect so fewer, fuller buckets form")
+    if starved:
+        p.notes.append(f"{starved} samples sit in buckets smaller than one global batch ({g}) and are never trained "
+                       f"on; lower train.batch_size or data.max_aspect")
+    return p
+
+
+def format_plan(spec: TrainSpec, p: Plan) -> str:
+    lines = [f"winnow train: {p.samples} samples, {len(p.bucket_counts)} buckets at base {spec.data.resolution}, "
+             f"global batch {p.global_batch} ({spec.train.batch_size} x {spec.ray.num_workers} workers), "
+             f"{p.steps_per_epoch} steps per epoch ({p.carried_per_epoch} samples carried to the next epoch)",
+             "  buckets  " + ", ".join(f"{k}: {v}" for k, v in sorted(p.bucket_counts.items(), key=lambda kv: -kv[1]))]
+    lines += [f"  note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+@dataclass
+class TrainResult:
+    output: str
+    summary: dict
+    metrics: list[dict]
+
+
+def format_summary(r: TrainResult) -> str:
+    s = r.summary
+    losses = [m["loss"] for m in r.metrics]
+    rates = [m["samples_per_s"] for m in r.metrics if m["step"] > s["resumed_from"]]
+    waits = [m["data_wait"] for m in r.metrics if m["step"] > s["resumed_from"]]
+    lines = [f"winnow train: {r.output}",
+             f"  steps      {s['steps']} ({s['steps_this_run']} this run"
+             + (f", resumed from step {s['resumed_from']})" if s["resumed_from"] else ")"),
+             f"  epoch      {s['epoch']}   global batch {s['global_batch']} on {s['world_size']} workers",
+             f"  loss       first logged {losses[0]:.4f}, last {losses[-1]:.4f}" if losses else "  loss       (none logged)",
+             f"  throughput {np.mean(rates):.1f} samples/s, data wait {100 * np.mean(waits):.1f} % of step time"
+             if rates else "  throughput (no steps this run)",
+             f"  wall       {s['wall_s']:.1f} s in the workers",
+             f"  final      {s['final']}  (diffusers pipeline{', EMA weights' if s['ema'] else ''})",
+             f"  logs       tensorboard --logdir {os.path.join(r.output, 'tensorboard')}"]
+    if s.get("samples"):
+        lines.append(f"  samples    {', '.join(s['samples'])}")
+    return "\n".join(lines)
+
+
+def init_ray(spec: TrainSpec):
+    adapter.connect(spec.ray.address, spec.ray.num_cpus)
+    adapter.configure(no_progress_timeout_s=900, progress_bars=False, has_actor_stages=spec.data.cache)
+
+
+class _ProgressBar:
+    """The driver's view of a running job: a bar to ``max_steps`` with the loss and samples/s, read
+    from rank 0's ``metrics.jsonl`` (the workers' own output goes to Ray's logs)."""
+
+    def __init__(self, path: str, total: int, log, every_s: float = 1.0):
+        import threading
+
+        from tqdm.auto import tqdm
+
+        self.path, self.every_s = path, every_s
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        self.bar = tqdm(total=total, desc="train", unit="step", file=log, disable=log is None, dynamic_ncols=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                fh.seek(self.offset)
+                lines = fh.readlines()
+        except OSError:
+            return
+        for line in lines:
+            if not line.endswith("\n"):
+                break                                       # a line rank 0 is still writing
+            self.offset += len(line.encode("utf-8"))
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.bar.n = int(m.get("step", self.bar.n))
+            self.bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
+                                 samples_s=f"{m.get('samples_per_s', 0):.1f}", refresh=False)
+            self.bar.refresh()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._poll()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._poll()
+        self.bar.close()
+
+
+def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    prepare_output(spec)
+    init_ray(spec)
+    p = plan(spec, log)
+    if log:
+        print(format_plan(spec, p), file=log, flush=True)
+    cache_dir = ""
+    if spec.data.cache:
+        from training.cache import build_cache
+
+        started = time.time()
+        import ray
+
+        gpu = spec.ray.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1
+        cache_dir = build_cache(spec, p.index, p.buckets, p.bucket_of, adapter.actor_pass, gpu, log)
+        if log:
+            print(f"latent cache: {p.samples} samples in {cache_dir} ({time.time() - started:.1f} s)", file=log)
+    out = os.path.abspath(spec.output.path)
+    resources = {"CPU": spec.ray.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.to_dict(), "output": out, "index_path": os.path.abspath(p.index_path),
+                           "cache_dir": cache_dir,
+                           "fingerprint": spec.fingerprint()},
+        scaling_config=ScalingConfig(num_workers=spec.ray.num_workers, use_gpu=spec.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
+                             failure_config=FailureConfig(max_failures=spec.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)))
+    progress = _ProgressBar(os.path.join(out, "metrics.jsonl"), spec.train.max_steps, log)
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - a refused checkpoint is the user's to fix: say which file
+        import re
+
+        found = re.findall(r"CheckpointError: ([^\n]+)", str(exc))     # the worker's own error line
+        if found:
+            raise CheckpointError(found[-1]) from None
+        raise
+    finally:
+        progress.close()
+    with open(os.path.join(out, layout.SUMMARY_FILE)) as fh:
+        summary = json.load(fh)
+    metrics = []
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        for line in fh:
+            metrics.append(json.loads(line))
+    # a killed run logs steps it never checkpointed; keep the last record of every step
+    by_step = {m["step"]: m for m in metrics}
+    return TrainResult(out, summary, [by_step[k] for k in sorted(by_step)])
+
+
+def arguments(parser) -> None:
+    from pipeline.commands import add_set_argument
+
+    parser.add_argument("spec", help="train spec YAML (see jobs/train_sd15.yaml)")
+    add_set_argument(parser, "train.max_steps=500")
+
+
+def from_args(args) -> TrainSpec:
+    from training import train_spec
+
+    return train_spec.load(args.spec, args.set)
+
+
+__all__ = ["Plan", "TrainResult", "format_plan", "format_summary", "plan", "prepare_output", "run"]

@@ -1,0 +1,380 @@
+"""The Ray Train worker: SD / SDXL training, resumable to the sample (the driver is
+``pipeline/commands/train.py``).
+
+Each worker builds an accelerate ``Accelerator`` (gloo on CPU, NCCL on GPUs; Ray has already
+formed the process group), the model family's components, AdamW, the EMA, and its
+``BucketLoader`` slice of the global schedule.
+
+Every random draw of step ``s`` on rank ``r`` (VAE posterior sample, noise, offset, timesteps,
+caption dropout) comes from a generator seeded by (seed, s, r), and crops are seeded by (seed,
+epoch, sample). A checkpoint holds the UNet and the EMA UNet in diffusers format, the optimizer
+and learning-rate state, the step and the loader cursor (``training/checkpoint.py``), so a resumed
+run takes exactly the steps the uninterrupted one would have. The end of the run exports
+``OUTPUT/final``, a complete diffusers pipeline folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.contract import layout
+from training import families
+from training.checkpoint import restore_checkpoint, save_checkpoint
+from training.schedule import Cursor, seeded_rng
+from training.train_spec import TrainSpec
+
+
+def step_seed(seed: int, step: int, rank: int, what: str = "noise") -> int:
+    return int(seeded_rng(seed, what, step, rank).integers(0, 2 ** 62))
+
+
+class _Metrics:
+    """Rank 0's TensorBoard writer and metrics.jsonl."""
+
+    def __init__(self, out: str, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+            self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def image(self, tag: str, array: np.ndarray, step: int) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, array, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+@dataclass
+class Worker:
+    """Everything one worker trains with."""
+
+    spec: TrainSpec
+    config: dict
+    acc: object
+    family: families.Family
+    comps: object
+    unet: object                     # as accelerate prepared it
+    raw_unet: object                 # the module itself
+    optimizer: object
+    lr_sched: object
+    ema: object
+    loader: object
+    buckets: list
+    weight_dtype: object
+    vae_dtype: object
+    metrics: _Metrics
+    scratch: str
+    rank: int = 0
+    world: int = 1
+    step: int = 0
+    empty: tuple = (None, None)      # the latent cache's empty-caption context and pooled embedding
+
+    @property
+    def states(self) -> dict:
+        """What a checkpoint saves and restores, by name (``training.checkpoint``)."""
+        return {"unet": self.raw_unet, "ema_unet": self.ema, "optimizer": self.optimizer,
+                "lr_scheduler": self.lr_sched}
+
+
+def _components(spec: TrainSpec, scratch: str):
+    m = spec.model
+    return families.get(m.kind).components(m.pretrained, m.allow_download, m.seed, scratch,
+                                           spec.objective.prediction_type)
+
+
+def _frozen_models(spec: TrainSpec, comps, device):
+    """Move the VAE and text encoders to the device, frozen; returns (weight dtype, VAE dtype)."""
+    import torch
+
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.train.mixed_precision]
+    vae_dtype = weight_dtype
+    if weight_dtype == torch.float16 and comps.vae.config.get("force_upcast", True):
+        vae_dtype = torch.float32                          # SD / SDXL VAEs overflow in fp16
+    comps.vae.to(device, dtype=vae_dtype).requires_grad_(False).eval()
+    for enc in comps.text_encoders:
+        enc.to(device, dtype=weight_dtype).requires_grad_(False).eval()
+    return weight_dtype, vae_dtype
+
+
+def _optimizer(spec: TrainSpec, unet):
+    import torch
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=spec.optim.lr, betas=(spec.optim.beta1, spec.optim.beta2),
+                                  weight_decay=spec.optim.weight_decay)
+    warm = spec.optim.warmup_steps
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return optimizer, lr_sched
+
+
+def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int, device):
+    """(the rank's BucketLoader, the bucket list, the cache's empty-caption embeddings)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from training.index import bucket_ids
+    from training.loader import BucketLoader
+
+    index = pq.read_table(config["index_path"])
+    buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+    cache, empty = None, (None, None)
+    if config.get("cache_dir"):
+        from training.cache import LatentCache
+
+        cache = LatentCache(config["cache_dir"], buckets, bucket_of)
+        empty = (torch.from_numpy(cache.empty).float().to(device),
+                 None if cache.empty_pooled is None else torch.from_numpy(cache.empty_pooled).float().to(device))
+    loader = BucketLoader(index, buckets, bucket_of, cursor, spec.train.batch_size, rank, world, spec.train.seed,
+                          spec.data.random_crop, spec.data.workers, spec.data.prefetch, cache=cache)
+    return loader, buckets, empty
+
+
+def build(config: dict) -> Worker:
+    """Accelerator, models, optimizer, EMA, the restored checkpoint (if any) and the loader."""
+    import ray.train
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.training_utils import EMAModel
+
+    from training.train_spec import parse
+
+    spec = parse(config["spec"], check_paths=False)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    acc = Accelerator(mixed_precision=spec.train.mixed_precision, cpu=not spec.ray.use_gpu)
+    scratch = tempfile.mkdtemp(prefix="winnow-train-")
+    comps = _components(spec, scratch)
+    weight_dtype, vae_dtype = _frozen_models(spec, comps, acc.device)
+    unet = comps.unet
+    unet.set_attn_processor(AttnProcessor2_0())           # PyTorch SDPA
+    if spec.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer, lr_sched = _optimizer(spec, unet)
+    ema = None
+    if spec.ema.enabled:
+        ema = EMAModel(unet.parameters(), decay=spec.ema.decay, update_after_step=spec.ema.start_step,
+                       model_cls=UNet2DConditionModel, model_config=unet.config)
+    step, cursor = 0, Cursor()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            step, cursor = restore_checkpoint(d, {"unet": unet, "ema_unet": ema, "optimizer": optimizer,
+                                                  "lr_scheduler": lr_sched})
+    if ema is not None:
+        ema.to(acc.device)
+    prepared, optimizer = acc.prepare(unet, optimizer)
+    loader, buckets, empty = _loader(spec, config, cursor, rank, world, acc.device)
+    metrics = _Metrics(config["output"], acc.is_main_process)
+    if step and acc.is_main_process:
+        print(f"winnow train: resumed at step {step} (epoch {cursor.epoch})", flush=True)
+    return Worker(spec, config, acc, families.get(comps.kind), comps, prepared, acc.unwrap_model(prepared), optimizer,
+                  lr_sched, ema, loader, buckets, weight_dtype, vae_dtype, metrics, scratch, rank, world, step, empty)
+
+
+def conditioning(w: Worker, batch, keep: np.ndarray, g):
+    """(scaled latents, text context, pooled embedding or None) for a batch: encoded now, or read
+    from the latent cache; dropped captions become the empty caption."""
+    import torch
+
+    device = w.acc.device
+    latent_dtype = w.weight_dtype if w.weight_dtype != torch.float16 else torch.float32
+    with torch.no_grad():
+        if batch.latents is None:
+            dist = w.comps.vae.encode(batch.pixels.to(device, dtype=w.vae_dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+            context, pooled = w.family.encode_text(w.comps, [c if k else "" for c, k in zip(batch.captions, keep)],
+                                                   device)
+        else:                                   # data.cache: latents and text precomputed
+            mean, std = batch.latents[:, 0].to(device), batch.latents[:, 1].to(device)
+            mask = torch.from_numpy(keep).to(device)
+            empty_context, empty_pooled = w.empty
+            context = torch.where(mask[:, None, None], batch.context.to(device), empty_context)
+            pooled = None if batch.pooled is None else torch.where(mask[:, None], batch.pooled.to(device), empty_pooled)
+        latents = mean + std * torch.randn(mean.shape, generator=g).to(device, mean.dtype)
+        latents = (latents * w.comps.vae.config.scaling_factor).to(latent_dtype)
+        context = context.to(w.weight_dtype)
+        pooled = None if pooled is None else pooled.to(w.weight_dtype)
+    return latents, context, pooled
+
+
+def train_step(w: Worker, batch) -> float:
+    """One optimizer step on ``batch``; returns the loss averaged over every rank."""
+    import torch
+    import torch.nn.functional as F
+
+    from training import objectives as obj
+
+    spec, device = w.spec, w.acc.device
+    sched = w.comps.noise_scheduler
+    ac = sched.alphas_cumprod.to(device)
+    g = torch.Generator("cpu").manual_seed(step_seed(spec.train.seed, w.step, w.rank))
+    keep = obj.caption_keep(len(batch.ids), spec.objective.caption_dropout,
+                            seeded_rng(spec.train.seed, "captions", w.step, w.rank))
+    latents, context, pooled = conditioning(w, batch, keep, g)
+    noise = obj.offset_noise(torch.randn(latents.shape, generator=g), spec.objective.offset_noise, g).to(device, latents.dtype)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+    noisy = obj.add_noise(latents, noise, t, ac)
+    target = obj.target(w.comps.prediction_type, latents, noise, t, ac)
+    added = w.family.unet_conditions(pooled, batch.time_ids, device)
+    with w.acc.autocast():
+        pred = w.unet(noisy, t, context, added_cond_kwargs=added).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    if spec.objective.min_snr_gamma:
+        per_sample = per_sample * obj.min_snr_weights(t, ac, spec.objective.min_snr_gamma, w.comps.prediction_type)
+    loss = per_sample.mean()
+    w.acc.backward(loss)
+    if spec.optim.max_grad_norm:
+        w.acc.clip_grad_norm_(w.unet.parameters(), spec.optim.max_grad_norm)
+    w.optimizer.step()
+    w.lr_sched.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    if w.ema is not None:
+        w.ema.step(w.raw_unet.parameters())
+    w.step += 1
+    return w.acc.gather(loss.detach()[None]).mean().item()
+
+
+def samples(w: Worker, step: int) -> list[str]:
+    """Rank 0: the spec's sample prompts through the family's pipeline, as PNGs and TensorBoard images."""
+    import torch
+
+    spec = w.spec
+    pipe = w.family.build_pipeline(w.comps, w.raw_unet).to(w.acc.device)
+    pipe.set_progress_bar_config(disable=True)
+    folder = os.path.join(w.config["output"], "samples")
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k, prompt in enumerate(spec.train.sample_prompts):
+        g = torch.Generator("cpu").manual_seed(spec.train.seed + k)
+        with w.acc.autocast():
+            img = pipe(prompt, num_inference_steps=spec.train.sample_steps, height=spec.data.resolution,
+                       width=spec.data.resolution, generator=g).images[0]
+        path = os.path.join(folder, f"step{step:07d}_{k}.png")
+        img.save(path)
+        w.metrics.image(f"samples/{k}", np.asarray(img), step)
+        paths.append(path)
+    return paths
+
+
+def checkpoint(w: Worker, report: dict) -> None:
+    """Report ``report`` to Ray Train; rank 0 attaches a checkpoint of ``w.states``."""
+    import ray.train
+
+    if not w.acc.is_main_process:
+        ray.train.report(report)
+        return
+    folder = tempfile.mkdtemp(prefix="winnow-ckpt-")
+    state = w.loader.state()
+    save_checkpoint(folder, w.states, w.step, state, {"epoch": state.epoch, "world_size": w.world,
+                                                      "fingerprint": w.config["fingerprint"]})
+    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                     checkpoint_dir_name=f"checkpoint_{w.step:07d}")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def finish(w: Worker, first_step: int, started: float) -> None:
+    """Rank 0: export ``OUTPUT/final`` (EMA weights when kept), the last samples and summary.json."""
+    import torch
+
+    out, spec, unet, ema = w.config["output"], w.spec, w.raw_unet, w.ema
+    final = os.path.join(out, "final")
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # the frozen parts were cast to the training dtype: export pristine copies beside the UNet
+    w.family.export(w.comps if w.weight_dtype == torch.float32 else _components(spec, w.scratch), unet, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    sample_paths = samples(w, w.step) if spec.train.sample_prompts else []
+    if ema is not None:
+        ema.restore(unet.parameters())
+    step = w.step
+    summary = {"steps": step, "steps_this_run": step - first_step, "resumed_from": first_step,
+               "epoch": w.loader.state().epoch, "global_batch": spec.train.batch_size * w.world,
+               "world_size": w.world, "samples_this_run": (step - first_step) * spec.train.batch_size * w.world,
+               "wall_s": round(time.time() - started, 2), "data_wait_s": round(w.loader.wait_s, 3),
+               "final": final, "ema": ema is not None, "samples": sample_paths,
+               "prediction_type": w.comps.prediction_type, "kind": w.comps.kind,
+               "distributed": str(w.acc.distributed_type), "num_processes": w.acc.num_processes}
+    with open(os.path.join(out, layout.SUMMARY_FILE), "w") as fh:
+        json.dump(summary, fh, indent=2)
+
+
+class _Window:
+    """Loss, step time, data wait and samples since the last log line."""
+
+    def __init__(self):
+        self.loss, self.time, self.wait, self.samples = [], 0.0, 0.0, 0
+
+    def add(self, loss: float, seconds: float, wait: float, samples: int) -> None:
+        self.loss.append(loss)
+        self.time += seconds
+        self.wait += wait
+        self.samples += samples
+
+    def values(self, lr: float, epoch: int, bucket) -> dict:
+        return {"loss": float(np.mean(self.loss)), "lr": lr, "samples_per_s": self.samples / max(self.time, 1e-9),
+                "data_wait": self.wait / max(self.time, 1e-9), "epoch": epoch,
+                "bucket": f"{bucket.width}x{bucket.height}", "step_losses": self.loss}
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker."""
+    w = build(config)
+    spec = w.spec
+    started, first_step = time.time(), w.step
+    window = _Window()
+    it = iter(w.loader)
+    tick = time.perf_counter()
+    while w.step < spec.train.max_steps:
+        wait0 = w.loader.wait_s
+        batch = next(it)
+        lr = w.optimizer.param_groups[0]["lr"]                 # the rate this step uses
+        loss = train_step(w, batch)
+        now = time.perf_counter()
+        window.add(loss, now - tick, w.loader.wait_s - wait0, len(batch.ids) * w.world)
+        tick = now
+        step = w.step
+        if step % spec.train.log_every == 0 or step == spec.train.max_steps:
+            w.metrics.log(step, window.values(lr, batch.epoch, w.buckets[batch.bucket]))
+            window = _Window()
+        if spec.train.sample_every and step % spec.train.sample_every == 0 and step != spec.train.max_steps:
+            if w.acc.is_main_process:
+                samples(w, step)
+            w.acc.wait_for_everyone()
+            w.raw_unet.train()
+        if step % spec.train.checkpoint_every == 0 or step == spec.train.max_steps:
+            checkpoint(w, {"step": step, "loss": loss, "epoch": w.loader.state().epoch})
+    w.loader.close()
+    if w.acc.is_main_process:
+        finish(w, first_step, started)
+    w.metrics.close()
+    w.acc.wait_for_everyone()
+    shutil.rmtree(w.scratch, ignore_errors=True)
+
+
+__all__ = ["Worker", "build", "step_seed", "train_loop", "train_step"]
