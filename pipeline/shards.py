@@ -240,10 +240,8 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
         raise RuntimeError(f"partition {name}: {count} annotated rows, expected {expected}; re-run to finish it")
     table = table.sort_by(KEY)
     emb_cols = [c for c in EMBEDDING_COLUMNS if c in table.column_names]
-    if emb_cols:
-        write_embeddings(os.path.join(os.path.dirname(shards_dir), layout.EMBEDDINGS_DIR, f"{name}.parquet"),
-                         table.select([KEY, *emb_cols]))
-        table = table.drop_columns(emb_cols)
+    embeddings = table.select([KEY, *emb_cols]) if emb_cols else None
+    table = table.drop_columns(emb_cols)
     rows = table.to_pylist()
     timing: dict[str, float] = {}
     for r in rows:
@@ -268,21 +266,33 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
         blocks.append(tars.block(f"{r[KEY]}.{r.get(IMAGE_EXT) or 'jpg'}", r[IMAGE]))
         blocks.append(tars.block(f"{r[KEY]}.txt", (r.get(CAPTION) or "").encode("utf-8")))
         blocks.append(tars.block(f"{r[KEY]}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")))
-    size = sum(len(b) for b in blocks)
-    blocks.append(tars.end(size))
-    os.makedirs(shards_dir, exist_ok=True)
-    tar_size = atomic_write(os.path.join(shards_dir, f"{name}.tar"), blocks)
+    blocks.append(tars.end(sum(len(b) for b in blocks)))
     ann = [{k: v for k, v in r.items() if k not in BULK_COLUMNS} for r in rows]
-    atomic_write(os.path.join(shards_dir, f"{name}.parquet"), table_bytes(conform(pa.Table.from_pylist(ann))))
-    if videos is not None:
-        # beside shards/, not in it: one parquet schema per glob there (shards/*.parquet reads as one table)
-        vdir = os.path.join(os.path.dirname(shards_dir), VIDEO_ROWS_DIR)
-        os.makedirs(vdir, exist_ok=True)
-        atomic_write(os.path.join(vdir, f"{name}.parquet"), table_bytes(pa.Table.from_pylist(videos)))
     reasons = reason_counts(r[REJECT_REASON] for r in rows if r[STATUS] != KEPT)
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": kept,
              "rejected": len(rows) - kept, "reasons": dict(sorted(reasons.items())),
-             "stage_seconds": {k: round(v, 4) for k, v in timing.items()},
-             "tar_bytes": tar_size}
+             "stage_seconds": {k: round(v, 4) for k, v in timing.items()}}
+    return commit_shard(shards_dir, partition, blocks, conform(pa.Table.from_pylist(ann)), stats, embeddings,
+                        None if videos is None else pa.Table.from_pylist(videos))
+
+
+def commit_shard(shards_dir: str, partition: int, tar_chunks, table: pa.Table, stats: dict,
+                 embeddings: pa.Table | None = None, per_input: pa.Table | None = None) -> dict:
+    """Write one shard, the one way curate and select both do: its embeddings and per-input rows
+    beside ``shards/``, ``NNNNN.tar`` (from ``tar_chunks``, bytes or an iterator of them),
+    ``NNNNN.parquet``, then ``NNNNN_stats.json`` (``stats`` + ``tar_bytes``) last, as the done marker.
+    Every file is written atomically, so a killed writer leaves a shard that is whole or not done."""
+    name = shard_name(partition)
+    root = os.path.dirname(shards_dir)
+    if embeddings is not None:
+        write_embeddings(os.path.join(root, layout.EMBEDDINGS_DIR, f"{name}.parquet"), embeddings)
+    os.makedirs(shards_dir, exist_ok=True)
+    tar_bytes = atomic_write(os.path.join(shards_dir, f"{name}.tar"), tar_chunks)
+    atomic_write(os.path.join(shards_dir, f"{name}.parquet"), table_bytes(table))
+    if per_input is not None:
+        # beside shards/, not in it: one parquet schema per glob there (shards/*.parquet reads as one table)
+        os.makedirs(os.path.join(root, VIDEO_ROWS_DIR), exist_ok=True)
+        atomic_write(os.path.join(root, VIDEO_ROWS_DIR, f"{name}.parquet"), table_bytes(per_input))
+    stats = {**stats, "tar_bytes": tar_bytes}
     atomic_write(os.path.join(shards_dir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
     return stats

@@ -94,3 +94,22 @@ def test_the_contract_is_self_contained():
     for path, names in graph.items():
         if path.startswith(os.path.join("pipeline", "contract")):
             assert not {n for n in names if n.split(".")[0] in PACKAGES and not n.startswith("pipeline.contract")}, path
+
+
+def test_no_model_family_branches_outside_training_families():
+    """``kind == "sdxl"`` and the like live in training/families/ only: a new family is a new file."""
+    from training.families import FAMILIES
+
+    found = []
+    for pkg in PACKAGES:
+        for d, _, files in os.walk(os.path.join(ROOT, pkg)):
+            if os.path.relpath(d, ROOT).startswith(os.path.join("training", "families")):
+                continue
+            for f in (f for f in files if f.endswith(".py")):
+                path = os.path.join(d, f)
+                for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                    if isinstance(node, ast.Compare):
+                        consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                        if any(c in FAMILIES for c in consts):
+                            found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert found == []

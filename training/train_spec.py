@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pipeline.contract import layout
 from pipeline.contract.config import (
     ConfigError,
+    RaySettings,
     apply_overrides,
     build,
     load_yaml,
@@ -83,9 +84,7 @@ class TrainSection:
 
 
 @dataclass
-class RayTrainSpec:
-    address: str | None = option(None, "Ray cluster address; null uses RAY_ADDRESS or a local Ray", runtime=True)
-    num_cpus: int | None = option(None, "CPUs of a local Ray (default: all cores)", min=1, runtime=True)
+class RayTrainSpec(RaySettings):
     num_workers: int = option(2, "Ray Train workers (one per GPU on a cluster)", min=1, runtime=True)
     use_gpu: bool = option(False, "one GPU per worker, NCCL; false trains on CPU with gloo", runtime=True)
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker", min=0.1, runtime=True)

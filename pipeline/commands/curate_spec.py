@@ -9,6 +9,7 @@ from pipeline import registry
 from pipeline.contract import layout
 from pipeline.contract.config import (
     ConfigError,
+    RaySettings,
     apply_overrides,
     build,
     load_yaml,
@@ -34,9 +35,7 @@ class OutputSpec:
 
 
 @dataclass
-class RaySpec:
-    address: str | None = option(None, "Ray cluster address; null uses RAY_ADDRESS or starts a local Ray sized to this machine")
-    num_cpus: int | None = option(None, "CPUs for a local Ray (default: all cores)", min=1)
+class RaySpec(RaySettings):
     block_rows: int = option(32, "samples per Ray Data block of the plan (smaller = finer load balancing)", min=1)
     no_progress_timeout_s: float = option(900.0, "fail instead of hanging when the dataset makes no progress this long", min=1)
     progress_bars: bool = option(False, "show Ray Data's per-operator progress bars as well as winnow's own")

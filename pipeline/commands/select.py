@@ -29,7 +29,7 @@ from pipeline.commands.sweep import FilterSpec, check_filters, levels_for, value
 from pipeline import adapter, shards
 from pipeline.contract import layout
 from pipeline.contract import tar as tars
-from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind, to_dict
+from pipeline.contract.config import ConfigError, RaySettings, apply_overrides, build, load_yaml, option, take_kind, to_dict
 from pipeline.contract.schema import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
 
 NAME = "select"
@@ -61,12 +61,6 @@ class SelectOutput:
 
 
 @dataclass
-class SelectRay:
-    address: str | None = option(None, "Ray cluster address; null uses RAY_ADDRESS or a local Ray", runtime=True)
-    num_cpus: int | None = option(None, "CPUs of a local Ray (default: all cores)", min=1, runtime=True)
-
-
-@dataclass
 class SelectSpec:
     output: SelectOutput = field(default_factory=SelectOutput)
     runs: list[str] = option(factory=list, help="`winnow curate` output folders; default: the runs the selection's "
@@ -74,7 +68,7 @@ class SelectSpec:
     selection: str | None = option(None, "selection manifest (winnow sweep's selections/cell_NNN.parquet: run, key)")
     filters: list[FilterSpec] = option(factory=list, help="inline thresholds instead of (or on top of) a manifest: "
                                                           "one drop_fraction or threshold each, ANDed")
-    ray: SelectRay = field(default_factory=SelectRay)
+    ray: RaySettings = field(default_factory=RaySettings)
 
 
 def parse(data: dict) -> SelectSpec:
@@ -268,18 +262,14 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
                 f.close()
         yield tars.end(size)
 
-    sdir = os.path.join(out, layout.SHARDS_DIR)
-    os.makedirs(sdir, exist_ok=True)
+    embeddings = None
     if emb:
         e = pa.concat_tables(emb, promote_options="permissive")
-        shards.write_embeddings(os.path.join(out, layout.EMBEDDINGS_DIR, f"{name}.parquet"), e.take(pc.sort_indices(e.column(KEY))))
-    tar_bytes = layout.atomic_write(os.path.join(sdir, f"{name}.tar"), chunks())
-    layout.atomic_write(os.path.join(sdir, f"{name}.parquet"), layout.table_bytes(table))
+        embeddings = e.take(pc.sort_indices(e.column(KEY)))
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": len(rows), "rejected": 0,
-             "reasons": {}, "stage_seconds": {}, "tar_bytes": tar_bytes,
+             "reasons": {}, "stage_seconds": {},
              "sources": sorted({f"{runs[r]}/shards/{shards.shard_name(p)}.tar" for r, p in by_source})}
-    layout.atomic_write(os.path.join(sdir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
-    return stats
+    return shards.commit_shard(os.path.join(out, layout.SHARDS_DIR), partition, chunks(), table, stats, embeddings)
 
 
 def _relabel(t: pa.Table, new_keys: dict[str, str], run: str | None = None, partition: int | None = None) -> pa.Table:

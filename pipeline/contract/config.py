@@ -272,3 +272,13 @@ def _list_index(node: list, part: str, dotted: str) -> int:
         names = [v.get("name") for v in node if isinstance(v, dict)]
         raise ConfigError(f"--set {dotted}: no item named {part!r}; items: {names}")
     return matches[0]
+
+
+@dataclasses.dataclass
+class RaySettings:
+    """Where a command's Ray runs; every command's ``ray:`` section starts with these (and adds its own)."""
+
+    address: str | None = option(None, "Ray cluster address; null uses RAY_ADDRESS or starts a local Ray sized to "
+                                       "this machine", runtime=True)
+    num_cpus: int | None = option(None, "CPUs for a local Ray (default: all cores)", min=1, runtime=True)
+

@@ -5,20 +5,11 @@ import os
 
 import torch
 
-from training.families.base import (
-    TINY_TEXT_WIDTH,
-    TINY_UNET,
-    Components,
-    Family,
-    offline_clip_tokenizer,
-    tiny_schedulers,
-    tiny_text_encoder,
-    tiny_vae,
-    tokenize,
-)
+from training.families import base
+from training.families.base import Components
 
 
-class SD(Family):
+class SD(base.Family):
     name = "sd"
     text_encoders = ("text_encoder",)
     tiny_scaling_factor = 0.18215
@@ -33,16 +24,16 @@ class SD(Family):
         (VAE factor 8, 4 latent channels, CLIP's tokenizer and 77 tokens), tiny widths."""
         from diffusers import UNet2DConditionModel
 
-        vae = tiny_vae(seed, self.tiny_scaling_factor)
+        vae = base.tiny_vae(seed, self.tiny_scaling_factor)
         torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=TINY_TEXT_WIDTH)
-        encoders = [tiny_text_encoder(False, seed + 2)]
-        tokenizers = [offline_clip_tokenizer(os.path.join(scratch, "tokenizer"))]
-        return Components(self.name, unet, vae, encoders, tokenizers, *tiny_schedulers(prediction_type))
+        unet = UNet2DConditionModel(**base.TINY_UNET, cross_attention_dim=base.TINY_TEXT_WIDTH)
+        encoders = [base.tiny_text_encoder(False, seed + 2)]
+        tokenizers = [base.offline_clip_tokenizer(os.path.join(scratch, "tokenizer"))]
+        return Components(self.name, unet, vae, encoders, tokenizers, *base.tiny_schedulers(prediction_type))
 
     @torch.no_grad()
     def encode_text(self, c: Components, captions: list[str], device) -> tuple[torch.Tensor, None]:
-        return c.text_encoders[0](tokenize(c.tokenizers[0], captions).to(device))[0], None
+        return c.text_encoders[0](base.tokenize(c.tokenizers[0], captions).to(device))[0], None
 
     def build_pipeline(self, c: Components, unet=None):
         from diffusers import StableDiffusionPipeline

@@ -7,20 +7,11 @@ import os
 
 import torch
 
-from training.families.base import (
-    TINY_TEXT_WIDTH,
-    TINY_UNET,
-    Components,
-    Family,
-    offline_clip_tokenizer,
-    tiny_schedulers,
-    tiny_text_encoder,
-    tiny_vae,
-    tokenize,
-)
+from training.families import base
+from training.families.base import Components
 
 
-class SDXL(Family):
+class SDXL(base.Family):
     name = "sdxl"
     text_encoders = ("text_encoder", "text_encoder_2")
     tiny_scaling_factor = 0.13025
@@ -38,22 +29,22 @@ class SDXL(Family):
         ``text_time`` embedding at real geometry, tiny widths."""
         from diffusers import UNet2DConditionModel
 
-        vae = tiny_vae(seed, self.tiny_scaling_factor)
+        vae = base.tiny_vae(seed, self.tiny_scaling_factor)
         torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=2 * TINY_TEXT_WIDTH,
+        unet = UNet2DConditionModel(**base.TINY_UNET, cross_attention_dim=2 * base.TINY_TEXT_WIDTH,
                                     addition_embed_type="text_time", addition_time_embed_dim=8,
-                                    projection_class_embeddings_input_dim=TINY_TEXT_WIDTH + 6 * 8,
+                                    projection_class_embeddings_input_dim=base.TINY_TEXT_WIDTH + 6 * 8,
                                     use_linear_projection=True)
-        encoders = [tiny_text_encoder(False, seed + 2), tiny_text_encoder(True, seed + 3)]
-        tokenizers = [offline_clip_tokenizer(os.path.join(scratch, "tokenizer")),
-                      offline_clip_tokenizer(os.path.join(scratch, "tokenizer_2"), pad_token="!")]
-        return Components(self.name, unet, vae, encoders, tokenizers, *tiny_schedulers(prediction_type))
+        encoders = [base.tiny_text_encoder(False, seed + 2), base.tiny_text_encoder(True, seed + 3)]
+        tokenizers = [base.offline_clip_tokenizer(os.path.join(scratch, "tokenizer")),
+                      base.offline_clip_tokenizer(os.path.join(scratch, "tokenizer_2"), pad_token="!")]
+        return Components(self.name, unet, vae, encoders, tokenizers, *base.tiny_schedulers(prediction_type))
 
     @torch.no_grad()
     def encode_text(self, c: Components, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = [], None
         for enc, tok in zip(c.text_encoders, c.tokenizers):
-            out = enc(tokenize(tok, captions).to(device), output_hidden_states=True)
+            out = enc(base.tokenize(tok, captions).to(device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]
         return torch.cat(hidden, dim=-1), pooled
