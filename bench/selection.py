@@ -110,7 +110,9 @@ def main() -> int:
     args = parser.parse_args()
     import ray
 
-    from pipeline import adapter, report, selection
+    from pipeline import adapter
+    from pipeline.commands import report
+    from pipeline.commands import select as selection
 
     rng = np.random.default_rng(0)
     work = tempfile.mkdtemp(prefix="winnow-bench-select-")

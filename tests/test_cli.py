@@ -21,6 +21,22 @@ def test_help():
     assert sub.returncode == 0 and "--samples-per-shard" in sub.stdout and "--set" in sub.stdout
 
 
+def test_the_cli_is_a_table_of_command_modules_imported_only_when_run():
+    from pipeline import commands
+
+    code = ("import sys; from pipeline.cli import parser_for; parser_for(None).format_help(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('pipeline.commands.', 'torch', 'ray'))))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "[]"                       # `winnow --help` imports no command, no torch, no Ray
+    for name in commands.COMMANDS:
+        mod = commands.get(name)
+        assert mod.NAME == name and mod.DESCRIPTION
+        assert all(callable(getattr(mod, f)) for f in ("arguments", "from_args", "plan", "run", "format_summary")), name
+    res = winnow("sweep", "--help")
+    assert res.returncode == 0 and "Sweep filter thresholds" in res.stdout and "--set" in res.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["curate"], "give a SPEC.yaml, or both --input PATH and --output DIR"),
     (["curate", "jobs/curate_images.yaml", "--set", "stages.decode.max_sid=5"], "unknown key 'stages[0](decode).max_sid'. Did you mean 'max_side'?"),

@@ -16,7 +16,6 @@ only the rows it trains on:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -24,6 +23,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from pipeline.contract import layout
 from training.buckets import Bucket, plan_crop
 
 BLOCK_ROWS = 64
@@ -131,12 +131,10 @@ class EncodeBlock:
 
 
 def fingerprint(index: pa.Table, spec, buckets: list[Bucket]) -> str:
-    h = hashlib.sha256()
-    for col in ("shard", "offset", "size", "caption"):
-        h.update(json.dumps(index.column(col).to_pylist()).encode())
-    h.update(json.dumps({"model": vars(spec.model), "buckets": [(b.width, b.height) for b in buckets],
-                         "version": VERSION}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    """What the cache's contents depend on: every sample's bytes and caption, the model, the buckets."""
+    return layout.fingerprint({**{c: index.column(c).to_pylist() for c in ("shard", "offset", "size", "caption")},
+                               "model": vars(spec.model), "buckets": [(b.width, b.height) for b in buckets],
+                               "version": VERSION})
 
 
 def build_cache(spec, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndarray, actor_pass, gpu: bool,

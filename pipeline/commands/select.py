@@ -268,7 +268,8 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
         embeddings = e.take(pc.sort_indices(e.column(KEY)))
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": len(rows), "rejected": 0,
              "reasons": {}, "stage_seconds": {},
-             "sources": sorted({f"{runs[r]}/shards/{shards.shard_name(p)}.tar" for r, p in by_source})}
+             "sources": sorted({os.path.join(runs[r], layout.SHARDS_DIR, shards.shard_name(p) + ".tar")
+                                for r, p in by_source})}
     return shards.commit_shard(os.path.join(out, layout.SHARDS_DIR), partition, chunks(), table, stats, embeddings)
 
 

@@ -247,6 +247,3 @@ def as_optional_float(value: Any) -> float | None:
         return None
     return None if f != f else f
 
-
-def config_fields(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}

@@ -40,10 +40,6 @@ class Components:
     sample_scheduler: object = None             # what the exported pipeline samples with
 
     @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
