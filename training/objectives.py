@@ -8,7 +8,10 @@
 * min-SNR-gamma loss weights (Hang et al., 2023);
 * SDXL's micro-conditioning ids, in diffusers' order: original size (h, w), crop top-left
   (top, left), target size (h, w) (Podell et al., 2023);
-* caption dropout for classifier-free guidance (Ho & Salimans, 2022).
+* caption dropout for classifier-free guidance (Ho & Salimans, 2022);
+* EDM (Karras et al., 2022) preconditioning and loss weights, in SVD's v-parameterisation with
+  sigma_data 1 (Blattmann et al., 2023) or EDM's own with sigma_data 0.5, and its log-normal
+  sigma sampling, one sigma per video.
 """
 from __future__ import annotations
 
@@ -88,5 +91,58 @@ def drop_captions(captions: list[str], p: float, rng: np.random.Generator) -> li
     return [c if k else "" for c, k in zip(captions, caption_keep(len(captions), p, rng))]
 
 
-__all__ = ["add_noise", "alphas_cumprod", "caption_keep", "drop_captions", "min_snr_weights", "offset_noise", "sdxl_time_ids",
-           "snr", "target", "velocity"]
+class EDM:
+    """EDM preconditioning: ``D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x; c_noise(s))``, the noisy
+    input ``x = x0 + s eps`` and the loss ``weight(s) ||D(x; s) - x0||^2``.
+
+    ``sigma_data = 1, v_param = True`` is SVD's (``c_out = -s / sqrt(s^2 + 1)``: F predicts
+    velocity, as diffusers' ``EulerDiscreteScheduler(prediction_type="v_prediction",
+    timestep_type="continuous")`` reads it); ``sigma_data = 0.5, v_param = False`` is EDM's own.
+    ``c_noise = ln(s) / 4`` in both."""
+
+    def __init__(self, sigma_data: float = 1.0, v_param: bool = True):
+        self.sigma_data, self.v_param = float(sigma_data), bool(v_param)
+
+    def _s(self, sigma: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """sigma shaped to broadcast over ``like`` (one sigma per leading index)."""
+        return sigma if like is None else sigma.reshape((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
+
+    def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+
+    def c_out(self, sigma: torch.Tensor) -> torch.Tensor:
+        c = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        return -c if self.v_param else c
+
+    def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+
+    @staticmethod
+    def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+        return 0.25 * sigma.log()
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x0 + self._s(sigma, x0) * noise
+
+    def model_input(self, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self._s(self.c_in(sigma), noisy) * noisy
+
+    def denoise(self, noisy: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self._s(self.c_skip(sigma), noisy) * noisy + self._s(self.c_out(sigma), noisy) * model_output
+
+    def loss(self, noisy: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``weight(s) * mean((D(x; s) - x0)^2)`` over everything but the first dimension."""
+        err = (self.denoise(noisy.float(), model_output.float(), sigma.float()) - x0.float()) ** 2
+        return self.weight(sigma.float()) * err.mean(dim=list(range(1, err.ndim)))
+
+
+def sample_sigmas(n: int, p_mean: float, p_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``ln s ~ N(p_mean, p_std^2)``, one sigma per sample (a video's frames share it)."""
+    return (p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)).exp().float()
+
+
+__all__ = ["EDM", "add_noise", "alphas_cumprod", "caption_keep", "drop_captions", "min_snr_weights", "offset_noise",
+           "sample_sigmas", "sdxl_time_ids", "snr", "target", "velocity"]
