@@ -4,8 +4,9 @@ from __future__ import annotations
 from training.families.base import Family
 from training.families.sd import SD
 from training.families.sdxl import SDXL
+from training.families.svd import SVD
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SVD())}
 
 
 def get(kind: str) -> Family:

@@ -1,0 +1,46 @@
+"""The svd family: tiny components, the image embedding as the pipeline computes it, and an export
+that diffusers' StableVideoDiffusionPipeline loads and runs."""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.conditioning import MotionBucketMap
+from training.families import get
+
+
+def test_export_loads_in_stable_video_diffusion_pipeline_and_makes_frames(tmp_path):
+    from diffusers import StableVideoDiffusionPipeline
+
+    fam = get("svd")
+    comps = fam.tiny(0, str(tmp_path / "scratch"))
+    folder = str(tmp_path / "svd")
+    fam.export(comps, comps.unet, folder, MotionBucketMap.fit(np.linspace(0, 10, 50)))
+    assert sorted(os.listdir(folder)) == sorted(fam.subfolders + ["model_index.json", "motion_buckets.json"])
+    assert MotionBucketMap.from_dict(json.load(open(os.path.join(folder, "motion_buckets.json"))))([5.0])[0] == 128
+    pipe = StableVideoDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    out = pipe(image, height=64, width=96, num_frames=4, num_inference_steps=2, decode_chunk_size=2, fps=7,
+               motion_bucket_id=127, noise_aug_strength=0.02, generator=torch.Generator().manual_seed(0),
+               output_type="np").frames
+    assert np.asarray(out).shape == (1, 4, 64, 96, 3) and np.isfinite(np.asarray(out)).all()
+    # the scheduler is SVD's: v-prediction on continuous EDM timesteps
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.timestep_type == "continuous"
+
+
+def test_image_embedding_is_the_pipelines(tmp_path):
+    from diffusers import StableVideoDiffusionPipeline
+
+    fam = get("svd")
+    comps = fam.tiny(1, str(tmp_path))
+    pipe = fam.build_pipeline(comps)
+    assert isinstance(pipe, StableVideoDiffusionPipeline)
+    pixels = np.random.default_rng(2).integers(0, 255, (2, 64, 96, 3), dtype=np.uint8)
+    frames = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1     # the loader's [-1, 1]
+    ours = fam.encode_image(comps, frames)
+    theirs = pipe._encode_image([Image.fromarray(p) for p in pixels], "cpu", 1, False)
+    assert ours.shape == (2, 1, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
