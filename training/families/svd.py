@@ -109,6 +109,35 @@ class SVD(base.Family):
                 json.dump(motion_map.to_dict(), fh, indent=1)
         return folder
 
+    def loss(self, c: Components, frames: torch.Tensor, fps: torch.Tensor, motion_bucket_id: torch.Tensor, edm,
+             p_mean: float, p_std: float, g: torch.Generator, keep_image: torch.Tensor, keep_concat: torch.Tensor,
+             unet=None) -> torch.Tensor:
+        """Per-video EDM loss of one image-to-video batch. ``frames`` (B, F, 3, H, W) in [-1, 1]; the
+        first frame conditions; ``keep_image`` / ``keep_concat`` (B,) bool drop the image embedding and
+        the concatenated latent for classifier-free guidance (to zeros, the pipeline's negatives)."""
+        from training.conditioning import augment_frame, concat_condition, sample_noise_aug, svd_time_ids
+        from training.objectives import sample_sigmas
+
+        unet = c.unet if unet is None else unet
+        b, f = frames.shape[:2]
+        device = frames.device
+        vae = c.vae
+        with torch.no_grad():
+            dist = vae.encode(frames.flatten(0, 1).to(next(vae.parameters()).dtype)).latent_dist
+            noise_z = torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype)
+            latents = ((dist.mean + dist.std * noise_z) * vae.config.scaling_factor).float().unflatten(0, (b, f))
+            first = frames[:, 0]
+            embeds = self.encode_image(c, first) * keep_image.to(device, torch.float32).reshape(-1, 1, 1)
+            aug = sample_noise_aug(b, generator=g).to(device)
+            cond = augment_frame(first, aug, torch.randn(first.shape, generator=g).to(device, first.dtype))
+            cond_latent = vae.encode(cond.to(next(vae.parameters()).dtype)).latent_dist.mode().float()
+            cond_latent = cond_latent * keep_concat.to(device, torch.float32).reshape(-1, 1, 1, 1)
+        sigma = sample_sigmas(b, p_mean, p_std, g).to(device)
+        noisy = edm.noisy(latents, torch.randn(latents.shape, generator=g).to(device), sigma)
+        model_in = concat_condition(edm.model_input(noisy, sigma), cond_latent)
+        out = unet(model_in, edm.c_noise(sigma), embeds, added_time_ids=svd_time_ids(fps, motion_bucket_id, aug).to(device)).sample
+        return edm.loss(noisy, out, latents, sigma)
+
     def cache_dims(self, pretrained, allow_download=False) -> dict:
         raise TypeError("the latent cache holds image latents; svd trains on decoded frames")
 
