@@ -74,3 +74,32 @@ def test_frames_are_cropped_alike_to_the_bucket(clip_30fps):
     out, (h, w, top, left) = to_bucket(frames, Bucket(32, 32), np.random.default_rng(1))
     assert out.shape == (2, 32, 32, 3) and (h, w) == (48, 64) and top == 0 and 0 <= left <= 11
     assert index_of(out[1]) - index_of(out[0]) == 15
+
+
+def test_the_clip_index_reads_kept_clips_with_their_timing(tmp_path, clip_30fps):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.contract import tar as tars
+    from training.index import build_index
+
+    shards = tmp_path / "run" / "shards"
+    shards.mkdir(parents=True)
+    blocks = []
+    for key in ("a_0000_0000", "a_0000_0001"):
+        blocks += [tars.block(f"{key}.mp4", clip_30fps), tars.block(f"{key}.txt", b"grey ramp")]
+    blocks.append(tars.end(sum(len(b) for b in blocks)))
+    (shards / "00000.tar").write_bytes(b"".join(blocks))
+    pq.write_table(pa.table({"key": ["a_0000_0000", "a_0000_0001", "b_0000_0000"],
+                             "status": ["kept", "kept", "rejected"], "caption": ["grey ramp", "grey ramp", None],
+                             "width": [64, 64, None], "height": [48, 48, None], "fps": [30.0, None, None],
+                             "num_frames": [60, 60, None], "motion_score": [1.5, 2.0, None]}),
+                   str(shards / "00000.parquet"))
+    index, where = build_index(str(tmp_path / "run"), str(tmp_path / "fallback"), clips=True)
+    assert where.endswith("train_clip_index.parquet")
+    assert index.column("key").to_pylist() == ["a_0000_0000"]          # no fps: cannot be sampled, left out
+    row = index.to_pylist()[0]
+    assert (row["fps"], row["num_frames"], row["duration_s"], row["motion_score"]) == (30.0, 60, 2.0, 1.5)
+    with open(row["shard"], "rb") as fh:
+        fh.seek(row["offset"])
+        assert fh.read(row["size"]) == clip_30fps

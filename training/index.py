@@ -27,7 +27,14 @@ from pipeline.contract.schema import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_
 from training.buckets import Bucket, assign, bucket_table
 
 INDEX_FILE = os.path.join(".winnow", "train_index.parquet")   # hidden: not a "train" split to HF datasets
+CLIP_INDEX_FILE = os.path.join(".winnow", "train_clip_index.parquet")
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
+CLIP_EXTS = ("mp4",)
+# a clip's row: where its MP4 is, and what sampling and conditioning need (fps, frames, motion)
+CLIP_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+                         ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+                         ("fps", pa.float64()), ("num_frames", pa.int64()), ("duration_s", pa.float64()),
+                         ("motion_score", pa.float64())])
 SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
                     ("ext", pa.string()), ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
                     ("original_width", pa.int64()), ("original_height", pa.int64())])
@@ -86,6 +93,32 @@ def index_shard(shard: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+def index_clip_shard(shard: str) -> pa.Table:
+    """Clip-index rows of one shard of a video run: the kept clips, with their annotation row's
+    size, fps, frame count and motion score (a clip without them is left out: it cannot be sampled)."""
+    members: dict[str, tuple[int, int]] = {}
+    with fsspec.open(shard, "rb") as fh:
+        for item in tars.group(list(tars.scan(fh)), CLIP_EXTS):
+            if isinstance(item, tars.Sample) and item.media is not None:
+                members[item.key] = (item.media.data, item.media.size)
+    try:
+        with fsspec.open(shard[:-len(".tar")] + ".parquet", "rb") as fh:
+            table = pq.read_table(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"data.shards: {shard} has no annotation parquet beside it; clips need their fps and "
+                          f"frame counts (curate the videos with winnow)") from None
+    rows = []
+    for r in table.to_pylist():
+        if r.get(STATUS, KEPT) != KEPT or r[KEY] not in members or not r.get("fps") or not r.get("num_frames"):
+            continue
+        offset, size = members[r[KEY]]
+        rows.append({"shard": shard, "key": r[KEY], "offset": offset, "size": size, "caption": r.get(CAPTION) or "",
+                     "width": int(r[WIDTH]), "height": int(r[HEIGHT]), "fps": float(r["fps"]),
+                     "num_frames": int(r["num_frames"]), "duration_s": float(r["num_frames"]) / float(r["fps"]),
+                     "motion_score": r.get("motion_score")})
+    return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+
+
 def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
     """Shards without an annotation parquet (or older ones): read the sample's JSON, else the image header."""
     from PIL import Image
@@ -110,9 +143,10 @@ def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
     return meta
 
 
-def _cache_paths(path: str, fallback_dir: str) -> list[str]:
-    beside = os.path.join(os.path.dirname(shard_dir(path).rstrip("/")), INDEX_FILE)
-    return [beside, os.path.join(fallback_dir, f"index_{hashlib.sha256(path.encode()).hexdigest()[:8]}.parquet")]
+def _cache_paths(path: str, fallback_dir: str, clips: bool = False) -> list[str]:
+    beside = os.path.join(os.path.dirname(shard_dir(path).rstrip("/")), CLIP_INDEX_FILE if clips else INDEX_FILE)
+    name = f"{'clip_' if clips else ''}index_{hashlib.sha256(path.encode()).hexdigest()[:8]}.parquet"
+    return [beside, os.path.join(fallback_dir, name)]
 
 
 def _read_cached(paths: list[str], fp: str) -> tuple[pa.Table | None, str]:
@@ -131,20 +165,26 @@ def index_item(item: dict) -> pa.Table:
     return index_shard(str(item["shard"]))
 
 
-def build_index(path: str, fallback_dir: str, log=None, map_tables=None) -> tuple[pa.Table, str]:
-    """The index of shard set ``path`` (cached); returns (table, where it is cached).
+def clip_index_item(item: dict) -> pa.Table:
+    return index_clip_shard(str(item["shard"]))
+
+
+def build_index(path: str, fallback_dir: str, log=None, map_tables=None, clips: bool = False) -> tuple[pa.Table, str]:
+    """The index of shard set ``path`` (cached); returns (table, where it is cached). ``clips``: the
+    clip index of a video run (``CLIP_SCHEMA``) instead of the image index.
 
     ``map_tables(fn, items)`` runs ``fn`` over the shards (``pipeline.adapter.map_tables``: one Ray
     task per shard); without it the shards are read here, one after another."""
     shards = list_shards(path)
     fp = fingerprint(shards)
-    paths = _cache_paths(path, fallback_dir)
+    paths = _cache_paths(path, fallback_dir, clips)
     cached, where = _read_cached(paths, fp)
     if cached is not None:
         return cached, where
     items = [{"shard": s["shard"]} for s in shards]
-    parts = list(map_tables(index_item, items) if map_tables else map(index_item, items))
-    table = pa.concat_tables([p.cast(SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
+    fn, schema = (clip_index_item, CLIP_SCHEMA) if clips else (index_item, SCHEMA)
+    parts = list(map_tables(fn, items) if map_tables else map(fn, items))
+    table = pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
     table = table.sort_by([("shard", "ascending"), ("offset", "ascending")])
     table = table.replace_schema_metadata({"winnow_fingerprint": fp})
     for p in paths:
@@ -212,5 +252,5 @@ def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4
     return buckets, assign(index.column("width").to_numpy(), index.column("height").to_numpy(), buckets)
 
 
-__all__ = ["INDEX_FILE", "SCHEMA", "bucket_ids", "build_index", "index_shard", "list_shards", "load_index", "select",
+__all__ = ["CLIP_INDEX_FILE", "CLIP_SCHEMA", "INDEX_FILE", "SCHEMA", "index_clip_shard", "bucket_ids", "build_index", "index_shard", "list_shards", "load_index", "select",
            "shard_dir"]
