@@ -87,3 +87,42 @@ def test_schedule_is_seeded():
     c = Schedule(a.buckets, seed=8)
     cur = Schedule.start(Cursor(), 4)
     assert a.batches(cur) == b.batches(cur) != c.batches(cur)
+
+
+def test_video_buckets_have_three_aspects_and_their_own_batch_sizes():
+    from training.buckets import VideoBucket, assign_clips, video_bucket_table
+
+    table = video_bucket_table({"256x384": {14: 4, 8: 8}, "320x576": {14: 1}})
+    assert {(b.width, b.height) for b in table} == {(384, 256), (256, 384), (320, 320), (576, 320), (320, 576),
+                                                    (448, 448)}
+    assert VideoBucket(384, 256, 8, 8) in table and VideoBucket(576, 320, 14, 1) in table and len(table) == 9
+    clips = [(1920, 1080, 5.0, 30.0),   # big landscape: 576x320, 14 frames at 7 fps
+             (300, 200, 2.0, 10.0),     # smaller than every bucket of its aspect: the smallest, 14 frames fit
+             (300, 200, 1.0, 10.0),     # 14 frames fit at no allowed rate; 8 do at 10 fps
+             (1080, 1920, 0.3, 30.0),   # too short for any bucket
+             (720, 720, 3.0, 24.0)]     # square
+    ids = assign_clips(*zip(*clips), table, target_fps=7.0, max_fps=30.0)
+    got = [None if i < 0 else table[i] for i in ids]
+    assert got == [VideoBucket(576, 320, 14, 1), VideoBucket(384, 256, 14, 4), VideoBucket(384, 256, 8, 8), None,
+                   VideoBucket(448, 448, 14, 1)]
+
+
+def test_per_bucket_batch_sizes_keep_every_rank_on_one_bucket_and_resume_exactly():
+    buckets = np.random.default_rng(4).integers(0, 3, 300)
+    batch_of = {0: 4, 1: 2, 2: 1}          # per rank
+    s = Schedule(buckets, seed=9, batch_of=batch_of)
+    cur = Schedule.start(Cursor(), 2)      # 2 ranks
+    batches = s.batches(cur)
+    for b in batches:
+        kinds = set(buckets[b].tolist())
+        assert len(kinds) == 1 and len(b) == 2 * batch_of[kinds.pop()]
+        r0, r1 = rank_slice(b, 0, 2), rank_slice(b, 1, 2)
+        assert len(r0) == len(r1) and not set(r0) & set(r1)
+    resumed = s.batches(Schedule.advance(cur, 7))
+    assert resumed == batches[7:]
+    # a world-size change mid-epoch: the rest of the epoch at 1 rank, no sample twice
+    one = Schedule.start(Schedule.advance(cur, 7), 1)
+    seen = [x for b in batches[:7] for x in b] + [x for b in s.batches(one) for x in b]
+    assert len(seen) == len(set(seen))
+    # without batch_of the image schedule is unchanged
+    assert Schedule(buckets, seed=9).batches(cur) == Schedule(buckets, seed=9, batch_of={}).batches(cur)

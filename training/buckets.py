@@ -82,4 +82,68 @@ def square_kept_fraction(width: int, height: int) -> float:
     return min(width, height) ** 2 / (width * height)
 
 
-__all__ = ["Bucket", "Crop", "assign", "bucket_table", "kept_fraction", "plan_crop", "square_kept_fraction"]
+@dataclass(frozen=True)
+class VideoBucket:
+    """A video bucket: frame size, frames per clip, and its own per-rank batch size."""
+
+    width: int
+    height: int
+    frames: int
+    batch: int
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+    @property
+    def frame(self) -> Bucket:
+        return Bucket(self.width, self.height)
+
+
+def video_bucket_table(config: dict, step: int = 64) -> list[VideoBucket]:
+    """Buckets from ``{"HxW": {frames: batch}}`` (Open-Sora's shape): each resolution gives a
+    landscape (H x W), a portrait (W x H) and a square bucket of about the same area (side a
+    multiple of ``step``), at every frame count listed, each with its batch size per rank."""
+    out = set()
+    for res, frames in config.items():
+        try:
+            h, w = (int(x) for x in str(res).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"video bucket resolution {res!r}: write it as HEIGHTxWIDTH, e.g. 256x384") from None
+        side = max(step, int(round(math.sqrt(h * w) / step)) * step)
+        for f, batch in frames.items():
+            if int(f) < 1 or int(batch) < 1:
+                raise ValueError(f"video bucket {res}: frames {f} and batch {batch} must be at least 1")
+            out |= {VideoBucket(max(h, w), min(h, w), int(f), int(batch)),
+                    VideoBucket(min(h, w), max(h, w), int(f), int(batch)), VideoBucket(side, side, int(f), int(batch))}
+    return sorted(out, key=lambda b: (b.width * b.height, b.frames, b.aspect))
+
+
+def assign_clips(widths, heights, durations, fps, table: list[VideoBucket], target_fps: float, max_fps: float) -> np.ndarray:
+    """Each clip's bucket: the nearest aspect (log space; landscape, portrait or square), then the
+    largest frame size the clip covers without upscaling (else the smallest), then the most frames
+    it holds at ``target_fps`` (sampled up to ``max_fps`` when short), else the fewest. -1: no
+    bucket of that aspect holds even the fewest frames (the loader counts it as too_short)."""
+    w, h = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
+    dur, rate = np.asarray(durations, np.float64), np.asarray(fps, np.float64)
+    aspects = sorted({round(b.aspect, 6) for b in table})
+    logs = np.log(np.asarray(aspects))
+    nearest = np.asarray(aspects)[np.abs(np.log(w / h)[:, None] - logs[None, :]).argmin(axis=1)]
+    out = np.full(len(w), -1, np.int64)
+    for i in range(len(w)):
+        same = [k for k, b in enumerate(table) if round(b.aspect, 6) == nearest[i]]
+        covered = [k for k in same if table[k].width <= w[i] and table[k].height <= h[i]]
+        area = max(table[k].width * table[k].height for k in covered) if covered else \
+            min(table[k].width * table[k].height for k in same)
+        sized = [k for k in same if table[k].width * table[k].height == area]
+        # frames f fit when (f - 1) frames span at most the clip at the fastest allowed rate
+        fastest = min(max_fps, rate[i])
+        fits = [k for k in sized if (table[k].frames - 1) / fastest <= dur[i] - 1 / rate[i] + 1e-9]
+        if fits:
+            at_target = [k for k in fits if (table[k].frames - 1) / min(target_fps, rate[i]) <= dur[i] - 1 / rate[i] + 1e-9]
+            pool = at_target or fits
+            out[i] = max(pool, key=lambda k: table[k].frames) if at_target else min(pool, key=lambda k: table[k].frames)
+    return out
+
+
+__all__ = ["Bucket", "Crop", "VideoBucket", "assign_clips", "video_bucket_table", "assign", "bucket_table", "kept_fraction", "plan_crop", "square_kept_fraction"]

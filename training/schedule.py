@@ -47,10 +47,14 @@ class Cursor:
 class Schedule:
     """The global schedule over samples ``0..n-1`` whose buckets are ``buckets[i]``."""
 
-    def __init__(self, buckets: np.ndarray, seed: int = 0):
+    def __init__(self, buckets: np.ndarray, seed: int = 0, batch_of: dict[int, int] | None = None):
+        """``batch_of``: per bucket, a multiplier of the cursor's global batch (video buckets each
+        have their own batch size: the cursor then holds the world size, and a global batch of
+        bucket ``b`` is ``world x batch_of[b]``). Without it every bucket's global batch is the cursor's."""
         self.buckets = np.asarray(buckets, dtype=np.int64)
         self.seed = seed
         self.bucket_ids = sorted(set(self.buckets.tolist()))
+        self.batch_of = batch_of or {}
 
     # ---- one epoch ----
 
@@ -74,8 +78,9 @@ class Schedule:
         batches = []
         for b in self.bucket_ids:
             pool = pools.get(b, [])
-            for i in range(0, len(pool) - global_batch + 1, global_batch):
-                batches.append(pool[i:i + global_batch])
+            size = global_batch * self.batch_of.get(b, 1)
+            for i in range(0, len(pool) - size + 1, size):
+                batches.append(pool[i:i + size])
         order = seeded_rng(self.seed, epoch, "order", salt, global_batch).permutation(len(batches))
         return [batches[i] for i in order]
 
