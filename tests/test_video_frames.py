@@ -1,6 +1,7 @@
 """Training frames of a clip: sampled by time at the target fps, decoded only as far as needed."""
 import numpy as np
 import pytest
+import torch
 
 from pipeline.synth import write_video
 from training.buckets import Bucket
@@ -76,26 +77,36 @@ def test_frames_are_cropped_alike_to_the_bucket(clip_30fps):
     assert index_of(out[1]) - index_of(out[0]) == 15
 
 
-def test_the_clip_index_reads_kept_clips_with_their_timing(tmp_path, clip_30fps):
+def clip_shard(folder, data: bytes, rows: list[dict]) -> str:
+    """A video run's shard: every row's KEY.mp4 (the same bytes) and the annotation parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.contract import tar as tars
-    from training.index import build_index
 
-    shards = tmp_path / "run" / "shards"
+    shards = folder / "shards"
     shards.mkdir(parents=True)
     blocks = []
-    for key in ("a_0000_0000", "a_0000_0001"):
-        blocks += [tars.block(f"{key}.mp4", clip_30fps), tars.block(f"{key}.txt", b"grey ramp")]
+    for r in rows:
+        if r["status"] == "kept":
+            blocks += [tars.block(f"{r['key']}.mp4", data), tars.block(f"{r['key']}.txt", b"grey ramp")]
     blocks.append(tars.end(sum(len(b) for b in blocks)))
     (shards / "00000.tar").write_bytes(b"".join(blocks))
-    pq.write_table(pa.table({"key": ["a_0000_0000", "a_0000_0001", "b_0000_0000"],
-                             "status": ["kept", "kept", "rejected"], "caption": ["grey ramp", "grey ramp", None],
-                             "width": [64, 64, None], "height": [48, 48, None], "fps": [30.0, None, None],
-                             "num_frames": [60, 60, None], "motion_score": [1.5, 2.0, None]}),
-                   str(shards / "00000.parquet"))
-    index, where = build_index(str(tmp_path / "run"), str(tmp_path / "fallback"), clips=True)
+    pq.write_table(pa.Table.from_pylist(rows), str(shards / "00000.parquet"))
+    return str(folder)
+
+
+def test_the_clip_index_reads_kept_clips_with_their_timing(tmp_path, clip_30fps):
+    from training.index import build_index
+
+    run = clip_shard(tmp_path / "run", clip_30fps, [
+        {"key": "a_0000_0000", "status": "kept", "caption": "grey ramp", "width": 64, "height": 48, "fps": 30.0,
+         "num_frames": 60, "motion_score": 1.5},
+        {"key": "a_0000_0001", "status": "kept", "caption": "grey ramp", "width": 64, "height": 48, "fps": None,
+         "num_frames": 60, "motion_score": 2.0},
+        {"key": "b_0000_0000", "status": "rejected", "caption": None, "width": None, "height": None, "fps": None,
+         "num_frames": None, "motion_score": None}])
+    index, where = build_index(run, str(tmp_path / "fallback"), clips=True)
     assert where.endswith("train_clip_index.parquet")
     assert index.column("key").to_pylist() == ["a_0000_0000"]          # no fps: cannot be sampled, left out
     row = index.to_pylist()[0]
@@ -103,3 +114,44 @@ def test_the_clip_index_reads_kept_clips_with_their_timing(tmp_path, clip_30fps)
     with open(row["shard"], "rb") as fh:
         fh.seek(row["offset"])
         assert fh.read(row["size"]) == clip_30fps
+
+
+def test_the_clip_loader_serves_video_buckets_and_resumes_exactly(tmp_path, clip_30fps):
+    from training.buckets import assign_clips, video_bucket_table
+    from training.conditioning import MotionBucketMap
+    from training.index import build_index
+    from training.loader import ClipLoader
+    from training.schedule import Cursor
+
+    rows = [{"key": f"c{i:02d}_0000_0000", "status": "kept", "caption": f"clip {i}", "width": 64, "height": 48,
+             "fps": 30.0, "num_frames": 60 if i < 11 else 5, "motion_score": float(i)} for i in range(12)]
+    index, _ = build_index(clip_shard(tmp_path / "run", clip_30fps, rows), str(tmp_path / "fb"), clips=True)
+    table = video_bucket_table({"48x64": {6: 2}})
+    bucket_of = assign_clips(index.column("width").to_numpy(), index.column("height").to_numpy(),
+                             index.column("duration_s").to_numpy(), index.column("fps").to_numpy(), table, 7.0, 30.0)
+    assert (bucket_of < 0).sum() == 1                      # clip 11: 5 frames cannot give 6
+    motion = MotionBucketMap.fit(index.column("motion_score").to_numpy())(index.column("motion_score").to_numpy())
+
+    def take(cursor, rank, n):
+        loader = ClipLoader(index, table, bucket_of, cursor, rank=rank, world_size=2, seed=3, workers=2,
+                            motion_ids=motion)
+        out = []
+        for batch in loader:
+            out.append((batch.ids, batch.frames.clone(), batch.fps.tolist(), batch.motion_bucket_id.tolist()))
+            if len(out) == n:
+                break
+        state = loader.state()
+        loader.close()
+        return out, state, loader.skipped
+
+    full, _, skipped = take(Cursor(), 0, 4)
+    assert skipped == 1
+    ids0, frames0, fps0, motion0 = full[0]
+    assert frames0.shape == (2, 6, 3, 48, 64) and fps0 == [7.0, 7.0] and motion0 == motion[ids0].tolist()
+    assert all(11 not in ids for ids, *_ in full)
+    other, _, _ = take(Cursor(), 1, 4)                      # rank 1: the other half of the same global batches
+    assert all(not set(a[0]) & set(b[0]) for a, b in zip(full, other))
+    first, state, _ = take(Cursor(), 0, 2)
+    rest, _, _ = take(state, 0, 2)
+    for (ia, fa, *_), (ib, fb, *_) in zip(full[2:], rest):
+        assert ia == ib and torch.equal(fa, fb)             # same clips, same frames, after a resume

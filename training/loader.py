@@ -88,18 +88,27 @@ class BucketLoader:
                  prefetch: int = 2, cache=None):
         self.cache = cache            # a training.cache.LatentCache: serve cached latents, no decoding
         self.buckets, self.bucket_of = buckets, np.asarray(bucket_of)
-        self.schedule = Schedule(self.bucket_of, seed)
+        self.schedule = self._schedule(seed)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.cursor = Schedule.start(cursor, batch_size * world_size)
+        self.cursor = Schedule.start(cursor, self._global_batch())
         self.seed, self.random_crop = seed, random_crop
         self.reader = SampleReader(index)
         self.captions = index.column("caption").to_pylist()
-        self.original = np.stack([index.column("original_height").to_numpy(),
-                                  index.column("original_width").to_numpy()], axis=1)
-        self.stored = np.stack([index.column("height").to_numpy(), index.column("width").to_numpy()], axis=1)
+        self._columns(index)
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="winnow-decode")
         self.prefetch = max(1, prefetch)
         self.wait_s = 0.0            # time the consumer waited for a batch
+
+    def _schedule(self, seed: int) -> Schedule:
+        return Schedule(self.bucket_of, seed)
+
+    def _global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _columns(self, index: pa.Table) -> None:
+        self.original = np.stack([index.column("original_height").to_numpy(),
+                                  index.column("original_width").to_numpy()], axis=1)
+        self.stored = np.stack([index.column("height").to_numpy(), index.column("width").to_numpy()], axis=1)
 
     def state(self) -> Cursor:
         return self.cursor
@@ -144,26 +153,84 @@ class BucketLoader:
                 t = time.perf_counter()
                 done = [f.result() for f in futures]
                 self.wait_s += time.perf_counter() - t
-                bucket = self.buckets[int(self.bucket_of[ids[0]])]
-                time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
                 self.cursor = cursor
-                batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]),
-                              cursor.epoch)
-                if self.cache is None:
-                    batch.pixels = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
-                else:
-                    batch.latents = torch.from_numpy(np.stack([d[0][0] for d in done])).float()
-                    batch.context = torch.from_numpy(np.stack([d[0][1] for d in done])).float()
-                    if done[0][0][2] is not None:
-                        batch.pooled = torch.from_numpy(np.stack([d[0][2] for d in done])).float()
-                yield batch
+                yield self._assemble(cursor, ids, done)
         finally:
             for _, _, futures in pending:
                 for f in futures:
                     f.cancel()
 
+    def _assemble(self, cursor: Cursor, ids: list[int], done: list) -> Batch:
+        bucket = self.buckets[int(self.bucket_of[ids[0]])]
+        time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
+        batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]), cursor.epoch)
+        if self.cache is None:
+            batch.pixels = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        else:
+            batch.latents = torch.from_numpy(np.stack([d[0][0] for d in done])).float()
+            batch.context = torch.from_numpy(np.stack([d[0][1] for d in done])).float()
+            if done[0][0][2] is not None:
+                batch.pooled = torch.from_numpy(np.stack([d[0][2] for d in done])).float()
+        return batch
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["Batch", "BucketLoader", "SampleReader", "load_image"]
+@dataclass
+class ClipBatch:
+    frames: torch.Tensor          # (B, F, 3, H, W) float32 in [-1, 1]
+    fps: torch.Tensor             # (B,) the rate the frames were sampled at
+    motion_bucket_id: torch.Tensor  # (B,) from the run's motion-bucket map
+    captions: list[str]
+    ids: list[int]                # clip ids (clip-index rows)
+    bucket: int
+    epoch: int
+
+
+class ClipLoader(BucketLoader):
+    """The same schedule, cursor and prefetching over clips: video buckets, each with its own batch
+    size per rank (the cursor's global batch is the world size), N frames sampled per clip by
+    ``training.video_frames`` from a start seeded by (seed, epoch, clip). Clips no bucket can hold
+    (``bucket_of`` -1) are never drawn; ``skipped`` counts them."""
+
+    def __init__(self, index: pa.Table, buckets: list, bucket_of: np.ndarray, cursor: Cursor, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4, prefetch: int = 2,
+                 target_fps: float = 7.0, min_fps: float = 3.0, max_fps: float = 30.0, motion_ids=None):
+        self.target_fps, self.min_fps, self.max_fps = target_fps, min_fps, max_fps
+        self.motion_ids = np.asarray(motion_ids if motion_ids is not None else np.full(index.num_rows, 127), np.int64)
+        self.skipped = int((np.asarray(bucket_of) < 0).sum())
+        super().__init__(index, buckets, bucket_of, cursor, 1, rank, world_size, seed, random_crop, workers, prefetch)
+
+    def _schedule(self, seed: int) -> Schedule:
+        return Schedule(self.bucket_of, seed, {k: b.batch for k, b in enumerate(self.buckets)})
+
+    def _global_batch(self) -> int:
+        return self.world_size
+
+    def _columns(self, index: pa.Table) -> None:
+        self.clip_fps = index.column("fps").to_numpy()
+        self.duration = index.column("duration_s").to_numpy()
+
+    def _sample(self, i: int, epoch: int) -> tuple:
+        from training.video_frames import decode_frames, plan_frames, to_bucket
+
+        bucket = self.buckets[int(self.bucket_of[i])]
+        try:
+            plan = plan_frames(0.0, float(self.duration[i]), float(self.clip_fps[i]), bucket.frames, self.target_fps,
+                               self.min_fps, self.max_fps, seeded_rng(self.seed, "frames", epoch, i))
+            frames, _ = decode_frames(self.reader.read(i), plan.times)
+            rng = seeded_rng(self.seed, "crop", epoch, i) if self.random_crop else None
+            pixels, _ = to_bucket(frames, bucket.frame, rng)
+        except Exception as exc:
+            raise RuntimeError(f"clip {i} ({self.reader.shard[i]} @ {self.reader.offset[i]}): {exc}") from exc
+        return pixels, plan.fps
+
+    def _assemble(self, cursor: Cursor, ids: list[int], done: list) -> ClipBatch:
+        frames = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1)
+        return ClipBatch(frames, torch.tensor([d[1] for d in done], dtype=torch.float32),
+                         torch.from_numpy(self.motion_ids[ids]), [self.captions[i] for i in ids], ids,
+                         int(self.bucket_of[ids[0]]), cursor.epoch)
+
+
+__all__ = ["Batch", "BucketLoader", "ClipBatch", "ClipLoader", "SampleReader", "load_image"]

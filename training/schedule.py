@@ -53,7 +53,7 @@ class Schedule:
         bucket ``b`` is ``world x batch_of[b]``). Without it every bucket's global batch is the cursor's."""
         self.buckets = np.asarray(buckets, dtype=np.int64)
         self.seed = seed
-        self.bucket_ids = sorted(set(self.buckets.tolist()))
+        self.bucket_ids = sorted(b for b in set(self.buckets.tolist()) if b >= 0)   # -1: in no bucket, never drawn
         self.batch_of = batch_of or {}
 
     # ---- one epoch ----
