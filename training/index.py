@@ -204,14 +204,14 @@ def build_index(path: str, fallback_dir: str, log=None, map_tables=None, clips: 
 
 
 def load_index(paths: list[str], fallback_dir: str, log=None, selection: str | None = None,
-               map_tables=None) -> pa.Table:
+               map_tables=None, clips: bool = False) -> pa.Table:
     """The concatenated index of several shard sets, restricted to a selection manifest if given."""
-    tables = [build_index(p, fallback_dir, log, map_tables)[0].replace_schema_metadata(None) for p in paths]
+    tables = [build_index(p, fallback_dir, log, map_tables, clips)[0].replace_schema_metadata(None) for p in paths]
     if selection:
         tables = select(tables, paths, selection)
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
-        raise ConfigError(f"data.shards: no kept images in {paths}; nothing to train on")
+        raise ConfigError(f"data.shards: no kept {'clips' if clips else 'images'} in {paths}; nothing to train on")
     return table
 
 
@@ -244,6 +244,16 @@ def select(tables: list[pa.Table], paths: list[str], selection: str) -> list[pa.
         raise ConfigError(f"data.selection: {wanted - found} of the {wanted} selected samples are not in the shard "
                           f"sets (re-curated since the sweep?); sweep the current annotations again")
     return out
+
+
+def clip_bucket_ids(index: pa.Table, video) -> tuple[list, np.ndarray]:
+    """(the video buckets of ``video`` (a train spec's video section), every clip's bucket or -1)."""
+    from training.buckets import assign_clips, video_bucket_table
+
+    table = video_bucket_table(video.buckets)
+    return table, assign_clips(index.column("width").to_numpy(), index.column("height").to_numpy(),
+                               index.column("duration_s").to_numpy(), index.column("fps").to_numpy(), table,
+                               video.fps, video.max_fps)
 
 
 def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4.0) -> tuple[list[Bucket], np.ndarray]:

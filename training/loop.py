@@ -127,6 +127,23 @@ def _optimizer(spec: TrainSpec, unet):
     return optimizer, lr_sched
 
 
+def _clip_loader(spec: TrainSpec, config: dict, index, cursor: Cursor, rank: int, world: int):
+    """(the rank's ClipLoader over video buckets, the bucket list, no cache embeddings)."""
+    from training.conditioning import MotionBucketMap
+    from training.families.svd import MOTION_FILE
+    from training.index import clip_bucket_ids
+    from training.loader import ClipLoader
+
+    buckets, bucket_of = clip_bucket_ids(index, spec.video)
+    motion = MotionBucketMap.load(os.path.join(config["output"], MOTION_FILE))
+    scores = index.column("motion_score").to_numpy(zero_copy_only=False)
+    ids = motion(np.asarray([np.nan if s is None else s for s in scores], dtype=np.float64))
+    v = spec.video
+    loader = ClipLoader(index, buckets, bucket_of, cursor, rank, world, spec.train.seed, spec.data.random_crop,
+                        spec.data.workers, spec.data.prefetch, v.fps, v.min_fps, v.max_fps, ids)
+    return loader, buckets, (None, None)
+
+
 def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int, device):
     """(the rank's BucketLoader, the bucket list, the cache's empty-caption embeddings)."""
     import pyarrow.parquet as pq
@@ -136,6 +153,8 @@ def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int
     from training.loader import BucketLoader
 
     index = pq.read_table(config["index_path"])
+    if families.get(spec.model.kind).clips:
+        return _clip_loader(spec, config, index, cursor, rank, world)
     buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
     cache, empty = None, (None, None)
     if config.get("cache_dir"):
@@ -153,7 +172,6 @@ def build(config: dict) -> Worker:
     """Accelerator, models, optimizer, EMA, the restored checkpoint (if any) and the loader."""
     import ray.train
     from accelerate import Accelerator
-    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from diffusers.training_utils import EMAModel
 
@@ -175,7 +193,7 @@ def build(config: dict) -> Worker:
     ema = None
     if spec.ema.enabled:
         ema = EMAModel(unet.parameters(), decay=spec.ema.decay, update_after_step=spec.ema.start_step,
-                       model_cls=UNet2DConditionModel, model_config=unet.config)
+                       model_cls=type(unet), model_config=unet.config)
     step, cursor = 0, Cursor()
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -219,6 +237,38 @@ def conditioning(w: Worker, batch, keep: np.ndarray, g):
     return latents, context, pooled
 
 
+def _optimize(w: Worker, loss) -> float:
+    """Backward, clip, step, schedule, EMA; the loss averaged over every rank."""
+    w.acc.backward(loss)
+    if w.spec.optim.max_grad_norm:
+        w.acc.clip_grad_norm_(w.unet.parameters(), w.spec.optim.max_grad_norm)
+    w.optimizer.step()
+    w.lr_sched.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    if w.ema is not None:
+        w.ema.step(w.raw_unet.parameters())
+    w.step += 1
+    return w.acc.gather(loss.detach()[None]).mean().item()
+
+
+def video_step(w: Worker, batch) -> float:
+    """One image-to-video step (the family's EDM loss); draws seeded by (seed, step, rank)."""
+    import torch
+
+    from training.conditioning import keep_mask
+    from training.objectives import EDM
+
+    spec, v, device = w.spec, w.spec.video, w.acc.device
+    g = torch.Generator("cpu").manual_seed(step_seed(spec.train.seed, w.step, w.rank))
+    n = len(batch.ids)
+    keep_image = torch.from_numpy(keep_mask(n, v.image_dropout, seeded_rng(spec.train.seed, "image", w.step, w.rank)))
+    keep_concat = torch.from_numpy(keep_mask(n, v.concat_dropout, seeded_rng(spec.train.seed, "concat", w.step, w.rank)))
+    with w.acc.autocast():
+        loss = w.family.loss(w.comps, batch.frames.to(device, w.vae_dtype), batch.fps, batch.motion_bucket_id,
+                             EDM(v.sigma_data), v.p_mean, v.p_std, g, keep_image, keep_concat, unet=w.unet).mean()
+    return _optimize(w, loss)
+
+
 def train_step(w: Worker, batch) -> float:
     """One optimizer step on ``batch``; returns the loss averaged over every rank."""
     import torch
@@ -226,6 +276,8 @@ def train_step(w: Worker, batch) -> float:
 
     from training import objectives as obj
 
+    if w.family.clips:
+        return video_step(w, batch)
     spec, device = w.spec, w.acc.device
     sched = w.comps.noise_scheduler
     ac = sched.alphas_cumprod.to(device)
@@ -243,17 +295,7 @@ def train_step(w: Worker, batch) -> float:
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     if spec.objective.min_snr_gamma:
         per_sample = per_sample * obj.min_snr_weights(t, ac, spec.objective.min_snr_gamma, w.comps.prediction_type)
-    loss = per_sample.mean()
-    w.acc.backward(loss)
-    if spec.optim.max_grad_norm:
-        w.acc.clip_grad_norm_(w.unet.parameters(), spec.optim.max_grad_norm)
-    w.optimizer.step()
-    w.lr_sched.step()
-    w.optimizer.zero_grad(set_to_none=True)
-    if w.ema is not None:
-        w.ema.step(w.raw_unet.parameters())
-    w.step += 1
-    return w.acc.gather(loss.detach()[None]).mean().item()
+    return _optimize(w, per_sample.mean())
 
 
 def samples(w: Worker, step: int) -> list[str]:
@@ -307,9 +349,12 @@ def finish(w: Worker, first_step: int, started: float) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     # the frozen parts were cast to the training dtype: export pristine copies beside the UNet
     w.family.export(w.comps if w.weight_dtype == torch.float32 else _components(spec, w.scratch), unet, tmp)
+    motion = os.path.join(out, "motion_buckets.json")          # svd: the map inference must condition with
+    if os.path.exists(motion):
+        shutil.copyfile(motion, os.path.join(tmp, "motion_buckets.json"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    sample_paths = samples(w, w.step) if spec.train.sample_prompts else []
+    sample_paths = samples(w, w.step) if spec.train.sample_prompts and not w.family.clips else []
     if ema is not None:
         ema.restore(unet.parameters())
     step = w.step

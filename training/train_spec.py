@@ -36,7 +36,8 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    kind: Literal["sd", "sdxl"] = option("sd", "sd (SD 1.x / 2.x: one text encoder) or sdxl (two, plus micro-conditioning)")
+    kind: Literal["sd", "sdxl", "svd"] = option("sd", "sd (SD 1.x / 2.x: one text encoder), sdxl (two, plus "
+                                                      "micro-conditioning) or svd (image-to-video on curated clips)")
     pretrained: str | None = option(None, "diffusers pipeline folder or hub id; null builds the tiny random preset")
     allow_download: bool = option(False, "let a hub id download (otherwise only the local cache is used)")
     seed: int = option(0, "seed of the tiny preset's random weights")
@@ -49,6 +50,23 @@ class ObjectiveSpec:
     offset_noise: float = option(0.0, "per-channel noise offset (SDXL trained with 0.05)", min=0.0, max=1.0)
     caption_dropout: float = option(0.1, "share of captions replaced by '' (classifier-free guidance)", min=0.0, max=1.0)
     min_snr_gamma: float | None = option(None, "min-SNR-gamma loss weighting (5.0 in the paper); null is off", min=0.0)
+
+
+@dataclass
+class VideoSpec:
+    buckets: dict = option(factory=lambda: {"256x384": {14: 1}},
+                           help="video buckets {HEIGHTxWIDTH: {frames: batch per worker}}; each gives landscape, "
+                                "portrait and square buckets (SVD: 14 frames at 256x384, then 320x576, 576x1024)")
+    fps: float = option(7.0, "frames per second sampled from each clip (the model is told this rate)", min=0.1)
+    min_fps: float = option(3.0, "clips slower than this are skipped", min=0.1)
+    max_fps: float = option(30.0, "a short clip may be sampled up to this rate to give its frames", min=0.1)
+    p_mean: float = option(0.7, "EDM: mean of ln sigma (SVD: 0.7 for image-to-video at 320x576, 1.0 at 576x1024)")
+    p_std: float = option(1.6, "EDM: std of ln sigma", min=0.0)
+    sigma_data: float = option(1.0, "EDM sigma_data (1.0 in SVD's v-parameterisation)", min=1e-3)
+    noise_aug_mean: float = option(-3.0, "mean of ln(noise_aug_strength) of the conditioning frame")
+    noise_aug_std: float = option(0.5, "std of ln(noise_aug_strength)", min=0.0)
+    image_dropout: float = option(0.1, "share of samples whose CLIP image embedding is dropped (CFG)", min=0.0, max=1.0)
+    concat_dropout: float = option(0.1, "share whose concatenated frame latent is dropped (CFG)", min=0.0, max=1.0)
 
 
 @dataclass
@@ -107,6 +125,7 @@ class TrainSpec:
     ema: EmaSpec = field(default_factory=EmaSpec)
     train: TrainSection = field(default_factory=TrainSection)
     ray: RayTrainSpec = field(default_factory=RayTrainSpec)
+    video: VideoSpec = field(default_factory=VideoSpec)
 
     def fingerprint(self) -> str:
         """What the trajectory depends on (not worker counts or logging): a run folder holds one."""
@@ -115,6 +134,10 @@ class TrainSpec:
         if self.data.selection:
             doc["data"]["selection"] = os.path.abspath(self.data.selection)
         doc["train"].pop("max_steps")        # raising max_steps continues the same run
+        from training import families
+
+        if families.get(self.model.kind).clips:
+            doc["video"] = result_dict(self.video)
         return layout.fingerprint(doc)
 
     def to_dict(self) -> dict:
@@ -122,7 +145,7 @@ class TrainSpec:
 
 
 SECTIONS = {"data": DataSpec, "output": TrainOutput, "model": ModelSpec, "objective": ObjectiveSpec,
-            "optim": OptimSpec, "ema": EmaSpec, "train": TrainSection, "ray": RayTrainSpec}
+            "optim": OptimSpec, "ema": EmaSpec, "train": TrainSection, "ray": RayTrainSpec, "video": VideoSpec}
 
 
 def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
@@ -152,10 +175,32 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     if spec.data.selection and check_paths and not os.path.exists(spec.data.selection):
         raise ConfigError(f"data.selection: {spec.data.selection!r} does not exist; give a manifest from `winnow sweep` "
                           f"(selections/cell_NNN.parquet)")
+    from training import families
+
+    if families.get(spec.model.kind).clips:
+        _check_video(spec)
     if spec.model.pretrained and check_paths:
-        from training import families
         families.get(spec.model.kind).check_pretrained(spec.model.pretrained)
     return spec
+
+
+def _check_video(spec: TrainSpec) -> None:
+    from training.buckets import video_bucket_table
+
+    if spec.data.cache:
+        raise ConfigError("data.cache: the latent cache holds image latents; set it false for model.kind svd")
+    if spec.train.sample_every:
+        raise ConfigError("train.sample_every: svd has no prompt samples during training yet; set it to 0 (the "
+                          "export in OUTPUT/final is a StableVideoDiffusionPipeline to sample from)")
+    if not spec.video.min_fps <= spec.video.fps <= spec.video.max_fps:
+        raise ConfigError(f"video.fps {spec.video.fps:g} must lie in [min_fps {spec.video.min_fps:g}, max_fps "
+                          f"{spec.video.max_fps:g}]")
+    try:
+        table = video_bucket_table(spec.video.buckets)
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"video.buckets: {exc}") from None
+    if not table or any(b.width % 8 or b.height % 8 for b in table):
+        raise ConfigError("video.buckets: give at least one HEIGHTxWIDTH whose sides are multiples of 8")
 
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> TrainSpec:

@@ -39,7 +39,7 @@ RUN_NAME = "train"
 SPEC_FILE = "train_spec.yaml"
 # every top-level name a training run writes: output.overwrite deletes these and nothing else
 ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", layout.SUMMARY_FILE,
-           "index.parquet", "_index", "cache"]
+           "index.parquet", "_index", "cache", "motion_buckets.json"]
 
 
 @dataclass
@@ -72,22 +72,36 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     import pyarrow.parquet as pq
 
     from pipeline.contract.layout import atomic_write, table_bytes
-    from training.index import bucket_ids, load_index
+    from training import families
+    from training.index import bucket_ids, clip_bucket_ids, load_index
 
+    clips = families.get(spec.model.kind).clips
     index = load_index(spec.data.shards, os.path.join(spec.output.path, "_index"), log, spec.data.selection,
-                       adapter.map_tables)
+                       adapter.map_tables, clips)
     path = os.path.join(spec.output.path, "index.parquet")
     if not os.path.exists(path) or pq.read_metadata(path).num_rows != index.num_rows or \
             not pq.read_table(path).equals(index):
         atomic_write(path, table_bytes(index))
-    buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
-    g = spec.train.batch_size * spec.ray.num_workers
-    counts = np.bincount(bucket_of, minlength=len(buckets))
-    steps = int(sum(c // g for c in counts))
-    starved = int(sum(c for c in counts if c < g))
-    p = Plan(index.num_rows, {f"{buckets[i].width}x{buckets[i].height}": int(c) for i, c in enumerate(counts) if c},
-             g, steps, starved, int(sum(c % g for c in counts if c >= g)), path,
+    if clips:
+        buckets, bucket_of = clip_bucket_ids(index, spec.video)
+        sizes = [b.batch * spec.ray.num_workers for b in buckets]
+        names = [f"{b.width}x{b.height}x{b.frames}" for b in buckets]
+    else:
+        buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+        sizes = [spec.train.batch_size * spec.ray.num_workers] * len(buckets)
+        names = [f"{b.width}x{b.height}" for b in buckets]
+    g = min(sizes)
+    counts = np.bincount(bucket_of[bucket_of >= 0], minlength=len(buckets))
+    steps = int(sum(c // s for c, s in zip(counts, sizes)))
+    starved = int(sum(c for c, s in zip(counts, sizes) if c < s))
+    p = Plan(index.num_rows, {names[i]: int(c) for i, c in enumerate(counts) if c}, g, steps, starved,
+             int(sum(c % s for c, s in zip(counts, sizes) if c >= s)), path,
              index=index, buckets=buckets, bucket_of=bucket_of)
+    if clips:
+        _motion_map(spec, index, bucket_of)
+        if (bucket_of < 0).any():
+            p.notes.append(f"{int((bucket_of < 0).sum())} clips are too short for any video bucket at up to "
+                           f"video.max_fps {spec.video.max_fps:g} and are skipped (too_short)")
     if steps == 0:
         raise ConfigError(f"train.batch_size x ray.num_workers = {g} is more than any bucket holds "
                           f"(largest: {counts.max()} of {index.num_rows} samples); lower the batch size or the "
@@ -98,9 +112,34 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     return p
 
 
+def _motion_map(spec: TrainSpec, index, bucket_of) -> None:
+    """Fit the motion-bucket map on the clips this run trains on; OUTPUT/motion_buckets.json (the
+    workers read it, the export carries it). A resumed run keeps the map it started with."""
+    from pipeline.contract.layout import atomic_write
+    from training.conditioning import MotionBucketMap
+    from training.families.svd import MOTION_FILE
+
+    path = os.path.join(spec.output.path, MOTION_FILE)
+    if os.path.exists(path):
+        return
+    scores = index.column("motion_score").to_numpy(zero_copy_only=False)[np.asarray(bucket_of) >= 0]
+    try:
+        m = MotionBucketMap.fit([s for s in scores if s is not None])
+    except ValueError:
+        raise ConfigError("data.shards: the clips have no motion_score; curate them with the motion stage "
+                          "(jobs/lvd_video_curation.yaml) so motion_bucket_id can be conditioned on") from None
+    atomic_write(path, json.dumps(m.to_dict(), indent=1).encode())
+
+
 def format_plan(spec: TrainSpec, p: Plan) -> str:
-    lines = [f"winnow train: {p.samples} samples, {len(p.bucket_counts)} buckets at base {spec.data.resolution}, "
-             f"global batch {p.global_batch} ({spec.train.batch_size} x {spec.ray.num_workers} workers), "
+    from training import families
+
+    if families.get(spec.model.kind).clips:
+        size = f"video buckets (WxHxframes), batch per bucket x {spec.ray.num_workers} workers"
+    else:
+        size = (f"buckets at base {spec.data.resolution}, global batch {p.global_batch} ({spec.train.batch_size} x "
+                f"{spec.ray.num_workers} workers)")
+    lines = [f"winnow train: {p.samples} samples, {len(p.bucket_counts)} {size}, "
              f"{p.steps_per_epoch} steps per epoch ({p.carried_per_epoch} samples carried to the next epoch)",
              "  buckets  " + ", ".join(f"{k}: {v}" for k, v in sorted(p.bucket_counts.items(), key=lambda kv: -kv[1]))]
     lines += [f"  note: {n}" for n in p.notes]

@@ -126,6 +126,7 @@ class Family:
     the methods below."""
 
     name: ClassVar[str] = ""
+    clips: ClassVar[bool] = False          # trains on curated clips (ClipLoader, video buckets), not images
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tiny_scaling_factor: ClassVar[float] = 0.18215
 

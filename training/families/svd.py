@@ -30,6 +30,7 @@ def svd_scheduler():
 
 class SVD(base.Family):
     name = "svd"
+    clips = True
     text_encoders = ()
     tiny_scaling_factor = 0.18215
 
