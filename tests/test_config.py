@@ -117,7 +117,7 @@ def test_every_job_spec_names_its_command_and_a_wrong_kind_says_which_to_run(tmp
     from jobs.run import command
 
     for f in glob.glob("jobs/*.yaml"):
-        assert yaml.safe_load(open(f))["kind"] in ("curate", "train", "sweep", "select"), f
+        assert yaml.safe_load(open(f))["kind"] in ("curate", "train", "sweep", "select", "curriculum"), f
     # kind wins over the keys: a spec with a curate-looking `stages:` section is still a train job
     spec = tmp_path / "curriculum.yaml"
     spec.write_text("kind: train\nstages: [{resolution: 256}]\n")

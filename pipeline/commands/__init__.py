@@ -22,6 +22,7 @@ COMMANDS = {
     "sweep": ("pipeline.commands.sweep", "sweep filter thresholds over annotations (tables, plots, contact sheets)"),
     "select": ("pipeline.commands.select", "write the samples of a selection as a new shard set"),
     "report": ("pipeline.commands.report", "write the HTML report of a curate or select output"),
+    "curriculum": ("pipeline.commands.curriculum", "train staged: image -> low-res video -> image-to-video (SVD)"),
     "inflate": ("pipeline.commands.inflate", "inflate an image UNet (and VAE) into SVD's video models"),
 }
 

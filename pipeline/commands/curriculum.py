@@ -1,0 +1,261 @@
+"""``winnow curriculum``: staged training, the SVD recipe (Blattmann et al., 2023): image
+pretraining, then low-resolution video, then image-to-video, each stage a full ``winnow train`` run
+that starts from the stage before it.
+
+A stage is a train spec (data, model, objective, optim, ema, train, video) plus ``name`` and
+``init``. ``init: previous`` starts the stage from the previous stage's final weights: the same
+family loads them as they are; an image stage followed by a video stage is inflated
+(``training/inflate.py``), its UNet placed in a video pipeline whose other parts (VAE when the
+image VAE cannot be inflated, CLIP image encoder, scheduler) come from the stage's own
+``model.pretrained`` (null: the tiny preset). ``output.path`` holds ``stages/NN_name/`` (each a
+train run folder), ``init/NN_<fingerprint>/`` (the pipelines stages start from) and ``final/``.
+
+Fingerprints chain: a stage's init folder is named by the fingerprint of the stage before it,
+and that path is part of the stage's own spec, so changing stage 1 changes every later stage's
+fingerprint (they are retrained; ``output.overwrite`` lets them be replaced) while changing stage
+3 leaves stages 1 and 2 as they are. Re-running resumes: a finished stage is skipped, an
+unfinished one continues from its last checkpoint (``winnow train``'s own resume).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+from pipeline.contract import layout
+from pipeline.contract.config import ConfigError, apply_overrides, load_yaml, take_kind
+
+NAME = "curriculum"
+DESCRIPTION = """\
+Train a staged curriculum (image -> low-res video -> image-to-video), each stage from the last.
+
+  winnow curriculum SPEC.yaml [--set dotted.key=value ...]
+
+SPEC has output.path, ray (shared) and stages: a list of train specs (data, model, video, train
+...) each with a name and `init: previous` to start from the stage before (an image stage is
+inflated into SVD's video UNet). Re-running resumes: finished stages are skipped. See
+jobs/svd_curriculum.yaml.
+"""
+SPEC_FILE = "curriculum_spec.yaml"
+ENTRIES = [SPEC_FILE, "stages", "init", "final", "final.tmp"]
+STAGE_KEYS = ("data", "model", "objective", "optim", "ema", "train", "video")
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str
+    init: str | None
+    doc: dict                      # the stage's train spec, before its init path is filled in
+
+
+@dataclass
+class CurriculumSpec:
+    output: str
+    overwrite: bool
+    ray: dict
+    stages: list[Stage] = field(default_factory=list)
+    doc: dict = field(default_factory=dict)
+
+
+def parse(data: dict) -> CurriculumSpec:
+    data = take_kind(data, "curriculum")
+    unknown = set(data) - {"output", "ray", "stages"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a curriculum spec has output, ray, stages")
+    out = data.get("output") or {}
+    if not isinstance(out, dict) or not out.get("path"):
+        raise ConfigError("output.path: give the folder the curriculum writes (stages/, init/, final/)")
+    stages_doc = data.get("stages")
+    if not isinstance(stages_doc, list) or not stages_doc:
+        raise ConfigError("stages: give a list of stages, each a train spec with a name")
+    spec = CurriculumSpec(out["path"], bool(out.get("overwrite", False)), dict(data.get("ray") or {}), doc=data)
+    names = set()
+    for i, st in enumerate(stages_doc):
+        key = f"stages[{i}]"
+        if not isinstance(st, dict) or not st.get("name"):
+            raise ConfigError(f"{key}: each stage needs a name (and the sections of a train spec)")
+        name = str(st["name"])
+        if name in names or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{key}.name {name!r}: names are unique and plain (letters, digits, _ and -)")
+        names.add(name)
+        extra = set(st) - {"name", "init", *STAGE_KEYS}
+        if extra:
+            raise ConfigError(f"{key} ({name}): unknown key(s) {sorted(extra)}; a stage has name, init and "
+                              f"{', '.join(STAGE_KEYS)} (output and ray are the curriculum's)")
+        init = st.get("init")
+        if init not in (None, "previous"):
+            raise ConfigError(f"{key}.init {init!r}: use previous (start from the stage before) or leave it out")
+        if init and i == 0:
+            raise ConfigError(f"{key}.init: the first stage has no previous stage")
+        spec.stages.append(Stage(i, name, init, {k: st[k] for k in STAGE_KEYS if k in st}))
+    for st in spec.stages:                          # every stage must be a valid train spec, before Ray starts
+        _train_spec(spec, st, init_path=None, check_paths=st.init is None)
+    return spec
+
+
+def _stage_dir(spec: CurriculumSpec, st: Stage) -> str:
+    return os.path.join(spec.output, "stages", f"{st.index + 1:02d}_{st.name}")
+
+
+def _train_spec(spec: CurriculumSpec, st: Stage, init_path: str | None, check_paths: bool = False):
+    from training import train_spec
+
+    doc = json.loads(json.dumps(st.doc))
+    doc["output"] = {"path": _stage_dir(spec, st), "overwrite": spec.overwrite}
+    doc["ray"] = spec.ray
+    if init_path:
+        doc.setdefault("model", {})["pretrained"] = init_path
+    try:
+        return train_spec.parse(doc, check_paths=check_paths)
+    except ConfigError as exc:
+        raise ConfigError(f"stages[{st.index}] ({st.name}): {exc}") from None
+
+
+def plan(spec: CurriculumSpec) -> list[dict]:
+    """Per stage: its train spec (init path filled in), fingerprint, init folder, and whether it is done."""
+    from training import families
+
+    out, prev = [], None
+    for st in spec.stages:
+        init_dir = None
+        if st.init:
+            init_dir = os.path.join(os.path.abspath(spec.output), "init", f"{st.index + 1:02d}_{prev['fingerprint']}")
+        ts = _train_spec(spec, st, init_dir)
+        if st.init:
+            before, now = families.get(prev["spec"].model.kind), families.get(ts.model.kind)
+            if before.clips and not now.clips:
+                raise ConfigError(f"stages[{st.index}] ({st.name}): init: previous cannot turn a video model back "
+                                  f"into an image model")
+            if not before.clips and now.clips and before.name != "sd":
+                raise ConfigError(f"stages[{st.index}] ({st.name}): only an sd (SD 1.x / 2.x) stage inflates into a "
+                                  f"video stage; the stage before is {before.name}")
+        run_dir = _stage_dir(spec, st)
+        done = _finished(run_dir, ts)
+        out.append({"stage": st, "spec": ts, "fingerprint": ts.fingerprint(), "init": init_dir, "dir": run_dir,
+                    "done": done})
+        prev = out[-1]
+    return out
+
+
+def _finished(run_dir: str, ts) -> bool:
+    import yaml
+
+    try:
+        with open(os.path.join(run_dir, "train_spec.yaml"), encoding="utf-8") as fh:
+            fp = (yaml.safe_load(fh) or {}).get("fingerprint")
+        with open(os.path.join(run_dir, layout.SUMMARY_FILE), encoding="utf-8") as fh:
+            steps = json.load(fh).get("steps")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return False
+    return fp == ts.fingerprint() and steps == ts.train.max_steps and os.path.isdir(os.path.join(run_dir, "final"))
+
+
+def build_init(prev: dict, cur: dict, log) -> dict:
+    """Write the pipeline folder the stage starts from (once; a finished one is reused)."""
+    import tempfile
+
+    from training import families
+
+    folder = cur["init"]
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return {"reused": folder}
+    before, now = families.get(prev["spec"].model.kind), families.get(cur["spec"].model.kind)
+    source = os.path.join(prev["dir"], "final")
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    if before.clips == now.clips:
+        shutil.copytree(source, tmp)                 # same kind of model: its final pipeline as it is
+        report = {"copied": source}
+    else:
+        from diffusers import AutoencoderKL
+
+        from training.inflate import InflationError, inflate_unet, inflate_vae, load_image_unet
+
+        m = cur["spec"].model
+        with tempfile.TemporaryDirectory(prefix="winnow-init-") as scratch:
+            base = cur["stage"].doc.get("model", {}).get("pretrained")   # where the video parts come from
+            comps = now.components(base, m.allow_download, m.seed, scratch, None)
+            cfg = comps.unet.config
+            unet, report = inflate_unet(load_image_unet(source), cfg.in_channels, cfg.num_frames,
+                                        cfg.addition_time_embed_dim)
+            try:
+                comps.vae, vae_report = inflate_vae(AutoencoderKL.from_pretrained(os.path.join(source, "vae")))
+                report["vae"] = {"inflated": len(vae_report["mapped"])}
+            except InflationError as exc:
+                report["vae"] = {"kept_the_video_family's_vae": str(exc)}
+            now.export(comps, unet, tmp)
+        report = {"inflated": source, "counts": {k: len(report[k]) for k in ("mapped", "new", "unused")},
+                  "vae": report["vae"]}
+        with open(os.path.join(tmp, "inflation.json"), "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1)
+    os.replace(tmp, folder)
+    if log:
+        print(f"curriculum: stage {cur['stage'].name} starts from {folder} ({json.dumps(report)})", file=log)
+    return report
+
+
+@dataclass
+class CurriculumResult:
+    output: str
+    stages: list[dict]
+    final: str
+
+
+def run(spec: CurriculumSpec, log=sys.stderr) -> CurriculumResult:
+    from pipeline.commands import train
+
+    steps = plan(spec)
+    fp = layout.fingerprint([s["stage"].name for s in steps])
+    layout.claim_output(spec.output, os.path.join(spec.output, SPEC_FILE), fp, spec.doc, spec.overwrite,
+                        "curriculum", "the stage names", ENTRIES, "curriculum",
+                        {f"stages[{i}].data.shards[{j}]": p for i, s in enumerate(steps)
+                         for j, p in enumerate(s["spec"].data.shards)})
+    results = []
+    for k, s in enumerate(steps):
+        st = s["stage"]
+        if s["done"]:
+            if log:
+                print(f"curriculum: stage {k + 1} {st.name} finished earlier; skipped", file=log)
+            results.append({"name": st.name, "dir": s["dir"], "skipped": True})
+            continue
+        if st.init:
+            build_init(steps[k - 1], s, log)
+        if log:
+            print(f"curriculum: stage {k + 1}/{len(steps)} {st.name} ({s['spec'].model.kind})", file=log, flush=True)
+        r = train.run(s["spec"], log=log)
+        results.append({"name": st.name, "dir": s["dir"], "skipped": False, "steps": r.summary["steps"],
+                        "resumed_from": r.summary["resumed_from"],
+                        "last_loss": r.metrics[-1]["loss"] if r.metrics else None})
+    final = os.path.join(spec.output, "final")
+    last = os.path.join(steps[-1]["dir"], "final")
+    shutil.rmtree(final + ".tmp", ignore_errors=True)
+    shutil.copytree(last, final + ".tmp")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(final + ".tmp", final)
+    return CurriculumResult(spec.output, results, final)
+
+
+def format_summary(r: CurriculumResult) -> str:
+    lines = [f"winnow curriculum: {r.output}"]
+    for i, s in enumerate(r.stages):
+        what = "finished earlier (skipped)" if s["skipped"] else \
+            f"{s['steps']} steps" + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "") + \
+            (f", last loss {s['last_loss']:.4f}" if s.get("last_loss") is not None else "")
+        lines.append(f"  stage {i + 1} {s['name']:<16} {what}   ({s['dir']})")
+    lines.append(f"  final   {r.final}")
+    return "\n".join(lines)
+
+
+def arguments(parser) -> None:
+    from pipeline.commands import add_set_argument
+
+    parser.add_argument("spec", help="curriculum spec YAML (see jobs/svd_curriculum.yaml)")
+    add_set_argument(parser, "stages.0.train.max_steps=100")
+
+
+def from_args(args) -> CurriculumSpec:
+    return parse(apply_overrides(load_yaml(args.spec), args.set))

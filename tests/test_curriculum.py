@@ -1,0 +1,101 @@
+"""The staged curriculum on 2 Ray Train workers: an SD image stage, a video stage inflated from it,
+an image-to-video stage from that; a re-run skips finished stages; fingerprints chain."""
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.test_train_svd import clip_run  # noqa: F401  (the module's clip shard fixture)
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A curated image run's shard: 8 JPEGs of 64x64 with captions and their annotation rows."""
+    from pipeline.contract import tar as tars
+
+    root = tmp_path_factory.mktemp("img_run")
+    shards = root / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    blocks, rows = [], []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        key = f"{i:09d}"
+        blocks += [tars.block(f"{key}.jpg", buf.getvalue()), tars.block(f"{key}.txt", f"picture {i}".encode())]
+        rows.append({"key": key, "status": "kept", "caption": f"picture {i}", "width": 64, "height": 64,
+                     "stored_width": 64, "stored_height": 64})
+    blocks.append(tars.end(sum(len(b) for b in blocks)))
+    (shards / "00000.tar").write_bytes(b"".join(blocks))
+    pq.write_table(pa.Table.from_pylist(rows), str(shards / "00000.parquet"))
+    return str(root)
+
+
+def stages_spec(image_run, clip_run, out, lr=1e-4, last_steps=2):
+    video = {"buckets": {"48x64": {4: 1}}, "fps": 7.0}
+    train = {"max_steps": 2, "checkpoint_every": 2, "log_every": 1, "batch_size": 1, "sample_prompts": []}
+    return {"kind": "curriculum", "output": {"path": out}, "ray": {"num_workers": 2},
+            "stages": [
+                {"name": "image", "data": {"shards": [image_run], "resolution": 64}, "model": {"kind": "sd"},
+                 "optim": {"lr": lr}, "train": train},
+                {"name": "video_lowres", "init": "previous", "data": {"shards": [clip_run]}, "model": {"kind": "svd"},
+                 "video": {**video, "p_mean": 0.0}, "train": train},
+                {"name": "image_to_video", "init": "previous", "data": {"shards": [clip_run]},
+                 "model": {"kind": "svd"}, "video": video, "train": {**train, "max_steps": last_steps}}]}
+
+
+def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_run, tmp_path):  # noqa: F811
+    from diffusers import StableVideoDiffusionPipeline
+
+    from pipeline.commands import curriculum
+    from pipeline.contract.config import ConfigError
+
+    out = str(tmp_path / "svd")
+    r = curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out)), log=None)
+    assert [s["name"] for s in r.stages] == ["image", "video_lowres", "image_to_video"]
+    assert all(not s["skipped"] and s["steps"] == 2 for s in r.stages)
+    assert sorted(os.listdir(os.path.join(out, "stages"))) == ["01_image", "02_video_lowres", "03_image_to_video"]
+    inits = sorted(os.listdir(os.path.join(out, "init")))
+    assert len(inits) == 2
+    info = json.load(open(os.path.join(out, "init", inits[0], "inflation.json")))
+    assert info["counts"]["unused"] == 0 and info["counts"]["mapped"] > 0     # stage 2 = stage 1's UNet, inflated
+    pipe = StableVideoDiffusionPipeline.from_pretrained(r.final)
+    assert pipe.unet.config.in_channels == 8
+    # a re-run finds every stage finished
+    again = curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out)), log=None)
+    assert all(s["skipped"] for s in again.stages)
+    # more steps in the last stage continue it; the first two stay as they are
+    more = curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out, last_steps=4)), log=None)
+    assert [s["skipped"] for s in more.stages] == [True, True, False] and more.stages[2]["resumed_from"] == 2
+    # a changed first stage changes every later stage's fingerprint (chained through the init folder)
+    steps_a = curriculum.plan(curriculum.parse(stages_spec(image_run, clip_run, out)))
+    steps_b = curriculum.plan(curriculum.parse(stages_spec(image_run, clip_run, out, lr=2e-4)))
+    assert all(a["fingerprint"] != b["fingerprint"] for a, b in zip(steps_a, steps_b))
+    with pytest.raises(ConfigError, match="made by a different spec"):
+        curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out, lr=2e-4)), log=None)
+
+
+def test_curriculum_spec_errors(image_run, clip_run, tmp_path):  # noqa: F811
+    from pipeline.commands import curriculum
+    from pipeline.contract.config import ConfigError
+
+    good = stages_spec(image_run, clip_run, str(tmp_path / "o"))
+    bad = json.loads(json.dumps(good))
+    bad["stages"][0]["init"] = "previous"
+    with pytest.raises(ConfigError, match="the first stage has no previous stage"):
+        curriculum.parse(bad)
+    bad = json.loads(json.dumps(good))
+    bad["stages"][1]["video"]["fps"] = 99
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(video_lowres\): video.fps 99"):
+        curriculum.parse(bad)
+    bad = json.loads(json.dumps(good))
+    bad["stages"][2]["model"]["kind"] = "sd"
+    bad["stages"][2]["data"] = {"shards": [image_run], "resolution": 64}
+    bad["stages"][2].pop("video")
+    with pytest.raises(ConfigError, match="cannot turn a video model back into an image model"):
+        curriculum.plan(curriculum.parse(bad))
