@@ -67,7 +67,7 @@ def test_fingerprint_ignores_ray_settings():
 
 def test_jobs_specs_parse():
     import glob
-    files = sorted(f for f in glob.glob("jobs/*.yaml") if not os.path.basename(f).startswith(("train_", "sweep_", "select_")))
+    files = sorted(f for f in glob.glob("jobs/*.yaml") if not os.path.basename(f).startswith(("train_", "sweep_", "select_", "curriculum_")))
     assert files
     for f in files:
         try:
@@ -87,9 +87,10 @@ def test_jobs_run_dispatches_each_spec_to_its_command():
 
     got = {os.path.basename(f): command([f]) for f in glob.glob("jobs/*.yaml")}
     for name, cmd in got.items():
-        want = {"train_": "train", "sweep_": "sweep", "select_": "select"}.get(name.split("_")[0] + "_", "curate")
+        want = {"train_": "train", "sweep_": "sweep", "select_": "select",
+                "curriculum_": "curriculum"}.get(name.split("_")[0] + "_", "curate")
         assert cmd == want, name
-    assert {"train", "sweep", "select", "curate"} == set(got.values())
+    assert {"train", "sweep", "select", "curate", "curriculum"} == set(got.values())
 
 
 def test_runtime_keys_stay_out_of_the_fingerprint():

@@ -10,7 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.test_train_svd import clip_run  # noqa: F401  (the module's clip shard fixture)
+from tests.test_train_svd import make_clip_run
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    return make_clip_run(tmp_path_factory.mktemp("clips"))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,7 @@ def stages_spec(image_run, clip_run, out, lr=1e-4, last_steps=2):
                  "model": {"kind": "svd"}, "video": video, "train": {**train, "max_steps": last_steps}}]}
 
 
-def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_run, tmp_path):  # noqa: F811
+def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_run, tmp_path):
     from diffusers import StableVideoDiffusionPipeline
 
     from pipeline.commands import curriculum
@@ -80,7 +85,7 @@ def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_r
         curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out, lr=2e-4)), log=None)
 
 
-def test_curriculum_spec_errors(image_run, clip_run, tmp_path):  # noqa: F811
+def test_curriculum_spec_errors(image_run, clip_run, tmp_path):
     from pipeline.commands import curriculum
     from pipeline.contract.config import ConfigError
 
@@ -99,3 +104,18 @@ def test_curriculum_spec_errors(image_run, clip_run, tmp_path):  # noqa: F811
     bad["stages"][2].pop("video")
     with pytest.raises(ConfigError, match="cannot turn a video model back into an image model"):
         curriculum.plan(curriculum.parse(bad))
+
+
+def test_the_svd_curriculum_job_is_the_papers_three_stages(image_run, clip_run, tmp_path):
+    from pipeline.commands import curriculum
+    from pipeline.contract.config import load_yaml
+
+    doc = load_yaml("jobs/curriculum_svd.yaml")
+    doc["output"]["path"] = str(tmp_path / "o")
+    for st in doc["stages"]:                       # the template's data paths are examples
+        st["data"]["shards"] = [image_run if st["model"]["kind"] == "sd" else clip_run]
+    spec = curriculum.parse(doc)
+    assert [(s.name, s.init) for s in spec.stages] == [("image", None), ("video_lowres", "previous"),
+                                                        ("image_to_video", "previous")]
+    assert spec.stages[2].doc["video"]["buckets"] == {"320x576": {14: 1}}
+    assert (spec.stages[2].doc["video"]["p_mean"], spec.stages[2].doc["video"]["p_std"]) == (0.7, 1.6)

@@ -9,16 +9,20 @@ import pytest
 from tests.test_video_frames import clip_shard
 
 
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
+def make_clip_run(root) -> str:
+    """A video run of 9 generated clips (8 of 3 s, one of 3 frames), 64x48 at 15 fps, motion 0..8."""
     from pipeline.synth import shot, write_video
 
-    root = tmp_path_factory.mktemp("svd_data")
     path = str(root / "c.mp4")
     write_video(path, shot(45, 64, 48, 0, motion=1.5), fps=15.0, crf=20)
     rows = [{"key": f"c{i:02d}_0000_0000", "status": "kept", "caption": f"clip {i}", "width": 64, "height": 48,
              "fps": 15.0, "num_frames": 45 if i < 8 else 3, "motion_score": float(i)} for i in range(9)]
     return clip_shard(root / "run", open(path, "rb").read(), rows)
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    return make_clip_run(tmp_path_factory.mktemp("svd_data"))
 
 
 def svd_spec(run: str, out: str, steps: int):
