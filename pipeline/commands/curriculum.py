@@ -186,7 +186,8 @@ def build_init(prev: dict, cur: dict, log) -> dict:
                 comps.vae, vae_report = inflate_vae(AutoencoderKL.from_pretrained(os.path.join(source, "vae")))
                 report["vae"] = {"inflated": len(vae_report["mapped"])}
             except InflationError as exc:
-                report["vae"] = {"kept_the_video_family's_vae": str(exc)}
+                report["vae"] = {"not_inflated": str(exc),
+                                 "using": "the video stage's own VAE (its model.pretrained, or the tiny preset)"}
             now.export(comps, unet, tmp)
         report = {"inflated": source, "counts": {k: len(report[k]) for k in ("mapped", "new", "unused")},
                   "vae": report["vae"]}
