@@ -1,6 +1,6 @@
 """Entry point that ``ray job submit`` runs: ``python -m jobs.run SPEC.yaml [--set k=v ...]``.
 
-The spec's ``kind:`` (curate, train, sweep or select) names the command. A spec without one is
+The spec's ``kind:`` (curate, train, sweep, select or curriculum) names the command. A spec without one is
 routed by its keys, as before ``kind:`` existed: ``data:`` a training job, ``annotations:`` +
 ``filters:`` a sweep, ``selection:`` or ``runs:`` a select job, otherwise a curation job.
 Inside a Ray job ``RAY_ADDRESS`` is set, so the run joins the cluster instead of starting one.
