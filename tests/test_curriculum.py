@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -119,3 +120,60 @@ def test_the_svd_curriculum_job_is_the_papers_three_stages(image_run, clip_run, 
                                                         ("image_to_video", "previous")]
     assert spec.stages[2].doc["video"]["buckets"] == {"320x576": {14: 1}}
     assert (spec.stages[2].doc["video"]["p_mean"], spec.stages[2].doc["video"]["p_std"]) == (0.7, 1.6)
+
+
+def test_kill9_in_stage_two_then_rerun_skips_stage_one_and_matches_bit_for_bit(ray_local, image_run, clip_run,
+                                                                                 tmp_path):
+    """SIGKILL the curriculum (driver and its Ray) after stage 2's first checkpoint; the rerun skips
+    stage 1 and stage 2 continues from its cursor with the uninterrupted run's losses and weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from pipeline.commands import curriculum
+
+    def spec(out):
+        doc = stages_spec(image_run, clip_run, out)
+        doc["stages"] = doc["stages"][:2]
+        doc["stages"][1]["train"] = {**doc["stages"][1]["train"], "max_steps": 12}
+        return doc
+
+    clean = str(tmp_path / "clean")
+    curriculum.run(curriculum.parse(spec(clean)), log=None)
+    out = str(tmp_path / "killed")
+    path = str(tmp_path / "curriculum.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(spec(out), fh)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pipeline.cli", "curriculum", path]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": root}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    snapshot = os.path.join(out, "stages", "02_video_lowres", "ray", "train", "checkpoint_manager_snapshot.json")
+    deadline = time.time() + 400
+    while not (os.path.exists(snapshot) and "checkpoint_0000002" in open(snapshot).read()):
+        assert proc.poll() is None and time.time() < deadline, "the curriculum ended before stage 2's checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "final"))
+    rerun = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stage 1 image finished earlier; skipped" in rerun.stderr
+    import re
+
+    resumed = re.search(r"video_lowres +12 steps, resumed from (\d+)", rerun.stdout)
+    assert resumed and int(resumed.group(1)) in (2, 4, 6, 8, 10), rerun.stdout
+
+    def losses(run):
+        with open(os.path.join(run, "stages", "02_video_lowres", "metrics.jsonl")) as fh:
+            return {m["step"]: m["loss"] for m in map(json.loads, fh)}
+
+    assert losses(out) == losses(clean) and len(losses(out)) == 12
+    a = load_file(os.path.join(clean, "final", "unet", "diffusion_pytorch_model.safetensors"))
+    b = load_file(os.path.join(out, "final", "unet", "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -129,7 +129,7 @@ def plan(spec: CurriculumSpec) -> list[dict]:
             if before.clips and not now.clips:
                 raise ConfigError(f"stages[{st.index}] ({st.name}): init: previous cannot turn a video model back "
                                   f"into an image model")
-            if not before.clips and now.clips and before.name != "sd":
+            if not before.clips and now.clips and not before.inflates:
                 raise ConfigError(f"stages[{st.index}] ({st.name}): only an sd (SD 1.x / 2.x) stage inflates into a "
                                   f"video stage; the stage before is {before.name}")
         run_dir = _stage_dir(spec, st)

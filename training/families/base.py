@@ -127,6 +127,7 @@ class Family:
 
     name: ClassVar[str] = ""
     clips: ClassVar[bool] = False          # trains on curated clips (ClipLoader, video buckets), not images
+    inflates: ClassVar[bool] = False       # its UNet inflates into a video UNet (training/inflate.py)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tiny_scaling_factor: ClassVar[float] = 0.18215
 

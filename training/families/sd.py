@@ -11,6 +11,7 @@ from training.families.base import Components
 
 class SD(base.Family):
     name = "sd"
+    inflates = True
     text_encoders = ("text_encoder",)
     tiny_scaling_factor = 0.18215
 
