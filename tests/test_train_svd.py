@@ -45,6 +45,10 @@ def test_svd_trains_resumes_exactly_and_exports_a_video_pipeline(ray_local, clip
     losses = [m["loss"] for m in full.metrics]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert full.summary["kind"] == "svd" and full.summary["prediction_type"] == "v_prediction"
+    # a sample video from the first clip's first frame, at the end of the run (and in TensorBoard)
+    (gif,) = full.summary["samples"]
+    with Image.open(gif) as im:
+        assert gif.endswith(".gif") and im.n_frames == 4 and im.size == (64, 48)
     # the same run stopped after step 2 and resumed to 4 takes the same steps, bit for bit
     trainer.run(svd_spec(clip_run, str(tmp_path / "split"), 2), log=None)
     resumed = trainer.run(svd_spec(clip_run, str(tmp_path / "split"), 4), log=None)

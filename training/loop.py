@@ -298,10 +298,40 @@ def train_step(w: Worker, batch) -> float:
     return _optimize(w, per_sample.mean())
 
 
+def video_samples(w: Worker, step: int) -> list[str]:
+    """Rank 0, clip families: a video from the first training clip's first frame through the
+    family's pipeline (the run's fps, the median motion bucket 127), as a GIF and, in TensorBoard,
+    its frames side by side."""
+    import torch
+    from PIL import Image
+
+    from training.video_frames import decode_frames
+
+    spec, loader = w.spec, w.loader
+    first = int(np.flatnonzero(loader.bucket_of >= 0)[0])
+    bucket = w.buckets[int(loader.bucket_of[first])]
+    frame = Image.fromarray(decode_frames(loader.reader.read(first), [0.0])[0][0]).resize((bucket.width, bucket.height))
+    pipe = w.family.build_pipeline(w.comps, w.raw_unet).to(w.acc.device)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator("cpu").manual_seed(spec.train.seed)
+    with w.acc.autocast():
+        frames = pipe(frame, height=bucket.height, width=bucket.width, num_frames=bucket.frames,
+                      num_inference_steps=spec.train.sample_steps, fps=round(spec.video.fps), motion_bucket_id=127,
+                      decode_chunk_size=bucket.frames, generator=g).frames[0]
+    folder = os.path.join(w.config["output"], "samples")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step{step:07d}_0.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / spec.video.fps), loop=0)
+    w.metrics.image("samples/video", np.concatenate([np.asarray(f) for f in frames], axis=1), step)
+    return [path]
+
+
 def samples(w: Worker, step: int) -> list[str]:
     """Rank 0: the spec's sample prompts through the family's pipeline, as PNGs and TensorBoard images."""
     import torch
 
+    if w.family.clips:
+        return video_samples(w, step)
     spec = w.spec
     pipe = w.family.build_pipeline(w.comps, w.raw_unet).to(w.acc.device)
     pipe.set_progress_bar_config(disable=True)
@@ -354,7 +384,7 @@ def finish(w: Worker, first_step: int, started: float) -> None:
         shutil.copyfile(motion, os.path.join(tmp, "motion_buckets.json"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    sample_paths = samples(w, w.step) if spec.train.sample_prompts and not w.family.clips else []
+    sample_paths = samples(w, w.step) if spec.train.sample_prompts or w.family.clips else []
     if ema is not None:
         ema.restore(unet.parameters())
     step = w.step

@@ -189,9 +189,6 @@ def _check_video(spec: TrainSpec) -> None:
 
     if spec.data.cache:
         raise ConfigError("data.cache: the latent cache holds image latents; set it false for model.kind svd")
-    if spec.train.sample_every:
-        raise ConfigError("train.sample_every: svd has no prompt samples during training yet; set it to 0 (the "
-                          "export in OUTPUT/final is a StableVideoDiffusionPipeline to sample from)")
     if not spec.video.min_fps <= spec.video.fps <= spec.video.max_fps:
         raise ConfigError(f"video.fps {spec.video.fps:g} must lie in [min_fps {spec.video.min_fps:g}, max_fps "
                           f"{spec.video.max_fps:g}]")
