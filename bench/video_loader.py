@@ -32,11 +32,14 @@ W, H = 384, 256
 
 def make_clips(limit: int = 6) -> list[tuple[str, bytes, float, int]]:
     """(name, MP4 bytes, fps, frames) of up to ``limit`` 5-second 384x256 clips."""
+    import tempfile
+
     import av
 
     from pipeline.synth import shot, write_video
 
     clips = []
+    scratch = tempfile.mkdtemp(prefix="winnow-bench-clips-")
     for path in sorted(glob.glob(os.path.join(VIDEOS, "**", "*.mp4"), recursive=True))[:limit]:
         with av.open(path) as c:
             s = c.streams.video[0]
@@ -50,16 +53,17 @@ def make_clips(limit: int = 6) -> list[tuple[str, bytes, float, int]]:
                 if len(frames) >= int(5 * fps):
                     break
         if len(frames) >= 30:
-            tmp = os.path.join("/tmp", f"winnow_bench_clip_{len(clips)}.mp4")
+            tmp = os.path.join(scratch, f"clip_{len(clips)}.mp4")
             write_video(tmp, frames, fps=fps, crf=20)
             clips.append((os.path.basename(path), open(tmp, "rb").read(), fps, len(frames)))
             os.remove(tmp)
     if not clips:
         for k in range(3):
-            tmp = f"/tmp/winnow_bench_synth_{k}.mp4"
+            tmp = os.path.join(scratch, f"synthetic_{k}.mp4")
             write_video(tmp, shot(150, W, H, k, motion=2.0), fps=30.0, crf=20)
             clips.append((f"synthetic_{k}", open(tmp, "rb").read(), 30.0, 150))
             os.remove(tmp)
+    os.rmdir(scratch)                 # empty again: each clip was read and removed
     return clips
 
 

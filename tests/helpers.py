@@ -36,3 +36,26 @@ def tar_members(output: str) -> dict[str, list[str]]:
 
 def shard_stats(output: str) -> list[dict]:
     return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(output, "shards", "*_stats.json")))]
+
+
+def kill_at_checkpoint(proc, run_dir: str, step: int, timeout: float = 240) -> None:
+    """SIGKILL ``proc``'s process group (the CLI and its Ray) once Ray Train has recorded the
+    checkpoint of ``step`` of the train run in ``run_dir``; fails if the run ends first."""
+    import signal
+    import time
+
+    snapshot = os.path.join(run_dir, "ray", "train", "checkpoint_manager_snapshot.json")
+    deadline = time.time() + timeout
+
+    def registered() -> bool:
+        try:
+            with open(snapshot) as fh:
+                return f"checkpoint_{step:07d}" in fh.read()
+        except OSError:
+            return False
+
+    while not registered():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before the step-{step} checkpoint"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -105,6 +105,8 @@ def test_video_buckets_have_three_aspects_and_their_own_batch_sizes():
     got = [None if i < 0 else table[i] for i in ids]
     assert got == [VideoBucket(576, 320, 14, 1), VideoBucket(384, 256, 14, 4), VideoBucket(384, 256, 8, 8), None,
                    VideoBucket(448, 448, 14, 1)]
+    # a clip slower than min_fps is in no bucket (the sampler would refuse it: fps_too_low)
+    assert assign_clips([640, 640], [360, 360], [10.0, 10.0], [2.0, 24.0], table, 7.0, 30.0, min_fps=3.0)[0] == -1
 
 
 def test_per_bucket_batch_sizes_keep_every_rank_on_one_bucket_and_resume_exactly():

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tests.helpers import kill_at_checkpoint
 from tests.test_train_svd import make_clip_run
 
 
@@ -126,10 +127,8 @@ def test_kill9_in_stage_two_then_rerun_skips_stage_one_and_matches_bit_for_bit(r
                                                                                  tmp_path):
     """SIGKILL the curriculum (driver and its Ray) after stage 2's first checkpoint; the rerun skips
     stage 1 and stage 2 continues from its cursor with the uninterrupted run's losses and weights."""
-    import signal
     import subprocess
     import sys
-    import time
 
     import yaml
     from safetensors.torch import load_file
@@ -153,13 +152,7 @@ def test_kill9_in_stage_two_then_rerun_skips_stage_one_and_matches_bit_for_bit(r
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": root}
     proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    snapshot = os.path.join(out, "stages", "02_video_lowres", "ray", "train", "checkpoint_manager_snapshot.json")
-    deadline = time.time() + 400
-    while not (os.path.exists(snapshot) and "checkpoint_0000002" in open(snapshot).read()):
-        assert proc.poll() is None and time.time() < deadline, "the curriculum ended before stage 2's checkpoint"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, os.path.join(out, "stages", "02_video_lowres"), 2, timeout=400)
     assert not os.path.exists(os.path.join(out, "final"))
     rerun = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.contract.config import ConfigError
-from tests.helpers import run_curate
+from tests.helpers import kill_at_checkpoint, run_curate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -258,21 +258,7 @@ def test_kill9_then_rerun_trains_the_same_steps(sd_run, shards, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    snapshot = os.path.join(out, "ray", "train", "checkpoint_manager_snapshot.json")
-
-    def registered() -> bool:   # Ray has recorded the step-3 checkpoint as a result of the run
-        try:
-            with open(snapshot) as fh:
-                return "checkpoint_0000003" in fh.read()
-        except OSError:
-            return False
-
-    while not registered():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, out, 3)       # Ray has recorded the step-3 checkpoint as a result of the run
     assert not os.path.exists(os.path.join(out, "final"))
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

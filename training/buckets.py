@@ -119,11 +119,13 @@ def video_bucket_table(config: dict, step: int = 64) -> list[VideoBucket]:
     return sorted(out, key=lambda b: (b.width * b.height, b.frames, b.aspect))
 
 
-def assign_clips(widths, heights, durations, fps, table: list[VideoBucket], target_fps: float, max_fps: float) -> np.ndarray:
+def assign_clips(widths, heights, durations, fps, table: list[VideoBucket], target_fps: float, max_fps: float,
+                 min_fps: float = 0.0) -> np.ndarray:
     """Each clip's bucket: the nearest aspect (log space; landscape, portrait or square), then the
     largest frame size the clip covers without upscaling (else the smallest), then the most frames
     it holds at ``target_fps`` (sampled up to ``max_fps`` when short), else the fewest. -1: no
-    bucket of that aspect holds even the fewest frames (the loader counts it as too_short)."""
+    bucket of that aspect holds even the fewest frames (too_short), or the clip is slower than
+    ``min_fps`` (fps_too_low); such clips are never drawn, and the plan counts them."""
     w, h = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
     dur, rate = np.asarray(durations, np.float64), np.asarray(fps, np.float64)
     aspects = sorted({round(b.aspect, 6) for b in table})
@@ -131,6 +133,8 @@ def assign_clips(widths, heights, durations, fps, table: list[VideoBucket], targ
     nearest = np.asarray(aspects)[np.abs(np.log(w / h)[:, None] - logs[None, :]).argmin(axis=1)]
     out = np.full(len(w), -1, np.int64)
     for i in range(len(w)):
+        if rate[i] < min_fps:
+            continue
         same = [k for k, b in enumerate(table) if round(b.aspect, 6) == nearest[i]]
         covered = [k for k in same if table[k].width <= w[i] and table[k].height <= h[i]]
         area = max(table[k].width * table[k].height for k in covered) if covered else \

@@ -253,7 +253,7 @@ def clip_bucket_ids(index: pa.Table, video) -> tuple[list, np.ndarray]:
     table = video_bucket_table(video.buckets)
     return table, assign_clips(index.column("width").to_numpy(), index.column("height").to_numpy(),
                                index.column("duration_s").to_numpy(), index.column("fps").to_numpy(), table,
-                               video.fps, video.max_fps)
+                               video.fps, video.max_fps, video.min_fps)
 
 
 def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4.0) -> tuple[list[Bucket], np.ndarray]:

@@ -180,27 +180,41 @@ def load_image_unet(source: str):
     return UNet2DConditionModel.from_pretrained(source)
 
 
+def inflate_source(source: str, in_channels: int = 8, num_frames: int = 14, addition_time_embed_dim: int = 256):
+    """(video UNet, temporal-decoder VAE or None, the ``inflation.json`` summary) of the UNet in
+    ``source`` and, given a pipeline folder with a ``vae/``, its VAE (a VAE that cannot be inflated
+    is skipped with its reason: the UNet stands on its own)."""
+    from diffusers import AutoencoderKL
+
+    unet, report = inflate_unet(load_image_unet(source), in_channels, num_frames, addition_time_embed_dim)
+    summary = {"source": os.path.abspath(source), "in_channels": in_channels, **report,
+               "counts": {k: len(v) for k, v in report.items()}}
+    vae = None
+    if os.path.isfile(os.path.join(source, "model_index.json")) and os.path.isdir(os.path.join(source, "vae")):
+        try:
+            vae, vae_report = inflate_vae(AutoencoderKL.from_pretrained(os.path.join(source, "vae")))
+        except InflationError as exc:
+            summary["vae"] = {"skipped": str(exc)}
+        else:
+            summary["vae"] = {**vae_report, "counts": {k: len(v) for k, v in vae_report.items() if isinstance(v, list)}}
+    return unet, vae, summary
+
+
+def write_summary(folder: str, summary: dict) -> None:
+    with open(os.path.join(folder, "inflation.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1)
+
+
 def inflate_folder(source: str, output: str, in_channels: int = 8, num_frames: int = 14,
                    addition_time_embed_dim: int = 256) -> dict:
     """Inflate the UNet in ``source`` into the diffusers folder ``output`` (+ ``inflation.json``); given a
     pipeline folder with a ``vae/``, also its VAE into ``output/vae`` (an ``AutoencoderKLTemporalDecoder``)."""
-    from diffusers import AutoencoderKL
-
-    video, report = inflate_unet(load_image_unet(source), in_channels, num_frames, addition_time_embed_dim)
-    video.save_pretrained(output, safe_serialization=True)
-    summary = {"source": os.path.abspath(source), "in_channels": in_channels, **report,
-               "counts": {k: len(v) for k, v in report.items()}}
-    if os.path.isfile(os.path.join(source, "model_index.json")) and os.path.isdir(os.path.join(source, "vae")):
-        try:
-            vae, vae_report = inflate_vae(AutoencoderKL.from_pretrained(os.path.join(source, "vae")))
-        except InflationError as exc:               # the UNet stands on its own; say why the VAE did not come
-            summary["vae"] = {"skipped": str(exc)}
-        else:
-            vae.save_pretrained(os.path.join(output, "vae"), safe_serialization=True)
-            summary["vae"] = {**vae_report, "counts": {k: len(v) for k, v in vae_report.items() if isinstance(v, list)}}
-    with open(os.path.join(output, "inflation.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=1)
+    unet, vae, summary = inflate_source(source, in_channels, num_frames, addition_time_embed_dim)
+    unet.save_pretrained(output, safe_serialization=True)
+    if vae is not None:
+        vae.save_pretrained(os.path.join(output, "vae"), safe_serialization=True)
+    write_summary(output, summary)
     return summary
 
 
-__all__ = ["InflationError", "inflate_folder", "inflate_unet", "inflate_vae", "load_image_unet", "video_config"]
+__all__ = ["InflationError", "inflate_folder", "inflate_source", "inflate_unet", "inflate_vae", "load_image_unet", "video_config"]

@@ -136,8 +136,7 @@ def _clip_loader(spec: TrainSpec, config: dict, index, cursor: Cursor, rank: int
 
     buckets, bucket_of = clip_bucket_ids(index, spec.video)
     motion = MotionBucketMap.load(os.path.join(config["output"], MOTION_FILE))
-    scores = index.column("motion_score").to_numpy(zero_copy_only=False)
-    ids = motion(np.asarray([np.nan if s is None else s for s in scores], dtype=np.float64))
+    ids = motion(index.column("motion_score").to_numpy(zero_copy_only=False))      # a null score is NaN: bucket 128
     v = spec.video
     loader = ClipLoader(index, buckets, bucket_of, cursor, rank, world, spec.train.seed, spec.data.random_crop,
                         spec.data.workers, spec.data.prefetch, v.fps, v.min_fps, v.max_fps, ids)

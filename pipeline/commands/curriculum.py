@@ -36,7 +36,7 @@ Train a staged curriculum (image -> low-res video -> image-to-video), each stage
 SPEC has output.path, ray (shared) and stages: a list of train specs (data, model, video, train
 ...) each with a name and `init: previous` to start from the stage before (an image stage is
 inflated into SVD's video UNet). Re-running resumes: finished stages are skipped. See
-jobs/svd_curriculum.yaml.
+jobs/curriculum_svd.yaml.
 """
 SPEC_FILE = "curriculum_spec.yaml"
 ENTRIES = [SPEC_FILE, "stages", "init", "final", "final.tmp"]
@@ -171,28 +171,21 @@ def build_init(prev: dict, cur: dict, log) -> dict:
         shutil.copytree(source, tmp)                 # same kind of model: its final pipeline as it is
         report = {"copied": source}
     else:
-        from diffusers import AutoencoderKL
-
-        from training.inflate import InflationError, inflate_unet, inflate_vae, load_image_unet
+        from training.inflate import inflate_source, write_summary
 
         m = cur["spec"].model
         with tempfile.TemporaryDirectory(prefix="winnow-init-") as scratch:
             base = cur["stage"].doc.get("model", {}).get("pretrained")   # where the video parts come from
             comps = now.components(base, m.allow_download, m.seed, scratch, None)
             cfg = comps.unet.config
-            unet, report = inflate_unet(load_image_unet(source), cfg.in_channels, cfg.num_frames,
-                                        cfg.addition_time_embed_dim)
-            try:
-                comps.vae, vae_report = inflate_vae(AutoencoderKL.from_pretrained(os.path.join(source, "vae")))
-                report["vae"] = {"inflated": len(vae_report["mapped"])}
-            except InflationError as exc:
-                report["vae"] = {"not_inflated": str(exc),
-                                 "using": "the video stage's own VAE (its model.pretrained, or the tiny preset)"}
+            unet, vae, summary = inflate_source(source, cfg.in_channels, cfg.num_frames, cfg.addition_time_embed_dim)
+            if vae is not None:
+                comps.vae = vae
+            else:                                    # the stage's own VAE (its model.pretrained, or the tiny preset)
+                summary.setdefault("vae", {})["using"] = "the video stage's own VAE"
             now.export(comps, unet, tmp)
-        report = {"inflated": source, "counts": {k: len(report[k]) for k in ("mapped", "new", "unused")},
-                  "vae": report["vae"]}
-        with open(os.path.join(tmp, "inflation.json"), "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=1)
+        write_summary(tmp, summary)
+        report = {"inflated": source, "counts": summary["counts"]}
     os.replace(tmp, folder)
     if log:
         print(f"curriculum: stage {cur['stage'].name} starts from {folder} ({json.dumps(report)})", file=log)
@@ -254,7 +247,7 @@ def format_summary(r: CurriculumResult) -> str:
 def arguments(parser) -> None:
     from pipeline.commands import add_set_argument
 
-    parser.add_argument("spec", help="curriculum spec YAML (see jobs/svd_curriculum.yaml)")
+    parser.add_argument("spec", help="curriculum spec YAML (see jobs/curriculum_svd.yaml)")
     add_set_argument(parser, "stages.0.train.max_steps=100")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 from pipeline.contract.config import ConfigError
@@ -56,13 +57,17 @@ def run(spec: InflateSpec, log=None) -> dict:
     from training.inflate import InflationError, inflate_folder
 
     plan(spec)
-    tmp = spec.output.rstrip("/") + ".inflating"
-    shutil.rmtree(tmp, ignore_errors=True)           # winnow's own scratch from a killed run
+    # a fresh folder of our own beside the output (never a name a user's folder could have), renamed at the end
+    parent = os.path.dirname(os.path.abspath(spec.output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".winnow-inflate-", dir=parent)
     try:
         summary = inflate_folder(spec.source, tmp, spec.in_channels, spec.num_frames)
-    except InflationError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"{spec.source}: {exc}") from None
+        if isinstance(exc, InflationError):
+            raise ConfigError(f"{spec.source}: {exc}") from None
+        raise
     if os.path.isdir(spec.output):
         os.rmdir(spec.output)                         # empty (plan checked)
     os.replace(tmp, spec.output)

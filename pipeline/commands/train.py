@@ -99,9 +99,13 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
              index=index, buckets=buckets, bucket_of=bucket_of)
     if clips:
         _motion_map(spec, index, bucket_of)
-        if (bucket_of < 0).any():
-            p.notes.append(f"{int((bucket_of < 0).sum())} clips are too short for any video bucket at up to "
-                           f"video.max_fps {spec.video.max_fps:g} and are skipped (too_short)")
+        slow = np.asarray(index.column("fps").to_numpy()) < spec.video.min_fps
+        if slow.any():
+            p.notes.append(f"{int(slow.sum())} clips are slower than video.min_fps {spec.video.min_fps:g} and are "
+                           f"skipped (fps_too_low)")
+        if ((bucket_of < 0) & ~slow).any():
+            p.notes.append(f"{int(((bucket_of < 0) & ~slow).sum())} clips are too short for any video bucket at up "
+                           f"to video.max_fps {spec.video.max_fps:g} and are skipped (too_short)")
     if steps == 0:
         raise ConfigError(f"train.batch_size x ray.num_workers = {g} is more than any bucket holds "
                           f"(largest: {counts.max()} of {index.num_rows} samples); lower the batch size or the "
@@ -124,7 +128,7 @@ def _motion_map(spec: TrainSpec, index, bucket_of) -> None:
         return
     scores = index.column("motion_score").to_numpy(zero_copy_only=False)[np.asarray(bucket_of) >= 0]
     try:
-        m = MotionBucketMap.fit([s for s in scores if s is not None])
+        m = MotionBucketMap.fit(scores)                  # nulls arrive as NaN; fit keeps the finite scores
     except ValueError:
         raise ConfigError("data.shards: the clips have no motion_score; curate them with the motion stage "
                           "(jobs/lvd_video_curation.yaml) so motion_bucket_id can be conditioned on") from None
