@@ -114,26 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     svd = tiny_curriculum(select_dir, video_run, os.path.join(args.output, "svd"), args.train_steps // 2)
     print(f"\n  {args.output}/train_sd/final   a StableDiffusionPipeline folder (from_pretrained loads it)"
           f"\n  {args.output}/train_sdxl/final a StableDiffusionXLPipeline folder"
-          f"\n  {svd}       a StableVideoDiffusionPipeline folder (image -> low-res video -> image-to-video)"
+          f"\n  {svd}       a StableVideoDiffusionPipeline folder (image -> text-to-video -> image-to-video)"
           f"\n  continue a run: winnow train {args.output}/train_sd/train_spec.yaml --set train.max_steps=16")
     return 0
 
 
 def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> str:
-    """jobs/curriculum_svd.yaml in miniature: tiny SD on the selected images, inflated into tiny SVD
-    for low-res video on the demo's clips, then image-to-video; returns the final pipeline folder."""
+    """jobs/curriculum_svd.yaml in miniature: tiny SD on the selected images, inflated into a tiny
+    text-to-video model on the demo's clips, widened into image-to-video; returns the final pipeline folder."""
     from pipeline.commands import curriculum
 
     train = {"max_steps": steps, "checkpoint_every": steps, "log_every": 1, "batch_size": 1, "sample_prompts": []}
     video = {"buckets": {"48x80": {4: 1}}, "fps": 5.0}
     spec = curriculum.parse({"kind": "curriculum", "output": {"path": out}, "ray": {"num_workers": 2}, "stages": [
         {"name": "image", "data": {"shards": [images], "resolution": 64}, "model": {"kind": "sd"}, "train": train},
-        {"name": "video_lowres", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd"},
-         "video": {**video, "p_mean": 0.0}, "train": train},
+        {"name": "video_lowres", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd_t2v"},
+         "video": {**video, "p_mean": -1.2, "p_std": 1.2}, "train": train},
         {"name": "image_to_video", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd"},
          "video": {**video, "p_mean": 0.7}, "train": train}]})
     print(f"\nthe SVD curriculum in miniature (jobs/curriculum_svd.yaml's stages, tiny random models, {steps} steps "
-          f"each): image -> inflated low-res video -> image-to-video")
+          f"each): image -> inflated text-to-video -> image-to-video")
     result = curriculum.run(spec)
     print(curriculum.format_summary(result))
     return result.final

@@ -1,5 +1,5 @@
-"""The staged curriculum on 2 Ray Train workers: an SD image stage, a video stage inflated from it,
-an image-to-video stage from that; a re-run skips finished stages; fingerprints chain."""
+"""The staged curriculum on 2 Ray Train workers: an SD image stage, a text-to-video stage inflated
+from it, an image-to-video stage widened from that; a re-run skips finished stages; fingerprints chain."""
 import io
 import json
 import os
@@ -50,7 +50,7 @@ def stages_spec(image_run, clip_run, out, lr=1e-4, last_steps=2):
             "stages": [
                 {"name": "image", "data": {"shards": [image_run], "resolution": 64}, "model": {"kind": "sd"},
                  "optim": {"lr": lr}, "train": train},
-                {"name": "video_lowres", "init": "previous", "data": {"shards": [clip_run]}, "model": {"kind": "svd"},
+                {"name": "video_lowres", "init": "previous", "data": {"shards": [clip_run]}, "model": {"kind": "svd_t2v"},
                  "video": {**video, "p_mean": 0.0}, "train": train},
                 {"name": "image_to_video", "init": "previous", "data": {"shards": [clip_run]},
                  "model": {"kind": "svd"}, "video": video, "train": {**train, "max_steps": last_steps}}]}
@@ -71,8 +71,24 @@ def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_r
     assert len(inits) == 2
     info = json.load(open(os.path.join(out, "init", inits[0], "inflation.json")))
     assert info["counts"]["unused"] == 0 and info["counts"]["mapped"] > 0     # stage 2 = stage 1's UNet, inflated
+    assert info["in_channels"] == 4 and info["inherited"] == ["text_encoder", "tokenizer"]
+    stage1 = os.path.join(out, "stages", "01_image", "final")
+    for part in ("text_encoder", "tokenizer"):                               # stage 2 reads stage 1's text encoder
+        assert sorted(os.listdir(os.path.join(out, "init", inits[0], part))) == sorted(os.listdir(os.path.join(stage1, part)))
+    from safetensors.torch import load_file
+
+    enc = [load_file(os.path.join(d, "text_encoder", "model.safetensors")) for d in (stage1, os.path.join(out, "init", inits[0]))]
+    assert enc[0].keys() == enc[1].keys() and all(torch.equal(enc[0][k], enc[1][k]) for k in enc[0])
+    # stage 3 = stage 2's final UNet with conv_in widened from 4 to 8 input channels, the new ones zero
+    info3 = json.load(open(os.path.join(out, "init", inits[1], "inflation.json")))
+    assert info3["widened"] and info3["in_channels"] == 8 and info3["counts"]["new"] == 0
+    t2v = load_file(os.path.join(out, "stages", "02_video_lowres", "final", "unet", "diffusion_pytorch_model.safetensors"))
+    i2v = load_file(os.path.join(out, "init", inits[1], "unet", "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(i2v["conv_in.weight"][:, :4], t2v["conv_in.weight"]) and not i2v["conv_in.weight"][:, 4:].any()
+    assert all(torch.equal(i2v[k], t2v[k]) for k in t2v if k != "conv_in.weight")
     pipe = StableVideoDiffusionPipeline.from_pretrained(r.final)
     assert pipe.unet.config.in_channels == 8
+    assert os.listdir(os.path.join(out, "stages", "02_video_lowres", "samples")) == ["step0000002_0.gif"]
     # a re-run finds every stage finished
     again = curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out)), log=None)
     assert all(s["skipped"] for s in again.stages)
@@ -106,9 +122,17 @@ def test_curriculum_spec_errors(image_run, clip_run, tmp_path):
     bad["stages"][2].pop("video")
     with pytest.raises(ConfigError, match="cannot turn a video model back into an image model"):
         curriculum.plan(curriculum.parse(bad))
+    bad = json.loads(json.dumps(good))                  # image-to-video cannot narrow back to text-to-video
+    bad["stages"][1]["model"]["kind"], bad["stages"][2]["model"]["kind"] = "svd", "svd_t2v"
+    with pytest.raises(ConfigError, match=r"a svd_t2v stage starts from a svd_t2v stage or from none, not from svd"):
+        curriculum.plan(curriculum.parse(bad))
+    bad = json.loads(json.dumps(good))
+    bad["stages"] = bad["stages"][:1] + [{**bad["stages"][0], "name": "xl", "init": "previous", "model": {"kind": "sdxl"}}]
+    with pytest.raises(ConfigError, match="a sdxl stage cannot start from a sd stage"):
+        curriculum.plan(curriculum.parse(bad))
 
 
-def test_the_svd_curriculum_job_is_the_papers_three_stages(image_run, clip_run, tmp_path):
+def test_the_svd_curriculum_job_is_the_papers_stages(image_run, clip_run, tmp_path):
     from pipeline.commands import curriculum
     from pipeline.contract.config import load_yaml
 
@@ -117,10 +141,15 @@ def test_the_svd_curriculum_job_is_the_papers_three_stages(image_run, clip_run, 
     for st in doc["stages"]:                       # the template's data paths are examples
         st["data"]["shards"] = [image_run if st["model"]["kind"] == "sd" else clip_run]
     spec = curriculum.parse(doc)
-    assert [(s.name, s.init) for s in spec.stages] == [("image", None), ("video_lowres", "previous"),
-                                                        ("image_to_video", "previous")]
-    assert spec.stages[2].doc["video"]["buckets"] == {"320x576": {14: 1}}
-    assert (spec.stages[2].doc["video"]["p_mean"], spec.stages[2].doc["video"]["p_std"]) == (0.7, 1.6)
+    assert [(s.name, s.init, s.doc["model"]["kind"]) for s in spec.stages] == [
+        ("image", None, "sd"), ("video_lowres", "previous", "svd_t2v"), ("video_finetune", "previous", "svd_t2v"),
+        ("image_to_video", "previous", "svd")]
+    video = [s.doc["video"] for s in spec.stages[1:]]
+    assert [v["buckets"] for v in video] == [{"256x384": {14: 4}}, {"320x576": {14: 2}}, {"320x576": {14: 1}}]
+    assert [(v["p_mean"], v["p_std"]) for v in video] == [(-1.2, 1.2), (0.0, 1.6), (0.7, 1.6)]
+    for st in spec.stages[1:]:                     # the paths are examples; the stage order is what is checked
+        st.doc["model"].pop("pretrained", None)
+    assert [s["spec"].model.kind for s in curriculum.plan(spec)] == ["sd", "svd_t2v", "svd_t2v", "svd"]
 
 
 def test_kill9_in_stage_two_then_rerun_skips_stage_one_and_matches_bit_for_bit(ray_local, image_run, clip_run,

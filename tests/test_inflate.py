@@ -125,3 +125,24 @@ def test_winnow_inflate_writes_a_folder_diffusers_loads(tmp_path):
     again = subprocess.run([sys.executable, "-m", "pipeline.cli", "inflate", pipe_dir, out], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_a_text_to_video_unet_widens_to_image_to_video_and_ignores_the_new_channels_at_init():
+    from training.families import get
+    from training.inflate import widen_video_unet
+
+    t2v = get("svd_t2v").tiny_unet(3, 4, 32).eval()
+    with torch.no_grad():
+        for p in t2v.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    i2v, report = widen_video_unet(t2v, 8)
+    assert i2v.config.in_channels == 8 and report["new"] == [] and len(report["mapped"]) == len(t2v.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x, cond = torch.randn(2, 4, 4, 16, 16, generator=g), torch.randn(2, 4, 4, 16, 16, generator=g)
+    enc, ids = torch.randn(2, 7, 32, generator=g), torch.tensor([[6.0, 127.0, 0.0]] * 2)
+    with torch.no_grad():
+        a = t2v(x, torch.tensor(0.3), enc, added_time_ids=ids).sample
+        b = i2v.eval()(torch.cat([x, cond], 2), torch.tensor(0.3), enc, added_time_ids=ids).sample
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)     # exact here; kernels may sum in another order
+    with pytest.raises(InflationError, match="never narrowed"):
+        widen_video_unet(i2v, 4)

@@ -73,3 +73,40 @@ def test_an_image_to_video_step_trains_the_temporal_layers_and_is_seeded(tmp_pat
     assert any(v > 0 for n, v in grads.items() if "temporal_transformer_blocks" in n)
     assert any(v > 0 for n, v in grads.items() if n.startswith("add_embedding"))
     assert step(0)[0] == losses                      # same seeds, same losses, bit for bit
+
+
+def test_text_to_video_family_trains_on_captions_samples_and_round_trips(tmp_path):
+    from training.objectives import EDM
+
+    fam = get("svd_t2v")
+    comps = fam.tiny(0, str(tmp_path / "scratch"))
+    assert comps.unet.config.in_channels == 4 and comps.unet.config.cross_attention_dim == 32
+    frames = torch.rand(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    fps, motion = torch.tensor([7.0, 6.0]), torch.tensor([127, 30])
+
+    def loss(captions, unet=None):
+        return fam.loss(comps, frames, fps, motion, captions, EDM(), 0.0, 1.6, torch.Generator().manual_seed(3),
+                        unet=unet)
+
+    with_text = loss(["a red car", "a dog"])
+    assert with_text.shape == (2,) and torch.equal(with_text, loss(["a red car", "a dog"]))
+    # the captions reach the UNet: another caption, another loss (same noise, same sigma)
+    assert not torch.equal(with_text, loss(["", "a dog"]))
+    with_text.mean().backward()
+    grads = {n: p.grad.abs().sum().item() for n, p in comps.unet.named_parameters() if p.grad is not None}
+    assert any(v > 0 for n, v in grads.items() if "attn2" in n)           # cross-attention to the text
+    comps.unet.zero_grad()
+
+    videos = fam.generate(comps, comps.unet, ["a red car", "a dog"], 64, 96, 4, 2, 7.0,
+                          generator=torch.Generator().manual_seed(0))
+    assert len(videos) == 2 and [f.size for f in videos[0]] == [(96, 64)] * 4
+    again = fam.generate(comps, comps.unet, ["a red car"], 64, 96, 4, 2, 7.0, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(again[0][3]), np.asarray(videos[0][3]))
+
+    folder = str(tmp_path / "t2v")
+    fam.export(comps, comps.unet, folder, MotionBucketMap.fit(np.linspace(0, 10, 50)))
+    assert sorted(os.listdir(folder)) == sorted(fam.subfolders + ["model_index.json", "motion_buckets.json"])
+    fam.check_pretrained(folder)
+    back = fam.load(folder)
+    torch.testing.assert_close(loss(["a red car", "a dog"], unet=back.unet).detach(), with_text.detach(), atol=1e-6, rtol=1e-6)
+    assert back.tokenizers[0]("a red car").input_ids == comps.tokenizers[0]("a red car").input_ids

@@ -200,6 +200,41 @@ def inflate_source(source: str, in_channels: int = 8, num_frames: int = 14, addi
     return unet, vae, summary
 
 
+def widen_video_unet(unet, in_channels: int):
+    """(a copy of a spatio-temporal UNet with ``in_channels`` inputs, key report): ``conv_in``'s new
+    input channels start at zero, so the widened UNet ignores them at init -- a text-to-video UNet
+    (4 channels) becomes an image-to-video one (8: the conditioning frame's latent concatenated)."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    have = unet.config.in_channels
+    if in_channels < have:
+        raise InflationError(f"in_channels {in_channels} is fewer than the source UNet's {have}; a video UNet is only "
+                             f"widened (text-to-video -> image-to-video), never narrowed")
+    wide = UNetSpatioTemporalConditionModel(**{**dict(unet.config), "in_channels": in_channels})
+    state = wide.state_dict()
+    with torch.no_grad():
+        for key, value in unet.state_dict().items():
+            if key == "conv_in.weight":
+                state[key].zero_()
+                state[key][:, :have] = value
+            else:
+                state[key].copy_(value)
+    wide.load_state_dict(state)
+    return wide, {"mapped": list(state), "new": [], "unused": []}
+
+
+def widen_source(source: str, in_channels: int):
+    """(widened video UNet, the source's temporal-decoder VAE, summary) of a video pipeline folder."""
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+
+    unet, report = widen_video_unet(UNetSpatioTemporalConditionModel.from_pretrained(os.path.join(source, "unet")),
+                                    in_channels)
+    vae = AutoencoderKLTemporalDecoder.from_pretrained(os.path.join(source, "vae"))
+    summary = {"source": os.path.abspath(source), "in_channels": in_channels, "widened": True, **report,
+               "counts": {k: len(v) for k, v in report.items()}}
+    return unet, vae, summary
+
+
 def write_summary(folder: str, summary: dict) -> None:
     with open(os.path.join(folder, "inflation.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
@@ -217,4 +252,5 @@ def inflate_folder(source: str, output: str, in_channels: int = 8, num_frames: i
     return summary
 
 
-__all__ = ["InflationError", "inflate_folder", "inflate_source", "inflate_unet", "inflate_vae", "load_image_unet", "video_config"]
+__all__ = ["InflationError", "inflate_folder", "inflate_source", "inflate_unet", "inflate_vae", "load_image_unet", "video_config",
+           "widen_source", "widen_video_unet"]

@@ -251,20 +251,21 @@ def _optimize(w: Worker, loss) -> float:
 
 
 def video_step(w: Worker, batch) -> float:
-    """One image-to-video step (the family's EDM loss); draws seeded by (seed, step, rank)."""
+    """One video step (the family's EDM loss); noise drawn from (seed, step, rank), each
+    classifier-free-guidance drop from its own (seed, name, step, rank) stream."""
     import torch
 
     from training.conditioning import keep_mask
-    from training.objectives import EDM
 
-    spec, v, device = w.spec, w.spec.video, w.acc.device
+    spec, device = w.spec, w.acc.device
     g = torch.Generator("cpu").manual_seed(step_seed(spec.train.seed, w.step, w.rank))
     n = len(batch.ids)
-    keep_image = torch.from_numpy(keep_mask(n, v.image_dropout, seeded_rng(spec.train.seed, "image", w.step, w.rank)))
-    keep_concat = torch.from_numpy(keep_mask(n, v.concat_dropout, seeded_rng(spec.train.seed, "concat", w.step, w.rank)))
+
+    def keep(name: str, p: float) -> torch.Tensor:
+        return torch.from_numpy(keep_mask(n, p, seeded_rng(spec.train.seed, name, w.step, w.rank)))
+
     with w.acc.autocast():
-        loss = w.family.loss(w.comps, batch.frames.to(device, w.vae_dtype), batch.fps, batch.motion_bucket_id,
-                             EDM(v.sigma_data), v.p_mean, v.p_std, g, keep_image, keep_concat, unet=w.unet).mean()
+        loss = w.family.step_loss(w.comps, batch.frames.to(device, w.vae_dtype), batch, spec, g, keep, w.unet).mean()
     return _optimize(w, loss)
 
 
@@ -298,10 +299,9 @@ def train_step(w: Worker, batch) -> float:
 
 
 def video_samples(w: Worker, step: int) -> list[str]:
-    """Rank 0, clip families: a video from the first training clip's first frame through the
-    family's pipeline (the run's fps, the median motion bucket 127), as a GIF and, in TensorBoard,
-    its frames side by side."""
-    import torch
+    """Rank 0, clip families: videos from the family's sampler (image-to-video: the first training
+    clip's first frame; text-to-video: the sample prompts, else that clip's caption) at the run's
+    fps, as GIFs and, in TensorBoard, frames side by side."""
     from PIL import Image
 
     from training.video_frames import decode_frames
@@ -309,20 +309,22 @@ def video_samples(w: Worker, step: int) -> list[str]:
     spec, loader = w.spec, w.loader
     first = int(np.flatnonzero(loader.bucket_of >= 0)[0])
     bucket = w.buckets[int(loader.bucket_of[first])]
-    frame = Image.fromarray(decode_frames(loader.reader.read(first), [0.0])[0][0]).resize((bucket.width, bucket.height))
-    pipe = w.family.build_pipeline(w.comps, w.raw_unet).to(w.acc.device)
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator("cpu").manual_seed(spec.train.seed)
+
+    def first_frame():
+        return Image.fromarray(decode_frames(loader.reader.read(first), [0.0])[0][0]).resize((bucket.width, bucket.height))
+
+    prompts = list(spec.train.sample_prompts) or [loader.captions[first]]
     with w.acc.autocast():
-        frames = pipe(frame, height=bucket.height, width=bucket.width, num_frames=bucket.frames,
-                      num_inference_steps=spec.train.sample_steps, fps=round(spec.video.fps), motion_bucket_id=127,
-                      decode_chunk_size=bucket.frames, generator=g).frames[0]
+        videos = w.family.sample_videos(w.comps, w.raw_unet, bucket, spec.train.sample_steps, spec.video.fps,
+                                        spec.train.seed, w.acc.device, prompts, first_frame)
     folder = os.path.join(w.config["output"], "samples")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step{step:07d}_0.gif")
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / spec.video.fps), loop=0)
-    w.metrics.image("samples/video", np.concatenate([np.asarray(f) for f in frames], axis=1), step)
-    return [path]
+    paths = []
+    for k, frames in enumerate(videos):
+        paths.append(os.path.join(folder, f"step{step:07d}_{k}.gif"))
+        frames[0].save(paths[-1], save_all=True, append_images=frames[1:], duration=int(1000 / spec.video.fps), loop=0)
+        w.metrics.image(f"samples/video_{k}", np.concatenate([np.asarray(f) for f in frames], axis=1), step)
+    return paths
 
 
 def samples(w: Worker, step: int) -> list[str]:

@@ -36,8 +36,9 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    kind: Literal["sd", "sdxl", "svd"] = option("sd", "sd (SD 1.x / 2.x: one text encoder), sdxl (two, plus "
-                                                      "micro-conditioning) or svd (image-to-video on curated clips)")
+    kind: Literal["sd", "sdxl", "svd", "svd_t2v"] = option(
+        "sd", "sd (SD 1.x / 2.x: one text encoder), sdxl (two, plus micro-conditioning), svd_t2v (text-to-video on "
+              "curated clips) or svd (image-to-video on curated clips)")
     pretrained: str | None = option(None, "diffusers pipeline folder or hub id; null builds the tiny random preset")
     allow_download: bool = option(False, "let a hub id download (otherwise only the local cache is used)")
     seed: int = option(0, "seed of the tiny preset's random weights")
@@ -188,7 +189,7 @@ def _check_video(spec: TrainSpec) -> None:
     from training.buckets import video_bucket_table
 
     if spec.data.cache:
-        raise ConfigError("data.cache: the latent cache holds image latents; set it false for model.kind svd")
+        raise ConfigError("data.cache: the latent cache holds image latents; set it false for video models (model.kind svd, svd_t2v)")
     if not spec.video.min_fps <= spec.video.fps <= spec.video.max_fps:
         raise ConfigError(f"video.fps {spec.video.fps:g} must lie in [min_fps {spec.video.min_fps:g}, max_fps "
                           f"{spec.video.max_fps:g}]")

@@ -5,9 +5,12 @@ that starts from the stage before it.
 A stage is a train spec (data, model, objective, optim, ema, train, video) plus ``name`` and
 ``init``. ``init: previous`` starts the stage from the previous stage's final weights: the same
 family loads them as they are; an image stage followed by a video stage is inflated
-(``training/inflate.py``), its UNet placed in a video pipeline whose other parts (VAE when the
-image VAE cannot be inflated, CLIP image encoder, scheduler) come from the stage's own
-``model.pretrained`` (null: the tiny preset). ``output.path`` holds ``stages/NN_name/`` (each a
+(``training/inflate.py``: text-to-video ``svd_t2v`` takes the image model's text encoder too);
+a text-to-video stage followed by image-to-video (``svd``) has its UNet's ``conv_in`` widened to
+the concatenated frame. The parts not carried over (CLIP image encoder, scheduler, the UNet's
+frame count and time-embedding width) come from the stage's own ``model.pretrained`` (null: the
+tiny preset); the VAE is ``model.pretrained``'s when given, else the source's (inflated from an
+image VAE when it can be). ``output.path`` holds ``stages/NN_name/`` (each a
 train run folder), ``init/NN_<fingerprint>/`` (the pipelines stages start from) and ``final/``.
 
 Fingerprints chain: a stage's init folder is named by the fingerprint of the stage before it,
@@ -125,19 +128,33 @@ def plan(spec: CurriculumSpec) -> list[dict]:
             init_dir = os.path.join(os.path.abspath(spec.output), "init", f"{st.index + 1:02d}_{prev['fingerprint']}")
         ts = _train_spec(spec, st, init_dir)
         if st.init:
-            before, now = families.get(prev["spec"].model.kind), families.get(ts.model.kind)
-            if before.clips and not now.clips:
-                raise ConfigError(f"stages[{st.index}] ({st.name}): init: previous cannot turn a video model back "
-                                  f"into an image model")
-            if not before.clips and now.clips and not before.inflates:
-                raise ConfigError(f"stages[{st.index}] ({st.name}): only an sd (SD 1.x / 2.x) stage inflates into a "
-                                  f"video stage; the stage before is {before.name}")
+            _check_transition(st, families.get(prev["spec"].model.kind), families.get(ts.model.kind))
         run_dir = _stage_dir(spec, st)
         done = _finished(run_dir, ts)
         out.append({"stage": st, "spec": ts, "fingerprint": ts.fingerprint(), "init": init_dir, "dir": run_dir,
                     "done": done})
         prev = out[-1]
     return out
+
+
+def _check_transition(st: Stage, before, now) -> None:
+    """The stage before must be something this stage can start from: the same family, an image
+    model this video model inflates from, or a video model whose UNet this one widens."""
+    where = f"stages[{st.index}] ({st.name}): init: previous"
+    if before.name == now.name:
+        return
+    if before.clips and not now.clips:
+        raise ConfigError(f"{where} cannot turn a video model back into an image model")
+    if not before.clips and now.clips and not before.inflates:
+        raise ConfigError(f"{where}: only an sd (SD 1.x / 2.x) stage inflates into a video stage; the stage before "
+                          f"is {before.name}")
+    if before.clips and now.clips and before.name not in now.follows:
+        starts = ", ".join(now.follows) or "none"
+        raise ConfigError(f"{where}: a {now.name} stage starts from a {now.name} stage or from {starts}, not from "
+                          f"{before.name} (its UNet has {now.in_channels} input channels, the stage before's "
+                          f"{before.in_channels})")
+    if not before.clips and not now.clips:
+        raise ConfigError(f"{where}: a {now.name} stage cannot start from a {before.name} stage (different models)")
 
 
 def _finished(run_dir: str, ts) -> bool:
@@ -167,25 +184,35 @@ def build_init(prev: dict, cur: dict, log) -> dict:
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    if before.clips == now.clips:
-        shutil.copytree(source, tmp)                 # same kind of model: its final pipeline as it is
+    if before.name == now.name:
+        shutil.copytree(source, tmp)                 # the same model: its final pipeline as it is
         report = {"copied": source}
     else:
-        from training.inflate import inflate_source, write_summary
+        from training.inflate import inflate_source, widen_source, write_summary
 
         m = cur["spec"].model
         with tempfile.TemporaryDirectory(prefix="winnow-init-") as scratch:
-            base = cur["stage"].doc.get("model", {}).get("pretrained")   # where the video parts come from
+            base = cur["stage"].doc.get("model", {}).get("pretrained")   # where the parts not carried over come from
             comps = now.components(base, m.allow_download, m.seed, scratch, None)
             cfg = comps.unet.config
-            unet, vae, summary = inflate_source(source, cfg.in_channels, cfg.num_frames, cfg.addition_time_embed_dim)
-            if vae is not None:
+            if before.clips:                         # text-to-video -> image-to-video: conv_in widened
+                unet, vae, summary = widen_source(source, now.in_channels)
+            else:                                    # image -> video: inflated (frames and time embedding as this stage's model)
+                unet, vae, summary = inflate_source(source, now.in_channels, cfg.num_frames, cfg.addition_time_embed_dim)
+                summary["inherited"] = now.inherit(comps, source)
+            if unet.config.cross_attention_dim != cfg.cross_attention_dim:
+                raise ConfigError(f"stages[{cur['stage'].index}] ({cur['stage'].name}): the stage before's UNet attends "
+                                  f"to {unet.config.cross_attention_dim}-wide context, this stage's conditioning is "
+                                  f"{cfg.cross_attention_dim} wide; use models of one width (SD 2.1 and SVD: 1024)")
+            if base:                                 # a VAE the stage names wins (SVD's fine-tuned temporal decoder)
+                summary.setdefault("vae", {})["using"] = f"model.pretrained's ({base})"
+            elif vae is not None:                    # else the source's, inflated or as trained
                 comps.vae = vae
-            else:                                    # the stage's own VAE (its model.pretrained, or the tiny preset)
-                summary.setdefault("vae", {})["using"] = "the video stage's own VAE"
+            else:                                    # else the tiny preset's (the image VAE could not be inflated)
+                summary.setdefault("vae", {})["using"] = "the video stage's preset VAE"
             now.export(comps, unet, tmp)
         write_summary(tmp, summary)
-        report = {"inflated": source, "counts": summary["counts"]}
+        report = {"widened" if before.clips else "inflated": source, "counts": summary["counts"]}
     os.replace(tmp, folder)
     if log:
         print(f"curriculum: stage {cur['stage'].name} starts from {folder} ({json.dumps(report)})", file=log)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from training.families.base import Family
 from training.families.sd import SD
 from training.families.sdxl import SDXL
-from training.families.svd import SVD
+from training.families.svd import SVD, SVDText
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SVD())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SVD(), SVDText())}
 
 
 def get(kind: str) -> Family:

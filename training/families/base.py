@@ -128,6 +128,7 @@ class Family:
     name: ClassVar[str] = ""
     clips: ClassVar[bool] = False          # trains on curated clips (ClipLoader, video buckets), not images
     inflates: ClassVar[bool] = False       # its UNet inflates into a video UNet (training/inflate.py)
+    follows: ClassVar[tuple[str, ...]] = ()  # other video families whose UNet this one starts from (conv_in widened)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tiny_scaling_factor: ClassVar[float] = 0.18215
 
@@ -166,6 +167,11 @@ class Family:
         if pretrained:
             return self.load(pretrained, allow_download, prediction_type)
         return self.tiny(seed, scratch, prediction_type or "epsilon")
+
+    def inherit(self, c: Components, image_pipeline: str) -> list[str]:
+        """Replace parts of ``c`` by the image pipeline's this video model was inflated from (the
+        subfolders taken); most families keep their own."""
+        return []
 
     def check_pretrained(self, path: str, key: str = "model.pretrained") -> None:
         """Fail before Ray starts when a local pipeline folder lacks what the family needs."""
