@@ -28,3 +28,33 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     expected = make_corpus(str(root), n_images=40, seed=1, max_side=900)
     return str(root), expected
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A curated image run's shard: 8 JPEGs of 64x64 with captions and their annotation rows."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.contract import tar as tars
+
+    root = tmp_path_factory.mktemp("img_run")
+    shards = root / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    blocks, rows = [], []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        key = f"{i:09d}"
+        blocks += [tars.block(f"{key}.jpg", buf.getvalue()), tars.block(f"{key}.txt", f"picture {i}".encode())]
+        rows.append({"key": key, "status": "kept", "caption": f"picture {i}", "width": 64, "height": 64,
+                     "stored_width": 64, "stored_height": 64})
+    blocks.append(tars.end(sum(len(b) for b in blocks)))
+    (shards / "00000.tar").write_bytes(b"".join(blocks))
+    pq.write_table(pa.Table.from_pylist(rows), str(shards / "00000.parquet"))
+    return str(root)

@@ -1,15 +1,10 @@
 """The staged curriculum on 2 Ray Train workers: an SD image stage, a text-to-video stage inflated
 from it, an image-to-video stage widened from that; a re-run skips finished stages; fingerprints chain."""
-import io
 import json
 import os
 
-import numpy as np
 import torch
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from tests.helpers import kill_at_checkpoint
 from tests.test_train_svd import make_clip_run
@@ -18,29 +13,6 @@ from tests.test_train_svd import make_clip_run
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
     return make_clip_run(tmp_path_factory.mktemp("clips"))
-
-
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
-    """A curated image run's shard: 8 JPEGs of 64x64 with captions and their annotation rows."""
-    from pipeline.contract import tar as tars
-
-    root = tmp_path_factory.mktemp("img_run")
-    shards = root / "shards"
-    shards.mkdir()
-    rng = np.random.default_rng(0)
-    blocks, rows = [], []
-    for i in range(8):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
-        key = f"{i:09d}"
-        blocks += [tars.block(f"{key}.jpg", buf.getvalue()), tars.block(f"{key}.txt", f"picture {i}".encode())]
-        rows.append({"key": key, "status": "kept", "caption": f"picture {i}", "width": 64, "height": 64,
-                     "stored_width": 64, "stored_height": 64})
-    blocks.append(tars.end(sum(len(b) for b in blocks)))
-    (shards / "00000.tar").write_bytes(b"".join(blocks))
-    pq.write_table(pa.Table.from_pylist(rows), str(shards / "00000.parquet"))
-    return str(root)
 
 
 def stages_spec(image_run, clip_run, out, lr=1e-4, last_steps=2):
@@ -53,7 +25,8 @@ def stages_spec(image_run, clip_run, out, lr=1e-4, last_steps=2):
                 {"name": "video_lowres", "init": "previous", "data": {"shards": [clip_run]}, "model": {"kind": "svd_t2v"},
                  "video": {**video, "p_mean": 0.0}, "train": train},
                 {"name": "image_to_video", "init": "previous", "data": {"shards": [clip_run]},
-                 "model": {"kind": "svd"}, "video": video, "train": {**train, "max_steps": last_steps}}]}
+                 "model": {"kind": "svd"}, "video": video,
+                 "train": {**train, "max_steps": last_steps, "fsdp": True}}]}     # the video UNet sharded
 
 
 def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_run, tmp_path):
@@ -88,6 +61,8 @@ def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_r
     assert all(torch.equal(i2v[k], t2v[k]) for k in t2v if k != "conv_in.weight")
     pipe = StableVideoDiffusionPipeline.from_pretrained(r.final)
     assert pipe.unet.config.in_channels == 8
+    summary = json.load(open(os.path.join(out, "stages", "03_image_to_video", "summary.json")))
+    assert summary["distributed"] == "FSDP2" and summary["samples"]
     assert os.listdir(os.path.join(out, "stages", "02_video_lowres", "samples")) == ["step0000002_0.gif"]
     # a re-run finds every stage finished
     again = curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out)), log=None)

@@ -199,9 +199,16 @@ def build(config: dict) -> Worker:
         with ckpt.as_directory() as d:
             step, cursor = restore_checkpoint(d, {"unet": unet, "ema_unet": ema, "optimizer": optimizer,
                                                   "lr_scheduler": lr_sched})
+    if spec.train.fsdp:                                   # shard after the (unsharded) restore
+        from training.sharding import shard_training
+
+        unet.to(acc.device)
+        optimizer, lr_sched = shard_training(unet, optimizer, lr_sched, ema, lambda m: _optimizer(spec, m))
+        prepared, optimizer = unet, acc.prepare(optimizer)   # no DDP wrapper: FSDP reduces the gradients
     if ema is not None:
         ema.to(acc.device)
-    prepared, optimizer = acc.prepare(unet, optimizer)
+    if not spec.train.fsdp:
+        prepared, optimizer = acc.prepare(unet, optimizer)
     loader, buckets, empty = _loader(spec, config, cursor, rank, world, acc.device)
     metrics = _Metrics(config["output"], acc.is_main_process)
     if step and acc.is_main_process:
@@ -298,7 +305,7 @@ def train_step(w: Worker, batch) -> float:
     return _optimize(w, per_sample.mean())
 
 
-def video_samples(w: Worker, step: int) -> list[str]:
+def video_samples(w: Worker, step: int, unet) -> list[str]:
     """Rank 0, clip families: videos from the family's sampler (image-to-video: the first training
     clip's first frame; text-to-video: the sample prompts, else that clip's caption) at the run's
     fps, as GIFs and, in TensorBoard, frames side by side."""
@@ -315,7 +322,7 @@ def video_samples(w: Worker, step: int) -> list[str]:
 
     prompts = list(spec.train.sample_prompts) or [loader.captions[first]]
     with w.acc.autocast():
-        videos = w.family.sample_videos(w.comps, w.raw_unet, bucket, spec.train.sample_steps, spec.video.fps,
+        videos = w.family.sample_videos(w.comps, unet, bucket, spec.train.sample_steps, spec.video.fps,
                                         spec.train.seed, w.acc.device, prompts, first_frame)
     folder = os.path.join(w.config["output"], "samples")
     os.makedirs(folder, exist_ok=True)
@@ -327,14 +334,14 @@ def video_samples(w: Worker, step: int) -> list[str]:
     return paths
 
 
-def samples(w: Worker, step: int) -> list[str]:
+def samples(w: Worker, step: int, unet) -> list[str]:
     """Rank 0: the spec's sample prompts through the family's pipeline, as PNGs and TensorBoard images."""
     import torch
 
     if w.family.clips:
-        return video_samples(w, step)
+        return video_samples(w, step, unet)
     spec = w.spec
-    pipe = w.family.build_pipeline(w.comps, w.raw_unet).to(w.acc.device)
+    pipe = w.family.build_pipeline(w.comps, unet).to(w.acc.device)
     pipe.set_progress_bar_config(disable=True)
     folder = os.path.join(w.config["output"], "samples")
     os.makedirs(folder, exist_ok=True)
@@ -351,31 +358,53 @@ def samples(w: Worker, step: int) -> list[str]:
     return paths
 
 
+def full_unet(w: Worker, ema_weights: bool = False):
+    """Every rank calls this: the UNet whole on rank 0 (None elsewhere when sharded), with the EMA
+    weights when ``ema_weights`` and the run keeps an EMA. The caller puts back the training weights
+    with ``w.ema.restore`` when it asked for EMA weights on an unsharded run."""
+    swap = ema_weights and w.ema is not None
+    if swap:
+        w.ema.store(w.raw_unet.parameters())
+        w.ema.copy_to(w.raw_unet.parameters())
+    if not w.spec.train.fsdp:
+        return w.raw_unet
+    from training.sharding import gather_module
+
+    whole = gather_module(w.raw_unet)
+    if swap:
+        w.ema.restore(w.raw_unet.parameters())
+    return whole
+
+
 def checkpoint(w: Worker, report: dict) -> None:
-    """Report ``report`` to Ray Train; rank 0 attaches a checkpoint of ``w.states``."""
+    """Report ``report`` to Ray Train; rank 0 attaches a checkpoint of ``w.states`` (gathered
+    whole from every rank first when sharded)."""
     import ray.train
 
+    states = w.states
+    if w.spec.train.fsdp:
+        from training.sharding import gathered
+
+        states = gathered(w.raw_unet, w.optimizer, w.lr_sched, w.ema)
     if not w.acc.is_main_process:
         ray.train.report(report)
         return
     folder = tempfile.mkdtemp(prefix="winnow-ckpt-")
     state = w.loader.state()
-    save_checkpoint(folder, w.states, w.step, state, {"epoch": state.epoch, "world_size": w.world,
+    save_checkpoint(folder, states, w.step, state, {"epoch": state.epoch, "world_size": w.world,
                                                       "fingerprint": w.config["fingerprint"]})
     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
                      checkpoint_dir_name=f"checkpoint_{w.step:07d}")
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def finish(w: Worker, first_step: int, started: float) -> None:
-    """Rank 0: export ``OUTPUT/final`` (EMA weights when kept), the last samples and summary.json."""
+def finish(w: Worker, first_step: int, started: float, unet) -> None:
+    """Rank 0: export ``OUTPUT/final`` with ``unet`` (``full_unet(w, ema_weights=True)``), the last
+    samples and summary.json."""
     import torch
 
-    out, spec, unet, ema = w.config["output"], w.spec, w.raw_unet, w.ema
+    out, spec, ema = w.config["output"], w.spec, w.ema
     final = os.path.join(out, "final")
-    if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # the frozen parts were cast to the training dtype: export pristine copies beside the UNet
@@ -385,9 +414,7 @@ def finish(w: Worker, first_step: int, started: float) -> None:
         shutil.copyfile(motion, os.path.join(tmp, "motion_buckets.json"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    sample_paths = samples(w, w.step) if spec.train.sample_prompts or w.family.clips else []
-    if ema is not None:
-        ema.restore(unet.parameters())
+    sample_paths = samples(w, w.step, unet) if spec.train.sample_prompts or w.family.clips else []
     step = w.step
     summary = {"steps": step, "steps_this_run": step - first_step, "resumed_from": first_step,
                "epoch": w.loader.state().epoch, "global_batch": spec.train.batch_size * w.world,
@@ -395,7 +422,8 @@ def finish(w: Worker, first_step: int, started: float) -> None:
                "wall_s": round(time.time() - started, 2), "data_wait_s": round(w.loader.wait_s, 3),
                "final": final, "ema": ema is not None, "samples": sample_paths,
                "prediction_type": w.comps.prediction_type, "kind": w.comps.kind,
-               "distributed": str(w.acc.distributed_type), "num_processes": w.acc.num_processes}
+               "distributed": "FSDP2" if spec.train.fsdp else str(w.acc.distributed_type),
+               "num_processes": w.acc.num_processes}
     with open(os.path.join(out, layout.SUMMARY_FILE), "w") as fh:
         json.dump(summary, fh, indent=2)
 
@@ -439,15 +467,19 @@ def train_loop(config: dict) -> None:
             w.metrics.log(step, window.values(lr, batch.epoch, w.buckets[batch.bucket]))
             window = _Window()
         if spec.train.sample_every and step % spec.train.sample_every == 0 and step != spec.train.max_steps:
+            unet = full_unet(w)
             if w.acc.is_main_process:
-                samples(w, step)
+                samples(w, step, unet)
             w.acc.wait_for_everyone()
             w.raw_unet.train()
         if step % spec.train.checkpoint_every == 0 or step == spec.train.max_steps:
             checkpoint(w, {"step": step, "loss": loss, "epoch": w.loader.state().epoch})
     w.loader.close()
+    unet = full_unet(w, ema_weights=True)
     if w.acc.is_main_process:
-        finish(w, first_step, started)
+        finish(w, first_step, started, unet)
+    if w.ema is not None and not spec.train.fsdp:
+        w.ema.restore(w.raw_unet.parameters())
     w.metrics.close()
     w.acc.wait_for_everyone()
     shutil.rmtree(w.scratch, ignore_errors=True)

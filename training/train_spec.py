@@ -94,6 +94,8 @@ class TrainSection:
     seed: int = option(0, "seed of the schedule, crops, noise and caption dropout")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "accelerate mixed precision (bf16 on H100/A100)", runtime=True)
     gradient_checkpointing: bool = option(False, "trade compute for activation memory", runtime=True)
+    fsdp: bool = option(False, "shard the UNet, its gradients, optimizer state and EMA over the workers (torch "
+                               "FSDP2 fully_shard); checkpoints stay unsharded", runtime=True)
     checkpoint_every: int = option(100, "steps between checkpoints (and one at the end)", min=1)
     keep_checkpoints: int = option(2, "checkpoints kept (oldest deleted)", min=1, runtime=True)
     log_every: int = option(10, "steps between logged metrics", min=1, runtime=True)
@@ -168,6 +170,9 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
         raise ConfigError("data.cache: the cache holds one crop per sample; set data.random_crop: false with it")
     if spec.data.bucket_step % 8:
         raise ConfigError("data.bucket_step: must be a multiple of 8 (the VAE downsamples by 8)")
+    if spec.train.fsdp and spec.train.mixed_precision == "fp16":
+        raise ConfigError("train.fsdp: use mixed_precision bf16 (or no) with FSDP; fp16's gradient scaler is not "
+                          "wired for sharded gradients")
     if spec.train.mixed_precision == "fp16" and not spec.ray.use_gpu:
         raise ConfigError("train.mixed_precision: fp16 needs GPUs (ray.use_gpu: true); use bf16 or no on CPU")
     for p in spec.data.shards if check_paths else []:
