@@ -45,6 +45,7 @@ def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_r
     info = json.load(open(os.path.join(out, "init", inits[0], "inflation.json")))
     assert info["counts"]["unused"] == 0 and info["counts"]["mapped"] > 0     # stage 2 = stage 1's UNet, inflated
     assert info["in_channels"] == 4 and info["inherited"] == ["text_encoder", "tokenizer"]
+    assert info["vae"]["counts"]["unused"] == 0                               # and its VAE, a temporal decoder
     stage1 = os.path.join(out, "stages", "01_image", "final")
     for part in ("text_encoder", "tokenizer"):                               # stage 2 reads stage 1's text encoder
         assert sorted(os.listdir(os.path.join(out, "init", inits[0], part))) == sorted(os.listdir(os.path.join(stage1, part)))

@@ -119,12 +119,26 @@ def test_winnow_inflate_writes_a_folder_diffusers_loads(tmp_path):
     assert unet.config.in_channels == 8 and unet.config.num_frames == 6
     info = json.load(open(os.path.join(out, "inflation.json")))
     assert info["unused"] == [] and info["counts"]["mapped"] == len(comps.unet.state_dict())
-    # the tiny SD VAE (16-channel groups) has no temporal-decoder form: said, not hidden
-    assert info["vae"] == {"skipped": "norm_num_groups=16: SVD's temporal decoder has 32 groups"}
-    assert "vae   not inflated: norm_num_groups=16" in res.stdout
+    # the pipeline's VAE became a temporal decoder that diffusers loads
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    assert info["vae"]["counts"]["unused"] == 0
+    assert AutoencoderKLTemporalDecoder.from_pretrained(os.path.join(out, "vae")).config.latent_channels == 4
     again = subprocess.run([sys.executable, "-m", "pipeline.cli", "inflate", pipe_dir, out], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    # a VAE with 16-channel groups has no temporal-decoder form: said, not hidden; the UNet still inflates
+    from diffusers import AutoencoderKL
+
+    comps.vae = AutoencoderKL(latent_channels=4, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16)
+    get("sd").export(comps, comps.unet, str(tmp_path / "sd16"))
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "inflate", str(tmp_path / "sd16"), str(tmp_path / "o16")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    info = json.load(open(str(tmp_path / "o16" / "inflation.json")))
+    assert info["vae"] == {"skipped": "norm_num_groups=16: SVD's temporal decoder has 32 groups"}
+    assert "vae   not inflated: norm_num_groups=16" in res.stdout and info["counts"]["unused"] == 0
 
 
 def test_a_text_to_video_unet_widens_to_image_to_video_and_ignores_the_new_channels_at_init():

@@ -100,9 +100,14 @@ def tiny_vae(seed: int, scaling_factor: float):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=16, sample_size=128, scaling_factor=scaling_factor)
+    # 32-group norms and 2 layers per block, as SD's VAE has, so the preset inflates into SVD's
+    # temporal decoder; a zero post_quant_conv bias makes that decoder exact (training/inflate.py)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, norm_num_groups=32, sample_size=128, scaling_factor=scaling_factor)
+    with torch.no_grad():
+        vae.post_quant_conv.bias.zero_()
+    return vae
 
 
 TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
