@@ -175,3 +175,48 @@ def test_kill9_in_stage_two_then_rerun_skips_stage_one_and_matches_bit_for_bit(r
     a = load_file(os.path.join(clean, "final", "unet", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(out, "final", "unet", "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_carry_takes_the_stage_befores_moments_and_only_between_one_model(image_run, clip_run, tmp_path):
+    """optimizer: carry puts the previous stage's last AdamW moments beside the init weights and the
+    stage's optim.init_state points at them; the worker loads the moments with its own
+    hyperparameters (no Ray here: the init folder from a planted finished stage)."""
+    from pipeline.commands import curriculum
+    from pipeline.contract.config import ConfigError
+    from training.checkpoint import CheckpointError, carry_optimizer, save_state
+
+    doc = stages_spec(image_run, clip_run, str(tmp_path / "o"))
+    doc["stages"] = [doc["stages"][0], {**doc["stages"][0], "name": "image_more", "init": "previous",
+                                        "optimizer": "carry", "optim": {"lr": 5e-5}}]
+    steps = curriculum.plan(curriculum.parse(doc))
+    assert steps[1]["spec"].optim.init_state == os.path.join(steps[1]["init"], curriculum.OPTIMIZER_STATE)
+    # a finished stage 1: its final pipeline and its last checkpoint's optimizer state
+    from training.families import get
+
+    comps = get("sd").tiny(0, str(tmp_path / "scratch"))
+    get("sd").export(comps, comps.unet, os.path.join(steps[0]["dir"], "final"))
+    params = list(comps.unet.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sum(p.float().pow(2).sum() for p in params).backward()
+    opt.step()
+    for step in (2, 4):
+        ckpt = os.path.join(steps[0]["dir"], "ray", "train", f"checkpoint_{step:07d}")
+        os.makedirs(ckpt)
+        save_state(ckpt, {"optimizer": opt.state_dict(), "step": step})
+    report = curriculum.build_init(steps[0], steps[1], log=None)
+    assert report["optimizer_from"].endswith("checkpoint_0000004")
+    fresh = torch.optim.AdamW(params, lr=5e-5)
+    assert carry_optimizer(steps[1]["spec"].optim.init_state, fresh, params) == len(params)
+    assert fresh.param_groups[0]["lr"] == 5e-5                          # this stage's rate, the stage before's moments
+    assert all(torch.equal(fresh.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"]) for p in params)
+    other = get("svd").tiny(0, str(tmp_path / "s2")).unet                 # another model's parameters: refused
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        carry_optimizer(steps[1]["spec"].optim.init_state, torch.optim.AdamW(other.parameters()), list(other.parameters()))
+    # carry across inflation, or without init, is a spec error before anything runs
+    bad = stages_spec(image_run, clip_run, str(tmp_path / "o2"))
+    bad["stages"][1]["optimizer"] = "carry"
+    with pytest.raises(ConfigError, match=r"optimizer: carry needs the same model as the stage before \(sd -> svd_t2v"):
+        curriculum.plan(curriculum.parse(bad))
+    bad["stages"][1].pop("init")
+    with pytest.raises(ConfigError, match="needs init: previous"):
+        curriculum.parse(bad)

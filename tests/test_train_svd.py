@@ -75,3 +75,27 @@ def test_svd_spec_errors_before_ray(clip_run, tmp_path):
         train_spec.parse({**base, "video": {"buckets": {"256by384": {14: 1}}}})
     with pytest.raises(ConfigError, match=r"video.fps 40 must lie in \[min_fps 3, max_fps 30\]"):
         train_spec.parse({**base, "video": {"fps": 40}})
+
+
+def test_a_selection_manifest_picks_clips_as_it_picks_images(clip_run, tmp_path):
+    """A ``winnow sweep`` manifest over a video run restricts the clip index to its keys (built
+    serially here: no Ray)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.contract.config import ConfigError
+    from pipeline.contract.layout import MANIFEST_RUNS
+    from training.index import load_index, run_folder
+
+    keys = ["c01_0000_0000", "c04_0000_0000", "c07_0000_0000"]
+    path = str(tmp_path / "cell_000.parquet")
+    table = pa.table({"run": [0] * 3, "key": keys})
+    pq.write_table(table.replace_schema_metadata({MANIFEST_RUNS: json.dumps([run_folder(clip_run)])}), path)
+    index = load_index([clip_run], str(tmp_path), selection=path, clips=True)
+    assert sorted(index.column("key").to_pylist()) == keys
+    assert index.column("motion_score").to_pylist() == [1.0, 4.0, 7.0]
+    stale = str(tmp_path / "stale.parquet")              # a key the run no longer has is an error, not a skip
+    pq.write_table(pa.table({"run": [0], "key": ["c99_0000_0000"]}).replace_schema_metadata(
+        {MANIFEST_RUNS: json.dumps([run_folder(clip_run)])}), stale)
+    with pytest.raises(ConfigError, match="1 of the 1 selected samples are not in the shard sets"):
+        load_index([clip_run], str(tmp_path), selection=stale, clips=True)

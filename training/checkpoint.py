@@ -196,5 +196,25 @@ def restore_checkpoint(folder: str, states: dict):
     return step, cursor
 
 
-__all__ = ["CheckpointError", "load_json", "load_state", "load_tensors", "restore_checkpoint", "save_checkpoint",
+def carry_optimizer(folder: str, optimizer, params: list) -> int:
+    """Start ``optimizer`` from the moments in checkpoint ``folder`` (another run's, same parameters),
+    keeping its own hyperparameters; returns how many parameters have state. Only safetensors and
+    JSON are read."""
+    import torch
+
+    saved = load_state(folder).get("optimizer")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise CheckpointError(f"{folder}: state.json has no optimizer state")
+    state = saved["state"]
+    for i, moments in state.items():
+        shapes = {k: tuple(v.shape) for k, v in moments.items() if isinstance(v, torch.Tensor) and v.ndim}
+        if not isinstance(i, int) or i >= len(params) or any(s != tuple(params[i].shape) for s in shapes.values()):
+            raise CheckpointError(f"{folder}: its optimizer state does not fit this model (parameter {i}); carry it "
+                                  f"only between stages of one model")
+    own = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": own["param_groups"]})
+    return len(state)
+
+
+__all__ = ["CheckpointError", "carry_optimizer", "load_json", "load_state", "load_tensors", "restore_checkpoint", "save_checkpoint",
            "save_state"]

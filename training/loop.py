@@ -199,6 +199,10 @@ def build(config: dict) -> Worker:
         with ckpt.as_directory() as d:
             step, cursor = restore_checkpoint(d, {"unet": unet, "ema_unet": ema, "optimizer": optimizer,
                                                   "lr_scheduler": lr_sched})
+    elif spec.optim.init_state:                           # a fresh run carrying an earlier run's AdamW moments
+        from training.checkpoint import carry_optimizer
+
+        carry_optimizer(spec.optim.init_state, optimizer, list(unet.parameters()))
     if spec.train.fsdp:                                   # shard after the (unsharded) restore
         from training.sharding import shard_training
 

@@ -78,6 +78,9 @@ class OptimSpec:
     beta2: float = option(0.999, "AdamW beta2", min=0.0, max=1.0)
     warmup_steps: int = option(0, "linear learning-rate warm-up steps, then constant", min=0)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0)
+    init_state: str | None = option(None, "a checkpoint folder (state.json + state.safetensors) whose AdamW "
+                                          "moments a fresh run starts from (the curriculum's optimizer: carry); "
+                                          "learning rate and betas stay this spec's")
 
 
 @dataclass
@@ -178,6 +181,9 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     for p in spec.data.shards if check_paths else []:
         if "://" not in p and not os.path.isdir(p):
             raise ConfigError(f"data.shards: {p!r} does not exist; give a `winnow curate` output folder")
+    if spec.optim.init_state and check_paths and not os.path.isfile(os.path.join(spec.optim.init_state, "state.json")):
+        raise ConfigError(f"optim.init_state: {spec.optim.init_state!r} has no state.json; give a checkpoint folder "
+                          f"(OUTPUT/ray/train/checkpoint_NNNNNNN)")
     if spec.data.selection and check_paths and not os.path.exists(spec.data.selection):
         raise ConfigError(f"data.selection: {spec.data.selection!r} does not exist; give a manifest from `winnow sweep` "
                           f"(selections/cell_NNN.parquet)")

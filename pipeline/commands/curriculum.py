@@ -42,6 +42,7 @@ inflated into SVD's video UNet). Re-running resumes: finished stages are skipped
 jobs/curriculum_svd.yaml.
 """
 SPEC_FILE = "curriculum_spec.yaml"
+OPTIMIZER_STATE = "optimizer_state"    # in an init folder: the stage before's last AdamW moments (optimizer: carry)
 ENTRIES = [SPEC_FILE, "stages", "init", "final", "final.tmp"]
 STAGE_KEYS = ("data", "model", "objective", "optim", "ema", "train", "video")
 
@@ -52,6 +53,7 @@ class Stage:
     name: str
     init: str | None
     doc: dict                      # the stage's train spec, before its init path is filled in
+    optimizer: str = "reset"       # carry: start from the stage before's AdamW moments (same model only)
 
 
 @dataclass
@@ -84,16 +86,20 @@ def parse(data: dict) -> CurriculumSpec:
         if name in names or not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{key}.name {name!r}: names are unique and plain (letters, digits, _ and -)")
         names.add(name)
-        extra = set(st) - {"name", "init", *STAGE_KEYS}
+        extra = set(st) - {"name", "init", "optimizer", *STAGE_KEYS}
         if extra:
-            raise ConfigError(f"{key} ({name}): unknown key(s) {sorted(extra)}; a stage has name, init and "
-                              f"{', '.join(STAGE_KEYS)} (output and ray are the curriculum's)")
+            raise ConfigError(f"{key} ({name}): unknown key(s) {sorted(extra)}; a stage has name, init, optimizer "
+                              f"and {', '.join(STAGE_KEYS)} (output and ray are the curriculum's)")
+        optimizer = st.get("optimizer", "reset")
+        if optimizer not in ("reset", "carry") or (optimizer == "carry" and st.get("init") != "previous"):
+            raise ConfigError(f"{key}.optimizer {optimizer!r}: use reset (fresh AdamW moments, the default) or carry "
+                              f"(the previous stage's; needs init: previous)")
         init = st.get("init")
         if init not in (None, "previous"):
             raise ConfigError(f"{key}.init {init!r}: use previous (start from the stage before) or leave it out")
         if init and i == 0:
             raise ConfigError(f"{key}.init: the first stage has no previous stage")
-        spec.stages.append(Stage(i, name, init, {k: st[k] for k in STAGE_KEYS if k in st}))
+        spec.stages.append(Stage(i, name, init, {k: st[k] for k in STAGE_KEYS if k in st}, optimizer))
     for st in spec.stages:                          # every stage must be a valid train spec, before Ray starts
         _train_spec(spec, st, init_path=None, check_paths=st.init is None)
     return spec
@@ -111,6 +117,8 @@ def _train_spec(spec: CurriculumSpec, st: Stage, init_path: str | None, check_pa
     doc["ray"] = spec.ray
     if init_path:
         doc.setdefault("model", {})["pretrained"] = init_path
+        if st.optimizer == "carry":
+            doc.setdefault("optim", {})["init_state"] = os.path.join(init_path, OPTIMIZER_STATE)
     try:
         return train_spec.parse(doc, check_paths=check_paths)
     except ConfigError as exc:
@@ -129,6 +137,10 @@ def plan(spec: CurriculumSpec) -> list[dict]:
         ts = _train_spec(spec, st, init_dir)
         if st.init:
             _check_transition(st, families.get(prev["spec"].model.kind), families.get(ts.model.kind))
+            if st.optimizer == "carry" and prev["spec"].model.kind != ts.model.kind:
+                raise ConfigError(f"stages[{st.index}] ({st.name}): optimizer: carry needs the same model as the stage "
+                                  f"before ({prev['spec'].model.kind} -> {ts.model.kind} changes its parameters); "
+                                  f"use reset")
         run_dir = _stage_dir(spec, st)
         done = _finished(run_dir, ts)
         out.append({"stage": st, "spec": ts, "fingerprint": ts.fingerprint(), "init": init_dir, "dir": run_dir,
@@ -187,6 +199,12 @@ def build_init(prev: dict, cur: dict, log) -> dict:
     if before.name == now.name:
         shutil.copytree(source, tmp)                 # the same model: its final pipeline as it is
         report = {"copied": source}
+        if cur["stage"].optimizer == "carry":
+            last = _last_checkpoint(prev["dir"])
+            os.makedirs(os.path.join(tmp, OPTIMIZER_STATE))
+            for name in ("state.json", "state.safetensors"):
+                shutil.copyfile(os.path.join(last, name), os.path.join(tmp, OPTIMIZER_STATE, name))
+            report["optimizer_from"] = last
     else:
         from training.inflate import inflate_source, widen_source, write_summary
 
@@ -217,6 +235,18 @@ def build_init(prev: dict, cur: dict, log) -> dict:
     if log:
         print(f"curriculum: stage {cur['stage'].name} starts from {folder} ({json.dumps(report)})", file=log)
     return report
+
+
+def _last_checkpoint(run_dir: str) -> str:
+    """The newest checkpoint folder of a finished train run (its last step is always checkpointed)."""
+    import glob
+
+    from pipeline.commands.train import RUN_NAME
+
+    found = sorted(glob.glob(os.path.join(run_dir, "ray", RUN_NAME, "checkpoint_*")))
+    if not found:
+        raise ConfigError(f"{run_dir}: no checkpoint to carry the optimizer from (ray/{RUN_NAME}/checkpoint_*)")
+    return found[-1]
 
 
 @dataclass
