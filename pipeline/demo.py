@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> str:
-    """jobs/curriculum_svd.yaml in miniature: tiny SD on the selected images, inflated into a tiny
+    """jobs/svd_curriculum.yaml in miniature: tiny SD on the selected images, inflated into a tiny
     text-to-video model on the demo's clips, widened into image-to-video; returns the final pipeline folder."""
     from pipeline.commands import curriculum
 
@@ -132,7 +132,7 @@ def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> str:
          "video": {**video, "p_mean": -1.2, "p_std": 1.2}, "train": train},
         {"name": "image_to_video", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd"},
          "video": {**video, "p_mean": 0.7}, "train": train}]})
-    print(f"\nthe SVD curriculum in miniature (jobs/curriculum_svd.yaml's stages, tiny random models, {steps} steps "
+    print(f"\nthe SVD curriculum in miniature (jobs/svd_curriculum.yaml's stages, tiny random models, {steps} steps "
           f"each): image -> inflated text-to-video -> image-to-video")
     result = curriculum.run(spec)
     print(curriculum.format_summary(result))

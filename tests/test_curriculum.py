@@ -112,7 +112,7 @@ def test_the_svd_curriculum_job_is_the_papers_stages(image_run, clip_run, tmp_pa
     from pipeline.commands import curriculum
     from pipeline.contract.config import load_yaml
 
-    doc = load_yaml("jobs/curriculum_svd.yaml")
+    doc = load_yaml("jobs/svd_curriculum.yaml")
     doc["output"]["path"] = str(tmp_path / "o")
     for st in doc["stages"]:                       # the template's data paths are examples
         st["data"]["shards"] = [image_run if st["model"]["kind"] == "sd" else clip_run]

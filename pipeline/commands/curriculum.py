@@ -39,7 +39,7 @@ Train a staged curriculum (image -> low-res video -> image-to-video), each stage
 SPEC has output.path, ray (shared) and stages: a list of train specs (data, model, video, train
 ...) each with a name and `init: previous` to start from the stage before (an image stage is
 inflated into SVD's video UNet). Re-running resumes: finished stages are skipped. See
-jobs/curriculum_svd.yaml.
+jobs/svd_curriculum.yaml.
 """
 SPEC_FILE = "curriculum_spec.yaml"
 OPTIMIZER_STATE = "optimizer_state"    # in an init folder: the stage before's last AdamW moments (optimizer: carry)
@@ -304,7 +304,7 @@ def format_summary(r: CurriculumResult) -> str:
 def arguments(parser) -> None:
     from pipeline.commands import add_set_argument
 
-    parser.add_argument("spec", help="curriculum spec YAML (see jobs/curriculum_svd.yaml)")
+    parser.add_argument("spec", help="curriculum spec YAML (see jobs/svd_curriculum.yaml)")
     add_set_argument(parser, "stages.0.train.max_steps=100")
 
 
