@@ -30,3 +30,26 @@ def test_samples_follow_timestamps_not_frame_counts():
     times = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0, 1.5, 2.0])     # 10 fps, then 2 fps
     assert sample_indices(times, 2.0).tolist() == [0, 5, 6, 7, 8]
     assert motion_score(np.array([0.0]), np.zeros((1, 8, 8), np.uint8)) == (None, [])
+
+
+def test_a_pan_is_camera_motion_and_a_walker_before_a_still_camera_is_subject_motion(tmp_path):
+    from video.motion import clip_motion
+
+    write_video(str(tmp_path / "pan.mp4"), shot(30, 160, 96, seed=3, motion=2.0), fps=10)
+    pan = read_small(str(tmp_path / "pan.mp4"), width=160)
+    m = clip_motion(pan.times, pan.yuv[..., 0])
+    # 2 px/frame at 10 fps; the residual's top tenth on a pan is the picture's entering edge
+    assert m.camera == pytest.approx(12.5, rel=0.1) and m.subject < 0.25 * m.camera
+    # a static background with a textured square crossing it at 4 px/frame
+    background = shot(1, 160, 96, seed=4)[0]
+    square = shot(1, 24, 24, seed=5)[0]
+    frames = []
+    for i in range(30):
+        f = background.copy()
+        f[36:60, 10 + 4 * i:34 + 4 * i] = square
+        frames.append(f)
+    write_video(str(tmp_path / "walker.mp4"), frames, fps=10)
+    walker = read_small(str(tmp_path / "walker.mp4"), width=160)
+    w = clip_motion(walker.times, walker.yuv[..., 0])
+    assert w.subject > 3 * w.camera and w.camera < 1.0     # measured: 4.3 vs 0.28
+    assert w.score == pytest.approx(motion_score(walker.times, walker.yuv[..., 0])[0])

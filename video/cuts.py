@@ -6,9 +6,11 @@ difference (what PySceneDetect's ContentDetector thresholds) and the L1 distance
 histograms. A cut must change the histogram (camera motion mostly does not) *and* stand out from
 the pixel differences around it (a ratio to the local median, like PySceneDetect's
 AdaptiveDetector), so a fast pan or a shaky hand, which differ a lot on every frame, does not
-fire. A change that reverts within two frames (a flash, a codec glitch) is not a cut. Coarser
+fire. A change whose picture comes back within a flash's length (0.1 s; a flash, a codec glitch)
+is not a cut; a new shot that lasts longer is, even when the shot before it returns later (A B A). Coarser
 levels see transitions spread over several frames; their cuts are placed on the frame with the
-largest difference inside the interval. Fades through black are reported separately, never as
+largest difference inside the interval. The blank frames (black or any one level all over) a
+file may start with are no shot; a dark title card is. Fades through black are reported separately, never as
 cuts: clip boundaries are trimmed around them.
 """
 from __future__ import annotations
@@ -20,18 +22,28 @@ import numpy as np
 
 from pipeline.contract.config import option
 
+FREEZE_S = 0.35     # a freeze (or the repeats of footage at a lower rate) lasts less; a still shot lasts longer
+REPEATED = 0.1      # mean absolute difference (0-255) below which a frame repeats the one before (a freeze, a
+                    # duplicated frame: the encoder skips it); still but live footage differs by its noise, 0.3 and up
+
 
 @dataclass
 class CutConfig:
-    rates: list[float] = option(help="cascade levels in frames/s; 0 = every frame", factory=lambda: [0.0, 8.0, 2.0])
+    rates: list[float] = option(help="cascade levels in frames/s; 0 = every frame (the default: coarser levels "
+                                     "see dissolves and fades as changes, and those are not hard cuts)",
+                                factory=lambda: [0.0])
     hist_threshold: float = option(0.35, "L1 distance of colour histograms (0-2) a cut must exceed", min=0, max=2)
     ratio: float = option(3.0, "a cut's pixel difference over the median of its neighbours", min=1)
+    hist_ratio: float = option(5.0, "a cut in busy footage: its colour change over the median of its neighbours'",
+                               min=1)
     spike_ratio: float = option(10.0, "a cut without a colour change must stand this far above its neighbours", min=1)
-    revert_s: float = option(2.0, "a change whose previous picture comes back within this time is a glitch or "
-                             "flash, not a cut", min=0)
+    flash_s: float = option(0.1, "a change whose previous picture comes back within this time (and at least 2 "
+                            "frames) is a flash or a glitch, not a cut; a new shot lasts longer (a return to the "
+                            "shot before, A B A, is two cuts)", min=0)
     min_diff: float = option(10.0, "floor of the mean absolute pixel difference (0-255) of a cut", min=0)
     window: int = option(6, "neighbours each side for the local median (in samples of the level)", min=2)
-    min_gap_s: float = option(0.25, "cuts closer than this are merged (the stronger one stays)", min=0)
+    min_gap_s: float = option(0.1, "cuts closer than this (and at least 2 frames) are one transition: the "
+                              "stronger stays; real shots are longer (8 frames and up)", min=0)
     same_picture_corr: float = option(0.9, "luma correlation at or above which two frames are the same picture "
                                       "(fades and light changes are not cuts)", min=0, max=1)
     dark_level: float = option(24.0, "mean luma below which a frame is black (fades)", min=0, max=255)
@@ -65,16 +77,22 @@ def _hist(yuv: np.ndarray) -> np.ndarray:
 
 
 def _local_median(d: np.ndarray, window: int) -> np.ndarray:
+    """Per sample, the median difference of its neighbours (the sample and its immediate
+    neighbours left out). Differences of repeated frames (footage at a low rate shown
+    at a higher one) carry no motion and are left out too while others remain, so the one frame in
+    ten that moves in a 6-fps clip shown at 60 fps is measured against the motion, not against 0."""
     n = len(d)
     ctx = np.zeros(n, np.float32)
     for i in range(n):
         lo, hi = max(1, i - window), min(n, i + window + 1)
         neigh = np.concatenate([d[lo:max(lo, i - 1)], d[min(hi, i + 2):hi]])
+        moving = neigh[neigh >= REPEATED]
+        neigh = moving if len(moving) else neigh
         ctx[i] = np.median(neigh) if len(neigh) else 0.0
     return ctx
 
 
-def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig):
+def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig, freeze: int):
     """Candidate (sample j) where frames idx[j-1] -> idx[j] look like a cut."""
     a = yuv[idx].astype(np.int16)
     pix = np.zeros(len(idx), np.float32)
@@ -82,10 +100,29 @@ def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig):
     hd = np.zeros(len(idx), np.float32)
     hd[1:] = np.abs(hist[idx[1:]] - hist[idx[:-1]]).sum(axis=1) / 3   # mean L1 of 3 histograms: 0..2
     ctx = _local_median(pix, cfg.window)
+    # after k repeated frames (a freeze, or footage at a lower rate) the next difference carries
+    # k + 1 frames of motion: measure it against that much of the footage's own motion
+    # (a still shot, whose frames repeat for longer than a freeze lasts, is a shot: no scaling)
+    repeats = np.zeros(len(idx), np.float32)
+    for j in range(1, len(idx)):
+        repeats[j] = repeats[j - 1] + 1 if pix[j - 1] < REPEATED and j > 1 else 0
+    ctx = ctx * np.where(repeats <= freeze, 1 + repeats, 1)
     spike = pix >= cfg.ratio * np.maximum(ctx, 1.0)
     # colour change, or (same palette, new picture) a spike far above its neighbours
-    ok = (pix >= cfg.min_diff) & spike & ((hd >= cfg.hist_threshold) | (pix >= cfg.spike_ratio * np.maximum(ctx, 1.0)))
-    return np.flatnonzero(ok), pix
+    ok = spike & ((hd >= cfg.hist_threshold) | (pix >= cfg.spike_ratio * np.maximum(ctx, 1.0)))
+    # or a colour change far above the colour changes around it, with the pixels changing more than
+    # around it too: busy footage (animation, fast action) whose pixel differences are high all along
+    hctx = _local_median(hd, cfg.window)
+    ok |= (hd >= cfg.hist_threshold) & (hd >= cfg.hist_ratio * np.maximum(hctx, 0.02)) & (pix >= 1.5 * np.maximum(ctx, 1.0))
+    # where the cheap measures disagree (a spike, one palette), look at the pictures: a cut between
+    # shots of one palette leaves no small shift of the frame before that matches the frame after
+    # shots of one palette leaves no small shift of the frame before that matches the frame after;
+    # and a cut is one change between two frames, where a whip pan changes the picture over several
+    # (so the frames either side must differ far less)
+    for j in np.flatnonzero(spike & ~ok & (pix >= cfg.min_diff)):
+        around = max(pix[j - 1] if j > 1 else 0.0, pix[j + 1] if j + 1 < len(pix) else 0.0)
+        ok[j] = pix[j] >= 2 * around and not _shifted_alike(yuv, int(idx[j - 1]), int(idx[j]), cfg)
+    return np.flatnonzero(ok & (pix >= cfg.min_diff)), pix
 
 
 def _alike(yuv: np.ndarray, hist: np.ndarray, a: int, b: int, cfg: CutConfig) -> bool:
@@ -94,13 +131,52 @@ def _alike(yuv: np.ndarray, hist: np.ndarray, a: int, b: int, cfg: CutConfig) ->
     return hd < cfg.hist_threshold / 2 and pix < cfg.min_diff
 
 
-def _reverts(yuv: np.ndarray, hist: np.ndarray, i: int, cfg: CutConfig, horizon: int) -> bool:
-    """True when the change at i is transient: frame i-1 reappears soon after i (a flash, or a
-    codec glitch until the next keyframe), or frame i is what was shown just before i-1 (the
-    end of such a transient)."""
-    after = any(_alike(yuv, hist, i - 1, i + k, cfg) for k in range(1, horizon + 1) if i + k < len(yuv))
-    before = any(_alike(yuv, hist, i, i - 1 - k, cfg) for k in range(1, horizon + 1) if i - 1 - k >= 0)
-    return after or before
+def _diff(yuv: np.ndarray, a: int, b: int) -> float:
+    return float(np.abs(yuv[a].astype(np.int16) - yuv[b].astype(np.int16)).mean())
+
+
+def _comes_back(yuv: np.ndarray, hist: np.ndarray, p: int, q: int, motion: float, cfg: CutConfig) -> bool:
+    """Frame q shows frame p's picture again after the frames between them (at least one): the
+    same palette, and pixels no further from p than ``q - p + 1`` frames of the footage's own motion
+    (``motion``: the typical difference of consecutive frames there) would take them, and closer
+    to p than every frame in between."""
+    if float(np.abs(hist[p] - hist[q]).sum() / 3) >= cfg.hist_threshold / 2:
+        return False
+    back = _diff(yuv, p, q)
+    # q - p frames of motion, plus one for the noise and blur a real frame adds
+    return back < max(cfg.min_diff, (q - p + 1) * motion) and back < min(_diff(yuv, p, e) for e in range(p + 1, q))
+
+
+def _transient(yuv: np.ndarray, hist: np.ndarray, i: int, motion: float, cfg: CutConfig, horizon: int) -> bool:
+    """True when the change at i lies inside a flash or a glitch: an excursion of at most
+    ``horizon`` frames (a flash's length: 0.1 s, at least 2 frames) after which the picture before
+    it comes back -- frame p's picture in frame q, p < i <= q, 1 to ``horizon`` frames between
+    them. A shot that lasts longer is a shot, even when the one before it returns afterwards
+    (shot / reverse-shot: A B A is two cuts)."""
+    n = len(yuv)
+    for p in range(max(0, i - 1 - horizon), i):
+        for q in range(max(i, p + 2), min(n, p + horizon + 2)):
+            if _comes_back(yuv, hist, p, q, motion, cfg):
+                return True
+    return False
+
+
+def _shifted_alike(yuv: np.ndarray, a: int, b: int, cfg: CutConfig, max_shift: int = 2) -> bool:
+    """Frame b is frame a's picture moved by at most ``max_shift`` analysis pixels (3 % of the
+    width per frame at 64 px; faster motion is busy footage, which the spike test already lets
+    through): the luma correlation over the overlap reaches ``same_picture_corr`` at some shift."""
+    ya, yb = yuv[a, ..., 0].astype(np.float32), yuv[b, ..., 0].astype(np.float32)
+    h, w = ya.shape
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            pa = ya[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)].ravel()
+            pb = yb[max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)].ravel()
+            sa, sb = pa.std(), pb.std()
+            if sa < 2 or sb < 2:
+                continue
+            if float(((pa - pa.mean()) * (pb - pb.mean())).mean() / (sa * sb)) >= cfg.same_picture_corr:
+                return True
+    return False
 
 
 def _same_picture(yuv: np.ndarray, a: int, b: int, cfg: CutConfig) -> bool:
@@ -127,15 +203,17 @@ def detect_cuts(times: np.ndarray, yuv: np.ndarray, fps: float, config: CutConfi
         frames = transnet_cuts(yuv, cfg.transnet_threshold)
         return Cuts(frames, [round(float(times[i]), 4) for i in frames], [-1.0] * len(frames), dark)
     hist = _hist(yuv)
+    flat = yuv[..., 0].reshape(n, -1).std(axis=1) < 3.0       # one level all over: no picture
     frame_pix = np.zeros(n, np.float32)
     frame_pix[1:] = np.abs(yuv[1:].astype(np.int16) - yuv[:-1].astype(np.int16)).mean(axis=(1, 2, 3))
+    frame_ctx = _local_median(frame_pix, cfg.window)          # the footage's own motion, frame to frame
     found: dict[int, tuple[float, float]] = {}       # frame -> (strength, level)
     for rate in cfg.rates:
         step = 1 if rate <= 0 or fps <= 0 else max(1, int(round(fps / rate)))
         idx = np.arange(0, n, step)
         if len(idx) < 3:
             continue
-        hits, pix = _level(yuv, hist, idx, cfg)
+        hits, pix = _level(yuv, hist, idx, cfg, max(2, int(round(FREEZE_S * fps / step))))
         for j in hits.tolist():
             lo, hi = int(idx[j - 1]) + 1, int(idx[j]) + 1
             if step > 1 and (dark[lo - 1:hi].any()):
@@ -143,18 +221,18 @@ def detect_cuts(times: np.ndarray, yuv: np.ndarray, fps: float, config: CutConfi
             i = lo + int(np.argmax(frame_pix[lo:hi]))
             if step > 1:
                 rest = np.delete(frame_pix[lo:hi], i - lo)
-                spread = len(rest) and frame_pix[i] < 2 * float(rest.mean())
-                span_hd = float(np.abs(hist[lo - 1] - hist[hi - 1]).sum() / 3)
-                if spread and span_hd < 2 * cfg.hist_threshold:
-                    continue                         # change spread over frames, palette kept: motion
+                if len(rest) and frame_pix[i] < 2 * float(rest.mean()):
+                    continue                         # spread over frames (motion, a dissolve, a fade): no hard cut
             if step > 1 and any(lo <= f < hi for f in found):
                 continue                             # a finer level already placed this cut
             if _same_picture(yuv, lo - 1 if step > 1 else i - 1, hi - 1 if step > 1 else i, cfg):
                 continue
-            if _reverts(yuv, hist, i, cfg, max(2, int(round(cfg.revert_s * fps)))):
+            if _transient(yuv, hist, i, float(frame_ctx[i]), cfg, max(2, int(round(cfg.flash_s * fps)))):
                 continue
+            if flat[:i].all():
+                continue                             # leading blank frames (black, one level all over) are no shot
             found.setdefault(i, (float(pix[j]), float(rate)))
-    gap = max(1, int(round(cfg.min_gap_s * fps))) if fps > 0 else 1
+    gap = max(2, int(round(cfg.min_gap_s * fps))) if fps > 0 else 2
     kept: list[int] = []
     for i in sorted(found, key=lambda f: -found[f][0]):  # strongest first; weaker ones nearby merge in
         if all(abs(i - k) >= gap for k in kept):

@@ -5,6 +5,10 @@ as grey images ``width`` pixels wide; OpenCV's DIS flow (Kroeger et al., 2016) r
 consecutive samples. The unit is resolution- and rate-free: **mean flow magnitude in percent of
 the frame width per second** (a pan across the whole width in 4 s scores 25). Per-pair values
 are kept for later motion-bucket conditioning.
+
+Each flow field is split in two (``decompose``): ``camera_motion``, the affine field fitted to it
+(a pan, tilt, zoom or roll moves every pixel by such a field), and ``subject_motion``, the
+residual (what moves in the scene). ``motion_score`` stays the mean of the whole field.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.contract.config import option
-from pipeline.contract.schema import IMAGE, IMAGE_EXT, MOTION_PAIRS, MOTION_SCORE
+from pipeline.contract.schema import CAMERA_MOTION, IMAGE, IMAGE_EXT, MOTION_PAIRS, MOTION_SCORE, SUBJECT_MOTION
 from pipeline.contract.stage import Stage, active, column, reject
 
 
@@ -39,8 +43,39 @@ def sample_indices(times: np.ndarray, rate: float) -> np.ndarray:
     return np.unique(idx)
 
 
-def flow_magnitudes(grey: np.ndarray, times: np.ndarray, config: MotionConfig | None = None) -> np.ndarray:
-    """Per consecutive pair of ``grey`` frames (n, h, w uint8): mean flow, % of width per second."""
+def decompose(flow: np.ndarray, keep: float = 0.7, top: float = 0.1) -> tuple[float, float, float]:
+    """(total, camera, subject) flow magnitudes of one field (h, w, 2), in pixels.
+
+    total: the mean magnitude over the frame (``motion_score``'s measure). camera: the mean
+    magnitude of the affine field (pan, tilt, zoom, roll, shear: six parameters) fitted to the flow
+    by least squares and refitted twice on the ``keep`` share of points it explains best, so
+    subjects moving over the background do not drag it. subject: the residual's mean over the
+    ``top`` share of the frame where it is largest -- how fast the moving part of the scene moves,
+    whether it fills the frame or a tenth of it (a frame mean would dilute a small subject into
+    the noise of a still one)."""
+    h, w = flow.shape[:2]
+    step = max(1, min(h, w) // 24)
+    ys, xs = np.mgrid[0:h:step, 0:w:step]
+    basis = np.stack([xs.ravel() / w - 0.5, ys.ravel() / h - 0.5, np.ones(xs.size)], axis=1)
+    target = flow[::step, ::step].reshape(-1, 2).astype(np.float64)
+    inliers = np.ones(len(target), bool)
+    for _ in range(3):
+        coef = np.linalg.lstsq(basis[inliers], target[inliers], rcond=None)[0]
+        err = np.linalg.norm(target - basis @ coef, axis=1)
+        inliers = err <= np.quantile(err, keep)
+        if inliers.sum() < 6:
+            break
+    gy, gx = np.mgrid[0:h, 0:w]
+    camera = (np.stack([gx / w - 0.5, gy / h - 0.5, np.ones((h, w))], axis=-1) @ coef).astype(np.float32)
+    residual = np.linalg.norm(flow - camera, axis=-1).ravel()
+    k = max(1, int(round(top * residual.size)))
+    return (float(np.linalg.norm(flow, axis=-1).mean()), float(np.linalg.norm(camera, axis=-1).mean()),
+            float(np.partition(residual, residual.size - k)[-k:].mean()))
+
+
+def flow_parts(grey: np.ndarray, times: np.ndarray, config: MotionConfig | None = None) -> np.ndarray:
+    """Per consecutive pair of ``grey`` frames (n, h, w uint8): (total, camera, subject) mean
+    flow in % of the frame width per second, shape (pairs, 3)."""
     import cv2
 
     cfg = config or MotionConfig()
@@ -50,22 +85,42 @@ def flow_magnitudes(grey: np.ndarray, times: np.ndarray, config: MotionConfig | 
         dt = float(times[a] - times[a - 1])
         if dt <= 0:
             continue
-        flow = dis.calc(grey[a - 1], grey[a], None)
-        mag = float(np.sqrt((flow ** 2).sum(axis=-1)).mean())
-        out.append(100.0 * mag / grey.shape[2] / dt)
-    return np.asarray(out, dtype=np.float64)
+        parts = decompose(dis.calc(grey[a - 1], grey[a], None))
+        out.append([100.0 * p / grey.shape[2] / dt for p in parts])
+    return np.asarray(out, dtype=np.float64).reshape(-1, 3)
+
+
+def flow_magnitudes(grey: np.ndarray, times: np.ndarray, config: MotionConfig | None = None) -> np.ndarray:
+    """Per consecutive pair of ``grey`` frames: mean flow, % of width per second."""
+    return flow_parts(grey, times, config)[:, 0]
+
+
+@dataclass
+class Motion:
+    score: float | None                  # mean total flow (motion_score)
+    camera: float | None                 # mean camera (global affine) part
+    subject: float | None                # mean subject (residual) part
+    pairs: list[float]                   # total per sampled pair
+
+
+def clip_motion(times: np.ndarray, luma: np.ndarray, config: MotionConfig | None = None) -> Motion:
+    """The motion of one clip from its frames' times and luma planes (n, h, w)."""
+    cfg = config or MotionConfig()
+    idx = sample_indices(np.asarray(times, dtype=np.float64), cfg.rate)
+    if len(idx) < 2:
+        return Motion(None, None, None, [])
+    parts = flow_parts(np.ascontiguousarray(luma[idx]), np.asarray(times)[idx], cfg)
+    if not len(parts):
+        return Motion(None, None, None, [])
+    mean = parts.mean(axis=0)
+    return Motion(round(float(mean[0]), 4), round(float(mean[1]), 4), round(float(mean[2]), 4),
+                  [round(float(p), 4) for p in parts[:, 0]])
 
 
 def motion_score(times: np.ndarray, luma: np.ndarray, config: MotionConfig | None = None) -> tuple[float | None, list[float]]:
     """(mean, per-pair) motion of one clip from its frames' times and luma planes (n, h, w)."""
-    cfg = config or MotionConfig()
-    idx = sample_indices(np.asarray(times, dtype=np.float64), cfg.rate)
-    if len(idx) < 2:
-        return None, []
-    pairs = flow_magnitudes(np.ascontiguousarray(luma[idx]), np.asarray(times)[idx], cfg)
-    if not len(pairs):
-        return None, []
-    return round(float(pairs.mean()), 4), [round(float(p), 4) for p in pairs]
+    m = clip_motion(times, luma, config)
+    return m.score, m.pairs
 
 
 @dataclass
@@ -76,7 +131,8 @@ class MotionStageConfig(MotionConfig):
 
 
 class MotionScore(Stage):
-    """The ``motion`` stage: decodes each clip small and adds ``motion_score`` and ``motion_pairs``."""
+    """The ``motion`` stage: decodes each clip small and adds ``motion_score``, ``camera_motion``,
+    ``subject_motion`` and ``motion_pairs``."""
 
     name = "motion"
     Config = MotionStageConfig
@@ -91,17 +147,20 @@ class MotionScore(Stage):
 
         keep = active(batch)
         scores, pairs = column(batch, MOTION_SCORE), column(batch, MOTION_PAIRS)
+        camera, subject = column(batch, CAMERA_MOTION), column(batch, SUBJECT_MOTION)
         cfg = self.config
         for i in np.flatnonzero(keep):
             if batch.get(IMAGE_EXT) is None or batch[IMAGE_EXT][i] != "mp4" or batch[IMAGE][i] is None:
                 continue
             try:
                 small = read_small(io.BytesIO(batch[IMAGE][i]), width=cfg.width)
-                score, per_pair = motion_score(small.times, small.yuv[..., 0], cfg)
+                m = clip_motion(small.times, small.yuv[..., 0], cfg)
             except Exception as exc:  # noqa: BLE001 - a clip that cannot be read is a rejected row
                 reject(batch, int(i), f"motion_error: {type(exc).__name__}: {exc}")
                 continue
-            scores[i], pairs[i] = score, json.dumps(per_pair)   # JSON in flight (see JSON_LIST_COLUMNS)
+            score = m.score
+            scores[i], pairs[i] = score, json.dumps(m.pairs)   # JSON in flight (see JSON_LIST_COLUMNS)
+            camera[i], subject[i] = m.camera, m.subject
             if score is None:
                 continue
             if cfg.min_score is not None and score < cfg.min_score:
@@ -111,4 +170,5 @@ class MotionScore(Stage):
         return batch
 
 
-__all__ = ["MotionConfig", "MotionScore", "MotionStageConfig", "motion_score", "flow_magnitudes", "sample_indices"]
+__all__ = ["Motion", "MotionConfig", "MotionScore", "MotionStageConfig", "clip_motion", "decompose", "flow_magnitudes",
+           "flow_parts", "motion_score", "sample_indices"]

@@ -37,6 +37,8 @@ FRAMES = "frames"
 CLIP_FRAMES = 3                  # a clip's first, middle and last frame
 MOTION_SCORE = "motion_score"
 MOTION_PAIRS = "motion_pairs"    # per sampled frame pair, same unit as motion_score
+CAMERA_MOTION = "camera_motion"  # the global (affine) part of the flow: pans, tilts, zooms; same unit
+SUBJECT_MOTION = "subject_motion"  # the residual: things moving in the scene; same unit
 FRAME_EMBEDDINGS = "clip_frame_embeddings"   # a clip's frames' image embeddings, concatenated
 WINDOW_CUTS = "window_cut_times_s"
 # plan columns: where a sample's bytes live (the reader fills them; the first stage reads them)
@@ -69,7 +71,7 @@ COLUMN_TYPES = {KEY: "string", SOURCE: "string", CAPTION: "string", STATUS: "str
                 STORED_WIDTH: "int64", STORED_HEIGHT: "int64", IMAGE_EXT: "string",
                 CLIP_SIMILARITY: "double", AESTHETIC_SCORE: "double", OCR_TEXT: "string", OCR_AREA_RATIO: "double",
                 VIDEO_KEY: "string", CLIP_INDEX: "int64", CLIP_START: "double", CLIP_END: "double", FPS: "double",
-                NUM_FRAMES: "int64", MOTION_SCORE: "double"}
+                NUM_FRAMES: "int64", MOTION_SCORE: "double", CAMERA_MOTION: "double", SUBJECT_MOTION: "double"}
 
 KEPT = "kept"
 REJECTED = "rejected"
@@ -83,4 +85,5 @@ TIMING_PREFIX = "_time_"         # per-row share of a stage's wall time, summed 
 # Score columns: which end is good. The report draws a histogram of each that is present; a sweep's
 # ``keep: auto`` takes the good end from here (winnow's own scores first, then LAION's metadata).
 SCORE_GOOD_END = {AESTHETIC_SCORE: "high", CLIP_SIMILARITY: "high", OCR_AREA_RATIO: "low", MOTION_SCORE: "high",
+                  SUBJECT_MOTION: "high", CAMERA_MOTION: "high",
                   "AESTHETIC_SCORE": "high", "similarity": "high", "pwatermark": "low", "punsafe": "low"}
