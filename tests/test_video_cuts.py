@@ -68,3 +68,52 @@ def test_transnetv2_is_an_optional_detector_with_shipped_weights(tmp_path):
     _, cuts = detect(str(tmp_path / "v.mp4"), detector="transnetv2")
     assert cuts.frames == [30, 55] and cuts.times_s == [3.0, 5.5]
     assert not torch.are_deterministic_algorithms_enabled()     # the package's global switch is undone
+
+
+def _cuts_of(tmp_path, frames, fps=25.0):
+    path = str(tmp_path / "v.mp4")
+    write_video(path, frames, fps=fps, crf=18)
+    return detect(path)[1].frames
+
+
+def test_shot_reverse_shot_is_a_cut_at_every_return(tmp_path):
+    a, b = shot(60, W, H, seed=11, motion=1), shot(60, W, H, seed=12, motion=-1)
+    frames = a[:20] + b[:15] + a[20:35] + b[15:30]            # A B A B, each 0.6-0.8 s at 25 fps
+    assert _cuts_of(tmp_path, frames) == [20, 35, 50]
+
+
+def test_black_first_frame_is_no_shot_but_a_still_title_is(tmp_path):
+    black = np.zeros((H, W, 3), np.uint8)
+    a, b = shot(20, W, H, seed=13, motion=1), shot(20, W, H, seed=14, motion=1)
+    assert _cuts_of(tmp_path, [black] + a + b) == [21]
+    still = shot(30, W, H, seed=15)                            # identical frames for 1.2 s, then a cut
+    assert _cuts_of(tmp_path, still + a) == [30]
+
+
+def test_a_glitch_two_frames_before_a_cut_leaves_the_cut_where_it_is(tmp_path):
+    from video.splice import glitch
+
+    a, b = shot(20, W, H, seed=16, motion=1), shot(20, W, H, seed=17, motion=1)
+    rng = np.random.default_rng(0)
+    a[16], a[17] = glitch(a[16], b[5], rng), glitch(a[17], b[6], rng)
+    assert _cuts_of(tmp_path, a + b) == [20]
+
+
+def test_a_cut_between_shots_of_one_palette(tmp_path):
+    a = shot(20, W, H, seed=18, motion=1)
+    b = [np.ascontiguousarray(f[::-1, ::-1]) for f in shot(20, W, H, seed=18, motion=1)]   # same colours, turned
+    assert _cuts_of(tmp_path, a + b) == [20]
+
+
+def test_flashes_freezes_and_dissolves_are_not_cuts(tmp_path):
+    from video.splice import blend, flash
+
+    a = shot(40, W, H, seed=19, motion=2)
+    flashed = list(a)
+    flashed[12], flashed[13] = flash(a[12], 0.8), flash(a[13], 0.7)
+    assert _cuts_of(tmp_path, flashed) == []
+    frozen = a[:10] + [a[10]] * 5 + a[15:]                     # 0.2 s freeze, then the motion catches up
+    assert _cuts_of(tmp_path, frozen) == []
+    b = shot(40, W, H, seed=20, motion=2)
+    dissolve = a[:20] + [blend(x, y, (k + 1) / 13) for k, (x, y) in enumerate(zip(a[20:32], b[:12]))] + b[12:]
+    assert _cuts_of(tmp_path, dissolve) == []
