@@ -29,6 +29,7 @@ def stages_spec(image_run, clip_run, out, lr=1e-4, last_steps=2):
                  "train": {**train, "max_steps": last_steps, "fsdp": True}}]}     # the video UNet sharded
 
 
+@pytest.mark.slow
 def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_run, tmp_path):
     from diffusers import StableVideoDiffusionPipeline
 
@@ -128,6 +129,7 @@ def test_the_svd_curriculum_job_is_the_papers_stages(image_run, clip_run, tmp_pa
     assert [s["spec"].model.kind for s in curriculum.plan(spec)] == ["sd", "svd_t2v", "svd_t2v", "svd"]
 
 
+@pytest.mark.slow
 def test_kill9_in_stage_two_then_rerun_skips_stage_one_and_matches_bit_for_bit(ray_local, image_run, clip_run,
                                                                                  tmp_path):
     """SIGKILL the curriculum (driver and its Ray) after stage 2's first checkpoint; the rerun skips

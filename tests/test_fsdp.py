@@ -39,6 +39,7 @@ def relative_gap(a: dict, b: dict, init: dict) -> float:
     return (sum((a[k] - b[k]).abs().sum() for k in a) / sum((a[k] - init[k]).abs().sum() for k in a)).item()
 
 
+@pytest.mark.slow
 def test_fsdp_trains_as_ddp_resumes_exactly_and_switches_on_at_a_resume(ray_local, image_run, tmp_path):
     ddp, ddp_summary = run(image_run, str(tmp_path / "ddp"), False, 4)
     sharded, summary = run(image_run, str(tmp_path / "fsdp"), True, 4)

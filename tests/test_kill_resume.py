@@ -80,6 +80,7 @@ MODEL_STAGES = ["decode", "phash_dedup", {"name": "clip"}, {"name": "aesthetic"}
                 {"name": "semantic_dedup", "threshold": 0.999}]
 
 
+@pytest.mark.slow
 def test_kill9_with_model_stages_loses_nothing(ray_local, corpus, tmp_path):
     """Embeddings live in the fragments too: a killed run resumes to the same rows and scores."""
     import numpy as np

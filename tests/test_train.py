@@ -244,6 +244,7 @@ def test_two_worker_sd_run_exports_a_loadable_pipeline(sd_run):
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.slow
 def test_kill9_then_rerun_trains_the_same_steps(sd_run, shards, tmp_path):
     """SIGKILL the driver (and its Ray) after the first checkpoint; the rerun resumes from the last
     checkpoint and every later step's loss and the final weights equal the uninterrupted run."""
@@ -271,6 +272,7 @@ def test_kill9_then_rerun_trains_the_same_steps(sd_run, shards, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_worker_sdxl_run_and_world_size_change(ray_local, shards, tmp_path):
     """Tiny SDXL (two text encoders, micro-conditioning, v-prediction, offset noise, min-SNR) on 2
     workers, then resumed on 1 worker: the schedule remaps the rest of the epoch."""
@@ -339,6 +341,7 @@ def test_latent_cache_trains_like_decoding_and_is_reused(ray_local, shards, tmp_
     assert again.summary["resumed_from"] == 3 and os.path.getmtime(os.path.join(folders[0], "done.json")) == mtime
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_path):
     """Ray Train's failure handling: SIGKILL one training worker mid-run; with ray.max_failures=1
     the worker group restarts from the newest checkpoint and the run ends as the clean one did."""
