@@ -92,14 +92,19 @@ def _local_median(d: np.ndarray, window: int) -> np.ndarray:
     return ctx
 
 
-def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig, freeze: int):
-    """Candidate (sample j) where frames idx[j-1] -> idx[j] look like a cut."""
-    a = yuv[idx].astype(np.int16)
-    pix = np.zeros(len(idx), np.float32)
-    pix[1:] = np.abs(a[1:] - a[:-1]).mean(axis=(1, 2, 3))
+def _frame_diffs(yuv: np.ndarray) -> np.ndarray:
+    """Mean absolute difference of each sample from the one before (0 for the first)."""
+    pix = np.zeros(len(yuv), np.float32)
+    pix[1:] = np.abs(yuv[1:].astype(np.int16) - yuv[:-1].astype(np.int16)).mean(axis=(1, 2, 3))
+    return pix
+
+
+def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig, freeze: int, pix: np.ndarray,
+           ctx: np.ndarray):
+    """Candidate (sample j) where frames idx[j-1] -> idx[j] look like a cut; ``pix`` and ``ctx``
+    are the samples' differences and their local medians."""
     hd = np.zeros(len(idx), np.float32)
     hd[1:] = np.abs(hist[idx[1:]] - hist[idx[:-1]]).sum(axis=1) / 3   # mean L1 of 3 histograms: 0..2
-    ctx = _local_median(pix, cfg.window)
     # after k repeated frames (a freeze, or footage at a lower rate) the next difference carries
     # k + 1 frames of motion: measure it against that much of the footage's own motion
     # (a still shot, whose frames repeat for longer than a freeze lasts, is a shot: no scaling)
@@ -115,20 +120,18 @@ def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig, f
     hctx = _local_median(hd, cfg.window)
     ok |= (hd >= cfg.hist_threshold) & (hd >= cfg.hist_ratio * np.maximum(hctx, 0.02)) & (pix >= 1.5 * np.maximum(ctx, 1.0))
     # where the cheap measures disagree (a spike, one palette), look at the pictures: a cut between
-    # shots of one palette leaves no small shift of the frame before that matches the frame after
     # shots of one palette leaves no small shift of the frame before that matches the frame after;
     # and a cut is one change between two frames, where a whip pan changes the picture over several
     # (so the frames either side must differ far less)
     for j in np.flatnonzero(spike & ~ok & (pix >= cfg.min_diff)):
         around = max(pix[j - 1] if j > 1 else 0.0, pix[j + 1] if j + 1 < len(pix) else 0.0)
         ok[j] = pix[j] >= 2 * around and not _shifted_alike(yuv, int(idx[j - 1]), int(idx[j]), cfg)
-    return np.flatnonzero(ok & (pix >= cfg.min_diff)), pix
+    return np.flatnonzero(ok & (pix >= cfg.min_diff))
 
 
-def _alike(yuv: np.ndarray, hist: np.ndarray, a: int, b: int, cfg: CutConfig) -> bool:
-    hd = float(np.abs(hist[a] - hist[b]).sum() / 3)
-    pix = float(np.abs(yuv[a].astype(np.int16) - yuv[b].astype(np.int16)).mean())
-    return hd < cfg.hist_threshold / 2 and pix < cfg.min_diff
+def _hist_dist(hist: np.ndarray, a: int, b: int) -> float:
+    """Mean L1 distance of frames a and b's three histograms: 0..2."""
+    return float(np.abs(hist[a] - hist[b]).sum() / 3)
 
 
 def _diff(yuv: np.ndarray, a: int, b: int) -> float:
@@ -140,7 +143,7 @@ def _comes_back(yuv: np.ndarray, hist: np.ndarray, p: int, q: int, motion: float
     same palette, and pixels no further from p than ``q - p + 1`` frames of the footage's own motion
     (``motion``: the typical difference of consecutive frames there) would take them, and closer
     to p than every frame in between."""
-    if float(np.abs(hist[p] - hist[q]).sum() / 3) >= cfg.hist_threshold / 2:
+    if _hist_dist(hist, p, q) >= cfg.hist_threshold / 2:
         return False
     back = _diff(yuv, p, q)
     # q - p frames of motion, plus one for the noise and blur a real frame adds
@@ -181,12 +184,8 @@ def _shifted_alike(yuv: np.ndarray, a: int, b: int, cfg: CutConfig, max_shift: i
 
 def _same_picture(yuv: np.ndarray, a: int, b: int, cfg: CutConfig) -> bool:
     """Frames a and b show the same picture up to brightness and contrast (a fade, a light
-    change): their luma is strongly correlated. A cut replaces the picture."""
-    ya, yb = yuv[a, ..., 0].astype(np.float32).ravel(), yuv[b, ..., 0].astype(np.float32).ravel()
-    sa, sb = ya.std(), yb.std()
-    if sa < 2 or sb < 2:
-        return False
-    return float(((ya - ya.mean()) * (yb - yb.mean())).mean() / (sa * sb)) >= cfg.same_picture_corr
+    change): their luma is strongly correlated, unshifted. A cut replaces the picture."""
+    return _shifted_alike(yuv, a, b, cfg, max_shift=0)
 
 
 def detect_cuts(times: np.ndarray, yuv: np.ndarray, fps: float, config: CutConfig | None = None) -> Cuts:
@@ -204,8 +203,7 @@ def detect_cuts(times: np.ndarray, yuv: np.ndarray, fps: float, config: CutConfi
         return Cuts(frames, [round(float(times[i]), 4) for i in frames], [-1.0] * len(frames), dark)
     hist = _hist(yuv)
     flat = yuv[..., 0].reshape(n, -1).std(axis=1) < 3.0       # one level all over: no picture
-    frame_pix = np.zeros(n, np.float32)
-    frame_pix[1:] = np.abs(yuv[1:].astype(np.int16) - yuv[:-1].astype(np.int16)).mean(axis=(1, 2, 3))
+    frame_pix = _frame_diffs(yuv)
     frame_ctx = _local_median(frame_pix, cfg.window)          # the footage's own motion, frame to frame
     found: dict[int, tuple[float, float]] = {}       # frame -> (strength, level)
     for rate in cfg.rates:
@@ -213,7 +211,12 @@ def detect_cuts(times: np.ndarray, yuv: np.ndarray, fps: float, config: CutConfi
         idx = np.arange(0, n, step)
         if len(idx) < 3:
             continue
-        hits, pix = _level(yuv, hist, idx, cfg, max(2, int(round(FREEZE_S * fps / step))))
+        if step == 1:                                # the native level: the frame differences already computed
+            pix, ctx = frame_pix, frame_ctx
+        else:
+            pix = _frame_diffs(yuv[idx])
+            ctx = _local_median(pix, cfg.window)
+        hits = _level(yuv, hist, idx, cfg, max(2, int(round(FREEZE_S * fps / step))), pix, ctx)
         for j in hits.tolist():
             lo, hi = int(idx[j - 1]) + 1, int(idx[j]) + 1
             if step > 1 and (dark[lo - 1:hi].any()):
