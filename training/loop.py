@@ -14,6 +14,7 @@ run takes exactly the steps the uninterrupted one would have. The end of the run
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -203,15 +204,15 @@ def build(config: dict) -> Worker:
         from training.checkpoint import carry_optimizer
 
         carry_optimizer(spec.optim.init_state, optimizer, list(unet.parameters()))
+    if ema is not None:
+        ema.to(acc.device)
     if spec.train.fsdp:                                   # shard after the (unsharded) restore
         from training.sharding import shard_training
 
         unet.to(acc.device)
         optimizer, lr_sched = shard_training(unet, optimizer, lr_sched, ema, lambda m: _optimizer(spec, m))
         prepared, optimizer = unet, acc.prepare(optimizer)   # no DDP wrapper: FSDP reduces the gradients
-    if ema is not None:
-        ema.to(acc.device)
-    if not spec.train.fsdp:
+    else:
         prepared, optimizer = acc.prepare(unet, optimizer)
     loader, buckets, empty = _loader(spec, config, cursor, rank, world, acc.device)
     metrics = _Metrics(config["output"], acc.is_main_process)
@@ -362,22 +363,25 @@ def samples(w: Worker, step: int, unet) -> list[str]:
     return paths
 
 
+@contextlib.contextmanager
 def full_unet(w: Worker, ema_weights: bool = False):
-    """Every rank calls this: the UNet whole on rank 0 (None elsewhere when sharded), with the EMA
-    weights when ``ema_weights`` and the run keeps an EMA. The caller puts back the training weights
-    with ``w.ema.restore`` when it asked for EMA weights on an unsharded run."""
+    """Every rank enters this: yields the UNet whole on rank 0 (None elsewhere when sharded), with
+    the EMA weights when ``ema_weights`` and the run keeps an EMA; the training weights are back
+    on exit."""
     swap = ema_weights and w.ema is not None
     if swap:
         w.ema.store(w.raw_unet.parameters())
         w.ema.copy_to(w.raw_unet.parameters())
-    if not w.spec.train.fsdp:
-        return w.raw_unet
-    from training.sharding import gather_module
+    try:
+        if w.spec.train.fsdp:
+            from training.sharding import gather_module
 
-    whole = gather_module(w.raw_unet)
-    if swap:
-        w.ema.restore(w.raw_unet.parameters())
-    return whole
+            yield gather_module(w.raw_unet)
+        else:
+            yield w.raw_unet
+    finally:
+        if swap:
+            w.ema.restore(w.raw_unet.parameters())
 
 
 def checkpoint(w: Worker, report: dict) -> None:
@@ -403,8 +407,8 @@ def checkpoint(w: Worker, report: dict) -> None:
 
 
 def finish(w: Worker, first_step: int, started: float, unet) -> None:
-    """Rank 0: export ``OUTPUT/final`` with ``unet`` (``full_unet(w, ema_weights=True)``), the last
-    samples and summary.json."""
+    """Rank 0: export ``OUTPUT/final`` with ``unet`` (from ``full_unet(w, ema_weights=True)``), the
+    last samples and summary.json."""
     import torch
 
     out, spec, ema = w.config["output"], w.spec, w.ema
@@ -471,19 +475,17 @@ def train_loop(config: dict) -> None:
             w.metrics.log(step, window.values(lr, batch.epoch, w.buckets[batch.bucket]))
             window = _Window()
         if spec.train.sample_every and step % spec.train.sample_every == 0 and step != spec.train.max_steps:
-            unet = full_unet(w)
-            if w.acc.is_main_process:
-                samples(w, step, unet)
+            with full_unet(w) as unet:
+                if w.acc.is_main_process:
+                    samples(w, step, unet)
             w.acc.wait_for_everyone()
             w.raw_unet.train()
         if step % spec.train.checkpoint_every == 0 or step == spec.train.max_steps:
             checkpoint(w, {"step": step, "loss": loss, "epoch": w.loader.state().epoch})
     w.loader.close()
-    unet = full_unet(w, ema_weights=True)
-    if w.acc.is_main_process:
-        finish(w, first_step, started, unet)
-    if w.ema is not None and not spec.train.fsdp:
-        w.ema.restore(w.raw_unet.parameters())
+    with full_unet(w, ema_weights=True) as unet:
+        if w.acc.is_main_process:
+            finish(w, first_step, started, unet)
     w.metrics.close()
     w.acc.wait_for_everyone()
     shutil.rmtree(w.scratch, ignore_errors=True)

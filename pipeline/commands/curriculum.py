@@ -137,10 +137,6 @@ def plan(spec: CurriculumSpec) -> list[dict]:
         ts = _train_spec(spec, st, init_dir)
         if st.init:
             _check_transition(st, families.get(prev["spec"].model.kind), families.get(ts.model.kind))
-            if st.optimizer == "carry" and prev["spec"].model.kind != ts.model.kind:
-                raise ConfigError(f"stages[{st.index}] ({st.name}): optimizer: carry needs the same model as the stage "
-                                  f"before ({prev['spec'].model.kind} -> {ts.model.kind} changes its parameters); "
-                                  f"use reset")
         run_dir = _stage_dir(spec, st)
         done = _finished(run_dir, ts)
         out.append({"stage": st, "spec": ts, "fingerprint": ts.fingerprint(), "init": init_dir, "dir": run_dir,
@@ -151,10 +147,14 @@ def plan(spec: CurriculumSpec) -> list[dict]:
 
 def _check_transition(st: Stage, before, now) -> None:
     """The stage before must be something this stage can start from: the same family, an image
-    model this video model inflates from, or a video model whose UNet this one widens."""
+    model this video model inflates from, or a video model whose UNet this one widens (and an
+    optimizer is carried only within one family)."""
     where = f"stages[{st.index}] ({st.name}): init: previous"
     if before.name == now.name:
         return
+    if st.optimizer == "carry":
+        raise ConfigError(f"stages[{st.index}] ({st.name}): optimizer: carry needs the same model as the stage before "
+                          f"({before.name} -> {now.name} changes its parameters); use reset")
     if before.clips and not now.clips:
         raise ConfigError(f"{where} cannot turn a video model back into an image model")
     if not before.clips and now.clips and not before.inflates:

@@ -84,6 +84,13 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+@torch.no_grad()
+def text_context(c: Components, captions: list[str], device) -> torch.Tensor:
+    """The first text encoder's last hidden state for ``captions``: SD 1.x / 2.x's cross-attention
+    context (and the text-to-video UNet's, inflated from it)."""
+    return c.text_encoders[0](tokenize(c.tokenizers[0], captions).to(device))[0]
+
+
 # ---- tiny presets: the shared parts ----
 
 def tiny_text_encoder(with_projection: bool, seed: int):
@@ -233,4 +240,5 @@ class Family:
         return 0
 
 
-__all__ = ["Components", "Family", "TINY_TEXT_WIDTH", "clip_tokenizer_files", "offline_clip_tokenizer", "tokenize"]
+__all__ = ["Components", "Family", "TINY_TEXT_WIDTH", "clip_tokenizer_files", "offline_clip_tokenizer", "text_context",
+           "tokenize"]

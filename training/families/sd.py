@@ -32,9 +32,8 @@ class SD(base.Family):
         tokenizers = [base.offline_clip_tokenizer(os.path.join(scratch, "tokenizer"))]
         return Components(self.name, unet, vae, encoders, tokenizers, *base.tiny_schedulers(prediction_type))
 
-    @torch.no_grad()
     def encode_text(self, c: Components, captions: list[str], device) -> tuple[torch.Tensor, None]:
-        return c.text_encoders[0](base.tokenize(c.tokenizers[0], captions).to(device))[0], None
+        return base.text_context(c, captions, device), None
 
     def build_pipeline(self, c: Components, unet=None):
         from diffusers import StableDiffusionPipeline

@@ -189,7 +189,6 @@ class SVD(base.Family):
         raise TypeError("the latent cache holds image latents; svd trains on decoded frames")
 
 
-
 class SVDText(SVD):
     """Text-to-video, the SVD paper's video pretraining and fine-tuning stages (sec. 3.2-3.3): the
     same spatio-temporal UNet with in_channels 4 (no concatenated frame), the CLIP text encoder's
@@ -254,9 +253,8 @@ class SVDText(SVD):
         c.text_encoders, c.tokenizers = [encoder], [tokenizer]
         return ["text_encoder", "tokenizer"]
 
-    @torch.no_grad()
     def encode_text(self, c: Components, captions: list[str], device):
-        return c.text_encoders[0](base.tokenize(c.tokenizers[0], captions).to(device))[0], None
+        return base.text_context(c, captions, device), None
 
     def encode_image(self, c: Components, frames: torch.Tensor) -> torch.Tensor:
         raise TypeError("svd_t2v is text-conditioned: use encode_text on the captions")
@@ -343,5 +341,6 @@ class SVDText(SVD):
         with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as fh:
             json.dump(index, fh, indent=1)
         return _write_motion(folder, motion_map)
+
 
 __all__ = ["MOTION_FILE", "SVD", "SVDText", "svd_scheduler"]
