@@ -15,17 +15,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from video.cuts import CutConfig, detect_cuts, f1_score  # noqa: E402
+from video.cuts import CutConfig, detect_cuts, f1_score, read_for_cuts  # noqa: E402
 from video.transnet import available as transnet_available  # noqa: E402
-from video.frames import read_small  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
-def winnow(path: str, detector: str = "cascade") -> tuple[list[int], int, float]:
+def winnow(path: str, detector: str = "cascade", verify: str = "none") -> tuple[list[int], int, float]:
     t = time.perf_counter()
-    frames = read_small(path)
-    cuts = detect_cuts(frames.times, frames.yuv, frames.fps, CutConfig(detector=detector))
+    cfg = CutConfig(detector=detector, verify=verify)
+    frames = read_for_cuts(path, cfg)
+    cuts = detect_cuts(frames.times, frames.yuv, frames.fps, cfg)
     return cuts.frames, len(frames.times), time.perf_counter() - t
 
 
@@ -49,7 +49,8 @@ def main() -> int:
     if not os.path.exists(gt_path):
         print(f"skipped: {gt_path} not found")
         return 0
-    totals = {"winnow": [0, 0, 0, 0.0], "pyscenedetect": [0, 0, 0, 0.0], "transnetv2": [0, 0, 0, 0.0]}
+    totals = {"winnow": [0, 0, 0, 0.0], "pyscenedetect": [0, 0, 0, 0.0], "transnetv2": [0, 0, 0, 0.0],
+              "winnow+verify": [0, 0, 0, 0.0]}
     if transnet_available():
         winnow(os.path.join(DATA, rows_path_hint(gt_path)), "transnetv2")   # load the network once, untimed
     frames_total = 0
@@ -64,6 +65,8 @@ def main() -> int:
         if transnet_available():
             tn_found, _, tn_dt = winnow(path, "transnetv2")
             results["transnetv2"] = (tn_found, tn_dt)
+            v_found, _, v_dt = winnow(path, verify="transnetv2")
+            results["winnow+verify"] = (v_found, v_dt)
         base = pyscenedetect(path)
         if base:
             results["pyscenedetect"] = base
@@ -73,7 +76,7 @@ def main() -> int:
             tp = round(recall * len(truth))
             t = totals[name]
             t[0], t[1], t[2], t[3] = t[0] + tp, t[1] + len(cuts), t[2] + len(truth), t[3] + secs
-            line += f"\n    {name:14s} F1 {f1:4.2f}  {n / secs:6.0f} fr/s  cuts {cuts}"
+            line += f"\n    {name:15s} F1 {f1:4.2f}  {n / secs:6.0f} fr/s  cuts {cuts}"
         print(line)
     print(f"\n{len(rows)} videos, {frames_total} frames, tolerance +-2 frames")
     for name, (tp, found, truth, secs) in totals.items():
@@ -83,12 +86,14 @@ def main() -> int:
             continue
         p, r = tp / max(found, 1), tp / max(truth, 1)
         f1 = 2 * p * r / (p + r) if p + r else 0.0
-        print(f"  {name:14s} precision {p:.3f}  recall {r:.3f}  F1 {f1:.3f}  {frames_total / secs:6.0f} frames/s")
+        print(f"  {name:15s} precision {p:.3f}  recall {r:.3f}  F1 {f1:.3f}  {frames_total / secs:6.0f} frames/s")
     if totals["pyscenedetect"][3]:
         print(f"  speed: winnow {totals['pyscenedetect'][3] / totals['winnow'][3]:.2f}x PySceneDetect")
         if totals["transnetv2"][3]:
             print(f"         transnetv2 (winnow's decode + the network on CPU) "
                   f"{totals['pyscenedetect'][3] / totals['transnetv2'][3]:.2f}x PySceneDetect")
+            print(f"         winnow + transnetv2 verifier (windows around candidates only) "
+                  f"{totals['pyscenedetect'][3] / totals['winnow+verify'][3]:.2f}x PySceneDetect")
     return 0
 
 

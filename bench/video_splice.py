@@ -7,8 +7,8 @@ Shots come from the real footage in ../shared/data (the runs between ground-trut
 videos known to be one shot, and the photographs filmed by a slow virtual camera), split by
 source into a tuning half and a validation half (``video.splice.split_groups``: no footage in
 both). ``video/splice.py`` builds every class from each half's shots at random sizes (160x90 to
-1280x720) and rates (15-60 fps); each video is encoded with x264 (crf 18) and every detector reads
-the file. A detected cut matches a true one within +-2 frames. Negative classes have no cuts:
+1280x720) and rates (15-60 fps); each video is encoded with x264 (crf 18, one thread, so every run
+sees the same bytes) and every detector reads the file. A detected cut matches a true one within +-2 frames. Negative classes have no cuts:
 their column counts false cuts per video. PySceneDetect: ``pip install --no-deps scenedetect``.
 """
 from __future__ import annotations
@@ -85,11 +85,11 @@ def load_shots(width: int = 320):
 
 
 def winnow(path: str, overrides: dict | None = None) -> list[int]:
-    from video.cuts import CutConfig, detect_cuts
-    from video.frames import read_small
+    from video.cuts import CutConfig, detect_cuts, read_for_cuts
 
-    f = read_small(path)
-    return detect_cuts(f.times, f.yuv, f.fps, CutConfig(**(overrides or {}))).frames
+    cfg = CutConfig(**(overrides or {}))
+    f = read_for_cuts(path, cfg)
+    return detect_cuts(f.times, f.yuv, f.fps, cfg).frames
 
 
 def pyscenedetect(path: str, kind: str) -> list[int] | None:
@@ -126,7 +126,7 @@ def run_half(name: str, shots, per_class: int, seed: int, keep: str | None, dete
     totals = {}
     for v in videos:
         path = os.path.join(folder, f"{name}_{v.name}.mp4")
-        write_video(path, v.frames, fps=v.fps, crf=18)
+        write_video(path, v.frames, fps=v.fps, crf=18, repeatable=True)
         if keep:
             with open(path[:-4] + ".json", "w") as fh:
                 json.dump({"cuts": v.cuts, "fps": v.fps, "groups": v.groups, "class": v.klass}, fh)
@@ -148,18 +148,18 @@ def run_half(name: str, shots, per_class: int, seed: int, keep: str | None, dete
             os.remove(path)
     print(f"\n{name} half: {len(shots)} shots from {len({s.group for s in shots})} sources, {len(videos)} videos")
     dets = [d for d in detectors if any((k, d) in totals for k in CLASSES)]
-    print(f"  {'class':<19}" + "".join(f"{d:>22}" for d in dets))
+    print(f"  {'class':<19}" + "".join(f"{d:>25}" for d in dets))
     for k in CLASSES:
         cells = []
         for d in dets:
             tp, fp, fn, n, _ = totals.get((k, d), [0, 0, 0, 0, 0.0])
             cells.append(f"F1 {f1(tp, fp, fn):.3f} ({tp}/{tp + fn}, {fp} fp)" if tp + fn else f"{fp / max(n, 1):.2f} false/video")
-        print(f"  {k:<19}" + "".join(f"{c:>22}" for c in cells))
+        print(f"  {k:<19}" + "".join(f"{c:>25}" for c in cells))
     for d in dets:
         tp = sum(totals[(k, d)][0] for k in CLASSES if (k, d) in totals)
         fp = sum(totals[(k, d)][1] for k in CLASSES if (k, d) in totals)
         fn = sum(totals[(k, d)][2] for k in CLASSES if (k, d) in totals)
-        print(f"  all classes {d:<10} F1 {f1(tp, fp, fn):.3f}  precision {tp / max(tp + fp, 1):.3f}  "
+        print(f"  all classes {d:<24} F1 {f1(tp, fp, fn):.3f}  precision {tp / max(tp + fp, 1):.3f}  "
               f"recall {tp / max(tp + fn, 1):.3f}")
     return totals
 

@@ -33,8 +33,10 @@ def shot(n: int, width: int, height: int, seed: int, motion: float = 0.0) -> lis
 
 
 def write_video(path: str, frames: list[np.ndarray], fps: float = 10.0, *, times_s: list[float] | None = None,
-                rotation: int | None = None, crf: int = 23, audio_s: float = 0.0) -> None:
-    """Encode RGB frames as H.264 (yuv420p) in an MP4/MKV; ``times_s`` sets each frame's time."""
+                rotation: int | None = None, crf: int = 23, audio_s: float = 0.0, repeatable: bool = False) -> None:
+    """Encode RGB frames as H.264 (yuv420p) in an MP4/MKV; ``times_s`` sets each frame's time.
+    ``repeatable``: one thread and no macroblock-tree rate control, so the same frames give the same
+    bytes on every run (as the clips stage encodes; benches that compare runs need it)."""
     import av
 
     height, width = frames[0].shape[:2]
@@ -42,7 +44,9 @@ def write_video(path: str, frames: list[np.ndarray], fps: float = 10.0, *, times
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), **({"threads": "1", "x264-params": "mbtree=0"} if repeatable else {})}
+        if repeatable:
+            stream.codec_context.thread_count = 1
         if times_s is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
             stream.time_base = Fraction(1, 1000)
@@ -147,3 +151,77 @@ def make_video_corpus(root: str, width: int = 160, height: int = 96, fps: float 
 
 
 __all__ = ["fade", "make_video_corpus", "shot", "text_shot", "write_video", "write_audio_only"]
+
+
+def camera_move(image: np.ndarray, n: int, width: int, height: int, fps: float, seed: int, *,
+                pan: float = 0.0, zoom: float = 0.0, shake: float = 0.0, angle_deg: float = 0.0) -> list[np.ndarray]:
+    """``n`` frames of a virtual camera over a still ``image`` (RGB): a pan at ``pan`` % of the
+    frame width per second in direction ``angle_deg``, a zoom of ``zoom`` % of scale per second,
+    and a handheld ``shake`` (a smoothed random walk, % of width per second). Everything is in
+    frame units per second, so the same numbers mean the same motion at every size and rate."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    src_h, src_w = image.shape[:2]
+    seconds = n / fps
+    # the view covers the frame's aspect at a size that leaves room for the whole move
+    travel = (abs(pan) + 3 * shake) / 100 * seconds
+    view_w = min(src_w / (1 + travel + abs(zoom) / 100 * seconds), src_h * width / height / (1 + travel))
+    scale = width / view_w
+    walk = np.cumsum(rng.normal(0, 1, (n, 2)), axis=0)
+    kernel = np.ones(max(1, int(fps / 4))) / max(1, int(fps / 4))
+    walk = np.stack([np.convolve(walk[:, k], kernel, mode="same") for k in range(2)], axis=1)
+    walk -= walk[0]
+    walk *= shake / 100 * width / fps / max(1e-9, float(np.abs(np.diff(walk, axis=0)).mean() or 1))
+    a = np.deg2rad(angle_deg)
+    frames = []
+    for i in range(n):
+        t = i / fps
+        s = scale * (1 + zoom / 100 * t)
+        cx = src_w / 2 + (pan / 100 * width * t * np.cos(a) + walk[i, 0]) / s - travel * view_w / 2 * np.cos(a)
+        cy = src_h / 2 + (pan / 100 * width * t * np.sin(a) + walk[i, 1]) / s - travel * view_w / 2 * np.sin(a)
+        m = np.array([[s, 0, width / 2 - s * cx], [0, s, height / 2 - s * cy]], np.float32)
+        frames.append(cv2.warpAffine(image, m, (width, height), flags=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REFLECT))
+    return frames
+
+
+def cartoon(n: int, width: int, height: int, fps: float, seed: int, *, boil: bool = True) -> list[np.ndarray]:
+    """A mostly static cel animation: flat-coloured shapes with dark outlines on a flat
+    background, drawn on twos (each drawing held two frames); a character blinks and talks (a
+    small mouth and eyes change), and with ``boil`` every drawing's shapes jitter by a quarter of a
+    percent of the frame (about 2 px at 720p), as hand-drawn lines do. No camera move."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    u = min(width, height) / 100          # drawing unit
+    bg = rng.integers(60, 230, 3).tolist()
+    shapes = [(rng.integers(0, 3), rng.uniform(0.1, 0.9, 2) * (width, height), rng.uniform(8, 25) * u,
+               rng.integers(30, 250, 3).tolist()) for _ in range(6)]
+    face = np.array([width * rng.uniform(0.35, 0.65), height * rng.uniform(0.4, 0.6)])
+    frames, drawing = [], None
+    for i in range(n):
+        if i % 2 == 0:                                  # on twos
+            j = rng.normal(0, 0.25 * u if boil else 0, (len(shapes) + 1, 2))
+            img = np.full((height, width, 3), bg, np.uint8)
+            for k, (kind, c, r, col) in enumerate(shapes):
+                p = tuple(int(v) for v in c + j[k])
+                if kind == 0:
+                    cv2.circle(img, p, int(r), col, -1, cv2.LINE_AA)
+                    cv2.circle(img, p, int(r), (20, 20, 20), max(1, int(u)), cv2.LINE_AA)
+                else:
+                    q1, q2 = (int(p[0] - r), int(p[1] - r / 2)), (int(p[0] + r), int(p[1] + r / 2))
+                    cv2.rectangle(img, q1, q2, col, -1)
+                    cv2.rectangle(img, q1, q2, (20, 20, 20), max(1, int(u)))
+            f = tuple(int(v) for v in face + j[-1])
+            cv2.circle(img, f, int(18 * u), (200, 170, 140), -1, cv2.LINE_AA)
+            cv2.circle(img, f, int(18 * u), (20, 20, 20), max(1, int(u)), cv2.LINE_AA)
+            blink = (i // 2) % int(max(2, fps)) == 0       # about once every two seconds
+            for dx in (-6, 6):
+                e = (int(f[0] + dx * u), int(f[1] - 4 * u))
+                cv2.ellipse(img, e, (int(2 * u), max(1, int((0.3 if blink else 2.5) * u))), 0, 0, 360, (20, 20, 20), -1)
+            mouth = int(rng.uniform(0.5, 4) * u)           # talking
+            cv2.ellipse(img, (f[0], int(f[1] + 7 * u)), (int(5 * u), mouth), 0, 0, 360, (90, 20, 30), -1)
+            drawing = img
+        frames.append(drawing.copy())
+    return frames

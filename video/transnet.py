@@ -67,6 +67,58 @@ def transition_probabilities(yuv: np.ndarray) -> np.ndarray:
     return single.float().numpy()
 
 
+WINDOW, CORE, CONTEXT = 100, 50, 25      # the network reads 100 frames and is trusted on the middle 50
+
+
+def window_predictions(yuv: np.ndarray, needed, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The network's per-frame probabilities (single-frame "transition here", many-hot "inside a
+    transition") for at least the ``needed`` frames, NaN elsewhere. It runs only the windows whose
+    middle 50 frames hold a needed frame, on the same 50-frame grid (edges repeated) that a pass
+    over the whole video uses, so each computed value equals the whole-video one; on a GPU all
+    windows go in one batch."""
+    import torch
+
+    n = len(yuv)
+    single, many = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    blocks = sorted({int(f) // CORE for f in needed if 0 <= f < n})
+    if not blocks:
+        return single, many
+    model = _model()
+    model.to(device)
+    idx = [np.clip(np.arange(k * CORE - CONTEXT, k * CORE - CONTEXT + WINDOW), 0, n - 1) for k in blocks]
+    used = np.unique(np.concatenate(idx))
+    rgb = np.zeros((n, 27, 48, 3), np.uint8)
+    rgb[used] = yuv_to_rgb48(yuv[used])
+    batch = 1 if device == "cpu" else len(blocks)       # CPU: one window at a time (memory stays flat)
+    with torch.inference_mode():
+        for b in range(0, len(blocks), batch):
+            x = torch.from_numpy(np.stack([rgb[i] for i in idx[b:b + batch]])).to(device)
+            one, rest = model.predict_raw(x)
+            for j, k in enumerate(blocks[b:b + batch]):
+                lo, hi = k * CORE, min(n, k * CORE + CORE)
+                single[lo:hi] = one[j, CONTEXT:CONTEXT + hi - lo, 0].float().cpu().numpy()
+                many[lo:hi] = rest[j, CONTEXT:CONTEXT + hi - lo, 0].float().cpu().numpy()
+    return single, many
+
+
+def hard_cut(single: np.ndarray, many: np.ndarray, i: int, threshold: float = 0.5, max_frames: int = 2,
+             reach: int = 2) -> bool:
+    """The network sees a hard cut before frame i: a transition marked on frame i - reach ..
+    i + reach - 1 (a cut between frames i - 1 and i is marked on one of the two), whose run of
+    "inside a transition" frames lasts at most ``max_frames`` (a dissolve or a fade lasts longer;
+    the ground truth it was trained on marks those too)."""
+    lo, hi = max(0, i - reach), min(len(single), i + reach)
+    if hi <= lo or not np.nanmax(single[lo:hi]) >= threshold:
+        return False
+    peak = lo + int(np.nanargmax(single[lo:hi]))
+    a = b = peak
+    while a > 0 and many[a - 1] >= threshold:
+        a -= 1
+    while b + 1 < len(many) and many[b + 1] >= threshold:
+        b += 1
+    return b - a + 1 <= max_frames
+
+
 def transnet_cuts(yuv: np.ndarray, threshold: float = 0.5) -> list[int]:
     """First frame of each new shot."""
     if len(yuv) < 2:
@@ -87,4 +139,4 @@ def transnet_cuts(yuv: np.ndarray, threshold: float = 0.5) -> list[int]:
     return cuts
 
 
-__all__ = ["available", "transition_probabilities", "transnet_cuts", "yuv_to_rgb48"]
+__all__ = ["available", "hard_cut", "transition_probabilities", "transnet_cuts", "window_predictions", "yuv_to_rgb48"]
