@@ -85,7 +85,7 @@ def generated_clip(kind: dict, image, rng, folder: str, k: int) -> tuple[str, st
             gain = 1 + 0.5 * np.sin(np.linspace(0, np.pi, n))
             frames = [np.clip(f * g, 0, 255).astype(np.uint8) for f, g in zip(frames, gain)]
     path = os.path.join(folder, f"gen{k}.mp4")
-    write_video(path, frames, fps=fps, crf=20)
+    write_video(path, frames, fps=fps, crf=20, repeatable=True)
     return path, f"{w}x{h}@{fps:g}"
 
 

@@ -157,3 +157,15 @@ def test_the_verifier_keeps_flashes_out(tmp_path):
     a[20], a[21] = flash(a[20], 0.8), flash(a[21], 0.7)
     write_video(str(tmp_path / "f.mp4"), a, fps=25, crf=18)
     assert detect(str(tmp_path / "f.mp4"), verify="transnetv2")[1].frames == []
+
+
+def test_a_gap_in_a_variable_rate_file_is_measured_against_the_motion_it_skips(tmp_path):
+    # a 2 px/frame pan at 25 fps whose file lacks some frames after frame 30 (their time passes):
+    # up to a freeze's length (0.35 s) the jump is the pan's motion; a 1 s hole is a jump cut
+    frames = shot(60, W, H, seed=5, motion=2)
+    found = {}
+    for gap in (6, 8, 25):
+        keep = list(range(30)) + list(range(30 + gap, 60))
+        write_video(str(tmp_path / "gap.mp4"), [frames[i] for i in keep], fps=25, times_s=[i / 25 for i in keep], crf=18)
+        found[gap] = detect(str(tmp_path / "gap.mp4"))[1].frames
+    assert found == {6: [], 8: [], 25: [30]}

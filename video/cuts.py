@@ -67,7 +67,7 @@ class CutConfig:
 class Cuts:
     frames: list[int]                    # index of the first frame of each new shot
     times_s: list[float]
-    levels: list[float]                  # which cascade level found each cut (0 = native)
+    levels: list[float]                  # which cascade level found each cut (0 = native; -1 = TransNetV2)
     dark: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, bool))   # black frames
 
 
@@ -108,19 +108,32 @@ def _frame_diffs(yuv: np.ndarray) -> np.ndarray:
     return pix
 
 
+def _elapsed(times: np.ndarray) -> np.ndarray:
+    """Per sample, how many of the footage's usual frame intervals passed since the sample before
+    (1 almost everywhere; more after frames a variable-rate file dropped)."""
+    dt = np.diff(times)
+    typical = float(np.median(dt[dt > 0])) if (dt > 0).any() else 0.0
+    out = np.ones(len(times), np.float32)
+    if typical > 0:
+        out[1:] = np.maximum(1.0, np.round(dt / typical))
+    return out
+
+
 def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig, freeze: int, pix: np.ndarray,
-           ctx: np.ndarray):
+           ctx: np.ndarray, elapsed: np.ndarray):
     """Candidate (sample j) where frames idx[j-1] -> idx[j] look like a cut; ``pix`` and ``ctx``
-    are the samples' differences and their local medians."""
+    are the samples' differences and their local medians, ``elapsed`` the intervals between them."""
     hd = np.zeros(len(idx), np.float32)
     hd[1:] = np.abs(hist[idx[1:]] - hist[idx[:-1]]).sum(axis=1) / 3   # mean L1 of 3 histograms: 0..2
-    # after k repeated frames (a freeze, or footage at a lower rate) the next difference carries
-    # k + 1 frames of motion: measure it against that much of the footage's own motion
-    # (a still shot, whose frames repeat for longer than a freeze lasts, is a shot: no scaling)
-    repeats = np.zeros(len(idx), np.float32)
+    # after k repeated frames (a freeze, or footage at a lower rate), or across k dropped ones (a
+    # variable-rate file's gap), the next difference carries k + 1 frames of motion: measure it
+    # against that much of the footage's own motion (a still shot, whose frames repeat for longer
+    # than a freeze lasts, is a shot, and so is a longer gap: no scaling)
+    held = np.zeros(len(idx), np.float32)
     for j in range(1, len(idx)):
-        repeats[j] = repeats[j - 1] + 1 if pix[j - 1] < REPEATED and j > 1 else 0
-    ctx = ctx * np.where(repeats <= freeze, 1 + repeats, 1)
+        held[j] = held[j - 1] + elapsed[j - 1] if pix[j - 1] < REPEATED and j > 1 else 0
+    span = held + elapsed
+    ctx = ctx * np.where(span <= freeze + 1, span, 1)
     spike = pix >= cfg.ratio * np.maximum(ctx, 1.0)
     # colour change, or (same palette, new picture) a spike far above its neighbours
     ok = spike & ((hd >= cfg.hist_threshold) | (pix >= cfg.spike_ratio * np.maximum(ctx, 1.0)))
@@ -237,7 +250,8 @@ def detect_cuts(times: np.ndarray, yuv: np.ndarray, fps: float, config: CutConfi
         else:
             pix = _frame_diffs(yuv[idx])
             ctx = _local_median(pix, cfg.window)
-        hits, near = _level(yuv, hist, idx, cfg, max(2, int(round(FREEZE_S * fps / step))), pix, ctx)
+        hits, near = _level(yuv, hist, idx, cfg, max(2, int(round(FREEZE_S * fps / step))), pix, ctx,
+                            _elapsed(np.asarray(times, np.float64)[idx]))
         if step == 1:
             doubtful.update(near.tolist())
         for j in hits.tolist():
@@ -283,7 +297,9 @@ def _verified(yuv: np.ndarray, found: dict[int, tuple[float, float]], doubtful: 
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    single, many = window_predictions(yuv, {f + d for f in set(found) | doubtful for d in range(-3, 3)}, device)
+    # on a GPU the whole video costs little more than the windows: every frame, same values at the candidates
+    needed = range(len(yuv)) if device != "cpu" else {f + d for f in set(found) | doubtful for d in range(-3, 3)}
+    single, many = window_predictions(yuv, needed, device)
     out = {i: v for i, v in found.items() if np.nanmax(single[max(0, i - 1):i + 1]) >= cfg.verify_veto}
     for i in sorted(doubtful - set(found)):
         if hard_cut(single, many, i, cfg.transnet_threshold, reach=1):
