@@ -153,10 +153,11 @@ def main() -> int:
         # 3) the pipeline on a local Ray (start-up excluded)
         import ray
 
+        from pipeline import adapter
         from pipeline.commands import curate
         from pipeline.commands import curate_spec as specmod
 
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        adapter.connect(None, args.cpus)      # joins a running cluster rather than clash with it
         runs = {}
         for label in ("cold", "warm"):   # cold: workers start and import; warm: the same Ray again
             out = os.path.join(tmp, f"out_{label}")

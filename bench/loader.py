@@ -66,15 +66,14 @@ def main() -> int:
     if not os.path.isdir(IMAGES):
         print(f"skipped: {IMAGES} not found")
         return 0
-    import ray
-
+    from pipeline import adapter
     from pipeline.commands import curate
     from pipeline.commands import curate_spec as specmod
     from training.index import bucket_ids, build_index
     from training.loader import SampleReader
 
     work = tempfile.mkdtemp(prefix="winnow-bench-loader-")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    adapter.connect(None, os.cpu_count())          # joins a running cluster rather than clash with it
     spec = specmod.parse({"input": {"path": IMAGES}, "output": {"path": os.path.join(work, "run")},
                           "stages": [{"name": "decode", "max_side": 1024}]})
     result = curate.run(spec, log=None)

@@ -144,16 +144,32 @@ def apply_fn(ds, fn, *, num_cpus: float = 1.0, batch_size: int | None = None):
     return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=False)
 
 
+def running_cluster() -> str | None:
+    """The address of a cluster ``ray start`` runs on this machine (its GCS process alive), else None."""
+    try:
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+        found = find_bootstrap_address(None)
+        return found if found and found in find_gcs_addresses() else None
+    except Exception:  # noqa: BLE001 - a private helper that moved: behave as if none runs
+        return None
+
+
 def connect(address: str | None, num_cpus: int | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray of ``num_cpus``."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or the one ``ray start`` runs on this
+    machine); only when there is none, start a local Ray of ``num_cpus``. Joining never passes
+    ``num_cpus`` (Ray refuses it: the cluster's size is the cluster's)."""
     import logging
 
     import ray
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=False)
+        elif running_cluster():
+            ray.init(log_to_driver=False)      # Ray finds it (and, as for any local cluster, its auth token)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
 

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"winnow: bad spec: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:   # a checkpoint winnow refuses to load (training.checkpoint.CheckpointError)
+        if type(exc).__name__ == "ClusterError":      # submit / jobs: the cluster refused or could not be reached
+            print(f"winnow: {exc}", file=sys.stderr)
+            return 1
         if type(exc).__name__ != "CheckpointError":
             raise
         print(f"winnow: bad checkpoint: {exc}", file=sys.stderr)

@@ -24,6 +24,8 @@ COMMANDS = {
     "report": ("pipeline.commands.report", "write the HTML report of a curate or select output"),
     "curriculum": ("pipeline.commands.curriculum", "train staged: image -> low-res video -> image-to-video (SVD)"),
     "inflate": ("pipeline.commands.inflate", "inflate an image UNet (and VAE) into SVD's video models"),
+    "submit": ("pipeline.commands.submit", "submit a spec to a Ray cluster as a job (checked here first)"),
+    "jobs": ("pipeline.commands.jobs", "list a cluster's jobs, show one's status or logs, stop one"),
 }
 
 
@@ -35,3 +37,25 @@ def add_set_argument(parser, example: str = "") -> None:
     """The ``--set dotted.key=value`` overrides every spec-driven command takes."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec value" + (f", e.g. --set {example}" if example else "") + " (repeatable)")
+
+
+def command_of(argv: list[str]) -> str:
+    """The command a spec runs: its ``kind:``, or for a spec without one, what its keys say."""
+    from pipeline.contract.config import SPEC_KINDS, ConfigError, load_yaml
+
+    spec = next((a for a in argv if a.endswith((".yaml", ".yml"))), None)
+    try:
+        data = load_yaml(spec) if spec else {}
+    except ConfigError:
+        return "curate"          # let the command report the bad file
+    if data.get("kind") in SPEC_KINDS:
+        return data["kind"]
+    if "kind" in data:
+        return "curate"          # the curate spec parser names the unknown kind
+    if "data" in data:
+        return "train"
+    if "filters" in data and "annotations" in data:
+        return "sweep"
+    if "selection" in data or "runs" in data:
+        return "select"
+    return "curate"
