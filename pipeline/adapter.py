@@ -68,6 +68,24 @@ def size_pool(res: Resources, stateful: bool, cluster_cpus: float, cluster_gpus:
     return dataclasses.replace(res, num_cpus=num_cpus, concurrency=size)
 
 
+def task_cpu_cap(cluster_cpus: float, actor_cpus: float, cpu_nodes: int) -> float:
+    """The most CPU a task step (load, decode, the fragment writer...) may ask for so that one can
+    always be placed, on a cluster of ``cpu_nodes`` nodes with CPUs once the actor pools hold
+    ``actor_cpus`` of its ``cluster_cpus``: whatever node the actors land on, the free CPUs add up
+    to the rest, so some node has at least rest / nodes free (pigeonhole). On one machine that is
+    the whole rest (1 CPU as ``size_pool`` leaves it); on two 1-CPU nodes with two half-CPU actors,
+    one per node, a 1-CPU task fits nowhere and the run would wait forever: it asks for 0.5."""
+    free = max(cluster_cpus - actor_cpus, 0.0)
+    return max(free / max(cpu_nodes, 1), 0.05)
+
+
+def cpu_node_count() -> int:
+    """Alive nodes of the connected cluster that have CPUs (a 0-CPU head does not count)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0) or 1
+
+
 def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, cluster_gpus: float,
                    cpu_pools: int = 1, gpu_pools: int = 1) -> Resources:
     """Resources and pool size for one stage on this cluster (``size_pool``)."""
@@ -84,12 +102,15 @@ def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: f
 
 
 def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpus: float,
-                cluster_gpus: float = 0.0, cpu_pools: int = 1, gpu_pools: int = 1):
-    """Append one stage to a Ray Dataset."""
+                cluster_gpus: float = 0.0, cpu_pools: int = 1, gpu_pools: int = 1, task_cpus: float | None = None):
+    """Append one stage to a Ray Dataset. ``task_cpus`` caps what a task step asks for
+    (``task_cpu_cap``)."""
     from ray.data import ActorPoolStrategy
 
     check_resources(stage_cls, cluster_cpus, cluster_gpus, config)
     res = plan_resources(stage_cls, config, cluster_cpus, cluster_gpus, cpu_pools, gpu_pools)
+    if task_cpus is not None and not stage_cls.stateful:
+        res = dataclasses.replace(res, num_cpus=min(res.num_cpus, task_cpus))
     common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.num_cpus,
                   zero_copy_batch=False)
     if res.num_gpus:

@@ -74,3 +74,47 @@ def test_task_and_actor_stages_on_two_cpus(ray_local):
     assert len({r["pid"] for r in rows}) <= 2                 # at most the 2 actors of the pool
     assert rows[0]["_time_model"] >= 0 and rows[0]["_time_add_one"] >= 0
     assert np.isclose(sum(r["_time_add_one"] for r in rows[:4]) / 4, rows[0]["_time_add_one"])
+
+
+def test_task_steps_ask_for_no_more_cpu_than_some_node_must_have_free():
+    from pipeline.adapter import task_cpu_cap
+
+    assert task_cpu_cap(2.0, 1.0, 1) == 1.0           # one machine: the CPU size_pool leaves
+    assert task_cpu_cap(2.0, 1.0, 2) == 0.5           # two 1-CPU nodes, actors spread over both
+    assert task_cpu_cap(64.0, 48.0, 8) == 2.0         # eight 8-CPU nodes: 16 free, one node has 2
+    assert task_cpu_cap(16.0, 32.0, 2) == 0.05        # over-subscribed by GPU actors: a token request
+
+
+@pytest.mark.slow
+def test_model_stages_run_on_many_small_nodes(tmp_path):
+    """A 0-CPU head and two 1-CPU nodes (the shape that used to wait forever): two model-stage actor
+    pools and the task steps all find room."""
+    import ray
+    from PIL import Image
+    from ray.cluster_utils import Cluster
+
+    from pipeline.commands import curate, curate_spec
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+    was = ray.is_initialized()
+    ray.shutdown()                                    # the session's local Ray gives way to the cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        spec = curate_spec.parse({"input": {"path": str(tmp_path / "img")}, "output": {"path": str(tmp_path / "out")},
+                                  "stages": ["decode", {"name": "clip", "model": "winnow-tiny-clip", "pretrained": "random"},
+                                             {"name": "aesthetic", "weights": "random"}, {"name": "ocr", "backend": "rapidocr"}],
+                                  "ray": {"no_progress_timeout_s": 120, "progress_bars": False}})
+        result = curate.run(spec, log=None)
+        assert (result.inputs, result.kept, result.rejected) == (24, 24, 0)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -92,23 +92,31 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
 def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: float, log,
              skip_keys: frozenset = frozenset()) -> None:
     fan = spec.fan_out
+    pools = [registry.get(st.name).resources(st.config, gpus).num_gpus > 0
+             for st in spec.stages if registry.get(st.name).stateful]
+    cpu_pools, gpu_pools = pools.count(False), pools.count(True)
+    actor_cpus = 0.0
+    for st in spec.stages:
+        cls = registry.get(st.name)
+        if cls.stateful and cls.has_batch_work:
+            res = adapter.plan_resources(cls, st.config, cpus, gpus, cpu_pools, gpu_pools)
+            actor_cpus += res.num_cpus * (res.concurrency or 1)
+    task_cpus = adapter.task_cpu_cap(cpus, actor_cpus, adapter.cpu_node_count())
     if fan:   # one block per input: its rows fan out from there (a video's windows, then clips)
         ds = adapter.from_blocks(_blocks(pending, 1))
         first_cfg = fan.with_input(spec.stages[0].config, spec.input)
-        ds = adapter.apply_stage(ds, fan.reader, first_cfg, fan.reader_label, cpus, gpus)
+        ds = adapter.apply_stage(ds, fan.reader, first_cfg, fan.reader_label, cpus, gpus, task_cpus=task_cpus)
     else:
         ds = adapter.from_blocks(_blocks(pending, spec.ray.block_rows))
         ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(policy=spec.input.policy(),
                                                                             keep_columns=spec.input.keep_columns),
-                                 "load", cpus, gpus)
-    pools = [registry.get(st.name).resources(st.config, gpus).num_gpus > 0
-             for st in spec.stages if registry.get(st.name).stateful]
-    cpu_pools, gpu_pools = pools.count(False), pools.count(True)
+                                 "load", cpus, gpus, task_cpus=task_cpus)
     for st in spec.stages:
         if registry.get(st.name).has_batch_work:
             cfg = first_cfg if fan and st is spec.stages[0] else st.config
-            ds = adapter.apply_stage(ds, registry.get(st.name), cfg, st.label, cpus, gpus, cpu_pools, gpu_pools)
-    ds = adapter.apply_fn(ds, shards.FragmentWriter(work, skip_keys), num_cpus=1.0)  # fuses with the stages
+            ds = adapter.apply_stage(ds, registry.get(st.name), cfg, st.label, cpus, gpus, cpu_pools, gpu_pools,
+                                     task_cpus=task_cpus)
+    ds = adapter.apply_fn(ds, shards.FragmentWriter(work, skip_keys), num_cpus=min(1.0, task_cpus))  # fuses with the stages
     bar = tqdm(total=None if fan else pending.num_rows, desc="annotate", unit=fan.unit if fan else "img", file=log,
                disable=log is None)
     for batch in adapter.iter_batches(ds):
