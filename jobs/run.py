@@ -29,7 +29,8 @@ def spec_from_env(argv: list[str]) -> list[str]:
 
     at = argv.index("--spec-env")
     var = argv[at + 1]
-    path = os.path.join(tempfile.mkdtemp(prefix="winnow-spec-"), os.path.basename(os.environ.get(SPEC_NAME_ENV) or "spec.yaml"))
+    name = os.path.basename(os.environ.get(SPEC_NAME_ENV) or "spec.yaml")
+    path = os.path.join(tempfile.mkdtemp(prefix="winnow-spec-"), name)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(os.environ[var])
     return [*argv[:at], path, *argv[at + 2:]]

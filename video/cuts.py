@@ -133,14 +133,14 @@ def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig, f
     for j in range(1, len(idx)):
         held[j] = held[j - 1] + elapsed[j - 1] if pix[j - 1] < REPEATED and j > 1 else 0
     span = held + elapsed
-    ctx = ctx * np.where(span <= freeze + 1, span, 1)
-    spike = pix >= cfg.ratio * np.maximum(ctx, 1.0)
+    ctx = np.maximum(ctx * np.where(span <= freeze + 1, span, 1), 1.0)     # floored: still footage's noise
+    spike = pix >= cfg.ratio * ctx
     # colour change, or (same palette, new picture) a spike far above its neighbours
-    ok = spike & ((hd >= cfg.hist_threshold) | (pix >= cfg.spike_ratio * np.maximum(ctx, 1.0)))
+    ok = spike & ((hd >= cfg.hist_threshold) | (pix >= cfg.spike_ratio * ctx))
     # or a colour change far above the colour changes around it, with the pixels changing more than
     # around it too: busy footage (animation, fast action) whose pixel differences are high all along
     hctx = _local_median(hd, cfg.window)
-    ok |= (hd >= cfg.hist_threshold) & (hd >= cfg.hist_ratio * np.maximum(hctx, 0.02)) & (pix >= 1.5 * np.maximum(ctx, 1.0))
+    ok |= (hd >= cfg.hist_threshold) & (hd >= cfg.hist_ratio * np.maximum(hctx, 0.02)) & (pix >= 1.5 * ctx)
     # where the cheap measures disagree (a spike, one palette), look at the pictures: a cut between
     # shots of one palette leaves no small shift of the frame before that matches the frame after;
     # and a cut is one change between two frames, where a whip pan changes the picture over several
@@ -150,7 +150,7 @@ def _level(yuv: np.ndarray, hist: np.ndarray, idx: np.ndarray, cfg: CutConfig, f
         ok[j] = pix[j] >= 2 * around and not _shifted_alike(yuv, int(idx[j - 1]), int(idx[j]), cfg)
     big = pix >= cfg.min_diff
     # what one measure calls a cut and the others do not: for a verifier to look at
-    near = big & ~ok & (spike | ((hd >= cfg.hist_threshold) & (pix >= 1.5 * np.maximum(ctx, 1.0))))
+    near = big & ~ok & (spike | ((hd >= cfg.hist_threshold) & (pix >= 1.5 * ctx)))
     return np.flatnonzero(ok & big), np.flatnonzero(near)
 
 

@@ -59,11 +59,11 @@ def _run(call: JobsCall, log=None):
 
     c = client(call.address)
     if call.action == "list":
-        return [(j.submission_id, str(j.status).split(".")[-1], j.entrypoint, (j.metadata or {}).get("winnow_spec", ""))
+        return [(j.submission_id, j.status.value, j.entrypoint, (j.metadata or {}).get("winnow_spec", ""))
                 for j in c.list_jobs() if j.submission_id]
     if call.action == "status":
         info = c.get_job_info(call.job_id)
-        return {"job": call.job_id, "status": str(info.status).split(".")[-1], "message": info.message or ""}
+        return {"job": call.job_id, "status": info.status.value, "message": info.message or ""}
     if call.action == "logs":
         from pipeline.commands.submit import follow
 

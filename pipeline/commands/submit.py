@@ -191,11 +191,11 @@ def wait(c, job_id: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> str:
     """Poll until the job ends; its final status."""
     t = time.monotonic()
     while True:
-        status = str(c.get_job_status(job_id))
-        if status.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status.split(".")[-1]
+        status = c.get_job_status(job_id)            # a JobStatus: SUCCEEDED, FAILED, STOPPED end it
+        if status.is_terminal():
+            return status.value
         if time.monotonic() - t > timeout_s:
-            raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f} s")
+            raise TimeoutError(f"job {job_id} still {status.value} after {timeout_s:.0f} s")
         time.sleep(poll_s)
 
 
