@@ -15,12 +15,36 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contract.schema import TIMING_PREFIX
+from pipeline.contract.schema import (
+    CAPTION_REF,
+    COLUMN_TYPES,
+    JSON_REF,
+    PLAN_ERROR,
+    REF_PATH,
+    SOURCE_RAW,
+    TIMING_PREFIX,
+)
 from pipeline.contract.stage import Resources, Stage, batch_len, ensure_status
 
 
 class ResourceError(ValueError):
     """A stage asks for resources the cluster does not have; raised before the dataset runs."""
+
+
+STRING_COLUMNS = frozenset({n for n, t in COLUMN_TYPES.items() if t == "string"}
+                           | {REF_PATH, CAPTION_REF, JSON_REF, PLAN_ERROR, SOURCE_RAW})
+
+
+def keep_strings(batch: dict) -> dict:
+    """A string column that is null in every row of a block crosses Ray as Arrow's null type and
+    reaches numpy as float NaN; handed on like that it becomes a float column, which Ray cannot
+    merge with the next block's strings when an actor pool's batch spans both (a sample of inputs
+    none of which has a caption did this). Back to None, which is also what stages test for."""
+    for name in STRING_COLUMNS.intersection(batch):
+        v = batch[name]
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            batch[name] = np.full(len(v), None, dtype=object)
+    return batch
 
 
 class TimedStage:
@@ -33,9 +57,9 @@ class TimedStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._stage is None:
             self._stage = self.stage_cls(self.config)
-        ensure_status(batch)
+        ensure_status(keep_strings(batch))
         t0 = time.perf_counter()
-        out = self._stage(batch)
+        out = keep_strings(self._stage(batch))
         n = batch_len(out)
         out[TIMING_PREFIX + self.label] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         return out
@@ -50,9 +74,9 @@ class _ActorStage(TimedStage):
 
 
 def size_pool(res: Resources, stateful: bool, cluster_cpus: float, cluster_gpus: float, cpu_pools: int = 1,
-              gpu_pools: int = 1) -> Resources:
-    """The one pool-sizing rule. CPU actor pools share what is left after one CPU for the read,
-    task and write steps (``cpu_pools`` = how many CPU actor pools the job has); an actor that
+              gpu_pools: int = 1, reserve: float = 1.0) -> Resources:
+    """The one pool-sizing rule. CPU actor pools share what is left after ``reserve`` CPUs (one per
+    CPU node) for the read, task and write steps (``cpu_pools`` = how many CPU actor pools the job has); an actor that
     asks for more than its share gets a fractional CPU so the dataset cannot deadlock. GPU pools
     get one actor per ``num_gpus`` the cluster holds, unless ``res.concurrency`` fixes the size."""
     if not stateful:
@@ -62,10 +86,38 @@ def size_pool(res: Resources, stateful: bool, cluster_cpus: float, cluster_gpus:
         num_gpus = min(res.num_gpus, share)
         size = res.concurrency or max(1, int(share // num_gpus))
         return dataclasses.replace(res, num_gpus=num_gpus, concurrency=size)
-    share = max(cluster_cpus - 1.0, 0.5) / max(cpu_pools, 1)
+    share = max(cluster_cpus - reserve, 0.5) / max(cpu_pools, 1)
     num_cpus = min(res.num_cpus, share)
     size = res.concurrency or max(1, int(share // num_cpus))
     return dataclasses.replace(res, num_cpus=num_cpus, concurrency=size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What the planner needs to know of a cluster: its totals and the CPUs of each alive node."""
+
+    cpus: float
+    gpus: float
+    node_cpus: tuple[float, ...] = ()     # CPU nodes only (a 0-CPU head is not one)
+
+    @property
+    def nodes(self) -> int:
+        return max(len(self.node_cpus), 1)
+
+    @property
+    def after_loss(self) -> float | None:
+        """CPUs left when the largest node is lost; None on one node (losing it ends the run anyway)."""
+        return self.cpus - max(self.node_cpus) if len(self.node_cpus) > 1 else None
+
+
+def cluster_shape() -> Shape:
+    """The connected cluster's ``Shape`` (``ray.nodes()``)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus = tuple(float(n["Resources"]["CPU"]) for n in ray.nodes()
+                 if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    return Shape(float(res.get("CPU", 1)), float(res.get("GPU", 0)), cpus)
 
 
 def task_cpu_cap(cluster_cpus: float, actor_cpus: float, cpu_nodes: int) -> float:
@@ -79,11 +131,47 @@ def task_cpu_cap(cluster_cpus: float, actor_cpus: float, cpu_nodes: int) -> floa
     return max(free / max(cpu_nodes, 1), 0.05)
 
 
-def cpu_node_count() -> int:
-    """Alive nodes of the connected cluster that have CPUs (a 0-CPU head does not count)."""
-    import ray
+@dataclasses.dataclass
+class JobPlan:
+    """Resources of every stage of one pass (by label) and the cap on its task steps."""
 
-    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0) or 1
+    stages: dict[str, Resources]
+    task_cpus: float
+
+
+def plan_job(stages: list[tuple[str, type[Stage], Any]], shape: Shape) -> JobPlan:
+    """Plan every stage ``(label, class, config)`` of a pass on ``shape`` so that the pass survives
+    the loss of any one node. Pool sizes come from ``size_pool`` on the whole cluster. On more than
+    one node the actors' CPU requests are then scaled down (never their number) until, with the
+    largest node gone, the restarted actors (Ray Data restarts them) leave room for the task steps:
+    CPU requests are bookkeeping, and an actor that asks for 0.5 CPU still uses the core it finds.
+    Without this, three 1-CPU nodes lose one and the restarted actors hold both CPUs left: no task
+    can run and the pass stalls. Task steps are capped so that one fits on some node before the
+    loss and after it (``task_cpu_cap``)."""
+    kinds = [cls.resources(cfg, shape.gpus).num_gpus > 0 for _, cls, cfg in stages if cls.stateful]
+    cpu_pools, gpu_pools = kinds.count(False), kinds.count(True)
+    plans = {label: size_pool(cls.resources(cfg, shape.gpus), cls.stateful, shape.cpus, shape.gpus, cpu_pools, gpu_pools,
+                              reserve=float(shape.nodes))
+             for label, cls, cfg in stages}
+    actors = [label for label, r in plans.items() if r.concurrency]
+
+    def held() -> float:
+        return sum(plans[a].num_cpus * plans[a].concurrency for a in actors)
+
+    task_cpus = task_cpu_cap(shape.cpus, held(), shape.nodes)
+    left = shape.after_loss
+    if left is not None and actors:
+        budget = max(left - (shape.nodes - 1), left / 2)   # a CPU per surviving node, or half, stays for tasks
+        if held() > budget:
+            scale = budget / held()
+            for a in actors:
+                plans[a] = dataclasses.replace(plans[a], num_cpus=round(plans[a].num_cpus * scale, 4))
+        task_cpus = min(task_cpu_cap(shape.cpus, held(), shape.nodes), task_cpu_cap(left, held(), shape.nodes - 1))
+    task_cpus = round(task_cpus, 4)
+    for label, r in plans.items():
+        if not r.concurrency:
+            plans[label] = dataclasses.replace(r, num_cpus=min(r.num_cpus, task_cpus))
+    return JobPlan(plans, task_cpus)
 
 
 def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, cluster_gpus: float,
@@ -102,15 +190,12 @@ def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: f
 
 
 def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpus: float,
-                cluster_gpus: float = 0.0, cpu_pools: int = 1, gpu_pools: int = 1, task_cpus: float | None = None):
-    """Append one stage to a Ray Dataset. ``task_cpus`` caps what a task step asks for
-    (``task_cpu_cap``)."""
+                cluster_gpus: float = 0.0, cpu_pools: int = 1, gpu_pools: int = 1, res: Resources | None = None):
+    """Append one stage to a Ray Dataset, with ``res`` as ``plan_job`` planned it (else ``size_pool``'s)."""
     from ray.data import ActorPoolStrategy
 
     check_resources(stage_cls, cluster_cpus, cluster_gpus, config)
-    res = plan_resources(stage_cls, config, cluster_cpus, cluster_gpus, cpu_pools, gpu_pools)
-    if task_cpus is not None and not stage_cls.stateful:
-        res = dataclasses.replace(res, num_cpus=min(res.num_cpus, task_cpus))
+    res = res or plan_resources(stage_cls, config, cluster_cpus, cluster_gpus, cpu_pools, gpu_pools)
     common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.num_cpus,
                   zero_copy_batch=False)
     if res.num_gpus:

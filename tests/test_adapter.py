@@ -1,4 +1,6 @@
 """The Ray Data adapter: task stages, actor-pool stages on 2 CPUs (no hang), resource checks."""
+import time
+
 import numpy as np
 import pytest
 
@@ -85,34 +87,95 @@ def test_task_steps_ask_for_no_more_cpu_than_some_node_must_have_free():
     assert task_cpu_cap(16.0, 32.0, 2) == 0.05        # over-subscribed by GPU actors: a token request
 
 
+def test_plans_survive_losing_the_largest_node():
+    """The job plan on shapes a user brings: on one machine nothing changes; on several nodes the
+    actors' CPU requests shrink so that, with the largest node gone, the restarted actors leave a
+    task step room on some node (``plan_job``)."""
+    from pipeline.adapter import Shape, plan_job
+
+    steps = [("load", AddOne, None), ("model", ModelStage, None), ("other", ModelStage, None)]
+
+    def held_after(plan):
+        return sum(plan.stages[s].num_cpus * plan.stages[s].concurrency for s in ("model", "other"))
+
+    one = plan_job(steps, Shape(2.0, 0.0, (2.0,)))
+    assert (one.task_cpus, one.stages["model"].num_cpus, one.stages["model"].concurrency) == (1.0, 0.5, 1)
+    for nodes in [(1.0, 1.0), (1.0, 1.0, 1.0), (2.0, 2.0), (16.0, 8.0), (8.0,) * 8, (4.0, 1.0, 1.0)]:
+        shape = Shape(sum(nodes), 0.0, nodes)
+        plan = plan_job(steps, shape)
+        left = shape.cpus - max(nodes)
+        free_after = left - held_after(plan)
+        assert free_after >= plan.task_cpus * 0.999, nodes       # a task fits on some surviving node
+        assert free_after / (len(nodes) - 1) >= plan.task_cpus * 0.999, nodes
+        assert plan.stages["load"].num_cpus == plan.task_cpus <= 1.0
+    small = plan_job(steps, Shape(2.0, 0.0, (1.0, 1.0)))
+    assert (small.task_cpus, small.stages["model"].num_cpus) == (0.5, 0.25)
+    big = plan_job(steps, Shape(64.0, 0.0, (8.0,) * 8))
+    assert (big.task_cpus, big.stages["model"].num_cpus, big.stages["model"].concurrency) == (1.0, 0.4375, 56)
+
+
 @pytest.mark.slow
-def test_model_stages_run_on_many_small_nodes(tmp_path):
-    """A 0-CPU head and two 1-CPU nodes (the shape that used to wait forever): two model-stage actor
-    pools and the task steps all find room."""
+def test_curate_on_small_nodes_survives_losing_one(tmp_path):
+    """A 0-CPU head and two 1-CPU nodes with three model stages (the shape that used to wait
+    forever): an uninterrupted run, then the same run with one node removed (not gracefully) once
+    the first rows are written. The second finishes with exactly the first's rows."""
+    import threading
+
+    import pyarrow.parquet as pq
     import ray
     from PIL import Image
     from ray.cluster_utils import Cluster
 
     from pipeline.commands import curate, curate_spec
+    from pipeline.contract import layout
 
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()
-    for i in range(24):
+    for i in range(96):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+    (tmp_path / "img" / "bad.jpg").write_bytes(b"not an image")
+
+    def spec(out):
+        return curate_spec.parse({
+            "input": {"path": str(tmp_path / "img")}, "output": {"path": str(tmp_path / out), "samples_per_shard": 20},
+            "stages": ["decode", {"name": "clip", "model": "winnow-tiny-clip", "pretrained": "random"},
+                       {"name": "aesthetic", "weights": "random"}, {"name": "ocr", "backend": "rapidocr"}],
+            "ray": {"no_progress_timeout_s": 120, "progress_bars": False, "block_rows": 8}})
+
     was = ray.is_initialized()
     ray.shutdown()                                    # the session's local Ray gives way to the cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        spec = curate_spec.parse({"input": {"path": str(tmp_path / "img")}, "output": {"path": str(tmp_path / "out")},
-                                  "stages": ["decode", {"name": "clip", "model": "winnow-tiny-clip", "pretrained": "random"},
-                                             {"name": "aesthetic", "weights": "random"}, {"name": "ocr", "backend": "rapidocr"}],
-                                  "ray": {"no_progress_timeout_s": 120, "progress_bars": False}})
-        result = curate.run(spec, log=None)
-        assert (result.inputs, result.kept, result.rejected) == (24, 24, 0)
+        whole = curate.run(spec("whole"), log=None)
+        assert (whole.inputs, whole.kept, whole.rejected) == (97, 96, 1)
+
+        rows_dir = tmp_path / "cut" / layout.WORK_DIR / "rows"
+        seen = {}
+
+        def remove_after_first_rows():
+            while not (rows_dir.is_dir() and any(rows_dir.rglob("*.parquet"))):
+                time.sleep(0.05)
+            seen["fragments"] = len(list(rows_dir.rglob("*.parquet")))
+            cluster.remove_node(nodes[-1], allow_graceful=False)
+
+        killer = threading.Thread(target=remove_after_first_rows, daemon=True)
+        killer.start()
+        cut = curate.run(spec("cut"), log=None)
+        killer.join(timeout=5)
+        assert 0 < seen["fragments"] < 13               # removed mid-run (13 blocks of 8 rows)
+        assert len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]) == 1
+        assert (cut.inputs, cut.kept, cut.rejected) == (97, 96, 1)
+        cols = ["key", "status", "reject_reason", "clip_similarity", "aesthetic_score", "ocr_text"]
+        a, b = (pq.read_table(tmp_path / d / layout.ANNOTATIONS_FILE).select(cols).to_pylist() for d in ("whole", "cut"))
+        assert len({r["key"] for r in b}) == 97
+        for ra, rb in zip(a, b):
+            assert {k: ra[k] for k in cols if k not in ("clip_similarity", "aesthetic_score")} == \
+                   {k: rb[k] for k in cols if k not in ("clip_similarity", "aesthetic_score")}
+            for k in ("clip_similarity", "aesthetic_score"):
+                assert (ra[k] is None and rb[k] is None) or abs(ra[k] - rb[k]) < 1e-5
     finally:
         ray.shutdown()
         cluster.shutdown()

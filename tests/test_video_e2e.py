@@ -174,3 +174,37 @@ def test_kill9_during_clips_then_rerun_gives_the_same_clips(ray_local, videos, v
     assert np.allclose(a["motion_score"].fillna(-1), b["motion_score"].fillna(-1), atol=1e-6)
     assert pq.read_table(os.path.join(out, "videos.parquet")).to_pylist() == \
         pq.read_table(os.path.join(clean, "videos.parquet")).to_pylist()
+
+
+def test_a_window_past_its_deadline_is_a_timeout_row_and_the_worker_goes_on(tmp_path):
+    """Probing and cutting run in a child process with ``clips.timeout_s``: a window that takes longer
+    becomes a rejected ``timeout`` row (the child is killed), and the next video is cut as usual."""
+    from pipeline.contract.schema import KEY, REF_PATH, REJECT_REASON, STATUS
+    from pipeline.contract.stage import batch_rows
+    from video.clips import ClipsConfig, SplitClips, VideoWindows
+
+    for name, seed in (("a.mp4", 1), ("b.mp4", 2)):
+        write_video(str(tmp_path / name), shot(30, 96, 64, seed=seed, motion=1), fps=10)
+    batch = {KEY: np.array(["v0", "v1"], dtype=object),
+             REF_PATH: np.array([str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")], dtype=object)}
+    windows = VideoWindows(ClipsConfig(min_s=1.0, max_s=2.0, timeout_s=60))(batch)
+    assert list(windows[STATUS]) == ["kept", "kept"]
+    slow = SplitClips(ClipsConfig(min_s=1.0, max_s=2.0, timeout_s=1e-4))(
+        {k: v[:1] for k, v in windows.items()})
+    rows = list(batch_rows(slow))
+    assert [(r[KEY], r[STATUS], r[REJECT_REASON]) for r in rows] == [
+        ("v0_0000_0000", "rejected", "timeout: cutting and encoding the window took more than 0.0001 s")]
+    rows = list(batch_rows(SplitClips(ClipsConfig(min_s=1.0, max_s=2.0, timeout_s=60))({k: v[1:] for k, v in windows.items()})))
+    assert [(r[STATUS], round(r["start_s"], 2), round(r["end_s"], 2)) for r in rows] == [("kept", 0.0, 2.0),
+                                                                                      ("kept", 2.0, 3.0)]
+    assert rows[0]["image"][4:8] == b"ftyp"                       # the encoded clip came back through the pipe
+
+
+def test_timeouts_reconcile_in_a_run(ray_local, tmp_path):
+    root = tmp_path / "v"
+    root.mkdir()
+    write_video(str(root / "a.mp4"), shot(20, 96, 64, seed=1, motion=1), fps=10)
+    write_video(str(root / "b.mp4"), shot(20, 96, 64, seed=2, motion=1), fps=10)
+    result = run_curate(str(root), str(tmp_path / "out"), stages=[{"name": "clips", "min_s": 1.0, "timeout_s": 1e-4}])
+    assert (result.inputs, result.kept, result.rejected) == (2, 0, 2)
+    assert result.videos["reasons"] == {"timeout": 2}

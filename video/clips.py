@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.contract import isolate
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.inputs import InputPolicy
 from pipeline.contract.schema import (
@@ -83,6 +84,12 @@ class ClipsConfig:
     max_duration_s: float = option(6 * 3600.0, "videos longer than this are rejected at probe (too_long)", min=1)
     max_frame_gap_s: float = option(60.0, "a gap between consecutive frames longer than this is a broken clock, "
                                     "not video: the file is rejected (bad_timestamps)", min=0.1)
+    timeout_s: float = option(600.0, "a video's probe, or one window's cutting and encoding, that takes longer is "
+                              "rejected (timeout: ...); both run in a child process that is killed then, so a "
+                              "decoder stuck inside C cannot hold the worker; 0 = in the worker, no deadline",
+                              min=0, runtime=True)
+    memory_mb: int = option(0, "cap on the child process's address space in MB (a decode that needs more fails "
+                            "as the sample's rejection); 0 = no cap", min=0, runtime=True)
     cuts: CutConfig = field(default_factory=CutConfig)
     storage_options: dict = option(help="filled in from input.storage_options", factory=dict, runtime=True,
                                    internal=True)
@@ -223,7 +230,7 @@ class VideoWindows(Stage):
     def __call__(self, batch):
         from pipeline.contract.inputs import InputRejected, decode_text, read_local
         from pipeline.contract.schema import CAPTION_REF, PLAN_ERROR, REF_PATH
-        from video.probe import ProbeError, probe
+        from video.probe import ProbeError
 
         ensure_status(batch)
         out: list[dict] = []
@@ -242,16 +249,14 @@ class VideoWindows(Stage):
             info = None
             if not reason:
                 try:
-                    src = _open_source(row[REF_PATH], self.config.storage_options, self.config.policy)
-                    if isinstance(src, str) and os.path.getsize(src) == 0:
-                        raise ProbeError("probe_error: empty file")
-                    try:
-                        info = probe(src, self.config.limits)
-                    finally:
-                        if hasattr(src, "close"):
-                            src.close()
+                    info = isolate.shared(self.config.timeout_s, self.config.memory_mb or None).run(
+                        probe_source, row[REF_PATH], self.config.storage_options, self.config.policy, self.config.limits)
                 except FileNotFoundError:
                     reason = "missing_file: not found"
+                except isolate.SampleTimeout as exc:
+                    reason = f"timeout: probe took {exc}"
+                except isolate.SampleCrashed as exc:
+                    reason = f"probe_error: {exc}"
                 except (ProbeError, InputRejected) as exc:
                     reason = str(exc)
                 except Exception as exc:  # noqa: BLE001 - any unreadable file is a rejected row
@@ -260,12 +265,12 @@ class VideoWindows(Stage):
                 out.append({**base, KEY: f"{vk}_0000_0000", STATUS: REJECTED, REJECT_REASON: reason,
                             WINDOW_INDEX: 0, NUM_WINDOWS: 1, WINDOW_ROWS: 1})
                 continue
-            meta = {VIDEO_PREFIX + k: v for k, v in info.to_dict().items()}
-            windows = window_bounds(info.duration_s, self.config.window_s)
+            meta = {VIDEO_PREFIX + k: v for k, v in info.items()}
+            windows = window_bounds(info["duration_s"], self.config.window_s)
             for w, (lo, hi) in enumerate(windows):
                 out.append({**base, **meta, KEY: f"{vk}_{w:04d}", STATUS: KEPT, REJECT_REASON: None,
                             WINDOW_INDEX: w, NUM_WINDOWS: len(windows), WINDOW_START: lo,
-                            WINDOW_END: hi if math.isfinite(hi) else info.duration_s + 1.0})
+                            WINDOW_END: hi if math.isfinite(hi) else info["duration_s"] + 1.0})
         return rows_to_batch(out)
 
 
@@ -304,7 +309,10 @@ class SplitClips(Stage):
                 out.append(row)
                 continue
             try:
-                rows = self.window(row)
+                rows = isolate.shared(self.config.timeout_s, self.config.memory_mb or None).run(
+                    cut_window, self.config, plain_row(row))
+            except isolate.SampleTimeout as exc:
+                rows = [{**row, STATUS: REJECTED, REJECT_REASON: f"timeout: cutting and encoding the window took {exc}"}]
             except Exception as exc:  # noqa: BLE001 - a window that cannot be cut is a rejected row
                 rows = [{**row, STATUS: REJECTED, REJECT_REASON: f"clip_error: {type(exc).__name__}: {exc}"}]
             for j, r in enumerate(rows):
@@ -312,17 +320,6 @@ class SplitClips(Stage):
                 r[WINDOW_ROWS] = len(rows)
             out.extend(rows)
         return rows_to_batch(out)
-
-    def window(self, row: dict) -> list[dict]:
-        """All segment rows of one window."""
-        from pipeline.contract.schema import REF_PATH
-
-        src = _open_source(row[REF_PATH], self.config.storage_options, self.config.policy)
-        try:
-            return self._window(row, src)
-        finally:
-            if hasattr(src, "close"):
-                src.close()
 
     def _window(self, row: dict, src) -> list[dict]:
         import av
@@ -389,6 +386,37 @@ class SplitClips(Stage):
         row.update({IMAGE: clip.data, IMAGE_EXT: "mp4", FRAMES: clip.keyframes, WIDTH: clip.width,
                     HEIGHT: clip.height, NUM_FRAMES: clip.num_frames, FPS: clip.fps,
                     CLIP_START: round(clip.start_s, 4), CLIP_END: round(clip.end_s, 4)})
+
+
+def probe_source(path: str, storage_options: dict, policy: InputPolicy, limits) -> dict:
+    """Probe one input video (run in the stage's sandbox); raises ProbeError with the reject reason."""
+    from video.probe import ProbeError, probe
+
+    src = _open_source(path, storage_options, policy)
+    if isinstance(src, str) and os.path.getsize(src) == 0:
+        raise ProbeError("probe_error: empty file")
+    try:
+        return probe(src, limits).to_dict()
+    finally:
+        if hasattr(src, "close"):
+            src.close()
+
+
+def cut_window(config: ClipsConfig, row: dict) -> list[dict]:
+    """All segment rows of one window (run in the stage's sandbox)."""
+    from pipeline.contract.schema import REF_PATH
+
+    src = _open_source(row[REF_PATH], config.storage_options, config.policy)
+    try:
+        return [plain_row(r) for r in SplitClips(config)._window(row, src)]
+    finally:
+        if hasattr(src, "close"):
+            src.close()
+
+
+def plain_row(row: dict) -> dict:
+    """A row of plain Python values (``plain``): what crosses the sandbox's pipe."""
+    return {k: plain(v) for k, v in row.items()}
 
 
 # ---- bookkeeping: resume, per-video table ----

@@ -23,7 +23,7 @@ from pipeline import adapter, readers, registry, shards
 from pipeline.contract import layout
 from pipeline.contract.config import ConfigError
 from pipeline.commands.curate_spec import CurateSpec
-from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS
+from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS, VIDEO_KEY
 from pipeline.contract.stage import reason_counts
 
 NAME = "curate"
@@ -58,9 +58,10 @@ class RunResult:
     videos: dict | None = None     # video runs: input videos, with clips, without (per reason)
     report: str | None = None      # report.html, when written
     sidecars: int = 0              # caption / JSON files beside the samples (read, not samples themselves)
+    print_json: bool = False       # how to print it (output.json), not part of it
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "print_json"}
 
 
 def prepare_output(spec: CurateSpec) -> None:
@@ -75,52 +76,53 @@ def input_paths(spec: CurateSpec) -> dict[str, str]:
     return {k: v for k, v in {"input.path": spec.input.path, "input.base_dir": spec.input.base_dir}.items() if v}
 
 
-def init_ray(spec: CurateSpec):
-    import ray
-
+def init_ray(spec: CurateSpec) -> adapter.Shape:
     adapter.connect(spec.ray.address, spec.ray.num_cpus)
     adapter.configure(spec.ray.no_progress_timeout_s, spec.ray.progress_bars,
                       has_actor_stages=any(registry.get(s.name).stateful for s in spec.stages))
-    res = ray.cluster_resources()
-    return float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    return adapter.cluster_shape()
 
 
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
-def annotate(spec: CurateSpec, pending: pa.Table, work: str, cpus: float, gpus: float, log,
-             skip_keys: frozenset = frozenset()) -> None:
+def steps_of(spec: CurateSpec) -> list[tuple[str, type, object]]:
+    """The annotate pass's steps ``(label, class, config)``: the reader (load, or a fan-out stage's
+    reader) and every stage with per-batch work, in order."""
     fan = spec.fan_out
-    pools = [registry.get(st.name).resources(st.config, gpus).num_gpus > 0
-             for st in spec.stages if registry.get(st.name).stateful]
-    cpu_pools, gpu_pools = pools.count(False), pools.count(True)
-    actor_cpus = 0.0
-    for st in spec.stages:
-        cls = registry.get(st.name)
-        if cls.stateful and cls.has_batch_work:
-            res = adapter.plan_resources(cls, st.config, cpus, gpus, cpu_pools, gpu_pools)
-            actor_cpus += res.num_cpus * (res.concurrency or 1)
-    task_cpus = adapter.task_cpu_cap(cpus, actor_cpus, adapter.cpu_node_count())
-    if fan:   # one block per input: its rows fan out from there (a video's windows, then clips)
-        ds = adapter.from_blocks(_blocks(pending, 1))
-        first_cfg = fan.with_input(spec.stages[0].config, spec.input)
-        ds = adapter.apply_stage(ds, fan.reader, first_cfg, fan.reader_label, cpus, gpus, task_cpus=task_cpus)
-    else:
-        ds = adapter.from_blocks(_blocks(pending, spec.ray.block_rows))
-        ds = adapter.apply_stage(ds, readers.LoadSource, readers.LoadConfig(policy=spec.input.policy(),
-                                                                            keep_columns=spec.input.keep_columns),
-                                 "load", cpus, gpus, task_cpus=task_cpus)
-    for st in spec.stages:
-        if registry.get(st.name).has_batch_work:
-            cfg = first_cfg if fan and st is spec.stages[0] else st.config
-            ds = adapter.apply_stage(ds, registry.get(st.name), cfg, st.label, cpus, gpus, cpu_pools, gpu_pools,
-                                     task_cpus=task_cpus)
-    ds = adapter.apply_fn(ds, shards.FragmentWriter(work, skip_keys), num_cpus=min(1.0, task_cpus))  # fuses with the stages
+    first_cfg = fan.with_input(spec.stages[0].config, spec.input) if fan else None
+    load_cfg = readers.LoadConfig(policy=spec.input.policy(), keep_columns=spec.input.keep_columns)
+    steps = [(fan.reader_label, fan.reader, first_cfg) if fan else ("load", readers.LoadSource, load_cfg)]
+    return steps + [(st.label, registry.get(st.name), first_cfg if fan and st is spec.stages[0] else st.config)
+                    for st in spec.stages if registry.get(st.name).has_batch_work]
+
+
+def annotate(spec: CurateSpec, pending: pa.Table, work: str, shape: adapter.Shape, log,
+             skip_keys: frozenset = frozenset(), trace: list | None = None) -> None:
+    """``trace``, when given, gets ``(time, inputs done)`` at the start and after every output batch
+    (a video counts as done at its first clip rows): the dry run's throughput curve."""
+    fan = spec.fan_out
+    steps = steps_of(spec)
+    job = adapter.plan_job(steps, shape)
+    # fan-out: one block per input (its rows fan out from there: a video's windows, then clips)
+    ds = adapter.from_blocks(_blocks(pending, 1 if fan else spec.ray.block_rows))
+    for label, cls, cfg in steps:
+        ds = adapter.apply_stage(ds, cls, cfg, label, shape.cpus, shape.gpus, res=job.stages[label])
+    ds = adapter.apply_fn(ds, shards.FragmentWriter(work, skip_keys), num_cpus=min(1.0, job.task_cpus))  # fuses with the stages
     bar = tqdm(total=None if fan else pending.num_rows, desc="annotate", unit=fan.unit if fan else "img", file=log,
                disable=log is None)
+    videos: set = set()
+    done = 0
+    if trace is not None:
+        trace.append((time.time(), 0))
     for batch in adapter.iter_batches(ds):
         bar.update(len(batch[KEY]))
+        if trace is not None:
+            if fan:
+                videos.update(batch[VIDEO_KEY] if VIDEO_KEY in batch else batch[KEY])
+            done = len(videos) if fan else done + len(batch[KEY])
+            trace.append((time.time(), done))
     bar.close()
 
 
@@ -215,9 +217,18 @@ def check_input_kind(spec: CurateSpec, fmt: str) -> None:
                           f"input.format: videos if it does hold videos")
 
 
-def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
-    """Run (or resume) a curate job, then write its report. Config problems raise ConfigError before Ray starts."""
+def run(spec: CurateSpec, log=sys.stderr):
+    """Run (or resume) a curate job, then write its report. Config problems raise ConfigError before Ray starts.
+    With ``dry_run.enabled`` it only measures a sample and projects the run (``dry_run.DryRunResult``)."""
+    if spec.dry_run.enabled:
+        from pipeline.commands import dry_run
+
+        result = dry_run.run(spec, log, dry_run.Curate(plan, _run, steps_of(spec),
+                                                        (SPEC_FILE, layout.SUMMARY_FILE, layout.CARD_FILE)))
+        result.print_json = spec.output.json
+        return result
     result = _run(spec, log)
+    result.print_json = spec.output.json
     if spec.output.report:
         from pipeline.commands import report
 
@@ -225,11 +236,12 @@ def run(spec: CurateSpec, log=sys.stderr) -> RunResult:
     return result
 
 
-def _run(spec: CurateSpec, log) -> RunResult:
+def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | None = None) -> RunResult:
+    """``job``: a plan made already (the dry run's sample of one); ``trace``: see ``annotate``."""
     started = time.time()
     phases: dict[str, float] = {}
     t = time.time()
-    job = plan(spec)
+    job = job or plan(spec)
     phases["plan"] = round(time.time() - t, 3)
     prepare_output(spec)
     out = spec.output.path
@@ -237,9 +249,9 @@ def _run(spec: CurateSpec, log) -> RunResult:
     shards_dir = os.path.join(out, layout.SHARDS_DIR)
     if all(shards.shard_done(shards_dir, p) for p in job.counts) and os.path.exists(os.path.join(out, layout.SUMMARY_FILE)):
         return finalize(spec, job, started, phases)
-    cpus, gpus = init_ray(spec)
+    shape = init_ray(spec)
     for st in spec.stages:  # fail on impossible resources before any work starts
-        adapter.check_resources(registry.get(st.name), cpus, gpus, st.config)
+        adapter.check_resources(registry.get(st.name), shape.cpus, shape.gpus, st.config)
     t = time.time()
     finished_parts = {p for p in job.counts if shards.shard_done(shards_dir, p)}
     keys = job.table.column(KEY).to_pylist()
@@ -258,7 +270,7 @@ def _run(spec: CurateSpec, log) -> RunResult:
         print(f"resuming: {len(have)} rows annotated and {len(finished_parts)} shards written by an earlier run; "
               f"{pending.num_rows} {unit} left", file=log)
     if pending.num_rows:
-        annotate(spec, pending, work, cpus, gpus, log, frozenset(have) if spec.is_video else frozenset())
+        annotate(spec, pending, work, shape, log, frozenset(have) if spec.is_video else frozenset(), trace)
     phases["annotate"] = round(time.time() - t, 3)
     counts = job.counts
     if spec.is_video:   # a video's clip count is known only now
@@ -297,6 +309,11 @@ def arguments(parser) -> None:
     parser.add_argument("--input", help="input path (short form, defaults for everything else)")
     parser.add_argument("--output", help="output folder")
     parser.add_argument("--samples-per-shard", type=int, default=None, help="samples per output shard (default 1000)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="sample the input, run every stage on this cluster, print the projected wall time, "
+                             "bottleneck, kept fraction, output bytes and GPU-hours; write nothing into the output")
+    parser.add_argument("--sample", type=int, default=None, help="dry run: inputs to sample (default 256)")
+    parser.add_argument("--json", action="store_true", help="end the summary with one line holding it as JSON")
     add_set_argument(parser, "stages.decode.max_side=512")
 
 
@@ -305,11 +322,17 @@ def from_args(args) -> CurateSpec:
 
     if args.spec is None and (args.input is None or args.output is None):
         raise ConfigError("give a SPEC.yaml, or both --input PATH and --output DIR")
-    base = {"input": {"path": args.input}, "output": {"path": args.output, "samples_per_shard": args.samples_per_shard}}
+    base = {"input": {"path": args.input}, "output": {"path": args.output, "samples_per_shard": args.samples_per_shard,
+                                                     "json": True if args.json else None},
+            "dry_run": {"enabled": True if args.dry_run else None, "sample": args.sample}}
     return curate_spec.load(args.spec, args.set, base=base)
 
 
 def format_summary(result) -> str:
+    if getattr(result, "dry_run", False):
+        from pipeline.commands import dry_run
+
+        return dry_run.format_summary(result)
     lines = [f"winnow curate: {result.output}"]
     v = result.videos
     if v:
@@ -335,4 +358,7 @@ def format_summary(result) -> str:
     lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {os.path.join(result.output, 'shards')}")
     if result.report:
         lines.append(f"  report    {result.report}")
+    if result.print_json:
+        lines.append(json.dumps({**result.to_dict(), "kept_fraction": round(result.kept / max(1, result.inputs), 4)},
+                                sort_keys=True))
     return "\n".join(lines)

@@ -32,6 +32,7 @@ class OutputSpec:
     overwrite: bool = option(False, "delete an existing output folder made by a different spec instead of failing")
     keep_work: bool = option(False, "keep the intermediate _work/ folder after a successful run")
     report: bool = option(True, "write report.html (funnel, scores, buckets, timing, examples) at the end", runtime=True)
+    json: bool = option(False, "end the printed summary with one line holding it as a JSON object (--json)", runtime=True)
 
 
 @dataclass
@@ -39,6 +40,16 @@ class RaySpec(RaySettings):
     block_rows: int = option(32, "samples per Ray Data block of the plan (smaller = finer load balancing)", min=1)
     no_progress_timeout_s: float = option(900.0, "fail instead of hanging when the dataset makes no progress this long", min=1)
     progress_bars: bool = option(False, "show Ray Data's per-operator progress bars as well as winnow's own")
+
+
+@dataclass
+class DryRunSpec:
+    enabled: bool = option(False, "sample the input, run every stage on this cluster and print projections; "
+                                  "write nothing into output.path (--dry-run)", runtime=True)
+    sample: int = option(256, "inputs to sample, spread over the whole input (videos: a tenth of this)", min=8,
+                         max=100_000, runtime=True)
+    nodes: list[int] = option(factory=list, help="also project the wall time on clusters of these many nodes like this one's "
+                             "(default: 2x, 4x and 10x this one)", runtime=True)
 
 
 @dataclass
@@ -54,6 +65,7 @@ class CurateSpec:
     output: OutputSpec
     stages: list[StageEntry] = field(default_factory=list)
     ray: RaySpec = field(default_factory=RaySpec)
+    dry_run: DryRunSpec = field(default_factory=DryRunSpec)
 
     def fingerprint(self) -> str:
         """What determines the result: input, sharding and stages (not Ray settings)."""
@@ -75,7 +87,7 @@ class CurateSpec:
     def to_dict(self) -> dict:
         return {"input": to_dict(self.input), "output": to_dict(self.output),
                 "stages": [{"name": s.name, **to_dict(s.config)} for s in self.stages],
-                "ray": to_dict(self.ray)}
+                "ray": to_dict(self.ray), "dry_run": to_dict(self.dry_run)}
 
 
 def _default_stages(input_spec: InputSpec) -> list:
@@ -113,9 +125,10 @@ def _stages(items: Any, input_spec: InputSpec) -> list[StageEntry]:
 
 def parse(data: dict[str, Any]) -> CurateSpec:
     data = take_kind(data, "curate")
-    unknown = set(data) - {"input", "output", "stages", "ray"}
+    unknown = set(data) - {"input", "output", "stages", "ray", "dry_run"}
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a curate spec has input, output, stages, ray")
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; a curate spec has input, output, stages, ray, "
+                          f"dry_run")
     for required in ("input", "output"):
         if not isinstance(data.get(required), dict):
             raise ConfigError(f"missing {required!r} section: a curate spec needs input.path and output.path")
@@ -123,7 +136,11 @@ def parse(data: dict[str, Any]) -> CurateSpec:
     spec = CurateSpec(input=input_spec,
                       output=build(OutputSpec, data["output"], "output"),
                       stages=_stages(data.get("stages"), input_spec),
-                      ray=build(RaySpec, data.get("ray") or {}, "ray"))
+                      ray=build(RaySpec, data.get("ray") or {}, "ray"),
+                      dry_run=build(DryRunSpec, data.get("dry_run") or {}, "dry_run"))
+    bad = [n for n in spec.dry_run.nodes if not isinstance(n, int) or isinstance(n, bool) or n < 1]
+    if bad:
+        raise ConfigError(f"dry_run.nodes: expected whole numbers of nodes >= 1, got {bad!r}")
     names = [s.name for s in spec.stages]
     if "decode" in names and "clips" in names:
         raise ConfigError("stages: 'decode' (images) and 'clips' (videos) cannot be in one run; a run curates "
