@@ -37,6 +37,7 @@ from pipeline.contract.schema import (
     PARTITION,
     REJECT_REASON,
     REJECTED,
+    RSS_PREFIX,
     STATUS,
     TIMING_PREFIX,
 )
@@ -244,9 +245,12 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     table = table.drop_columns(emb_cols)
     rows = table.to_pylist()
     timing: dict[str, float] = {}
+    rss: dict[str, float] = {}
     for r in rows:
         for c in [c for c in r if c.startswith(TIMING_PREFIX)]:
             timing[c[len(TIMING_PREFIX):]] = timing.get(c[len(TIMING_PREFIX):], 0.0) + float(r.pop(c) or 0.0)
+        for c in [c for c in r if c.startswith(RSS_PREFIX)]:
+            rss[c[len(RSS_PREFIX):]] = max(rss.get(c[len(RSS_PREFIX):], 0.0), float(r.pop(c) or 0.0))
         for c in PLAN_ONLY:
             r.pop(c, None)
         r.setdefault(DUPLICATE_OF, None)
@@ -271,7 +275,8 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
     reasons = reason_counts(r[REJECT_REASON] for r in rows if r[STATUS] != KEPT)
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": kept,
              "rejected": len(rows) - kept, "reasons": dict(sorted(reasons.items())),
-             "stage_seconds": {k: round(v, 4) for k, v in timing.items()}}
+             "stage_seconds": {k: round(v, 4) for k, v in timing.items()},
+             "stage_rss_mb": {k: round(v, 1) for k, v in rss.items()}}
     return commit_shard(shards_dir, partition, blocks, conform(pa.Table.from_pylist(ann)), stats, embeddings,
                         None if videos is None else pa.Table.from_pylist(videos))
 

@@ -38,6 +38,8 @@ def test_every_input_is_a_row_and_counts_reconcile(folder_run):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["inputs"] == 54 and summary["kept"] == 46 and summary["shards"] == 6
     assert set(summary["stage_seconds"]) == {"load", "decode", "phash_dedup"}
+    assert set(summary["stage_rss_mb"]) == {"load", "decode", "phash_dedup"}
+    assert all(50 < v < 8000 for v in summary["stage_rss_mb"].values())     # a worker's peak RSS, in MB
     assert not os.path.exists(os.path.join(out, "_work"))
 
 

@@ -25,7 +25,7 @@ def test_fragments_normalise_nan_nulls_and_assemble_a_shard(tmp_path):
              "image": np.array([b"\xff\xd8a", None, b"\xff\xd8b"], dtype=object),
              "image_ext": np.array(["jpg", None, "jpg"], dtype=object),
              "raw_bytes": np.array([b"x", b"y", b"z"], dtype=object),
-             "_time_decode": np.array([0.5, 0.25, 0.25])}
+             "_time_decode": np.array([0.5, 0.25, 0.25]), "_rss_decode": np.array([310.0, 310.0, 402.5])}
     tally = FragmentWriter(work)({k: v[:2] for k, v in batch.items()})
     FragmentWriter(work)({k: v[2:] for k, v in batch.items()})
     FragmentWriter(work)({k: v[2:] for k, v in batch.items()})      # a retried task writes row 2 again
@@ -35,7 +35,7 @@ def test_fragments_normalise_nan_nulls_and_assemble_a_shard(tmp_path):
     stats = write_shard(work, out, 0, expected=3, reductions={"000000002": ("duplicate: phash distance 1 to 000000000", "000000000")})
     assert stats == {"shard": "00000", "partition": 0, "count": 3, "kept": 1, "rejected": 2,
                      "reasons": {"decode_error": 1, "duplicate": 1}, "stage_seconds": {"decode": 1.0},
-                     "tar_bytes": stats["tar_bytes"]}
+                     "stage_rss_mb": {"decode": 402.5}, "tar_bytes": stats["tar_bytes"]}
     with tarfile.open(os.path.join(out, "00000.tar")) as tf:
         assert tf.getnames() == ["000000000.jpg", "000000000.txt", "000000000.json"]
         meta = json.load(tf.extractfile("000000000.json"))

@@ -162,6 +162,8 @@ def test_train_spec_errors_name_the_key(shards, tmp_path):
         (train_spec(shards[0], out, model={"kind": "sdx"}), "did you mean 'sdxl'"),
         (train_spec(shards[0], out, optim={"lr": -1}), "optim.lr: -1.0 is below the minimum"),
         (train_spec(shards[0], out, model={"pretrained": str(tmp_path)}), "has no model_index.json"),
+        (train_spec(shards[0], out, ray={"min_workers": 3, "max_failures": 1}), "ray.min_workers: 3 is more than"),
+        (train_spec(shards[0], out, ray={"min_workers": 1}), "set ray.max_failures to at least 1"),
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -421,3 +423,79 @@ def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_
     with pytest.raises(CheckpointError, match=r"checkpoint_0000003/state.safetensors: not a valid checkpoint file"):
         trainer.run(trainspec.parse(data), log=None)
     assert not os.path.exists(marker)
+
+
+@pytest.mark.slow
+def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards, tmp_path):
+    """On a 0-CPU head with two 2-CPU nodes: remove (not gracefully) the node of one training worker
+    after checkpoint 3. With ray.max_failures 1 the group restarts on the node left and ends with
+    the uninterrupted run's losses and weights. Then elastic (ray.min_workers 1 of 2) on two 1-CPU
+    nodes: losing one, the group restarts with one worker and the cursor remaps to world size 1."""
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
+
+    clean_out, _ = sd_run
+
+    def run_and_lose_a_node(out, cluster, nodes, **ray_options):
+        spec = trainspec.parse(train_spec(shards[0], out, train={"max_steps": 12},
+                                          ray={"max_failures": 1, "num_cpus": None, **ray_options}))
+        result = {}
+
+        def go():
+            try:
+                result["r"] = trainer.run(spec, log=None)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = exc
+
+        thread = threading.Thread(target=go)
+        thread.start()
+        snapshot = os.path.join(out, "ray", "train", "checkpoint_manager_snapshot.json")
+        deadline = time.time() + 300
+        while not (os.path.exists(snapshot) and "checkpoint_0000003" in open(snapshot).read()):
+            assert thread.is_alive() and time.time() < deadline, result
+            time.sleep(0.05)
+        where = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+        victim = next(n for n in nodes if n.node_id in where)
+        cluster.remove_node(victim, allow_graceful=False)
+        thread.join(timeout=600)
+        assert "r" in result, result
+        return result["r"]
+
+    was = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        out = str(tmp_path / "fixed")
+        summary = run_and_lose_a_node(out, cluster, nodes).summary
+        assert summary["steps"] == 12 and summary["resumed_from"] in (3, 6, 9) and summary["world_size"] == 2
+        assert _losses(out) == _losses(clean_out)
+        a, b = _unet(clean_out), _unet(out)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+        for n in cluster.worker_nodes.copy():
+            cluster.remove_node(n)
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        out = str(tmp_path / "elastic")
+        result = run_and_lose_a_node(out, cluster, nodes, min_workers=1)
+        s = result.summary
+        assert s["steps"] == 12 and s["resumed_from"] in (3, 6, 9) and s["world_size"] == 1
+        first = s["resumed_from"]
+        losses, clean = _losses(out), _losses(clean_out)
+        assert all(losses[k] == clean[k] for k in range(1, first + 1))          # before the loss: the same steps
+        assert sorted(losses) == list(range(1, 13))
+        assert [m["world_size"] for m in result.metrics] == [2] * first + [1] * (12 - first)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

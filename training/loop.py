@@ -472,7 +472,7 @@ def train_loop(config: dict) -> None:
         tick = now
         step = w.step
         if step % spec.train.log_every == 0 or step == spec.train.max_steps:
-            w.metrics.log(step, window.values(lr, batch.epoch, w.buckets[batch.bucket]))
+            w.metrics.log(step, {**window.values(lr, batch.epoch, w.buckets[batch.bucket]), "world_size": w.world})
             window = _Window()
         if spec.train.sample_every and step % spec.train.sample_every == 0 and step != spec.train.max_steps:
             with full_unet(w) as unet:

@@ -113,6 +113,10 @@ class RayTrainSpec(RaySettings):
     use_gpu: bool = option(False, "one GPU per worker, NCCL; false trains on CPU with gloo", runtime=True)
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker", min=0.1, runtime=True)
     max_failures: int = option(0, "worker-group restarts from the last checkpoint before the run fails", min=0, runtime=True)
+    min_workers: int | None = option(None, "elastic training: run with between min_workers and num_workers workers. "
+                                     "After a lost node the group restarts (within max_failures) from the last "
+                                     "checkpoint at the size that fits, and grows back when nodes return; the global "
+                                     "batch follows the world size (the data cursor remaps)", min=1, runtime=True)
 
 
 @dataclass
@@ -178,6 +182,12 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
                           "wired for sharded gradients")
     if spec.train.mixed_precision == "fp16" and not spec.ray.use_gpu:
         raise ConfigError("train.mixed_precision: fp16 needs GPUs (ray.use_gpu: true); use bf16 or no on CPU")
+    if spec.ray.min_workers is not None and spec.ray.min_workers > spec.ray.num_workers:
+        raise ConfigError(f"ray.min_workers: {spec.ray.min_workers} is more than ray.num_workers "
+                          f"{spec.ray.num_workers}; elastic runs take between the two")
+    if spec.ray.min_workers is not None and not spec.ray.max_failures:
+        raise ConfigError("ray.min_workers: an elastic group resizes when it restarts after a failure; set "
+                          "ray.max_failures to at least 1")
     for p in spec.data.shards if check_paths else []:
         if "://" not in p and not os.path.isdir(p):
             raise ConfigError(f"data.shards: {p!r} does not exist; give a `winnow curate` output folder")

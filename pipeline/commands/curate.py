@@ -58,6 +58,7 @@ class RunResult:
     videos: dict | None = None     # video runs: input videos, with clips, without (per reason)
     report: str | None = None      # report.html, when written
     sidecars: int = 0              # caption / JSON files beside the samples (read, not samples themselves)
+    stage_rss_mb: dict[str, float] = field(default_factory=dict)   # peak RSS of a worker running each stage
     print_json: bool = False       # how to print it (output.json), not part of it
 
     def to_dict(self) -> dict:
@@ -186,14 +187,17 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
     kept = int(pc.sum(pc.equal(table.column(STATUS), "kept")).as_py() or 0)
     reasons = reason_counts(r for r in table.column(REJECT_REASON).to_pylist() if r)
     stage_seconds: dict[str, float] = {}
+    stage_rss: dict[str, float] = {}
     for s in stats:
         for k, v in s["stage_seconds"].items():
             stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+        for k, v in s.get("stage_rss_mb", {}).items():
+            stage_rss[k] = max(stage_rss.get(k, 0.0), v)
     result = RunResult(output=out, inputs=table.num_rows, kept=kept, rejected=table.num_rows - kept,
                        reasons=reasons,
                        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
                        wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos,
-                       sidecars=plan.sidecars)
+                       sidecars=plan.sidecars, stage_rss_mb=stage_rss)
     planned = result.inputs if spec.is_video else plan.num_inputs   # videos reconcile above
     if result.inputs != planned or result.kept + result.rejected != result.inputs:
         raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "
@@ -352,7 +356,8 @@ def format_summary(result) -> str:
         lines.append("  stage time (worker seconds, all workers)")
         for stage, s in result.stage_seconds.items():
             rate = f"{result.inputs / s:,.0f} samples/s per worker" if s >= 0.005 else "negligible"
-            lines.append(f"    {stage:<22} {s:>8.2f} s  ({rate})")
+            rss = result.stage_rss_mb.get(stage)
+            lines.append(f"    {stage:<22} {s:>8.2f} s  ({rate})" + (f"  worker RSS {rss:,.0f} MB" if rss else ""))
     if result.phases:
         lines.append("  phases  " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
     lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {os.path.join(result.output, 'shards')}")

@@ -9,8 +9,8 @@ Projections, each from what the sample measured, not from assumptions:
 
 * wall time: the annotate pass as a fixed start-up (Ray Data planning, actor and model start,
   the first block through every stage) plus a steady rate: inputs per second between the first
-  and the last output batch, but never more than the bottleneck stage allows (the sample's tail
-  runs alone once the upstream stages are done, faster than a full run's middle); shard writing
+  and the last output batch, but never more than an actor-pool bottleneck allows (its queue
+  drains alone once the upstream stages are done, faster than a full run's middle); shard writing
   per input; the real planning time of the whole input. On N nodes like these the rate-bound
   parts scale by N (start-up and planning do not);
 * the bottleneck: each stage's worker seconds per row against the copies it has (an actor pool's
@@ -119,7 +119,8 @@ def stage_table(steps: list, shape: adapter.Shape, stage_seconds: dict[str, floa
     """Per step: worker seconds per row and what the cluster can push through it (rows/s)."""
     plan = adapter.plan_job(steps, shape)
     held = sum(r.num_cpus * r.concurrency for r in plan.stages.values() if r.concurrency)
-    slots = max(1, int((shape.cpus - held) / max(plan.task_cpus, 1e-9) + 1e-6))
+    ask = max([r.num_cpus for r in plan.stages.values() if not r.concurrency] or [1.0])
+    slots = max(1, int((shape.cpus - held) / max(ask, 1e-9) + 1e-6))
     slots = min(slots, int(max(shape.cpus - held, 1.0) + 1e-6) or 1)   # a task uses a core, whatever it asks
     per_row = {label: stage_seconds.get(label, 0.0) / max(rows, 1) for label, _, _ in steps}
     fused = sum(per_row[label] for label, _, _ in steps if not plan.stages[label].concurrency)
@@ -186,10 +187,13 @@ def project(spec: CurateSpec, steps: list, total: int, sampled: int, unit: str, 
     ratio = total / max(sampled, 1)
     table = stage_table(steps, shape, result.stage_seconds, result.inputs)
     startup, rate, _ = _annotate_model(trace)
-    # the sample's tail runs with the upstream stages done, so its measured rate can beat what the
-    # bottleneck allows while all stages share the cores: never project past the bottleneck
+    # an actor pool's queue drains in the sample's tail with the upstream stages done, so the rate
+    # measured there beats what that pool allows while all stages share the cores: never project
+    # past an actor-pool bottleneck (fused task stages have no such tail: their rate is measured)
     rows_per_input = result.inputs / max(sampled, 1)
-    rate = min(rate, min(s["capacity_rows_per_s"] for s in table) / max(rows_per_input, 1e-9))
+    slowest = min(table, key=lambda s: s["capacity_rows_per_s"])
+    if "actors" in slowest["kind"]:
+        rate = min(rate, slowest["capacity_rows_per_s"] / max(rows_per_input, 1e-9))
     annotate_s = startup + total / max(rate, 1e-9)
     phases = result.phases
     shards_s = phases.get("shards", 0.0) * ratio

@@ -317,14 +317,20 @@ class Report:
         stage = s.get("stage_seconds") or {}
         if stage:
             total = sum(stage.values()) or 1.0
+            rss = s.get("stage_rss_mb") or {}
             out.append("<table><tr><th>stage</th><th class=n>worker seconds</th><th class=n>share</th>"
-                       "<th class=n>rows/s per worker</th></tr>")
+                       "<th class=n>rows/s per worker</th><th class=n>peak worker RSS</th></tr>")
             for k, v in stage.items():
                 rate = f"{n / v:,.0f}" if v >= 0.005 else "negligible"
+                mem = f"{rss[k]:,.0f} MB" if k in rss else "-"
                 out.append(f"<tr><td>{html.escape(k)}</td><td class=n>{v:,.2f}</td>"
-                           f"<td class=n>{100 * v / total:.1f} %</td><td class=n>{rate}</td></tr>")
+                           f"<td class=n>{100 * v / total:.1f} %</td><td class=n>{rate}</td><td class=n>{mem}</td></tr>")
             out.append("</table><p class=note>Worker seconds are summed over all workers (each row carries its "
-                       "share of its batch's time).</p>")
+                       "share of its batch's time). Peak RSS is the largest resident memory of a worker process "
+                       "that ran the stage (fused task stages share a process, so they share a figure). On a "
+                       "cluster the same numbers stream as Ray metrics: winnow_stage_rows_total, "
+                       "winnow_stage_seconds_total and winnow_stage_worker_rss_mb, tagged by stage; Ray Data's "
+                       "own per-operator metrics show the queues between them.</p>")
         phases = {k: v for k, v in (s.get("phases") or {}).items() if not k.startswith("reduce:")}
         if phases:
             plt = _plt()

@@ -256,7 +256,9 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         train_loop_config={"spec": spec.to_dict(), "output": out, "index_path": os.path.abspath(p.index_path),
                            "cache_dir": cache_dir,
                            "fingerprint": spec.fingerprint()},
-        scaling_config=ScalingConfig(num_workers=spec.ray.num_workers, use_gpu=spec.ray.use_gpu,
+        scaling_config=ScalingConfig(num_workers=(spec.ray.num_workers if spec.ray.min_workers is None
+                                                  else (spec.ray.min_workers, spec.ray.num_workers)),
+                                     use_gpu=spec.ray.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
                              failure_config=FailureConfig(max_failures=spec.ray.max_failures),

@@ -81,6 +81,7 @@ REJECTED = "rejected"
 EMBEDDING_COLUMNS = (IMAGE_EMBEDDING, TEXT_EMBEDDING, FRAME_EMBEDDINGS)
 BULK_COLUMNS = (RAW, IMAGE, FRAMES, *EMBEDDING_COLUMNS)
 TIMING_PREFIX = "_time_"         # per-row share of a stage's wall time, summed into stats
+RSS_PREFIX = "_rss_"             # peak RSS (MB) of the worker that ran a row's stage, max into stats
 
 # Score columns: which end is good. The report draws a histogram of each that is present; a sweep's
 # ``keep: auto`` takes the good end from here (winnow's own scores first, then LAION's metadata).
