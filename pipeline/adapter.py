@@ -249,6 +249,28 @@ def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpu
     return ds.map_batches(TimedStage(stage_cls, config, label), **common)
 
 
+class TimedChain:
+    """Consecutive task stages (and the fragment writer after them) as one function: a batch goes
+    through all of them as numpy, with no Arrow block between two stages. Ray Data would fuse them
+    into one task anyway, but still turns each stage's output into a block and back."""
+
+    def __init__(self, parts: list[tuple[type[Stage], Any, str]], tail=None):
+        self.parts = [TimedStage(cls, cfg, label) for cls, cfg, label in parts]
+        self.tail = tail
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for part in self.parts:
+            batch = part(batch)
+        return self.tail(batch) if self.tail is not None else batch
+
+
+def apply_chain(ds, parts: list[tuple[type[Stage], Any, str]], plans: list[Resources], tail=None):
+    """Append consecutive task stages (``plan_job``'s resources for each) as one ``map_batches``:
+    the largest CPU request of them, the smallest batch size."""
+    return ds.map_batches(TimedChain(parts, tail), batch_size=min(r.batch_size for r in plans), batch_format="numpy",
+                          num_cpus=max(r.num_cpus for r in plans), zero_copy_batch=False)
+
+
 def from_blocks(blocks: list):
     """A dataset of Arrow tables, one block each."""
     import ray.data
