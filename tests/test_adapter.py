@@ -181,3 +181,20 @@ def test_curate_on_small_nodes_survives_losing_one(tmp_path):
         cluster.shutdown()
         if was:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def test_stage_metrics_are_ray_metrics_in_a_worker_and_nothing_outside(ray_local):
+    import ray
+
+    from pipeline.adapter import StageMetrics
+
+    @ray.remote(num_cpus=0.5)
+    def record():
+        m = StageMetrics()
+        m.record("decode", 10, 0.5, 300.0)
+        m.record("decode", 6, 0.25, 310.0)
+        return [type(x).__name__ for x in m._m], [x._name for x in m._m]
+
+    kinds, names = ray.get(record.remote())
+    assert kinds == ["Counter", "Counter", "Gauge"]
+    assert names == ["winnow_stage_rows_total", "winnow_stage_seconds_total", "winnow_stage_worker_rss_mb"]

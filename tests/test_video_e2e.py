@@ -208,3 +208,17 @@ def test_timeouts_reconcile_in_a_run(ray_local, tmp_path):
     result = run_curate(str(root), str(tmp_path / "out"), stages=[{"name": "clips", "min_s": 1.0, "timeout_s": 1e-4}])
     assert (result.inputs, result.kept, result.rejected) == (2, 0, 2)
     assert result.videos["reasons"] == {"timeout": 2}
+
+
+def test_a_video_dry_run_samples_videos_and_projects_clips(ray_local, videos, tmp_path):
+    from pipeline.commands import curate, curate_spec
+
+    root, expect = videos
+    spec = curate_spec.parse({"input": {"path": root}, "output": {"path": str(tmp_path / "out")},
+                              "stages": STAGES[:2], "dry_run": {"enabled": True, "sample": 40}})
+    got = curate.run(spec, log=None)
+    assert (got.unit, got.inputs, got.sampled) == ("videos", len(expect), 4)        # a tenth of the sample
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == []
+    assert [s["stage"] for s in got.stages] == ["probe", "clips", "motion"]
+    assert got.projected_rows == round(got.sample_rows * len(expect) / 4) and got.sample_rows >= 4
+    assert got.projected_wall_s > 0 and 0 <= got.kept_fraction <= 1
