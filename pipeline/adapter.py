@@ -254,8 +254,8 @@ class TimedChain:
     through all of them as numpy, with no Arrow block between two stages. Ray Data would fuse them
     into one task anyway, but still turns each stage's output into a block and back."""
 
-    def __init__(self, parts: list[tuple[type[Stage], Any, str]], tail=None):
-        self.parts = [TimedStage(cls, cfg, label) for cls, cfg, label in parts]
+    def __init__(self, steps: list[tuple[str, type[Stage], Any]], tail=None):
+        self.parts = [TimedStage(cls, cfg, label) for label, cls, cfg in steps]
         self.tail = tail
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -264,10 +264,13 @@ class TimedChain:
         return self.tail(batch) if self.tail is not None else batch
 
 
-def apply_chain(ds, parts: list[tuple[type[Stage], Any, str]], plans: list[Resources], tail=None):
-    """Append consecutive task stages (``plan_job``'s resources for each) as one ``map_batches``:
-    the largest CPU request of them, the smallest batch size."""
-    return ds.map_batches(TimedChain(parts, tail), batch_size=min(r.batch_size for r in plans), batch_format="numpy",
+def apply_chain(ds, steps: list[tuple[str, type[Stage], Any]], job: JobPlan, shape: Shape, tail=None):
+    """Append consecutive task steps ``(label, class, config)`` as one ``map_batches``, with the
+    largest CPU request ``job`` planned for them and the smallest batch size."""
+    for _, cls, cfg in steps:
+        check_resources(cls, shape.cpus, shape.gpus, cfg)
+    plans = [job.stages[label] for label, _, _ in steps]
+    return ds.map_batches(TimedChain(steps, tail), batch_size=min(r.batch_size for r in plans), batch_format="numpy",
                           num_cpus=max(r.num_cpus for r in plans), zero_copy_batch=False)
 
 

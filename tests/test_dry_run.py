@@ -55,12 +55,12 @@ def test_dry_run_projects_and_writes_nothing_into_the_output(ray_local, corpus, 
     from pipeline import cli
 
     root, expected = corpus
-    out = tmp_path / "run"
+    out = tmp_path / "new" / "run"                     # its parent does not exist yet either
     code = cli.main(["curate", "--input", root, "--output", str(out), "--dry-run", "--sample", "24", "--json",
                      "--set", "dry_run.nodes=[3]"])
     printed = capsys.readouterr().out.strip().splitlines()
     assert code == 0
-    assert not out.exists() and os.listdir(tmp_path) == []              # no output folder, scratch removed
+    assert os.listdir(tmp_path) == []               # no output folder; scratch and the parent made for it removed
     got = json.loads(printed[-1])
     assert got["inputs"] == len(expected) == 54 and got["sampled"] == 24
     assert got["sample_rows"] == 24 and got["unit"] == "inputs"

@@ -104,3 +104,28 @@ def test_the_memory_cap_fails_the_sample(box):
 
 def test_no_deadline_runs_in_this_process():
     assert Sandbox(0).run(pid) == os.getpid()
+
+
+def test_a_stuck_child_dies_with_its_parent(tmp_path):
+    """A worker killed while its child is stuck (node loss, a stopped job) leaves no child behind."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tests.test_isolate as t; from pipeline.contract.isolate import Sandbox; "
+            "b = Sandbox(600); print(b.run(t.pid), flush=True); b.run(t.hang, 600)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": root})
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its killed parent")

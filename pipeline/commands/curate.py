@@ -6,6 +6,7 @@ shards as an uninterrupted run, with no sample twice and none lost.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -109,21 +110,16 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, shape: adapter.Shap
     # fan-out: one block per input (its rows fan out from there: a video's windows, then clips)
     ds = adapter.from_blocks(_blocks(pending, 1 if fan else spec.ray.block_rows))
     writer = shards.FragmentWriter(work, skip_keys)
-    chain: list = []                 # consecutive task stages run as one function (adapter.TimedChain)
-    for i, (label, cls, cfg) in enumerate(steps + [(None, None, None)]):
-        if cls is not None and not cls.stateful:
-            adapter.check_resources(cls, shape.cpus, shape.gpus, cfg)
-            chain.append((cls, cfg, label))
-            continue
-        if chain:
-            last = i == len(steps)
-            ds = adapter.apply_chain(ds, chain, [job.stages[lb] for _, _, lb in chain], tail=writer if last else None)
-            chain = []
-            if last:
-                writer = None
-        if cls is not None:
-            ds = adapter.apply_stage(ds, cls, cfg, label, shape.cpus, shape.gpus, res=job.stages[label])
-    if writer is not None:       # the last step holds a model: the writer runs as its own task
+    # runs of task stages become one function each (adapter.TimedChain); model stages, actor pools
+    groups = [(stateful, list(g)) for stateful, g in itertools.groupby(steps, key=lambda s: s[1].stateful)]
+    for n, (stateful, group) in enumerate(groups):
+        if stateful:
+            for label, cls, cfg in group:
+                ds = adapter.apply_stage(ds, cls, cfg, label, shape.cpus, shape.gpus, res=job.stages[label])
+        else:
+            last = n == len(groups) - 1
+            ds = adapter.apply_chain(ds, group, job, shape, tail=writer if last else None)
+    if groups[-1][0]:            # the last step holds a model: the writer runs as its own task
         ds = adapter.apply_fn(ds, writer, num_cpus=min(1.0, job.task_cpus))
     bar = tqdm(total=None if fan else pending.num_rows, desc="annotate", unit=fan.unit if fan else "img", file=log,
                disable=log is None)

@@ -141,12 +141,32 @@ def bottleneck(table: list[dict]) -> str:
     return min(table, key=lambda s: (s["capacity_rows_per_s"], -s["seconds_per_row"]))["stage"]
 
 
-def scratch_for(output: str) -> str:
-    """A fresh folder beside ``output`` (same storage, reachable from every node); never inside it."""
+def scratch_for(output: str) -> tuple[str, str | None]:
+    """A fresh folder beside ``output`` (same storage, reachable from every node), never inside it;
+    and the parent folder when this made it (removed again afterwards if left empty)."""
     out = os.path.abspath(output)
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=os.path.basename(out) + ".dry-run-", dir=parent)
+    made = None
+    if not os.path.isdir(parent):
+        made = parent
+        while not os.path.isdir(os.path.dirname(made)):
+            made = os.path.dirname(made)
+        os.makedirs(parent)
+    return tempfile.mkdtemp(prefix=os.path.basename(out) + ".dry-run-", dir=parent), made
+
+
+def _remove_made(scratch: str, made: str | None) -> None:
+    shutil.rmtree(scratch, ignore_errors=True)   # made by this process
+    if made:
+        parent = os.path.dirname(scratch)
+        while True:                               # the folders made for it, if nothing else is in them
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            if parent == made:
+                break
+            parent = os.path.dirname(parent)
 
 
 def run(spec: CurateSpec, log, curate: Curate) -> DryRunResult:
@@ -157,7 +177,7 @@ def run(spec: CurateSpec, log, curate: Curate) -> DryRunResult:
     n = max(4, spec.dry_run.sample // 10) if spec.is_video else spec.dry_run.sample
     per_shard = spec.output.videos_per_shard if spec.is_video else spec.output.samples_per_shard
     sample = sample_plan(job, n, per_shard)
-    scratch = scratch_for(spec.output.path)
+    scratch, made = scratch_for(spec.output.path)
     try:
         out = os.path.join(scratch, "out")
         sspec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=out, report=False, overwrite=False,
@@ -176,7 +196,7 @@ def run(spec: CurateSpec, log, curate: Curate) -> DryRunResult:
                                            for f in curate.fixed_files
                                            if os.path.isfile(os.path.join(out, f)))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)   # made above, by this process
+        _remove_made(scratch, made)
     shape = adapter.cluster_shape()
     return project(spec, curate.steps, job.num_inputs, sample.num_inputs, unit, result, trace, plan_s, sample_wall,
                    out_bytes, shape)

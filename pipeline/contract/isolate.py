@@ -63,9 +63,21 @@ def _error(module: str, name: str, message: str) -> BaseException:
     return RuntimeError(f"{name}: {message}")
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when its parent dies (a killed Ray worker must not leave a child
+    spinning in a stuck decoder; one that is reading its pipe would see EOF, one stuck would not)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def _child_main(fd: int, memory_mb: int, preload: str) -> None:
     """The child: import ``preload`` (outside any deadline), say so, then read (fn, args) and reply
     (True, result) or (False, (module, class, message)) until the parent goes."""
+    _die_with_parent()
     conn = Connection(fd)
     if preload:
         importlib.import_module(preload)
