@@ -79,3 +79,30 @@ def test_dry_run_projects_and_writes_nothing_into_the_output(ray_local, corpus, 
     real = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and real["inputs"] == 54 and real["kept"] + real["rejected"] == 54
     assert "print_json" not in real and real["kept_fraction"] == round(real["kept"] / 54, 4)
+
+
+def test_the_projection_from_a_measured_sample(tmp_path):
+    """Start-up and steady rate from the trace, capped at an actor-pool bottleneck; shards and
+    reductions per input; the rate-bound parts divided over more nodes."""
+    from types import SimpleNamespace
+
+    from pipeline.adapter import Shape
+    from tests.test_adapter import AddOne, ModelStage
+
+    spec = curate_spec.parse({"input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path / "o")},
+                              "stages": ["decode"]})
+    steps = [("load", AddOne, None), ("model", ModelStage, None)]        # 1 task slot; 2 half-CPU actors
+    result = SimpleNamespace(stage_seconds={"load": 10.0, "model": 100.0}, inputs=100, kept=80, reasons={"x": 20},
+                             phases={"shards": 2.0, "reduce": 0.5})
+    trace = [(0.0, 0), (5.0, 10), (10.0, 30), (15.0, 60), (20.0, 100)]   # start-up 5 s, then 6 inputs/s
+    got = dry_run.project(spec, steps, 1000, 100, "inputs", result, trace, 1.0, 25.0, 4_000_000, Shape(2.0, 0.0, (2.0,)))
+    assert [(s["stage"], s["kind"], s["copies"], s["capacity_rows_per_s"]) for s in got.stages] == [
+        ("load", "tasks (fused)", 1, 10.0), ("model", "actors", 2, 2.0)]
+    assert got.bottleneck_stage == "model"
+    # 6 inputs/s measured, but the model pool allows 2: 5 + 990 / 2 = 500 s; shards 20, reduce 5, plan 1
+    assert got.projected_phases_s == {"plan": 1.0, "annotate_startup": 5.0, "reduce": 5.0, "annotate": 495.0,
+                                      "shards": 20.0}
+    assert got.projected_wall_s == 526.0
+    assert got.projected_wall_s_on == {2: 268.5, 4: 139.8, 10: 62.5}
+    assert (got.kept_fraction, got.reject_fractions, got.projected_rows, got.projected_kept) == (0.8, {"x": 0.2}, 1000, 800)
+    assert got.projected_output_bytes == 40_000_000 and got.gpu_hours == 0

@@ -206,7 +206,7 @@ def project(spec: CurateSpec, steps: list, total: int, sampled: int, unit: str, 
             out_bytes: int, shape: adapter.Shape) -> DryRunResult:
     ratio = total / max(sampled, 1)
     table = stage_table(steps, shape, result.stage_seconds, result.inputs)
-    startup, rate, _ = _annotate_model(trace)
+    startup, rate, first = _annotate_model(trace)
     # an actor pool's queue drains in the sample's tail with the upstream stages done, so the rate
     # measured there beats what that pool allows while all stages share the cores: never project
     # past an actor-pool bottleneck (fused task stages have no such tail: their rate is measured)
@@ -214,7 +214,7 @@ def project(spec: CurateSpec, steps: list, total: int, sampled: int, unit: str, 
     slowest = min(table, key=lambda s: s["capacity_rows_per_s"])
     if "actors" in slowest["kind"]:
         rate = min(rate, slowest["capacity_rows_per_s"] / max(rows_per_input, 1e-9))
-    annotate_s = startup + total / max(rate, 1e-9)
+    annotate_s = startup + max(total - first, 0) / max(rate, 1e-9)     # start-up saw the first block out
     phases = result.phases
     shards_s = phases.get("shards", 0.0) * ratio
     reduce_s = phases.get("reduce", 0.0) * ratio
@@ -232,7 +232,7 @@ def project(spec: CurateSpec, steps: list, total: int, sampled: int, unit: str, 
         notes.append(f"{', '.join(reductions)} compare samples with each other: a bigger input has more duplicates, "
                      f"so their reject fraction here is a lower bound")
     if sampled == total:
-        notes.append("the sample is the whole input: these are its real numbers")
+        notes.append("the sample is the whole input: its kept fraction and bytes are the run's own")
     return DryRunResult(
         output=spec.output.path, inputs=total, sampled=sampled, unit=unit, sample_rows=rows,
         sample_wall_s=round(sample_wall, 2),
