@@ -1,4 +1,5 @@
 """The Ray Data adapter: task stages, actor-pool stages on 2 CPUs (no hang), resource checks."""
+import os
 import time
 
 import numpy as np
@@ -155,17 +156,23 @@ def test_curate_on_small_nodes_survives_losing_one(tmp_path):
         rows_dir = tmp_path / "cut" / layout.WORK_DIR / "rows"
         seen = {}
 
+        def fragments() -> int:
+            try:
+                return sum(f.endswith(".parquet") for _, _, fs in os.walk(rows_dir) for f in fs)
+            except OSError:           # a folder the writer is renaming into right now
+                return 0
+
         def remove_after_first_rows():
-            while not (rows_dir.is_dir() and any(rows_dir.rglob("*.parquet"))):
+            while fragments() == 0:
                 time.sleep(0.05)
-            seen["fragments"] = len(list(rows_dir.rglob("*.parquet")))
+            seen["fragments"] = fragments()
             cluster.remove_node(nodes[-1], allow_graceful=False)
 
         killer = threading.Thread(target=remove_after_first_rows, daemon=True)
         killer.start()
         cut = curate.run(spec("cut"), log=None)
-        killer.join(timeout=5)
-        assert 0 < seen["fragments"] < 13               # removed mid-run (13 blocks of 8 rows)
+        killer.join(timeout=30)
+        assert 0 < seen.get("fragments", 0) < 13        # removed mid-run (13 blocks of 8 rows)
         assert len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]) == 1
         assert (cut.inputs, cut.kept, cut.rejected) == (97, 96, 1)
         cols = ["key", "status", "reject_reason", "clip_similarity", "aesthetic_score", "ocr_text"]
