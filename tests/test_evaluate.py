@@ -147,3 +147,27 @@ def test_data_space_and_covariance_space_agree_and_small_sets_stay_exact():
     few = FeatureStats(64)
     few.add(rng.normal(size=(5, 64)) * 1e3)
     assert abs(fid_of(few, few)) < 1e-6 * (few.centered() ** 2).sum()
+
+
+def test_pytorch_fid_weights_get_the_fid_blocks(tmp_path):
+    """pytorch-fid's weight file (1008-class head) loads into the TF graph's pooling: average pools
+    that do not count padding, a max pool in the last block; the features change accordingly."""
+    import torch.nn.functional as F
+
+    with pytest.warns(UserWarning):
+        net = inception("random", seed=5)
+    state = dict(net.net.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
+    torch.save(state, tmp_path / "pt_inception.pth")
+    fid_net = inception(str(tmp_path / "pt_inception.pth"))
+    blocks = {n: type(getattr(fid_net.net, n)).__name__ for n in ("Mixed_5b", "Mixed_6e", "Mixed_7b", "Mixed_7c")}
+    assert blocks == {"Mixed_5b": "FIDInceptionA", "Mixed_6e": "FIDInceptionC", "Mixed_7b": "FIDInceptionE",
+                      "Mixed_7c": "FIDInceptionE"}
+    x = torch.randn(1, 2048, 8, 8)
+    last = fid_net.net.Mixed_7c
+    assert torch.allclose(last._forward(x)[-1], last.branch_pool(F.max_pool2d(x, 3, 1, 1)))
+    x = torch.randn(1, 768, 17, 17)
+    mid = fid_net.net.Mixed_6e
+    assert torch.allclose(mid._forward(x)[-1], mid.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+    images = torch.from_numpy(_images(3, 2))
+    assert not torch.allclose(fid_net(images), net(images))      # same weights, the TF graph's pooling
