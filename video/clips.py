@@ -500,6 +500,11 @@ class ClipFanOut(FanOut):
     progress_columns = PROGRESS_COLUMNS
 
     @staticmethod
+    def input_key(key: str) -> str:
+        """A clip's (or a rejected video's) key is the video's key, its window, its row in the window."""
+        return key.rsplit("_", 2)[0]
+
+    @staticmethod
     def with_input(config: ClipsConfig, input_spec) -> ClipsConfig:
         import dataclasses
 

@@ -24,7 +24,7 @@ from pipeline import adapter, readers, registry, shards
 from pipeline.contract import layout
 from pipeline.contract.config import ConfigError
 from pipeline.commands.curate_spec import CurateSpec
-from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS, VIDEO_KEY
+from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS
 from pipeline.contract.stage import reason_counts
 
 NAME = "curate"
@@ -131,7 +131,7 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, shape: adapter.Shap
         bar.update(len(batch[KEY]))
         if trace is not None:
             if fan:
-                videos.update(batch[VIDEO_KEY] if VIDEO_KEY in batch else batch[KEY])
+                videos.update(fan.input_key(k) for k in batch[KEY])     # the writer hands back row keys only
             done = len(videos) if fan else done + len(batch[KEY])
             trace.append((time.time(), done))
     bar.close()
@@ -158,15 +158,16 @@ def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> di
 def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions, log,
                  part_of: dict[str, int] | None = None) -> None:
     """``part_of``: plan key -> partition (keys need not start with it: img2dataset's are kept);
-    a clip's key starts with its video's plan key."""
+    a clip's plan key is its video's (``FanOut.input_key``)."""
     shards_dir = os.path.join(spec.output.path, layout.SHARDS_DIR)
     todo = [p for p in sorted(counts) if not shards.shard_done(shards_dir, p)]
     if not todo:
         return
     by_part: dict[int, dict] = {p: {} for p in todo}
     part_of = part_of or {}
+    fan = spec.fan_out
     for key, d in decisions.items():
-        p = part_of[key] if key in part_of else part_of.get(key.rsplit("_", 2)[0])
+        p = part_of.get(key if key in part_of or fan is None else fan.input_key(key))
         if p in by_part:
             by_part[p][key] = d
     split = spec.fan_out.split_rows if spec.fan_out else None

@@ -110,6 +110,11 @@ class FanOut:
         return config
 
     @staticmethod
+    def input_key(key: str) -> str:  # pragma: no cover - interface
+        """The key of the input row an output row's ``key`` came from."""
+        raise NotImplementedError
+
+    @staticmethod
     def progress(table) -> tuple[set[str], set[str]]:  # pragma: no cover - interface
         raise NotImplementedError
 
