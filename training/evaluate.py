@@ -8,8 +8,9 @@
   fewer images than features.
 * CLIP score (Hessel et al., 2021, "CLIPScore"): ``100 * max(cos(image, text), 0)``, averaged.
 
-Inception weights come from a file (torchvision's ``inception_v3_google`` state dict) or are a
-seeded random network: for tests and the demo only, whose numbers mean nothing.
+Inception weights come from a file (torchvision's ``inception_v3_google`` state dict, or
+pytorch-fid's ``pt_inception-2015-12-05``) or are a seeded random network: for tests and the demo
+only, whose numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -185,20 +186,19 @@ def fid_blocks(net) -> None:
         getattr(net, name).__class__ = kinds[kind]
 
 
-def features(model, images, batch: int = 32) -> np.ndarray:
-    """Pool features of uint8 images (N, 3, H, W) (a numpy array or tensor), in batches."""
+def stats_of(model, batches) -> FeatureStats:
+    """Pool-feature statistics of uint8 image batches (N, 3, H, W), one batch in memory at a time."""
     import torch
 
-    out = []
-    for i in range(0, len(images), batch):
-        chunk = torch.as_tensor(np.asarray(images[i:i + batch]))
-        out.append(model(chunk).double().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.num_features))
+    stats = FeatureStats(model.num_features)
+    for chunk in batches:
+        stats.add(model(torch.as_tensor(np.asarray(chunk))).double().numpy())
+    return stats
 
 
 def fid(model, images_a, images_b, batch: int = 32) -> float:
     """FID between two sets of uint8 images (N, 3, H, W)."""
-    sa, sb = FeatureStats(model.num_features), FeatureStats(model.num_features)
-    sa.add(features(model, images_a, batch))
-    sb.add(features(model, images_b, batch))
-    return fid_of(sa, sb)
+    def chunks(images):
+        return (images[i:i + batch] for i in range(0, len(images), batch))
+
+    return fid_of(stats_of(model, chunks(images_a)), stats_of(model, chunks(images_b)))

@@ -69,8 +69,9 @@ def _files(root: str, limit: int) -> list[str]:
     return out[:limit]
 
 
-def load_images(root: str, limit: int) -> tuple[np.ndarray, dict]:
-    """Uint8 (N, 3, 299, 299) images of a folder and {"scored": N, "skipped": {reason: n}}."""
+def image_batches(root: str, limit: int, batch: int, skipped: dict):
+    """Uint8 (n, 3, 299, 299) batches of a folder's images, ``batch`` at a time (memory stays one
+    batch, whatever the folder holds); files that are not readable images counted in ``skipped``."""
     from PIL import Image
 
     from curation.decode import DecodeConfig, DecodeError, decode_image
@@ -78,7 +79,7 @@ def load_images(root: str, limit: int) -> tuple[np.ndarray, dict]:
     from training.evaluate import INCEPTION_SIZE
 
     policy, cfg = InputPolicy(root=os.path.realpath(root)), DecodeConfig(max_side=1024)
-    images, skipped = [], {}
+    images = []
     for path in _files(root, limit):
         try:
             img, _, _ = decode_image(read_local(path, policy), cfg)
@@ -88,8 +89,11 @@ def load_images(root: str, limit: int) -> tuple[np.ndarray, dict]:
             continue
         img = img.convert("RGB").resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC)
         images.append(np.asarray(img).transpose(2, 0, 1))
-    arr = np.stack(images) if images else np.zeros((0, 3, INCEPTION_SIZE, INCEPTION_SIZE), np.uint8)
-    return arr, {"scored": len(images), "skipped": dict(sorted(skipped.items()))}
+        if len(images) == batch:
+            yield np.stack(images)
+            images = []
+    if images:
+        yield np.stack(images)
 
 
 def plan(spec: EvalSpec) -> dict:
@@ -105,7 +109,7 @@ def plan(spec: EvalSpec) -> dict:
 def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
     import warnings
 
-    from training.evaluate import FeatureStats, features, fid_of, inception
+    from training.evaluate import fid_of, inception, stats_of
 
     plan(spec)
     started = time.time()
@@ -114,13 +118,12 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
         model = inception(spec.fid_weights, spec.seed)
     stats, counts = {}, {}
     for name, root in (("images", spec.images), ("reference", spec.reference)):
-        arr, counts[name] = load_images(root, spec.max_images)
-        if len(arr) < 2:
-            raise ConfigError(f"--{name}: {root!r} holds {len(arr)} readable images; FID needs at least 2 "
+        skipped: dict = {}
+        stats[name] = stats_of(model, image_batches(root, spec.max_images, spec.batch, skipped))
+        counts[name] = {"scored": stats[name].n, "skipped": dict(sorted(skipped.items()))}
+        if stats[name].n < 2:
+            raise ConfigError(f"--{name}: {root!r} holds {stats[name].n} readable images; FID needs at least 2 "
                               f"(skipped: {counts[name]['skipped']})")
-        s = FeatureStats(model.num_features)
-        s.add(features(model, arr, spec.batch))
-        stats[name] = s
     value = fid_of(stats["images"], stats["reference"])
     return EvalResult(spec.images, spec.reference, counts, round(value, 6), spec.fid_weights, spec.seed,
                       round(time.time() - started, 2), [str(w.message) for w in caught], spec.json)
