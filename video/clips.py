@@ -19,6 +19,7 @@ complete without any other bookkeeping. Times count from the video's first frame
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -96,6 +97,11 @@ class ClipsConfig:
     policy: InputPolicy = option(help="filled in from the input section (what may be opened)", factory=InputPolicy,
                                  runtime=True, internal=True)
 
+
+    @property
+    def sandbox(self):
+        """This process's child for probing and cutting, with this config's deadline and memory cap."""
+        return isolate.shared(self.timeout_s, self.memory_mb or None)
 
     @property
     def limits(self):
@@ -209,15 +215,19 @@ def window_bounds(duration: float, window_s: float) -> list[tuple[float, float]]
     return [(edges[i], edges[i + 1]) for i in range(count)]
 
 
+@contextlib.contextmanager
 def _open_source(path: str, storage_options: dict, policy: InputPolicy | None = None):
     """A path PyAV can open: a local regular file the input policy allows (a FIFO or device would hang
-    or flood the demuxer), or a remote one as a seekable fsspec file."""
+    or flood the demuxer), or a remote one as a seekable fsspec file, closed on the way out."""
     from pipeline.contract.inputs import check_local, is_remote
 
-    if is_remote(path):
-        import fsspec
-        return fsspec.open(path, "rb", **storage_options).open()
-    return check_local(path, policy or InputPolicy())
+    if not is_remote(path):
+        yield check_local(path, policy or InputPolicy())
+        return
+    import fsspec
+
+    with fsspec.open(path, "rb", **storage_options).open() as src:
+        yield src
 
 
 class VideoWindows(Stage):
@@ -249,7 +259,7 @@ class VideoWindows(Stage):
             info = None
             if not reason:
                 try:
-                    info = isolate.shared(self.config.timeout_s, self.config.memory_mb or None).run(
+                    info = self.config.sandbox.run(
                         probe_source, row[REF_PATH], self.config.storage_options, self.config.policy, self.config.limits)
                 except FileNotFoundError:
                     reason = "missing_file: not found"
@@ -309,7 +319,7 @@ class SplitClips(Stage):
                 out.append(row)
                 continue
             try:
-                rows = isolate.shared(self.config.timeout_s, self.config.memory_mb or None).run(
+                rows = self.config.sandbox.run(
                     cut_window, self.config, plain_row(row))
             except isolate.SampleTimeout as exc:
                 rows = [{**row, STATUS: REJECTED, REJECT_REASON: f"timeout: cutting and encoding the window took {exc}"}]
@@ -392,26 +402,18 @@ def probe_source(path: str, storage_options: dict, policy: InputPolicy, limits) 
     """Probe one input video (run in the stage's sandbox); raises ProbeError with the reject reason."""
     from video.probe import ProbeError, probe
 
-    src = _open_source(path, storage_options, policy)
-    if isinstance(src, str) and os.path.getsize(src) == 0:
-        raise ProbeError("probe_error: empty file")
-    try:
+    with _open_source(path, storage_options, policy) as src:
+        if isinstance(src, str) and os.path.getsize(src) == 0:
+            raise ProbeError("probe_error: empty file")
         return probe(src, limits).to_dict()
-    finally:
-        if hasattr(src, "close"):
-            src.close()
 
 
 def cut_window(config: ClipsConfig, row: dict) -> list[dict]:
     """All segment rows of one window (run in the stage's sandbox)."""
     from pipeline.contract.schema import REF_PATH
 
-    src = _open_source(row[REF_PATH], config.storage_options, config.policy)
-    try:
+    with _open_source(row[REF_PATH], config.storage_options, config.policy) as src:
         return [plain_row(r) for r in SplitClips(config)._window(row, src)]
-    finally:
-        if hasattr(src, "close"):
-            src.close()
 
 
 def plain_row(row: dict) -> dict:
