@@ -62,6 +62,10 @@ class RunResult:
     stage_rss_mb: dict[str, float] = field(default_factory=dict)   # peak RSS of a worker running each stage
     print_json: bool = False       # how to print it (output.json), not part of it
 
+    @property
+    def kept_fraction(self) -> float:
+        return round(self.kept / max(1, self.inputs), 4)
+
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "print_json"}
 
@@ -214,7 +218,7 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
         raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "
                            f"kept {result.kept} + rejected {result.rejected}")
     summary = {**result.to_dict(), "shards": len(stats), "format": plan.format,
-               "kept_fraction": round(kept / max(1, result.inputs), 4)}
+               "kept_fraction": result.kept_fraction}
     layout.atomic_write(os.path.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     layout.write_dataset_card(out, "curate", summary)
     if not spec.output.keep_work:
@@ -375,6 +379,6 @@ def format_summary(result) -> str:
     if result.report:
         lines.append(f"  report    {result.report}")
     if result.print_json:
-        lines.append(json.dumps({**result.to_dict(), "kept_fraction": round(result.kept / max(1, result.inputs), 4)},
+        lines.append(json.dumps({**result.to_dict(), "kept_fraction": result.kept_fraction},
                                 sort_keys=True))
     return "\n".join(lines)
