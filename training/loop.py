@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -90,12 +90,23 @@ class Worker:
     world: int = 1
     step: int = 0
     empty: tuple = (None, None)      # the latent cache's empty-caption context and pooled embedding
+    trainable: list = field(default_factory=list)   # what the optimizer and EMA see: the UNet, or its LoRA adapter
 
     @property
     def states(self) -> dict:
         """What a checkpoint saves and restores, by name (``training.checkpoint``)."""
-        return {"unet": self.raw_unet, "ema_unet": self.ema, "optimizer": self.optimizer,
-                "lr_scheduler": self.lr_sched}
+        return states_of(self.spec, self.raw_unet, self.ema, self.optimizer, self.lr_sched)
+
+
+def states_of(spec: TrainSpec, unet, ema, optimizer, lr_sched) -> dict:
+    """The checkpoint's entries: the UNet and its EMA in diffusers format, or with LoRA the adapter
+    and its EMA alone (``training.lora``)."""
+    if spec.lora.enabled:
+        from training.lora import AdapterWeights, EmaWeights
+
+        return {"adapter": AdapterWeights(unet), "ema_adapter": None if ema is None else EmaWeights(ema),
+                "optimizer": optimizer, "lr_scheduler": lr_sched}
+    return {"unet": unet, "ema_unet": ema, "optimizer": optimizer, "lr_scheduler": lr_sched}
 
 
 def _components(spec: TrainSpec, scratch: str):
@@ -118,10 +129,10 @@ def _frozen_models(spec: TrainSpec, comps, device):
     return weight_dtype, vae_dtype
 
 
-def _optimizer(spec: TrainSpec, unet):
+def _optimizer(spec: TrainSpec, params):
     import torch
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=spec.optim.lr, betas=(spec.optim.beta1, spec.optim.beta2),
+    optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, betas=(spec.optim.beta1, spec.optim.beta2),
                                   weight_decay=spec.optim.weight_decay)
     warm = spec.optim.warmup_steps
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -188,29 +199,33 @@ def build(config: dict) -> Worker:
     unet.set_attn_processor(AttnProcessor2_0())           # PyTorch SDPA
     if spec.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    trainable = list(unet.parameters())
+    if spec.lora.enabled:                                 # only the adapter trains
+        from training.lora import add_lora
+
+        trainable = add_lora(unet, spec.lora, families.get(comps.kind).clips, spec.model.seed)
     unet.train()
-    optimizer, lr_sched = _optimizer(spec, unet)
+    optimizer, lr_sched = _optimizer(spec, trainable)
     ema = None
     if spec.ema.enabled:
-        ema = EMAModel(unet.parameters(), decay=spec.ema.decay, update_after_step=spec.ema.start_step,
-                       model_cls=type(unet), model_config=unet.config)
+        ema = EMAModel(trainable, decay=spec.ema.decay, update_after_step=spec.ema.start_step,
+                       **({} if spec.lora.enabled else {"model_cls": type(unet), "model_config": unet.config}))
     step, cursor = 0, Cursor()
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            step, cursor = restore_checkpoint(d, {"unet": unet, "ema_unet": ema, "optimizer": optimizer,
-                                                  "lr_scheduler": lr_sched})
+            step, cursor = restore_checkpoint(d, states_of(spec, unet, ema, optimizer, lr_sched))
     elif spec.optim.init_state:                           # a fresh run carrying an earlier run's AdamW moments
         from training.checkpoint import carry_optimizer
 
-        carry_optimizer(spec.optim.init_state, optimizer, list(unet.parameters()))
+        carry_optimizer(spec.optim.init_state, optimizer, trainable)
     if ema is not None:
         ema.to(acc.device)
     if spec.train.fsdp:                                   # shard after the (unsharded) restore
         from training.sharding import shard_training
 
         unet.to(acc.device)
-        optimizer, lr_sched = shard_training(unet, optimizer, lr_sched, ema, lambda m: _optimizer(spec, m))
+        optimizer, lr_sched = shard_training(unet, optimizer, lr_sched, ema, lambda m: _optimizer(spec, m.parameters()))
         prepared, optimizer = unet, acc.prepare(optimizer)   # no DDP wrapper: FSDP reduces the gradients
     else:
         prepared, optimizer = acc.prepare(unet, optimizer)
@@ -219,7 +234,8 @@ def build(config: dict) -> Worker:
     if step and acc.is_main_process:
         print(f"winnow train: resumed at step {step} (epoch {cursor.epoch})", flush=True)
     return Worker(spec, config, acc, families.get(comps.kind), comps, prepared, acc.unwrap_model(prepared), optimizer,
-                  lr_sched, ema, loader, buckets, weight_dtype, vae_dtype, metrics, scratch, rank, world, step, empty)
+                  lr_sched, ema, loader, buckets, weight_dtype, vae_dtype, metrics, scratch, rank, world, step, empty,
+                  trainable)
 
 
 def conditioning(w: Worker, batch, keep: np.ndarray, g):
@@ -252,14 +268,23 @@ def _optimize(w: Worker, loss) -> float:
     """Backward, clip, step, schedule, EMA; the loss averaged over every rank."""
     w.acc.backward(loss)
     if w.spec.optim.max_grad_norm:
-        w.acc.clip_grad_norm_(w.unet.parameters(), w.spec.optim.max_grad_norm)
+        w.acc.clip_grad_norm_(w.trainable, w.spec.optim.max_grad_norm)
     w.optimizer.step()
     w.lr_sched.step()
     w.optimizer.zero_grad(set_to_none=True)
     if w.ema is not None:
-        w.ema.step(w.raw_unet.parameters())
+        w.ema.step(w.trainable)
     w.step += 1
     return w.acc.gather(loss.detach()[None]).mean().item()
+
+
+def _seed_dropout(w: Worker) -> None:
+    """LoRA dropout draws from torch's global generator: seed it by (seed, step, rank) so a resumed
+    run drops what the uninterrupted one would have."""
+    if w.spec.lora.enabled and w.spec.lora.dropout:
+        import torch
+
+        torch.manual_seed(step_seed(w.spec.train.seed, w.step, w.rank, "dropout"))
 
 
 def video_step(w: Worker, batch) -> float:
@@ -272,6 +297,7 @@ def video_step(w: Worker, batch) -> float:
     spec, device = w.spec, w.acc.device
     g = torch.Generator("cpu").manual_seed(step_seed(spec.train.seed, w.step, w.rank))
     n = len(batch.ids)
+    _seed_dropout(w)
 
     def keep(name: str, p: float) -> torch.Tensor:
         return torch.from_numpy(keep_mask(n, p, seeded_rng(spec.train.seed, name, w.step, w.rank)))
@@ -302,6 +328,7 @@ def train_step(w: Worker, batch) -> float:
     noisy = obj.add_noise(latents, noise, t, ac)
     target = obj.target(w.comps.prediction_type, latents, noise, t, ac)
     added = w.family.unet_conditions(pooled, batch.time_ids, device)
+    _seed_dropout(w)
     with w.acc.autocast():
         pred = w.unet(noisy, t, context, added_cond_kwargs=added).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
@@ -370,8 +397,8 @@ def full_unet(w: Worker, ema_weights: bool = False):
     on exit."""
     swap = ema_weights and w.ema is not None
     if swap:
-        w.ema.store(w.raw_unet.parameters())
-        w.ema.copy_to(w.raw_unet.parameters())
+        w.ema.store(w.trainable)
+        w.ema.copy_to(w.trainable)
     try:
         if w.spec.train.fsdp:
             from training.sharding import gather_module
@@ -381,7 +408,7 @@ def full_unet(w: Worker, ema_weights: bool = False):
             yield w.raw_unet
     finally:
         if swap:
-            w.ema.restore(w.raw_unet.parameters())
+            w.ema.restore(w.trainable)
 
 
 def checkpoint(w: Worker, report: dict) -> None:
@@ -406,29 +433,69 @@ def checkpoint(w: Worker, report: dict) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _publish(folder: str, write) -> str:
+    """``write(tmp)`` into ``folder + '.tmp'``, then swap it in whole."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _export_pipeline(w: Worker, comps, unet, folder: str) -> str:
+    """A diffusers pipeline folder of ``comps`` with ``unet``, plus the run's motion-bucket map (svd)."""
+    motion = os.path.join(w.config["output"], "motion_buckets.json")   # svd: the map inference must condition with
+
+    def write(tmp: str) -> None:
+        w.family.export(comps, unet, tmp)
+        if os.path.exists(motion):
+            shutil.copyfile(motion, os.path.join(tmp, "motion_buckets.json"))
+
+    return _publish(folder, write)
+
+
+def _export_lora(w: Worker, unet) -> dict:
+    """``OUTPUT/lora`` (the adapter in diffusers' format) and, for the tiny preset, ``OUTPUT/base``
+    (the pipeline it applies to, written once); with ``lora.export_fused`` also ``OUTPUT/final``."""
+    from training import lora
+
+    out, spec = w.config["output"], w.spec
+    base = spec.model.pretrained
+    if not base:
+        base = os.path.join(out, "base")
+        if not os.path.isdir(base):
+            fresh = _components(spec, w.scratch)           # the preset again, without the adapter
+            _export_pipeline(w, fresh, fresh.unet, base)
+        base = os.path.abspath(base)
+    folder = _publish(os.path.join(out, "lora"), lambda tmp: lora.export(
+        unet, tmp, {"base": base, "kind": spec.model.kind, "steps": w.step, "layers": lora.layer_set(spec.lora, w.family.clips)}))
+    return {"lora": folder, "base": base, "adapter_parameters": sum(p.numel() for p in w.trainable)}
+
+
 def finish(w: Worker, first_step: int, started: float, unet) -> None:
-    """Rank 0: export ``OUTPUT/final`` with ``unet`` (from ``full_unet(w, ema_weights=True)``), the
-    last samples and summary.json."""
+    """Rank 0: export ``OUTPUT/final`` with ``unet`` (from ``full_unet(w, ema_weights=True)``) or,
+    with LoRA, ``OUTPUT/lora``; the last samples and summary.json."""
     import torch
 
     out, spec, ema = w.config["output"], w.spec, w.ema
-    final = os.path.join(out, "final")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     # the frozen parts were cast to the training dtype: export pristine copies beside the UNet
-    w.family.export(w.comps if w.weight_dtype == torch.float32 else _components(spec, w.scratch), unet, tmp)
-    motion = os.path.join(out, "motion_buckets.json")          # svd: the map inference must condition with
-    if os.path.exists(motion):
-        shutil.copyfile(motion, os.path.join(tmp, "motion_buckets.json"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    pristine = w.comps if w.weight_dtype == torch.float32 else None
+    final, extra = None, {}
+    if spec.lora.enabled:
+        extra = _export_lora(w, unet)
+    if not spec.lora.enabled or spec.lora.export_fused:
+        from training.lora import fused
+
+        final = _export_pipeline(w, pristine or _components(spec, w.scratch),
+                                 fused(unet) if spec.lora.enabled else unet, os.path.join(out, "final"))
     sample_paths = samples(w, w.step, unet) if spec.train.sample_prompts or w.family.clips else []
     step = w.step
     summary = {"steps": step, "steps_this_run": step - first_step, "resumed_from": first_step,
                "epoch": w.loader.state().epoch, "global_batch": spec.train.batch_size * w.world,
                "world_size": w.world, "samples_this_run": (step - first_step) * spec.train.batch_size * w.world,
                "wall_s": round(time.time() - started, 2), "data_wait_s": round(w.loader.wait_s, 3),
-               "final": final, "ema": ema is not None, "samples": sample_paths,
+               "final": final, **extra, "ema": ema is not None, "samples": sample_paths,
                "prediction_type": w.comps.prediction_type, "kind": w.comps.kind,
                "distributed": "FSDP2" if spec.train.fsdp else str(w.acc.distributed_type),
                "num_processes": w.acc.num_processes}

@@ -91,6 +91,23 @@ class EmaSpec:
 
 
 @dataclass
+class LoraSpec:
+    enabled: bool = option(False, "train a LoRA adapter (Hu et al., 2021) through PEFT instead of the whole UNet: "
+                                  "only the adapter has gradients and optimizer state, checkpoints hold only it, and "
+                                  "the run exports OUTPUT/lora/pytorch_lora_weights.safetensors")
+    rank: int = option(16, "adapter rank r", min=1)
+    alpha: float | None = option(None, "LoRA alpha (the update is scaled by alpha / rank); null is the rank", min=0.0)
+    dropout: float = option(0.0, "dropout on the adapter's input (seeded per step, so resume stays exact)",
+                            min=0.0, max=1.0)
+    targets: list[str] = option(factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                help="module names (suffixes) that get an adapter: the attention projections")
+    layers: Literal["auto", "all", "temporal", "spatial"] = option(
+        "auto", "which attention layers of a video UNet: temporal (SVD's camera-motion LoRAs), spatial or all; auto is "
+                "temporal for svd / svd_t2v and all for image models")
+    export_fused: bool = option(False, "also write OUTPUT/final, the pipeline with the adapter fused into the UNet")
+
+
+@dataclass
 class TrainSection:
     batch_size: int = option(4, "samples per worker per step (global batch = batch_size x ray.num_workers)", min=1)
     max_steps: int = option(1000, "optimizer steps in total (a resumed run continues to this)", min=1)
@@ -105,6 +122,11 @@ class TrainSection:
     sample_every: int = option(0, "steps between sample images (0 = only at the end)", min=0, runtime=True)
     sample_prompts: list[str] = option(factory=lambda: ["a photo of a dog"], help="prompts for the sample images", runtime=True)
     sample_steps: int = option(20, "sampler steps for the sample images", min=1, runtime=True)
+    eval_every: int = option(0, "steps between validation passes (0 = off): a fixed-seed loss at fixed timesteps on a "
+                                "held-out slice never trained on, and the CLIP score of the sample images", min=0)
+    eval_fraction: float = option(0.02, "share of the samples held out for validation (a seeded split by key)",
+                                  min=0.0, max=0.5)
+    eval_max: int = option(64, "at most this many held-out samples", min=1)
 
 
 @dataclass
@@ -136,14 +158,21 @@ class TrainSpec:
     train: TrainSection = field(default_factory=TrainSection)
     ray: RayTrainSpec = field(default_factory=RayTrainSpec)
     video: VideoSpec = field(default_factory=VideoSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
 
     def fingerprint(self) -> str:
         """What the trajectory depends on (not worker counts or logging): a run folder holds one."""
         doc = {k: result_dict(getattr(self, k)) for k in ("data", "model", "objective", "optim", "ema", "train")}
+        if self.lora.enabled:                # a full run's fingerprint stays what it was
+            doc["lora"] = result_dict(self.lora)
         doc["data"]["shards"] = [os.path.abspath(p) if "://" not in p else p for p in self.data.shards]
         if self.data.selection:
             doc["data"]["selection"] = os.path.abspath(self.data.selection)
         doc["train"].pop("max_steps")        # raising max_steps continues the same run
+        doc["train"].pop("eval_every")       # how often to validate; the held-out split below is what trains
+        if not self.train.eval_every:        # no validation: nothing is held out
+            doc["train"].pop("eval_fraction")
+            doc["train"].pop("eval_max")
         from training import families
 
         if families.get(self.model.kind).clips:
@@ -155,7 +184,8 @@ class TrainSpec:
 
 
 SECTIONS = {"data": DataSpec, "output": TrainOutput, "model": ModelSpec, "objective": ObjectiveSpec,
-            "optim": OptimSpec, "ema": EmaSpec, "train": TrainSection, "ray": RayTrainSpec, "video": VideoSpec}
+            "optim": OptimSpec, "ema": EmaSpec, "train": TrainSection, "ray": RayTrainSpec, "video": VideoSpec,
+            "lora": LoraSpec}
 
 
 def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
@@ -201,6 +231,8 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
 
     if families.get(spec.model.kind).clips:
         _check_video(spec)
+    if spec.lora.enabled:
+        _check_lora(spec)
     if spec.model.pretrained and check_paths:
         families.get(spec.model.kind).check_pretrained(spec.model.pretrained)
     return spec
@@ -220,6 +252,19 @@ def _check_video(spec: TrainSpec) -> None:
         raise ConfigError(f"video.buckets: {exc}") from None
     if not table or any(b.width % 8 or b.height % 8 for b in table):
         raise ConfigError("video.buckets: give at least one HEIGHTxWIDTH whose sides are multiples of 8")
+
+
+def _check_lora(spec: TrainSpec) -> None:
+    from training import families
+
+    lo = spec.lora
+    if spec.train.fsdp:
+        raise ConfigError("lora.enabled: an adapter is small enough to replicate; set train.fsdp: false with LoRA")
+    if not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
+        raise ConfigError("lora.targets: give module names, e.g. [to_q, to_k, to_v, to_out.0]")
+    if lo.layers in ("temporal", "spatial") and not families.get(spec.model.kind).clips:
+        raise ConfigError(f"lora.layers: {lo.layers!r} applies to video UNets (model.kind svd, svd_t2v); use auto or all "
+                          f"for {spec.model.kind}")
 
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> TrainSpec:

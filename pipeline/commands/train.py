@@ -39,7 +39,7 @@ RUN_NAME = "train"
 SPEC_FILE = "train_spec.yaml"
 # every top-level name a training run writes: output.overwrite deletes these and nothing else
 ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", layout.SUMMARY_FILE,
-           "index.parquet", "_index", "cache", "motion_buckets.json"]
+           "index.parquet", "_index", "cache", "motion_buckets.json", "lora", "lora.tmp", "base", "base.tmp"]
 
 
 @dataclass
@@ -170,7 +170,10 @@ def format_summary(r: TrainResult) -> str:
              f"  throughput {np.mean(rates):.1f} samples/s, data wait {100 * np.mean(waits):.1f} % of step time"
              if rates else "  throughput (no steps this run)",
              f"  wall       {s['wall_s']:.1f} s in the workers",
-             f"  final      {s['final']}  (diffusers pipeline{', EMA weights' if s['ema'] else ''})",
+             *([f"  lora       {s['lora']}/pytorch_lora_weights.safetensors  ({s['adapter_parameters']:,} "
+                f"parameters{', EMA weights' if s['ema'] else ''}; base {s['base']})"] if s.get("lora") else []),
+             *([f"  final      {s['final']}  (diffusers pipeline{', EMA weights' if s['ema'] else ''}"
+                f"{', adapter fused' if s.get('lora') else ''})"] if s.get("final") else []),
              f"  logs       tensorboard --logdir {os.path.join(r.output, 'tensorboard')}"]
     if s.get("samples"):
         lines.append(f"  samples    {', '.join(s['samples'])}")

@@ -1,0 +1,247 @@
+"""LoRA through PEFT: which layers get an adapter, the export diffusers loads, the fused copy, and
+training runs (SD on 2 workers, SDXL, SVD) where only the adapter changes and resume is exact."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.contract.config import ConfigError
+from tests.helpers import kill_at_checkpoint
+from tests.test_train import ROOT, shards, train_spec  # noqa: F401  (shards is a fixture)
+from tests.test_train_svd import clip_run, svd_spec  # noqa: F401  (clip_run is a fixture)
+
+
+def _lora_spec(**kw):
+    from training.train_spec import LoraSpec
+
+    return LoraSpec(enabled=True, **kw)
+
+
+def _perturbed(params, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_targets_follow_the_layer_choice(tmp_path):
+    from training import families
+    from training.lora import target_modules
+
+    sd = families.get("sd").tiny(0, str(tmp_path)).unet
+    names = target_modules(sd, _lora_spec(), clips=False)
+    # tiny SD: 3 transformer blocks (down, mid, up x2 = 4) x 2 attentions x 4 projections
+    assert len(names) == 32 and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for n in names)
+    svd = families.get("svd").tiny(0, str(tmp_path)).unet
+    temporal = target_modules(svd, _lora_spec(), clips=True)             # auto: temporal on a video UNet
+    spatial = target_modules(svd, _lora_spec(layers="spatial"), clips=True)
+    assert len(temporal) == len(spatial) == 32
+    assert all(".temporal_transformer_blocks." in n for n in temporal)
+    assert not any("temporal" in n for n in spatial)
+    assert len(target_modules(svd, _lora_spec(layers="all"), clips=True)) == 64
+    with pytest.raises(ValueError, match="match no linear layer"):
+        target_modules(sd, _lora_spec(targets=["to_nothing"]), clips=False)
+
+
+@pytest.mark.parametrize("kind", ["sd", "svd"])
+def test_export_loads_into_the_base_pipeline_and_fuses(kind, tmp_path):
+    """The exported file on the base pipeline reproduces the trained UNet exactly (SD through
+    diffusers' load_lora_weights, SVD through load_into), changes its output, is under 5 % of the
+    UNet, and the fused copy agrees to float rounding."""
+    from training import families
+    from training.lora import WEIGHTS_FILE, add_lora, export, fused, load_into
+
+    fam = families.get(kind)
+    c = fam.tiny(0, str(tmp_path))
+    base = fam.export(c, c.unet, str(tmp_path / "base"))
+    params = add_lora(c.unet, _lora_spec(rank=4, alpha=8.0), fam.clips, seed=0)
+    assert all(p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in c.unet.parameters()) == len(params) == 64
+    _perturbed(params)
+    export(c.unet, str(tmp_path / "lora"), {"base": base})
+    size = os.path.getsize(tmp_path / "lora" / WEIGHTS_FILE)
+    assert size < 0.05 * os.path.getsize(tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    info = json.load(open(tmp_path / "lora" / "winnow_lora.json"))
+    assert (info["rank"], info["alpha"], info["parameters"]) == (4, 8.0, 15360)
+
+    torch.manual_seed(1)
+    if kind == "sd":
+        args = (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 77, 32))
+    else:
+        args = (torch.randn(1, 4, 8, 16, 16), torch.tensor([1.0]), torch.randn(1, 1, 32), torch.randn(1, 3))
+    pipe = type(fam.build_pipeline(c)).from_pretrained(base)
+    with torch.no_grad():
+        trained = c.unet(*args).sample
+        before = pipe.unet(*args).sample
+        load_into(pipe, str(tmp_path / "lora"))
+        after = pipe.unet(*args).sample
+        merged = fused(c.unet)(*args).sample
+    assert (trained - before).abs().max() > 1e-2            # the adapter changes the output
+    assert torch.equal(after, trained)                       # ... and the export restores it exactly
+    assert (merged - trained).abs().max() < 1e-5
+    assert not any("lora" in n for n, _ in fused(c.unet).named_parameters())
+
+
+def test_adapter_checkpoint_entry_refuses_another_adapter(tmp_path):
+    from training import families
+    from training.lora import AdapterWeights, add_lora
+
+    a, b = (families.get("sd").tiny(0, str(tmp_path)).unet for _ in range(2))
+    add_lora(a, _lora_spec(rank=4), False, seed=0)
+    add_lora(b, _lora_spec(rank=8), False, seed=0)
+    state = AdapterWeights(a).state_dict()
+    assert all(".lora_A." in k or ".lora_B." in k for k in state)
+    with pytest.raises(ValueError, match=r"shape \(4, "):
+        AdapterWeights(b).load_state_dict(state)
+    with pytest.raises(ValueError, match="names differ"):
+        AdapterWeights(b).load_state_dict({k: v for k, v in list(state.items())[1:]})
+
+
+def test_lora_spec_errors_name_the_key(shards, tmp_path):  # noqa: F811
+    from training import train_spec as ts
+
+    base = train_spec(shards[0], str(tmp_path / "o"), lora={"enabled": True})
+    assert ts.parse(base).lora.rank == 16
+    with pytest.raises(ConfigError, match="lora.layers: 'temporal' applies to video UNets"):
+        ts.parse({**base, "lora": {"enabled": True, "layers": "temporal"}})
+    with pytest.raises(ConfigError, match="set train.fsdp: false with LoRA"):
+        ts.parse({**base, "train": {**base["train"], "fsdp": True}})
+    with pytest.raises(ConfigError, match="lora.rank"):
+        ts.parse({**base, "lora": {"enabled": True, "rank": 0}})
+    # the fingerprint of a full run does not change with the lora section's defaults
+    full = ts.parse(train_spec(shards[0], str(tmp_path / "o")))
+    assert full.fingerprint() == ts.parse({**train_spec(shards[0], str(tmp_path / "o")),
+                                          "lora": {"rank": 4}}).fingerprint()
+    assert full.fingerprint() != ts.parse(base).fingerprint()
+
+
+def _lora_train(shards_dir, out, steps=6, **sections):
+    lora = {"enabled": True, "rank": 4, "dropout": 0.1, **sections.pop("lora", {})}
+    return train_spec(shards_dir, out, train={"max_steps": steps, "checkpoint_every": 3}, lora=lora,
+                      optim={"lr": 1e-2}, **sections)
+
+
+@pytest.fixture(scope="module")
+def lora_run(ray_local, shards, tmp_path_factory):  # noqa: F811
+    from pipeline.commands import train as trainer
+    from training import train_spec as ts
+
+    out = str(tmp_path_factory.mktemp("lora") / "run")
+    return out, trainer.run(ts.parse(_lora_train(shards[0], out, lora={"export_fused": True})), log=None)
+
+
+def test_sd_lora_run_trains_only_the_adapter(lora_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from training.lora import WEIGHTS_FILE
+
+    out, result = lora_run
+    s = result.summary
+    assert (s["steps"], s["world_size"], s["adapter_parameters"]) == (6, 2, 15360)
+    assert s["base"] == os.path.join(out, "base") and s["final"] == os.path.join(out, "final")
+    # the checkpoint holds the adapter, its EMA and AdamW's moments for the adapter alone
+    ck = os.path.join(out, "ray", "train", "checkpoint_0000006")
+    assert not {"unet", "ema_unet"} & set(os.listdir(ck))
+    tensors = load_file(os.path.join(ck, "state.safetensors"))
+    assert sum(t.numel() for t in tensors.values()) < 5 * 15360
+    # the base pipeline is the untouched preset; the adapter on it reproduces the fused export
+    base_unet = load_file(os.path.join(out, "base", "unet", "diffusion_pytorch_model.safetensors"))
+    from training import families
+
+    preset = families.get("sd").tiny(0, str(tmp_path)).unet.state_dict()
+    assert all(torch.equal(base_unet[k], preset[k]) for k in preset)
+    assert os.path.getsize(os.path.join(out, "lora", WEIGHTS_FILE)) < 0.05 * os.path.getsize(
+        os.path.join(out, "base", "unet", "diffusion_pytorch_model.safetensors"))
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(out, "base"))
+    plain = image(pipe)
+    pipe.load_lora_weights(os.path.join(out, "lora"))
+    adapted = image(pipe)
+    fused_image = image(StableDiffusionPipeline.from_pretrained(os.path.join(out, "final")))
+    assert np.abs(adapted - plain).max() > 1e-3
+    assert np.abs(adapted - fused_image).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_lora_kill9_then_rerun_is_exact(lora_run, shards, tmp_path):  # noqa: F811
+    """SIGKILL after the first checkpoint; the rerun's losses (dropout on) and adapter equal the
+    uninterrupted run's, bit for bit."""
+    import yaml
+    from safetensors.torch import load_file
+
+    clean_out, _ = lora_run
+    out = str(tmp_path / "run")
+    spec_path = str(tmp_path / "spec.yaml")
+    with open(spec_path, "w") as fh:
+        yaml.safe_dump(_lora_train(shards[0], out, lora={"export_fused": True}), fh)
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", spec_path]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_at_checkpoint(proc, out, 3)
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["resumed_from"] == 3 and summary["steps"] == 6
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    clean = [json.loads(line)["loss"] for line in open(os.path.join(clean_out, "metrics.jsonl"))]
+    assert losses == clean
+    a = load_file(os.path.join(clean_out, "lora", "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sdxl_lora_with_the_latent_cache(ray_local, shards, tmp_path):  # noqa: F811
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipeline.commands import train as trainer
+    from training import train_spec as ts
+
+    out = str(tmp_path / "run")
+    spec = _lora_train(shards[0], out, steps=4, model={"kind": "sdxl"},
+                       data={"cache": True, "random_crop": False})
+    result = trainer.run(ts.parse(spec), log=None)
+    assert result.summary["final"] is None and result.summary["steps"] == 4
+    pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(out, "base"))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+    plain = pipe("a photo", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(os.path.join(out, "lora"))
+    adapted = pipe("a photo", generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(adapted - plain).max() > 1e-4
+
+
+def test_svd_lora_trains_temporal_layers_and_resumes(ray_local, clip_run, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from pipeline.commands import train as trainer
+    from training import train_spec as ts
+
+    def spec(out, steps):
+        s = svd_spec(clip_run, out, steps).to_dict()
+        s["lora"] = {"enabled": True, "rank": 4}
+        s["optim"] = {"lr": 1e-2}
+        return ts.parse(s)
+
+    full = trainer.run(spec(str(tmp_path / "full"), 4), log=None)
+    trainer.run(spec(str(tmp_path / "split"), 2), log=None)
+    resumed = trainer.run(spec(str(tmp_path / "split"), 4), log=None)
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+    weights = load_file(os.path.join(full.summary["lora"], "pytorch_lora_weights.safetensors"))
+    assert weights and all(".temporal_transformer_blocks." in k for k in weights)
+    info = json.load(open(os.path.join(full.summary["lora"], "winnow_lora.json")))
+    assert info["layers"] == "temporal" and info["kind"] == "svd"
+    assert os.path.exists(os.path.join(full.summary["base"], "motion_buckets.json"))
