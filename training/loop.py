@@ -370,6 +370,7 @@ def samples(w: Worker, step: int, unet) -> list[str]:
     """Rank 0: the spec's sample prompts through the family's pipeline, as PNGs and TensorBoard images."""
     import torch
 
+    unet.eval()                               # no dropout (a LoRA's) while sampling; the loop sets train() again
     if w.family.clips:
         return video_samples(w, step, unet)
     spec = w.spec

@@ -156,12 +156,18 @@ def export(unet, folder: str, info: dict) -> str:
 
 def load_into(pipe, folder: str, adapter_name: str = "default") -> None:
     """Load an exported adapter onto ``pipe``: through diffusers' ``load_lora_weights`` where the
-    pipeline has it (SD, SDXL), else (SVD) into ``pipe.unet`` with PEFT from the same file."""
+    pipeline has it (SD, SDXL), else (SVD) into ``pipe.unet`` with ``load_adapter``."""
     if hasattr(pipe, "load_lora_weights"):
         pipe.load_lora_weights(folder, weight_name=WEIGHTS_FILE, adapter_name=adapter_name)
-        return
-    from diffusers.utils import convert_unet_state_dict_to_peft
+    else:
+        load_adapter(pipe.unet, folder, adapter_name)
+
+
+def load_adapter(unet, folder: str, adapter_name: str = "default") -> None:
+    """Inject the adapter exported to ``folder`` into ``unet`` with PEFT (any UNet; the config comes
+    from the file's metadata)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors import safe_open
 
@@ -175,10 +181,11 @@ def load_into(pipe, folder: str, adapter_name: str = "default") -> None:
         raise ValueError(f"{path}: no UNet adapter with its config in the metadata; export it with winnow")
     fields = set(LoraConfig.__dataclass_fields__)
     config = LoraConfig(**{k: v for k, v in unet_meta.items() if k in fields})
-    inject_adapter_in_model(config, pipe.unet, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(pipe.unet, unet_state, adapter_name=adapter_name)
+    inject_adapter_in_model(config, unet, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(unet, unet_state, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{folder}/{WEIGHTS_FILE}: {len(result.unexpected_keys)} weights fit no layer of this UNet")
+        raise ValueError(f"{path}: {len(result.unexpected_keys)} weights fit no layer of this UNet")
+    unet.eval()
 
 
 def fused(unet):
@@ -201,4 +208,4 @@ def fused(unet):
 
 
 __all__ = ["AdapterWeights", "EmaWeights", "INFO_FILE", "WEIGHTS_FILE", "add_lora", "adapter_params", "export",
-           "fused", "load_into", "target_modules"]
+           "fused", "load_adapter", "load_into", "target_modules"]

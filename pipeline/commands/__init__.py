@@ -26,7 +26,7 @@ COMMANDS = {
     "inflate": ("pipeline.commands.inflate", "inflate an image UNet (and VAE) into SVD's video models"),
     "submit": ("pipeline.commands.submit", "submit a spec to a Ray cluster as a job (checked here first)"),
     "jobs": ("pipeline.commands.jobs", "list a cluster's jobs, show one's status or logs, stop one"),
-    "eval": ("pipeline.commands.eval", "score images against a reference set (FID)"),
+    "eval": ("pipeline.commands.eval", "score a trained run or a folder of images: CLIP score, FID"),
 }
 
 

@@ -1,15 +1,26 @@
-"""``winnow eval --images A --reference B``: FID between two folders of images.
+"""``winnow eval``: score a trained run, or images that exist, with CLIP score and FID.
 
-The first part of issue 18's evaluation: scoring images that exist (a model's samples, a
-curated subset) against a reference set. Generating images from a run and the CLIP score of
-prompts come next; ``training/evaluate.py`` already holds the CLIP score.
+* ``--run OUTPUT [--checkpoint DIR]`` samples the run's model (``training/generate.py``: its
+  ``final/``, its LoRA on the base, or a checkpoint) once per prompt into ``OUTPUT/eval/<weights>/``
+  (PNGs, or GIFs for video models, and ``prompts.jsonl``), then scores what it made.
+* ``--images DIR`` scores a folder as it is (``--prompts`` pairs its files, in sorted order, with
+  the prompt file's lines).
 
-Every file under the two folders is read as winnow reads inputs (regular files only, bounded
-reads, the decoder's pixel and memory caps); a file that is not a readable image is counted
-under its reason and left out, and the counts say so. Images are resized to Inception's 299 x
-299 (bicubic) and scored with Inception-v3 pool features; the weights come from a file
-(torchvision's ``inception_v3_google`` state dict) or are ``random`` (seeded; the numbers then
-compare runs scored with the same network and mean nothing else).
+Prompts (``--prompts``) are a text file (one per line; blank lines and ``#`` comments skipped) or
+a curated shard set (a `winnow curate` output folder: the captions of its kept samples, by key),
+so a held-out shard set's captions serve as the prompt set, as SD 2's report used COCO's.
+
+Metrics (``training/evaluate.py``):
+
+* CLIP score (Hessel et al., 2021): ``100 * max(cos, 0)`` between each image and its prompt, with
+  the open_clip model given (``--clip-model``/``--clip-pretrained``, resolved as curation resolves
+  them: local files only). For videos: the mean over frames, and frame consistency, the mean cosine
+  of consecutive frames' CLIP image embeddings.
+* FID (Heusel et al., 2017) against ``--reference`` (a folder of images or a shard set), with
+  Inception-v3 weights from ``--fid-weights`` (torchvision's or pytorch-fid's file, or ``random``).
+
+Every file is read under curate's input rules (regular files only, bounded reads, the decoder's
+pixel and memory caps); one that is not a readable image is counted under its reason and left out.
 """
 from __future__ import annotations
 
@@ -25,20 +36,36 @@ from pipeline.contract.config import ConfigError
 
 NAME = "eval"
 DESCRIPTION = """\
-Score images against a reference set: FID (Inception-v3 pool features, Frechet distance in float64).
+Score a trained run (sampled once per prompt) or a folder of images: CLIP score and FID.
 
-  winnow eval --images DIR --reference DIR --fid-weights PATH|random [--json]
+  winnow eval --run OUTPUT [--checkpoint DIR] --prompts FILE|SHARDS [--reference DIR|SHARDS --fid-weights PATH|random]
+  winnow eval --images DIR [--prompts FILE] [--reference DIR|SHARDS --fid-weights PATH|random]
 
-PATH is torchvision's Inception-v3 weights file (inception_v3_google-*.pth); `random` is a seeded
-random network for tests and demos, whose FID means nothing beyond comparing runs scored with it.
+--prompts is a text file (one prompt per line) or a `winnow curate` output (its kept captions).
+--fid-weights is torchvision's or pytorch-fid's Inception-v3 weights file; `random` is a seeded random
+network for tests and demos. --clip-model/--clip-pretrained name the CLIP model as curation does
+(default: the tiny random CLIP, whose scores mean nothing).
 """
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
 
 
 @dataclass
 class EvalSpec:
-    images: str
-    reference: str
-    fid_weights: str
+    images: str | None = None
+    reference: str | None = None
+    fid_weights: str | None = None
+    run: str | None = None
+    checkpoint: str | None = None
+    prompts: str | None = None
+    frames: str | None = None            # image-to-video runs: the conditioning images
+    num: int = 64
+    steps: int = 20
+    guidance: float = 7.5
+    size: int | None = None
+    num_frames: int | None = None
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    out: str | None = None
     seed: int = 0
     max_images: int = 50_000
     batch: int = 32
@@ -48,12 +75,17 @@ class EvalSpec:
 @dataclass
 class EvalResult:
     images: str
-    reference: str
+    reference: str | None
     counts: dict               # per set: scored, skipped (by reason)
-    fid: float
-    fid_weights: str
+    fid: float | None
+    fid_weights: str | None
     seed: int
     wall_s: float
+    clip_score: float | None = None
+    clip_model: str | None = None
+    frame_consistency: float | None = None
+    weights: str | None = None          # what --run loaded
+    generated: int = 0
     warnings: list = field(default_factory=list)
     print_json: bool = False
 
@@ -61,95 +93,375 @@ class EvalResult:
         return {k: v for k, v in self.__dict__.items() if k != "print_json"}
 
 
+# ---- reading images ----
+
 def _files(root: str, limit: int) -> list[str]:
     out = []
     for d, dirs, fs in os.walk(root):
         dirs.sort()
-        out += [os.path.join(d, f) for f in sorted(fs) if not f.lower().endswith((".txt", ".json", ".parquet"))]
+        out += [os.path.join(d, f) for f in sorted(fs) if not f.lower().endswith(TEXT_SUFFIXES)]
     return out[:limit]
 
 
-def image_batches(root: str, limit: int, batch: int, skipped: dict):
-    """Uint8 (n, 3, 299, 299) batches of a folder's images, ``batch`` at a time (memory stays one
-    batch, whatever the folder holds); files that are not readable images counted in ``skipped``."""
-    from PIL import Image
+def is_shard_set(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "shards")) and not os.path.isfile(os.path.join(path, "train_spec.yaml"))
 
-    from curation.decode import DecodeConfig, DecodeError, decode_image
+
+def _shard_members(root: str, limit: int, skipped: dict):
+    """(name, bytes) of the image members of a shard set's tars, read without extracting anything."""
+    import glob
+    import tarfile
+
+    from pipeline.contract.inputs import InputPolicy
+    from pipeline.contract.schema import IMAGE_EXTENSIONS
+
+    cap, n = InputPolicy().max_file_bytes, 0
+    for path in sorted(glob.glob(os.path.join(root, "shards", "*.tar"))):
+        try:
+            with tarfile.open(path) as tf:
+                for m in tf:
+                    if not m.name.lower().endswith(IMAGE_EXTENSIONS):
+                        continue
+                    if not m.isreg() or m.size > cap:
+                        skipped["not_a_regular_file" if not m.isreg() else "too_large"] = \
+                            skipped.get("not_a_regular_file" if not m.isreg() else "too_large", 0) + 1
+                        continue
+                    yield f"{os.path.basename(path)}/{m.name}", tf.extractfile(m).read()
+                    n += 1
+                    if n >= limit:
+                        return
+        except (tarfile.TarError, OSError) as exc:
+            skipped["bad_tar"] = skipped.get("bad_tar", 0) + 1
+            print(f"winnow eval: {path}: {exc}", file=sys.stderr)
+
+
+def _sources(root: str, limit: int, skipped: dict):
+    """(name, bytes or the exception that refused it) of a folder's files or a shard set's images."""
+    if is_shard_set(root):
+        yield from _shard_members(root, limit, skipped)
+        return
     from pipeline.contract.inputs import InputPolicy, InputRejected, read_local
-    from training.evaluate import INCEPTION_SIZE
 
-    policy, cfg = InputPolicy(root=os.path.realpath(root)), DecodeConfig(max_side=1024)
-    images = []
+    policy = InputPolicy(root=os.path.realpath(root))
     for path in _files(root, limit):
         try:
-            img, _, _ = decode_image(read_local(path, policy), cfg)
-        except (DecodeError, InputRejected, OSError) as exc:
-            reason = str(exc).split(":", 1)[0] if isinstance(exc, (DecodeError, InputRejected)) else type(exc).__name__
+            yield os.path.relpath(path, root), read_local(path, policy)
+        except (InputRejected, OSError) as exc:
+            yield os.path.relpath(path, root), exc
+
+
+def read_images(root: str, limit: int, skipped: dict):
+    """(name, RGB PIL image) of every readable image; the rest counted in ``skipped`` by reason."""
+    from curation.decode import DecodeConfig, DecodeError, decode_image
+
+    cfg = DecodeConfig(max_side=1024)
+    for name, data in _sources(root, limit, skipped):
+        try:
+            if isinstance(data, Exception):
+                raise data
+            img, _, _ = decode_image(data, cfg)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a counted skip
+            reason = str(exc).split(":", 1)[0] if type(exc).__name__ in ("DecodeError", "InputRejected") \
+                else type(exc).__name__
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        img = img.convert("RGB").resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC)
-        images.append(np.asarray(img).transpose(2, 0, 1))
-        if len(images) == batch:
-            yield np.stack(images)
-            images = []
-    if images:
-        yield np.stack(images)
+        yield name, img.convert("RGB")
 
+
+def inception_batches(images, batch: int):
+    """Uint8 (n, 3, 299, 299) batches of PIL images, ``batch`` at a time (memory stays one batch)."""
+    from PIL import Image
+
+    from training.evaluate import INCEPTION_SIZE
+
+    chunk = []
+    for img in images:
+        chunk.append(np.asarray(img.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC)).transpose(2, 0, 1))
+        if len(chunk) == batch:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
+
+
+def image_batches(root: str, limit: int, batch: int, skipped: dict):
+    """Inception batches of a folder's (or shard set's) readable images."""
+    return inception_batches((img for _, img in read_images(root, limit, skipped)), batch)
+
+
+# ---- prompts ----
+
+def read_prompts(source: str, limit: int) -> list[str]:
+    """A text file's prompts, or a shard set's kept captions (sorted by key)."""
+    if os.path.isdir(source):
+        import glob
+
+        import pyarrow.parquet as pq
+
+        rows = []
+        for path in sorted(glob.glob(os.path.join(source, "shards", "*.parquet"))):
+            t = pq.read_table(path, columns=["key", "caption", "status"]).to_pylist()
+            rows += [(r["key"], r["caption"].strip()) for r in t if r["status"] == "kept" and (r["caption"] or "").strip()]
+        return [c for _, c in sorted(rows)][:limit]
+    with open(source, encoding="utf-8", errors="replace") as fh:
+        lines = [line.strip() for line in fh]
+    return [line for line in lines if line and not line.startswith("#")][:limit]
+
+
+# ---- CLIP ----
+
+class _Clip:
+    def __init__(self, spec: EvalSpec):
+        from curation.clip import TINY_CLIP, ClipConfig, ClipEmbed
+
+        self.name = spec.clip_model or TINY_CLIP
+        self.random = spec.clip_pretrained in (None, "random")
+        self.model = ClipEmbed(ClipConfig(model=self.name, pretrained=spec.clip_pretrained, seed=spec.seed, text=True))
+
+    def images(self, images: list) -> np.ndarray:
+        out = [self.model.embed_images([self.model.preprocess(im) for im in images[i:i + 32]])
+               for i in range(0, len(images), 32)]
+        return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        out = [self.model.embed_texts(texts[i:i + 64]) for i in range(0, len(texts), 64)]
+        return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
+
+
+def frame_consistency(frame_embeddings: np.ndarray) -> float:
+    """Mean cosine of consecutive frames' (L2-normalised) CLIP image embeddings."""
+    e = np.asarray(frame_embeddings, np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return float((e[1:] * e[:-1]).sum(axis=1).mean()) if len(e) > 1 else float("nan")
+
+
+# ---- the command ----
 
 def plan(spec: EvalSpec) -> dict:
-    for what, path in (("--images", spec.images), ("--reference", spec.reference)):
-        if not os.path.isdir(path):
-            raise ConfigError(f"{what}: {path!r} is not a folder of images")
-    if spec.fid_weights != "random" and not os.path.isfile(spec.fid_weights):
+    """Check the arguments before any model loads; a ConfigError says what to change."""
+    if bool(spec.images) == bool(spec.run):
+        raise ConfigError("give either --run OUTPUT (sample a trained run) or --images DIR (score a folder)")
+    if spec.images and not os.path.isdir(spec.images):
+        raise ConfigError(f"--images: {spec.images!r} is not a folder of images")
+    if spec.reference and not os.path.isdir(spec.reference):
+        raise ConfigError(f"--reference: {spec.reference!r} is not a folder of images or a shard set")
+    if spec.reference and not spec.fid_weights:
+        raise ConfigError("--fid-weights: required with --reference; give torchvision's Inception-v3 weights "
+                          "(inception_v3_google-*.pth), pytorch-fid's file, or 'random' (tests and demos only)")
+    if spec.fid_weights and spec.fid_weights != "random" and not os.path.isfile(spec.fid_weights):
         raise ConfigError(f"--fid-weights: {spec.fid_weights!r} is not a file; give torchvision's Inception-v3 "
                           f"weights (inception_v3_google-*.pth) or 'random' (tests and demos only)")
-    return {"images": spec.images, "reference": spec.reference}
+    if spec.prompts and not (os.path.isfile(spec.prompts) or is_shard_set(spec.prompts)):
+        raise ConfigError(f"--prompts: {spec.prompts!r} is neither a text file nor a `winnow curate` output folder")
+    if not spec.reference and not spec.prompts:
+        raise ConfigError("nothing to score: give --prompts (CLIP score) and/or --reference with --fid-weights (FID)")
+    if spec.frames and not os.path.isdir(spec.frames):
+        raise ConfigError(f"--frames: {spec.frames!r} is not a folder of conditioning images")
+    out = {"images": spec.images}
+    if spec.run:
+        from training import families
+        from training.generate import run_spec, weights_of
+
+        if not spec.prompts:
+            raise ConfigError("--prompts: required with --run (what to sample); a text file or a shard set")
+        ts = run_spec(spec.run)
+        out["weights"] = weights_of(spec.run, spec.checkpoint)
+        out["kind"] = ts.model.kind
+        if families.get(ts.model.kind).image_conditioned and not spec.frames:
+            raise ConfigError("--frames: an image-to-video run (model.kind svd) samples from conditioning images; give "
+                              "a folder of them (paired in sorted order with the prompts)")
+    if spec.clip_model or spec.clip_pretrained:
+        from curation.clip import ClipConfig, resolve_weights
+
+        resolve_weights(ClipConfig(model=spec.clip_model or ClipConfig().model, pretrained=spec.clip_pretrained),
+                        "--clip")
+    return out
+
+
+def _generate(spec: EvalSpec, log) -> tuple[str, list[str], str, bool]:
+    """Sample the run once per prompt into the output folder; returns (folder, prompts, weights, video)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from training.generate import generate_images, generate_videos, load_run
+
+    model = load_run(spec.run, spec.checkpoint)
+    prompts = read_prompts(spec.prompts, spec.num)
+    if not prompts:
+        raise ConfigError(f"--prompts: {spec.prompts!r} holds no prompts")
+    name = os.path.basename(os.path.normpath(spec.checkpoint)) if spec.checkpoint else \
+        ("final" if os.path.isdir(os.path.join(spec.run, "final")) else "lora")
+    folder = spec.out or os.path.join(spec.run, "eval", name)
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    bar = tqdm(total=len(prompts), desc="eval: sampling", unit="prompt", file=log, disable=log is None)
+    ts, video = model.spec, model.family.clips
+    if video:
+        bucket = next(iter(ts.video.buckets))                       # the run's first video bucket
+        h, w = (int(x) for x in bucket.split("x"))
+        frames_n = spec.num_frames or int(next(iter(ts.video.buckets[bucket])))
+        cond = None
+        if spec.frames:
+            cond = [img for _, img in read_images(spec.frames, len(prompts), {})]
+            prompts = prompts[:len(cond)] if model.family.image_conditioned else prompts
+        outs = generate_videos(model, prompts, cond, spec.steps, h, w, frames_n, ts.video.fps, spec.seed,
+                               progress=bar.update)
+        files = []
+        for k, frames in enumerate(outs):
+            files.append(f"{k:05d}.gif")
+            frames[0].save(os.path.join(folder, files[-1]), save_all=True, append_images=frames[1:],
+                           duration=int(1000 / ts.video.fps), loop=0)
+    else:
+        size = spec.size or min(ts.data.resolution, 512)
+        outs = generate_images(model, prompts, spec.steps, spec.guidance, size, spec.seed, progress=bar.update)
+        files = []
+        for k, img in enumerate(outs):
+            files.append(f"{k:05d}.png")
+            img.save(os.path.join(folder, files[-1]))
+    bar.close()
+    with open(os.path.join(folder, "prompts.jsonl"), "w", encoding="utf-8") as fh:
+        for k, (f, p) in enumerate(zip(files, prompts)):
+            fh.write(json.dumps({"file": f, "prompt": p, "seed": spec.seed + k}) + "\n")
+    return folder, prompts, model.source, video
+
+
+def _gif_frames(path: str) -> list:
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return [f.convert("RGB") for f in ImageSequence.Iterator(im)]
 
 
 def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
     import warnings
 
-    from training.evaluate import fid_of, inception, stats_of
-
     plan(spec)
     started = time.time()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = inception(spec.fid_weights, spec.seed)
-    stats, counts = {}, {}
-    for name, root in (("images", spec.images), ("reference", spec.reference)):
-        skipped: dict = {}
-        stats[name] = stats_of(model, image_batches(root, spec.max_images, spec.batch, skipped))
-        counts[name] = {"scored": stats[name].n, "skipped": dict(sorted(skipped.items()))}
-        if stats[name].n < 2:
-            raise ConfigError(f"--{name}: {root!r} holds {stats[name].n} readable images; FID needs at least 2 "
-                              f"(skipped: {counts[name]['skipped']})")
-    value = fid_of(stats["images"], stats["reference"])
-    return EvalResult(spec.images, spec.reference, counts, round(value, 6), spec.fid_weights, spec.seed,
-                      round(time.time() - started, 2), [str(w.message) for w in caught], spec.json)
+    caught_all: list = []
+    images, weights, video, prompts = spec.images, None, False, None
+    if spec.run:
+        images, prompts, weights, video = _generate(spec, log)
+    elif spec.prompts:
+        prompts = read_prompts(spec.prompts, spec.max_images)
+    counts, fid_value, score, consistency, clip_name = {}, None, None, None, None
+    if prompts is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clip = _Clip(spec)
+        caught_all += caught
+        clip_name = clip.name + ("" if not clip.random else " (random weights)")
+        if clip.random:
+            caught_all.append(f"CLIP {clip.name} has random weights: its CLIP scores mean nothing beyond comparing "
+                              f"runs scored with it; give --clip-model and --clip-pretrained")
+        score, consistency, n = _clip_scores(clip, images, prompts, video, spec)
+        counts["images"] = n
+    if spec.reference:
+        from training.evaluate import fid_of, inception, stats_of
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = inception(spec.fid_weights, spec.seed)
+        caught_all += caught
+        stats = {}
+        for name, root in (("images", images), ("reference", spec.reference)):
+            skipped: dict = {}
+            if video and name == "images":            # FID of a model's videos: over all their frames
+                frames = (f for p in sorted(os.listdir(root)) if p.endswith(".gif") for f in _gif_frames(os.path.join(root, p)))
+                stats[name] = stats_of(model, inception_batches(frames, spec.batch))
+            else:
+                stats[name] = stats_of(model, image_batches(root, spec.max_images, spec.batch, skipped))
+            counts[name] = {**counts.get(name, {}), "scored": stats[name].n, "skipped": dict(sorted(skipped.items()))}
+            if stats[name].n < 2:
+                raise ConfigError(f"--{name}: {root!r} holds {stats[name].n} readable images; FID needs at least 2 "
+                                  f"(skipped: {counts[name]['skipped']})")
+        fid_value = round(fid_of(stats["images"], stats["reference"]), 6)
+    messages = [str(getattr(w, "message", w)) for w in caught_all]
+    return EvalResult(images, spec.reference, counts, fid_value, spec.fid_weights, spec.seed,
+                      round(time.time() - started, 2), None if score is None else round(score, 4), clip_name,
+                      None if consistency is None else round(consistency, 4), weights,
+                      len(prompts) if spec.run else 0, messages, spec.json)
+
+
+def _clip_scores(clip: _Clip, folder: str, prompts: list[str], video: bool, spec: EvalSpec):
+    """(mean CLIP score, frame consistency or None, counts) of ``folder``'s images (or GIFs) against
+    ``prompts``: by prompts.jsonl when the folder has one, else its files in sorted order."""
+    from training.evaluate import clip_score
+
+    listing = os.path.join(folder, "prompts.jsonl")
+    if os.path.isfile(listing):
+        pairs = [json.loads(line) for line in open(listing, encoding="utf-8")]
+        pairs = [(p["file"], p["prompt"]) for p in pairs]
+    else:
+        files = [os.path.relpath(f, folder) for f in _files(folder, spec.max_images)]
+        if len(files) != len(prompts):
+            raise ConfigError(f"--prompts: {len(prompts)} prompts for {len(files)} files in {folder!r}; the prompt "
+                              f"file's lines pair with the folder's files in sorted order")
+        pairs = list(zip(files, prompts))
+    skipped: dict = {}
+    if video:
+        scores, consistency = [], []
+        for f, p in pairs:
+            frames = _gif_frames(os.path.join(folder, f))
+            e = clip.images(frames)
+            scores.append(clip_score(e, np.repeat(clip.texts([p]), len(e), axis=0))[0])
+            consistency.append(frame_consistency(e))
+        return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}
+    readable = dict(read_images(folder, spec.max_images, skipped))
+    kept = [(readable[f], p) for f, p in pairs if f in readable]
+    if not kept:
+        raise ConfigError(f"--images: no readable image of {folder!r} pairs with a prompt (skipped: {skipped})")
+    mean, _ = clip_score(clip.images([im for im, _ in kept]), clip.texts([p for _, p in kept]))
+    return mean, None, {"scored": len(kept), "skipped": dict(sorted(skipped.items()))}
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--images", required=True, help="folder of images to score")
-    parser.add_argument("--reference", required=True, help="folder of reference images")
-    parser.add_argument("--fid-weights", required=True, help="torchvision Inception-v3 weights file, or 'random'")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random Inception")
+    src = parser.add_argument_group("what to score")
+    src.add_argument("--run", help="a `winnow train` output folder: sample its model once per prompt")
+    src.add_argument("--checkpoint", help="with --run: a checkpoint folder instead of the run's final/ or lora/")
+    src.add_argument("--images", help="a folder of images to score as it is")
+    src.add_argument("--prompts", help="text file (one prompt per line) or a `winnow curate` output (kept captions)")
+    src.add_argument("--frames", help="image-to-video runs: folder of conditioning images, paired with the prompts")
+    gen = parser.add_argument_group("sampling (--run)")
+    gen.add_argument("--num", type=int, default=64, help="prompts sampled (the first N)")
+    gen.add_argument("--steps", type=int, default=20, help="sampler steps")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (images)")
+    gen.add_argument("--size", type=int, help="image side in pixels (default: the run's data.resolution, at most 512)")
+    gen.add_argument("--num-frames", type=int, help="frames per video (default: the run's first video bucket's)")
+    gen.add_argument("--out", help="where the samples go (default OUTPUT/eval/<final|lora|checkpoint_N>)")
+    met = parser.add_argument_group("metrics")
+    met.add_argument("--reference", help="folder of reference images, or a shard set, for FID")
+    met.add_argument("--fid-weights", help="torchvision or pytorch-fid Inception-v3 weights file, or 'random'")
+    met.add_argument("--clip-model", help="open_clip model name for the CLIP score (default: the tiny random CLIP)")
+    met.add_argument("--clip-pretrained", help="its weights: an open_clip tag in the local cache, a file or a folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of random networks")
     parser.add_argument("--max-images", type=int, default=50_000, help="images read per folder (sorted order)")
     parser.add_argument("--json", action="store_true", help="end with one line holding the result as JSON")
 
 
 def from_args(args) -> EvalSpec:
-    spec = EvalSpec(args.images, args.reference, args.fid_weights, args.seed, args.max_images, json=args.json)
+    for name in ("num", "steps", "max_images"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
+    spec = EvalSpec(args.images, args.reference, args.fid_weights, args.run, args.checkpoint, args.prompts, args.frames,
+                    args.num, args.steps, args.guidance, args.size, args.num_frames, args.clip_model,
+                    args.clip_pretrained, args.out, args.seed, args.max_images, json=args.json)
     plan(spec)
     return spec
 
 
 def format_summary(r: EvalResult) -> str:
-    lines = [f"winnow eval: {r.images} against {r.reference}"]
+    lines = [f"winnow eval: {r.images}" + (f" against {r.reference}" if r.reference else "")]
+    if r.weights:
+        lines.append(f"  model      {r.weights}: {r.generated} samples")
     for name, c in r.counts.items():
-        skipped = ", ".join(f"{k} {v}" for k, v in c["skipped"].items()) or "none"
-        lines.append(f"  {name:<10} {c['scored']:>7} images scored; skipped: {skipped}")
-    lines.append(f"  FID        {r.fid:.4f}  (Inception-v3 pool features; weights {r.fid_weights})")
+        skipped = ", ".join(f"{k} {v}" for k, v in c.get("skipped", {}).items()) or "none"
+        lines.append(f"  {name:<10} {c['scored']:>7} scored; skipped: {skipped}")
+    if r.clip_score is not None:
+        lines.append(f"  CLIP score {r.clip_score:.2f}  (100 x max(cos, 0); {r.clip_model})")
+    if r.frame_consistency is not None:
+        lines.append(f"  frame consistency {r.frame_consistency:.4f}  (cosine of consecutive frames' CLIP embeddings)")
+    if r.fid is not None:
+        lines.append(f"  FID        {r.fid:.4f}  (Inception-v3 pool features; weights {r.fid_weights})")
     lines += [f"  warning: {w}" for w in r.warnings]
     lines.append(f"  wall time  {r.wall_s:.1f} s")
     if r.print_json:

@@ -39,7 +39,7 @@ RUN_NAME = "train"
 SPEC_FILE = "train_spec.yaml"
 # every top-level name a training run writes: output.overwrite deletes these and nothing else
 ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", layout.SUMMARY_FILE,
-           "index.parquet", "_index", "cache", "motion_buckets.json", "lora", "lora.tmp", "base", "base.tmp"]
+           "index.parquet", "_index", "cache", "motion_buckets.json", "lora", "lora.tmp", "base", "base.tmp", "eval"]
 
 
 @dataclass

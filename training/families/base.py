@@ -140,7 +140,8 @@ class Family:
     name: ClassVar[str] = ""
     clips: ClassVar[bool] = False          # trains on curated clips (ClipLoader, video buckets), not images
     inflates: ClassVar[bool] = False       # its UNet inflates into a video UNet (training/inflate.py)
-    follows: ClassVar[tuple[str, ...]] = ()  # other video families whose UNet this one starts from (conv_in widened)
+    follows: ClassVar[tuple[str, ...]] = ()
+    image_conditioned: ClassVar[bool] = False  # samples from a conditioning frame (image-to-video)  # other video families whose UNet this one starts from (conv_in widened)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tiny_scaling_factor: ClassVar[float] = 0.18215
 
@@ -162,9 +163,12 @@ class Family:
 
         kw = dict(local_files_only=not allow_download)
         noise = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
+        # the sampler keeps the folder's own DDIM settings (steps_offset, set_alpha_to_one), which a
+        # DDPM config drops
+        sample = DDIMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
         if prediction_type and prediction_type != noise.config.prediction_type:
             noise = DDPMScheduler.from_config(noise.config, prediction_type=prediction_type)
-        sample = DDIMScheduler.from_config(noise.config)
+            sample = DDIMScheduler.from_config(sample.config, prediction_type=prediction_type)
         encoders = [cls.from_pretrained(pretrained, subfolder=sub, **kw)
                     for cls, sub in zip(self._encoder_classes(), self.text_encoders)]
         tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder=sub.replace("text_encoder", "tokenizer"), **kw)

@@ -1,0 +1,149 @@
+"""A trained run's model, loaded for sampling (``winnow eval --run``): its exported pipeline, its
+LoRA on the base it was trained from, or one of its checkpoints.
+
+Which weights, in order:
+
+* ``--checkpoint DIR`` (``OUTPUT/ray/train/checkpoint_NNNNNNN``): the run's base model (its
+  ``model.pretrained``, or the tiny preset of its seed) with the checkpoint's UNet or adapter, the
+  EMA weights when the checkpoint holds them. Only safetensors and JSON are read.
+* ``OUTPUT/final`` (a full run, or a LoRA run with ``export_fused``), else
+* ``OUTPUT/lora`` on ``OUTPUT/base`` (or ``model.pretrained``).
+
+Images are sampled through the family's diffusers pipeline; videos through the family's own
+sampler (``sample_videos``: the SVD pipeline from a conditioning frame, or winnow's text-to-video
+Euler loop), each prompt with its own seeded generator so a prompt's output does not depend on
+which prompts came before it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.contract.config import ConfigError
+
+
+@dataclass
+class RunModel:
+    spec: object          # the run's TrainSpec
+    family: object
+    comps: object         # Components, the UNet among them carrying any adapter
+    source: str           # what was loaded, in words
+
+
+def run_spec(run: str):
+    from pipeline.contract.config import load_yaml
+    from training import train_spec
+
+    path = os.path.join(run, "train_spec.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--run: {run!r} has no train_spec.yaml; give a `winnow train` output folder")
+    data = load_yaml(path)
+    data.pop("fingerprint", None)
+    return train_spec.parse(data, check_paths=False)
+
+
+def weights_of(run: str, checkpoint: str | None = None) -> str:
+    """Which weights ``load_run`` would take, or a ConfigError saying what is missing."""
+    if checkpoint:
+        if not os.path.isfile(os.path.join(checkpoint, "state.json")):
+            raise ConfigError(f"--checkpoint: {checkpoint!r} has no state.json; give a checkpoint folder "
+                              f"(OUTPUT/ray/train/checkpoint_NNNNNNN)")
+        return "checkpoint"
+    if os.path.isfile(os.path.join(run, "final", "model_index.json")):
+        return "final"
+    if os.path.isfile(os.path.join(run, "lora", "pytorch_lora_weights.safetensors")):
+        return "lora"
+    raise ConfigError(f"--run: {run!r} has neither final/ nor lora/ (has the run finished?); give --checkpoint "
+                      f"{os.path.join(run, 'ray', 'train', 'checkpoint_NNNNNNN')} to evaluate an unfinished run")
+
+
+def _base(spec, run: str) -> str:
+    return spec.model.pretrained or os.path.join(run, "base")
+
+
+def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None) -> RunModel:
+    import json
+    import tempfile
+
+    from training import families
+    from training.checkpoint import load_state, load_tensors
+    from training.lora import AdapterWeights, add_lora, load_adapter
+
+    spec = run_spec(run)
+    family = families.get(spec.model.kind)
+    what = weights_of(run, checkpoint)
+    scratch = scratch or tempfile.mkdtemp(prefix="winnow-eval-")
+    m = spec.model
+    if what == "final":
+        return RunModel(spec, family, family.load(os.path.join(run, "final")), f"{run}/final")
+    if what == "lora":
+        base = _base(spec, run)
+        comps = family.load(base) if os.path.isdir(base) or m.pretrained else None
+        if comps is None:
+            raise ConfigError(f"--run: the LoRA's base {base!r} is missing")
+        load_adapter(comps.unet, os.path.join(run, "lora"))
+        return RunModel(spec, family, comps, f"{run}/lora on {base}")
+    comps = family.components(m.pretrained, m.allow_download, m.seed, scratch, spec.objective.prediction_type)
+    if spec.lora.enabled:
+        add_lora(comps.unet, spec.lora, family.clips, m.seed)
+        state = load_state(checkpoint)
+        AdapterWeights(comps.unet).load_state_dict(state["adapter"])
+        ema = state.get("ema_adapter")
+        if ema:                                   # the shadow weights, in the adapter's parameter order
+            from training.lora import adapter_params
+
+            with torch.no_grad():
+                for p, s in zip(adapter_params(comps.unet).values(), ema["shadow_params"]):
+                    p.copy_(s)
+    else:
+        sub = "ema_unet" if os.path.isdir(os.path.join(checkpoint, "ema_unet")) else "unet"
+        weights = load_tensors(os.path.join(checkpoint, sub, "diffusion_pytorch_model.safetensors"))
+        comps.unet.load_state_dict(weights)
+    step = json.load(open(os.path.join(checkpoint, "meta.json"))).get("step") if os.path.isfile(
+        os.path.join(checkpoint, "meta.json")) else "?"
+    return RunModel(spec, family, comps, f"{checkpoint} (step {step})")
+
+
+def _eval_mode(comps) -> None:
+    """Inference mode for every part (a preset built in code starts in training mode, where a LoRA's
+    dropout would still drop)."""
+    for part in (comps.unet, comps.vae, *comps.text_encoders):
+        part.eval()
+
+
+def generate_images(m: RunModel, prompts: list[str], steps: int, guidance: float, size: int, seed: int,
+                    device: str = "cpu", progress=None) -> list:
+    """One PIL image per prompt; prompt k is sampled with a generator seeded ``seed + k``."""
+    _eval_mode(m.comps)
+    pipe = m.family.build_pipeline(m.comps).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for k, prompt in enumerate(prompts):
+        g = torch.Generator("cpu").manual_seed(seed + k)
+        out.append(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                        generator=g).images[0])
+        if progress:
+            progress()
+    return out
+
+
+def generate_videos(m: RunModel, prompts: list[str], frames: list | None, steps: int, height: int, width: int,
+                    num_frames: int, fps: float, seed: int, device: str = "cpu", progress=None) -> list[list]:
+    """One list of PIL frames per prompt (image-to-video: per conditioning frame, ``frames[k]``)."""
+    from training.buckets import VideoBucket
+
+    bucket = VideoBucket(width, height, num_frames, 1)
+    _eval_mode(m.comps)
+    m.comps.unet.to(device)
+    out = []
+    for k, prompt in enumerate(prompts):
+        first = (lambda k=k: frames[k].convert("RGB").resize((width, height))) if frames else None
+        out += m.family.sample_videos(m.comps, m.comps.unet, bucket, steps, fps, seed + k, device, [prompt], first)
+        if progress:
+            progress()
+    return out
+
+
+__all__ = ["RunModel", "generate_images", "generate_videos", "load_run", "run_spec", "weights_of"]
