@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -15,6 +16,11 @@ from pipeline.contract.config import ConfigError
 from tests.helpers import kill_at_checkpoint
 from tests.test_train import ROOT, _losses, shards, train_spec  # noqa: F401  (shards is a fixture)
 from tests.test_train_svd import clip_run, svd_spec  # noqa: F401  (clip_run is a fixture)
+
+
+def _validation(out: str) -> dict:
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return {m["step"]: m for m in map(json.loads, fh) if "val_loss" in m}
 
 
 def _lora_spec(**kw):
@@ -121,10 +127,13 @@ def test_lora_spec_errors_name_the_key(shards, tmp_path):  # noqa: F811
     assert full.fingerprint() != ts.parse(base).fingerprint()
 
 
+VALIDATE = {"eval_every": 6, "eval_fraction": 0.2}
+
+
 def _lora_train(shards_dir, out, steps=6, **sections):
     lora = {"enabled": True, "rank": 4, "dropout": 0.1, **sections.pop("lora", {})}
-    return train_spec(shards_dir, out, train={"max_steps": steps, "checkpoint_every": 3}, lora=lora,
-                      optim={"lr": 1e-2}, **sections)
+    train = {"max_steps": steps, "checkpoint_every": 3, **sections.pop("train", {})}
+    return train_spec(shards_dir, out, train=train, lora=lora, optim={"lr": 1e-2}, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +142,7 @@ def lora_run(ray_local, shards, tmp_path_factory):  # noqa: F811
     from training import train_spec as ts
 
     out = str(tmp_path_factory.mktemp("lora") / "run")
-    return out, trainer.run(ts.parse(_lora_train(shards[0], out, steps=12, lora={"export_fused": True})), log=None)
+    return out, trainer.run(ts.parse(_lora_train(shards[0], out, steps=12, lora={"export_fused": True}, train=VALIDATE)), log=None)
 
 
 def test_sd_lora_run_trains_only_the_adapter(lora_run, tmp_path):
@@ -145,6 +154,12 @@ def test_sd_lora_run_trains_only_the_adapter(lora_run, tmp_path):
     out, result = lora_run
     s = result.summary
     assert (s["steps"], s["world_size"], s["adapter_parameters"]) == (12, 2, 15360)
+    # validation at steps 6 and 12 on the held-out slice, which the training index never holds
+    val, held = result.validation, pq.read_table(os.path.join(out, "val_index.parquet"))
+    assert [v["step"] for v in val] == [6, 12] and all(v["val_samples"] == held.num_rows > 0 for v in val)
+    assert all(np.isfinite(v["val_loss"]) and 0.0 <= v["val_clip_score"] <= 100.0 for v in val)
+    trained = set(pq.read_table(os.path.join(out, "index.parquet")).column("key").to_pylist())
+    assert not trained & set(held.column("key").to_pylist())
     assert s["base"] == os.path.join(out, "base") and s["final"] == os.path.join(out, "final")
     # the checkpoint holds the adapter, its EMA and AdamW's moments for the adapter alone
     ck = os.path.join(out, "ray", "train", "checkpoint_0000012")
@@ -185,7 +200,7 @@ def test_lora_kill9_then_rerun_is_exact(lora_run, shards, tmp_path):  # noqa: F8
     out = str(tmp_path / "run")
     spec_path = str(tmp_path / "spec.yaml")
     with open(spec_path, "w") as fh:
-        yaml.safe_dump(_lora_train(shards[0], out, steps=12, lora={"export_fused": True}), fh)
+        yaml.safe_dump(_lora_train(shards[0], out, steps=12, lora={"export_fused": True}, train=VALIDATE), fh)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", spec_path]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
@@ -195,7 +210,8 @@ def test_lora_kill9_then_rerun_is_exact(lora_run, shards, tmp_path):  # noqa: F8
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["resumed_from"] in (3, 6, 9) and summary["steps"] == 12
-    assert _losses(out) == _losses(clean_out) and len(_losses(out)) == 12     # every step, before and after the kill
+    assert _losses(out) == _losses(clean_out) and len(_losses(out)) == 12
+    assert _validation(out)[12] == _validation(clean_out)[12]            # the same held-out loss after the resume     # every step, before and after the kill
     a = load_file(os.path.join(clean_out, "lora", "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -222,6 +238,7 @@ def test_sdxl_lora_with_the_latent_cache(ray_local, shards, tmp_path):  # noqa: 
     assert np.abs(adapted - plain).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_svd_lora_trains_temporal_layers_and_resumes(ray_local, clip_run, tmp_path):  # noqa: F811
     from safetensors.torch import load_file
 
@@ -232,12 +249,16 @@ def test_svd_lora_trains_temporal_layers_and_resumes(ray_local, clip_run, tmp_pa
         s = svd_spec(clip_run, out, steps).to_dict()
         s["lora"] = {"enabled": True, "rank": 4}
         s["optim"] = {"lr": 1e-2}
+        s["train"].update(eval_every=2, eval_fraction=0.3)
         return ts.parse(s)
 
     full = trainer.run(spec(str(tmp_path / "full"), 4), log=None)
     trainer.run(spec(str(tmp_path / "split"), 2), log=None)
     resumed = trainer.run(spec(str(tmp_path / "split"), 4), log=None)
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+    # the EDM validation loss on held-out clips, and the sample video's CLIP scores, at steps 2 and 4
+    assert [v["step"] for v in full.validation] == [2, 4] and resumed.validation[-1] == full.validation[-1]
+    assert all(np.isfinite(v["val_loss"]) and -1 <= v["val_frame_consistency"] <= 1 for v in full.validation)
     weights = load_file(os.path.join(full.summary["lora"], "pytorch_lora_weights.safetensors"))
     assert weights and all(".temporal_transformer_blocks." in k for k in weights)
     info = json.load(open(os.path.join(full.summary["lora"], "winnow_lora.json")))
@@ -319,8 +340,22 @@ def test_eval_pairs_a_folder_with_its_prompt_file_and_refuses_what_it_cannot_sco
     assert cli.main(["eval", "--images", str(tmp_path / "imgs"), "--reference", str(tmp_path / "imgs")]) == 2
 
 
+def test_holdout_depends_on_the_key_alone_and_respects_the_cap():
+    from training.validate import fixed_timesteps, holdout
+
+    keys = [f"s{i:05d}" for i in range(2000)]
+    held = holdout(keys, 0, 0.1, 10_000)
+    assert 150 < held.sum() < 250                                        # about a tenth
+    more = holdout(keys + [f"t{i}" for i in range(500)], 0, 0.1, 10_000)
+    assert np.array_equal(more[:2000], held)                              # other samples change nothing
+    assert not np.array_equal(holdout(keys, 1, 0.1, 10_000), held)        # the seed does
+    capped = holdout(keys, 0, 0.1, 20)
+    assert capped.sum() == 20 and np.all(held[capped])
+    assert fixed_timesteps(1000) == [62, 187, 312, 437, 562, 687, 812, 937]
+
+
 def test_frame_consistency_is_the_mean_cosine_of_consecutive_frames():
-    from pipeline.commands.eval import frame_consistency
+    from training.evaluate import frame_consistency
 
     e = np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0]])
     assert frame_consistency(e) == pytest.approx(0.5)           # cos 0, then cos 1

@@ -104,6 +104,49 @@ def clip_score(image_embeddings, text_embeddings) -> tuple[float, np.ndarray]:
     return float(per.mean()) if len(per) else float("nan"), per
 
 
+class ClipScorer:
+    """CLIP score and frame consistency with an open_clip model resolved as curation resolves it
+    (``curation.clip``: local files only; the default is the tiny random CLIP, whose numbers mean
+    nothing beyond comparing runs scored with it)."""
+
+    def __init__(self, model: str | None = None, pretrained: str | None = None, seed: int = 0):
+        from curation.clip import TINY_CLIP, ClipConfig, ClipEmbed
+
+        self.name = model or TINY_CLIP
+        self.random = pretrained in (None, "random")
+        self.model = ClipEmbed(ClipConfig(model=self.name, pretrained=pretrained, seed=seed, text=True))
+
+    @property
+    def label(self) -> str:
+        return self.name + (" (random weights)" if self.random else "")
+
+    def images(self, images: list) -> np.ndarray:
+        """L2-normalised embeddings of PIL images."""
+        out = [self.model.embed_images([self.model.preprocess(im) for im in images[i:i + 32]])
+               for i in range(0, len(images), 32)]
+        return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        out = [self.model.embed_texts(texts[i:i + 64]) for i in range(0, len(texts), 64)]
+        return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
+
+    def score(self, images: list, prompts: list[str]) -> float:
+        """Mean CLIP score of images against their prompts."""
+        return clip_score(self.images(images), self.texts(prompts))[0]
+
+    def video(self, frames: list, prompt: str) -> tuple[float, float]:
+        """(per-frame CLIP score against the prompt, frame consistency) of one video."""
+        e = self.images(frames)
+        return clip_score(e, np.repeat(self.texts([prompt]), len(e), axis=0))[0], frame_consistency(e)
+
+
+def frame_consistency(frame_embeddings) -> float:
+    """Mean cosine of consecutive frames' CLIP image embeddings."""
+    e = np.asarray(frame_embeddings, np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return float((e[1:] * e[:-1]).sum(axis=1).mean()) if len(e) > 1 else float("nan")
+
+
 def inception(weights: str, seed: int = 0):
     """Inception-v3 up to its 2048-d pool, as a module taking uint8 images (N, 3, H, W).
 

@@ -47,12 +47,12 @@ class _Metrics:
             self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
             self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
 
-    def log(self, step: int, values: dict) -> None:
+    def log(self, step: int, values: dict, group: str = "train") -> None:
         if not self.enabled:
             return
         for k, v in values.items():
             if isinstance(v, (int, float)) and k != "step":
-                self.writer.add_scalar(f"train/{k}", v, step)
+                self.writer.add_scalar(f"{group}/{k.removeprefix(group + '_')}", v, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
 
@@ -504,6 +504,32 @@ def finish(w: Worker, first_step: int, started: float, unet) -> None:
         json.dump(summary, fh, indent=2)
 
 
+def validate(w: Worker, step: int, validation, scorer: list) -> None:
+    """Every rank: the held-out loss; rank 0 also samples the prompts and scores them with CLIP
+    (``scorer`` holds the CLIP model once made). Logged as val/ in TensorBoard and metrics.jsonl."""
+    values = {"val_loss": validation.loss(w, conditioning), "val_samples": validation.samples}
+    spec = w.spec
+    with full_unet(w) as unet:
+        if w.acc.is_main_process and (spec.train.sample_prompts or w.family.clips):
+            from PIL import Image, ImageSequence
+
+            from training.evaluate import ClipScorer
+
+            paths = samples(w, step, unet)
+            if not scorer:
+                scorer.append(ClipScorer(spec.train.eval_clip_model, spec.train.eval_clip_pretrained, spec.train.seed))
+            prompts = list(spec.train.sample_prompts) or [w.loader.captions[0]]
+            if w.family.clips:
+                with Image.open(paths[0]) as im:
+                    frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
+                values["val_clip_score"], values["val_frame_consistency"] = scorer[0].video(frames, prompts[0])
+            else:
+                values["val_clip_score"] = scorer[0].score([Image.open(p).convert("RGB") for p in paths], prompts)
+    w.acc.wait_for_everyone()
+    w.raw_unet.train()
+    w.metrics.log(step, values, "val")
+
+
 class _Window:
     """Loss, step time, data wait and samples since the last log line."""
 
@@ -528,6 +554,11 @@ def train_loop(config: dict) -> None:
     spec = w.spec
     started, first_step = time.time(), w.step
     window = _Window()
+    validation, scorer = None, []
+    if spec.train.eval_every and config.get("val_index_path"):
+        from training.validate import Validation
+
+        validation = Validation(w, config["val_index_path"], _clip_loader)
     it = iter(w.loader)
     tick = time.perf_counter()
     while w.step < spec.train.max_steps:
@@ -548,9 +579,13 @@ def train_loop(config: dict) -> None:
                     samples(w, step, unet)
             w.acc.wait_for_everyone()
             w.raw_unet.train()
+        if validation is not None and (step % spec.train.eval_every == 0 or step == spec.train.max_steps):
+            validate(w, step, validation, scorer)
         if step % spec.train.checkpoint_every == 0 or step == spec.train.max_steps:
             checkpoint(w, {"step": step, "loss": loss, "epoch": w.loader.state().epoch})
     w.loader.close()
+    if validation is not None:
+        validation.close()
     with full_unet(w, ema_weights=True) as unet:
         if w.acc.is_main_process:
             finish(w, first_step, started, unet)

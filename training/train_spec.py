@@ -127,6 +127,10 @@ class TrainSection:
     eval_fraction: float = option(0.02, "share of the samples held out for validation (a seeded split by key)",
                                   min=0.0, max=0.5)
     eval_max: int = option(64, "at most this many held-out samples", min=1)
+    eval_clip_model: str | None = option(None, "open_clip model that scores the sample images at each validation "
+                                               "(null: the tiny random CLIP, whose scores mean nothing)", runtime=True)
+    eval_clip_pretrained: str | None = option(None, "its weights (an open_clip tag in the local cache, a file or a "
+                                                    "folder), resolved as curation resolves them", runtime=True)
 
 
 @dataclass
@@ -233,6 +237,11 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
         _check_video(spec)
     if spec.lora.enabled:
         _check_lora(spec)
+    if spec.train.eval_every and (spec.train.eval_clip_model or spec.train.eval_clip_pretrained):
+        from curation.clip import ClipConfig, resolve_weights
+
+        resolve_weights(ClipConfig(model=spec.train.eval_clip_model or ClipConfig().model,
+                                   pretrained=spec.train.eval_clip_pretrained), "train.eval_clip")
     if spec.model.pretrained and check_paths:
         families.get(spec.model.kind).check_pretrained(spec.model.pretrained)
     return spec

@@ -152,7 +152,7 @@ def _sources(root: str, limit: int, skipped: dict):
 
 def read_images(root: str, limit: int, skipped: dict):
     """(name, RGB PIL image) of every readable image; the rest counted in ``skipped`` by reason."""
-    from curation.decode import DecodeConfig, DecodeError, decode_image
+    from curation.decode import DecodeConfig, decode_image
 
     cfg = DecodeConfig(max_side=1024)
     for name, data in _sources(root, limit, skipped):
@@ -206,33 +206,6 @@ def read_prompts(source: str, limit: int) -> list[str]:
     with open(source, encoding="utf-8", errors="replace") as fh:
         lines = [line.strip() for line in fh]
     return [line for line in lines if line and not line.startswith("#")][:limit]
-
-
-# ---- CLIP ----
-
-class _Clip:
-    def __init__(self, spec: EvalSpec):
-        from curation.clip import TINY_CLIP, ClipConfig, ClipEmbed
-
-        self.name = spec.clip_model or TINY_CLIP
-        self.random = spec.clip_pretrained in (None, "random")
-        self.model = ClipEmbed(ClipConfig(model=self.name, pretrained=spec.clip_pretrained, seed=spec.seed, text=True))
-
-    def images(self, images: list) -> np.ndarray:
-        out = [self.model.embed_images([self.model.preprocess(im) for im in images[i:i + 32]])
-               for i in range(0, len(images), 32)]
-        return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
-
-    def texts(self, texts: list[str]) -> np.ndarray:
-        out = [self.model.embed_texts(texts[i:i + 64]) for i in range(0, len(texts), 64)]
-        return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
-
-
-def frame_consistency(frame_embeddings: np.ndarray) -> float:
-    """Mean cosine of consecutive frames' (L2-normalised) CLIP image embeddings."""
-    e = np.asarray(frame_embeddings, np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    return float((e[1:] * e[:-1]).sum(axis=1).mean()) if len(e) > 1 else float("nan")
 
 
 # ---- the command ----
@@ -345,11 +318,13 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
         prompts = read_prompts(spec.prompts, spec.max_images)
     counts, fid_value, score, consistency, clip_name = {}, None, None, None, None
     if prompts is not None:
+        from training.evaluate import ClipScorer
+
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            clip = _Clip(spec)
+            clip = ClipScorer(spec.clip_model, spec.clip_pretrained, spec.seed)
         caught_all += caught
-        clip_name = clip.name + ("" if not clip.random else " (random weights)")
+        clip_name = clip.label
         if clip.random:
             caught_all.append(f"CLIP {clip.name} has random weights: its CLIP scores mean nothing beyond comparing "
                               f"runs scored with it; give --clip-model and --clip-pretrained")
@@ -382,11 +357,9 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
                       len(prompts) if spec.run else 0, messages, spec.json)
 
 
-def _clip_scores(clip: _Clip, folder: str, prompts: list[str], video: bool, spec: EvalSpec):
+def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalSpec):
     """(mean CLIP score, frame consistency or None, counts) of ``folder``'s images (or GIFs) against
     ``prompts``: by prompts.jsonl when the folder has one, else its files in sorted order."""
-    from training.evaluate import clip_score
-
     listing = os.path.join(folder, "prompts.jsonl")
     if os.path.isfile(listing):
         pairs = [json.loads(line) for line in open(listing, encoding="utf-8")]
@@ -399,19 +372,13 @@ def _clip_scores(clip: _Clip, folder: str, prompts: list[str], video: bool, spec
         pairs = list(zip(files, prompts))
     skipped: dict = {}
     if video:
-        scores, consistency = [], []
-        for f, p in pairs:
-            frames = _gif_frames(os.path.join(folder, f))
-            e = clip.images(frames)
-            scores.append(clip_score(e, np.repeat(clip.texts([p]), len(e), axis=0))[0])
-            consistency.append(frame_consistency(e))
+        scores, consistency = zip(*(clip.video(_gif_frames(os.path.join(folder, f)), p) for f, p in pairs))
         return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}
     readable = dict(read_images(folder, spec.max_images, skipped))
     kept = [(readable[f], p) for f, p in pairs if f in readable]
     if not kept:
         raise ConfigError(f"--images: no readable image of {folder!r} pairs with a prompt (skipped: {skipped})")
-    mean, _ = clip_score(clip.images([im for im, _ in kept]), clip.texts([p for _, p in kept]))
-    return mean, None, {"scored": len(kept), "skipped": dict(sorted(skipped.items()))}
+    return clip.score([im for im, _ in kept], [p for _, p in kept]), None, {"scored": len(kept), "skipped": dict(sorted(skipped.items()))}
 
 
 def arguments(parser) -> None:

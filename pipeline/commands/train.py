@@ -22,6 +22,7 @@ from pipeline.contract.config import ConfigError
 from training.checkpoint import CheckpointError
 from training.loop import train_loop
 from training.train_spec import TrainSpec
+from training.validate import VAL_INDEX
 
 NAME = "train"
 DESCRIPTION = """\
@@ -39,7 +40,7 @@ RUN_NAME = "train"
 SPEC_FILE = "train_spec.yaml"
 # every top-level name a training run writes: output.overwrite deletes these and nothing else
 ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", layout.SUMMARY_FILE,
-           "index.parquet", "_index", "cache", "motion_buckets.json", "lora", "lora.tmp", "base", "base.tmp", "eval"]
+           "index.parquet", "_index", "cache", "motion_buckets.json", "lora", "lora.tmp", "base", "base.tmp", "eval", VAL_INDEX]
 
 
 @dataclass
@@ -78,6 +79,13 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     clips = families.get(spec.model.kind).clips
     index = load_index(spec.data.shards, os.path.join(spec.output.path, "_index"), log, spec.data.selection,
                        adapter.map_tables, clips)
+    held = 0
+    if spec.train.eval_every:                           # the held-out slice: never trained on
+        index, val = _split_validation(spec, index)
+        held = val.num_rows
+        if not held:
+            raise ConfigError(f"train.eval_fraction: {spec.train.eval_fraction:g} of {index.num_rows} samples holds none "
+                              f"out for validation; raise it, or set train.eval_every: 0")
     path = os.path.join(spec.output.path, "index.parquet")
     if not os.path.exists(path) or pq.read_metadata(path).num_rows != index.num_rows or \
             not pq.read_table(path).equals(index):
@@ -97,6 +105,9 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     p = Plan(index.num_rows, {names[i]: int(c) for i, c in enumerate(counts) if c}, g, steps, starved,
              int(sum(c % s for c, s in zip(counts, sizes) if c >= s)), path,
              index=index, buckets=buckets, bucket_of=bucket_of)
+    if held:
+        p.notes.append(f"{held} samples held out for validation ({VAL_INDEX}; train.eval_fraction "
+                       f"{spec.train.eval_fraction:g}, at most train.eval_max {spec.train.eval_max})")
     if clips:
         _motion_map(spec, index, bucket_of)
         slow = np.asarray(index.column("fps").to_numpy()) < spec.video.min_fps
@@ -114,6 +125,21 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
         p.notes.append(f"{starved} samples sit in buckets smaller than one global batch ({g}) and are never trained "
                        f"on; lower train.batch_size or data.max_aspect")
     return p
+
+
+def _split_validation(spec: TrainSpec, index):
+    """(training rows, held-out rows); the held-out ones written to OUTPUT/val_index.parquet."""
+    import pyarrow.parquet as pq
+
+    from pipeline.contract.layout import atomic_write, table_bytes
+    from training.validate import holdout
+
+    held = holdout(index.column("key").to_pylist(), spec.train.seed, spec.train.eval_fraction, spec.train.eval_max)
+    val = index.filter(held)
+    path = os.path.join(spec.output.path, VAL_INDEX)
+    if not os.path.exists(path) or not pq.read_table(path).equals(val):
+        atomic_write(path, table_bytes(val))
+    return index.filter(~held), val
 
 
 def _motion_map(spec: TrainSpec, index, bucket_of) -> None:
@@ -155,6 +181,7 @@ class TrainResult:
     output: str
     summary: dict
     metrics: list[dict]
+    validation: list[dict] = field(default_factory=list)    # train.eval_every's records
 
 
 def format_summary(r: TrainResult) -> str:
@@ -175,6 +202,12 @@ def format_summary(r: TrainResult) -> str:
              *([f"  final      {s['final']}  (diffusers pipeline{', EMA weights' if s['ema'] else ''}"
                 f"{', adapter fused' if s.get('lora') else ''})"] if s.get("final") else []),
              f"  logs       tensorboard --logdir {os.path.join(r.output, 'tensorboard')}"]
+    if r.validation:
+        v = r.validation
+        clip = f"; CLIP score of the samples {v[0]['val_clip_score']:.2f} -> {v[-1]['val_clip_score']:.2f}" \
+            if v[-1].get("val_clip_score") is not None else ""
+        lines.append(f"  validation loss {v[0]['val_loss']:.4f} (step {v[0]['step']}) -> {v[-1]['val_loss']:.4f} (step "
+                     f"{v[-1]['step']}) on {v[-1]['val_samples']} held-out samples{clip}")
     if s.get("samples"):
         lines.append(f"  samples    {', '.join(s['samples'])}")
     return "\n".join(lines)
@@ -216,6 +249,8 @@ class _ProgressBar:
                 m = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if "loss" not in m:
+                continue                                    # a validation record
             self.bar.n = int(m.get("step", self.bar.n))
             self.bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
                                  samples_s=f"{m.get('samples_per_s', 0):.1f}", refresh=False)
@@ -258,6 +293,7 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "output": out, "index_path": os.path.abspath(p.index_path),
                            "cache_dir": cache_dir,
+                           "val_index_path": os.path.join(out, VAL_INDEX) if spec.train.eval_every else "",
                            "fingerprint": spec.fingerprint()},
         scaling_config=ScalingConfig(num_workers=(spec.ray.num_workers if spec.ray.min_workers is None
                                                   else (spec.ray.min_workers, spec.ray.num_workers)),
@@ -285,8 +321,10 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         for line in fh:
             metrics.append(json.loads(line))
     # a killed run logs steps it never checkpointed; keep the last record of every step
-    by_step = {m["step"]: m for m in metrics}
-    return TrainResult(out, summary, [by_step[k] for k in sorted(by_step)])
+    by_step = {m["step"]: m for m in metrics if "loss" in m}
+    val_by_step = {m["step"]: m for m in metrics if "val_loss" in m}
+    return TrainResult(out, summary, [by_step[k] for k in sorted(by_step)],
+                       [val_by_step[k] for k in sorted(val_by_step)])
 
 
 def arguments(parser) -> None:
