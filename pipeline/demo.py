@@ -1,5 +1,6 @@
 """``make demo``: build a bundled corpus, curate it on a local Ray (with HTML reports), sweep thresholds,
-materialise a selection, and train tiny SD and SDXL on the selected samples.
+materialise a selection, train tiny SD and SDXL on the selected samples, run a study (a tiny LoRA
+per sweep cell, each evaluated: CLIP score, FID, validation loss) and a tiny SVD curriculum.
 
     python -m pipeline.demo [--output demo_out] [--images 240]
 """
@@ -20,7 +21,7 @@ from pipeline.synth import make_video_corpus
 
 
 DEMO_ENTRIES = ["demo.yaml", "corpus", "run", "videos", "video_run", "sweep_laion", "sweep_svd", "select_aesthetic",
-                "train_sd", "train_sdxl", "svd"]
+                "train_sd", "train_sdxl", "svd", "study"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +112,25 @@ def main(argv: list[str] | None = None) -> int:
             f"train.max_steps={args.train_steps}", f"train.checkpoint_every={max(1, args.train_steps // 2)}",
             "train.log_every=2", "train.sample_steps=10", "ema.start_step=0", "optim.lr=1e-4"])
         print(trainer.format_summary(trainer.run(tspec)))
+    from pipeline.commands import study
+
+    study_dir = os.path.join(args.output, "study")
+    print(f"\nstudy: a tiny LoRA run (rank 8, {args.train_steps} steps) on each of three cells of the aesthetic sweep "
+          f"(all, drop 25 %, drop 50 %), each sampled on 8 of the run's captions and scored "
+          f"(jobs/sweep_train_eval.yaml; random CLIP and Inception, so the numbers mean nothing here)")
+    sspec = study.load("jobs/sweep_train_eval.yaml", [
+        f"sweep={sweeps['sweep_laion']}", f"output={study_dir}", f"eval.prompts={run_dir}", f"eval.reference={run_dir}",
+        f"train_set=[lora.enabled=true,lora.rank=8,optim.lr=1e-4,optim.warmup_steps=0,ema.start_step=0,"
+        f"data.resolution=128,data.bucket_step=32,train.max_steps={args.train_steps},"
+        f"train.checkpoint_every={args.train_steps},train.log_every=2,train.sample_steps=4,"
+        f"train.eval_every={args.train_steps},train.eval_fraction=0.1]"])
+    print(study.format_summary(study.run(sspec)))
     svd = tiny_curriculum(select_dir, video_run, os.path.join(args.output, "svd"), args.train_steps // 2)
     print(f"\n  {args.output}/train_sd/final   a StableDiffusionPipeline folder (from_pretrained loads it)"
           f"\n  {args.output}/train_sdxl/final a StableDiffusionXLPipeline folder"
           f"\n  {svd}       a StableVideoDiffusionPipeline folder (image -> text-to-video -> image-to-video)"
+          f"\n  {study_dir}/cells/cell_000/lora  a LoRA (pipe.load_lora_weights) on {study_dir}/cells/cell_000/base"
+          f"\n  {study_dir}/study.md, plots/scores_vs_kept.png  the eval table and plot"
           f"\n  continue a run: winnow train {args.output}/train_sd/train_spec.yaml --set train.max_steps=16")
     return 0
 

@@ -222,3 +222,16 @@ def test_optimizer_carry_takes_the_stage_befores_moments_and_only_between_one_mo
     bad["stages"][1].pop("init")
     with pytest.raises(ConfigError, match="needs init: previous"):
         curriculum.parse(bad)
+
+
+def test_a_lora_stage_exports_fused_so_the_next_stage_starts_from_it(image_run, clip_run, tmp_path):
+    """A curriculum stage may train a LoRA (here temporal adapters on the text-to-video stage); its
+    spec always exports the fused pipeline, which the next stage and final/ start from."""
+    from pipeline.commands import curriculum
+
+    doc = stages_spec(image_run, clip_run, str(tmp_path / "o"))
+    doc["stages"][1]["lora"] = {"enabled": True, "rank": 4}
+    spec = curriculum.parse(doc)
+    ts = curriculum._train_spec(spec, spec.stages[1], init_path=str(tmp_path / "init"))
+    assert ts.lora.enabled and ts.lora.export_fused and ts.model.pretrained == str(tmp_path / "init")
+    assert not curriculum._train_spec(spec, spec.stages[0], init_path=None).lora.enabled

@@ -27,6 +27,7 @@ COMMANDS = {
     "submit": ("pipeline.commands.submit", "submit a spec to a Ray cluster as a job (checked here first)"),
     "jobs": ("pipeline.commands.jobs", "list a cluster's jobs, show one's status or logs, stop one"),
     "eval": ("pipeline.commands.eval", "score a trained run or a folder of images: CLIP score, FID"),
+    "study": ("pipeline.commands.study", "train and evaluate a short run per sweep cell: score vs data kept"),
 }
 
 

@@ -44,7 +44,7 @@ jobs/svd_curriculum.yaml.
 SPEC_FILE = "curriculum_spec.yaml"
 OPTIMIZER_STATE = "optimizer_state"    # in an init folder: the stage before's last AdamW moments (optimizer: carry)
 ENTRIES = [SPEC_FILE, "stages", "init", "final", "final.tmp"]
-STAGE_KEYS = ("data", "model", "objective", "optim", "ema", "train", "video")
+STAGE_KEYS = ("data", "model", "objective", "optim", "ema", "train", "video", "lora")
 
 
 @dataclass
@@ -115,6 +115,8 @@ def _train_spec(spec: CurriculumSpec, st: Stage, init_path: str | None, check_pa
     doc = json.loads(json.dumps(st.doc))
     doc["output"] = {"path": _stage_dir(spec, st), "overwrite": spec.overwrite}
     doc["ray"] = spec.ray
+    if (doc.get("lora") or {}).get("enabled"):      # a LoRA stage: the next stage and final/ start from its fused export
+        doc["lora"] = {**doc["lora"], "export_fused": True}
     if init_path:
         doc.setdefault("model", {})["pretrained"] = init_path
         if st.optimizer == "carry":

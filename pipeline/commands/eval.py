@@ -340,11 +340,16 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
         stats = {}
         for name, root in (("images", images), ("reference", spec.reference)):
             skipped: dict = {}
-            if video and name == "images":            # FID of a model's videos: over all their frames
+            ref_key = (os.path.realpath(root), spec.fid_weights, spec.seed, spec.max_images, _tree_stamp(root))
+            if name == "reference" and ref_key in _REFERENCE_STATS:     # a study scores every cell against it
+                stats[name], skipped = _REFERENCE_STATS[ref_key]
+            elif video and name == "images":            # FID of a model's videos: over all their frames
                 frames = (f for p in sorted(os.listdir(root)) if p.endswith(".gif") for f in _gif_frames(os.path.join(root, p)))
                 stats[name] = stats_of(model, inception_batches(frames, spec.batch))
             else:
                 stats[name] = stats_of(model, image_batches(root, spec.max_images, spec.batch, skipped))
+                if name == "reference":
+                    _REFERENCE_STATS[ref_key] = (stats[name], dict(skipped))
             counts[name] = {**counts.get(name, {}), "scored": stats[name].n, "skipped": dict(sorted(skipped.items()))}
             if stats[name].n < 2:
                 raise ConfigError(f"--{name}: {root!r} holds {stats[name].n} readable images; FID needs at least 2 "
@@ -355,6 +360,23 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
                       round(time.time() - started, 2), None if score is None else round(score, 4), clip_name,
                       None if consistency is None else round(consistency, 4), weights,
                       len(prompts) if spec.run else 0, messages, spec.json)
+
+
+# reference statistics already computed in this process, by (folder, weights, seed, limit, stamp)
+_REFERENCE_STATS: dict = {}
+
+
+def _tree_stamp(root: str) -> tuple:
+    """(files, bytes, newest mtime) under ``root``: a changed reference is read again."""
+    n = size = newest = 0
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            try:
+                st = os.stat(os.path.join(d, f))
+            except OSError:
+                continue
+            n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    return n, size, newest
 
 
 def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalSpec):

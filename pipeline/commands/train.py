@@ -314,6 +314,11 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         raise
     finally:
         progress.close()
+    return read_result(out)
+
+
+def read_result(out: str) -> TrainResult:
+    """A finished run's summary and metrics (the last record of every step)."""
     with open(os.path.join(out, layout.SUMMARY_FILE)) as fh:
         summary = json.load(fh)
     metrics = []

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A spec that cannot run. The message names the key and says how to fix it."""
 
 
-SPEC_KINDS = ("curate", "train", "sweep", "select", "curriculum")   # the commands a spec file can be for
+SPEC_KINDS = ("curate", "train", "sweep", "select", "curriculum", "study")   # the commands a spec file can be for
 
 
 def take_kind(data: dict, kind: str) -> dict:
