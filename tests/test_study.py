@@ -75,3 +75,15 @@ def test_study_trains_and_scores_each_cell_then_resumes(ray_local, swept, shards
     assert os.path.getmtime(metrics) == before
     assert [(r["clip_score"], r["fid"]) for r in again.rows] == [(r["clip_score"], r["fid"]) for r in first.rows]
     assert json.load(open(os.path.join(out, "study.json")))[1]["cell"] == "cell_001"
+
+
+def test_the_study_job_parses_against_a_sweep(swept, shards, tmp_path):  # noqa: F811
+    from pipeline.commands import study
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = study.load(os.path.join(root, "jobs", "sweep_train_eval.yaml"), [
+        f"sweep={swept}", f"output={tmp_path / 'o'}", f"eval.prompts={shards[0]}", f"eval.reference={shards[0]}",
+        "cells=[cell_000,cell_001]", f"train={os.path.join(root, 'jobs', 'train_sd15.yaml')}"])
+    ts = study._train_spec(spec, "cell_001")
+    assert ts.lora.enabled and ts.lora.rank == 8 and ts.train.max_steps == 8 and ts.train.eval_every == 8
+    assert spec.eval.fid_weights == "random" and spec.eval.num == 8
