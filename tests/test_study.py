@@ -67,7 +67,7 @@ def test_study_trains_and_scores_each_cell_then_resumes(ray_local, swept, shards
         assert r["steps"] == 2 and r["fid"] > 0 and 0 <= r["clip_score"] <= 100 and r["val_loss"] > 0
         assert os.path.exists(os.path.join(r["run"], "lora", "pytorch_lora_weights.safetensors"))
     table = open(os.path.join(out, "study.md")).read().splitlines()
-    assert table[0].startswith("| cell | filters | kept |") and len(table) == 4
+    assert table[0].startswith("| cell | filters | kept |") and len(table) == 6
     assert os.path.getsize(os.path.join(out, "plots", "scores_vs_kept.png")) > 1000
     metrics = os.path.join(cells["cell_001"]["run"], "metrics.jsonl")
     before = os.path.getmtime(metrics)

@@ -130,14 +130,24 @@ class ClipScorer:
         out = [self.model.embed_texts(texts[i:i + 64]) for i in range(0, len(texts), 64)]
         return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
 
-    def score(self, images: list, prompts: list[str]) -> float:
-        """Mean CLIP score of images against their prompts."""
-        return clip_score(self.images(images), self.texts(prompts))[0]
+    @staticmethod
+    def _pairs(image_emb, text_emb) -> tuple[float, float]:
+        """(mean CLIP score, mean raw cosine): the score clips negative cosines to 0, so a random
+        model can score 0 everywhere while its cosines still differ."""
+        mean, _ = clip_score(image_emb, text_emb)
+        a, b = (np.asarray(x, np.float64) for x in (image_emb, text_emb))
+        cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        return mean, float(cos.mean())
 
-    def video(self, frames: list, prompt: str) -> tuple[float, float]:
-        """(per-frame CLIP score against the prompt, frame consistency) of one video."""
+    def score(self, images: list, prompts: list[str]) -> tuple[float, float]:
+        """(mean CLIP score, mean cosine) of images against their prompts."""
+        return self._pairs(self.images(images), self.texts(prompts))
+
+    def video(self, frames: list, prompt: str) -> tuple[float, float, float]:
+        """(per-frame CLIP score against the prompt, frame consistency, mean cosine) of one video."""
         e = self.images(frames)
-        return clip_score(e, np.repeat(self.texts([prompt]), len(e), axis=0))[0], frame_consistency(e)
+        score, cos = self._pairs(e, np.repeat(self.texts([prompt]), len(e), axis=0))
+        return score, frame_consistency(e), cos
 
 
 def frame_consistency(frame_embeddings) -> float:

@@ -522,9 +522,9 @@ def validate(w: Worker, step: int, validation, scorer: list) -> None:
             if w.family.clips:
                 with Image.open(paths[0]) as im:
                     frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-                values["val_clip_score"], values["val_frame_consistency"] = scorer[0].video(frames, prompts[0])
+                values["val_clip_score"], values["val_frame_consistency"], _ = scorer[0].video(frames, prompts[0])
             else:
-                values["val_clip_score"] = scorer[0].score([Image.open(p).convert("RGB") for p in paths], prompts)
+                values["val_clip_score"], _ = scorer[0].score([Image.open(p).convert("RGB") for p in paths], prompts)
     w.acc.wait_for_everyone()
     w.raw_unet.train()
     w.metrics.log(step, values, "val")

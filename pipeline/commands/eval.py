@@ -86,6 +86,7 @@ class EvalResult:
     frame_consistency: float | None = None
     weights: str | None = None          # what --run loaded
     generated: int = 0
+    clip_cosine: float | None = None    # the mean raw cosine behind the CLIP score (which clips below 0)
     warnings: list = field(default_factory=list)
     print_json: bool = False
 
@@ -316,7 +317,7 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
         images, prompts, weights, video = _generate(spec, log)
     elif spec.prompts:
         prompts = read_prompts(spec.prompts, spec.max_images)
-    counts, fid_value, score, consistency, clip_name = {}, None, None, None, None
+    counts, fid_value, score, consistency, clip_name, cosine = {}, None, None, None, None, None
     if prompts is not None:
         from training.evaluate import ClipScorer
 
@@ -328,7 +329,7 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
         if clip.random:
             caught_all.append(f"CLIP {clip.name} has random weights: its CLIP scores mean nothing beyond comparing "
                               f"runs scored with it; give --clip-model and --clip-pretrained")
-        score, consistency, n = _clip_scores(clip, images, prompts, video, spec)
+        score, consistency, n, cosine = _clip_scores(clip, images, prompts, video, spec)
         counts["images"] = n
     if spec.reference:
         from training.evaluate import fid_of, inception, stats_of
@@ -359,7 +360,7 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
     return EvalResult(images, spec.reference, counts, fid_value, spec.fid_weights, spec.seed,
                       round(time.time() - started, 2), None if score is None else round(score, 4), clip_name,
                       None if consistency is None else round(consistency, 4), weights,
-                      len(prompts) if spec.run else 0, messages, spec.json)
+                      len(prompts) if spec.run else 0, None if cosine is None else round(cosine, 4), messages, spec.json)
 
 
 # reference statistics already computed in this process, by (folder, weights, seed, limit, stamp)
@@ -380,7 +381,7 @@ def _tree_stamp(root: str) -> tuple:
 
 
 def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalSpec):
-    """(mean CLIP score, frame consistency or None, counts) of ``folder``'s images (or GIFs) against
+    """(mean CLIP score, frame consistency or None, counts, mean cosine) of ``folder``'s images (or GIFs) against
     ``prompts``: by prompts.jsonl when the folder has one, else its files in sorted order."""
     listing = os.path.join(folder, "prompts.jsonl")
     if os.path.isfile(listing):
@@ -394,13 +395,15 @@ def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalS
         pairs = list(zip(files, prompts))
     skipped: dict = {}
     if video:
-        scores, consistency = zip(*(clip.video(_gif_frames(os.path.join(folder, f)), p) for f, p in pairs))
-        return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}
+        scores, consistency, cos = zip(*(clip.video(_gif_frames(os.path.join(folder, f)), p) for f, p in pairs))
+        return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}, \
+            float(np.mean(cos))
     readable = dict(read_images(folder, spec.max_images, skipped))
     kept = [(readable[f], p) for f, p in pairs if f in readable]
     if not kept:
         raise ConfigError(f"--images: no readable image of {folder!r} pairs with a prompt (skipped: {skipped})")
-    return clip.score([im for im, _ in kept], [p for _, p in kept]), None, {"scored": len(kept), "skipped": dict(sorted(skipped.items()))}
+    score, cos = clip.score([im for im, _ in kept], [p for _, p in kept])
+    return score, None, {"scored": len(kept), "skipped": dict(sorted(skipped.items()))}, cos
 
 
 def arguments(parser) -> None:
@@ -446,7 +449,7 @@ def format_summary(r: EvalResult) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in c.get("skipped", {}).items()) or "none"
         lines.append(f"  {name:<10} {c['scored']:>7} scored; skipped: {skipped}")
     if r.clip_score is not None:
-        lines.append(f"  CLIP score {r.clip_score:.2f}  (100 x max(cos, 0); {r.clip_model})")
+        lines.append(f"  CLIP score {r.clip_score:.2f}  (100 x max(cos, 0); mean cosine {r.clip_cosine:.4f}; {r.clip_model})")
     if r.frame_consistency is not None:
         lines.append(f"  frame consistency {r.frame_consistency:.4f}  (cosine of consecutive frames' CLIP embeddings)")
     if r.fid is not None:

@@ -188,7 +188,8 @@ def run(spec: StudySpec, log=sys.stderr) -> StudyResult:
         val = result.validation[-1]["val_loss"] if result.validation else None
         rows.append({"cell": cell, "filters": item["filters"], "kept": item["count"], "fraction": item["fraction"],
                      "steps": result.summary.get("steps"), "last_loss": result.metrics[-1]["loss"] if result.metrics else None,
-                     "val_loss": val, "clip_score": r["clip_score"], "fid": r["fid"], "run": ts.output.path})
+                     "val_loss": val, "clip_score": r["clip_score"], "clip_cosine": r.get("clip_cosine"), "fid": r["fid"],
+                     "run": ts.output.path})
     _write(spec, rows)
     return StudyResult(spec.output, rows, round(time.time() - started, 1), warnings)
 
@@ -200,9 +201,12 @@ def _fmt(v, digits: int = 4) -> str:
 def _write(spec: StudySpec, rows: list[dict]) -> None:
     from pipeline.contract.layout import atomic_write
 
-    cols = ["cell", "filters", "kept", "fraction", "steps", "last_loss", "val_loss", "clip_score", "fid"]
+    cols = ["cell", "filters", "kept", "fraction", "steps", "last_loss", "val_loss", "clip_score", "clip_cosine", "fid"]
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" if c in ("cell", "filters") else "---:" for c in cols) + " |"]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["", "val_loss is each cell's loss on its own held-out samples (train.eval_fraction of the cell), so it "
+                  "compares how each run fits its own data; clip_score and fid score every cell on the same prompts "
+                  "and reference."]
     atomic_write(os.path.join(spec.output, "study.md"), ("\n".join(lines) + "\n").encode())
     with open(os.path.join(spec.output, "study.csv"), "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols + ["run"])
@@ -218,8 +222,8 @@ def _plot(spec: StudySpec, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(k, label) for k, label in (("clip_score", "CLIP score (higher is better)"), ("fid", "FID (lower is better)"),
-                                           ("val_loss", "validation loss (lower is better)"))
+    # validation loss is left out: each cell holds out its own samples, so it is not a common yardstick
+    metrics = [(k, label) for k, label in (("clip_score", "CLIP score (higher is better)"), ("fid", "FID (lower is better)"))
                if any(r[k] is not None for r in rows)]
     if not metrics:
         return
@@ -230,6 +234,7 @@ def _plot(spec: StudySpec, rows: list[dict]) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
         for x, y, c in pts:
             ax.annotate(c.replace("cell_", ""), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("data kept (%)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
@@ -241,10 +246,10 @@ def _plot(spec: StudySpec, rows: list[dict]) -> None:
 
 def format_summary(r: StudyResult) -> str:
     lines = [f"winnow study: {r.output} ({len(r.rows)} cells, {r.wall_s:.0f} s)",
-             f"  {'cell':<9} {'kept':>6} {'kept %':>7} {'val loss':>9} {'CLIP':>7} {'FID':>9}  filters"]
+             f"  {'cell':<9} {'kept':>6} {'kept %':>7} {'val loss':>9} {'CLIP':>7} {'cosine':>8} {'FID':>9}  filters"]
     for row in r.rows:
         lines.append(f"  {row['cell']:<9} {row['kept']:>6} {100 * row['fraction']:>6.1f}% {_fmt(row['val_loss']):>9} "
-                     f"{_fmt(row['clip_score'], 2):>7} {_fmt(row['fid'], 2):>9}  {row['filters']}")
+                     f"{_fmt(row['clip_score'], 2):>7} {_fmt(row['clip_cosine']):>8} {_fmt(row['fid'], 2):>9}  {row['filters']}")
     lines += [f"  warning: {w}" for w in r.warnings]
     lines.append(f"  table {r.output}/study.md; plot {r.output}/plots/scores_vs_kept.png")
     return "\n".join(lines)
