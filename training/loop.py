@@ -226,6 +226,7 @@ def build(config: dict) -> Worker:
 
         unet.to(acc.device)
         optimizer, lr_sched = shard_training(unet, optimizer, lr_sched, ema, lambda m: _optimizer(spec, m.parameters()))
+        trainable = list(unet.parameters())               # the shards replaced the parameters (no LoRA with FSDP)
         prepared, optimizer = unet, acc.prepare(optimizer)   # no DDP wrapper: FSDP reduces the gradients
     else:
         prepared, optimizer = acc.prepare(unet, optimizer)
