@@ -14,8 +14,14 @@ import torch
 
 from pipeline.contract.config import ConfigError
 from tests.helpers import kill_at_checkpoint
-from tests.test_train import ROOT, _losses, shards, train_spec  # noqa: F401  (shards is a fixture)
+from tests.test_train import ROOT, shards, train_spec  # noqa: F401  (shards is a fixture)
 from tests.test_train_svd import clip_run, svd_spec  # noqa: F401  (clip_run is a fixture)
+
+
+def _losses(out: str) -> dict:
+    """Every step's training loss (the last record of a step a killed run logged twice)."""
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return {m["step"]: m["loss"] for m in map(json.loads, fh) if "loss" in m}
 
 
 def _validation(out: str) -> dict:
