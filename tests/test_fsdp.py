@@ -69,3 +69,61 @@ def test_fsdp_trains_as_ddp_resumes_exactly_and_switches_on_at_a_resume(ray_loca
     assert switched[4] == pytest.approx(ddp[4], rel=1e-5)
     d = weights(switch)
     assert relative_gap(a, d, init) < 1e-3
+
+
+_CLIP_RANK = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from training.sharding import clip_grad_norm_
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))   # 3 and 5 rows: uneven shards
+
+x = torch.randn(4, 7, generator=torch.Generator().manual_seed(1 + rank))
+scale = float(sys.argv[1])
+whole = model()
+(whole(x).sum() * scale).backward()                  # the gradient each rank would add up unsharded
+for p in whole.parameters():
+    dist.all_reduce(p.grad)
+    p.grad /= 2
+expected = torch.nn.utils.clip_grad_norm_(whole.parameters(), 1.0)
+sharded = model()
+for layer in sharded:
+    fully_shard(layer)
+fully_shard(sharded)
+(sharded(x).sum() * scale).backward()                # reduce-scattered and averaged, as in training
+norm = clip_grad_norm_(list(sharded.parameters()), 1.0)
+gap = max((p.grad.full_tensor() - q.grad).abs().max().item() for p, q in zip(sharded.parameters(), whole.parameters()))
+if rank == 0:
+    print(json.dumps({"norm": norm.item(), "expected": expected.item(), "gap": gap}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("scale,clipped", [(10.0, True), (0.05, False)])
+def test_sharded_clip_matches_torch_clip_on_whole_gradients(tmp_path, scale, clipped):
+    """Two gloo ranks, uneven shards: the norm is the whole gradient's and the clipped shards are
+    torch's clip of the whole gradient (or untouched under the limit)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _CLIP_RANK, str(scale)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert got["norm"] == pytest.approx(got["expected"], rel=1e-5)
+    assert (got["expected"] > 1.0) == clipped
+    assert got["gap"] < 1e-6

@@ -87,3 +87,17 @@ def test_the_study_job_parses_against_a_sweep(swept, shards, tmp_path):  # noqa:
     ts = study._train_spec(spec, "cell_001")
     assert ts.lora.enabled and ts.lora.rank == 8 and ts.train.max_steps == 8 and ts.train.eval_every == 8
     assert spec.eval.fid_weights == "random" and spec.eval.num == 8
+
+
+def test_a_torn_or_foreign_score_cache_is_scored_again(tmp_path):
+    from pipeline.commands.study import _read_cache
+
+    path = str(tmp_path / "study_eval.json")
+    assert _read_cache(path) == {}                                   # none yet
+    for text in (b'{"spec": {"a": 1}, "resu', b"\xff\xfe", b"[1, 2]", b'{"spec": {}, "result": 3}'):
+        with open(path, "wb") as fh:
+            fh.write(text)
+        assert _read_cache(path) == {}
+    with open(path, "w") as fh:
+        json.dump({"spec": {"a": 1}, "result": {"clip_score": 21.5}}, fh)
+    assert _read_cache(path) == {"spec": {"a": 1}, "result": {"clip_score": 21.5}}

@@ -64,11 +64,10 @@ def _base(spec, run: str) -> str:
 
 
 def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None) -> RunModel:
-    import json
     import tempfile
 
     from training import families
-    from training.checkpoint import load_state, load_tensors
+    from training.checkpoint import load_json, load_state, load_tensors
     from training.lora import AdapterWeights, add_lora, load_adapter
 
     spec = run_spec(run)
@@ -101,8 +100,8 @@ def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None
         sub = "ema_unet" if os.path.isdir(os.path.join(checkpoint, "ema_unet")) else "unet"
         weights = load_tensors(os.path.join(checkpoint, sub, "diffusion_pytorch_model.safetensors"))
         comps.unet.load_state_dict(weights)
-    step = json.load(open(os.path.join(checkpoint, "meta.json"))).get("step") if os.path.isfile(
-        os.path.join(checkpoint, "meta.json")) else "?"
+    meta = os.path.join(checkpoint, "meta.json")
+    step = load_json(meta).get("step") if os.path.isfile(meta) else "?"
     return RunModel(spec, family, comps, f"{checkpoint} (step {step})")
 
 

@@ -268,7 +268,11 @@ def conditioning(w: Worker, batch, keep: np.ndarray, g):
 def _optimize(w: Worker, loss) -> float:
     """Backward, clip, step, schedule, EMA; the loss averaged over every rank."""
     w.acc.backward(loss)
-    if w.spec.optim.max_grad_norm:
+    if w.spec.optim.max_grad_norm and w.spec.train.fsdp:
+        from training.sharding import clip_grad_norm_
+
+        clip_grad_norm_(w.trainable, w.spec.optim.max_grad_norm)
+    elif w.spec.optim.max_grad_norm:
         w.acc.clip_grad_norm_(w.trainable, w.spec.optim.max_grad_norm)
     w.optimizer.step()
     w.lr_sched.step()
@@ -551,6 +555,9 @@ class _Window:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
+    import faulthandler
+
+    faulthandler.enable()          # a worker that dies in native code (a signal) leaves its stacks in its log
     w = build(config)
     spec = w.spec
     started, first_step = time.time(), w.step

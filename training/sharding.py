@@ -71,6 +71,36 @@ def shard_training(unet, optimizer, lr_sched, ema, make_optimizer):
     return optimizer, new_sched
 
 
+def clip_grad_norm_(parameters, max_norm: float):
+    """Every rank calls this: scale the sharded gradients so their total L2 norm is at most
+    ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` does on whole gradients; returns the norm
+    (a 0-d tensor).
+
+    Each rank sums the squares of its own shards and one blocking ``all_reduce`` adds them up.
+    torch's clip on DTensor gradients gets there through DTensor's lazy (functional) collectives
+    instead; this keeps the step's communication to the plain, synchronous calls FSDP itself uses.
+    Shards are disjoint and FSDP's padding is zeros, so the sum is the whole gradient's."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    params = list(parameters)
+    grads = [(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).detach()
+             for p in params if p.grad is not None]
+    # summed on the gradients' device (NCCL reduces device tensors), without a host sync
+    squares = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else params[0].device)
+    groups = {dtype: [g for g in grads if g.dtype == dtype] for dtype in sorted({g.dtype for g in grads}, key=str)}
+    for group in groups.values():
+        squares += torch.stack(torch._foreach_norm(group)).float().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM)        # every rank, grads or not
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for dtype, group in groups.items():
+        torch._foreach_mul_(group, scale.to(dtype))
+    return norm
+
+
 def plain_class(module) -> type:
     """The model's own class (``fully_shard`` swaps in a subclass that also derives from FSDPModule)."""
     from torch.distributed.fsdp import FSDPModule
@@ -124,4 +154,4 @@ def gathered(unet, optimizer, lr_sched, ema) -> dict | None:
             "lr_scheduler": lr_sched}
 
 
-__all__ = ["gather_module", "gathered", "plain_class", "shard_training", "units"]
+__all__ = ["clip_grad_norm_", "gather_module", "gathered", "plain_class", "shard_training", "units"]

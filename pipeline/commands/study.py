@@ -157,6 +157,17 @@ def _eval_spec(spec: StudySpec, run: str):
                     clip_pretrained=e.clip_pretrained, seed=e.seed)
 
 
+def _read_cache(path: str) -> dict:
+    """A cell's cached scores, or {} when there are none or the file is not what winnow writes
+    (the cell is then evaluated again)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            scored = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return scored if isinstance(scored, dict) and isinstance(scored.get("result"), dict) else {}
+
+
 def run(spec: StudySpec, log=sys.stderr) -> StudyResult:
     from pipeline.commands import eval as evaluation
     from pipeline.commands import train as trainer
@@ -178,11 +189,12 @@ def run(spec: StudySpec, log=sys.stderr) -> StudyResult:
         cache = os.path.join(ts.output.path, "eval", "study_eval.json")
         es = _eval_spec(spec, ts.output.path)
         key = {k: v for k, v in es.__dict__.items() if k != "json"}
-        scored = json.load(open(cache)) if os.path.isfile(cache) else {}
+        scored = _read_cache(cache)
         if scored.get("spec") != key:
             scored = {"spec": key, "result": evaluation.run(es, log=log).to_dict()}
-            with open(cache, "w", encoding="utf-8") as fh:
+            with open(cache + ".tmp", "w", encoding="utf-8") as fh:
                 json.dump(scored, fh, indent=1)
+            os.replace(cache + ".tmp", cache)                  # a kill mid-write leaves the old cache or none
         r = scored["result"]
         warnings += [w for w in r["warnings"] if w not in warnings]
         val = result.validation[-1]["val_loss"] if result.validation else None
