@@ -93,14 +93,17 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * tr_root)
 
 
-def clip_score(image_embeddings, text_embeddings) -> tuple[float, np.ndarray]:
-    """(mean, per pair) of ``100 * max(cos, 0)`` over matching rows of the two embedding arrays."""
-    a = np.asarray(image_embeddings, np.float64)
-    b = np.asarray(text_embeddings, np.float64)
+def cosines(a, b) -> np.ndarray:
+    """Row-wise cosine similarity of two equally shaped embedding arrays."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         raise ValueError(f"image and text embeddings differ in shape: {a.shape} vs {b.shape}")
-    cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    per = 100.0 * np.maximum(cos, 0.0)
+    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def clip_score(image_embeddings, text_embeddings) -> tuple[float, np.ndarray]:
+    """(mean, per pair) of ``100 * max(cos, 0)`` over matching rows of the two embedding arrays."""
+    per = 100.0 * np.maximum(cosines(image_embeddings, text_embeddings), 0.0)
     return float(per.mean()) if len(per) else float("nan"), per
 
 
@@ -130,24 +133,22 @@ class ClipScorer:
         out = [self.model.embed_texts(texts[i:i + 64]) for i in range(0, len(texts), 64)]
         return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
 
-    @staticmethod
-    def _pairs(image_emb, text_emb) -> tuple[float, float]:
-        """(mean CLIP score, mean raw cosine): the score clips negative cosines to 0, so a random
-        model can score 0 everywhere while its cosines still differ."""
-        mean, _ = clip_score(image_emb, text_emb)
-        a, b = (np.asarray(x, np.float64) for x in (image_emb, text_emb))
-        cos = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        return mean, float(cos.mean())
+    def pairs(self, images: list, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(CLIP score, raw cosine) per image against its prompt. The score clips negative cosines
+        to 0, so a random model can score 0 everywhere while its cosines still differ."""
+        cos = cosines(self.images(images), self.texts(prompts))
+        return 100.0 * np.maximum(cos, 0.0), cos
 
     def score(self, images: list, prompts: list[str]) -> tuple[float, float]:
         """(mean CLIP score, mean cosine) of images against their prompts."""
-        return self._pairs(self.images(images), self.texts(prompts))
+        scores, cos = self.pairs(images, prompts)
+        return float(scores.mean()), float(cos.mean())
 
     def video(self, frames: list, prompt: str) -> tuple[float, float, float]:
         """(per-frame CLIP score against the prompt, frame consistency, mean cosine) of one video."""
         e = self.images(frames)
-        score, cos = self._pairs(e, np.repeat(self.texts([prompt]), len(e), axis=0))
-        return score, frame_consistency(e), cos
+        cos = cosines(e, np.repeat(self.texts([prompt]), len(e), axis=0))
+        return float(100.0 * np.maximum(cos, 0.0).mean()), frame_consistency(e), float(cos.mean())
 
 
 def frame_consistency(frame_embeddings) -> float:

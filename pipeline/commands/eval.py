@@ -385,8 +385,8 @@ def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalS
     ``prompts``: by prompts.jsonl when the folder has one, else its files in sorted order."""
     listing = os.path.join(folder, "prompts.jsonl")
     if os.path.isfile(listing):
-        pairs = [json.loads(line) for line in open(listing, encoding="utf-8")]
-        pairs = [(p["file"], p["prompt"]) for p in pairs]
+        with open(listing, encoding="utf-8") as fh:
+            pairs = [(p["file"], p["prompt"]) for p in map(json.loads, fh)]
     else:
         files = [os.path.relpath(f, folder) for f in _files(folder, spec.max_images)]
         if len(files) != len(prompts):
@@ -398,12 +398,27 @@ def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalS
         scores, consistency, cos = zip(*(clip.video(_gif_frames(os.path.join(folder, f)), p) for f, p in pairs))
         return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}, \
             float(np.mean(cos))
-    readable = dict(read_images(folder, spec.max_images, skipped))
-    kept = [(readable[f], p) for f, p in pairs if f in readable]
-    if not kept:
+    prompt_of = dict(pairs)
+    scores, cos, batch = [], [], []
+
+    def flush():
+        s, c = clip.pairs([im for im, _ in batch], [p for _, p in batch])
+        scores.append(s)
+        cos.append(c)
+        batch.clear()
+
+    for name, img in read_images(folder, spec.max_images, skipped):     # one batch of images in memory
+        if name in prompt_of:
+            batch.append((img, prompt_of[name]))
+            if len(batch) == spec.batch:
+                flush()
+    if batch:
+        flush()
+    if not scores:
         raise ConfigError(f"--images: no readable image of {folder!r} pairs with a prompt (skipped: {skipped})")
-    score, cos = clip.score([im for im, _ in kept], [p for _, p in kept])
-    return score, None, {"scored": len(kept), "skipped": dict(sorted(skipped.items()))}, cos
+    scores, cos = np.concatenate(scores), np.concatenate(cos)
+    return float(scores.mean()), None, {"scored": len(scores), "skipped": dict(sorted(skipped.items()))}, \
+        float(cos.mean())
 
 
 def arguments(parser) -> None:
