@@ -529,7 +529,11 @@ def validate(w: Worker, step: int, validation, scorer: list) -> None:
                     frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
                 values["val_clip_score"], values["val_frame_consistency"], _ = scorer[0].video(frames, prompts[0])
             else:
-                values["val_clip_score"], _ = scorer[0].score([Image.open(p).convert("RGB") for p in paths], prompts)
+                images = []
+                for p in paths:
+                    with Image.open(p) as im:
+                        images.append(im.convert("RGB"))
+                values["val_clip_score"], _ = scorer[0].score(images, prompts)
     w.acc.wait_for_everyone()
     w.raw_unet.train()
     w.metrics.log(step, values, "val")
