@@ -101,9 +101,14 @@ def cosines(a, b) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
+def scores_of(cos) -> np.ndarray:
+    """CLIP score (Hessel et al., 2021) of cosines: ``100 * max(cos, 0)``."""
+    return 100.0 * np.maximum(cos, 0.0)
+
+
 def clip_score(image_embeddings, text_embeddings) -> tuple[float, np.ndarray]:
     """(mean, per pair) of ``100 * max(cos, 0)`` over matching rows of the two embedding arrays."""
-    per = 100.0 * np.maximum(cosines(image_embeddings, text_embeddings), 0.0)
+    per = scores_of(cosines(image_embeddings, text_embeddings))
     return float(per.mean()) if len(per) else float("nan"), per
 
 
@@ -137,7 +142,7 @@ class ClipScorer:
         """(CLIP score, raw cosine) per image against its prompt. The score clips negative cosines
         to 0, so a random model can score 0 everywhere while its cosines still differ."""
         cos = cosines(self.images(images), self.texts(prompts))
-        return 100.0 * np.maximum(cos, 0.0), cos
+        return scores_of(cos), cos
 
     def score(self, images: list, prompts: list[str]) -> tuple[float, float]:
         """(mean CLIP score, mean cosine) of images against their prompts."""
@@ -148,7 +153,7 @@ class ClipScorer:
         """(per-frame CLIP score against the prompt, frame consistency, mean cosine) of one video."""
         e = self.images(frames)
         cos = cosines(e, np.repeat(self.texts([prompt]), len(e), axis=0))
-        return float(100.0 * np.maximum(cos, 0.0).mean()), frame_consistency(e), float(cos.mean())
+        return float(scores_of(cos).mean()), frame_consistency(e), float(cos.mean())
 
 
 def frame_consistency(frame_embeddings) -> float:

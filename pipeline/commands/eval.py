@@ -24,6 +24,7 @@ pixel and memory caps); one that is not a readable image is counted under its re
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -169,20 +170,22 @@ def read_images(root: str, limit: int, skipped: dict):
         yield name, img.convert("RGB")
 
 
+def _batches(items, n: int):
+    """Lists of up to ``n`` consecutive items of an iterable (the last may be shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
 def inception_batches(images, batch: int):
     """Uint8 (n, 3, 299, 299) batches of PIL images, ``batch`` at a time (memory stays one batch)."""
     from PIL import Image
 
     from training.evaluate import INCEPTION_SIZE
 
-    chunk = []
-    for img in images:
-        chunk.append(np.asarray(img.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC)).transpose(2, 0, 1))
-        if len(chunk) == batch:
-            yield np.stack(chunk)
-            chunk = []
-    if chunk:
-        yield np.stack(chunk)
+    arrays = (np.asarray(img.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC)).transpose(2, 0, 1)
+              for img in images)
+    return (np.stack(chunk) for chunk in _batches(arrays, batch))
 
 
 def image_batches(root: str, limit: int, batch: int, skipped: dict):
@@ -399,24 +402,13 @@ def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalS
         return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}, \
             float(np.mean(cos))
     prompt_of = dict(pairs)
-    scores, cos, batch = [], [], []
-
-    def flush():
-        s, c = clip.pairs([im for im, _ in batch], [p for _, p in batch])
-        scores.append(s)
-        cos.append(c)
-        batch.clear()
-
-    for name, img in read_images(folder, spec.max_images, skipped):     # one batch of images in memory
-        if name in prompt_of:
-            batch.append((img, prompt_of[name]))
-            if len(batch) == spec.batch:
-                flush()
-    if batch:
-        flush()
-    if not scores:
+    paired = ((img, prompt_of[name]) for name, img in read_images(folder, spec.max_images, skipped)
+              if name in prompt_of)
+    scored = [clip.pairs([im for im, _ in chunk], [p for _, p in chunk])        # one batch of images in memory
+              for chunk in _batches(paired, spec.batch)]
+    if not scored:
         raise ConfigError(f"--images: no readable image of {folder!r} pairs with a prompt (skipped: {skipped})")
-    scores, cos = np.concatenate(scores), np.concatenate(cos)
+    scores, cos = (np.concatenate(parts) for parts in zip(*scored))
     return float(scores.mean()), None, {"scored": len(scores), "skipped": dict(sorted(skipped.items()))}, \
         float(cos.mean())
 
