@@ -51,7 +51,7 @@ def test_fsdp_trains_as_ddp_resumes_exactly_and_switches_on_at_a_resume(ray_loca
     a, b = weights(str(tmp_path / "ddp")), weights(str(tmp_path / "fsdp"))      # EMA weights, exported whole
     init = get("sd").tiny(0, str(tmp_path / "scratch")).unet.state_dict()
     assert a.keys() == b.keys()
-    assert relative_gap(a, b, init) < 1e-3          # measured: 5.8e-5
+    assert relative_gap(a, b, init) < 1e-3          # measured: 6.4e-5 (gradient clipping on)
     # stop at 2, continue to 4: the uninterrupted sharded run, bit for bit
     half = str(tmp_path / "half")
     run(image_run, half, True, 2)
