@@ -425,6 +425,39 @@ def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_
     assert not os.path.exists(marker)
 
 
+def _elastic_sees(nodes, timeout: float = 60.0) -> None:
+    """Make an elastic run's first scaling decision see exactly `nodes` as the cluster's workers.
+
+    Ray Train's elastic policy sizes the group from Ray's AutoscalingCoordinator, a detached actor
+    that re-reads `ray.nodes()` only on a 20 s tick. Right after the cluster was reshaped its view
+    can hold one new node and not the other, and the run then starts with one worker where two
+    fit (CI saw exactly that once). So: wait until the GCS lists only `nodes` alive (a node removed
+    without grace is marked dead only when its heartbeats run out), then drop the coordinator so
+    the run creates a fresh one, which reads the nodes when it starts."""
+    import ray
+
+    want = {n.node_id for n in nodes}
+    deadline = time.time() + timeout
+    while True:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0}
+        if alive == want:
+            break
+        assert time.time() < deadline, f"workers alive {alive}, expected {want}"
+        time.sleep(0.2)
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:
+        return                                  # none yet: the run's will be created fresh
+    ray.kill(coordinator, no_restart=True)
+    while True:                                 # the name is free once the GCS has it dead
+        try:
+            ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:
+            return
+        assert time.time() < deadline, "Ray's AutoscalingCoordinator did not go"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards, tmp_path):
     """On a 0-CPU head with two 2-CPU nodes: remove (not gracefully) the node of one training worker
@@ -485,15 +518,16 @@ def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards,
             cluster.remove_node(n)
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
+        _elastic_sees(nodes)
         out = str(tmp_path / "elastic")
         result = run_and_lose_a_node(out, cluster, nodes, min_workers=1)
         s = result.summary
         assert s["steps"] == 12 and s["resumed_from"] in (3, 6, 9) and s["world_size"] == 1
         first = s["resumed_from"]
+        assert [m["world_size"] for m in result.metrics] == [2] * first + [1] * (12 - first)
         losses, clean = _losses(out), _losses(clean_out)
         assert all(losses[k] == clean[k] for k in range(1, first + 1))          # before the loss: the same steps
         assert sorted(losses) == list(range(1, 13))
-        assert [m["world_size"] for m in result.metrics] == [2] * first + [1] * (12 - first)
     finally:
         ray.shutdown()
         cluster.shutdown()
