@@ -338,6 +338,11 @@ def test_eval_pairs_a_folder_with_its_prompt_file_and_refuses_what_it_cannot_sco
     got = _eval("--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt"))
     assert got["counts"]["images"] == {"scored": 3, "skipped": {}} and got["fid"] is None
     assert 0.0 <= got["clip_score"] <= 100.0 and any("random weights" in w for w in got["warnings"])
+    listed = [("0.png", "one"), ("0.png", "uno"), ("1.png", "two"), ("9.png", "nine"), ("../0.png", "out")]
+    (tmp_path / "imgs" / "prompts.jsonl").write_text("".join(json.dumps({"file": f, "prompt": p}) + "\n" for f, p in listed))
+    paired = _eval("--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt"))
+    assert paired["counts"]["images"] == {"scored": 3, "skipped": {}}    # each listed pair of a file in the folder
+    (tmp_path / "imgs" / "prompts.jsonl").unlink()
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     with pytest.raises(ConfigError, match="2 prompts for 3 files"):
         _eval("--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt"))

@@ -401,9 +401,10 @@ def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalS
         scores, consistency, cos = zip(*(clip.video(_gif_frames(os.path.join(folder, f)), p) for f, p in pairs))
         return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}, \
             float(np.mean(cos))
-    prompt_of = dict(pairs)
-    paired = ((img, prompt_of[name]) for name, img in read_images(folder, spec.max_images, skipped)
-              if name in prompt_of)
+    prompts_of: dict[str, list[str]] = {}          # a file listed with several prompts is scored with each
+    for f, p in pairs:
+        prompts_of.setdefault(f, []).append(p)
+    paired = ((img, p) for name, img in read_images(folder, spec.max_images, skipped) for p in prompts_of.get(name, ()))
     scored = [clip.pairs([im for im, _ in chunk], [p for _, p in chunk])        # one batch of images in memory
               for chunk in _batches(paired, spec.batch)]
     if not scored:
