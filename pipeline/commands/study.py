@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind
+from pipeline.contract.layout import atomic_write
 
 NAME = "study"
 DESCRIPTION = """\
@@ -192,9 +193,7 @@ def run(spec: StudySpec, log=sys.stderr) -> StudyResult:
         scored = _read_cache(cache)
         if scored.get("spec") != key:
             scored = {"spec": key, "result": evaluation.run(es, log=log).to_dict()}
-            with open(cache + ".tmp", "w", encoding="utf-8") as fh:
-                json.dump(scored, fh, indent=1)
-            os.replace(cache + ".tmp", cache)                  # a kill mid-write leaves the old cache or none
+            atomic_write(cache, json.dumps(scored, indent=1).encode())    # a kill mid-write leaves the old cache or none
         r = scored["result"]
         warnings += [w for w in r["warnings"] if w not in warnings]
         val = result.validation[-1]["val_loss"] if result.validation else None
