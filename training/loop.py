@@ -268,12 +268,11 @@ def conditioning(w: Worker, batch, keep: np.ndarray, g):
 def _optimize(w: Worker, loss) -> float:
     """Backward, clip, step, schedule, EMA; the loss averaged over every rank."""
     w.acc.backward(loss)
-    if w.spec.optim.max_grad_norm and w.spec.train.fsdp:
-        from training.sharding import clip_grad_norm_
+    if w.spec.optim.max_grad_norm:
+        from training import sharding
 
-        clip_grad_norm_(w.trainable, w.spec.optim.max_grad_norm)
-    elif w.spec.optim.max_grad_norm:
-        w.acc.clip_grad_norm_(w.trainable, w.spec.optim.max_grad_norm)
+        clip = sharding.clip_grad_norm_ if w.spec.train.fsdp else w.acc.clip_grad_norm_
+        clip(w.trainable, w.spec.optim.max_grad_norm)
     w.optimizer.step()
     w.lr_sched.step()
     w.optimizer.zero_grad(set_to_none=True)
