@@ -71,11 +71,14 @@ def test_random_inception_is_seeded_and_loads_from_a_weights_file(tmp_path):
         again = inception("random", seed=3)
     images = torch.from_numpy(_images(2, 2))
     f = net(images)
-    assert f.shape == (2, 2048) and torch.equal(f, again(images))
+    # another instance with the same seed: equal weights, but kernels chosen by memory alignment may
+    # sum in another order; float32 through Inception's ~95 layers: 1e-4 relative
+    assert f.shape == (2, 2048)
+    torch.testing.assert_close(again(images), f, rtol=1e-4, atol=1e-5)
     path = tmp_path / "inception.pth"
     torch.save({f"{k}": v for k, v in net.net.state_dict().items()}, path)   # torchvision's key names
     loaded = inception(str(path))
-    assert torch.equal(loaded(images), f)
+    torch.testing.assert_close(loaded(images), f, rtol=1e-4, atol=1e-5)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not torchvision's Inception-v3 weights"):
         inception(str(tmp_path / "other.pth"))

@@ -91,7 +91,8 @@ def test_inflated_vae_decodes_every_frame_as_the_image_vae():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (vae.decode(z).sample - video.decode(z, num_frames=3).sample).abs().max() < 1e-5
-        assert torch.equal(vae.encode(x).latent_dist.mean, video.encode(x).latent_dist.mean)   # encoder copied
+        # encoder copied: equal weights in another instance (kernels may sum in another order, float32)
+        torch.testing.assert_close(vae.encode(x).latent_dist.mean, video.encode(x).latent_dist.mean, atol=1e-6, rtol=1e-5)
     # a post_quant_conv bias shows at the latent border, in proportion (documented in training/inflate.py)
     vae = _image_vae(0.01)
     video, report = inflate_vae(vae)

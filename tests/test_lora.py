@@ -63,9 +63,14 @@ def test_targets_follow_the_layer_choice(tmp_path):
 
 @pytest.mark.parametrize("kind", ["sd", "svd"])
 def test_export_loads_into_the_base_pipeline_and_fuses(kind, tmp_path):
-    """The exported file on the base pipeline reproduces the trained UNet exactly (SD through
-    diffusers' load_lora_weights, SVD through load_into), changes its output, is under 5 % of the
-    UNet, and the fused copy agrees to float rounding."""
+    """The exported file on the base pipeline reproduces the trained UNet (SD through diffusers'
+    load_lora_weights, SVD through load_into), changes its output, is under 5 % of the UNet, and the
+    fused copy agrees to float rounding.
+
+    Two module instances with equal weights are not bit-identical on every CPU: BLAS and oneDNN
+    choose kernels (and so summation orders) by memory alignment, so the outputs (float32, about
+    unit scale, some ten reductions deep) are compared to 1e-5: ~100 float32 ulps, 1000 times
+    smaller than the adapter's own effect checked first."""
     from training import families
     from training.lora import WEIGHTS_FILE, add_lora, export, fused, load_into
 
@@ -95,7 +100,7 @@ def test_export_loads_into_the_base_pipeline_and_fuses(kind, tmp_path):
         after = pipe.unet(*args).sample
         merged = fused(c.unet)(*args).sample
     assert (trained - before).abs().max() > 1e-2            # the adapter changes the output
-    assert torch.equal(after, trained)                       # ... and the export restores it exactly
+    torch.testing.assert_close(after, trained, rtol=1e-5, atol=1e-5)   # ... and the export restores it
     assert (merged - trained).abs().max() < 1e-5
     assert not any("lora" in n for n, _ in fused(c.unet).named_parameters())
 
