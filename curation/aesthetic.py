@@ -100,6 +100,19 @@ class AestheticScore(Stage):
     after = ("clip",)
 
     @classmethod
+    def notices(cls, config: AestheticConfig, earlier: list[tuple[str, Any]]) -> list[str]:
+        from curation.clip import ClipConfig, is_random
+
+        clips = [c for n, c in earlier if n == "clip" and isinstance(c, ClipConfig)]
+        filt = f"; min_score {config.min_score:g} rejects at random" if config.min_score is not None else ""
+        if config.weights == "random":
+            return [f"aesthetic: the head has random weights (weights: random), so aesthetic_score means nothing"
+                    f"{filt}; give LAION's head in aesthetic.weights"]
+        if clips and is_random(clips[-1]):
+            return [f"aesthetic: its CLIP embeddings come from a random CLIP, so aesthetic_score means nothing{filt}"]
+        return []
+
+    @classmethod
     def validate(cls, config: AestheticConfig, key: str, earlier: list[tuple[str, Any]]) -> None:
         super().validate(config, key, earlier)
         from curation.clip import embedding_dim

@@ -61,6 +61,11 @@ class ClipConfig(ModelRuntime):
     batch_size: int = option(64, "images per model call", min=1, runtime=True)
 
 
+def is_random(config: ClipConfig) -> bool:
+    """Whether the model is built with random weights (no tag, file or folder given)."""
+    return config.pretrained is None or config.pretrained == "random"
+
+
 @dataclass
 class ResolvedWeights:
     """What open_clip is called with: never a tag that would need the network."""
@@ -216,6 +221,15 @@ class ClipEmbed(ModelStage):
         resolve_weights(config, key)
         if config.precision in ("fp16", "bf16") and config.device == "cpu":
             raise ConfigError(f"{key}.precision: {config.precision} runs on GPU only here; use fp32 or auto with device cpu")
+
+    @classmethod
+    def notices(cls, config: ClipConfig, earlier: list[tuple[str, Any]]) -> list[str]:
+        if not is_random(config):
+            return []
+        filt = (f"; min_similarity {config.min_similarity:g} rejects at random"
+                if config.min_similarity is not None else "")
+        return [f"clip: {config.model} runs on random weights (pretrained: {config.pretrained or 'none'}), so "
+                f"clip_similarity means nothing{filt}; give real weights in clip.pretrained"]
 
     def __init__(self, config: ClipConfig | None = None):
         config = config or ClipConfig()

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 from pipeline.contract.config import option
+from pipeline.contract.media import EMPTY, NOT_AN_IMAGE, MediaError, MediaLimits, decoded_bytes, open_image  # noqa: F401
 from pipeline.contract.schema import HEIGHT, IMAGE, IMAGE_EXT, IMAGE_EXTENSIONS, RAW, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from pipeline.contract.stage import Stage, active, column, reject
 
@@ -31,9 +32,6 @@ try:                                    # HEIC / HEIF (phone cameras) through li
     pillow_heif.register_heif_opener()
 except ImportError:                     # an older install without it: such files are unsupported_format rows
     pass
-# We enforce our own pixel cap from the header; PIL's global guard would raise before we can
-# record a reason, so it is lifted here and replaced by ``max_pixels``.
-Image.MAX_IMAGE_PIXELS = None
 
 EXTENSIONS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -59,7 +57,6 @@ _RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BI
              "bilinear": Image.Resampling.BILINEAR}
 
 
-NOT_AN_IMAGE = "decode_error: not an image"
 
 
 class DecodeError(Exception):
@@ -100,13 +97,6 @@ def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
         return width, height
     scale = max_side / longest
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def decoded_bytes(width: int, height: int, mode: str) -> int:
-    """Bytes Pillow holds for a decoded image: one per pixel for grey and palette, two for 16-bit,
-    four for every other mode (Pillow pads RGB to four bytes a pixel)."""
-    per = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
-    return width * height * per
 
 
 def _to_grey8(img: Image.Image, strip_bytes: int = 16 << 20) -> Image.Image:
@@ -157,21 +147,26 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[Image.Image, int, int]
     The original size is after EXIF rotation, i.e. the size a viewer shows.
     """
     if data is None or len(data) == 0:
-        raise DecodeError("decode_error: empty file")
+        raise DecodeError(EMPTY)
+    limits = MediaLimits(max_pixels=cfg.max_pixels, max_decoded_bytes=cfg.max_decoded_bytes)
+    full = []
+
+    def draft(w: int, h: int):     # JPEGs decode at a reduced DCT scale that still covers the capped size
+        full.append((w, h))
+        return capped_size(w, h, cfg.max_side) if cfg.fast_jpeg else None
+
     try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise DecodeError(NOT_AN_IMAGE) from None
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a bad sample
-        raise DecodeError(f"decode_error: {type(exc).__name__}: {exc}") from None
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise DecodeError("decode_error: zero-sized image")
-    if width * height > cfg.max_pixels:
-        raise DecodeError(f"decompression_bomb: {width}x{height} exceeds max_pixels={cfg.max_pixels}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = open_image(data, limits, draft=draft)
+    except MediaError as exc:
+        raise DecodeError(str(exc)) from None
+    width, height = full[0]
     if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
         if cfg.animated == "reject":
-            raise DecodeError(f"animated: {img.n_frames} frames")
+            n = img.n_frames
+            img.close()
+            raise DecodeError(f"animated: {n} frames")
         img.seek(0)
     orientation = 1
     try:
@@ -180,16 +175,9 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[Image.Image, int, int]
         orientation = 1
     swapped = orientation in (5, 6, 7, 8)
     orig_w, orig_h = (height, width) if swapped else (width, height)
-    target_w, target_h = capped_size(width, height, cfg.max_side)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if cfg.fast_jpeg and img.format == "JPEG" and (target_w, target_h) != (width, height):
-                img.draft("RGB", (target_w, target_h))
-            need = decoded_bytes(img.width, img.height, img.mode)     # after draft: what decoding allocates
-            if need > cfg.max_decoded_bytes:
-                raise DecodeError(f"decompression_bomb: {width}x{height} {img.mode} decodes to {need} bytes > "
-                                  f"max_decoded_bytes={cfg.max_decoded_bytes}")
             img.load()
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)

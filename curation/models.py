@@ -1,7 +1,6 @@
 """What every model stage shares: device and pool settings, and turning them into resources."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,12 +36,10 @@ def model_resources(config: Any, cluster_gpus: float, gpu_capable: bool = True) 
 def open_rgb(data: bytes, side: int):
     """Open stored image bytes as RGB; JPEGs decode at a reduced DCT scale that still covers
     ``side`` (PIL ``draft``), which is most of the cost a model stage's input would otherwise have."""
-    from PIL import Image
+    from pipeline.contract.media import open_image
 
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("RGB", (side, side))
-    return img.convert("RGB")
+    with open_image(data, draft=(side, side)) as img:
+        return img.convert("RGB")
 
 
 def torch_device(config: Any) -> str:

@@ -7,7 +7,6 @@ Hamming distance; candidates come from multi-index hashing (Norouzi et al., 2012
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.contract.config import option
+from pipeline.contract.media import open_image
 from pipeline.contract.schema import HEIGHT, IMAGE, KEPT, KEY, PHASH, STATUS, WIDTH
 from pipeline.contract.stage import Stage, active, column
 
@@ -45,10 +45,8 @@ def phash_image(img: Image.Image) -> int:
 
 
 def phash_bytes(data: bytes) -> int:
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("L", (64, 64))  # decode at 1/8 scale: the hash only needs 32x32
-    return phash_image(img)
+    with open_image(data, draft=(64, 64), draft_mode="L") as img:   # 1/8 scale: the hash needs 32x32
+        return phash_image(img)
 
 
 def to_hex(h: int) -> str:

@@ -14,7 +14,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -137,6 +137,16 @@ class SemanticDedup(Stage):
     Config = SemanticDedupConfig
     after = ("clip",)
     has_batch_work = False      # all of the work happens in ``reduce``, over the whole run
+
+    @classmethod
+    def notices(cls, config: SemanticDedupConfig, earlier: list[tuple[str, Any]]) -> list[str]:
+        from curation.clip import ClipConfig, is_random
+
+        clips = [c for n, c in earlier if n == "clip" and isinstance(c, ClipConfig)]
+        if clips and is_random(clips[-1]):
+            return ["semantic_dedup: compares the embeddings of a random CLIP, so the images it rejects as "
+                    "duplicates need not be alike"]
+        return []
 
     def __init__(self, config: SemanticDedupConfig | None = None):
         super().__init__(config or SemanticDedupConfig())

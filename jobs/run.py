@@ -11,10 +11,27 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import main
-from pipeline.commands import command_of
+try:
+    from pipeline.cli import main
+    from pipeline.commands import command_of
+    import pyarrow  # noqa: F401 - every command needs these; a cluster without them fails here, not mid-job
+    import ray  # noqa: F401
+    import torch  # noqa: F401
+    MISSING = None
+except ImportError as exc:       # the job's interpreter lacks winnow's dependencies
+    MISSING = exc
+    command_of = None
 
 command = command_of      # the spec's kind (or, without one, its keys) names the command
+
+
+def missing_message(exc: ImportError) -> str:
+    """One line that says what the cluster lacks and how to fix it."""
+    name = exc.name or str(exc)
+    return (f"winnow: this job's Python ({sys.executable}) cannot import {name!r}: winnow's dependencies are not "
+            f"installed where the job runs. Install winnow on the cluster's nodes (pip install -e . from this "
+            f"project, or bake it into the image) and submit with --installed, or start the cluster from the "
+            f"environment that has it")
 
 
 def spec_from_env(argv: list[str]) -> list[str]:
@@ -30,12 +47,27 @@ def spec_from_env(argv: list[str]) -> list[str]:
     at = argv.index("--spec-env")
     var = argv[at + 1]
     name = os.path.basename(os.environ.get(SPEC_NAME_ENV) or "spec.yaml")
-    path = os.path.join(tempfile.mkdtemp(prefix="winnow-spec-"), name)
+    folder = tempfile.mkdtemp(prefix="winnow-spec-")
+    SPEC_FOLDERS.append(folder)              # removed when the command returns
+    path = os.path.join(folder, name)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(os.environ[var])
     return [*argv[:at], path, *argv[at + 2:]]
 
 
+SPEC_FOLDERS: list[str] = []
+
+
 if __name__ == "__main__":
+    if MISSING is not None:
+        print(missing_message(MISSING), file=sys.stderr)
+        sys.exit(3)
+    import shutil
+
     args = spec_from_env(sys.argv[1:])
-    sys.exit(main([command(args), *args]))
+    try:
+        code = main([command(args), *args])
+    finally:
+        for folder in SPEC_FOLDERS:
+            shutil.rmtree(folder, ignore_errors=True)
+    sys.exit(code)

@@ -1,11 +1,84 @@
-"""Shared fixtures: one local Ray (2 CPUs, like CI) for the session, and small seeded corpora."""
+"""Shared fixtures: one local Ray (2 CPUs, like CI) for the session, small seeded corpora, and a
+check that the suite leaves no process and no temporary file behind."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Every temporary folder of the session -- the tests', winnow's own (tempfile), Ray's session folders
+# (RAY_TMPDIR), torch's compile cache -- lies in one folder made here, so that what is left in it at
+# the end is known to be the suite's. Short, for Ray's socket paths (107 bytes at most).
+SESSION_TMP = tempfile.mkdtemp(prefix="wt-")
+for var in ("TMPDIR", "RAY_TMPDIR"):
+    os.environ[var] = SESSION_TMP
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(SESSION_TMP, "torchinductor")
+tempfile.tempdir = SESSION_TMP
+# what the suite may leave in it until the end: pytest's numbered folders (they hold each test's
+# tmp_path), Ray's session folders and torch's compile cache; all of it goes with SESSION_TMP
+# and ".ses", the session file onnxruntime's built-in telemetry (the 1DS logger in libonnxruntime, under
+# RapidOCR) writes into TMPDIR and keeps
+EXPECTED_TMP = {f"pytest-of-{os.environ.get('USER') or 'root'}", "ray", "torchinductor", ".ses"}
+RAY_NAMES = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray/_private", "default_worker.py", "log_monitor",
+             "monitor.py", "runtime_env/agent")
+
+
+def _ours(proc, me: int, started: float) -> bool:
+    """A process this session made: a descendant of pytest, or an orphan of one (parent 1) that is Ray's."""
+    try:
+        if proc.pid == me or proc.create_time() < started - 1:
+            return False
+        if any(p.pid == me for p in proc.parents()):
+            return True
+        return proc.ppid() == 1 and any(n in " ".join(proc.cmdline()) for n in RAY_NAMES)
+    except Exception:  # noqa: BLE001 - it went away while we looked
+        return False
+
+
+def _leftover_processes(started: float, wait_s: float) -> list:
+    import psutil
+
+    me = os.getpid()
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [p for p in psutil.process_iter() if _ours(p, me, started)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_behind():
+    """Set up first, torn down last (after the shared Ray): fails the run when a process the suite
+    started is still alive 60 s after the last test (Ray shuts its workers down asynchronously), or
+    when something other than pytest's and Ray's folders is left in the session's temporary folder.
+    Either way it cleans up what it found."""
+    started = time.time()
+    yield
+    import psutil
+
+    problems = []
+    left = _leftover_processes(started, 60.0)
+    if left:
+        described = []
+        for p in left:
+            try:
+                described.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+                p.kill()
+            except psutil.Error:
+                pass
+        problems.append(f"processes still running after the suite: {described}")
+    extra = sorted(set(os.listdir(SESSION_TMP)) - EXPECTED_TMP)
+    if extra:
+        problems.append(f"temporary files left in {SESSION_TMP}: {extra}")
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -113,3 +113,46 @@ def test_no_model_family_branches_outside_training_families():
                         if any(c in FAMILIES for c in consts):
                             found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
     assert found == []
+
+
+MEDIA = os.path.join("pipeline", "contract", "media.py")
+# (module or alias, attribute) calls that open image or video bytes for reading
+MEDIA_OPENS = {("Image", "open"), ("PIL.Image", "open"), ("av", "open"), ("cv2", "VideoCapture"), ("cv2", "imread"),
+               ("cv2", "imdecode"), ("imageio", "imread"), ("imageio", "v3"), ("iio", "imread")}
+
+
+def _media_opens(tree: ast.AST) -> list[int]:
+    """Lines that call an image/video opener for reading (``av.open(x, "w")`` writes and is allowed)."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = ast.unparse(node.func.value)
+        if (owner, node.func.attr) not in MEDIA_OPENS:
+            continue
+        mode = [a for a in node.args[1:2]] + [k.value for k in node.keywords if k.arg == "mode"]
+        if owner == "av" and any(isinstance(m, ast.Constant) and str(m.value).startswith("w") for m in mode):
+            continue
+        lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_media_module_opens_images_and_videos():
+    """Every read of an image or a video goes through ``pipeline/contract/media.py``'s bounded
+    openers (pixels and decoded bytes checked from the header), wherever it happens: curation,
+    training, reports, sheets, eval."""
+    found = []
+    for pkg in PACKAGES:
+        for d, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in (f for f in files if f.endswith(".py")):
+                path = os.path.join(d, f)
+                rel = os.path.relpath(path, ROOT)
+                if rel == MEDIA:
+                    continue
+                found += [f"{rel}:{n}" for n in _media_opens(ast.parse(open(path, encoding="utf-8").read()))]
+    assert found == []
+
+
+def test_the_media_scan_sees_each_way_of_opening():
+    src = "Image.open(p)\nav.open(p)\nav.open(p, 'w')\nav.open(p, mode='w')\ncv2.VideoCapture(p)\nPIL.Image.open(p)\n"
+    assert _media_opens(ast.parse(src)) == [1, 2, 5, 6]

@@ -141,3 +141,22 @@ def test_the_kuberay_example_runs_jobs_run_on_a_spec_that_parses():
     assert [s.name for s in spec.stages] == ["decode", "metadata_filter", "phash_dedup"]
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert {"name": "spec", "mountPath": "/specs"} in head["containers"][0]["volumeMounts"]
+
+
+def test_a_job_whose_python_lacks_winnows_dependencies_says_what_to_fix(tmp_path):
+    """``python -m jobs.run`` under an interpreter without pyarrow/ray/torch (a cluster started outside
+    the venv) exits 3 with one line naming the interpreter, the missing module and the fixes, not a
+    traceback from deep inside a command."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "pyarrow.py").write_text("raise ImportError('this cluster has no pyarrow', name='pyarrow')\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("kind: curate\n")
+    env = {**os.environ, "PYTHONPATH": f"{bare}{os.pathsep}{root}"}
+    res = subprocess.run([sys.executable, "-m", "jobs.run", str(spec)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 3
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot import 'pyarrow'" in lines[0] and sys.executable in lines[0]
+    assert "--installed" in lines[0] and "Traceback" not in res.stderr

@@ -100,8 +100,13 @@ fully_shard(sharded)
 norm = clip_grad_norm_(list(sharded.parameters()), 1.0)
 gap = max((p.grad.full_tensor() - q.grad).abs().max().item() for p, q in zip(sharded.parameters(), whole.parameters()))
 if rank == 0:
-    print(json.dumps({"norm": norm.item(), "expected": expected.item(), "gap": gap}))
+    print(json.dumps({"norm": norm.item(), "expected": expected.item(), "gap": gap}), flush=True)
+dist.barrier()                    # no collective in flight on either rank when the group goes
 dist.destroy_process_group()
+sys.stderr.flush()
+# gloo's threads may still be joinable at interpreter teardown ("terminate called without an
+# active exception", SIGABRT, seen on CI machines): the work is done, so leave without it
+os._exit(0)
 """
 
 

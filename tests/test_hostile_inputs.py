@@ -268,3 +268,87 @@ def test_a_decode_that_runs_too_long_becomes_a_rejected_row():
     assert out["status"][0] == "kept" and out["stored_width"][0] == 32
     import signal
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)         # no timer left behind
+
+
+HUGE_VIDEO = r"""
+import av, sys
+side = 16000
+with av.open(sys.argv[1], "w") as c:
+    s = c.add_stream("libx264", rate=1)
+    s.width, s.height, s.pix_fmt = side, side, "yuv420p"
+    s.options = {"preset": "ultrafast"}
+    frame = av.VideoFrame(side, side, "yuv420p")
+    for plane in frame.planes:
+        plane.update(bytes(plane.buffer_size))
+    for i in range(2):
+        frame.pts = i
+        for packet in s.encode(frame):
+            c.mux(packet)
+    for packet in s.encode():
+        c.mux(packet)
+"""
+
+PREVIEW_CHILD = r"""
+import json, sys
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+from pipeline.commands import report, sheets
+from pipeline.contract import media
+base = kb("VmRSS")
+path = sys.argv[1]
+row = {"source": path, "reject_reason": "too_large: 16000x16000", "start_s": 0.0}
+thumb = report.source_thumbnail(None, row)
+try:
+    media.video_frame(path)
+    refused = ""
+except media.MediaError as exc:
+    refused = str(exc)
+frames = sheets.clip_frames(open(path, "rb").read())
+print(json.dumps({"mb": (kb("VmHWM") - base) / 1024, "thumb": thumb is None, "refused": refused,
+                  "frames": [f.size for f in frames]}))
+"""
+
+
+def test_a_16000_pixel_video_adds_under_512_mb_to_a_report(tmp_path):
+    """The hostile battery's 16000x16000 H.264 file: the report's thumbnail, a frame for a sheet
+    and the bounded opener refuse it from the header (the report decoded it whole: 3.6 GB)."""
+    import json
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "huge.mp4")
+    subprocess.run([sys.executable, "-c", HUGE_VIDEO, path], check=True, timeout=300)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", PREVIEW_CHILD, path], capture_output=True, text=True, timeout=300,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["thumb"] and got["refused"].startswith("too_large: 16000x16000") and got["frames"] == [[16, 16]]
+    assert got["mb"] < 512, got
+
+
+def test_the_bounded_image_opener_refuses_from_the_header(tmp_path):
+    from pipeline.contract.media import MediaError, MediaLimits, open_image
+
+    buf = io.BytesIO()
+    Image.new("L", (400, 300)).save(buf, "PNG")
+    with pytest.raises(MediaError, match=r"decompression_bomb: 400x300 exceeds max_pixels=1000"):
+        open_image(buf.getvalue(), MediaLimits(max_pixels=1000))
+    with pytest.raises(MediaError, match=r"decodes to 120000 bytes > max_decoded_bytes=100000"):
+        open_image(buf.getvalue(), MediaLimits(max_decoded_bytes=100_000))
+    jpg = io.BytesIO()
+    Image.new("RGB", (800, 800)).save(jpg, "JPEG")     # 2.56 MB decoded, 40 kB after an 1/8 draft
+    with open_image(jpg.getvalue(), MediaLimits(max_decoded_bytes=100_000), draft=(100, 100)) as im:
+        assert im.size == (100, 100)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big.png").write_bytes(buf.getvalue())
+    with pytest.raises(MediaError, match="not a regular file"):
+        open_image(str(tmp_path / "fifo"))
+    with pytest.raises(MediaError, match=r"too_large: \d+ bytes > 10"):
+        open_image(str(tmp_path / "big.png"), MediaLimits(max_file_bytes=10))
+    with pytest.raises(MediaError, match="decode_error: empty file"):
+        open_image(b"")
+    with pytest.raises(MediaError, match="decode_error: not an image"):
+        open_image(b"hello")

@@ -131,11 +131,19 @@ def test_lora_spec_errors_name_the_key(shards, tmp_path):  # noqa: F811
         ts.parse({**base, "train": {**base["train"], "fsdp": True}})
     with pytest.raises(ConfigError, match="lora.rank"):
         ts.parse({**base, "lora": {"enabled": True, "rank": 0}})
-    # the fingerprint of a full run does not change with the lora section's defaults
+    # the fingerprint of a full run does not change with a switched-off lora section
     full = ts.parse(train_spec(shards[0], str(tmp_path / "o")))
     assert full.fingerprint() == ts.parse({**train_spec(shards[0], str(tmp_path / "o")),
-                                          "lora": {"rank": 4}}).fingerprint()
+                                          "lora": {"enabled": False}}).fingerprint()
     assert full.fingerprint() != ts.parse(base).fingerprint()
+    # no silent settings: a lora section without `enabled` (`--set lora.rank=4`) turns LoRA on, and
+    # options beside `enabled: false` are an error that names them
+    on = ts.parse({**train_spec(shards[0], str(tmp_path / "o")), "lora": {"rank": 4}})
+    assert on.lora.enabled and on.lora.rank == 4
+    with pytest.raises(ConfigError, match=r"lora: lora.rank would do nothing with lora.enabled: false"):
+        ts.parse({**base, "lora": {"enabled": False, "rank": 4}})
+    with pytest.raises(ConfigError, match=r"ema: ema.decay would do nothing with ema.enabled: false"):
+        ts.parse({**base, "ema": {"enabled": False, "decay": 0.9}})
 
 
 VALIDATE = {"eval_every": 6, "eval_fraction": 0.2}

@@ -67,6 +67,7 @@ class EncodeBlock:
 
     def __init__(self, spec: dict, folder: str, buckets: list[tuple[int, int]], bucket_of: np.ndarray, dims: dict,
                  device: str):
+        import shutil
         import tempfile
 
         import torch
@@ -74,9 +75,12 @@ class EncodeBlock:
         from training import families
 
         m = spec["model"]
-        self.scratch = tempfile.mkdtemp(prefix="winnow-cache-")
+        scratch = tempfile.mkdtemp(prefix="winnow-cache-")
         self.family = families.get(m["kind"])
-        self.comps = self.family.components(m["pretrained"], m["allow_download"], m["seed"], self.scratch, None)
+        try:                   # the preset's tokenizer passes through it and is read into memory
+            self.comps = self.family.components(m["pretrained"], m["allow_download"], m["seed"], scratch, None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         self.device = torch.device(device)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.comps.vae.to(self.device, dtype=torch.float32 if self.comps.vae.config.get("force_upcast") else dtype).eval()

@@ -17,6 +17,7 @@ which prompts came before it.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,6 @@ def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None
     spec = run_spec(run)
     family = families.get(spec.model.kind)
     what = weights_of(run, checkpoint)
-    scratch = scratch or tempfile.mkdtemp(prefix="winnow-eval-")
     m = spec.model
     if what == "final":
         return RunModel(spec, family, family.load(os.path.join(run, "final")), f"{run}/final")
@@ -84,7 +84,13 @@ def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None
             raise ConfigError(f"--run: the LoRA's base {base!r} is missing")
         load_adapter(comps.unet, os.path.join(run, "lora"))
         return RunModel(spec, family, comps, f"{run}/lora on {base}")
-    comps = family.components(m.pretrained, m.allow_download, m.seed, scratch, spec.objective.prediction_type)
+    own = scratch is None
+    scratch = scratch or tempfile.mkdtemp(prefix="winnow-eval-")
+    try:                       # the preset's tokenizer passes through it and is read into memory
+        comps = family.components(m.pretrained, m.allow_download, m.seed, scratch, spec.objective.prediction_type)
+    finally:
+        if own:
+            shutil.rmtree(scratch, ignore_errors=True)
     if spec.lora.enabled:
         add_lora(comps.unet, spec.lora, family.clips, m.seed)
         state = load_state(checkpoint)

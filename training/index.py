@@ -10,7 +10,6 @@ when the shard set is read-only) and rebuilt when the shard files change.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 
@@ -19,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.contract import tar as tars
 from pipeline.contract import layout
+from pipeline.contract import tar as tars
 from pipeline.contract.config import ConfigError
 from pipeline.contract.layout import fingerprint, manifest_runs
+from pipeline.contract.media import open_image
 from pipeline.contract.schema import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from training.buckets import Bucket, assign, bucket_table
 
@@ -121,7 +121,6 @@ def index_clip_shard(shard: str) -> pa.Table:
 
 def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
     """Shards without an annotation parquet (or older ones): read the sample's JSON, else the image header."""
-    from PIL import Image
 
     with fsspec.open(shard, "rb") as fh:
         found = {m.name: m for m in tars.scan(fh)}
@@ -138,7 +137,7 @@ def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
         if not meta.get(STORED_WIDTH):
             img_name = next(n for n, m in found.items()
                             if m.key == key and m.ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
-            with Image.open(io.BytesIO(read(img_name))) as im:
+            with open_image(read(img_name)) as im:
                 meta[STORED_WIDTH], meta[STORED_HEIGHT] = im.size
     return meta
 

@@ -11,7 +11,6 @@ uninterrupted one would. Decoding releases the GIL, so threads overlap with the 
 from __future__ import annotations
 
 import collections
-import io
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from pipeline.contract.media import open_image
 from training.buckets import Bucket, plan_crop
 from training.schedule import Cursor, Schedule, rank_slice, seeded_rng
 
@@ -64,12 +64,15 @@ class SampleReader:
 
 def load_image(data: bytes, bucket: Bucket, rng: np.random.Generator | None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """(uint8 HxWx3 array of the bucket's size, (orig_h, orig_w, top, left) of the crop)."""
-    with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        crop = plan_crop(width, height, bucket, rng)
-        if im.format == "JPEG":
-            im.draft("RGB", (crop.resize_w, crop.resize_h))   # decode at a reduced scale >= the target
+    seen = []
+
+    def draft(w: int, h: int) -> tuple[int, int]:      # JPEGs decode at a reduced scale >= the target
+        seen.append((w, h, plan_crop(w, h, bucket, rng)))
+        return seen[0][2].resize_w, seen[0][2].resize_h
+
+    with open_image(data, draft=draft) as im:
         rgb = im.convert("RGB")
+    width, height, crop = seen[0]
     box = (crop.left, crop.top, crop.left + bucket.width, crop.top + bucket.height)
     if rgb.size != (crop.resize_w, crop.resize_h):
         sx, sy = rgb.width / crop.resize_w, rgb.height / crop.resize_h

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.contract import layout
+from pipeline.contract.media import open_image
 from training import families
 from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.schedule import Cursor, seeded_rng
@@ -503,7 +504,7 @@ def finish(w: Worker, first_step: int, started: float, unet) -> None:
                "final": final, **extra, "ema": ema is not None, "samples": sample_paths,
                "prediction_type": w.comps.prediction_type, "kind": w.comps.kind,
                "distributed": "FSDP2" if spec.train.fsdp else str(w.acc.distributed_type),
-               "num_processes": w.acc.num_processes}
+               "num_processes": w.acc.num_processes, "warnings": spec.notices()}
     with open(os.path.join(out, layout.SUMMARY_FILE), "w") as fh:
         json.dump(summary, fh, indent=2)
 
@@ -515,7 +516,7 @@ def validate(w: Worker, step: int, validation, scorer: list) -> None:
     spec = w.spec
     with full_unet(w) as unet:
         if w.acc.is_main_process and (spec.train.sample_prompts or w.family.clips):
-            from PIL import Image, ImageSequence
+            from PIL import ImageSequence
 
             from training.evaluate import ClipScorer
 
@@ -524,13 +525,13 @@ def validate(w: Worker, step: int, validation, scorer: list) -> None:
                 scorer.append(ClipScorer(spec.train.eval_clip_model, spec.train.eval_clip_pretrained, spec.train.seed))
             prompts = list(spec.train.sample_prompts) or [w.loader.captions[0]]
             if w.family.clips:
-                with Image.open(paths[0]) as im:
+                with open_image(paths[0]) as im:
                     frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
                 values["val_clip_score"], values["val_frame_consistency"], _ = scorer[0].video(frames, prompts[0])
             else:
                 images = []
                 for p in paths:
-                    with Image.open(p) as im:
+                    with open_image(p) as im:
                         images.append(im.convert("RGB"))
                 values["val_clip_score"], _ = scorer[0].score(images, prompts)
     w.acc.wait_for_everyone()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from pipeline.contract import layout
@@ -164,6 +164,17 @@ class TrainSpec:
     video: VideoSpec = field(default_factory=VideoSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
 
+    def notices(self) -> list[str]:
+        """What the user must be told once in the summary: models on random weights."""
+        out = []
+        if not self.model.pretrained:
+            out.append(f"model.pretrained is null: the tiny {self.model.kind} preset with random weights (tests and the "
+                       f"demo); give a diffusers folder or hub id to train a real model")
+        if self.train.eval_every and self.train.eval_clip_pretrained in (None, "random"):
+            out.append("train.eval_clip_pretrained is null: validation's CLIP score comes from a random CLIP and means "
+                       "nothing; give an open_clip tag or weights file")
+        return out
+
     def fingerprint(self) -> str:
         """What the trajectory depends on (not worker counts or logging): a run folder holds one."""
         doc = {k: result_dict(getattr(self, k)) for k in ("data", "model", "objective", "optim", "ema", "train")}
@@ -201,6 +212,7 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     for required in ("data", "output"):
         if not isinstance(data.get(required), dict):
             raise ConfigError(f"missing {required!r} section: a train spec needs data.shards and output.path")
+    data = _switch_sections(data)
     spec = TrainSpec(**{k: build(cls, data.get(k) or {}, k) for k, cls in SECTIONS.items()})
     if not spec.data.shards:
         raise ConfigError("data.shards: give at least one curated shard set (a `winnow curate` output folder)")
@@ -245,6 +257,25 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     if spec.model.pretrained and check_paths:
         families.get(spec.model.kind).check_pretrained(spec.model.pretrained)
     return spec
+
+
+def _switch_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """No silent settings in sections with an ``enabled`` switch (lora, ema): a section given without
+    ``enabled`` turns it on (``--set lora.rank=4`` trains a LoRA), and options beside an explicit
+    ``enabled: false`` are an error (they would do nothing)."""
+    out = dict(data)
+    for name, cls in SECTIONS.items():
+        section = data.get(name)
+        if not isinstance(section, dict) or "enabled" not in {f.name for f in fields(cls)}:
+            continue
+        defaults = to_dict(cls())
+        others = sorted(k for k in section if k != "enabled" and section[k] != defaults.get(k, object()))
+        if "enabled" not in section and others:
+            out[name] = {**section, "enabled": True}
+        elif section.get("enabled") is False and others:
+            raise ConfigError(f"{name}: {', '.join(f'{name}.{k}' for k in others)} would do nothing with "
+                              f"{name}.enabled: false; remove them, or set {name}.enabled: true")
+    return out
 
 
 def _check_video(spec: TrainSpec) -> None:

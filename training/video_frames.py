@@ -15,11 +15,11 @@ the N sampled frames are converted to RGB.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.contract.media import open_video
 from training.buckets import Bucket, plan_crop
 
 
@@ -65,11 +65,10 @@ def pick(frame_times: np.ndarray, targets) -> np.ndarray:
 def decode_frames(data: bytes, times) -> tuple[list[np.ndarray], np.ndarray]:
     """(RGB frames on screen at ``times``, their presentation times), decoding from the keyframe
     before the first time to the frame after the last."""
-    import av
 
     times = list(times)
     got, got_t = [], []
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if times[0] > 0 and stream.time_base:

@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.contract import isolate
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.inputs import InputPolicy
+from pipeline.contract.media import open_video
 from pipeline.contract.schema import (
     CAPTION,
     CLIP_END,
@@ -361,7 +362,7 @@ class SplitClips(Stage):
                                     int(row[VIDEO_PREFIX + "display_height"]), cfg.max_side)
         rotation = int(row[VIDEO_PREFIX + "rotation"] or 0)
         av.logging.set_libav_level(av.logging.ERROR)
-        with av.open(src) as container:
+        with open_video(src) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             first = segments[todo[0]].start_s

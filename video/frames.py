@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.contract.media import open_video
+
 
 @dataclass
 class SmallFrames:
@@ -55,7 +57,7 @@ def read_small(source, width: int = 64, max_frames: int | None = None, start_s: 
 
     av.logging.set_libav_level(av.logging.ERROR)
     times, frames = [], []
-    with av.open(source) as container:
+    with open_video(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if not deblock:

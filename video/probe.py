@@ -8,7 +8,6 @@ reason: broken containers, no video stream (audio-only), zero frames.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
@@ -48,21 +47,18 @@ class VideoInfo:
 
 
 def _open(source, limits: ProbeLimits | None = None):
-    """Open a container. FFmpeg decodes a frame or two while it reads the stream parameters, so the
-    decoders get ``max_pixels`` too: a frame bigger than the cap is never allocated, even there."""
-    import av
+    """Open a container through the house's one bounded opener (``pipeline.contract.media``): the
+    decoders get ``max_pixels`` too, so a frame bigger than the cap is never allocated, even while
+    FFmpeg reads the stream parameters."""
+    from pipeline.contract.media import MediaError, MediaLimits, open_video
 
-    av.logging.set_libav_level(av.logging.ERROR)
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise ProbeError("probe_error: empty file")
-        source = io.BytesIO(source)
+    if isinstance(source, (bytes, bytearray)) and not source:
+        raise ProbeError("probe_error: empty file")
+    cap = limits.max_pixels if limits else 2 ** 31 - 1
     try:
-        return av.open(source, options={"max_pixels": str(limits.max_pixels)} if limits else None)
-    except av.error.FFmpegError as exc:
-        raise ProbeError(f"probe_error: {type(exc).__name__}: {exc}") from None
-    except (OSError, ValueError) as exc:
-        raise ProbeError(f"probe_error: {exc}") from None
+        return open_video(source, MediaLimits(max_pixels=cap, max_decoded_bytes=4 * cap))
+    except MediaError as exc:
+        raise ProbeError(str(exc)) from None
 
 
 def _check_size(width: int, height: int, limits: ProbeLimits) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.contract.media import open_video
+
 CLASSES_WITH_CUTS = ("returns", "short", "same_palette", "mixed", "glitch_before_cut", "black_start")
 NEGATIVE_CLASSES = ("flash", "glitch", "fade", "dissolve", "pan")
 CLASSES = CLASSES_WITH_CUTS + NEGATIVE_CLASSES
@@ -82,10 +84,9 @@ def shots_between_cuts(frames: list, fps: float, cuts: list[int], group: str, na
 
 def decode_rgb(path: str, width: int = 320, max_frames: int = 900) -> tuple[list, float]:
     """(RGB frames ``width`` wide, in presentation order; fps) of a video file."""
-    import av
 
     frames, times = [], []
-    with av.open(path) as c:
+    with open_video(path) as c:
         s = c.streams.video[0]
         for f in c.decode(s):
             h = max(2, round(width * f.height / f.width / 2) * 2)

@@ -60,6 +60,8 @@ class RunResult:
     report: str | None = None      # report.html, when written
     sidecars: int = 0              # caption / JSON files beside the samples (read, not samples themselves)
     stage_rss_mb: dict[str, float] = field(default_factory=dict)   # peak RSS of a worker running each stage
+    warnings: list[str] = field(default_factory=list)   # what the user must know (models on random weights)
+    already_complete: bool = False  # a re-run that found every shard written: nothing was redone
     print_json: bool = False       # how to print it (output.json), not part of it
 
     @property
@@ -179,7 +181,8 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
                       log)
 
 
-def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict) -> RunResult:
+def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
+             already_complete: bool = False) -> RunResult:
     out = spec.output.path
     shards_dir = os.path.join(out, layout.SHARDS_DIR)
     tables, stats = [], []
@@ -212,7 +215,8 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict)
                        reasons=reasons,
                        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
                        wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos,
-                       sidecars=plan.sidecars, stage_rss_mb=stage_rss)
+                       sidecars=plan.sidecars, stage_rss_mb=stage_rss, warnings=spec.notices(),
+                       already_complete=already_complete)
     planned = result.inputs if spec.is_video else plan.num_inputs   # videos reconcile above
     if result.inputs != planned or result.kept + result.rejected != result.inputs:
         raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "
@@ -267,7 +271,7 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
     work = os.path.join(out, layout.WORK_DIR)
     shards_dir = os.path.join(out, layout.SHARDS_DIR)
     if all(shards.shard_done(shards_dir, p) for p in job.counts) and os.path.exists(os.path.join(out, layout.SUMMARY_FILE)):
-        return finalize(spec, job, started, phases)
+        return finalize(spec, job, started, phases, already_complete=True)
     shape = init_ray(spec)
     for st in spec.stages:  # fail on impossible resources before any work starts
         adapter.check_resources(registry.get(st.name), shape.cpus, shape.gpus, st.config)
@@ -353,6 +357,9 @@ def format_summary(result) -> str:
 
         return dry_run.format_summary(result)
     lines = [f"winnow curate: {result.output}"]
+    if result.already_complete:
+        lines.append("  already complete: every shard was written by an earlier run; nothing was redone")
+    lines += [f"  warning: {w}" for w in result.warnings]
     v = result.videos
     if v:
         lines += [f"  videos    {v['inputs']:>8}",

@@ -84,6 +84,13 @@ class CurateSpec:
     def is_video(self) -> bool:
         return self.fan_out is not None
 
+    def notices(self) -> list[str]:
+        """The stages' warnings about their setup (models on random weights), in stage order."""
+        out: list[str] = []
+        for i, s in enumerate(self.stages):
+            out += registry.get(s.name).notices(s.config, [(e.name, e.config) for e in self.stages[:i]])
+        return out
+
     def to_dict(self) -> dict:
         return {"input": to_dict(self.input), "output": to_dict(self.output),
                 "stages": [{"name": s.name, **to_dict(s.config)} for s in self.stages],

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.contract.config import ConfigError
+from pipeline.contract.media import open_image
 
 NAME = "eval"
 DESCRIPTION = """\
@@ -303,9 +304,9 @@ def _generate(spec: EvalSpec, log) -> tuple[str, list[str], str, bool]:
 
 
 def _gif_frames(path: str) -> list:
-    from PIL import Image, ImageSequence
+    from PIL import ImageSequence
 
-    with Image.open(path) as im:
+    with open_image(path) as im:
         return [f.convert("RGB") for f in ImageSequence.Iterator(im)]
 
 
@@ -359,12 +360,20 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
                 raise ConfigError(f"--{name}: {root!r} holds {stats[name].n} readable images; FID needs at least 2 "
                                   f"(skipped: {counts[name]['skipped']})")
         fid_value = round(fid_of(stats["images"], stats["reference"]), 6)
+        few = min(stats["images"].n, stats["reference"].n)
+        if few < FID_MIN_IMAGES:
+            caught_all.append(f"FID from {few} images: the 2048-d covariances have rank at most {few - 1}, so the "
+                              f"value is biased upward and depends on the count (Chong & Forsyth, 2020); compare it "
+                              f"only with FIDs over the same number of images, or use {FID_MIN_IMAGES:,}+")
     messages = [str(getattr(w, "message", w)) for w in caught_all]
     return EvalResult(images, spec.reference, counts, fid_value, spec.fid_weights, spec.seed,
                       round(time.time() - started, 2), None if score is None else round(score, 4), clip_name,
                       None if consistency is None else round(consistency, 4), weights,
                       len(prompts) if spec.run else 0, None if cosine is None else round(cosine, 4), messages, spec.json)
 
+
+# below this many images a FID's 2048-d covariance is rank-deficient: the value carries a warning
+FID_MIN_IMAGES = 2048
 
 # reference statistics already computed in this process, by (folder, weights, seed, limit, stamp)
 _REFERENCE_STATS: dict = {}

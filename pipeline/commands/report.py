@@ -16,13 +16,13 @@ import html
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.contract import layout
+from pipeline.contract import layout, media
 from pipeline.contract.schema import (
     SCORE_GOOD_END,
     VIDEO_EXTENSIONS,
@@ -68,7 +68,7 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:
 .grid{display:flex;flex-wrap:wrap;gap:8px}.ex{width:144px;font-size:11px;color:#3a4350;word-break:break-all}
 .ex img{width:144px;height:144px;border-radius:4px;display:block;background:#222}
 pre{background:#f0f3f7;padding:10px;border-radius:6px;overflow:auto;font-size:12px}
-.note{color:#5b6573;font-size:12px}nav a{color:#b9c2cf;margin-right:14px;font-size:13px}
+.note{color:#5b6573;font-size:12px}.warn{background:#fff4d6;border-left:4px solid #d89b00;padding:6px 10px}nav a{color:#b9c2cf;margin-right:14px;font-size:13px}
 """
 
 
@@ -117,32 +117,23 @@ def _fit(im: Image.Image) -> Image.Image:
 
 
 def source_thumbnail(root: str | None, row: dict) -> Image.Image | None:
-    """A rejected sample's thumbnail from its source file (its bytes are not in the shards), or None."""
+    """A rejected sample's thumbnail from its source file (its bytes are not in the shards), or None.
+    Opened through the house's bounded opener with preview limits: a source too big to preview (by
+    file size, pixels or decoded bytes, read from its header) gets no thumbnail."""
     src = row.get(SOURCE)
     reason = row.get(REJECT_REASON) or ""
     if not src or reason.startswith("decompression_bomb") or "://" in src:
         return None
     path = src if os.path.isabs(src) or not root else os.path.join(root, src)
     try:
-        if not os.path.isfile(path) or os.path.getsize(path) > MAX_SOURCE_BYTES:
-            return None
         if path.lower().endswith(VIDEO_EXTENSIONS):
-            import av
-
-            with av.open(path) as c:
-                start = row.get(CLIP_START) or 0.0
-                stream = c.streams.video[0]
-                if start and stream.time_base:
-                    c.seek(int(start / stream.time_base), stream=stream)
-                for frame in c.decode(video=0):
-                    return _fit(frame.to_image())
-            return None
-        with Image.open(path) as im:
-            if im.width * im.height > 64_000_000:
-                return None
-            im.draft("RGB", (THUMB * 2, THUMB * 2))
+            frame = media.video_frame(path, float(row.get(CLIP_START) or 0.0),
+                                      replace(media.VIDEO_PREVIEW, max_file_bytes=MAX_SOURCE_BYTES))
+            return _fit(frame) if frame is not None else None
+        with media.open_image(path, replace(media.PREVIEW, max_file_bytes=MAX_SOURCE_BYTES),
+                              draft=(THUMB * 2, THUMB * 2)) as im:
             return _fit(im)
-    except Exception:   # the sample was rejected for a reason: unreadable is expected
+    except Exception:   # noqa: BLE001 - the sample was rejected for a reason: unreadable is expected
         return None
 
 
@@ -196,7 +187,8 @@ class Report:
                      ("shards", self.summary.get("shards", 0))]
         else:
             cards = [("inputs", n), ("kept", kept), ("rejected", n - kept)]
-        out = ['<div class="cards">']
+        out = [f'<p class="warn">warning: {html.escape(w)}</p>' for w in self.summary.get("warnings") or []]
+        out += ['<div class="cards">']
         out += [f'<div class="card"><b>{v:,}</b><span>{html.escape(k)} {unit if k != "shards" else ""}</span></div>'
                 for k, v in cards]
         if not self.is_selection:

@@ -5,7 +5,6 @@ did with human preference studies.
 """
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline.contract import tar as tars
-from pipeline.contract import layout
+from pipeline.contract import layout, media
 from pipeline.contract.layout import atomic_path
 from pipeline.contract.schema import KEY
 
@@ -57,7 +56,7 @@ class ShardImages:
             for i, tile in enumerate(tiles):
                 out.paste(tile, (i * w3, (t - tile.height) // 2))
             return out
-        with Image.open(io.BytesIO(data)) as im:
+        with media.open_image(data, media.PREVIEW, draft=(2 * t, 2 * t)) as im:
             im = im.convert("RGB")
             im.thumbnail((t, t))
         out = Image.new("RGB", (t, t), (20, 20, 20))
@@ -71,13 +70,13 @@ class ShardImages:
 
 def clip_frames(data: bytes) -> list[Image.Image]:
     """First, middle and last frame of an encoded clip."""
-    import av
-
-    with av.open(io.BytesIO(data)) as c:
-        frames = [f.to_image() for f in c.decode(video=0)]
+    try:
+        frames = media.video_frames(data, (0.0, 0.5, 1.0))
+    except media.MediaError:       # refused from its header (too large): a blank tile
+        frames = []
     if not frames:
         return [Image.new("RGB", (16, 16))]
-    return [frames[0], frames[len(frames) // 2], frames[-1]]
+    return frames
 
 
 def nearest(values: np.ndarray, threshold: float, keep: str, per_side: int) -> tuple[np.ndarray, np.ndarray]:

@@ -210,6 +210,7 @@ def format_summary(r: TrainResult) -> str:
                      f"{v[-1]['step']}) on {v[-1]['val_samples']} held-out samples{clip}")
     if s.get("samples"):
         lines.append(f"  samples    {', '.join(s['samples'])}")
+    lines[1:1] = [f"  warning: {w}" for w in s.get("warnings") or []]
     return "\n".join(lines)
 
 

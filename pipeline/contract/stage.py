@@ -58,6 +58,12 @@ class Stage:
         return Resources(cls.num_cpus, cls.num_gpus, cls.batch_size, cls.concurrency)
 
     @classmethod
+    def notices(cls, config: Any, earlier: list[tuple[str, Any]]) -> list[str]:
+        """What a user must be told about this stage's setup, once, in the run's summary and report
+        (a model on random weights, whose scores and filters mean nothing). ``earlier`` as in ``validate``."""
+        return []
+
+    @classmethod
     def validate(cls, config: Any, key: str, earlier: list[tuple[str, Any]]) -> None:
         """Check what a dataclass cannot (weights exist, a needed stage came earlier) before Ray
         starts; raise ``pipeline.contract.config.ConfigError`` naming ``key``. ``earlier`` holds the
