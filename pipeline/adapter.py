@@ -337,8 +337,11 @@ def connect(address: str | None, num_cpus: int | None) -> None:
 
     import ray
 
+    global CONNECT_SECONDS
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
+        started = time.monotonic()
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -346,6 +349,11 @@ def connect(address: str | None, num_cpus: int | None) -> None:
             ray.init(log_to_driver=False)      # Ray finds it (and, as for any local cluster, its auth token)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        CONNECT_SECONDS = time.monotonic() - started
+
+
+# seconds the last ``connect`` of this process took to start or join Ray (0 when Ray was up already)
+CONNECT_SECONDS = 0.0
 
 
 def configure(no_progress_timeout_s: float, progress_bars: bool, has_actor_stages: bool = True) -> None:

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(result))
     tars = sorted(glob.glob(os.path.join(run_dir, layout.SHARDS_DIR, "*.tar")))
     print(f"\noutputs:\n  {run_dir}/shards/00000.tar .. {os.path.basename(tars[-1])}   WebDataset shards (KEY.jpg, KEY.txt, KEY.json)"
-          f"\n  {run_dir}/annotations.parquet   one row per input, kept and rejected, with reject_reason and every score"
+          f"\n  {run_dir}/shards/NNNNN.parquet  the annotation table: one row per input, kept and rejected, with "
+          f"reject_reason and every score (each row once: DuckDB '{run_dir}/shards/*.parquet')"
           f"\n  {run_dir}/embeddings/         CLIP image/caption embeddings per shard, keyed"
           f"\n  {run_dir}/summary.json          counts per reason and per-stage time"
           f"\n  {run_dir}/spec.yaml             the resolved spec (re-run the same command to resume)")
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     result = curate.run(spec)
     print(format_summary(result))
     print(f"\noutputs:\n  {video_run}/shards/*.tar          clips (KEY.mp4 H.264, KEY.txt, KEY.json)"
-          f"\n  {video_run}/videos.parquet      one row per video: probe fields, cut_times_s, num_clips, reason"
-          f"\n  {video_run}/annotations.parquet one row per clip: start_s, end_s, motion_score, ocr, clip scores")
+          f"\n  {video_run}/videos/*.parquet    one row per video: probe fields, cut_times_s, num_clips, reason"
+          f"\n  {video_run}/shards/*.parquet    one row per clip: start_s, end_s, motion_score, ocr, clip scores")
 
     from pipeline.commands import sweep
     from pipeline.commands import select as selection
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for job, src, name in (("jobs/sweep_laion_aesthetic.yaml", run_dir, "sweep_laion"),
                            ("jobs/sweep_svd_filters.yaml", video_run, "sweep_svd")):
         sweeps[name] = os.path.join(args.output, name)
-        print(f"\nsweeping {src}/annotations.parquet ({job})")
+        print(f"\nsweeping the annotations of {src} ({job})")
         print(sweep.format_summary(sweep.run(sweep.load(job, [f"annotations=[{src}]", f"output={sweeps[name]}"]))))
     select_dir = os.path.join(args.output, "select_aesthetic")
     print("\nmaterialising 'drop the bottom 25 % by aesthetic score' as its own shard set "
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  {svd}       a StableVideoDiffusionPipeline folder (image -> text-to-video -> image-to-video)"
           f"\n  {study_dir}/cells/cell_000/lora  a LoRA (pipe.load_lora_weights) on {study_dir}/cells/cell_000/base"
           f"\n  {study_dir}/study.md, plots/scores_vs_kept.png  the eval table and plot"
-          f"\n  continue a run: winnow train {args.output}/train_sd/train_spec.yaml --set train.max_steps=16")
+          f"\n  continue a run: winnow train {args.output}/train_sd/train_spec.yaml --set train.max_steps=16"
+          "\n\nto run winnow yourself: source .venv/bin/activate   (then: winnow --help)")
     return 0
 
 

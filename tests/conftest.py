@@ -62,6 +62,10 @@ def leaves_nothing_behind():
     yield
     import psutil
 
+    from pipeline.contract import isolate
+
+    isolate.close_shared()        # the sandbox children of stages the tests ran in this process
+
     problems = []
     left = _leftover_processes(started, 60.0)
     if left:

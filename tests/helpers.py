@@ -23,7 +23,9 @@ def run_curate(input_path: str, output: str, samples_per_shard: int = 10, stages
 
 
 def annotations(output: str):
-    return pq.read_table(os.path.join(output, "annotations.parquet")).to_pandas()
+    from pipeline.contract import layout
+
+    return layout.read_annotations(output).to_pandas()
 
 
 def tar_members(output: str) -> dict[str, list[str]]:
@@ -59,3 +61,13 @@ def kill_at_checkpoint(proc, run_dir: str, step: int, timeout: float = 240) -> N
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def killable_env(root: str, scratch: str) -> dict:
+    """The environment of a winnow subprocess a test may SIGKILL: its temporary files (a training
+    worker's scratch folder, say, which a killed process cannot remove) go to ``scratch``, inside the
+    test's own tmp_path, instead of the session's temporary folder that the suite checks at the end."""
+    import os
+
+    os.makedirs(scratch, exist_ok=True)
+    return {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": root, "TMPDIR": scratch}

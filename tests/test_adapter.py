@@ -179,7 +179,7 @@ def test_curate_on_small_nodes_survives_losing_one(tmp_path):
             time.sleep(0.5)
         assert (cut.inputs, cut.kept, cut.rejected) == (97, 96, 1)
         cols = ["key", "status", "reject_reason", "clip_similarity", "aesthetic_score", "ocr_text"]
-        a, b = (pq.read_table(tmp_path / d / layout.ANNOTATIONS_FILE).select(cols).to_pylist() for d in ("whole", "cut"))
+        a, b = (layout.read_annotations(str(tmp_path / d)).select(cols).to_pylist() for d in ("whole", "cut"))
         assert len({r["key"] for r in b}) == 97
         for ra, rb in zip(a, b):
             assert {k: ra[k] for k in cols if k not in ("clip_similarity", "aesthetic_score")} == \

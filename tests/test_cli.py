@@ -78,11 +78,14 @@ def test_short_form_sets_options_of_the_default_stages(tmp_path):
 def test_version_and_stage_listing():
     res = winnow("--version")
     assert res.returncode == 0 and res.stdout.strip() == "winnow 0.1.0"
-    res = winnow("stages")
-    assert res.returncode == 0
+    names = ["aesthetic", "clip", "clips", "decode", "metadata_filter", "motion", "ocr", "phash_dedup", "semantic_dedup"]
+    res = winnow("stages")                 # the short list: one line a stage, and how to see more
+    assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()[:9]] == names
+    assert len(res.stdout.splitlines()) == 11 and "winnow stages --all" in res.stdout and "``" not in res.stdout
+    res = winnow("stages", "--all")
+    assert res.returncode == 0 and "``" not in res.stdout
     heads = [line.split(":")[0] for line in res.stdout.splitlines() if line and not line.startswith(" ")]
-    assert heads == ["aesthetic", "clip", "clips", "decode", "metadata_filter", "motion", "ocr", "phash_dedup",
-                     "semantic_dedup"]
+    assert heads == names
     assert "    max_side: int = 1024\n        longest side of the stored image; never upscaled" in res.stdout
     assert "    cuts.detector: 'cascade' | 'transnetv2' = 'cascade'" in res.stdout      # nested configs, dotted
     assert "policy" not in res.stdout and "storage_options" not in res.stdout         # filled in by winnow

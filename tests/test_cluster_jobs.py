@@ -58,6 +58,12 @@ def test_the_submitted_entrypoint_carries_the_spec_in_the_environment(tmp_path, 
     argv = spec_from_env(["--spec-env", SPEC_ENV, "--set", "a=1"])
     assert os.path.basename(argv[0]) == "mine.yaml" and open(argv[0]).read() == spec.read_text()
     assert argv[1:] == ["--set", "a=1"]
+    from jobs.run import SPEC_FOLDERS
+
+    assert SPEC_FOLDERS == [os.path.dirname(argv[0])]     # jobs.run removes it when the command returns
+    import shutil
+
+    shutil.rmtree(SPEC_FOLDERS.pop())
 
 
 def _stop_cluster(port: int) -> None:

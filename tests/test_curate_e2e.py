@@ -81,7 +81,7 @@ def test_odd_images_are_normalised(folder_run):
     df = annotations(out).set_index("source")
     assert tuple(df.loc["bad/odd_exif_rotated.jpg", ["width", "height"]]) == (300, 400)
     assert df.loc["bad/odd_cmyk.jpg", "caption"] == "café au lait, crème brûlée"
-    schema = pq.read_schema(os.path.join(out, "annotations.parquet"))
+    schema = pq.read_schema(os.path.join(out, "shards", "00000.parquet"))
     assert {n: str(schema.field(n).type) for n in ("width", "height", "stored_width", "status", "phash")} == {
         "width": "int64", "height": "int64", "stored_width": "int64", "status": "string", "phash": "string"}
 

@@ -47,5 +47,9 @@ def test_duckdb_reads_the_shard_parquet_glob_as_one_table(small_run):
     con = duckdb.connect()
     got = con.execute(f"SELECT status, count(*) FROM '{out}/shards/*.parquet' GROUP BY status ORDER BY status").fetchall()
     assert got == [("kept", 7), ("rejected", 1)]
-    n = con.execute(f"SELECT count(*) FROM '{out}/annotations.parquet'").fetchone()[0]
+    # each row is on disk once: a glob over the whole output counts every input once (it counted 2x)
+    n = con.execute(f"SELECT count(*) FROM '{out}/**/*.parquet'").fetchone()[0]
     assert n == res.inputs == len(annotations(out)) == 8
+    assert not os.path.exists(os.path.join(out, "annotations.parquet"))
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "`shards/NNNNN.parquet`: the annotation table" in card and "'**/*.parquet'" in card

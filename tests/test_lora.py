@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.contract.config import ConfigError
-from tests.helpers import kill_at_checkpoint
+from tests.helpers import kill_at_checkpoint, killable_env
 from tests.test_train import ROOT, shards, train_spec  # noqa: F401  (shards is a fixture)
 from tests.test_train_svd import clip_run, svd_spec  # noqa: F401  (clip_run is a fixture)
 
@@ -221,7 +221,7 @@ def test_lora_kill9_then_rerun_is_exact(lora_run, shards, tmp_path):  # noqa: F8
     with open(spec_path, "w") as fh:
         yaml.safe_dump(_lora_train(shards[0], out, steps=12, lora={"export_fused": True}, train=VALIDATE), fh)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", spec_path]
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
+    env = killable_env(ROOT, str(tmp_path / "tmp"))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, 3)

@@ -4,6 +4,8 @@ import glob
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.contract import layout
+
 from pipeline.commands import curate
 from pipeline.commands import curate_spec as specmod
 from pipeline.adapter import ResourceError, plan_resources
@@ -30,7 +32,7 @@ def test_all_model_stages_end_to_end(ray_local, small_corpus, tmp_path):
                           "ray": {"block_rows": 4}, "stages": STAGES_ALL})
     result = curate.run(spec, log=None)
     assert (result.inputs, result.kept, result.rejected) == (14, 9, 5)
-    table = pq.read_table(tmp_path / "out" / "annotations.parquet")
+    table = layout.read_annotations(str(tmp_path / "out"))
     rejected = {r["source"]: r["reject_reason"].split(":")[0] for r in table.to_pylist() if r["status"] != "kept"}
     # img_0002 is a crop of skimage's scanned "page": real printed text
     assert rejected == {"dup_00_of_img_0000.jpg": "duplicate", "dup_01_of_img_0001.jpg": "duplicate",

@@ -18,7 +18,7 @@ from pipeline.commands import sweep
 from pipeline.commands import report, select as selection
 from pipeline.contract.config import ConfigError
 from pipeline.contract.stage import reason_counts
-from tests.helpers import annotations, run_curate, tar_members
+from tests.helpers import annotations, killable_env, run_curate, tar_members
 from tests.test_kill_resume import ROOT, kill_when
 
 STAGES = ["decode", "phash_dedup", "clip", "aesthetic"]
@@ -136,7 +136,7 @@ def test_select_survives_kill9(run_dir, manifest, tmp_path):
     spec_path = tmp_path / "select.yaml"
     spec_path.write_text(yaml.safe_dump({"selection": manifest, "ray": {"num_cpus": 1},
                                          "output": {"path": out, "samples_per_shard": 1, "report": False}}))
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
+    env = killable_env(ROOT, str(tmp_path / "tmp"))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "select", str(spec_path)], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert kill_when(proc, os.path.join(out, "shards", "*_stats.json")), "select finished before it could be killed"

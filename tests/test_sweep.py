@@ -120,3 +120,56 @@ def test_jobs_sweep_specs_parse():
     assert [f.keep for f in svd.filters] == ["high", "high", "low", "high"]
     assert all(f.drop_fractions == [0.125, 0.25, 0.5] for f in svd.filters)
     assert specs["sweep_laion_aesthetic.yaml"].filters[0].thresholds == [4.5, 5.0, 5.5, 6.0]
+
+
+def test_empty_cells_are_flagged_and_the_plot_reads_well(tmp_path):
+    """The demo's case: scores in a narrow band (4.9-5.2) swept at absolute thresholds far from it and at
+    drop fractions close together. Cells that keep nothing are warned about and marked; the plot's x-axis
+    comes from the scores (not stretched to 4.5-6), and no two texts in the rendered figure overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(4.9, 5.2, 300)
+    path = tmp_path / "annotations.parquet"
+    pq.write_table(pa.table({"key": [f"{k:09d}" for k in range(300)], "status": ["kept"] * 300, "partition": [0] * 300,
+                             "aesthetic_score": scores}), path)
+    s = spec(str(path), str(tmp_path / "sw"), plots=True,
+             filters=[{"column": "aesthetic_score", "drop_fractions": [0.1, 0.12, 0.125, 0.25],
+                       "thresholds": [4.5, 5.5, 6.0]}])
+    r = sweep.run(s)
+    assert [c.count for c in r.cells] == [300, 270, 264, 263, 225, 300, 0, 0]
+    text = sweep.format_summary(r)
+    assert "warning: 2 of 8 cells keep 0 rows" in text and "aesthetic_score>=5.5(abs)" in text
+    md = open(tmp_path / "sw" / "cells.md").read()
+    assert md.count("**0: empty**") == 2
+    assert json.load(open(tmp_path / "sw" / "sweep.json"))["empty_cells"] == ["cell_006", "cell_007"]
+    assert os.path.exists(tmp_path / "sw" / "plots" / "histograms_survival.png")
+
+    fig = sweep.histogram_figure(pa.table({"aesthetic_score": scores}), s, r.levels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    hist = fig.axes[0]
+    lo, hi = hist.get_xlim()
+    span = scores.max() - scores.min()
+    assert scores.min() - 0.1 * span <= lo < scores.min() and scores.max() < hi <= scores.max() + 0.1 * span
+    texts = []
+    for ax in fig.axes:        # what is drawn: titles, axis labels, the ticks inside the limits, legend entries
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+        texts += [t for t, v in zip(ax.get_xticklabels(), ax.get_xticks()) if min(x0, x1) <= v <= max(x0, x1)]
+        texts += [t for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if min(y0, y1) <= v <= max(y0, y1)]
+        texts += ax.get_legend().get_texts() if ax.get_legend() else []
+    texts = [t for t in texts if isinstance(t, Text) and t.get_visible() and t.get_text().strip()]
+    labels = [t.get_text() for t in texts]
+    assert sum("beyond the scores" in x for x in labels) == 3            # 4.5, 5.5 and 6.0 are off the scores
+    assert any("keeps 0" in x for x in labels)
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    overlaps = [(labels[i], labels[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+                if boxes[i].x0 < boxes[j].x1 - 1 and boxes[j].x0 < boxes[i].x1 - 1
+                and boxes[i].y0 < boxes[j].y1 - 1 and boxes[j].y0 < boxes[i].y1 - 1]
+    plt.close(fig)
+    assert overlaps == []

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.contract.config import ConfigError
-from tests.helpers import kill_at_checkpoint, run_curate
+from tests.helpers import kill_at_checkpoint, killable_env, run_curate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -258,7 +258,7 @@ def test_kill9_then_rerun_trains_the_same_steps(sd_run, shards, tmp_path):
     with open(spec_path, "w") as fh:
         yaml.safe_dump(train_spec(shards[0], out, train={"max_steps": 12}), fh)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", spec_path]
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
+    env = killable_env(ROOT, str(tmp_path / "tmp"))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, 3)       # Ray has recorded the step-3 checkpoint as a result of the run
@@ -397,7 +397,7 @@ def test_the_driver_shows_a_progress_bar_with_loss_and_throughput(tmp_path):
     assert "12/12" in text and "loss=0.1250" in text and "samples_s=4.0" in text and "loss=9.0000" not in text
 
 
-def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_local, shards, tmp_path):
+def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_local, shards, tmp_path, capsys):
     """A pickle planted in a real run's newest checkpoint: the resumed job refuses it, naming the file,
     and the payload never runs (the old trainer unpickled state.pt here)."""
     import pickle
@@ -423,6 +423,21 @@ def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_
     with pytest.raises(CheckpointError, match=r"checkpoint_0000003/state.safetensors: not a valid checkpoint file"):
         trainer.run(trainspec.parse(data), log=None)
     assert not os.path.exists(marker)
+    # Ray Train's own list of the checkpoints, replaced by the pickle: through the CLI, one line and exit 1
+    # (Ray itself stopped with a UnicodeDecodeError traceback)
+    import yaml
+
+    from pipeline import cli
+
+    snapshot = os.path.join(out, "ray", "train", "checkpoint_manager_snapshot.json")
+    with open(snapshot, "wb") as fh:
+        fh.write(pickle.dumps(Payload()))
+    spec_file = tmp_path / "train.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    assert cli.main(["train", str(spec_file)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"winnow: bad checkpoint: {snapshot}: not a valid checkpoint file"), err
+    assert "Traceback" not in "\n".join(err) and not os.path.exists(marker)
 
 
 def _elastic_sees(nodes, timeout: float = 60.0) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.contract import layout
+
 from pipeline.contract.config import ConfigError
 from tests.helpers import annotations, run_curate, shard_stats, tar_members
 from tests.test_kill_resume import kill_when, start
@@ -39,7 +41,7 @@ def by_source(df):
 def test_every_video_gets_a_row_with_cuts_or_a_reason(videos, video_run):
     _, expect = videos
     out, result = video_run
-    v = pq.read_table(os.path.join(out, "videos.parquet")).to_pandas().set_index("source")
+    v = layout.read_videos(out).to_pandas().set_index("source")
     assert sorted(v.index) == sorted(expect)
     for name, exp in expect.items():
         if "reason" in exp:
@@ -53,7 +55,7 @@ def test_every_video_gets_a_row_with_cuts_or_a_reason(videos, video_run):
     assert result.videos == {"inputs": 10, "with_clips": 6, "without_clips": 4, "clips": 12,
                              "reasons": {"probe_error": 2, "no_video_stream": 1, "ocr_area_ratio": 1}}
     assert (result.inputs, result.kept, result.rejected) == (16, 12, 4)
-    schema = pq.read_schema(os.path.join(out, "videos.parquet"))
+    schema = layout.read_videos(out).schema
     for name in ("width", "height", "display_width", "display_height", "rotation", "num_frames", "num_windows",
                  "segments", "num_clips"):
         assert schema.field(name).type == "int64", name
@@ -127,7 +129,7 @@ def test_long_videos_are_cut_into_windows_that_no_clip_spans(ray_local, tmp_path
     assert [(r.start_s, r.end_s) for r in df.itertuples()] == [(0.0, 4.0), (4.0, 5.0), (5.0, 9.0), (9.0, 10.0),
                                                               (10.0, 12.0)]
     assert df["clip_index"].tolist() == [0, 1, 2, 3, 4]
-    v = pq.read_table(os.path.join(out, "videos.parquet")).to_pylist()[0]
+    v = layout.read_videos(out).to_pylist()[0]
     assert v["num_windows"] == 3 and v["num_clips"] == 5
 
 
@@ -172,8 +174,8 @@ def test_kill9_during_clips_then_rerun_gives_the_same_clips(ray_local, videos, v
     assert tar_members(out) == tar_members(clean)                          # none lost
     assert a["key"].tolist() == b["key"].tolist() and a["status"].tolist() == b["status"].tolist()
     assert np.allclose(a["motion_score"].fillna(-1), b["motion_score"].fillna(-1), atol=1e-6)
-    assert pq.read_table(os.path.join(out, "videos.parquet")).to_pylist() == \
-        pq.read_table(os.path.join(clean, "videos.parquet")).to_pylist()
+    assert layout.read_videos(out).to_pylist() == \
+        layout.read_videos(clean).to_pylist()
 
 
 def test_a_window_past_its_deadline_is_a_timeout_row_and_the_worker_goes_on(tmp_path):

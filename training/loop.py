@@ -180,7 +180,7 @@ def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int
     return loader, buckets, empty
 
 
-def build(config: dict) -> Worker:
+def build(config: dict, scratch: str) -> Worker:
     """Accelerator, models, optimizer, EMA, the restored checkpoint (if any) and the loader."""
     import ray.train
     from accelerate import Accelerator
@@ -193,7 +193,6 @@ def build(config: dict) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     acc = Accelerator(mixed_precision=spec.train.mixed_precision, cpu=not spec.ray.use_gpu)
-    scratch = tempfile.mkdtemp(prefix="winnow-train-")
     comps = _components(spec, scratch)
     weight_dtype, vae_dtype = _frozen_models(spec, comps, acc.device)
     unet = comps.unet
@@ -562,7 +561,14 @@ def train_loop(config: dict) -> None:
     import faulthandler
 
     faulthandler.enable()          # a worker that dies in native code (a signal) leaves its stacks in its log
-    w = build(config)
+    scratch = tempfile.mkdtemp(prefix="winnow-train-")
+    try:                           # removed however the worker ends (a refused checkpoint, an error)
+        _train(build(config, scratch), config)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(w: Worker, config: dict) -> None:
     spec = w.spec
     started, first_step = time.time(), w.step
     window = _Window()
@@ -603,7 +609,6 @@ def train_loop(config: dict) -> None:
             finish(w, first_step, started, unet)
     w.metrics.close()
     w.acc.wait_for_everyone()
-    shutil.rmtree(w.scratch, ignore_errors=True)
 
 
 __all__ = ["Worker", "build", "step_seed", "train_loop", "train_step"]

@@ -18,7 +18,7 @@ import importlib
 COMMANDS = {
     "stages": ("pipeline.commands.stages", "list the curate stages with their options, defaults and help"),
     "curate": ("pipeline.commands.curate", "annotate a corpus and write shards"),
-    "train": ("pipeline.commands.train", "train SD / SDXL on curated shards (Ray Train)"),
+    "train": ("pipeline.commands.train", "train SD 1.x/2.x, SDXL or SVD (full or LoRA) on curated shards (Ray Train)"),
     "sweep": ("pipeline.commands.sweep", "sweep filter thresholds over annotations (tables, plots, contact sheets)"),
     "select": ("pipeline.commands.select", "write the samples of a selection as a new shard set"),
     "report": ("pipeline.commands.report", "write the HTML report of a curate or select output"),
@@ -29,6 +29,11 @@ COMMANDS = {
     "eval": ("pipeline.commands.eval", "score a trained run or a folder of images: CLIP score, FID"),
     "study": ("pipeline.commands.study", "train and evaluate a short run per sweep cell: score vs data kept"),
 }
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``: a count with its noun in the right number."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def get(name: str):

@@ -191,17 +191,16 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
         tables.append(pq.read_table(os.path.join(shards_dir, f"{name}.parquet")))
         with open(os.path.join(shards_dir, f"{name}_stats.json"), encoding="utf-8") as fh:
             stats.append(json.load(fh))
+    # the per-shard tables are the annotation table (layout.read_annotations): no second copy is written
     table = pa.concat_tables(tables, promote_options="permissive")
     table = table.sort_by(KEY)
-    layout.atomic_write(os.path.join(out, layout.ANNOTATIONS_FILE), layout.table_bytes(table))
     videos = None
     if spec.is_video:
         vt = pa.concat_tables([pq.read_table(os.path.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
                                for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
-        layout.atomic_write(os.path.join(out, layout.VIDEOS_FILE), layout.table_bytes(vt))
         videos = spec.fan_out.counts(vt)
         if videos["inputs"] != plan.num_inputs:
-            raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos.parquet {videos['inputs']}")
+            raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos/ {videos['inputs']}")
     kept = int(pc.sum(pc.equal(table.column(STATUS), "kept")).as_py() or 0)
     reasons = reason_counts(r for r in table.column(REJECT_REASON).to_pylist() if r)
     stage_seconds: dict[str, float] = {}

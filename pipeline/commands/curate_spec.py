@@ -26,7 +26,7 @@ DEFAULT_VIDEO_STAGES = [{"name": "clips"}, {"name": "motion"}]
 
 @dataclass
 class OutputSpec:
-    path: str = option(help="output folder: shards/, annotations.parquet, summary.json, spec.yaml")
+    path: str = option(help="output folder: shards/ (tars and their annotation tables), summary.json, spec.yaml")
     samples_per_shard: int = option(1000, "input samples per output shard (img2dataset's number_sample_per_shard)", min=1, max=1_000_000)
     videos_per_shard: int = option(16, "video runs: input videos per output shard (a shard holds all their clips)", min=1, max=100_000)
     overwrite: bool = option(False, "delete an existing output folder made by a different spec instead of failing")

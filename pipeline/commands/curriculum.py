@@ -293,10 +293,12 @@ def run(spec: CurriculumSpec, log=sys.stderr) -> CurriculumResult:
 
 
 def format_summary(r: CurriculumResult) -> str:
+    from pipeline.commands import plural
+
     lines = [f"winnow curriculum: {r.output}"]
     for i, s in enumerate(r.stages):
         what = "finished earlier (skipped)" if s["skipped"] else \
-            f"{s['steps']} steps" + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "") + \
+            plural(s['steps'], "step") + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "") + \
             (f", last loss {s['last_loss']:.4f}" if s.get("last_loss") is not None else "")
         lines.append(f"  stage {i + 1} {s['name']:<16} {what}   ({s['dir']})")
     lines.append(f"  final   {r.final}")

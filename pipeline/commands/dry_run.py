@@ -227,7 +227,8 @@ def project(spec: CurateSpec, steps: list, total: int, sampled: int, unit: str, 
     gpus_held = sum(s["num_gpus"] * s["copies"] for s in table if s["num_gpus"])
     rows = result.inputs
     reductions = [st.label for st in spec.stages if _reduces(st.name)]
-    notes = []
+    notes = [f"not in the projection: starting or joining Ray, once per job ({adapter.CONNECT_SECONDS:.1f} s here"
+             + (")" if adapter.CONNECT_SECONDS else "; it was up already)")]
     if reductions:
         notes.append(f"{', '.join(reductions)} compare samples with each other: a bigger input has more duplicates, "
                      f"so their reject fraction here is a lower bound")

@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass, replace
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline.contract import layout, media
@@ -142,7 +141,7 @@ class Report:
         self.dir = run_dir
         self.examples = examples
         self.rng = np.random.default_rng(seed)
-        self.table = pq.read_table(os.path.join(run_dir, layout.ANNOTATIONS_FILE))
+        self.table = layout.read_annotations(run_dir)
         self.summary = self._json("summary.json") or {}
         self.spec_text = self._text("spec.yaml")
         self.kept = np.asarray(self.table.column(STATUS).to_pylist()) == KEPT
@@ -350,7 +349,7 @@ class Report:
         rows_of = self.table.column(REJECT_REASON).to_pylist()
         keys = self.table.column(KEY).to_pylist()
         parts = self.table.column(PARTITION).to_pylist() if PARTITION in self.table.column_names else [0] * len(keys)
-        images = ShardImages([os.path.join(self.dir, layout.ANNOTATIONS_FILE)], THUMB)
+        images = ShardImages([self.dir], THUMB)
         out = []
         try:
             kept_idx = self._pick(np.flatnonzero(self.kept))
@@ -452,8 +451,8 @@ def plan(spec: ReportSpec) -> str:
     """The file the report goes to; refuses a folder that is not a finished run."""
     from pipeline.contract.config import ConfigError
 
-    if not os.path.exists(os.path.join(spec.run_dir, layout.ANNOTATIONS_FILE)):
-        raise ConfigError(f"{spec.run_dir!r} has no annotations.parquet: give a finished `winnow curate` or "
+    if not os.path.isdir(spec.run_dir) or not layout.annotation_files(spec.run_dir):
+        raise ConfigError(f"{spec.run_dir!r} has no annotation table (shards/NNNNN.parquet): give a finished `winnow curate` or "
                           f"`winnow select` output folder")
     return spec.out or os.path.join(spec.run_dir, layout.REPORT_FILE)
 

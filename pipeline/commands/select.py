@@ -8,7 +8,7 @@ selected rows sorted by (run, source shard, key) and cut into output shards of
 the source tars by byte range and writes ``PPPPP.tar``, ``PPPPP.parquet`` (the samples'
 annotation rows) and ``PPPPP_stats.json`` last, each atomically; a re-run after a kill skips the
 shards whose stats exist, so the result equals an uninterrupted run, with no sample twice and none
-lost. The output is a run folder like ``winnow curate``'s (shards/, annotations.parquet,
+lost. The output is a run folder like ``winnow curate``'s (shards/ with their annotation tables,
 embeddings/, summary.json, report.html), so training, sweeps and reports read it the same way.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ Materialise a selection into a new shard set, copied from the source runs' shard
 
 The selection is a manifest from `winnow sweep` (its runs are read from the manifest) and/or inline
 filters (one drop_fraction or threshold per annotation, ANDed). The output is a run folder like
-`winnow curate`'s: shards/, annotations.parquet, embeddings/, summary.json, report.html. Re-running
+`winnow curate`'s: shards/ (tars and annotation tables), embeddings/, summary.json, report.html. Re-running
 the same command resumes. See jobs/select_laion_aesthetic.yaml.
 """
 
@@ -54,7 +54,7 @@ SOURCE_RUN, SOURCE_KEY, SOURCE_PARTITION = "source_run", "source_key", "source_p
 
 @dataclass
 class SelectOutput:
-    path: str = option(help="new run folder: shards/, annotations.parquet, embeddings/, summary.json, report.html")
+    path: str = option(help="new run folder: shards/ (tars and annotation tables), embeddings/, summary.json, report.html")
     samples_per_shard: int = option(1000, "selected samples per output shard", min=1, max=1_000_000)
     overwrite: bool = option(False, "delete an existing output folder made by a different selection instead of failing")
     report: bool = option(True, "write report.html at the end", runtime=True)
@@ -90,9 +90,9 @@ def parse(data: dict) -> SelectSpec:
             raise ConfigError("runs: give the `winnow curate` output folders to select from (the selection manifest "
                               "does not name them)")
     for i, r in enumerate(spec.runs):
-        if not os.path.exists(os.path.join(r, layout.ANNOTATIONS_FILE)) or not os.path.isdir(os.path.join(r, layout.SHARDS_DIR)):
-            raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no annotations.parquet "
-                              f"and shards/); finish that run first")
+        if not os.path.isdir(os.path.join(r, layout.SHARDS_DIR)) or not layout.annotation_files(r):
+            raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no shards/ with their "
+                              f"NNNNN.parquet tables); finish that run first")
     layout.check_separate(spec.output.path, input_paths(spec))
     return spec
 
@@ -109,12 +109,11 @@ def _source_table(spec: SelectSpec) -> pa.Table:
     """The kept rows of every source run: run index, key, source partition and the filter columns."""
     tables = []
     for i, r in enumerate(spec.runs):
-        path = os.path.join(r, layout.ANNOTATIONS_FILE)
-        names = pq.read_schema(path).names
+        names = layout.annotation_columns(r)
         missing = [f.column for f in spec.filters if f.column not in names]
         if missing:
             raise ConfigError(f"filters: run {r!r} has no column {missing[0]!r}")
-        t = pq.read_table(path, columns=[KEY, STATUS, PARTITION, *dict.fromkeys(f.column for f in spec.filters)])
+        t = layout.read_annotations(r, [KEY, STATUS, PARTITION, *dict.fromkeys(f.column for f in spec.filters)])
         t = t.filter(pc.equal(t.column(STATUS), KEPT)).drop_columns([STATUS])
         tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
     return pa.concat_tables(tables, promote_options="default")
@@ -177,8 +176,9 @@ def plan(spec: SelectSpec) -> Plan:
     sel = sel.append_column("out_key", pa.array(out_keys, pa.string()))
     h = hashlib.sha256()
     for r in spec.runs:   # a re-curated source is a different selection
-        st = os.stat(os.path.join(r, layout.ANNOTATIONS_FILE))
-        h.update(f"{os.path.abspath(r)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        for f in layout.annotation_files(r):
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(f"{spec.output.samples_per_shard}\n".encode())
     h.update(pc.binary_join_element_wise(pc.cast(sel.column("run"), pa.string()), sel.column(KEY), "|")
              .to_numpy(zero_copy_only=False).astype(str).tobytes())
@@ -338,13 +338,12 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
     table = table.take(pc.sort_indices(table.column(KEY)))
     if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(p.table.column("out_key").to_pylist()):
         raise RuntimeError(f"counts do not reconcile: planned {p.table.num_rows} samples, shards hold {table.num_rows}")
-    layout.atomic_write(os.path.join(out, layout.ANNOTATIONS_FILE), layout.table_bytes(table))
+    # the per-shard tables are the selection's annotation table: no second copy is written
     if VIDEO_KEY in table.column_names:   # the source videos of the selected clips
         vids = []
         for r in spec.runs:
-            vp = os.path.join(r, layout.VIDEOS_FILE)
-            if os.path.exists(vp):
-                v = pq.read_table(vp)
+            v = layout.read_videos(r)
+            if v is not None:
                 chosen = table.filter(pc.equal(table.column(SOURCE_RUN), os.path.abspath(r))).column(VIDEO_KEY)
                 vids.append(v.filter(pc.is_in(v.column(KEY), value_set=pc.unique(chosen))))
         if vids:
@@ -357,15 +356,20 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
                "reasons": {}, "stage_seconds": {}, "phases": {"copy": round(copy_s, 3)},
                "wall_seconds": result.wall_seconds, "shards": len(names), "format": "selection",
                "kept_fraction": 1.0, "source_runs": [os.path.abspath(r) for r in spec.runs],
-               "source_kept": p.source_kept, "selection": p.thresholds}
+               "source_kept": p.source_kept, "selection": p.thresholds,
+               "warnings": [] if table.num_rows else ["the selection keeps 0 samples: its thresholds lie beyond every "
+                                                     "kept sample's scores; loosen them (winnow sweep shows the range)"]}
     layout.atomic_write(os.path.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     layout.write_dataset_card(out, "select", summary)
     return result
 
 
 def format_summary(r: SelectResult) -> str:
-    lines = [f"winnow select: {r.output}",
-             f"  source kept  {r.source_kept:>9}",
+    lines = [f"winnow select: {r.output}"]
+    if not r.selected:
+        lines.append("  warning: the selection keeps 0 samples: its thresholds lie beyond every kept sample's scores; "
+                     "loosen them (winnow sweep shows the range)")
+    lines += [f"  source kept  {r.source_kept:>9}",
              f"  selected     {r.selected:>9}  ({100 * r.selected / max(1, r.source_kept):.1f} %)",
              f"  shards       {r.shards:>9}"]
     man = r.thresholds.get("manifest")

@@ -20,10 +20,11 @@ LABEL_H = 14
 
 
 class ShardImages:
-    """Thumbnails by key from the shards of ``annotations`` files' runs."""
+    """Thumbnails by key from the shards of runs (run folders, or annotation files inside them)."""
 
-    def __init__(self, annotation_files: list[str], thumb: int):
-        self.dirs = [os.path.join(os.path.dirname(os.path.abspath(p)), layout.SHARDS_DIR) for p in annotation_files]
+    def __init__(self, runs: list[str], thumb: int):
+        self.dirs = [os.path.join(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)), layout.SHARDS_DIR)
+                     for p in runs]
         self.thumb = thumb
         self._tars: dict[str, tuple[object, dict]] = {}
 

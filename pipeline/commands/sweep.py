@@ -2,7 +2,7 @@
 
 The SVD paper (Blattmann et al., 2023, sec. 3 and app. E) chose its LVD-F filters by removing the
 bottom 12.5 %, 25 % and 50 % of the data per annotation (CLIP score, aesthetic score, OCR rate,
-motion) and comparing. ``winnow sweep`` automates that loop on ``annotations.parquet``:
+motion) and comparing. ``winnow sweep`` automates that loop on the annotation table:
 
 * per annotation, *levels*: drop fractions from its bad end (the threshold each implies is the
   value at that quantile) and/or absolute thresholds;
@@ -69,7 +69,7 @@ class SweepSpec:
     output: str = option(help="sweep folder: cells.csv, cells.md, selections/, plots/, sheets/")
     overwrite: bool = option(False, "replace the files of a sweep made by a different spec in output (only those)",
                              runtime=True)
-    annotations: list[str] = option(factory=list, help="annotations.parquet files or `winnow curate` output folders")
+    annotations: list[str] = option(factory=list, help="`winnow curate` output folders (or annotation parquet files)")
     filters: list[FilterSpec] = option(factory=list, help="one entry per annotation swept")
     combine: bool = option(True, "also every AND-combination of levels across annotations")
     only_kept: bool = option(True, "sweep the rows curation kept (rejected rows are never selectable)")
@@ -98,7 +98,7 @@ class Level:
 def parse(data: dict) -> SweepSpec:
     spec = build(SweepSpec, take_kind(data, "sweep"))
     if not spec.annotations:
-        raise ConfigError("annotations: give at least one annotations.parquet (or a `winnow curate` output folder)")
+        raise ConfigError("annotations: give at least one `winnow curate` output folder")
     if not spec.filters:
         raise ConfigError("filters: give at least one {column: ..., drop_fractions: [...]} entry")
     check_filters(spec.filters)
@@ -124,8 +124,9 @@ def load(path: str | None, overrides: list[str] | None = None) -> SweepSpec:
     return parse(apply_overrides(load_yaml(path) if path else {}, overrides or []))
 
 
-def annotation_path(p: str) -> str:
-    return os.path.join(p, layout.ANNOTATIONS_FILE) if os.path.isdir(p) else p
+def run_dir(p: str) -> str:
+    """The run folder of an ``annotations`` entry (a run folder, or an annotation file inside one)."""
+    return os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p))
 
 
 def read_table(spec: SweepSpec) -> pa.Table:
@@ -133,15 +134,16 @@ def read_table(spec: SweepSpec) -> pa.Table:
     wanted = {KEY, STATUS, "partition", "video_key", *(f.column for f in spec.filters)}
     tables = []
     for i, p in enumerate(spec.annotations):
-        path = annotation_path(p)
-        if not os.path.exists(path):
-            raise ConfigError(f"annotations[{i}]: {path!r} does not exist")
-        names = pq.read_schema(path).names
+        path = p
+        if not os.path.exists(path) or not layout.annotation_files(path):
+            raise ConfigError(f"annotations[{i}]: {path!r} " + ("does not exist" if not os.path.exists(path) else
+                              "holds no annotation table (shards/NNNNN.parquet); give a `winnow curate` output folder"))
+        names = layout.annotation_columns(path)
         missing = [f.column for f in spec.filters if f.column not in names]
         if missing:
             raise ConfigError(f"annotations[{i}]: {path!r} has no column {missing[0]!r}; it has "
                               f"{', '.join(n for n in names if n not in (KEY, STATUS))}")
-        t = pq.read_table(path, columns=[c for c in names if c in wanted])
+        t = layout.read_annotations(path, [c for c in names if c in wanted])
         if spec.only_kept and STATUS in t.column_names:
             t = t.filter(pc.equal(t.column(STATUS), KEPT))
         tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
@@ -223,7 +225,7 @@ def _slug(i: int) -> str:
 def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: list[str] = ()) -> None:
     os.makedirs(os.path.join(out, "selections"), exist_ok=True)
     # the run folders the manifests' run indices point to (``winnow select`` reads them from here)
-    runs = json.dumps([os.path.dirname(os.path.abspath(annotation_path(p))) for p in annotations])
+    runs = json.dumps([run_dir(p) for p in annotations])
     base = pa.table({"run": table.column("run"), KEY: table.column(KEY)})
     rows = []
 
@@ -253,9 +255,65 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: lis
     np.savetxt(buf, ov, delimiter=",", fmt="%.4f", header=",".join(_slug(i) for i in single), comments="")
     atomic_write(os.path.join(out, "overlap.csv"), buf.getvalue())
     md = ["| cell | filters | kept | fraction |\n| --- | --- | ---: | ---: |\n"]
-    md += [f"| {r['cell']} | {r['filters'].replace('|', '/')} | {r['count']} | {100 * r['fraction']:.1f} % |\n"
-           for r in rows]
+    md += [f"| {r['cell']} | {r['filters'].replace('|', '/')} | {r['count'] or '**0: empty**'} | "
+           f"{100 * r['fraction']:.1f} % |\n" for r in rows]
     atomic_write(os.path.join(out, "cells.md"), "".join(md).encode("utf-8"))
+
+
+def data_limits(v: np.ndarray) -> tuple[float, float]:
+    """The x-axis of a score's plots: the scores' own range with 5 % margins (a threshold far from
+    the scores would otherwise stretch it until the histogram is a line)."""
+    if not len(v):
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 0.5)
+    return lo - pad, hi + pad
+
+
+def histogram_figure(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]]):
+    """Per swept column: the histogram over the survival curve, x-axis from the scores; every level is a
+    coloured line with its entry (threshold, source, rows kept) in a legend below the plot, so labels
+    never overlap; a threshold outside the scores is drawn at the axis edge and its entry says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [f.column for f in spec.filters]
+    most = max((len(levels[c]) for c in cols), default=0)
+    fig, axes = plt.subplots(2, len(cols), figsize=(4.6 * len(cols), 6.4 + 0.22 * most), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for j, col in enumerate(cols):
+        v = values(table, col)
+        v = v[~np.isnan(v)]
+        lo, hi = data_limits(v)
+        keep_high = levels[col][0].keep == "high" if levels[col] else True
+        ax, surv = axes[0][j], axes[1][j]
+        ax.hist(v, bins=60, range=(lo, hi), color="#9bb5d6")
+        s = np.sort(v)
+        kept = 1 - np.arange(len(s)) / max(1, len(s)) if keep_high else (np.arange(len(s)) + 1) / max(1, len(s))
+        surv.plot(s, kept, color="#4a7ab7")
+        for k, lv in enumerate(levels[col]):
+            n = int(lv.mask(v).sum())
+            outside = not lo <= lv.threshold <= hi
+            x = min(max(lv.threshold, lo), hi)
+            src = f"drop {lv.fraction:g}" if lv.fraction is not None else "absolute"
+            label = f"{'>=' if lv.keep == 'high' else '<='} {lv.threshold:.4g} ({src}): keeps {n:,}" + \
+                (" - beyond the scores" if outside else "")
+            style = dict(color=colours(k % 10), lw=1.4, ls=":" if outside else "-")
+            ax.axvline(x, label=label, **style)
+            surv.axvline(x, **{**style, "lw": 0.9})
+        ax.set_xlim(lo, hi)
+        surv.set_xlim(lo, hi)
+        ax.set_title(f"{col} (n={len(v)}; keep {'high' if keep_high else 'low'})", fontsize=9)
+        surv.set_xlabel(f"threshold on {col}", fontsize=8)
+        surv.set_ylabel("fraction kept", fontsize=8)
+        surv.grid(alpha=0.3)
+        if levels[col]:
+            surv.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22),
+                        frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: str) -> list[str]:
@@ -268,31 +326,10 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
     os.makedirs(folder, exist_ok=True)
     paths = []
     cols = [f.column for f in spec.filters]
-    fig, axes = plt.subplots(2, len(cols), figsize=(4.2 * len(cols), 6.4), squeeze=False)
-    for j, col in enumerate(cols):
-        v = values(table, col)
-        v = v[~np.isnan(v)]
-        ax = axes[0][j]
-        ax.hist(v, bins=60, color="#4a7ab7")
-        for lv in levels[col]:
-            ax.axvline(lv.threshold, color="#c0392b" if lv.fraction is not None else "#27ae60", lw=1.2)
-            ax.text(lv.threshold, ax.get_ylim()[1] * 0.95, lv.name.split("(")[1].rstrip(")"), rotation=90,
-                    fontsize=7, va="top", ha="right")
-        ax.set_title(f"{col} (n={len(v)}; keep {levels[col][0].keep if levels[col] else ''})", fontsize=9)
-        ax = axes[1][j]
-        s = np.sort(v)
-        keep_high = levels[col][0].keep == "high" if levels[col] else True
-        kept = 1 - np.arange(len(s)) / max(1, len(s)) if keep_high else (np.arange(len(s)) + 1) / max(1, len(s))
-        ax.plot(s, kept, color="#4a7ab7")
-        for lv in levels[col]:
-            ax.axvline(lv.threshold, color="#c0392b", lw=0.8, ls="--")
-        ax.set_xlabel(f"threshold on {col}", fontsize=8)
-        ax.set_ylabel("fraction kept", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = histogram_figure(table, spec, levels)
     paths.append(os.path.join(folder, "histograms_survival.png"))
     with atomic_path(paths[-1]) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     if len(cols) > 1:
         mat = np.stack([values(table, c) for c in cols])
@@ -349,18 +386,24 @@ def run(spec: SweepSpec, log=None) -> SweepResult:
         seconds["plots"] = time.perf_counter() - t3
     if spec.sheets.per_side:
         t4 = time.perf_counter()
-        contact_sheets(table, [annotation_path(p) for p in spec.annotations], {c: values(table, c) for c in levels},
+        contact_sheets(table, [run_dir(p) for p in spec.annotations], {c: values(table, c) for c in levels},
                        levels, spec.sheets.per_side, spec.sheets.thumb, spec.output)
         seconds["sheets"] = time.perf_counter() - t4
     result = SweepResult(spec.output, table.num_rows, cells, levels, seconds)
     atomic_write(os.path.join(spec.output, "sweep.json"),   # written last: the sweep is complete
                  json.dumps({"rows": table.num_rows, "cells": len(cells), "seconds": seconds,
-                             "annotations": [annotation_path(p) for p in spec.annotations]}, indent=2).encode())
+                             "empty_cells": [_slug(i) for i, c in enumerate(cells) if c.count == 0],
+                             "annotations": [os.path.abspath(p) for p in spec.annotations]}, indent=2).encode())
     return result
 
 
 def format_summary(r: SweepResult, limit: int = 30) -> str:
     lines = [f"winnow sweep: {r.rows} rows, {len(r.cells)} cells -> {r.output}"]
+    empty = [c for c in r.cells if c.count == 0]
+    if empty:
+        lines.append(f"  warning: {len(empty)} of {len(r.cells)} cells keep 0 rows (marked in cells.md): "
+                     + ", ".join(c.name for c in empty[:4]) + (", ..." if len(empty) > 4 else "")
+                     + "; no row passes their thresholds")
     singles = [c for c in r.cells if len(c.levels) == 1]
     for c in singles[:limit]:
         lines.append(f"  {c.levels[0].name:<48} kept {c.count:>9} ({100 * c.fraction:5.1f} %)")

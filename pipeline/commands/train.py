@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import adapter
+from pipeline.commands import plural
 from pipeline.contract import layout
 from pipeline.contract.config import ConfigError
 from training.checkpoint import CheckpointError
@@ -165,12 +166,14 @@ def format_plan(spec: TrainSpec, p: Plan) -> str:
     from training import families
 
     if families.get(spec.model.kind).clips:
-        size = f"video buckets (WxHxframes), batch per bucket x {spec.ray.num_workers} workers"
+        size = (f"{plural(len(p.bucket_counts), 'video bucket')} (WxHxframes), batch per bucket x "
+                f"{plural(spec.ray.num_workers, 'worker')}")
     else:
-        size = (f"buckets at base {spec.data.resolution}, global batch {p.global_batch} ({spec.train.batch_size} x "
-                f"{spec.ray.num_workers} workers)")
-    lines = [f"winnow train: {p.samples} samples, {len(p.bucket_counts)} {size}, "
-             f"{p.steps_per_epoch} steps per epoch ({p.carried_per_epoch} samples carried to the next epoch)",
+        size = (f"{plural(len(p.bucket_counts), 'bucket')} at base {spec.data.resolution}, global batch "
+                f"{p.global_batch} ({spec.train.batch_size} x {plural(spec.ray.num_workers, 'worker')})")
+    lines = [f"winnow train: {plural(p.samples, 'sample')}, {size}, "
+             f"{plural(p.steps_per_epoch, 'step')} per epoch ({plural(p.carried_per_epoch, 'sample')} carried to the "
+             f"next epoch)",
              "  buckets  " + ", ".join(f"{k}: {v}" for k, v in sorted(p.bucket_counts.items(), key=lambda kv: -kv[1]))]
     lines += [f"  note: {n}" for n in p.notes]
     return "\n".join(lines)
@@ -192,7 +195,7 @@ def format_summary(r: TrainResult) -> str:
     lines = [f"winnow train: {r.output}",
              f"  steps      {s['steps']} ({s['steps_this_run']} this run"
              + (f", resumed from step {s['resumed_from']})" if s["resumed_from"] else ")"),
-             f"  epoch      {s['epoch']}   global batch {s['global_batch']} on {s['world_size']} workers",
+             f"  epoch      {s['epoch']}   global batch {s['global_batch']} on {plural(s['world_size'], 'worker')}",
              f"  loss       first logged {losses[0]:.4f}, last {losses[-1]:.4f}" if losses else "  loss       (none logged)",
              f"  throughput {np.mean(rates):.1f} samples/s, data wait {100 * np.mean(waits):.1f} % of step time"
              if rates else "  throughput (no steps this run)",
@@ -303,6 +306,7 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
                              failure_config=FailureConfig(max_failures=spec.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)))
+    check_ray_snapshot(os.path.join(out, "ray", RUN_NAME))
     progress = _ProgressBar(os.path.join(out, "metrics.jsonl"), spec.train.max_steps, log)
     try:
         trainer.fit()
@@ -312,10 +316,29 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         found = re.findall(r"CheckpointError: ([^\n]+)", str(exc))     # the worker's own error line
         if found:
             raise CheckpointError(found[-1]) from None
+        if type(exc).__name__ == "CheckpointManagerInitializationError":    # Ray's own list refused it
+            raise CheckpointError(f"{os.path.join(out, 'ray', RUN_NAME, 'checkpoint_manager_snapshot.json')}: "
+                                  f"not a valid checkpoint file ({str(exc).splitlines()[0][:200]})") from None
         raise
     finally:
         progress.close()
     return read_result(out)
+
+
+def check_ray_snapshot(folder: str) -> None:
+    """Ray Train's list of a run's checkpoints (``checkpoint_manager_snapshot.json``), read by Ray in
+    the driver when the run resumes: damaged (junk, truncated, not UTF-8), Ray stops with a traceback,
+    so it is read here first and refused with a ``CheckpointError`` naming it."""
+    from training.checkpoint import load_json
+
+    path = os.path.join(folder, "checkpoint_manager_snapshot.json")
+    if not os.path.exists(path):
+        return
+    doc = load_json(path)
+    if not isinstance(doc, dict) or "ray_version" not in doc or not isinstance(doc.get("checkpoint_results"), list):
+        raise CheckpointError(f"{path}: not a valid checkpoint file (Ray Train's list of this run's checkpoints, "
+                              f"without its ray_version and checkpoint_results); restore it, or remove it to start "
+                              f"the run again from step 0")
 
 
 def read_result(out: str) -> TrainResult:

@@ -270,7 +270,12 @@ def _list_index(node: list, part: str, dotted: str) -> int:
     matches = [i for i, v in enumerate(node) if isinstance(v, dict) and v.get("name") == part]
     if not matches:
         names = [v.get("name") for v in node if isinstance(v, dict)]
-        raise ConfigError(f"--set {dotted}: no item named {part!r}; items: {names}")
+        hint = ""
+        if dotted.startswith("stages."):
+            listed = ", ".join([*names, f"{{name: {part}}}"])
+            hint = (f". To add a stage, give the whole list in order: --set 'stages=[{listed}]' (options go in "
+                    f"its braces; `winnow stages {part}` lists them), or copy a spec from jobs/")
+        raise ConfigError(f"--set {dotted}: no item named {part!r}; items: {names}{hint}")
     return matches[0]
 
 

@@ -11,6 +11,7 @@ video window, a probe), not a 1 ms image resize.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import io
 import os
@@ -179,6 +180,17 @@ def _has_fd(stream) -> bool:
 
 
 _shared: dict[tuple, Sandbox] = {}
+
+
+def close_shared() -> None:
+    """Stop this process's shared sandboxes' children (at exit, and wherever a process that ran
+    stages in-line goes on living: a test session, a notebook)."""
+    for box in list(_shared.values()):
+        box.close()
+    _shared.clear()
+
+
+atexit.register(close_shared)
 
 
 def shared(timeout_s: float, memory_mb: int | None = None) -> Sandbox:

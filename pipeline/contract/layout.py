@@ -3,6 +3,7 @@ manifests and the dataset card. Every command and stage writes through these."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -16,11 +17,14 @@ import pyarrow.parquet as pq
 
 from pipeline.contract.inputs import is_inside
 
-# a run folder (curate and select write these; sweeps and training read them)
+# a run folder (curate and select write these; sweeps and training read them). Each row is on disk
+# once, so a glob over the folder (DuckDB's 'OUT/**/*.parquet') counts it once: the annotation table
+# is the per-shard tables together (``read_annotations``), a video run's table of videos the files of
+# videos/ (``read_videos``).
 SHARDS_DIR = "shards"               # NNNNN.tar (WebDataset), NNNNN.parquet (every row), NNNNN_stats.json (done marker)
-ANNOTATIONS_FILE = "annotations.parquet"   # one row per input, kept and rejected
-VIDEOS_FILE = "videos.parquet"      # video runs: one row per input video
-VIDEO_ROWS_DIR = "videos"           # video runs: per-shard rows of videos.parquet (OUTPUT/videos/NNNNN.parquet)
+ANNOTATIONS_FILE = "annotations.parquet"   # runs of winnow before the split: the annotation table as one file
+VIDEOS_FILE = "videos.parquet"      # a selection's source videos (one file); earlier video runs' table of videos
+VIDEO_ROWS_DIR = "videos"           # video runs: one row per input video, per shard (OUTPUT/videos/NNNNN.parquet)
 EMBEDDINGS_DIR = "embeddings"       # NNNNN.parquet: keyed CLIP embeddings of a shard
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
@@ -29,6 +33,54 @@ WORK_DIR = "_work"                  # curate's fragments and reduction scratch; 
 
 OWNER_DIR = ".winnow"              # winnow's own files in any output folder (hidden from HF datasets, globs)
 OWNER_FILE = os.path.join(OWNER_DIR, "owner.json")
+
+
+def annotation_files(path: str) -> list[str]:
+    """The files of an annotation table: ``path`` itself when it is a file, else the run folder's
+    ``shards/NNNNN.parquet`` (every input row of each shard, kept and rejected), or the single
+    ``annotations.parquet`` of a run written before the split; [] when there is none."""
+    if os.path.isfile(path):
+        return [path]
+    files = sorted(glob.glob(os.path.join(glob.escape(path), SHARDS_DIR, "[0-9]*.parquet")))
+    if files:
+        return files
+    legacy = os.path.join(path, ANNOTATIONS_FILE)
+    return [legacy] if os.path.isfile(legacy) else []
+
+
+def annotation_columns(path: str) -> list[str]:
+    """Every column of the annotation table at ``path`` (the union over its files, in first-seen order)."""
+    names: dict[str, None] = {}
+    for f in annotation_files(path):
+        names.update(dict.fromkeys(pq.read_schema(f).names))
+    return list(names)
+
+
+def _read_parts(files: list[str], columns: list[str] | None) -> pa.Table:
+    parts = []
+    for f in files:
+        have = pq.read_schema(f).names
+        parts.append(pq.read_table(f, columns=None if columns is None else [c for c in columns if c in have]))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    return table.sort_by("key") if "key" in table.column_names else table
+
+
+def read_annotations(path: str, columns: list[str] | None = None) -> pa.Table:
+    """A run's annotation table, one row per input (kept and rejected), sorted by key: from a run
+    folder (its per-shard tables) or one parquet file. ``columns`` that a table lacks are left out."""
+    files = annotation_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no annotation table (shards/NNNNN.parquet); give a finished `winnow curate` "
+                                f"or `winnow select` output folder")
+    return _read_parts(files, columns)
+
+
+def read_videos(run: str) -> pa.Table | None:
+    """A video run's table of videos (one row per input video), or None for a run without videos."""
+    files = sorted(glob.glob(os.path.join(glob.escape(run), VIDEO_ROWS_DIR, "[0-9]*.parquet")))
+    if not files and os.path.isfile(os.path.join(run, VIDEOS_FILE)):
+        files = [os.path.join(run, VIDEOS_FILE)]
+    return _read_parts(files, None) if files else None
 
 
 def check_separate(out: str, inputs: dict[str, str]) -> None:
@@ -161,7 +213,11 @@ def write_dataset_card(out: str, command: str, summary: dict) -> None:
             + (f" (rejected: {', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else "") + ".\n\n"
             "- `shards/NNNNN.tar`: WebDataset shards in img2dataset's layout: `KEY.jpg` (or `.png`, `.webp`, "
             "`.mp4` for clips), `KEY.txt` (caption), `KEY.json` (the sample's annotation row).\n"
-            "- `annotations.parquet`: one row per input, kept and rejected, with `reject_reason` and every score.\n"
+            "- `shards/NNNNN.parquet`: the annotation table, one row per input (kept and rejected) with "
+            "`status`, `reject_reason` and every score, split by shard; read it whole with "
+            "`pyarrow.parquet.read_table(\"shards\")` or DuckDB's `'shards/*.parquet'`. Every row is on disk once, "
+            "so `'**/*.parquet'` over the folder counts each input once (plus `embeddings/`, keyed CLIP embeddings, "
+            "and `videos/`, one row per input video, where the run has them).\n"
             "- `summary.json`, `report.html`: counts and the run's report.\n\n"
             "```python\nfrom datasets import load_dataset\nds = load_dataset(\"PATH_TO_THIS_FOLDER\")   "
             "# columns jpg, txt, json, __key__\n```\n")
