@@ -7,7 +7,9 @@ its RSS after imports):
   * a 13000x13000 16-bit PNG: the previous decode (a float64 copy of the whole image, then RGB,
     then resize) vs ``decode_image`` now (strips, resize before widening to RGB);
   * a 16000x16000 H.264 video: the previous probe (demux, then decode one frame for the rotation)
-    vs ``probe`` now (the frame size is refused from the stream header);
+    vs ``probe`` now (the frame size is refused from the stream header); and the report's thumbnail
+    of that rejected video as it was (open, decode the first frame) vs now (the bounded opener of
+    ``pipeline/contract/media.py`` refuses it from the header);
   * the image path's per-sample cost of the input policy: planning a folder (every file a row,
     sidecars split off) and reading each file through ``read_local`` (realpath, root check, stat,
     non-blocking open, fstat), against the previous extension filter and plain ``open().read()``,
@@ -66,6 +68,15 @@ elif what == "video_after":
         probe(path)
     except ProbeError as exc:
         out = str(exc)
+elif what == "thumb_before":      # the report's thumbnail of a rejected video as it was: open, decode a frame
+    import av
+    with av.open(path) as c:
+        for frame in c.decode(video=0):
+            out = str(frame.to_image().size)
+            break
+elif what == "thumb_after":       # the report's thumbnail now: the bounded opener refuses it from the header
+    from pipeline.commands.report import source_thumbnail
+    out = str(source_thumbnail(None, {{"source": path, "reject_reason": "too_large", "start_s": 0.0}}))
 peak = status_kb("VmHWM")
 print(json.dumps({{"mb": (peak - base) / 1024, "s": time.perf_counter() - t, "out": out}}))
 """
@@ -186,7 +197,7 @@ def main() -> int:
                 ("video", "huge.mp4", make_huge_video, "16000x16000 H.264 video ({} KB, 2 frames)")):
             path = os.path.join(tmp, name)
             print("\n" + title.format(round(make(path) / 1e3)))
-            for what in (f"{kind}_before", f"{kind}_after"):
+            for what in (f"{kind}_before", f"{kind}_after", *(("thumb_before", "thumb_after") if kind == "video" else ())):
                 r = child(what, path)
                 print(f"  {what:<13} peak +{r['mb']:7.0f} MB  {r['s']:6.2f} s  -> {r['out'][:80]}")
         folder = os.path.join(tmp, "photos")

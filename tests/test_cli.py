@@ -91,3 +91,43 @@ def test_version_and_stage_listing():
     assert "policy" not in res.stdout and "storage_options" not in res.stdout         # filled in by winnow
     res = winnow("stages", "deocde")
     assert res.returncode == 2 and "unknown stage 'deocde'. Did you mean 'decode'?" in res.stderr
+
+
+def test_a_run_is_quiet_by_default_and_a_rerun_says_it_is_complete(tmp_path):
+    """Ray's token-auth notice, its "Started a local Ray" and Ray Data's executor and progress-bar
+    lines are not about the user's run: hidden unless -v. A finished run re-run says so first."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + i, 30), (10 * i, 0, 0)).save(photos / f"{i}.jpg")
+    args = ("curate", "--input", str(photos), "--output", str(tmp_path / "out"), "--set", "ray.num_cpus=1")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for noise in ("Token authentication", "Started a local Ray", "streaming_executor", "Progress bars disabled",
+                  " INFO ", " WARNING "):
+        assert noise not in first.stderr, noise
+    assert first.stdout.splitlines()[0].startswith("winnow curate:") and "already complete" not in first.stdout
+    again = winnow(*args)
+    assert again.returncode == 0 and again.stdout.splitlines()[1] == (
+        "  already complete: every shard was written by an earlier run; nothing was redone")
+
+
+def test_a_mistyped_option_gets_a_suggestion_and_errors_without_a_spec_are_not_spec_errors(tmp_path):
+    res = winnow("curate", "--inptu", "x", "--output", "y")
+    assert res.returncode == 2 and "unrecognized arguments: --inptu; --inptu: did you mean --input?" in res.stderr
+    res = winnow("report", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.startswith(f"winnow: {str(tmp_path)!r} has no annotation table")
+    res = winnow("curate", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "stages.ocr.backend=rapidocr")
+    assert res.returncode == 2 and "--set 'stages=[decode, phash_dedup, {name: ocr}]'" in res.stderr
+
+
+def test_counts_are_said_in_the_right_number():
+    from pipeline.commands import plural
+
+    assert (plural(1, "step"), plural(2, "step"), plural(1, "bucket"), plural(0, "worker"), plural(1200, "sample")) == \
+        ("1 step", "2 steps", "1 bucket", "0 workers", "1,200 samples")

@@ -91,6 +91,11 @@ def test_rerun_of_finished_output_changes_nothing(folder_run):
     before = {f: os.path.getmtime(f) for f in glob.glob(os.path.join(out, "shards", "*"))}
     again = run_curate(root, out, samples_per_shard=10)
     assert (again.inputs, again.kept) == (result.inputs, result.kept)
+    assert again.already_complete and not result.already_complete
+    from pipeline.commands.curate import format_summary
+
+    assert format_summary(again).splitlines()[1] == ("  already complete: every shard was written by an earlier run; "
+                                                    "nothing was redone")
     assert before == {f: os.path.getmtime(f) for f in glob.glob(os.path.join(out, "shards", "*"))}
     with pytest.raises(ConfigError, match="holds a run made by a different spec"):
         run_curate(root, out, samples_per_shard=7)

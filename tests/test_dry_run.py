@@ -72,6 +72,8 @@ def test_dry_run_projects_and_writes_nothing_into_the_output(ray_local, corpus, 
     assert got["projected_output_bytes"] > 100_000 and got["gpu_hours"] == 0
     assert list(got["projected_wall_s_on"]) == ["3"] and got["projected_wall_s_on"]["3"] < got["projected_wall_s"]
     assert any("phash_dedup" in n for n in got["notes"])
+    # Ray's start-up is not in the projection, and the note says so (here Ray was up: the session's)
+    assert got["notes"][0].startswith("not in the projection: starting or joining Ray, once per job")
     assert any("bottleneck" in line for line in printed) and "nothing written there" in printed[0]
 
     # the real run afterwards is untouched by the dry run; its --json line reconciles

@@ -120,6 +120,7 @@ def test_winnow_eval_scores_two_folders_and_counts_what_it_skips(tmp_path, capsy
                              "reference": {"scored": 6, "skipped": {}}}
     assert got["fid"] > 1.0 and got["fid_weights"] == "random" and got["seed"] == 0
     assert any("mean nothing" in w for w in got["warnings"])
+    assert [w for w in got["warnings"] if w.startswith("FID from 6 images: the 2048-d covariances have rank at most 5")]
     code = cli.main(["eval", "--images", str(tmp_path / "b"), "--reference", str(tmp_path / "b"),
                      "--fid-weights", "random", "--json"])
     assert abs(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"]) < 1e-3   # a set against itself

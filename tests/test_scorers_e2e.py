@@ -1,5 +1,6 @@
 """All four model stages end to end on a local Ray, and GPU requests on a machine without GPU."""
 import glob
+import json
 
 import pyarrow.parquet as pq
 import pytest
@@ -57,6 +58,35 @@ def test_all_model_stages_end_to_end(ray_local, small_corpus, tmp_path):
     assert emb.num_rows == 14 and emb.column_names == ["key", "clip_image_embedding", "clip_text_embedding"]
     assert str(emb.schema.field("clip_image_embedding").type) == "fixed_size_list<element: halffloat>[64]"
     assert set(result.stage_seconds) >= {"clip", "aesthetic", "ocr"}
+    # the tiny CLIP and the aesthetic head have random weights: said once in the summary, summary.json
+    # and the report (OCR's weights are real: no warning)
+    assert [w.split(":")[0] for w in result.warnings] == ["clip", "aesthetic", "semantic_dedup"]
+    assert "random weights" in result.warnings[0] and "aesthetic_score means nothing" in result.warnings[1]
+    text = curate.format_summary(result)
+    assert text.count("warning: ") == 3 and text.index("warning: clip") < text.index("inputs")
+    assert json.load(open(tmp_path / "out" / "summary.json"))["warnings"] == result.warnings
+    page = open(tmp_path / "out" / "report.html", encoding="utf-8").read()
+    assert page.count('<p class="warn">warning: ') == 3 and "semantic_dedup: compares the embeddings" in page
+
+
+def test_model_stages_say_when_their_filters_run_on_random_weights():
+    """The notices name the filter that rejects at random; real weights (a file) give none."""
+    from curation.aesthetic import AestheticConfig, AestheticScore
+    from curation.clip import ClipConfig, ClipEmbed
+    from curation.semantic_dedup import SemanticDedup, SemanticDedupConfig
+
+    rnd = ClipConfig(pretrained="random", min_similarity=0.2)
+    assert ClipEmbed.notices(rnd, []) == [
+        "clip: winnow-tiny-clip runs on random weights (pretrained: random), so clip_similarity means nothing; "
+        "min_similarity 0.2 rejects at random; give real weights in clip.pretrained"]
+    assert ClipEmbed.notices(ClipConfig(model="ViT-B-32", pretrained="/w/clip.safetensors"), []) == []
+    assert "min_score 5 rejects at random" in AestheticScore.notices(AestheticConfig(min_score=5.0), [("clip", rnd)])[0]
+    real = ClipConfig(model="ViT-L-14", pretrained="/w/clip.safetensors")
+    assert AestheticScore.notices(AestheticConfig(weights="/w/head.pth"), [("clip", real)]) == []
+    assert AestheticScore.notices(AestheticConfig(weights="/w/head.pth"), [("clip", rnd)]) == [
+        "aesthetic: its CLIP embeddings come from a random CLIP, so aesthetic_score means nothing"]
+    assert SemanticDedup.notices(SemanticDedupConfig(), [("clip", real)]) == []
+    assert len(SemanticDedup.notices(SemanticDedupConfig(), [("decode", None), ("clip", rnd)])) == 1
 
 
 def test_gpu_request_without_gpu_fails_before_any_work(ray_local, small_corpus, tmp_path):

@@ -225,6 +225,12 @@ def test_two_worker_sd_run_exports_a_loadable_pipeline(sd_run):
     s = result.summary
     assert (s["steps"], s["world_size"], s["global_batch"], s["num_processes"]) == (12, 2, 4, 2)
     assert s["distributed"] == "DistributedType.MULTI_CPU"
+    assert s["warnings"] == ["model.pretrained is null: the tiny sd preset with random weights (tests and the demo); "
+                             "give a diffusers folder or hub id to train a real model"]
+    from pipeline.commands.train import format_summary
+
+    text = format_summary(result).splitlines()
+    assert text[1].startswith("  warning: model.pretrained is null") and "on 2 workers" in "\n".join(text)
     assert [m["step"] for m in result.metrics] == list(range(1, 13))
     assert all(np.isfinite(m["loss"]) and m["samples_per_s"] > 0 and 0 <= m["data_wait"] <= 1 for m in result.metrics)
     ckpts = sorted(os.listdir(os.path.join(out, "ray", "train")))

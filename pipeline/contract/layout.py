@@ -57,11 +57,13 @@ def annotation_columns(path: str) -> list[str]:
 
 
 def _read_parts(files: list[str], columns: list[str] | None) -> pa.Table:
-    parts = []
-    for f in files:
-        have = pq.read_schema(f).names
-        parts.append(pq.read_table(f, columns=None if columns is None else [c for c in columns if c in have]))
-    table = pa.concat_tables(parts, promote_options="permissive")
+    """The files as one table (their schemas unified: a column one shard lacks is null there), read
+    in parallel by Arrow's dataset scanner, sorted by key."""
+    import pyarrow.dataset as pads
+
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+    wanted = None if columns is None else [c for c in columns if c in schema.names]
+    table = pads.dataset(files, schema=schema, format="parquet").to_table(columns=wanted)
     return table.sort_by("key") if "key" in table.column_names else table
 
 
