@@ -66,6 +66,29 @@ def write_video(path: str, frames: list[np.ndarray], fps: float = 10.0, *, times
             _write_tone(container, audio, audio_s)
 
 
+def write_huge_video(path: str, side: int = 16000, frames: int = 2) -> int:
+    """A tiny file that claims huge frames: ``frames`` black ``side`` x ``side`` H.264 frames (752 KB
+    at 16000). Encoding holds a frame (~1.2 GB at 16000): make it in a child process. Returns its size."""
+    import os
+
+    import av
+
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=1)
+        s.width, s.height, s.pix_fmt = side, side, "yuv420p"
+        s.options = {"preset": "ultrafast"}
+        frame = av.VideoFrame(side, side, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        for i in range(frames):
+            frame.pts = i
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return os.path.getsize(path)
+
+
 def write_audio_only(path: str, seconds: float = 1.0) -> None:
     import av
 

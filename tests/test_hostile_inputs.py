@@ -270,23 +270,7 @@ def test_a_decode_that_runs_too_long_becomes_a_rejected_row():
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)         # no timer left behind
 
 
-HUGE_VIDEO = r"""
-import av, sys
-side = 16000
-with av.open(sys.argv[1], "w") as c:
-    s = c.add_stream("libx264", rate=1)
-    s.width, s.height, s.pix_fmt = side, side, "yuv420p"
-    s.options = {"preset": "ultrafast"}
-    frame = av.VideoFrame(side, side, "yuv420p")
-    for plane in frame.planes:
-        plane.update(bytes(plane.buffer_size))
-    for i in range(2):
-        frame.pts = i
-        for packet in s.encode(frame):
-            c.mux(packet)
-    for packet in s.encode():
-        c.mux(packet)
-"""
+HUGE_VIDEO = "import sys; from pipeline.synth import write_huge_video; write_huge_video(sys.argv[1])"
 
 PREVIEW_CHILD = r"""
 import json, sys
@@ -319,8 +303,8 @@ def test_a_16000_pixel_video_adds_under_512_mb_to_a_report(tmp_path):
     import sys
 
     path = str(tmp_path / "huge.mp4")
-    subprocess.run([sys.executable, "-c", HUGE_VIDEO, path], check=True, timeout=300)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", HUGE_VIDEO, path], check=True, timeout=300, cwd=root)
     out = subprocess.run([sys.executable, "-c", PREVIEW_CHILD, path], capture_output=True, text=True, timeout=300,
                          cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
