@@ -27,7 +27,6 @@ VIDEOS = os.path.join(ROOT, "..", "shared", "data", "videos")
 
 
 def curate_folder(models: bool) -> None:
-    import pyarrow.parquet as pq
 
     from pipeline.commands import curate
     from pipeline.commands import curate_spec as specmod
@@ -43,8 +42,10 @@ def curate_folder(models: bool) -> None:
         t = time.perf_counter()
         result = curate.run(spec, log=None)
         wall = time.perf_counter() - t
-        videos = pq.read_table(os.path.join(out, "videos.parquet")).to_pandas()
-        clips = pq.read_table(os.path.join(out, "annotations.parquet")).to_pandas()
+        from pipeline.contract import layout
+
+        videos = layout.read_videos(out).to_pandas()
+        clips = layout.read_annotations(out).to_pandas()
         src_frames = int(videos["num_frames"].fillna(0).sum())
         src_seconds = float(videos["duration_s"].fillna(0).sum())
         clip_frames = int(clips.loc[clips["status"] == "kept", "num_frames"].fillna(0).sum())

@@ -6,8 +6,6 @@ import json
 import os
 import tarfile
 
-import pyarrow.parquet as pq
-
 from pipeline.commands import curate
 from pipeline.commands import curate_spec as specmod
 

@@ -122,7 +122,6 @@ def test_curate_on_small_nodes_survives_losing_one(tmp_path):
     the first rows are written. The second finishes with exactly the first's rows."""
     import threading
 
-    import pyarrow.parquet as pq
     import ray
     from PIL import Image
     from ray.cluster_utils import Cluster

@@ -1,4 +1,4 @@
-"""`winnow curate` on a folder of generated videos: clips, scores, videos.parquet, resume."""
+"""`winnow curate` on a folder of generated videos: clips, scores, the videos/ tables, resume."""
 import io
 import json
 import os

@@ -56,7 +56,7 @@ from pipeline.contract.schema import (
 from pipeline.contract.stage import FanOut, Stage, batch_rows, ensure_status, plain, reason_counts, rows_to_batch
 from video.cuts import CutConfig, detect_cuts, read_for_cuts
 
-# per-row columns describing the source video and the window (gathered into videos.parquet)
+# per-row columns describing the source video and the window (gathered into the videos/ tables)
 WINDOW_INDEX = "window_index"
 NUM_WINDOWS = "num_windows"
 WINDOW_ROWS = "window_rows"
@@ -456,7 +456,7 @@ def _no_clip_reason(rows: list[dict]) -> str:
 
 def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """One shard's rows (sorted by key) -> (clip rows for the annotation contract, one row per
-    video for ``videos.parquet``). Numbers each video's rows into ``clip_index``."""
+    video for the ``videos/`` tables). Numbers each video's rows into ``clip_index``."""
     by_video: dict[str, list[dict]] = {}
     for r in rows:
         by_video.setdefault(r[VIDEO_KEY], []).append(r)
@@ -485,7 +485,7 @@ def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def video_counts(videos) -> dict:
-    """Funnel of a run's videos (the ``videos.parquet`` table)."""
+    """Funnel of a run's videos (the ``videos/`` tables)."""
     status = videos.column(STATUS).to_pylist()
     reasons = reason_counts(r for s, r in zip(status, videos.column(REJECT_REASON).to_pylist()) if s != KEPT)
     return {"inputs": len(status), "with_clips": status.count(KEPT), "without_clips": len(status) - status.count(KEPT),

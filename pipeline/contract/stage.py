@@ -101,7 +101,7 @@ class FanOut:
     ``progress`` tells, from the written fragments' ``progress_columns``, which output rows exist
     and which inputs are complete (so a killed run redoes only unfinished inputs); ``split_rows``
     turns one shard's rows into (output rows, one row per input) and ``counts`` summarises the
-    per-input table (``videos.parquet`` for clips).
+    per-input table (``videos/NNNNN.parquet`` for clips).
     """
 
     reader: ClassVar[type[Stage]] = Stage
