@@ -65,6 +65,10 @@ def leaves_nothing_behind():
     from pipeline.contract import isolate
 
     isolate.close_shared()        # the sandbox children of stages the tests ran in this process
+    from tests.helpers import KILLED_SCRATCH
+
+    for folder in KILLED_SCRATCH:  # what processes the tests killed on purpose could not remove
+        shutil.rmtree(folder, ignore_errors=True)
 
     problems = []
     left = _leftover_processes(started, 60.0)

@@ -61,11 +61,18 @@ def kill_at_checkpoint(proc, run_dir: str, step: int, timeout: float = 240) -> N
     proc.wait()
 
 
-def killable_env(root: str, scratch: str) -> dict:
-    """The environment of a winnow subprocess a test may SIGKILL: its temporary files (a training
-    worker's scratch folder, say, which a killed process cannot remove) go to ``scratch``, inside the
-    test's own tmp_path, instead of the session's temporary folder that the suite checks at the end."""
-    import os
+# scratch folders of subprocesses a test may SIGKILL (``killable_env``); the session's leftover check
+# removes them before it looks (a killed process cannot remove its own temporary files)
+KILLED_SCRATCH: list[str] = []
 
-    os.makedirs(scratch, exist_ok=True)
+
+def killable_env(root: str) -> dict:
+    """The environment of a winnow subprocess a test may SIGKILL (its Ray too): its temporary files (a
+    training worker's scratch folder, multiprocessing's pymp-*) go to a folder of their own, short
+    enough for the AF_UNIX socket paths made under it (107 bytes), listed in ``KILLED_SCRATCH``."""
+    import os
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="k-")
+    KILLED_SCRATCH.append(scratch)
     return {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": root, "TMPDIR": scratch}

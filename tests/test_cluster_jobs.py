@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from tests.helpers import killable_env
 
 BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +72,7 @@ def _stop_cluster(port: int) -> None:
     the test session's own included)."""
     import psutil
 
+    from ray._common.utils import get_ray_address_file
     from ray._private.utils import read_ray_address
 
     mine = [p for p in psutil.process_iter(["cmdline"])
@@ -79,7 +81,7 @@ def _stop_cluster(port: int) -> None:
         p.kill()
     psutil.wait_procs(mine, timeout=30)
     if (read_ray_address(None) or "").endswith(f":{port}"):       # the marker `ray start` leaves for ray.init()
-        os.remove(os.path.join("/tmp", "ray", "ray_current_cluster"))
+        os.remove(get_ray_address_file(None))          # under RAY_TMPDIR (the suite sets it)
 
 
 @pytest.mark.slow
@@ -98,7 +100,8 @@ def test_submit_runs_a_spec_on_a_cluster_and_jobs_reports_it(tmp_path):
     # token auth on, both sides (Ray 2.60's default for a new cluster), with a token of the test's own;
     # every winnow command runs as its own process, as a user runs them
     token = "winnow-test-" + "".join(rng.choice(list("abcdef0123456789"), 32))
-    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token",
+    # the cluster is stopped with SIGKILL: its processes' temporary files go to a folder of their own
+    env = {**killable_env(ROOT), "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     # every port its own (the test session's Ray may hold the defaults: its agents listen on them)
@@ -106,11 +109,12 @@ def test_submit_runs_a_spec_on_a_cluster_and_jobs_reports_it(tmp_path):
                                                      "metrics-export-port", "runtime-env-agent-port",
                                                      "node-manager-port", "object-manager-port",
                                                      "ray-client-server-port")]
-    subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}", *ports,
-                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
     address = f"http://127.0.0.1:{dash}"
-    try:
+    try:                       # a start that fails half-way is stopped too (its GCS may be up)
+        started = subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                                  *ports, "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                                  "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
         res = _cli(["submit", str(spec), "--address", address, "--follow", "--submission-id", "winnow-test-1"], env)
         assert res.returncode == 0, res.stderr[-2000:]
         assert "winnow curate:" in res.stdout                     # the job's own log, followed

@@ -156,7 +156,7 @@ def test_kill9_in_stage_two_then_rerun_skips_stage_one_and_matches_bit_for_bit(r
         yaml.safe_dump(spec(out), fh)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "pipeline.cli", "curriculum", path]
-    env = killable_env(root, str(tmp_path / "tmp"))
+    env = killable_env(root)
     proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, os.path.join(out, "stages", "02_video_lowres"), 2, timeout=400)

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def start(corpus_root, out, *extra):
     cmd = [sys.executable, "-m", "pipeline.cli", "curate", "--input", corpus_root, "--output", out,
            "--samples-per-shard", "4", "--set", "ray.block_rows=2", "--set", "ray.num_cpus=2", *extra]
-    env = killable_env(ROOT, os.path.join(os.path.dirname(os.path.abspath(out)), "tmp"))
+    env = killable_env(ROOT)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -95,7 +95,7 @@ def test_kill9_with_model_stages_loses_nothing(ray_local, corpus, tmp_path):
             "ray": {"block_rows": 2, "num_cpus": 2}, "stages": MODEL_STAGES}
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    env = killable_env(ROOT, str(tmp_path / "tmp"))
+    env = killable_env(ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "curate", str(spec_path)], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert kill_when(proc, os.path.join(out, "_work/rows/*/*.parquet"))

@@ -221,7 +221,7 @@ def test_lora_kill9_then_rerun_is_exact(lora_run, shards, tmp_path):  # noqa: F8
     with open(spec_path, "w") as fh:
         yaml.safe_dump(_lora_train(shards[0], out, steps=12, lora={"export_fused": True}, train=VALIDATE), fh)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", spec_path]
-    env = killable_env(ROOT, str(tmp_path / "tmp"))
+    env = killable_env(ROOT)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, 3)

@@ -136,7 +136,7 @@ def test_select_survives_kill9(run_dir, manifest, tmp_path):
     spec_path = tmp_path / "select.yaml"
     spec_path.write_text(yaml.safe_dump({"selection": manifest, "ray": {"num_cpus": 1},
                                          "output": {"path": out, "samples_per_shard": 1, "report": False}}))
-    env = killable_env(ROOT, str(tmp_path / "tmp"))
+    env = killable_env(ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "select", str(spec_path)], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert kill_when(proc, os.path.join(out, "shards", "*_stats.json")), "select finished before it could be killed"

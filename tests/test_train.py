@@ -264,7 +264,7 @@ def test_kill9_then_rerun_trains_the_same_steps(sd_run, shards, tmp_path):
     with open(spec_path, "w") as fh:
         yaml.safe_dump(train_spec(shards[0], out, train={"max_steps": 12}), fh)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", spec_path]
-    env = killable_env(ROOT, str(tmp_path / "tmp"))
+    env = killable_env(ROOT)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_at_checkpoint(proc, out, 3)       # Ray has recorded the step-3 checkpoint as a result of the run
