@@ -149,3 +149,16 @@ def image_run(tmp_path_factory):
     (shards / "00000.tar").write_bytes(b"".join(blocks))
     pq.write_table(pa.Table.from_pylist(rows), str(shards / "00000.parquet"))
     return str(root)
+
+
+@pytest.fixture()
+def kill_debris():
+    """For a test that SIGKILLs processes of the session's own Ray (a training worker, a whole node):
+    what they could not remove (a checkpoint folder being written, multiprocessing's pymp-*) is
+    removed after the test: the entries of the session's temporary folder that appeared during it
+    with the names winnow and Python give them."""
+    before = set(os.listdir(SESSION_TMP))
+    yield
+    for name in set(os.listdir(SESSION_TMP)) - before:
+        if name.startswith(("winnow-", "pymp-")):
+            shutil.rmtree(os.path.join(SESSION_TMP, name), ignore_errors=True)

@@ -116,7 +116,7 @@ def test_plans_survive_losing_the_largest_node():
 
 
 @pytest.mark.slow
-def test_curate_on_small_nodes_survives_losing_one(tmp_path):
+def test_curate_on_small_nodes_survives_losing_one(tmp_path, kill_debris):
     """A 0-CPU head and two 1-CPU nodes with three model stages (the shape that used to wait
     forever): an uninterrupted run, then the same run with one node removed (not gracefully) once
     the first rows are written. The second finishes with exactly the first's rows."""

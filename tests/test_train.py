@@ -350,7 +350,7 @@ def test_latent_cache_trains_like_decoding_and_is_reused(ray_local, shards, tmp_
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_path):
+def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_path, kill_debris):
     """Ray Train's failure handling: SIGKILL one training worker mid-run; with ray.max_failures=1
     the worker group restarts from the newest checkpoint and the run ends as the clean one did."""
     import threading
@@ -480,7 +480,7 @@ def _elastic_sees(nodes, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.slow
-def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards, tmp_path):
+def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards, tmp_path, kill_debris):
     """On a 0-CPU head with two 2-CPU nodes: remove (not gracefully) the node of one training worker
     after checkpoint 3. With ray.max_failures 1 the group restarts on the node left and ends with
     the uninterrupted run's losses and weights. Then elastic (ray.min_workers 1 of 2) on two 1-CPU

@@ -86,7 +86,6 @@ class Worker:
     weight_dtype: object
     vae_dtype: object
     metrics: _Metrics
-    scratch: str
     rank: int = 0
     world: int = 1
     step: int = 0
@@ -110,10 +109,13 @@ def states_of(spec: TrainSpec, unet, ema, optimizer, lr_sched) -> dict:
     return {"unet": unet, "ema_unet": ema, "optimizer": optimizer, "lr_scheduler": lr_sched}
 
 
-def _components(spec: TrainSpec, scratch: str):
+def _components(spec: TrainSpec):
+    """The run's models. A tiny preset's tokenizer passes through a temporary folder that is gone
+    before training starts, so a worker killed mid-run leaves no folder behind."""
     m = spec.model
-    return families.get(m.kind).components(m.pretrained, m.allow_download, m.seed, scratch,
-                                           spec.objective.prediction_type)
+    with tempfile.TemporaryDirectory(prefix="winnow-train-") as scratch:
+        return families.get(m.kind).components(m.pretrained, m.allow_download, m.seed, scratch,
+                                               spec.objective.prediction_type)
 
 
 def _frozen_models(spec: TrainSpec, comps, device):
@@ -180,7 +182,7 @@ def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int
     return loader, buckets, empty
 
 
-def build(config: dict, scratch: str) -> Worker:
+def build(config: dict) -> Worker:
     """Accelerator, models, optimizer, EMA, the restored checkpoint (if any) and the loader."""
     import ray.train
     from accelerate import Accelerator
@@ -193,7 +195,7 @@ def build(config: dict, scratch: str) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     acc = Accelerator(mixed_precision=spec.train.mixed_precision, cpu=not spec.ray.use_gpu)
-    comps = _components(spec, scratch)
+    comps = _components(spec)
     weight_dtype, vae_dtype = _frozen_models(spec, comps, acc.device)
     unet = comps.unet
     unet.set_attn_processor(AttnProcessor2_0())           # PyTorch SDPA
@@ -235,7 +237,7 @@ def build(config: dict, scratch: str) -> Worker:
     if step and acc.is_main_process:
         print(f"winnow train: resumed at step {step} (epoch {cursor.epoch})", flush=True)
     return Worker(spec, config, acc, families.get(comps.kind), comps, prepared, acc.unwrap_model(prepared), optimizer,
-                  lr_sched, ema, loader, buckets, weight_dtype, vae_dtype, metrics, scratch, rank, world, step, empty,
+                  lr_sched, ema, loader, buckets, weight_dtype, vae_dtype, metrics, rank, world, step, empty,
                   trainable)
 
 
@@ -470,7 +472,7 @@ def _export_lora(w: Worker, unet) -> dict:
     if not base:
         base = os.path.join(out, "base")
         if not os.path.isdir(base):
-            fresh = _components(spec, w.scratch)           # the preset again, without the adapter
+            fresh = _components(spec)           # the preset again, without the adapter
             _export_pipeline(w, fresh, fresh.unet, base)
         base = os.path.abspath(base)
     folder = _publish(os.path.join(out, "lora"), lambda tmp: lora.export(
@@ -492,7 +494,7 @@ def finish(w: Worker, first_step: int, started: float, unet) -> None:
     if not spec.lora.enabled or spec.lora.export_fused:
         from training.lora import fused
 
-        final = _export_pipeline(w, pristine or _components(spec, w.scratch),
+        final = _export_pipeline(w, pristine or _components(spec),
                                  fused(unet) if spec.lora.enabled else unet, os.path.join(out, "final"))
     sample_paths = samples(w, w.step, unet) if spec.train.sample_prompts or w.family.clips else []
     step = w.step
@@ -561,11 +563,7 @@ def train_loop(config: dict) -> None:
     import faulthandler
 
     faulthandler.enable()          # a worker that dies in native code (a signal) leaves its stacks in its log
-    scratch = tempfile.mkdtemp(prefix="winnow-train-")
-    try:                           # removed however the worker ends (a refused checkpoint, an error)
-        _train(build(config, scratch), config)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    _train(build(config), config)
 
 
 def _train(w: Worker, config: dict) -> None:
