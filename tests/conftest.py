@@ -19,10 +19,9 @@ for var in ("TMPDIR", "RAY_TMPDIR"):
     os.environ[var] = SESSION_TMP
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(SESSION_TMP, "torchinductor")
 tempfile.tempdir = SESSION_TMP
-# what the suite may leave in it until the end: pytest's numbered folders (they hold each test's
-# tmp_path), Ray's session folders and torch's compile cache; all of it goes with SESSION_TMP
-# and ".ses", the session file onnxruntime's built-in telemetry (the 1DS logger in libonnxruntime, under
-# RapidOCR) writes into TMPDIR and keeps
+# What the suite may leave in it until the end (all of it goes with SESSION_TMP): pytest's numbered
+# folders (each test's tmp_path), Ray's session folders, torch's compile cache, and ".ses", the
+# session file that onnxruntime's built-in telemetry (under RapidOCR) writes into TMPDIR and keeps.
 EXPECTED_TMP = {f"pytest-of-{os.environ.get('USER') or 'root'}", "ray", "torchinductor", ".ses"}
 RAY_NAMES = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray/_private", "default_worker.py", "log_monitor",
              "monitor.py", "runtime_env/agent")
