@@ -31,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=240, help="good images in the corpus (plus duplicates and bad files)")
     parser.add_argument("--samples-per-shard", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=8, help="tiny SD and SDXL training steps at the end")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and the model libraries' own notices and progress bars")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        from pipeline.cli import quiet
+
+        quiet()
 
     corpus_dir = os.path.join(args.output, "corpus")
     run_dir = os.path.join(args.output, "run")
