@@ -9,7 +9,6 @@ so they are stable across re-runs of the same input.
 from __future__ import annotations
 
 import base64
-import glob as globlib
 import json
 import os
 import posixpath
@@ -23,7 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.contract import storage
 from pipeline.contract import tar as tars
+from pipeline.contract.layout import read_table
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.inputs import (
     DOWNLOAD_PROTOCOLS,
@@ -142,8 +143,13 @@ def detect_format(spec: InputSpec) -> str:
     if low.endswith(".tar") or "{" in path or "*" in path:
         return "webdataset"
     if is_remote(path):
-        fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
-        names = [n for n in fs.ls(root, detail=False)]
+        try:
+            names = storage.find(path) if not spec.storage_options else \
+                fsspec.core.url_to_fs(path, **spec.storage_options)[0].find(path)
+        except OSError as exc:
+            raise ConfigError(f"input.path {path!r} cannot be listed: {storage.redact(str(exc)).splitlines()[0]}") from None
+        if not names:
+            raise ConfigError(f"input.path {path!r} holds nothing (no object under that prefix); check the URL")
     else:
         if not os.path.exists(path):
             raise ConfigError(f"input.path {path!r} does not exist; point it at a folder of images, a parquet file or img2dataset shards")
@@ -163,15 +169,18 @@ def detect_format(spec: InputSpec) -> str:
         return "videos"
     parquets = sorted(n for n in names if n.endswith(".parquet"))
     if parquets:
-        return "videos" if not is_remote(path) and _parquet_names_videos(spec, parquets[:1]) else "laion_parquet"
+        if is_remote(path):
+            parquets = [f"{storage.protocol(path)}://{n}" if "://" not in n else n for n in parquets]
+        return "videos" if _parquet_names_videos(spec, parquets[:1]) else "laion_parquet"
     raise ConfigError(f"input.path {path!r} holds no images, videos, parquet or .tar files; set input.format or check the path")
 
 
 def _parquet_names_videos(spec: InputSpec, files: list[str]) -> bool:
     """Whether a parquet's path column points at video files (its first 100 rows)."""
     try:
-        pf = pq.ParquetFile(files[0])
-        table = pf.read_row_group(0) if pf.num_row_groups else None
+        with storage.open_read(files[0]) as fh:
+            pf = pq.ParquetFile(fh)
+            table = pf.read_row_group(0) if pf.num_row_groups else None
     except Exception:  # noqa: BLE001 - unreadable here: planning reports it properly
         return False
     if table is None:
@@ -215,6 +224,10 @@ def _walk(spec: InputSpec) -> list[str]:
     """Every non-folder entry under the input folder (files, FIFOs, devices, links), sorted by bytes."""
     root = spec.path
     files = []
+    if is_remote(root):
+        prefix = root.rstrip("/") + "/"
+        found = storage.find(root)
+        return [f for f in found if spec.recursive or "/" not in f[len(prefix):]]
     if spec.recursive:
         for d, dirs, names in os.walk(root):
             dirs.sort()
@@ -249,7 +262,7 @@ def plan_folder(spec: InputSpec, samples_per_shard: int, kind: str) -> tuple[lis
     rows = []
     for f in files:
         sidecar = os.path.splitext(f)[0] + ".txt"
-        rel = os.path.relpath(f, root)
+        rel = f[len(root.rstrip("/")) + 1:] if is_remote(root) else os.path.relpath(f, root)
         row = {SOURCE: display_name(rel), REF_PATH: encode_fs_path(f), REF_OFFSET: -1,
                REF_SIZE: -1, CAPTION_REF: encode_fs_path(sidecar) if sidecar in captions else None}
         if row[SOURCE] != rel:          # not UTF-8: the exact bytes too, base64 (``source`` shows \xNN escapes)
@@ -273,8 +286,8 @@ def _pick(columns: list[str], wanted: str, candidates: tuple[str, ...], what: st
 
 def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
     path = spec.path
-    if os.path.isdir(path):
-        files = sorted(globlib.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+    if storage.isdir(path):
+        files = storage.find(path, ".parquet")
     else:
         files = [path]
     if not files:
@@ -282,7 +295,7 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
     rows: list[dict] = []
     for f in files:
         try:
-            table = pq.read_table(f)
+            table = read_table(f)
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"input.path: cannot read parquet {f!r}: {exc}") from None
         if spec.rename_columns:
@@ -432,7 +445,7 @@ def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
 def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) -> Plan:
     fmt = detect_format(spec)
     sidecars = 0
-    folder = not spec.path.lower().endswith(".parquet") and not is_remote(spec.path) and os.path.isdir(spec.path)
+    folder = not spec.path.lower().endswith(".parquet") and storage.isdir(spec.path)
     if fmt == "videos" and folder and _list_folder(spec, VIDEO_EXTENSIONS)[0]:
         rows, sidecars = plan_folder(spec, videos_per_shard, "videos")
     elif fmt == "videos":
@@ -483,6 +496,8 @@ class LoadSource(Stage):
         super().__init__(config or LoadConfig())
 
     def _open_remote(self, path: str):
+        if not self.config.policy.storage_options:
+            return storage.open_read(path)       # the process's options (endpoint), retries
         return fsspec.open(path, "rb", **self.config.policy.storage_options).open()
 
     def _read(self, path: str, off: int, size: int, handles: dict) -> bytes:

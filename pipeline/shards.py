@@ -11,18 +11,18 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from pipeline.contract import storage
 from pipeline.contract import tar as tars
 from pipeline.contract import layout
 from pipeline.contract.layout import VIDEO_ROWS_DIR, atomic_write, table_bytes
+from pipeline.contract.storage import join
 from pipeline.contract.schema import (
     BULK_COLUMNS,
     CAPTION,
@@ -97,7 +97,7 @@ class FragmentWriter:
     """Last step of the annotate pass: persist each batch's rows per partition, return a tally."""
 
     def __init__(self, work_dir: str, skip_keys: frozenset = frozenset()):
-        self.rows_dir = os.path.join(work_dir, "rows")
+        self.rows_dir = join(work_dir, "rows")
         self.skip_keys = skip_keys      # rows an earlier run already wrote (a video redone after a kill)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -112,32 +112,28 @@ class FragmentWriter:
         parts = table.column(PARTITION).to_numpy()
         for p in np.unique(parts):
             sub = table.filter(pa.array(parts == p))
-            d = os.path.join(self.rows_dir, f"{int(p):05d}")
-            os.makedirs(d, exist_ok=True)
+            d = join(self.rows_dir, f"{int(p):05d}")
+            storage.makedirs(d)
             # fragments hold encoded images: compressing them again costs CPU and saves nothing
-            atomic_write(os.path.join(d, f"{uuid.uuid4().hex}.parquet"), table_bytes(sub, compression="none"))
+            atomic_write(join(d, f"{uuid.uuid4().hex}.parquet"), table_bytes(sub, compression="none"))
         return {KEY: np.asarray(batch[KEY], dtype=object), STATUS: np.asarray(batch[STATUS], dtype=object)}
 
 
 def fragment_files(work_dir: str, partition: int | None = None) -> list[str]:
-    rows = os.path.join(work_dir, "rows")
-    if not os.path.isdir(rows):
-        return []
-    parts = [f"{partition:05d}"] if partition is not None else sorted(os.listdir(rows))
-    files = []
-    for p in parts:
-        d = os.path.join(rows, p)
-        if os.path.isdir(d):
-            files += [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".parquet")]
-    return files
+    """The fragments of one partition, or of all (one recursive listing: on a store, one LIST per
+    thousand keys, not one per partition). A fragment is a whole object, so whatever is listed is complete."""
+    rows = join(work_dir, "rows")
+    if partition is not None:
+        return storage.files_in(join(rows, f"{partition:05d}"), ".parquet")
+    return [f for f in storage.find(rows, ".parquet") if not storage.name(f).startswith(".")]
 
 
 def read_fragments(files: list[str], columns: list[str] | None = None) -> pa.Table | None:
     tables = []
     for f in files:
-        schema_names = pq.read_schema(f).names
+        schema_names = layout.read_schema(f).names
         cols = None if columns is None else [c for c in columns if c in schema_names]
-        tables.append(pq.read_table(f, columns=cols))
+        tables.append(layout.read_table(f, columns=cols))
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
@@ -176,8 +172,8 @@ class FragmentRows:
         """One table per fragment file, each key once over the whole stream, bounded memory."""
         seen: set[str] = set()
         for f in self.files:
-            names = pq.read_schema(f).names
-            table = pq.read_table(f, columns=[c for c in dict.fromkeys([KEY, *columns]) if c in names])
+            names = layout.read_schema(f).names
+            table = layout.read_table(f, columns=[c for c in dict.fromkeys([KEY, *columns]) if c in names])
             keys = table.column(KEY).to_pylist()
             mask = [k not in seen and k not in self.exclude for k in keys]
             seen.update(keys)
@@ -210,7 +206,7 @@ def shard_name(partition: int) -> str:
 
 
 def shard_done(shards_dir: str, partition: int) -> bool:
-    return os.path.exists(os.path.join(shards_dir, f"{shard_name(partition)}_stats.json"))
+    return storage.exists(join(shards_dir, f"{shard_name(partition)}_stats.json"))
 
 
 def _jsonable(v: Any) -> Any:
@@ -226,7 +222,7 @@ def _jsonable(v: Any) -> Any:
 def write_embeddings(path: str, table: pa.Table) -> None:
     """Keyed embeddings of one shard (every row that has one, kept or rejected)."""
     has_any = functools.reduce(pc.or_, [pc.is_valid(table.column(c)) for c in table.column_names if c != KEY])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.makedirs(storage.parent(path))
     atomic_write(path, table_bytes(table.filter(has_any)))
 
 
@@ -288,16 +284,16 @@ def commit_shard(shards_dir: str, partition: int, tar_chunks, table: pa.Table, s
     ``NNNNN.parquet``, then ``NNNNN_stats.json`` (``stats`` + ``tar_bytes``) last, as the done marker.
     Every file is written atomically, so a killed writer leaves a shard that is whole or not done."""
     name = shard_name(partition)
-    root = os.path.dirname(shards_dir)
+    root = storage.parent(shards_dir)
     if embeddings is not None:
-        write_embeddings(os.path.join(root, layout.EMBEDDINGS_DIR, f"{name}.parquet"), embeddings)
-    os.makedirs(shards_dir, exist_ok=True)
-    tar_bytes = atomic_write(os.path.join(shards_dir, f"{name}.tar"), tar_chunks)
-    atomic_write(os.path.join(shards_dir, f"{name}.parquet"), table_bytes(table))
+        write_embeddings(join(root, layout.EMBEDDINGS_DIR, f"{name}.parquet"), embeddings)
+    storage.makedirs(shards_dir)
+    tar_bytes = atomic_write(join(shards_dir, f"{name}.tar"), tar_chunks)
+    atomic_write(join(shards_dir, f"{name}.parquet"), table_bytes(table))
     if per_input is not None:
         # beside shards/, not in it: one parquet schema per glob there (shards/*.parquet reads as one table)
-        os.makedirs(os.path.join(root, VIDEO_ROWS_DIR), exist_ok=True)
-        atomic_write(os.path.join(root, VIDEO_ROWS_DIR, f"{name}.parquet"), table_bytes(per_input))
+        storage.makedirs(join(root, VIDEO_ROWS_DIR))
+        atomic_write(join(root, VIDEO_ROWS_DIR, f"{name}.parquet"), table_bytes(per_input))
     stats = {**stats, "tar_bytes": tar_bytes}
-    atomic_write(os.path.join(shards_dir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
+    atomic_write(join(shards_dir, f"{name}_stats.json"), json.dumps(stats, indent=2).encode())
     return stats

@@ -19,6 +19,12 @@ for var in ("TMPDIR", "RAY_TMPDIR"):
     os.environ[var] = SESSION_TMP
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(SESSION_TMP, "torchinductor")
 tempfile.tempdir = SESSION_TMP
+
+# The suite's S3 server answers on 127.0.0.1 before any Ray starts, so every worker inherits the
+# standard AWS_* variables that point at it (tests/s3server.py).
+from tests.s3server import SERVER as S3  # noqa: E402
+
+S3.start().export()
 # What the suite may leave in it until the end (all of it goes with SESSION_TMP): pytest's numbered
 # folders (each test's tmp_path), Ray's session folders, torch's compile cache, and ".ses", the
 # session file that onnxruntime's built-in telemetry (under RapidOCR) writes into TMPDIR and keeps.
@@ -59,6 +65,7 @@ def leaves_nothing_behind():
     Either way it cleans up what it found."""
     started = time.time()
     yield
+    S3.stop()
     import psutil
 
     from pipeline.contract import isolate
@@ -161,3 +168,11 @@ def kill_debris():
     for name in set(os.listdir(SESSION_TMP)) - before:
         if name.startswith(("winnow-", "pymp-")):
             shutil.rmtree(os.path.join(SESSION_TMP, name), ignore_errors=True)
+
+
+@pytest.fixture()
+def bucket():
+    """A fresh, empty bucket on the suite's S3 server: ``s3://NAME``; emptied and removed after."""
+    name = S3.new_bucket()
+    yield f"s3://{name}"
+    S3.drop_bucket(name)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,11 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline import adapter, readers, registry, shards
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError
 from pipeline.commands.curate_spec import CurateSpec
 from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS
@@ -75,9 +72,9 @@ class RunResult:
 def prepare_output(spec: CurateSpec) -> None:
     """Create the output folder, or check that it belongs to this same spec (resume)."""
     out = spec.output.path
-    layout.claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
+    layout.claim_output(out, storage.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
                         "run", "input, samples_per_shard or stages", ENTRIES, "curate", input_paths(spec))
-    os.makedirs(os.path.join(out, layout.WORK_DIR), exist_ok=True)
+    storage.makedirs(storage.join(out, layout.WORK_DIR))
 
 
 def input_paths(spec: CurateSpec) -> dict[str, str]:
@@ -149,13 +146,12 @@ def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> di
         cls = registry.get(st.name)
         if not cls.has_reduce_method():
             continue
-        scratch = os.path.join(work, "reduce", st.label)
-        shutil.rmtree(scratch, ignore_errors=True)    # a killed run's partial scratch is redone
-        os.makedirs(scratch)
         t = time.time()
+        # the reduction's files are this node's (a killed run's are gone with its scratch folder and redone);
         # rows a previous reduction rejected are not candidates any more
-        rows = shards.FragmentRows(work, exclude=set(decisions), scratch=scratch)
-        decisions.update(cls(st.config).reduce(rows))
+        with storage.scratch(f"winnow-reduce-{st.label}-") as scratch:
+            rows = shards.FragmentRows(work, exclude=set(decisions), scratch=scratch)
+            decisions.update(cls(st.config).reduce(rows))
         if phases is not None:
             phases[f"reduce:{st.label}"] = round(time.time() - t, 3)
     return decisions
@@ -165,7 +161,7 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
                  part_of: dict[str, int] | None = None) -> None:
     """``part_of``: plan key -> partition (keys need not start with it: img2dataset's are kept);
     a clip's plan key is its video's (``FanOut.input_key``)."""
-    shards_dir = os.path.join(spec.output.path, layout.SHARDS_DIR)
+    shards_dir = storage.join(spec.output.path, layout.SHARDS_DIR)
     todo = [p for p in sorted(counts) if not shards.shard_done(shards_dir, p)]
     if not todo:
         return
@@ -184,19 +180,18 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
 def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
              already_complete: bool = False) -> RunResult:
     out = spec.output.path
-    shards_dir = os.path.join(out, layout.SHARDS_DIR)
+    shards_dir = storage.join(out, layout.SHARDS_DIR)
     tables, stats = [], []
     for p in sorted(plan.counts):
         name = shards.shard_name(p)
-        tables.append(pq.read_table(os.path.join(shards_dir, f"{name}.parquet")))
-        with open(os.path.join(shards_dir, f"{name}_stats.json"), encoding="utf-8") as fh:
-            stats.append(json.load(fh))
+        tables.append(layout.read_table(storage.join(shards_dir, f"{name}.parquet")))
+        stats.append(json.loads(storage.read_bytes(storage.join(shards_dir, f"{name}_stats.json"))))
     # the per-shard tables are the annotation table (layout.read_annotations): no second copy is written
     table = pa.concat_tables(tables, promote_options="permissive")
     table = table.sort_by(KEY)
     videos = None
     if spec.is_video:
-        vt = pa.concat_tables([pq.read_table(os.path.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
+        vt = pa.concat_tables([layout.read_table(storage.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
                                for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
         videos = spec.fan_out.counts(vt)
         if videos["inputs"] != plan.num_inputs:
@@ -222,10 +217,10 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
                            f"kept {result.kept} + rejected {result.rejected}")
     summary = {**result.to_dict(), "shards": len(stats), "format": plan.format,
                "kept_fraction": result.kept_fraction}
-    layout.atomic_write(os.path.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    layout.atomic_write(storage.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     layout.write_dataset_card(out, "curate", summary)
     if not spec.output.keep_work:
-        shutil.rmtree(os.path.join(out, layout.WORK_DIR), ignore_errors=True)
+        storage.remove_tree(storage.join(out, layout.WORK_DIR))
     return result
 
 
@@ -267,9 +262,9 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
     phases["plan"] = round(time.time() - t, 3)
     prepare_output(spec)
     out = spec.output.path
-    work = os.path.join(out, layout.WORK_DIR)
-    shards_dir = os.path.join(out, layout.SHARDS_DIR)
-    if all(shards.shard_done(shards_dir, p) for p in job.counts) and os.path.exists(os.path.join(out, layout.SUMMARY_FILE)):
+    work = storage.join(out, layout.WORK_DIR)
+    shards_dir = storage.join(out, layout.SHARDS_DIR)
+    if all(shards.shard_done(shards_dir, p) for p in job.counts) and storage.exists(storage.join(out, layout.SUMMARY_FILE)):
         return finalize(spec, job, started, phases, already_complete=True)
     shape = init_ray(spec)
     for st in spec.stages:  # fail on impossible resources before any work starts
@@ -381,7 +376,7 @@ def format_summary(result) -> str:
             lines.append(f"    {stage:<22} {s:>8.2f} s  ({rate})" + (f"  worker RSS {rss:,.0f} MB" if rss else ""))
     if result.phases:
         lines.append("  phases  " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()))
-    lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {os.path.join(result.output, 'shards')}")
+    lines.append(f"  wall time {result.wall_seconds:.1f} s; shards in {storage.join(result.output, 'shards')}")
     if result.report:
         lines.append(f"  report    {result.report}")
     if result.print_json:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import glob
 import html
 import io
 import json
@@ -21,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.contract import layout, media
+from pipeline.contract import layout, media, storage
 from pipeline.contract.schema import (
     SCORE_GOOD_END,
     VIDEO_EXTENSIONS,
@@ -136,6 +135,11 @@ def source_thumbnail(root: str | None, row: dict) -> Image.Image | None:
         return None
 
 
+def _shown(path: str) -> str:
+    """A run folder as the report names it: a URL as given, a local folder absolute."""
+    return path if storage.is_url(path) else os.path.abspath(path)
+
+
 class Report:
     def __init__(self, run_dir: str, examples: int = 8, seed: int = 0):
         self.dir = run_dir
@@ -150,18 +154,14 @@ class Report:
         self.input_root = self._input_root()
 
     def _json(self, name: str):
-        path = os.path.join(self.dir, name)
-        if not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        text = self._text(name)
+        return json.loads(text) if text else None
 
     def _text(self, name: str) -> str:
-        path = os.path.join(self.dir, name)
-        if not os.path.exists(path):
+        try:
+            return storage.read_bytes(storage.join(self.dir, name), limit=64 << 20).decode("utf-8")
+        except FileNotFoundError:
             return ""
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
 
     def _input_root(self) -> str | None:
         import yaml
@@ -172,6 +172,8 @@ class Report:
             return None
         if not path:
             return None
+        if storage.is_url(path):
+            return None            # rejected sources on a store get placeholders, not downloads
         return path if os.path.isdir(path) else os.path.dirname(path)
 
     # ---- sections -------------------------------------------------------------------------
@@ -382,14 +384,13 @@ class Report:
 
     def shards_html(self) -> str:
         stats = []
-        for f in sorted(glob.glob(os.path.join(self.dir, layout.SHARDS_DIR, "*_stats.json"))):
-            with open(f, encoding="utf-8") as fh:
-                stats.append(json.load(fh))
+        for f in storage.files_in(storage.join(self.dir, layout.SHARDS_DIR), "_stats.json"):
+            stats.append(json.loads(storage.read_bytes(f)))
         if not stats:
             return "<p class=note>No shards.</p>"
         total = sum(s.get("tar_bytes", 0) for s in stats)
         out = [f"<p>{len(stats)} shards, {sum(s['kept'] for s in stats):,} samples, {total / 1e6:,.1f} MB of tar in "
-               f"<code>{html.escape(os.path.join(os.path.abspath(self.dir), 'shards'))}</code></p>",
+               f"<code>{html.escape(storage.join(_shown(self.dir), 'shards'))}</code></p>",
                "<table><tr><th>shard</th><th class=n>rows</th><th class=n>kept</th><th class=n>rejected</th>"
                "<th class=n>MB</th></tr>"]
         for s in stats[:50]:
@@ -418,7 +419,7 @@ class Report:
         when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         nav = "".join(f'<a href="#{sid}">{sid}</a>' for sid in
                       ("funnel", "scores", "aspect", "throughput", "examples", "shards", "spec"))
-        title = html.escape(os.path.abspath(self.dir))
+        title = html.escape(_shown(self.dir))
         return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>winnow report: {title}</title>"
                 f"<style>{CSS}</style></head><body><header><h1>winnow report</h1><div class=sub>{title} · {kind} · "
                 f"{self.table.num_rows:,} rows · written {when}</div><nav>{nav}</nav></header><main>"
@@ -451,10 +452,10 @@ def plan(spec: ReportSpec) -> str:
     """The file the report goes to; refuses a folder that is not a finished run."""
     from pipeline.contract.config import ConfigError
 
-    if not os.path.isdir(spec.run_dir) or not layout.annotation_files(spec.run_dir):
+    if not storage.isdir(spec.run_dir) or not layout.annotation_files(spec.run_dir):
         raise ConfigError(f"{spec.run_dir!r} has no annotation table (shards/NNNNN.parquet): give a finished `winnow curate` or "
                           f"`winnow select` output folder")
-    return spec.out or os.path.join(spec.run_dir, layout.REPORT_FILE)
+    return spec.out or storage.join(spec.run_dir, layout.REPORT_FILE)
 
 
 def run(spec: ReportSpec, log=None) -> str:

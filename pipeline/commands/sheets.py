@@ -12,7 +12,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline.contract import tar as tars
-from pipeline.contract import layout, media
+from pipeline.contract import layout, media, storage
 from pipeline.contract.layout import atomic_path
 from pipeline.contract.schema import KEY
 
@@ -23,17 +23,18 @@ class ShardImages:
     """Thumbnails by key from the shards of runs (run folders, or annotation files inside them)."""
 
     def __init__(self, runs: list[str], thumb: int):
-        self.dirs = [os.path.join(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)), layout.SHARDS_DIR)
+        self.dirs = [storage.join(p if storage.isdir(p) else storage.parent(storage.join(p)), layout.SHARDS_DIR)
                      for p in runs]
         self.thumb = thumb
         self._tars: dict[str, tuple[object, dict]] = {}
 
     def _member(self, run: int, partition: int, key: str) -> tuple[bytes, str] | None:
-        path = os.path.join(self.dirs[run], f"{partition:05d}.tar")
+        path = storage.join(self.dirs[run], f"{partition:05d}.tar")
         if path not in self._tars:
-            if not os.path.exists(path):
+            try:
+                fh = storage.open_read(path)
+            except FileNotFoundError:
                 return None
-            fh = open(path, "rb")
             samples = [s for s in tars.group(list(tars.scan(fh))) if isinstance(s, tars.Sample) and s.media]
             self._tars[path] = (fh, {s.key: s for s in samples})
         fh, samples = self._tars[path]
@@ -111,15 +112,15 @@ def contact_sheets(table: pa.Table, annotation_files: list[str], columns: dict[s
                    per_side: int, thumb: int, out: str) -> list[str]:
     """One sheet per annotation and level: ``columns`` holds each swept column's values (float, NaN
     for none), ``levels`` its cuts; images come from the shards beside ``annotation_files``."""
-    folder = os.path.join(out, "sheets")
-    os.makedirs(folder, exist_ok=True)
+    folder = storage.join(out, "sheets")
+    storage.makedirs(folder)
     images = ShardImages(annotation_files, thumb)
     paths = []
     try:
         for col, lvls in levels.items():
             v = columns[col]
             for j, lv in enumerate(lvls):
-                path = os.path.join(folder, f"{col}_{j}.jpg")
+                path = storage.join(folder, f"{col}_{j}.jpg")
                 with atomic_path(path) as tmp:
                     sheet(images, table, v, lv, per_side).save(tmp, format="JPEG", quality=88)
                 paths.append(path)

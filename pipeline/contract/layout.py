@@ -2,20 +2,19 @@
 manifests and the dataset card. Every command and stage writes through these."""
 from __future__ import annotations
 
-import contextlib
-import glob
+import fnmatch
 import hashlib
 import io
 import json
 import os
-import shutil
-import uuid
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.contract.inputs import is_inside
+from pipeline.contract import storage
+from pipeline.contract.storage import join
+from pipeline.contract.storage import local_target as atomic_path
+from pipeline.contract.storage import write_once as atomic_write
 
 # a run folder (curate and select write these; sweeps and training read them). Each row is on disk
 # once, so a glob over the folder (DuckDB's 'OUT/**/*.parquet') counts it once: the annotation table
@@ -32,27 +31,45 @@ CARD_FILE = "README.md"             # the Hugging Face dataset card
 WORK_DIR = "_work"                  # curate's fragments and reduction scratch; deleted at the end
 
 OWNER_DIR = ".winnow"              # winnow's own files in any output folder (hidden from HF datasets, globs)
-OWNER_FILE = os.path.join(OWNER_DIR, "owner.json")
+OWNER_FILE = f"{OWNER_DIR}/owner.json"
 
 
 def annotation_files(path: str) -> list[str]:
     """The files of an annotation table: ``path`` itself when it is a file, else the run folder's
     ``shards/NNNNN.parquet`` (every input row of each shard, kept and rejected), or the single
     ``annotations.parquet`` of a run written before the split; [] when there is none."""
-    if os.path.isfile(path):
+    if storage.isfile(path):
         return [path]
-    files = sorted(glob.glob(os.path.join(glob.escape(path), SHARDS_DIR, "[0-9]*.parquet")))
+    files = _numbered(join(path, SHARDS_DIR))
     if files:
         return files
-    legacy = os.path.join(path, ANNOTATIONS_FILE)
-    return [legacy] if os.path.isfile(legacy) else []
+    legacy = join(path, ANNOTATIONS_FILE)
+    return [legacy] if storage.isfile(legacy) else []
+
+
+def _numbered(folder: str) -> list[str]:
+    """``folder``'s ``NNNNN.parquet`` files (a shard's table, not its ``_stats.json`` or a temporary)."""
+    return [f for f in storage.files_in(folder, ".parquet") if fnmatch.fnmatch(storage.name(f), "[0-9]*.parquet")]
+
+
+def read_schema(path: str) -> pa.Schema:
+    """The schema of one parquet file, local or on a store."""
+    with storage.open_read(path) as fh:
+        return pq.read_schema(fh)
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One parquet file, local or on a store (one GET: winnow's parquet files are read whole)."""
+    if not storage.is_url(path):
+        return pq.read_table(storage.local(path), columns=columns)
+    return pq.read_table(pa.BufferReader(storage.read_bytes(path)), columns=columns)
 
 
 def annotation_columns(path: str) -> list[str]:
     """Every column of the annotation table at ``path`` (the union over its files, in first-seen order)."""
     names: dict[str, None] = {}
     for f in annotation_files(path):
-        names.update(dict.fromkeys(pq.read_schema(f).names))
+        names.update(dict.fromkeys(read_schema(f).names))
     return list(names)
 
 
@@ -61,9 +78,11 @@ def _read_parts(files: list[str], columns: list[str] | None) -> pa.Table:
     in parallel by Arrow's dataset scanner, sorted by key."""
     import pyarrow.dataset as pads
 
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+    schema = pa.unify_schemas([read_schema(f) for f in files], promote_options="permissive")
     wanted = None if columns is None else [c for c in columns if c in schema.names]
-    table = pads.dataset(files, schema=schema, format="parquet").to_table(columns=wanted)
+    fs, _ = storage.arrow_filesystem(files[0])
+    paths = [storage.arrow_filesystem(f)[1] for f in files]
+    table = pads.dataset(paths, schema=schema, format="parquet", filesystem=fs).to_table(columns=wanted)
     return table.sort_by("key") if "key" in table.column_names else table
 
 
@@ -79,29 +98,27 @@ def read_annotations(path: str, columns: list[str] | None = None) -> pa.Table:
 
 def read_videos(run: str) -> pa.Table | None:
     """A video run's table of videos (one row per input video), or None for a run without videos."""
-    files = sorted(glob.glob(os.path.join(glob.escape(run), VIDEO_ROWS_DIR, "[0-9]*.parquet")))
-    if not files and os.path.isfile(os.path.join(run, VIDEOS_FILE)):
-        files = [os.path.join(run, VIDEOS_FILE)]
+    files = _numbered(join(run, VIDEO_ROWS_DIR))
+    if not files and storage.isfile(join(run, VIDEOS_FILE)):
+        files = [join(run, VIDEOS_FILE)]
     return _read_parts(files, None) if files else None
 
 
 def check_separate(out: str, inputs: dict[str, str]) -> None:
     """Refuse an output folder that is an input, lies inside one, or holds one (``inputs``: key -> path).
 
-    Remote inputs (``s3://`` ...) cannot overlap a local output and are skipped."""
+    A local path and a URL never overlap; two URLs overlap by their keys."""
     from pipeline.contract.config import ConfigError
 
-    real_out = os.path.realpath(out)
     for key, path in inputs.items():
-        if not path or "://" in str(path):
+        if not path or storage.is_url(str(path)) != storage.is_url(out):
             continue
-        real_in = os.path.realpath(path)
-        if real_in == real_out:
+        if storage.is_inside(out, path) and storage.is_inside(path, out):
             raise ConfigError(f"output.path {out!r} is the same folder as {key} {path!r}; write to a new folder")
-        if is_inside(real_out, real_in):
+        if storage.is_inside(out, path):
             raise ConfigError(f"output.path {out!r} lies inside {key} {path!r}; write outside the input, or the next "
                               f"run would read its own output")
-        if is_inside(real_in, real_out):
+        if storage.is_inside(path, out):
             raise ConfigError(f"{key} {path!r} lies inside output.path {out!r}; choose an output folder that does not "
                               f"hold the input (overwrite would delete it)")
 
@@ -109,8 +126,7 @@ def check_separate(out: str, inputs: dict[str, str]) -> None:
 def read_owner(out: str) -> dict | None:
     """The ownership record of a winnow output folder, or None (not winnow's, or unreadable)."""
     try:
-        with open(os.path.join(out, OWNER_FILE), encoding="utf-8") as fh:
-            doc = json.load(fh)
+        doc = json.loads(storage.read_bytes(join(out, OWNER_FILE), limit=1 << 20))
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
@@ -127,7 +143,7 @@ def _owned(name: str, entries: list[str]) -> bool:
 
 def foreign_entries(out: str, entries: list[str]) -> list[str]:
     """Top-level names in ``out`` that winnow did not write."""
-    return sorted(n for n in os.listdir(out) if not _owned(n, entries))
+    return sorted(n for n in storage.listdir(out) if not _owned(n, entries))
 
 
 def clear_owned(out: str, noun: str) -> None:
@@ -139,20 +155,18 @@ def clear_owned(out: str, noun: str) -> None:
     if owner is None:
         raise ConfigError(f"output.path {out!r} has no {OWNER_FILE}, so winnow cannot tell which files it wrote; "
                           f"delete the folder yourself or choose a new output.path")
-    entries = [e for e in owner["entries"] if isinstance(e, str) and e and os.sep not in e and e not in (".", "..")]
+    entries = [e for e in owner["entries"] if isinstance(e, str) and e and "/" not in e and os.sep not in e
+               and e not in (".", "..")]
     foreign = foreign_entries(out, entries)
     if foreign:
         shown = ", ".join(repr(n) for n in foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
         raise ConfigError(f"output.path {out!r} holds files winnow did not write ({shown}); overwrite deletes only a "
                           f"{noun}'s own files, so move those away or choose a new output.path")
-    for name in os.listdir(out):
+    for name in storage.listdir(out):
         if name == OWNER_DIR or not _owned(name, entries):
             continue
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+        storage.remove_tree(join(out, name))
+    storage.abort_uploads(out)     # parts of uploads a killed run left behind
 
 
 def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: bool, noun: str, changed: str,
@@ -169,17 +183,17 @@ def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: 
     from pipeline.contract.config import ConfigError
 
     check_separate(out, inputs or {})
-    if os.path.exists(out) and not os.path.isdir(out):
+    storage.check_writable(out, "output.path")
+    if storage.isfile(out):
         raise ConfigError(f"output.path {out!r} exists and is not a folder")
     previous = None
-    if os.path.isfile(marker):
-        try:
-            with open(marker, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
-            previous = loaded.get("fingerprint") if isinstance(loaded, dict) else None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            previous = None
-    owner = read_owner(out) if os.path.isdir(out) else None
+    try:
+        loaded = yaml.safe_load(storage.read_bytes(marker, limit=16 << 20).decode("utf-8"))
+        previous = loaded.get("fingerprint") if isinstance(loaded, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+        previous = None
+    existing = storage.listdir(out)
+    owner = read_owner(out) if existing else None
     if previous is not None and previous == fingerprint and owner is not None and not fresh:
         pass                                                     # resume
     elif previous is not None and previous == fingerprint and owner is None:
@@ -187,7 +201,7 @@ def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: 
         if foreign:
             raise ConfigError(f"output.path {out!r} holds a {noun} and files winnow did not write "
                               f"({', '.join(map(repr, foreign[:10]))}); move those away to resume")
-    elif os.path.isdir(out) and [n for n in os.listdir(out) if n != OWNER_DIR]:
+    elif [n for n in existing if n != OWNER_DIR]:
         if owner is None:
             if previous is not None:
                 raise ConfigError(f"output.path {out!r} holds a {noun} made by a different spec ({changed} changed), "
@@ -197,9 +211,9 @@ def claim_output(out: str, marker: str, fingerprint: str, doc: dict, overwrite: 
             raise ConfigError(f"output.path {out!r} holds a {noun} made by a different spec ({changed} changed); "
                               f"choose a new output.path, or set output.overwrite=true to delete what that run wrote")
         clear_owned(out, noun)
-    os.makedirs(os.path.join(out, OWNER_DIR), exist_ok=True)
-    atomic_write(os.path.join(out, OWNER_FILE),
-                 json.dumps({"command": command, "entries": sorted(set(entries) | {os.path.basename(marker)})},
+    storage.makedirs(join(out, OWNER_DIR))
+    atomic_write(join(out, OWNER_FILE),
+                 json.dumps({"command": command, "entries": sorted(set(entries) | {storage.name(marker)})},
                             indent=2).encode())
     atomic_write(marker, yaml.safe_dump({"fingerprint": fingerprint, **doc}, sort_keys=False).encode())
 
@@ -223,15 +237,14 @@ def write_dataset_card(out: str, command: str, summary: dict) -> None:
             "- `summary.json`, `report.html`: counts and the run's report.\n\n"
             "```python\nfrom datasets import load_dataset\nds = load_dataset(\"PATH_TO_THIS_FOLDER\")   "
             "# columns jpg, txt, json, __key__\n```\n")
-    cards = {os.path.join(out, CARD_FILE): head.format(path="shards/*.tar") + body}
-    if os.path.isdir(os.path.join(out, SHARDS_DIR)):
-        cards[os.path.join(out, SHARDS_DIR, CARD_FILE)] = head.format(path="*.tar") + body
+    cards = {join(out, CARD_FILE): head.format(path="shards/*.tar") + body}
+    if storage.isdir(join(out, SHARDS_DIR)):
+        cards[join(out, SHARDS_DIR, CARD_FILE)] = head.format(path="*.tar") + body
     for path, text in cards.items():
         try:
-            with open(path, encoding="utf-8") as fh:
-                if fh.read() == text:
-                    continue                  # a re-run of a finished output changes nothing
-        except (OSError, UnicodeDecodeError):
+            if storage.read_bytes(path, limit=1 << 20).decode("utf-8") == text:
+                continue                      # a re-run of a finished output changes nothing
+        except (OSError, ValueError, UnicodeDecodeError):
             pass
         atomic_write(path, text.encode("utf-8"))
 
@@ -246,33 +259,8 @@ def fingerprint(doc) -> str:
 
 def manifest_runs(path: str) -> list[str]:
     """The run folders a selection manifest (``winnow sweep``'s selections/cell_NNN.parquet) was made from."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_schema(path).metadata or {}
     return json.loads(meta.get(MANIFEST_RUNS.encode(), b"[]"))
-
-
-def atomic_write(path: str, data: bytes | Iterable[bytes]) -> int:
-    """Write ``data`` (bytes, or chunks streamed in order) to a temporary name, fsync, rename; returns the size."""
-    size = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
-            size += fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return size
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """A temporary name beside ``path`` for a writer that wants a file name (parquet, matplotlib,
-    PIL): renamed to ``path`` when the block ends without an exception, removed otherwise. Give the
-    writer the format explicitly: the temporary name ends in ``.tmp``."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
@@ -282,5 +270,6 @@ def table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
 
 
 __all__ = ["MANIFEST_RUNS", "OWNER_DIR", "OWNER_FILE", "VIDEO_ROWS_DIR", "atomic_path", "atomic_write",
-           "check_separate", "claim_output", "clear_owned", "fingerprint", "foreign_entries", "manifest_runs", "read_owner",
+           "check_separate", "claim_output", "clear_owned", "fingerprint", "foreign_entries", "join", "manifest_runs",
+           "read_owner", "read_schema", "read_table",
            "table_bytes", "write_dataset_card"]
