@@ -89,6 +89,7 @@ class InputSpec:
                               f"s3, gcs, gs, abfs, hdfs; web URLs ({', '.join(DOWNLOAD_PROTOCOLS)}) are downloaded "
                               f"by img2dataset, whose output folder winnow reads")
         self.protocols = [p.lower() for p in self.protocols]
+        storage.check_options(self.storage_options, "input.storage_options")
 
     def policy(self) -> InputPolicy:
         """What the loading stages may open (local root, protocols, byte cap)."""

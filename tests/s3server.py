@@ -26,6 +26,8 @@ class S3Server:
     def start(self) -> "S3Server":
         from moto.server import ThreadedMotoServer
 
+        if self.server is not None:        # one server per process, however often this is imported
+            return self
         logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.commands.sweep import FilterSpec, check_filters, levels_for, values
 from pipeline import adapter, shards
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from pipeline.contract import tar as tars
+from pipeline.contract.storage import join
 from pipeline.contract.config import ConfigError, RaySettings, apply_overrides, build, load_yaml, option, take_kind, to_dict
 from pipeline.contract.schema import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
 
@@ -77,7 +76,7 @@ def parse(data: dict) -> SelectSpec:
         raise ConfigError("output.path: give the folder the selected shard set is written to")
     if spec.selection is None and not spec.filters:
         raise ConfigError("give selection: (a manifest from `winnow sweep`) and/or filters: (inline thresholds)")
-    if spec.selection is not None and not os.path.exists(spec.selection):
+    if spec.selection is not None and not storage.isfile(spec.selection):
         raise ConfigError(f"selection: {spec.selection!r} does not exist")
     for i, f in enumerate(spec.filters):
         if len(f.drop_fractions) + len(f.thresholds) != 1:
@@ -90,7 +89,7 @@ def parse(data: dict) -> SelectSpec:
             raise ConfigError("runs: give the `winnow curate` output folders to select from (the selection manifest "
                               "does not name them)")
     for i, r in enumerate(spec.runs):
-        if not os.path.isdir(os.path.join(r, layout.SHARDS_DIR)) or not layout.annotation_files(r):
+        if not storage.isdir(join(r, layout.SHARDS_DIR)) or not layout.annotation_files(r):
             raise ConfigError(f"runs[{i}]: {r!r} is not a finished `winnow curate` output (no shards/ with their "
                               f"NNNNN.parquet tables); finish that run first")
     layout.check_separate(spec.output.path, input_paths(spec))
@@ -138,7 +137,7 @@ def plan(spec: SelectSpec) -> Plan:
     mask = np.ones(src.num_rows, bool)
     thresholds: dict = {}
     if spec.selection:
-        man = pq.read_table(spec.selection, columns=["run", KEY])
+        man = layout.read_table(spec.selection, columns=["run", KEY])
         if man.num_rows and int(pc.max(man.column("run")).as_py()) >= len(spec.runs):
             raise ConfigError(f"selection: {spec.selection!r} names run {pc.max(man.column('run')).as_py()}, but only "
                               f"{len(spec.runs)} runs are given")
@@ -150,8 +149,8 @@ def plan(spec: SelectSpec) -> Plan:
             raise ConfigError(f"selection: {man.num_rows - int(mask.sum())} of its {man.num_rows} keys are not kept "
                               f"samples of the runs (first: run|key {missing[0].as_py() if len(missing) else '?'}); "
                               f"was it made from other runs? set runs: to the folders its sweep read")
-        meta = pq.read_schema(spec.selection).metadata or {}
-        thresholds["manifest"] = {"path": os.path.abspath(spec.selection),
+        meta = layout.read_schema(spec.selection).metadata or {}
+        thresholds["manifest"] = {"path": storage.absolute(spec.selection),
                                   "cell": meta.get(b"winnow_cell", b"").decode(),
                                   "thresholds": json.loads(meta.get(b"winnow_thresholds", b"{}"))}
     for f in spec.filters:   # drop fractions are quantiles of all kept rows, as in the sweep
@@ -177,8 +176,7 @@ def plan(spec: SelectSpec) -> Plan:
     h = hashlib.sha256()
     for r in spec.runs:   # a re-curated source is a different selection
         for f in layout.annotation_files(r):
-            st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{storage.absolute(f)}|{storage.stamp(f)}\n".encode())
     h.update(f"{spec.output.samples_per_shard}\n".encode())
     h.update(pc.binary_join_element_wise(pc.cast(sel.column("run"), pa.string()), sel.column(KEY), "|")
              .to_numpy(zero_copy_only=False).astype(str).tobytes())
@@ -188,7 +186,7 @@ def plan(spec: SelectSpec) -> Plan:
 def scan_members(tar_path: str, keys: set[str]) -> dict[str, list[tars.Member]]:
     """key -> its members in ``tar_path`` (webdataset's key rule), for the keys asked for."""
     out: dict[str, list[tars.Member]] = {}
-    with open(tar_path, "rb") as fh:
+    with storage.open_read(tar_path) as fh:
         for m in tars.scan(fh):
             key = m.key
             if key in keys:
@@ -223,7 +221,7 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
     for r in rows:
         by_source.setdefault((r["run"], r[PARTITION]), []).append(r)
     for (run, src_part), rs in sorted(by_source.items()):
-        base = os.path.join(runs[run], layout.SHARDS_DIR, shards.shard_name(src_part))
+        base = join(runs[run], layout.SHARDS_DIR, shards.shard_name(src_part))
         new_keys = {r[KEY]: r["out_key"] for r in rs}
         keys = set(new_keys)
         chosen = pa.array(sorted(keys))
@@ -233,12 +231,12 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
             raise RuntimeError(f"{base}.tar lacks {len(lost)} selected samples (first {sorted(lost)[0]}); "
                                f"was the source run changed?")
         plan += [(r["out_key"], r[KEY], base + ".tar", found[r[KEY]]) for r in rs]
-        t = pq.read_table(base + ".parquet")
+        t = layout.read_table(base + ".parquet")
         t = t.filter(pc.is_in(t.column(KEY), value_set=chosen))
         ann.append(_relabel(t, new_keys, runs[run], partition))
-        emb_path = os.path.join(runs[run], layout.EMBEDDINGS_DIR, shards.shard_name(src_part) + ".parquet")
-        if os.path.exists(emb_path):
-            e = pq.read_table(emb_path)
+        emb_path = join(runs[run], layout.EMBEDDINGS_DIR, shards.shard_name(src_part) + ".parquet")
+        if storage.exists(emb_path):
+            e = layout.read_table(emb_path)
             e = e.filter(pc.is_in(e.column(KEY), value_set=chosen))
             emb.append(_relabel(e, new_keys))
     table = pa.concat_tables(ann, promote_options="permissive")
@@ -253,7 +251,7 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
         try:
             for out_key, key, tar, members in plan:
                 if tar not in files:
-                    files[tar] = open(tar, "rb")
+                    files[tar] = storage.open_read(tar)
                 for c in _sample_chunks(files[tar], key, out_key, members):
                     size += len(c)
                     yield c
@@ -268,9 +266,9 @@ def write_shard(runs: list[str], rows: list[dict], out: str, partition: int) -> 
         embeddings = e.take(pc.sort_indices(e.column(KEY)))
     stats = {"shard": name, "partition": partition, "count": len(rows), "kept": len(rows), "rejected": 0,
              "reasons": {}, "stage_seconds": {},
-             "sources": sorted({os.path.join(runs[r], layout.SHARDS_DIR, shards.shard_name(p) + ".tar")
+             "sources": sorted({join(runs[r], layout.SHARDS_DIR, shards.shard_name(p) + ".tar")
                                 for r, p in by_source})}
-    return shards.commit_shard(os.path.join(out, layout.SHARDS_DIR), partition, chunks(), table, stats, embeddings)
+    return shards.commit_shard(join(out, layout.SHARDS_DIR), partition, chunks(), table, stats, embeddings)
 
 
 def _relabel(t: pa.Table, new_keys: dict[str, str], run: str | None = None, partition: int | None = None) -> pa.Table:
@@ -305,9 +303,9 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
     p = plan(spec)
     out = spec.output.path
     doc = to_dict(spec)
-    layout.claim_output(out, os.path.join(out, SPEC_FILE), p.fingerprint, doc, spec.output.overwrite, "selection",
+    layout.claim_output(out, join(out, SPEC_FILE), p.fingerprint, doc, spec.output.overwrite, "selection",
                         "runs, selection, filters or samples_per_shard", ENTRIES, "select", input_paths(spec))
-    sdir = os.path.join(out, layout.SHARDS_DIR)
+    sdir = join(out, layout.SHARDS_DIR)
     counts = p.counts
     todo = [q for q in sorted(counts) if not shards.shard_done(sdir, q)]
     if todo and log is not None and len(todo) < len(counts):
@@ -316,7 +314,7 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
         adapter.connect(spec.ray.address, spec.ray.num_cpus)
     t = time.time()
     if todo:
-        runs = [os.path.abspath(r) for r in spec.runs]
+        runs = [storage.absolute(r) for r in spec.runs]
         size = spec.output.samples_per_shard   # out_partition = row // size: each shard is one slice
         adapter.run_tasks(write_shard, [(runs, p.table.slice(q * size, counts[q]).to_pylist(), out, q) for q in todo],
                           "select", "shard", log)
@@ -331,9 +329,9 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
 
 def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> SelectResult:
     out = spec.output.path
-    sdir = os.path.join(out, layout.SHARDS_DIR)
+    sdir = join(out, layout.SHARDS_DIR)
     names = [shards.shard_name(q) for q in sorted(p.counts)]
-    table = pa.concat_tables([pq.read_table(os.path.join(sdir, f"{n}.parquet")) for n in names],
+    table = pa.concat_tables([layout.read_table(join(sdir, f"{n}.parquet")) for n in names],
                              promote_options="permissive")
     table = table.take(pc.sort_indices(table.column(KEY)))
     if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(p.table.column("out_key").to_pylist()):
@@ -344,10 +342,10 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
         for r in spec.runs:
             v = layout.read_videos(r)
             if v is not None:
-                chosen = table.filter(pc.equal(table.column(SOURCE_RUN), os.path.abspath(r))).column(VIDEO_KEY)
+                chosen = table.filter(pc.equal(table.column(SOURCE_RUN), storage.absolute(r))).column(VIDEO_KEY)
                 vids.append(v.filter(pc.is_in(v.column(KEY), value_set=pc.unique(chosen))))
         if vids:
-            layout.atomic_write(os.path.join(out, layout.VIDEOS_FILE),
+            layout.atomic_write(join(out, layout.VIDEOS_FILE),
                                 layout.table_bytes(pa.concat_tables(vids, promote_options="permissive")))
     wall = time.time() - started
     result = SelectResult(out, p.source_kept, table.num_rows, len(names), p.thresholds, round(wall, 2),
@@ -355,11 +353,11 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
     summary = {"output": out, "kind": "selection", "inputs": table.num_rows, "kept": table.num_rows, "rejected": 0,
                "reasons": {}, "stage_seconds": {}, "phases": {"copy": round(copy_s, 3)},
                "wall_seconds": result.wall_seconds, "shards": len(names), "format": "selection",
-               "kept_fraction": 1.0, "source_runs": [os.path.abspath(r) for r in spec.runs],
+               "kept_fraction": 1.0, "source_runs": [storage.absolute(r) for r in spec.runs],
                "source_kept": p.source_kept, "selection": p.thresholds,
                "warnings": [] if table.num_rows else ["the selection keeps 0 samples: its thresholds lie beyond every "
                                                      "kept sample's scores; loosen them (winnow sweep shows the range)"]}
-    layout.atomic_write(os.path.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    layout.atomic_write(join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     layout.write_dataset_card(out, "select", summary)
     return result
 
@@ -379,7 +377,7 @@ def format_summary(r: SelectResult) -> str:
         op = ">=" if f["keep"] == "high" else "<="
         lines.append(f"  filter       {f['column']} {op} {f['threshold']:.6g}")
     rate = f"; {r.samples_per_s:,.0f} samples/s copied" if r.samples_per_s else ""
-    lines.append(f"  wall time {r.wall_seconds:.1f} s{rate}; shards in {os.path.join(r.output, 'shards')}")
+    lines.append(f"  wall time {r.wall_seconds:.1f} s{rate}; shards in {join(r.output, 'shards')}")
     if r.report:
         lines.append(f"  report       {r.report}")
     return "\n".join(lines)

@@ -33,7 +33,9 @@ import pyarrow.parquet as pq
 from pipeline.commands.sheets import contact_sheets
 from pipeline.contract import layout
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind
+from pipeline.contract import storage
 from pipeline.contract.layout import MANIFEST_RUNS, atomic_path, atomic_write, claim_output, fingerprint
+from pipeline.contract.storage import join
 from pipeline.contract.schema import KEPT, KEY, SCORE_GOOD_END, STATUS
 
 
@@ -126,7 +128,7 @@ def load(path: str | None, overrides: list[str] | None = None) -> SweepSpec:
 
 def run_dir(p: str) -> str:
     """The run folder of an ``annotations`` entry (a run folder, or an annotation file inside one)."""
-    return os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p))
+    return storage.absolute(p if storage.isdir(p) else storage.parent(p))
 
 
 def read_table(spec: SweepSpec) -> pa.Table:
@@ -135,8 +137,8 @@ def read_table(spec: SweepSpec) -> pa.Table:
     tables = []
     for i, p in enumerate(spec.annotations):
         path = p
-        if not os.path.exists(path) or not layout.annotation_files(path):
-            raise ConfigError(f"annotations[{i}]: {path!r} " + ("does not exist" if not os.path.exists(path) else
+        if not storage.exists(path) or not layout.annotation_files(path):
+            raise ConfigError(f"annotations[{i}]: {path!r} " + ("does not exist" if not storage.exists(path) else
                               "holds no annotation table (shards/NNNNN.parquet); give a `winnow curate` output folder"))
         names = layout.annotation_columns(path)
         missing = [f.column for f in spec.filters if f.column not in names]
@@ -223,7 +225,7 @@ def _slug(i: int) -> str:
 
 
 def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: list[str] = ()) -> None:
-    os.makedirs(os.path.join(out, "selections"), exist_ok=True)
+    storage.makedirs(join(out, "selections"))
     # the run folders the manifests' run indices point to (``winnow select`` reads them from here)
     runs = json.dumps([run_dir(p) for p in annotations])
     base = pa.table({"run": table.column("run"), KEY: table.column(KEY)})
@@ -234,7 +236,7 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: lis
         sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds),
                                            MANIFEST_RUNS: runs})
         # keys are unique: a dictionary would only be built and thrown away
-        with atomic_path(os.path.join(out, "selections", f"{_slug(i)}.parquet")) as tmp:
+        with atomic_path(join(out, "selections", f"{_slug(i)}.parquet")) as tmp:
             pq.write_table(sel, tmp, use_dictionary=["run"], compression="zstd")
 
     # Arrow's filter and parquet writer release the GIL: one manifest per core at a time
@@ -248,16 +250,16 @@ def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: lis
                          "thresholds": json.dumps(thresholds)})
         for f in futures:
             f.result()
-    atomic_write(os.path.join(out, "cells.csv"), pa.Table.from_pylist(rows).to_pandas().to_csv(index=False).encode())
+    atomic_write(join(out, "cells.csv"), pa.Table.from_pylist(rows).to_pandas().to_csv(index=False).encode())
     single = [i for i, c in enumerate(cells) if len(c.levels) <= 1]
     ov = overlap([cells[i] for i in single])
     buf = io.BytesIO()
     np.savetxt(buf, ov, delimiter=",", fmt="%.4f", header=",".join(_slug(i) for i in single), comments="")
-    atomic_write(os.path.join(out, "overlap.csv"), buf.getvalue())
+    atomic_write(join(out, "overlap.csv"), buf.getvalue())
     md = ["| cell | filters | kept | fraction |\n| --- | --- | ---: | ---: |\n"]
     md += [f"| {r['cell']} | {r['filters'].replace('|', '/')} | {r['count'] or '**0: empty**'} | "
            f"{100 * r['fraction']:.1f} % |\n" for r in rows]
-    atomic_write(os.path.join(out, "cells.md"), "".join(md).encode("utf-8"))
+    atomic_write(join(out, "cells.md"), "".join(md).encode("utf-8"))
 
 
 def data_limits(v: np.ndarray) -> tuple[float, float]:
@@ -322,12 +324,12 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = os.path.join(out, "plots")
-    os.makedirs(folder, exist_ok=True)
+    folder = join(out, "plots")
+    storage.makedirs(folder)
     paths = []
     cols = [f.column for f in spec.filters]
     fig = histogram_figure(table, spec, levels)
-    paths.append(os.path.join(folder, "histograms_survival.png"))
+    paths.append(join(folder, "histograms_survival.png"))
     with atomic_path(paths[-1]) as tmp:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -346,7 +348,7 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
         ax.set_title(f"Spearman correlation ({int(ok.sum())} rows with every score)", fontsize=9)
         fig.colorbar(im)
         fig.tight_layout()
-        paths.append(os.path.join(folder, "correlation.png"))
+        paths.append(join(folder, "correlation.png"))
         with atomic_path(paths[-1]) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
@@ -366,7 +368,7 @@ def claim(spec: SweepSpec) -> None:
 
     doc = result_dict(spec)
     fp = fingerprint(doc)
-    claim_output(spec.output, os.path.join(spec.output, SPEC_FILE), fp, doc, spec.overwrite, "sweep",
+    claim_output(spec.output, join(spec.output, SPEC_FILE), fp, doc, spec.overwrite, "sweep",
                  "annotations or filters", ENTRIES, "sweep",
                  {f"annotations[{i}]": p for i, p in enumerate(spec.annotations)}, fresh=True)
 
@@ -390,10 +392,10 @@ def run(spec: SweepSpec, log=None) -> SweepResult:
                        levels, spec.sheets.per_side, spec.sheets.thumb, spec.output)
         seconds["sheets"] = time.perf_counter() - t4
     result = SweepResult(spec.output, table.num_rows, cells, levels, seconds)
-    atomic_write(os.path.join(spec.output, "sweep.json"),   # written last: the sweep is complete
+    atomic_write(join(spec.output, "sweep.json"),   # written last: the sweep is complete
                  json.dumps({"rows": table.num_rows, "cells": len(cells), "seconds": seconds,
                              "empty_cells": [_slug(i) for i, c in enumerate(cells) if c.count == 0],
-                             "annotations": [os.path.abspath(p) for p in spec.annotations]}, indent=2).encode())
+                             "annotations": [storage.absolute(p) for p in spec.annotations]}, indent=2).encode())
     return result
 
 
@@ -414,8 +416,8 @@ def format_summary(r: SweepResult, limit: int = 30) -> str:
         lines.append(f"  {len(combos)} combinations (cells.md); the smallest: "
                      + ", ".join(f"{c.count}" for c in sorted(combos, key=lambda c: c.count)[:5]))
     lines.append("  time " + ", ".join(f"{k} {v:.2f} s" for k, v in r.seconds.items()))
-    lines.append(f"  table {os.path.join(r.output, 'cells.md')}; selections in {os.path.join(r.output, 'selections')}/")
-    lines.append(f"  materialise a cell: winnow select --selection {os.path.join(r.output, 'selections', 'cell_NNN.parquet')} "
+    lines.append(f"  table {join(r.output, 'cells.md')}; selections in {join(r.output, 'selections')}/")
+    lines.append(f"  materialise a cell: winnow select --selection {join(r.output, 'selections', 'cell_NNN.parquet')} "
                  f"--output DIR (or train on it: data.selection)")
     return "\n".join(lines)
 

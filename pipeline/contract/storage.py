@@ -73,6 +73,11 @@ def name(path: str) -> str:
     return posixpath.basename(path.rstrip("/")) if is_url(path) else os.path.basename(local(path))
 
 
+def absolute(path: str) -> str:
+    """A path as winnow records it: a URL as given, a local path made absolute."""
+    return path.rstrip("/") if is_url(path) else os.path.abspath(local(path))
+
+
 def is_inside(child: str, parent_: str) -> bool:
     """Whether ``child`` is ``parent_`` or lies under it (the same store; names, not links)."""
     if is_url(child) != is_url(parent_):
@@ -151,8 +156,9 @@ def filesystem(path: str):
     try:
         fs = fsspec.filesystem(proto, use_listings_cache=False, **options_for(proto))
     except (ImportError, ValueError) as exc:
-        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}.get(proto)
-        hint = f"; install it with pip install 'winnow[{extra}]'" if extra else ""
+        extra = {"s3": "'winnow[s3]'", "s3a": "'winnow[s3]'", "gs": "'winnow[gcs]'", "gcs": "'winnow[gcs]'",
+                 "az": "adlfs", "abfs": "adlfs"}.get(proto)
+        hint = f"; install it with pip install {extra}" if extra else ""
         raise StorageError(f"{path}: cannot open {proto}:// ({exc}){hint}") from None
     return fs, fs._strip_protocol(path)
 
@@ -263,6 +269,16 @@ def files_in(path: str, suffix: str = "") -> list[str]:
     scheme = protocol(path)
     return sorted(f"{scheme}://{e['name']}" for e in found
                   if e.get("type") == "file" and e["name"].startswith(prefix) and e["name"].endswith(suffix))
+
+
+def stamp(path: str) -> str:
+    """What changes when a file is rewritten: size and modification time (a store's ETag)."""
+    if not is_url(path):
+        st = os.stat(local(path))
+        return f"{st.st_size}|{st.st_mtime_ns}"
+    fs, p = filesystem(path)
+    info = retry(fs.info, p)
+    return f"{info.get('size')}|{info.get('ETag') or info.get('etag') or info.get('LastModified') or info.get('mtime')}"
 
 
 def read_bytes(path: str, limit: int | None = None) -> bytes:
@@ -483,15 +499,26 @@ def check_writable(path: str, what: str) -> None:
         return
     try:
         fs, p = filesystem(path)
+        if protocol(path) in ("s3", "s3a"):   # a wrong endpoint fails now, not after minutes of retries
+            import fsspec
+
+            fs = fsspec.filesystem(protocol(path), use_listings_cache=False,
+                                   config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 5,
+                                                  "read_timeout": 20},
+                                   **options_for(protocol(path)))
+            fs.retries = 1                    # s3fs's own retry loop, on this checking instance only
     except StorageError as exc:
         raise ConfigError(f"{what} {path!r}: {exc}") from None
     bucket = p.split("/", 1)[0]
-    budget = os.environ.get(RETRY_SECONDS_ENV)
-    os.environ[RETRY_SECONDS_ENV] = "0"       # a wrong endpoint fails now, not after minutes of retries
     try:
-        if not fs.exists(bucket):
+        try:
+            if protocol(path) in ("s3", "s3a"):
+                fs.call_s3("head_bucket", Bucket=bucket)
+            else:
+                fs.info(bucket)
+        except FileNotFoundError:
             raise ConfigError(f"{what} {path!r}: bucket {bucket!r} does not exist (or is not visible with these "
-                              f"credentials); create it, or check the name")
+                              f"credentials); create it, or check the name") from None
         if p != bucket and fs.isfile(p):
             raise ConfigError(f"{what} {path!r} is a file on the store, not a folder; choose a prefix")
         probe = f"{p.rstrip('/')}/.winnow/probe-{uuid.uuid4().hex[:8]}"
@@ -507,15 +534,10 @@ def check_writable(path: str, what: str) -> None:
         endpoint = options_for(protocol(path)).get("endpoint_url")
         raise ConfigError(f"{what} {path!r}: the store does not answer ({type(exc).__name__}: {msg})"
                           + (f"; check the endpoint {endpoint}" if endpoint else "")) from None
-    finally:
-        if budget is None:
-            os.environ.pop(RETRY_SECONDS_ENV, None)
-        else:
-            os.environ[RETRY_SECONDS_ENV] = budget
 
 
-__all__ = ["StorageError", "abort_uploads", "arrow_filesystem", "check_options", "check_writable", "configure",
+__all__ = ["StorageError", "abort_uploads", "absolute", "arrow_filesystem", "check_options", "check_writable", "configure",
            "download", "exists", "files_in", "filesystem", "find", "is_inside", "is_url", "isdir", "isfile", "join",
            "listdir", "local", "local_target", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
-           "read_text", "redact", "remove", "remove_tree", "retry", "scratch", "scratch_root", "secret_values",
+           "read_text", "redact", "remove", "remove_tree", "retry", "scratch", "scratch_root", "secret_values", "stamp",
            "upload", "write_once"]

@@ -1,0 +1,156 @@
+"""Every folder on a bucket: curate (an image folder, img2dataset shards) from the suite's S3 server to
+it, select, sweep and report there, and the results equal the same commands' on local disk. The
+server is real (moto on 127.0.0.1, reached through AWS_* alone); nothing here mocks a filesystem."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.commands import select as selection
+from pipeline.commands import sweep
+from pipeline.contract import layout, storage
+from pipeline.contract.config import ConfigError
+from tests.helpers import run_curate
+from tests.s3server import ACCESS_KEY, SECRET_KEY
+from tests.s3server import SERVER as S3
+
+STAGES = [{"name": "decode", "max_side": 256}, {"name": "phash_dedup"}]
+
+
+def _upload_tree(root: str, bucket: str, prefix: str, local_copy: str) -> int:
+    """Upload the regular files with UTF-8 names under ``root`` (an object key is UTF-8 text, and a
+    FIFO is no object) and mirror exactly those into ``local_copy``; returns how many."""
+    c = S3.client()
+    n = 0
+    for d, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(d, name)
+            rel = os.path.relpath(path, root)
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                continue
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue
+            c.upload_file(path, bucket, f"{prefix}/{rel}")
+            os.makedirs(os.path.dirname(os.path.join(local_copy, rel)), exist_ok=True)
+            shutil.copyfile(path, os.path.join(local_copy, rel))
+            n += 1
+    return n
+
+
+def _get(bucket: str, key: str) -> bytes:
+    return S3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, corpus, tmp_path_factory):
+    """The corpus curated twice: from the bucket to the bucket, and from a local copy to local disk."""
+    root, _ = corpus
+    name = S3.new_bucket()
+    local_in = str(tmp_path_factory.mktemp("s3in") / "corpus")
+    uploaded = _upload_tree(root, name, "corpus", local_in)
+    remote = run_curate(f"s3://{name}/corpus", f"s3://{name}/runs/a", samples_per_shard=8, stages=STAGES,
+                        output_options={"report": True})
+    local_out = str(tmp_path_factory.mktemp("s3local") / "a")
+    local = run_curate(local_in, local_out, samples_per_shard=8, stages=STAGES)
+    yield {"bucket": name, "uploaded": uploaded, "remote": remote, "local": local, "local_out": local_out,
+           "run": f"s3://{name}/runs/a"}
+    S3.drop_bucket(name)
+
+
+def test_curate_from_a_bucket_to_a_bucket_equals_the_local_run(runs):
+    name, remote, local = runs["bucket"], runs["remote"], runs["local"]
+    assert remote.inputs == local.inputs == runs["uploaded"] - remote.sidecars
+    assert (remote.kept, remote.rejected, remote.reasons) == (local.kept, local.rejected, local.reasons)
+    assert remote.kept + remote.rejected == remote.inputs and remote.kept > 20
+    a = layout.read_annotations(runs["run"]).drop_columns(["duplicate_of"])
+    b = layout.read_annotations(runs["local_out"]).drop_columns(["duplicate_of"])
+    assert a.column_names == b.column_names
+    assert a.equals(b)
+    # the shards are byte for byte the local run's: same samples, same order, same bytes
+    for shard in sorted(n for n in os.listdir(os.path.join(runs["local_out"], "shards")) if n.endswith(".tar")):
+        with open(os.path.join(runs["local_out"], "shards", shard), "rb") as fh:
+            assert _get(name, f"runs/a/shards/{shard}") == fh.read(), shard
+    keys = S3.keys(name, "runs/a/")
+    assert not [k for k in keys if "/_work/" in k]                      # the fragments went with the run
+    assert {"runs/a/summary.json", "runs/a/report.html", "runs/a/README.md", "runs/a/.winnow/owner.json",
+            "runs/a/spec.yaml"} <= set(keys)
+    assert S3.uploads(name) == []                                       # no upload left open
+    assert remote.report == f"{runs['run']}/report.html"
+    assert b"Funnel" in _get(name, "runs/a/report.html")
+
+
+def test_a_rerun_on_the_bucket_resumes_and_changes_nothing(runs):
+    name = runs["bucket"]
+    before = {k: _get(name, k) for k in S3.keys(name, "runs/a/shards/")}
+    again = run_curate(f"s3://{name}/corpus", runs["run"], samples_per_shard=8, stages=STAGES,
+                       output_options={"report": True})
+    assert again.already_complete and again.kept == runs["remote"].kept
+    assert {k: _get(name, k) for k in S3.keys(name, "runs/a/shards/")} == before
+
+
+def test_sweep_and_select_with_every_folder_on_the_bucket(runs, tmp_path):
+    name, run = runs["bucket"], runs["run"]
+    filters = [{"column": "width", "keep": "high", "drop_fractions": [0.5]}]
+    sw = sweep.run(sweep.parse({"annotations": [run], "output": f"s3://{name}/sweeps/s", "plots": True,
+                                "sheets": {"per_side": 2, "thumb": 32}, "filters": filters}))
+    assert sw.cells[1].name.endswith("(drop0.5)")
+    manifest = f"s3://{name}/sweeps/s/selections/cell_001.parquet"
+    assert layout.manifest_runs(manifest) == [run]
+    keys = set(S3.keys(name, "sweeps/s/"))
+    assert {"sweeps/s/sweep.json", "sweeps/s/cells.csv", "sweeps/s/plots/histograms_survival.png"} <= keys
+    assert any(k.startswith("sweeps/s/sheets/") for k in keys)
+    out = f"s3://{name}/picked"
+    r = selection.run(selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 5}}),
+                      log=None)
+    want = sorted(pq.read_table(io.BytesIO(_get(name, "sweeps/s/selections/cell_001.parquet"))).column("key").to_pylist())
+    got = layout.read_annotations(out)
+    assert r.selected == len(want) == got.num_rows and sorted(got.column("key").to_pylist()) == want
+    assert json.loads(_get(name, "picked/summary.json"))["source_runs"] == [run]
+    # the same selection made locally from the local run holds the same samples, byte for byte
+    local_manifest = str(tmp_path / "cell.parquet")
+    sel = pq.read_table(io.BytesIO(_get(name, "sweeps/s/selections/cell_001.parquet")))
+    pq.write_table(sel.replace_schema_metadata({layout.MANIFEST_RUNS: json.dumps([runs["local_out"]])}), local_manifest)
+    selection.run(selection.parse({"selection": local_manifest, "output": {"path": str(tmp_path / "p"),
+                                   "samples_per_shard": 5, "report": False}}), log=None)
+    for shard in sorted(n for n in os.listdir(tmp_path / "p" / "shards") if n.endswith(".tar")):
+        assert _get(name, f"picked/shards/{shard}") == (tmp_path / "p" / "shards" / shard).read_bytes()
+
+
+def test_img2dataset_shards_on_a_bucket(ray_local, bucket, tmp_path):
+    """A winnow run's tars are img2dataset's layout: read them back from the bucket as input."""
+    from pipeline.corpus import make_corpus
+
+    root = str(tmp_path / "c")
+    make_corpus(root, n_images=10, seed=3, bad=False, max_side=300)
+    first = run_curate(root, f"{bucket}/first", samples_per_shard=4, stages=[{"name": "decode"}])
+    again = run_curate(f"{bucket}/first/shards", f"{bucket}/second", samples_per_shard=4,
+                       stages=[{"name": "decode"}])
+    assert again.inputs == first.kept and again.kept == first.kept
+    t = layout.read_annotations(f"{bucket}/second")
+    tars = storage.files_in(f"{bucket}/first/shards", ".tar")
+    assert len(tars) == -(-first.inputs // 4) and set(t.column("source").to_pylist()) == set(tars)
+
+
+def test_no_credential_reaches_a_file_winnow_wrote(runs):
+    name = runs["bucket"]
+    for key in S3.keys(name, "runs/"):
+        data = _get(name, key)
+        assert SECRET_KEY.encode() not in data and ACCESS_KEY.encode() not in data, key
+
+
+def test_bad_object_storage_outputs_fail_before_ray(corpus, bucket):
+    root, _ = corpus
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_curate(root, "s3://wt-missing-bucket-x/out")
+    storage.write_once(f"{bucket}/taken", b"a file")
+    with pytest.raises(ConfigError, match="is a file on the store"):
+        run_curate(root, f"{bucket}/taken")
+    with pytest.raises(ConfigError, match="credential"):
+        run_curate(root, f"{bucket}/o", input={"storage_options": {"secret": "x"}})
