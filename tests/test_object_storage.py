@@ -154,3 +154,39 @@ def test_bad_object_storage_outputs_fail_before_ray(corpus, bucket):
         run_curate(root, f"{bucket}/taken")
     with pytest.raises(ConfigError, match="credential"):
         run_curate(root, f"{bucket}/o", input={"storage_options": {"secret": "x"}})
+
+
+def _train(shards: str, out: str, **train):
+    from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
+
+    spec = {"data": {"shards": [shards], "resolution": 96, "bucket_step": 32, "max_aspect": 2.0, "workers": 2},
+            "model": {"kind": "sd"},
+            "train": {"batch_size": 2, "max_steps": 6, "checkpoint_every": 3, "log_every": 1,
+                      "sample_prompts": ["a photo"], "sample_steps": 2, **train},
+            "ray": {"num_workers": 2, "num_cpus": 2}, "output": {"path": out}}
+    return trainer.run(trainspec.parse(spec), log=None)
+
+
+@pytest.mark.slow
+def test_training_from_and_to_a_bucket_equals_the_local_run(runs, tmp_path):
+    """Shards on the bucket, every output on it (checkpoints through Ray Train's own storage, metrics,
+    TensorBoard, samples, the exported pipeline): the losses and weights are the local run's."""
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import load_file
+
+    name = runs["bucket"]
+    remote = _train(runs["run"], f"s3://{name}/train/sd")
+    local = _train(runs["local_out"], str(tmp_path / "sd"))
+    assert [m["step"] for m in remote.metrics] == list(range(1, 7))
+    assert [m["loss"] for m in remote.metrics] == [m["loss"] for m in local.metrics]
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a = load_safetensors(_get(name, f"train/sd/final/{weights}"))
+    b = load_file(str(tmp_path / "sd" / "final" / weights))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    keys = S3.keys(name, "train/sd/")
+    assert any(k.startswith("train/sd/ray/train/checkpoint_0000006/") for k in keys)
+    assert any(k.startswith("train/sd/tensorboard/events.out.tfevents.") for k in keys)
+    assert {"train/sd/summary.json", "train/sd/metrics.jsonl", "train/sd/index.parquet",
+            "train/sd/samples/step0000006_0.png", "train/sd/final/model_index.json"} <= set(keys)
+    assert S3.uploads(name) == []

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from pipeline.contract import tar as tars
 from pipeline.contract.config import ConfigError
 from pipeline.contract.layout import fingerprint, manifest_runs
@@ -26,8 +24,8 @@ from pipeline.contract.media import open_image
 from pipeline.contract.schema import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
 from training.buckets import Bucket, assign, bucket_table
 
-INDEX_FILE = os.path.join(".winnow", "train_index.parquet")   # hidden: not a "train" split to HF datasets
-CLIP_INDEX_FILE = os.path.join(".winnow", "train_clip_index.parquet")
+INDEX_FILE = ".winnow/train_index.parquet"   # hidden: not a "train" split to HF datasets
+CLIP_INDEX_FILE = ".winnow/train_clip_index.parquet"
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 CLIP_EXTS = ("mp4",)
 # a clip's row: where its MP4 is, and what sampling and conditioning need (fps, frames, motion)
@@ -42,24 +40,16 @@ SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.
 
 def shard_dir(path: str) -> str:
     """A run folder (with ``shards/``) or a shards folder itself."""
-    sub = os.path.join(path, layout.SHARDS_DIR)
-    fs, p = fsspec.core.url_to_fs(sub)
-    return sub if fs.isdir(p) else path
+    sub = storage.join(path, layout.SHARDS_DIR)
+    return sub if storage.isdir(sub) else path
 
 
 def list_shards(path: str) -> list[dict]:
     """The shard tars of a shard set with their size and modification time (the cache key)."""
-    d = shard_dir(path)
-    fs, root = fsspec.core.url_to_fs(d)
-    if not fs.isdir(root):
+    d = storage.absolute(shard_dir(path))
+    if not storage.isdir(d):
         raise ConfigError(f"data.shards: {path!r} is not a folder; give a curate output folder or its shards/")
-    out = []
-    for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"]):
-        name = info["name"]
-        if name.endswith(".tar"):
-            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-            url = name if protocol in ("file", "local") else f"{protocol}://{name}"
-            out.append({"shard": url, "bytes": int(info.get("size") or 0), "mtime": str(info.get("mtime", ""))})
+    out = [{"shard": e["path"], "bytes": e["bytes"], "mtime": e["stamp"]} for e in storage.listing(d, ".tar")]
     if not out:
         raise ConfigError(f"data.shards: no .tar shards in {d!r}; run `winnow curate` first")
     return out
@@ -68,15 +58,14 @@ def list_shards(path: str) -> list[dict]:
 def index_shard(shard: str) -> pa.Table:
     """Index rows of one shard: the kept samples that have an image member."""
     members: dict[str, tuple[int, int, str]] = {}
-    with fsspec.open(shard, "rb") as fh:
+    with storage.open_read(shard) as fh:
         for item in tars.group(list(tars.scan(fh)), tuple(sorted(IMAGE_EXTS))):
             if isinstance(item, tars.Sample) and item.media is not None:
                 members[item.key] = (item.media.data, item.media.size, item.media_ext)
     meta_path = shard[:-len(".tar")] + ".parquet"
     meta: dict[str, dict] = {}
     try:
-        with fsspec.open(meta_path, "rb") as fh:
-            table = pq.read_table(fh)
+        table = layout.read_table(meta_path)
         cols = [c for c in (KEY, STATUS, CAPTION, WIDTH, HEIGHT, STORED_WIDTH, STORED_HEIGHT) if c in table.column_names]
         meta = {r[KEY]: r for r in table.select(cols).to_pylist() if r.get(STATUS, KEPT) == KEPT}
     except FileNotFoundError:
@@ -97,13 +86,12 @@ def index_clip_shard(shard: str) -> pa.Table:
     """Clip-index rows of one shard of a video run: the kept clips, with their annotation row's
     size, fps, frame count and motion score (a clip without them is left out: it cannot be sampled)."""
     members: dict[str, tuple[int, int]] = {}
-    with fsspec.open(shard, "rb") as fh:
+    with storage.open_read(shard) as fh:
         for item in tars.group(list(tars.scan(fh)), CLIP_EXTS):
             if isinstance(item, tars.Sample) and item.media is not None:
                 members[item.key] = (item.media.data, item.media.size)
     try:
-        with fsspec.open(shard[:-len(".tar")] + ".parquet", "rb") as fh:
-            table = pq.read_table(fh)
+        table = layout.read_table(shard[:-len(".tar")] + ".parquet")
     except FileNotFoundError:
         raise ConfigError(f"data.shards: {shard} has no annotation parquet beside it; clips need their fps and "
                           f"frame counts (curate the videos with winnow)") from None
@@ -122,7 +110,7 @@ def index_clip_shard(shard: str) -> pa.Table:
 def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
     """Shards without an annotation parquet (or older ones): read the sample's JSON, else the image header."""
 
-    with fsspec.open(shard, "rb") as fh:
+    with storage.open_read(shard) as fh:
         found = {m.name: m for m in tars.scan(fh)}
 
         def read(name: str) -> bytes:
@@ -143,16 +131,15 @@ def _sizes_from_json(shard: str, key: str, row: dict | None) -> dict:
 
 
 def _cache_paths(path: str, fallback_dir: str, clips: bool = False) -> list[str]:
-    beside = os.path.join(os.path.dirname(shard_dir(path).rstrip("/")), CLIP_INDEX_FILE if clips else INDEX_FILE)
+    beside = storage.join(storage.parent(shard_dir(path).rstrip("/")), CLIP_INDEX_FILE if clips else INDEX_FILE)
     name = f"{'clip_' if clips else ''}index_{hashlib.sha256(path.encode()).hexdigest()[:8]}.parquet"
-    return [beside, os.path.join(fallback_dir, name)]
+    return [beside, storage.join(fallback_dir, name)]
 
 
 def _read_cached(paths: list[str], fp: str) -> tuple[pa.Table | None, str]:
     for p in paths:
         try:
-            with fsspec.open(p, "rb") as fh:
-                t = pq.read_table(fh)
+            t = layout.read_table(p)
         except (FileNotFoundError, OSError, pa.ArrowInvalid):
             continue
         if (t.schema.metadata or {}).get(b"winnow_fingerprint", b"").decode() == fp:
@@ -188,12 +175,8 @@ def build_index(path: str, fallback_dir: str, log=None, map_tables=None, clips: 
     table = table.replace_schema_metadata({"winnow_fingerprint": fp})
     for p in paths:
         try:
-            fs, fp_path = fsspec.core.url_to_fs(p)
-            fs.makedirs(os.path.dirname(fp_path), exist_ok=True)
-            tmp = fp_path + ".tmp"
-            with fs.open(tmp, "wb") as fh:
-                pq.write_table(table, fh)
-            fs.mv(tmp, fp_path)
+            storage.makedirs(storage.parent(p))
+            storage.write_once(p, layout.table_bytes(table))
             if log:
                 print(f"train index: {table.num_rows} samples in {len(shards)} shards -> {p}", file=log)
             return table, p
@@ -215,7 +198,7 @@ def load_index(paths: list[str], fallback_dir: str, log=None, selection: str | N
 
 
 def run_folder(path: str) -> str:
-    return os.path.abspath(os.path.dirname(shard_dir(path).rstrip("/")))
+    return storage.absolute(storage.parent(shard_dir(path).rstrip("/")))
 
 
 def select(tables: list[pa.Table], paths: list[str], selection: str) -> list[pa.Table]:
@@ -224,7 +207,7 @@ def select(tables: list[pa.Table], paths: list[str], selection: str) -> list[pa.
     that record selects by key alone)."""
     import pyarrow.compute as pc
 
-    man = pq.read_table(selection, columns=["run", KEY])
+    man = layout.read_table(selection, columns=["run", KEY])
     runs = manifest_runs(selection)
     out, wanted = [], 0
     for p, t in zip(paths, tables):

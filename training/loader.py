@@ -16,12 +16,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
+from pipeline.contract import storage
 from pipeline.contract.media import open_image
 from training.buckets import Bucket, plan_crop
 from training.schedule import Cursor, Schedule, rank_slice, seeded_rng
@@ -54,7 +54,7 @@ class SampleReader:
         if files is None:
             files = self._local.files = collections.OrderedDict()
         path = self.shard[i]
-        fh = files.pop(path, None) or fsspec.open(path, "rb").open()
+        fh = files.pop(path, None) or storage.open_read(path, ranged=True)   # one range request per sample
         files[path] = fh
         while len(files) > 8:
             files.popitem(last=False)[1].close()

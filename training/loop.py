@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from pipeline.contract.media import open_image
 from training import families
 from training.checkpoint import restore_checkpoint, save_checkpoint
@@ -37,16 +37,39 @@ def step_seed(seed: int, step: int, rank: int, what: str = "noise") -> int:
 
 
 class _Metrics:
-    """Rank 0's TensorBoard writer and metrics.jsonl."""
+    """Rank 0's TensorBoard writer and metrics.jsonl.
+
+    An object store has no append: with an output URL both are written in this node's scratch
+    folder (metrics.jsonl first fetched from the output, so a resumed run continues it) and uploaded
+    whole by ``sync`` at every checkpoint and at the end. Steps after the last checkpoint of a killed
+    run are trained again anyway; their lines come back with them."""
 
     def __init__(self, out: str, enabled: bool):
         self.enabled = enabled
         self.writer = None
+        self.out, self.local = out, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
-            self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
+            folder = out
+            if storage.is_url(out):
+                self.local = folder = tempfile.mkdtemp(prefix="winnow-metrics-", dir=storage.scratch_root())
+                with contextlib.suppress(FileNotFoundError):
+                    storage.download(storage.join(out, "metrics.jsonl"), os.path.join(folder, "metrics.jsonl"))
+            self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+            self.jsonl = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def sync(self) -> None:
+        """Upload what a URL output lacks: metrics.jsonl and this writer's event files, whole."""
+        if not self.enabled or self.local is None:
+            return
+        if not self.jsonl.closed:
+            self.writer.flush()
+            self.jsonl.flush()
+        storage.upload(os.path.join(self.local, "metrics.jsonl"), storage.join(self.out, "metrics.jsonl"))
+        tb = os.path.join(self.local, "tensorboard")
+        for name in sorted(os.listdir(tb)):
+            storage.upload(os.path.join(tb, name), storage.join(self.out, "tensorboard", name))
 
     def log(self, step: int, values: dict, group: str = "train") -> None:
         if not self.enabled:
@@ -65,6 +88,9 @@ class _Metrics:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+            if self.local is not None:
+                self.sync()
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
 @dataclass
@@ -150,7 +176,7 @@ def _clip_loader(spec: TrainSpec, config: dict, index, cursor: Cursor, rank: int
     from training.loader import ClipLoader
 
     buckets, bucket_of = clip_bucket_ids(index, spec.video)
-    motion = MotionBucketMap.load(os.path.join(config["output"], MOTION_FILE))
+    motion = MotionBucketMap.from_dict(json.loads(storage.read_bytes(storage.join(config["output"], MOTION_FILE))))
     ids = motion(index.column("motion_score").to_numpy(zero_copy_only=False))      # a null score is NaN: bucket 128
     v = spec.video
     loader = ClipLoader(index, buckets, bucket_of, cursor, rank, world, spec.train.seed, spec.data.random_crop,
@@ -166,7 +192,7 @@ def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int
     from training.index import bucket_ids
     from training.loader import BucketLoader
 
-    index = pq.read_table(config["index_path"])
+    index = layout.read_table(config["index_path"])
     if families.get(spec.model.kind).clips:
         return _clip_loader(spec, config, index, cursor, rank, world)
     buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
@@ -362,12 +388,14 @@ def video_samples(w: Worker, step: int, unet) -> list[str]:
     with w.acc.autocast():
         videos = w.family.sample_videos(w.comps, unet, bucket, spec.train.sample_steps, spec.video.fps,
                                         spec.train.seed, w.acc.device, prompts, first_frame)
-    folder = os.path.join(w.config["output"], "samples")
-    os.makedirs(folder, exist_ok=True)
+    folder = storage.join(w.config["output"], "samples")
+    storage.makedirs(folder)
     paths = []
     for k, frames in enumerate(videos):
-        paths.append(os.path.join(folder, f"step{step:07d}_{k}.gif"))
-        frames[0].save(paths[-1], save_all=True, append_images=frames[1:], duration=int(1000 / spec.video.fps), loop=0)
+        paths.append(storage.join(folder, f"step{step:07d}_{k}.gif"))
+        with storage.local_target(paths[-1]) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                           duration=int(1000 / spec.video.fps), loop=0)
         w.metrics.image(f"samples/video_{k}", np.concatenate([np.asarray(f) for f in frames], axis=1), step)
     return paths
 
@@ -382,16 +410,17 @@ def samples(w: Worker, step: int, unet) -> list[str]:
     spec = w.spec
     pipe = w.family.build_pipeline(w.comps, unet).to(w.acc.device)
     pipe.set_progress_bar_config(disable=True)
-    folder = os.path.join(w.config["output"], "samples")
-    os.makedirs(folder, exist_ok=True)
+    folder = storage.join(w.config["output"], "samples")
+    storage.makedirs(folder)
     paths = []
     for k, prompt in enumerate(spec.train.sample_prompts):
         g = torch.Generator("cpu").manual_seed(spec.train.seed + k)
         with w.acc.autocast():
             img = pipe(prompt, num_inference_steps=spec.train.sample_steps, height=spec.data.resolution,
                        width=spec.data.resolution, generator=g).images[0]
-        path = os.path.join(folder, f"step{step:07d}_{k}.png")
-        img.save(path)
+        path = storage.join(folder, f"step{step:07d}_{k}.png")
+        with storage.local_target(path) as tmp:
+            img.save(tmp, format="PNG")
         w.metrics.image(f"samples/{k}", np.asarray(img), step)
         paths.append(path)
     return paths
@@ -435,13 +464,24 @@ def checkpoint(w: Worker, report: dict) -> None:
     state = w.loader.state()
     save_checkpoint(folder, states, w.step, state, {"epoch": state.epoch, "world_size": w.world,
                                                       "fingerprint": w.config["fingerprint"]})
+    w.metrics.sync()        # before the checkpoint: metrics on the store reach at least the step it holds
     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
                      checkpoint_dir_name=f"checkpoint_{w.step:07d}")
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def _publish(folder: str, write) -> str:
-    """``write(tmp)`` into ``folder + '.tmp'``, then swap it in whole."""
+    """``write(tmp)`` into ``folder + '.tmp'``, then swap it in whole. On a store (no rename) it is
+    written in this node's scratch and uploaded file by file over what was there; summary.json,
+    written after it, vouches that it is complete."""
+    if storage.is_url(folder):
+        with storage.scratch("winnow-export-") as d:
+            tmp = os.path.join(d, "out")
+            write(tmp)
+            storage.remove_tree(folder)
+            for path in storage.find(tmp):
+                storage.upload(path, storage.join(folder, os.path.relpath(path, tmp)))
+        return folder
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
@@ -452,12 +492,12 @@ def _publish(folder: str, write) -> str:
 
 def _export_pipeline(w: Worker, comps, unet, folder: str) -> str:
     """A diffusers pipeline folder of ``comps`` with ``unet``, plus the run's motion-bucket map (svd)."""
-    motion = os.path.join(w.config["output"], "motion_buckets.json")   # svd: the map inference must condition with
+    motion = storage.join(w.config["output"], "motion_buckets.json")   # svd: the map inference must condition with
 
     def write(tmp: str) -> None:
         w.family.export(comps, unet, tmp)
-        if os.path.exists(motion):
-            shutil.copyfile(motion, os.path.join(tmp, "motion_buckets.json"))
+        if storage.exists(motion):
+            storage.download(motion, os.path.join(tmp, "motion_buckets.json"))
 
     return _publish(folder, write)
 
@@ -470,12 +510,12 @@ def _export_lora(w: Worker, unet) -> dict:
     out, spec = w.config["output"], w.spec
     base = spec.model.pretrained
     if not base:
-        base = os.path.join(out, "base")
-        if not os.path.isdir(base):
+        base = storage.join(out, "base")
+        if not storage.isdir(base):
             fresh = _components(spec)           # the preset again, without the adapter
             _export_pipeline(w, fresh, fresh.unet, base)
-        base = os.path.abspath(base)
-    folder = _publish(os.path.join(out, "lora"), lambda tmp: lora.export(
+        base = storage.absolute(base)
+    folder = _publish(storage.join(out, "lora"), lambda tmp: lora.export(
         unet, tmp, {"base": base, "kind": spec.model.kind, "steps": w.step, "layers": lora.layer_set(spec.lora, w.family.clips)}))
     return {"lora": folder, "base": base, "adapter_parameters": sum(p.numel() for p in w.trainable)}
 
@@ -495,7 +535,7 @@ def finish(w: Worker, first_step: int, started: float, unet) -> None:
         from training.lora import fused
 
         final = _export_pipeline(w, pristine or _components(spec),
-                                 fused(unet) if spec.lora.enabled else unet, os.path.join(out, "final"))
+                                 fused(unet) if spec.lora.enabled else unet, storage.join(out, "final"))
     sample_paths = samples(w, w.step, unet) if spec.train.sample_prompts or w.family.clips else []
     step = w.step
     summary = {"steps": step, "steps_this_run": step - first_step, "resumed_from": first_step,
@@ -506,8 +546,8 @@ def finish(w: Worker, first_step: int, started: float, unet) -> None:
                "prediction_type": w.comps.prediction_type, "kind": w.comps.kind,
                "distributed": "FSDP2" if spec.train.fsdp else str(w.acc.distributed_type),
                "num_processes": w.acc.num_processes, "warnings": spec.notices()}
-    with open(os.path.join(out, layout.SUMMARY_FILE), "w") as fh:
-        json.dump(summary, fh, indent=2)
+    w.metrics.sync()
+    layout.atomic_write(storage.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
 
 
 def validate(w: Worker, step: int, validation, scorer: list) -> None:

@@ -43,14 +43,13 @@ class Validation:
     """The held-out set as batches (one bucket per batch, none dropped), this rank's share of them."""
 
     def __init__(self, w, path: str, clip_loader):
-        import pyarrow.parquet as pq
-
+        from pipeline.contract.layout import read_table
         from training.index import bucket_ids
         from training.loader import BucketLoader
         from training.schedule import Cursor
 
         spec = w.spec
-        index = pq.read_table(path)
+        index = read_table(path)
         if w.family.clips:
             loader, buckets, _ = clip_loader(spec, w.config, index, Cursor(), 0, 1)
             sizes = [b.batch for b in buckets]

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline import adapter
 from pipeline.commands import plural
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError
 from training.checkpoint import CheckpointError
 from training.loop import train_loop
@@ -64,21 +64,19 @@ def prepare_output(spec: TrainSpec) -> None:
     from pipeline.contract.layout import claim_output
 
     out = spec.output.path
-    claim_output(out, os.path.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
+    claim_output(out, storage.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
                  "training run", "data, model, objective, optim, ema or train", ENTRIES, "train",
                  {**{f"data.shards[{i}]": p for i, p in enumerate(spec.data.shards)}, "data.selection": spec.data.selection})
 
 
 def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     """Index the shard sets (one Ray Data pass, cached) and check the bucket plan."""
-    import pyarrow.parquet as pq
-
     from pipeline.contract.layout import atomic_write, table_bytes
     from training import families
     from training.index import bucket_ids, clip_bucket_ids, load_index
 
     clips = families.get(spec.model.kind).clips
-    index = load_index(spec.data.shards, os.path.join(spec.output.path, "_index"), log, spec.data.selection,
+    index = load_index(spec.data.shards, storage.join(spec.output.path, "_index"), log, spec.data.selection,
                        adapter.map_tables, clips)
     held = 0
     if spec.train.eval_every:                           # the held-out slice: never trained on
@@ -87,9 +85,8 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
         if not held:
             raise ConfigError(f"train.eval_fraction: {spec.train.eval_fraction:g} of {index.num_rows} samples holds none "
                               f"out for validation; raise it, or set train.eval_every: 0")
-    path = os.path.join(spec.output.path, "index.parquet")
-    if not os.path.exists(path) or pq.read_metadata(path).num_rows != index.num_rows or \
-            not pq.read_table(path).equals(index):
+    path = storage.join(spec.output.path, "index.parquet")
+    if not storage.exists(path) or not layout.read_table(path).equals(index):
         atomic_write(path, table_bytes(index))
     if clips:
         buckets, bucket_of = clip_bucket_ids(index, spec.video)
@@ -130,15 +127,13 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
 
 def _split_validation(spec: TrainSpec, index):
     """(training rows, held-out rows); the held-out ones written to OUTPUT/val_index.parquet."""
-    import pyarrow.parquet as pq
-
     from pipeline.contract.layout import atomic_write, table_bytes
     from training.validate import holdout
 
     held = holdout(index.column("key").to_pylist(), spec.train.seed, spec.train.eval_fraction, spec.train.eval_max)
     val = index.filter(held)
-    path = os.path.join(spec.output.path, VAL_INDEX)
-    if not os.path.exists(path) or not pq.read_table(path).equals(val):
+    path = storage.join(spec.output.path, VAL_INDEX)
+    if not storage.exists(path) or not layout.read_table(path).equals(val):
         atomic_write(path, table_bytes(val))
     return index.filter(~held), val
 
@@ -150,8 +145,8 @@ def _motion_map(spec: TrainSpec, index, bucket_of) -> None:
     from training.conditioning import MotionBucketMap
     from training.families.svd import MOTION_FILE
 
-    path = os.path.join(spec.output.path, MOTION_FILE)
-    if os.path.exists(path):
+    path = storage.join(spec.output.path, MOTION_FILE)
+    if storage.exists(path):
         return
     scores = index.column("motion_score").to_numpy(zero_copy_only=False)[np.asarray(bucket_of) >= 0]
     try:
@@ -204,7 +199,7 @@ def format_summary(r: TrainResult) -> str:
                 f"parameters{', EMA weights' if s['ema'] else ''}; base {s['base']})"] if s.get("lora") else []),
              *([f"  final      {s['final']}  (diffusers pipeline{', EMA weights' if s['ema'] else ''}"
                 f"{', adapter fused' if s.get('lora') else ''})"] if s.get("final") else []),
-             f"  logs       tensorboard --logdir {os.path.join(r.output, 'tensorboard')}"]
+             f"  logs       tensorboard --logdir {storage.join(r.output, 'tensorboard')}"]
     if r.validation:
         v = r.validation
         clip = f"; CLIP score of the samples {v[0]['val_clip_score']:.2f} -> {v[-1]['val_clip_score']:.2f}" \
@@ -232,19 +227,25 @@ class _ProgressBar:
         from tqdm.auto import tqdm
 
         self.path, self.every_s = path, every_s
-        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        self.offset = len(self._read(0)) if storage.is_url(path) else (os.path.getsize(path) if os.path.exists(path) else 0)
         self.bar = tqdm(total=total, desc="train", unit="step", file=log, disable=log is None, dynamic_ncols=True)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    def _poll(self) -> None:
+    def _read(self, offset: int) -> bytes:
+        """metrics.jsonl from ``offset`` (on a store the whole object, which rank 0 rewrites at checkpoints)."""
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                fh.seek(self.offset)
-                lines = fh.readlines()
+            if storage.is_url(self.path):
+                return storage.read_bytes(self.path)[offset:]
+            with open(self.path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read()
         except OSError:
-            return
+            return b""
+
+    def _poll(self) -> None:
+        lines = self._read(self.offset).decode("utf-8", "replace").splitlines(keepends=True)
         for line in lines:
             if not line.endswith("\n"):
                 break                                       # a line rank 0 is still writing
@@ -291,23 +292,27 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         cache_dir = build_cache(spec, p.index, p.buckets, p.bucket_of, adapter.actor_pass, gpu, log)
         if log:
             print(f"latent cache: {p.samples} samples in {cache_dir} ({time.time() - started:.1f} s)", file=log)
-    out = os.path.abspath(spec.output.path)
+    out = storage.absolute(spec.output.path)
     resources = {"CPU": spec.ray.cpus_per_worker}
+    # checkpoints go where the run's output is: Ray Train persists them itself (through the store's
+    # filesystem when the output is a URL), so a worker on any node resumes from them
+    ray_fs, ray_path = storage.arrow_filesystem(storage.join(out, "ray"))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.to_dict(), "output": out, "index_path": os.path.abspath(p.index_path),
+        train_loop_config={"spec": spec.to_dict(), "output": out, "index_path": storage.absolute(p.index_path),
                            "cache_dir": cache_dir,
-                           "val_index_path": os.path.join(out, VAL_INDEX) if spec.train.eval_every else "",
+                           "val_index_path": storage.join(out, VAL_INDEX) if spec.train.eval_every else "",
                            "fingerprint": spec.fingerprint()},
         scaling_config=ScalingConfig(num_workers=(spec.ray.num_workers if spec.ray.min_workers is None
                                                   else (spec.ray.min_workers, spec.ray.num_workers)),
                                      use_gpu=spec.ray.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=RUN_NAME, storage_path=os.path.join(out, "ray"),
+        run_config=RunConfig(name=RUN_NAME, storage_path=ray_path,
+                             storage_filesystem=ray_fs if storage.is_url(out) else None,
                              failure_config=FailureConfig(max_failures=spec.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)))
-    check_ray_snapshot(os.path.join(out, "ray", RUN_NAME))
-    progress = _ProgressBar(os.path.join(out, "metrics.jsonl"), spec.train.max_steps, log)
+    check_ray_snapshot(storage.join(out, "ray", RUN_NAME))
+    progress = _ProgressBar(storage.join(out, "metrics.jsonl"), spec.train.max_steps, log)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - a refused checkpoint is the user's to fix: say which file
@@ -317,7 +322,7 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         if found:
             raise CheckpointError(found[-1]) from None
         if type(exc).__name__ == "CheckpointManagerInitializationError":    # Ray's own list refused it
-            raise CheckpointError(f"{os.path.join(out, 'ray', RUN_NAME, 'checkpoint_manager_snapshot.json')}: "
+            raise CheckpointError(f"{storage.join(out, 'ray', RUN_NAME, 'checkpoint_manager_snapshot.json')}: "
                                   f"not a valid checkpoint file ({str(exc).splitlines()[0][:200]})") from None
         raise
     finally:
@@ -331,10 +336,14 @@ def check_ray_snapshot(folder: str) -> None:
     so it is read here first and refused with a ``CheckpointError`` naming it."""
     from training.checkpoint import load_json
 
-    path = os.path.join(folder, "checkpoint_manager_snapshot.json")
-    if not os.path.exists(path):
+    path = storage.join(folder, "checkpoint_manager_snapshot.json")
+    if not storage.exists(path):
         return
-    doc = load_json(path)
+    if storage.is_url(path):
+        with storage.scratch() as d:
+            doc = load_json(storage.download(path, os.path.join(d, "checkpoint_manager_snapshot.json")))
+    else:
+        doc = load_json(path)
     if not isinstance(doc, dict) or "ray_version" not in doc or not isinstance(doc.get("checkpoint_results"), list):
         raise CheckpointError(f"{path}: not a valid checkpoint file (Ray Train's list of this run's checkpoints, "
                               f"without its ray_version and checkpoint_results); restore it, or remove it to start "
@@ -343,12 +352,8 @@ def check_ray_snapshot(folder: str) -> None:
 
 def read_result(out: str) -> TrainResult:
     """A finished run's summary and metrics (the last record of every step)."""
-    with open(os.path.join(out, layout.SUMMARY_FILE)) as fh:
-        summary = json.load(fh)
-    metrics = []
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        for line in fh:
-            metrics.append(json.loads(line))
+    summary = json.loads(storage.read_bytes(storage.join(out, layout.SUMMARY_FILE)))
+    metrics = [json.loads(line) for line in storage.read_bytes(storage.join(out, "metrics.jsonl")).splitlines() if line]
     # a killed run logs steps it never checkpointed; keep the last record of every step
     by_step = {m["step"]: m for m in metrics if "loss" in m}
     val_by_step = {m["step"]: m for m in metrics if "val_loss" in m}

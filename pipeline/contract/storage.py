@@ -303,12 +303,37 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def open_read(path: str) -> IO[bytes]:
-    """A seekable binary file object (range reads on a store); close it (``with``)."""
+def open_read(path: str, ranged: bool = False) -> IO[bytes]:
+    """A seekable binary file object; close it (``with``). On a store, reads go ahead of the position
+    (good for scanning a file); ``ranged``: each read is one range request of exactly what is asked
+    (random access to samples inside shards)."""
     if not is_url(path):
         return open(local(path), "rb")
     fs, p = filesystem(path)
+    if ranged:
+        return retry(fs.open, p, "rb", cache_type="none")
     return retry(fs.open, p, "rb")
+
+
+def listing(path: str, suffix: str = "") -> list[dict]:
+    """The files directly under ``path`` ending in ``suffix``: ``{"path", "bytes", "stamp"}`` each,
+    sorted by path; ``stamp`` changes when a file is rewritten (mtime, or a store's ETag)."""
+    if not is_url(path):
+        out = []
+        for f in files_in(path, suffix):
+            st = os.stat(f)
+            out.append({"path": f, "bytes": st.st_size, "stamp": str(st.st_mtime_ns)})
+        return out
+    fs, p = filesystem(path)
+    try:
+        found = retry(fs.ls, p, detail=True)
+    except FileNotFoundError:
+        return []
+    prefix, scheme = p.rstrip("/") + "/", protocol(path)
+    return sorted(({"path": f"{scheme}://{e['name']}", "bytes": int(e.get("size") or 0),
+                    "stamp": str(e.get("ETag") or e.get("LastModified") or e.get("mtime") or "")}
+                   for e in found if e.get("type") == "file" and e["name"].startswith(prefix)
+                   and e["name"].endswith(suffix)), key=lambda e: e["path"])
 
 
 def arrow_filesystem(path: str):
@@ -538,6 +563,6 @@ def check_writable(path: str, what: str) -> None:
 
 __all__ = ["StorageError", "abort_uploads", "absolute", "arrow_filesystem", "check_options", "check_writable", "configure",
            "download", "exists", "files_in", "filesystem", "find", "is_inside", "is_url", "isdir", "isfile", "join",
-           "listdir", "local", "local_target", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
+           "listdir", "listing", "local", "local_target", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
            "read_text", "redact", "remove", "remove_tree", "retry", "scratch", "scratch_root", "secret_values", "stamp",
            "upload", "write_once"]
