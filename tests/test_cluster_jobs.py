@@ -153,6 +153,27 @@ def test_the_kuberay_example_runs_jobs_run_on_a_spec_that_parses():
     assert {"name": "spec", "mountPath": "/specs"} in head["containers"][0]["volumeMounts"]
 
 
+@pytest.mark.parametrize("name,kind", [("rayjob_curate.yaml", "curate"), ("rayjob_train.yaml", "train")])
+def test_the_kuberay_examples_share_nothing_but_a_bucket(name, kind):
+    """No pod mounts a shared volume: every path in the spec is on object storage, and every
+    container gets its credentials from the standard chain (a Secret's AWS_* variables)."""
+    import yaml
+
+    from pipeline.commands import curate_spec
+    from training import train_spec
+
+    config_map, rayjob = yaml.safe_load_all(open(os.path.join(ROOT, "jobs", "kuberay", name)))
+    doc = yaml.safe_load(config_map["data"][f"{kind}.yaml"])
+    spec = curate_spec.parse(doc) if kind == "curate" else train_spec.parse(doc, check_paths=False)  # a hub id
+    paths = [spec.input.path, spec.output.path] if kind == "curate" else [*spec.data.shards, spec.output.path]
+    assert all(p.startswith("s3://") for p in paths)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        assert not [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+        assert {"secretRef": {"name": "winnow-s3"}} in pod["containers"][0]["envFrom"]
+
+
 def test_a_job_whose_python_lacks_winnows_dependencies_says_what_to_fix(tmp_path):
     """``python -m jobs.run`` under an interpreter without pyarrow/ray/torch (a cluster started outside
     the venv) exits 3 with one line naming the interpreter, the missing module and the fixes, not a

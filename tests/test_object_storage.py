@@ -190,3 +190,180 @@ def test_training_from_and_to_a_bucket_equals_the_local_run(runs, tmp_path):
     assert {"train/sd/summary.json", "train/sd/metrics.jsonl", "train/sd/index.parquet",
             "train/sd/samples/step0000006_0.png", "train/sd/final/model_index.json"} <= set(keys)
     assert S3.uploads(name) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, marker", [("annotate", "/_work/rows/"), ("shards", "_stats.json")])
+def test_kill9_of_a_bucket_curate_then_rerun_equals_the_clean_run(runs, tmp_path, phase, marker):
+    """SIGKILL the CLI and its Ray once the first fragment (or shard) is on the bucket; the re-run
+    finishes to the clean run's shards, byte for byte, with no sample twice and no upload left open."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.helpers import killable_env
+
+    name = runs["bucket"]
+    out = f"runs/kill-{phase}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "curate", "input": {"path": f"s3://{name}/corpus"},
+                                    "output": {"path": f"s3://{name}/{out}", "samples_per_shard": 8, "report": False},
+                                    "stages": STAGES, "ray": {"block_rows": 2, "num_cpus": 2}}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "curate", str(spec)], cwd=root,
+                            env=killable_env(root), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not any(marker in k for k in S3.keys(name, out + "/")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert f"{out}/summary.json" not in S3.keys(name, out + "/")           # it really was interrupted
+    run_curate(f"s3://{name}/corpus", f"s3://{name}/{out}", samples_per_shard=8, stages=STAGES,
+               output_options={"report": False})
+    clean = {k.rsplit("/", 1)[1]: _get(name, k) for k in S3.keys(name, "runs/a/shards/") if k.endswith(".tar")}
+    again = {k.rsplit("/", 1)[1]: _get(name, k) for k in S3.keys(name, f"{out}/shards/") if k.endswith(".tar")}
+    assert again == clean
+    assert layout.read_annotations(f"s3://{name}/{out}").equals(layout.read_annotations(runs["run"]))
+    assert not [k for k in S3.keys(name, out + "/") if "/_work/" in k] and S3.uploads(name) == []
+
+
+@pytest.mark.slow
+def test_a_video_folder_on_a_bucket_curates_like_the_local_folder(ray_local, bucket, tmp_path):
+    """Videos are probed and cut from the bucket (seekable range reads), clips land on it; the
+    clips, their rows and the table of videos are the local run's."""
+    from pipeline.synth import make_video_corpus
+
+    root = str(tmp_path / "videos")
+    make_video_corpus(root)
+    name = bucket[len("s3://"):]
+    local_in = str(tmp_path / "mirror")
+    _upload_tree(root, name, "videos", local_in)
+    stages = [{"name": "clips", "min_s": 1.0, "max_s": 4.0}, {"name": "motion"}]
+    remote = run_curate(f"{bucket}/videos", f"{bucket}/vrun", stages=stages, output_options={"videos_per_shard": 4})
+    local = run_curate(local_in, str(tmp_path / "vrun"), stages=stages, output_options={"videos_per_shard": 4})
+    assert (remote.inputs, remote.kept, remote.reasons, remote.videos) == (local.inputs, local.kept, local.reasons,
+                                                                            local.videos)
+    a = layout.read_annotations(f"{bucket}/vrun")
+    b = layout.read_annotations(str(tmp_path / "vrun"))
+    assert a.column("key").to_pylist() == b.column("key").to_pylist()
+    assert a.column("status").to_pylist() == b.column("status").to_pylist()
+    assert layout.read_videos(f"{bucket}/vrun").column("source").to_pylist() == \
+        layout.read_videos(str(tmp_path / "vrun")).column("source").to_pylist()
+    for shard in sorted(n for n in os.listdir(tmp_path / "vrun" / "shards") if n.endswith(".tar")):
+        assert _get(name, f"vrun/shards/{shard}") == (tmp_path / "vrun" / "shards" / shard).read_bytes(), shard
+
+
+@pytest.mark.slow
+def test_a_store_that_stops_for_20_s_mid_curate_loses_nothing(runs, tmp_path):
+    """The S3 server goes away for 20 s once the first fragments are written, then comes back: the
+    run waits (retries with backoff) and ends with the clean run's shards, nothing twice, nothing lost."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.helpers import killable_env
+
+    name, out = runs["bucket"], "runs/outage"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "curate", "input": {"path": f"s3://{name}/corpus"},
+                                    "output": {"path": f"s3://{name}/{out}", "samples_per_shard": 8, "report": False},
+                                    "stages": STAGES, "ray": {"block_rows": 2, "num_cpus": 2}}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "curate", str(spec)], cwd=root,
+                            env=killable_env(root), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not any("/_work/rows/" in k for k in S3.keys(name, out + "/")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before the outage"
+            time.sleep(0.02)
+        S3.stop()
+        time.sleep(20)
+        S3.start()
+        log, _ = proc.communicate(timeout=400)
+    finally:
+        S3.start()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log[-3000:]
+    clean = {k.rsplit("/", 1)[1]: _get(name, k) for k in S3.keys(name, "runs/a/shards/") if k.endswith(".tar")}
+    again = {k.rsplit("/", 1)[1]: _get(name, k) for k in S3.keys(name, f"{out}/shards/") if k.endswith(".tar")}
+    assert again == clean
+    assert layout.read_annotations(f"s3://{name}/{out}").equals(layout.read_annotations(runs["run"]))
+    assert S3.uploads(name) == [] and SECRET_KEY not in log
+
+
+def _files(root: str, skip: tuple[str, ...]) -> set[str]:
+    out = set()
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if not os.path.join(d, x).startswith(skip)]
+        out.update(os.path.join(d, n) for n in names)
+    return out
+
+
+@pytest.mark.slow
+def test_a_shared_nothing_cluster_curates_through_the_bucket_and_survives_a_lost_node(runs, tmp_path):
+    """A head and two worker nodes, each with its own scratch folder; input and output on the S3
+    server. No file appears outside the scratch folders (and Ray's own logs); one node removed once
+    the first fragments are on the bucket, and the run still ends with the single-node run's rows
+    and shards, byte for byte."""
+    import threading
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import SESSION_TMP
+
+    name = runs["bucket"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scratch = {n: str(tmp_path / n) for n in ("head", "node1", "node2")}
+    for d in scratch.values():
+        os.makedirs(d)
+    watched_skip = (os.path.join(root, ".git"), os.path.join(root, ".venv"), os.path.join(SESSION_TMP, "ray"),
+                    str(tmp_path))
+    before = _files(root, watched_skip) | _files(SESSION_TMP, watched_skip)
+
+    def env(n):
+        return {"WINNOW_SCRATCH": scratch[n], "TMPDIR": scratch[n]}
+
+    was = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env("head")})
+    try:
+        nodes = [cluster.add_node(num_cpus=1, env_vars=env(n)) for n in ("node1", "node2")]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+
+        def remove_after_first_rows():
+            while not any("/_work/rows/" in k for k in S3.keys(name, "runs/cluster/")):
+                time.sleep(0.05)
+            cluster.remove_node(nodes[-1], allow_graceful=False)
+
+        killer = threading.Thread(target=remove_after_first_rows, daemon=True)
+        killer.start()
+        cut = run_curate(f"s3://{name}/corpus", f"s3://{name}/runs/cluster", samples_per_shard=8, stages=STAGES,
+                         output_options={"report": False})
+        killer.join(timeout=60)
+        assert not killer.is_alive()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert (cut.inputs, cut.kept, cut.rejected) == (runs["remote"].inputs, runs["remote"].kept, runs["remote"].rejected)
+    clean = {k.rsplit("/", 1)[1]: _get(name, k) for k in S3.keys(name, "runs/a/shards/") if k.endswith(".tar")}
+    again = {k.rsplit("/", 1)[1]: _get(name, k) for k in S3.keys(name, "runs/cluster/shards/") if k.endswith(".tar")}
+    assert again == clean
+    assert layout.read_annotations(f"s3://{name}/runs/cluster").equals(layout.read_annotations(runs["run"]))
+    after = _files(root, watched_skip) | _files(SESSION_TMP, watched_skip)
+    new = sorted(f for f in after - before if not f.endswith((".pyc", ".ses")))
+    assert new == [], new[:10]                       # nothing outside the scratch folders and the bucket

@@ -225,6 +225,12 @@ def _open_source(path: str, storage_options: dict, policy: InputPolicy | None = 
     if not is_remote(path):
         yield check_local(path, policy or InputPolicy())
         return
+    if not storage_options:               # the process's store options (an endpoint) and retries
+        from pipeline.contract import storage
+
+        with storage.open_read(path) as src:
+            yield src
+        return
     import fsspec
 
     with fsspec.open(path, "rb", **storage_options).open() as src:

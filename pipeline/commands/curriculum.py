@@ -73,6 +73,9 @@ def parse(data: dict) -> CurriculumSpec:
     out = data.get("output") or {}
     if not isinstance(out, dict) or not out.get("path"):
         raise ConfigError("output.path: give the folder the curriculum writes (stages/, init/, final/)")
+    from pipeline.contract import storage
+
+    storage.require_local({"output.path": out.get("path")}, "winnow curriculum")
     stages_doc = data.get("stages")
     if not isinstance(stages_doc, list) or not stages_doc:
         raise ConfigError("stages: give a list of stages, each a train spec with a name")

@@ -29,12 +29,14 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections import Counter
 from typing import Any, Callable
 
 import pyarrow as pa
 
 from pipeline import adapter, readers
+from pipeline.contract import storage
 from pipeline.commands.curate_spec import CurateSpec
 from pipeline.contract.schema import PARTITION
 
@@ -62,6 +64,7 @@ class DryRunResult:
     projected_output_bytes: int
     gpu_hours: float
     notes: list[str]
+    store: dict = dataclasses.field(default_factory=dict)   # the output store's measured write and read rates (MB/s)
     print_json: bool = False        # how to print it (output.json), not part of it
 
     dry_run = True
@@ -84,11 +87,10 @@ def sample_plan(job: readers.Plan, n: int, per_shard: int) -> readers.Plan:
     return readers.Plan(table, job.format, dict(Counter(parts)), job.sidecars)
 
 
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
+def _tree_bytes(path: str, leave_out: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under ``path`` (a folder or a prefix on a store), but ``leave_out`` (names
+    directly under it)."""
+    return sum(e["bytes"] for e in storage.walk(path) if e["rel"] not in leave_out)
 
 
 def _annotate_model(trace: list[tuple[float, int]]) -> tuple[float, float, int]:
@@ -143,7 +145,11 @@ def bottleneck(table: list[dict]) -> str:
 
 def scratch_for(output: str) -> tuple[str, str | None]:
     """A fresh folder beside ``output`` (same storage, reachable from every node), never inside it;
-    and the parent folder when this made it (removed again afterwards if left empty)."""
+    and the parent folder when this made it (removed again afterwards if left empty). On a store:
+    a fresh prefix beside the output's."""
+    if storage.is_url(output):
+        out = output.rstrip("/")
+        return f"{out}.dry-run-{uuid.uuid4().hex[:8]}", None
     out = os.path.abspath(output)
     parent = os.path.dirname(out)
     made = None
@@ -156,6 +162,9 @@ def scratch_for(output: str) -> tuple[str, str | None]:
 
 
 def _remove_made(scratch: str, made: str | None) -> None:
+    if storage.is_url(scratch):
+        storage.remove_tree(scratch)              # keys this process wrote under its own fresh prefix
+        return
     shutil.rmtree(scratch, ignore_errors=True)   # made by this process
     if made:
         parent = os.path.dirname(scratch)
@@ -179,7 +188,7 @@ def run(spec: CurateSpec, log, curate: Curate) -> DryRunResult:
     sample = sample_plan(job, n, per_shard)
     scratch, made = scratch_for(spec.output.path)
     try:
-        out = os.path.join(scratch, "out")
+        out = storage.join(scratch, "out")
         sspec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=out, report=False, overwrite=False,
                                                                      keep_work=False),
                                     dry_run=dataclasses.replace(spec.dry_run, enabled=False),
@@ -192,14 +201,19 @@ def run(spec: CurateSpec, log, curate: Curate) -> DryRunResult:
         t = time.time()
         result = curate.run(sspec, log, job=sample, trace=trace)
         sample_wall = time.time() - t
-        out_bytes = _tree_bytes(out) - sum(os.path.getsize(os.path.join(out, f))
-                                           for f in curate.fixed_files
-                                           if os.path.isfile(os.path.join(out, f)))
+        out_bytes = _tree_bytes(out, tuple(curate.fixed_files))
+        store = storage.measure_rates(storage.join(scratch, "rates"))
     finally:
         _remove_made(scratch, made)
     shape = adapter.cluster_shape()
-    return project(spec, curate.steps, job.num_inputs, sample.num_inputs, unit, result, trace, plan_s, sample_wall,
-                   out_bytes, shape)
+    r = project(spec, curate.steps, job.num_inputs, sample.num_inputs, unit, result, trace, plan_s, sample_wall,
+                out_bytes, shape)
+    r.store = store
+    w = store["write_mb_s"]
+    r.notes.append(f"the output's store took {w:,.1f} MB/s written and {store['read_mb_s']:,.1f} MB/s read from "
+                   f"this node ({store['probe_mb']:g} MB probe): the projected output alone takes "
+                   f"{_human_s(r.projected_output_bytes / 1e6 / max(w, 1e-9))} to write from one node, less from several")
+    return r
 
 
 def project(spec: CurateSpec, steps: list, total: int, sampled: int, unit: str, result, trace, plan_s: float, sample_wall: float,
@@ -290,6 +304,9 @@ def format_summary(r: DryRunResult) -> str:
     for reason, f in r.reject_fractions.items():
         lines.append(f"    {reason:<22} {100 * f:>6.1f} %")
     lines.append(f"  output     about {_human_bytes(r.projected_output_bytes)}")
+    if r.store:
+        lines.append(f"  store      write {r.store['write_mb_s']:,.1f} MB/s, read {r.store['read_mb_s']:,.1f} MB/s "
+                     f"(measured from this node on the output's store)")
     if r.gpu_hours:
         lines.append(f"  GPU-hours  {r.gpu_hours:,.2f}")
     lines += [f"  note: {n}" for n in r.notes]

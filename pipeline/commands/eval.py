@@ -219,6 +219,11 @@ def plan(spec: EvalSpec) -> dict:
     """Check the arguments before any model loads; a ConfigError says what to change."""
     if bool(spec.images) == bool(spec.run):
         raise ConfigError("give either --run OUTPUT (sample a trained run) or --images DIR (score a folder)")
+    from pipeline.contract import storage
+
+    storage.require_local({"--images": spec.images, "--reference": spec.reference, "--run": spec.run,
+                           "--checkpoint": spec.checkpoint, "--prompts": spec.prompts, "--frames": spec.frames,
+                           "--out": spec.out, "--fid-weights": spec.fid_weights}, "winnow eval")
     if spec.images and not os.path.isdir(spec.images):
         raise ConfigError(f"--images: {spec.images!r} is not a folder of images")
     if spec.reference and not os.path.isdir(spec.reference):

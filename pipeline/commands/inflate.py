@@ -44,6 +44,9 @@ def from_args(args) -> InflateSpec:
 
 def plan(spec: InflateSpec) -> str:
     """The source folder; refuses a missing source or an output that is not empty (nothing is overwritten)."""
+    from pipeline.contract import storage
+
+    storage.require_local({"source": spec.source, "output": spec.output}, "winnow inflate")
     if not os.path.isdir(spec.source):
         raise ConfigError(f"source {spec.source!r} is not a folder; give a UNet or pipeline folder")
     if os.path.exists(spec.output) and (not os.path.isdir(spec.output) or os.listdir(spec.output)):

@@ -84,6 +84,9 @@ def parse(data: dict) -> StudySpec:
     data = dict(take_kind(data, "study"))
     spec = build(StudySpec, data)
     spec.doc = data
+    from pipeline.contract import storage
+
+    storage.require_local({k: v for k, v in vars(spec).items() if isinstance(v, str)}, "winnow study")
     rows = {r["cell"]: r for r in _cells_table(spec.sweep)}
     if spec.cells is None:
         spec.cells = [c for c, r in rows.items() if r["count"] >= spec.min_kept]

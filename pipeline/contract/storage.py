@@ -494,6 +494,44 @@ def abort_uploads(path: str) -> int:
     return n
 
 
+def walk(path: str) -> list[dict]:
+    """Every file under ``path``: ``{"path", "rel" (its top-level name under path), "bytes"}``."""
+    if not is_url(path):
+        out = []
+        for f in find(path):
+            out.append({"path": f, "rel": os.path.relpath(f, local(path)).split(os.sep, 1)[0],
+                        "bytes": os.path.getsize(f)})
+        return out
+    fs, p = filesystem(path)
+    try:
+        found = retry(fs.find, p, detail=True)
+    except FileNotFoundError:
+        return []
+    prefix, scheme = p.rstrip("/") + "/", protocol(path)
+    return [{"path": f"{scheme}://{k}", "rel": k[len(prefix):].split("/", 1)[0], "bytes": int(e.get("size") or 0)}
+            for k, e in sorted(found.items()) if k.startswith(prefix)]
+
+
+def measure_rates(folder: str, mb: int = 32) -> dict:
+    """Write ``mb`` MB under ``folder`` (streamed, as shards are), read it back, delete it: MB/s each way."""
+    chunk = os.urandom(1 << 20)
+    path = join(folder, f"rate-probe-{uuid.uuid4().hex[:8]}")
+    makedirs(folder)
+    t = time.perf_counter()
+    write_once(path, (chunk for _ in range(mb)))
+    w = time.perf_counter() - t
+    t = time.perf_counter()
+    with open_read(path) as fh:
+        while fh.read(8 << 20):
+            pass
+    r = time.perf_counter() - t
+    remove(path)
+    if not is_url(folder):
+        with contextlib.suppress(OSError):
+            os.rmdir(local(folder))
+    return {"probe_mb": mb, "write_mb_s": round(mb / max(w, 1e-9), 1), "read_mb_s": round(mb / max(r, 1e-9), 1)}
+
+
 # ---- node-local scratch ----
 
 def scratch_root() -> str:
@@ -514,6 +552,19 @@ def scratch(prefix: str = "winnow-") -> Iterator[str]:
 
 
 # ---- before a run: can the store be used? ----
+
+def require_local(paths: dict, command: str) -> None:
+    """Refuse, before any work, a URL where a command still needs a local path (``paths``: spec key
+    -> path or None), naming the key and what to do instead."""
+    from pipeline.contract.config import ConfigError
+
+    for key, path in paths.items():
+        if isinstance(path, str) and is_url(path):
+            raise ConfigError(f"{key} {path!r}: {command} reads and writes local paths only so far (curate, select, "
+                              f"sweep, report and train take s3:// and gs:// URLs); copy it to a local folder, or "
+                              f"give one")
+
+
 
 def check_writable(path: str, what: str) -> None:
     """Fail fast, in one line, when ``path`` on a store cannot be used: a missing bucket, an
@@ -563,6 +614,6 @@ def check_writable(path: str, what: str) -> None:
 
 __all__ = ["StorageError", "abort_uploads", "absolute", "arrow_filesystem", "check_options", "check_writable", "configure",
            "download", "exists", "files_in", "filesystem", "find", "is_inside", "is_url", "isdir", "isfile", "join",
-           "listdir", "listing", "local", "local_target", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
-           "read_text", "redact", "remove", "remove_tree", "retry", "scratch", "scratch_root", "secret_values", "stamp",
-           "upload", "write_once"]
+           "listdir", "listing", "local", "local_target", "measure_rates", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
+           "read_text", "redact", "remove", "remove_tree", "require_local", "retry", "scratch", "scratch_root", "secret_values", "stamp",
+           "upload", "walk", "write_once"]
