@@ -540,14 +540,12 @@ class LoadSource(Stage):
                     raw[i] = self._read(path, off, size, handles)
                     if off >= 0 and len(raw[i]) != size:
                         raise EOFError(f"shard ends {size - len(raw[i])} bytes early")
-                except InputRejected as exc:
-                    reject(batch, i, str(exc))
-                    continue
-                except FileNotFoundError:
-                    reject(batch, i, "missing_file: not found")
-                    continue
-                except (OSError, EOFError, ValueError, MemoryError) as exc:
-                    reject(batch, i, f"read_error: {type(exc).__name__}: {exc}")
+                except (InputRejected, OSError, EOFError, ValueError, MemoryError) as exc:
+                    if storage.transient(exc):
+                        raise     # the store did not answer within its retries: fail the task, lose no row
+                    reject(batch, i, str(exc) if isinstance(exc, InputRejected) else
+                           "missing_file: not found" if isinstance(exc, FileNotFoundError) else
+                           f"read_error: {type(exc).__name__}: {exc}")
                     continue
                 cref = caption_refs[i]
                 if cref:
@@ -579,7 +577,9 @@ class LoadSource(Stage):
                 _, off, size = ref.split(":")
                 return self._read(tar_path, int(off), int(size), handles)
             return self._read(ref, -1, -1, handles)
-        except (OSError, ValueError, InputRejected):
+        except (OSError, ValueError, InputRejected) as exc:
+            if storage.transient(exc):
+                raise     # a store that stays away fails the task rather than drop the caption
             return None
 
 

@@ -245,7 +245,7 @@ class VideoWindows(Stage):
     batch_size = 4
 
     def __call__(self, batch):
-        from pipeline.contract.inputs import InputRejected, decode_text, read_local
+        from pipeline.contract.inputs import InputRejected, decode_text, is_remote, read_local
         from pipeline.contract.schema import CAPTION_REF, PLAN_ERROR, REF_PATH
         from video.probe import ProbeError
 
@@ -257,8 +257,15 @@ class VideoWindows(Stage):
             base[VIDEO_KEY] = vk
             if row.get(CAPTION_REF):
                 try:
-                    base[CAPTION] = decode_text(read_local(row[CAPTION_REF], self.config.policy))
-                except (OSError, InputRejected):
+                    ref = row[CAPTION_REF]
+                    if is_remote(ref):     # a sidecar beside a video on a store, bounded like a local one
+                        from pipeline.contract import storage
+
+                        data = storage.read_bytes(ref, limit=self.config.policy.max_file_bytes)
+                    else:
+                        data = read_local(ref, self.config.policy)
+                    base[CAPTION] = decode_text(data)
+                except (OSError, ValueError, InputRejected):
                     base[CAPTION] = None
             elif isinstance(row.get(CAPTION), bytes):
                 base[CAPTION] = decode_text(row[CAPTION])

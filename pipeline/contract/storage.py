@@ -163,7 +163,7 @@ def filesystem(path: str):
     return fs, fs._strip_protocol(path)
 
 
-def _transient(exc: BaseException) -> bool:
+def transient(exc: BaseException) -> bool:
     """An error worth retrying: the store was unreachable or busy, not a wrong key or a denial."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return False
@@ -189,7 +189,7 @@ def retry(fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not _transient(exc) or time.monotonic() + delay > deadline:
+            if not transient(exc) or time.monotonic() + delay > deadline:
                 raise
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 10.0)
@@ -311,8 +311,40 @@ def open_read(path: str, ranged: bool = False) -> IO[bytes]:
         return open(local(path), "rb")
     fs, p = filesystem(path)
     if ranged:
-        return retry(fs.open, p, "rb", cache_type="none")
-    return retry(fs.open, p, "rb")
+        return _RetryingFile(retry(fs.open, p, "rb", cache_type="none"))
+    return _RetryingFile(retry(fs.open, p, "rb"))
+
+
+class _RetryingFile:
+    """A store's file whose reads wait out an unreachable store (``retry``): each read goes back to
+    the position it started from and asks again, so nothing is read twice or skipped."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def _read_at(self, pos: int, n: int) -> bytes:
+        self._fh.seek(pos)
+        return self._fh.read(n)
+
+    def read(self, n: int = -1) -> bytes:
+        return retry(self._read_at, self._fh.tell(), n)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+    def __iter__(self):
+        return iter(self._fh)
 
 
 def listing(path: str, suffix: str = "") -> list[dict]:
@@ -367,21 +399,18 @@ def write_once(path: str, data: bytes | bytearray | memoryview | Iterable[bytes]
             fh.flush()
             os.fsync(fh.fileno())
         return size
-    fs, p = filesystem(path)
     if isinstance(data, (bytes, bytearray, memoryview)):
+        fs, p = filesystem(path)
         retry(fs.pipe_file, p, bytes(data))
         return len(data)
-    fh = retry(fs.open, p, "wb", block_size=PART_BYTES)
-    size = 0
-    try:
-        for chunk in chunks:
-            size += len(chunk)
-            fh.write(chunk)
-    except BaseException:
-        _discard(fh)
-        raise
-    fh.close()
-    return size
+    # a stream cannot be replayed when the store drops the upload half way: spool it to this node's
+    # scratch first, so that each attempt uploads the whole file again
+    with scratch("winnow-spool-") as d:
+        tmp = os.path.join(d, "spool")
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+        return upload(tmp, path)
 
 
 def _discard(fh) -> None:
@@ -416,18 +445,32 @@ def local_target(path: str) -> Iterator[str]:
 
 
 def upload(src: str, path: str) -> int:
-    """Copy local file ``src`` to ``path`` under the commit rule (``write_once``)."""
+    """Copy local file ``src`` to ``path`` under the commit rule (``write_once``): one PUT, or a
+    multipart upload completed after its last part and aborted on any error; the whole upload is
+    retried while the store is unreachable."""
     size = os.path.getsize(src)
+    if not is_url(path):
+        with local_target(path) as tmp:
+            shutil.copyfile(src, tmp)
+        return size
     if size <= PART_BYTES:
         with open(src, "rb") as fh:
             return write_once(path, fh.read())
+    fs, p = filesystem(path)
 
-    def chunks():
-        with open(src, "rb") as fh:
-            while chunk := fh.read(PART_BYTES):
-                yield chunk
+    def attempt() -> int:
+        out = fs.open(p, "wb", block_size=PART_BYTES)
+        try:
+            with open(src, "rb") as fh:
+                while chunk := fh.read(PART_BYTES):
+                    out.write(chunk)
+            out.close()
+        except BaseException:
+            _discard(out)
+            raise
+        return size
 
-    return write_once(path, chunks())
+    return retry(attempt)
 
 
 def download(path: str, dest: str) -> str:
@@ -615,5 +658,5 @@ def check_writable(path: str, what: str) -> None:
 __all__ = ["StorageError", "abort_uploads", "absolute", "arrow_filesystem", "check_options", "check_writable", "configure",
            "download", "exists", "files_in", "filesystem", "find", "is_inside", "is_url", "isdir", "isfile", "join",
            "listdir", "listing", "local", "local_target", "measure_rates", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
-           "read_text", "redact", "remove", "remove_tree", "require_local", "retry", "scratch", "scratch_root", "secret_values", "stamp",
+           "read_text", "redact", "remove", "remove_tree", "require_local", "retry", "scratch", "scratch_root", "secret_values", "stamp", "transient",
            "upload", "walk", "write_once"]
