@@ -513,6 +513,12 @@ class LoadSource(Stage):
                 handles[path] = open(check_local(path, InputPolicy()), "rb")
             return _read_range(handles[path], off, size)
         if off < 0:
+            if not policy.storage_options:       # one GET, bounded
+                try:
+                    return storage.read_bytes(path, limit=policy.max_file_bytes)
+                except ValueError:
+                    raise InputRejected(f"too_large: more than input.max_file_bytes {policy.max_file_bytes} "
+                                        f"bytes") from None
             with self._open_remote(path) as fh:
                 return read_bounded(fh, policy.max_file_bytes)
         if path not in handles:

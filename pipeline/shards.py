@@ -131,9 +131,7 @@ def fragment_files(work_dir: str, partition: int | None = None) -> list[str]:
 def read_fragments(files: list[str], columns: list[str] | None = None) -> pa.Table | None:
     tables = []
     for f in files:
-        schema_names = layout.read_schema(f).names
-        cols = None if columns is None else [c for c in columns if c in schema_names]
-        tables.append(layout.read_table(f, columns=cols))
+        tables.append(layout.read_table(f, columns=columns, present=True))
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
@@ -172,8 +170,7 @@ class FragmentRows:
         """One table per fragment file, each key once over the whole stream, bounded memory."""
         seen: set[str] = set()
         for f in self.files:
-            names = layout.read_schema(f).names
-            table = layout.read_table(f, columns=[c for c in dict.fromkeys([KEY, *columns]) if c in names])
+            table = layout.read_table(f, columns=list(dict.fromkeys([KEY, *columns])), present=True)
             keys = table.column(KEY).to_pylist()
             mask = [k not in seen and k not in self.exclude for k in keys]
             seen.update(keys)

@@ -27,8 +27,10 @@ from tests.s3server import SERVER as S3  # noqa: E402
 S3.start().export()
 # What the suite may leave in it until the end (all of it goes with SESSION_TMP): pytest's numbered
 # folders (each test's tmp_path), Ray's session folders, torch's compile cache, and ".ses", the
-# session file that onnxruntime's built-in telemetry (under RapidOCR) writes into TMPDIR and keeps.
-EXPECTED_TMP = {f"pytest-of-{os.environ.get('USER') or 'root'}", "ray", "torchinductor", ".ses"}
+# session file that onnxruntime's built-in telemetry (under RapidOCR) writes into TMPDIR and keeps, and
+# "_ray_lockfiles", the lock folder Ray Train makes in RAY_TMPDIR when it restores a checkpoint from
+# object storage (ray.air._internal.filelock), and keeps.
+EXPECTED_TMP = {f"pytest-of-{os.environ.get('USER') or 'root'}", "ray", "torchinductor", ".ses", "_ray_lockfiles"}
 RAY_NAMES = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray/_private", "default_worker.py", "log_monitor",
              "monitor.py", "runtime_env/agent")
 

@@ -201,15 +201,21 @@ def _train(shards: str, out: str, **train):
     return trainer.run(trainspec.parse(spec), log=None)
 
 
+@pytest.fixture(scope="module")
+def bucket_train(runs):
+    """An uninterrupted 2-worker tiny-SD run from the bucket's shards to the bucket."""
+    return _train(runs["run"], f"s3://{runs['bucket']}/train/sd")
+
+
 @pytest.mark.slow
-def test_training_from_and_to_a_bucket_equals_the_local_run(runs, tmp_path):
+def test_training_from_and_to_a_bucket_equals_the_local_run(runs, bucket_train, tmp_path):
     """Shards on the bucket, every output on it (checkpoints through Ray Train's own storage, metrics,
     TensorBoard, samples, the exported pipeline): the losses and weights are the local run's."""
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import load_file
 
     name = runs["bucket"]
-    remote = _train(runs["run"], f"s3://{name}/train/sd")
+    remote = bucket_train
     local = _train(runs["local_out"], str(tmp_path / "sd"))
     assert [m["step"] for m in remote.metrics] == list(range(1, 7))
     assert [m["loss"] for m in remote.metrics] == [m["loss"] for m in local.metrics]
@@ -410,3 +416,77 @@ def test_a_shared_nothing_cluster_curates_through_the_bucket_and_survives_a_lost
     # winnow wrote; anything else new is
     new = sorted(f for f in after - before if not f.endswith((".pyc", ".ses")) and "/pymp-" not in f)
     assert new == [], new[:10]                       # nothing outside the scratch folders and the bucket
+
+
+@pytest.mark.slow
+def test_a_shared_nothing_cluster_trains_through_the_bucket_and_survives_a_lost_node(runs, bucket_train, tmp_path,
+                                                                                    kill_debris):
+    """A 0-CPU head and two 2-CPU nodes, each with its own scratch folder; shards and output on the
+    bucket. The node of a training worker is removed after checkpoint 3 is recorded (on the bucket);
+    with ray.max_failures 1 the group restarts on the node left from that checkpoint, read back from
+    the bucket, and ends with the uninterrupted run's losses and weights, bit for bit."""
+    import threading
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
+
+    name = runs["bucket"]
+    scratch = {n: str(tmp_path / n) for n in ("head", "node1", "node2")}
+    for d in scratch.values():
+        os.makedirs(d)
+
+    def env(n):
+        return {"WINNOW_SCRATCH": scratch[n], "TMPDIR": scratch[n]}
+
+    spec = trainspec.parse({"data": {"shards": [runs["run"]], "resolution": 96, "bucket_step": 32, "max_aspect": 2.0,
+                                     "workers": 2},
+                            "model": {"kind": "sd"},
+                            "train": {"batch_size": 2, "max_steps": 6, "checkpoint_every": 3, "log_every": 1,
+                                      "sample_prompts": ["a photo"], "sample_steps": 2},
+                            "ray": {"num_workers": 2, "max_failures": 1},
+                            "output": {"path": f"s3://{name}/train/lost"}})
+    snapshot = "train/lost/ray/train/checkpoint_manager_snapshot.json"
+    was = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env("head")})
+    result = {}
+    try:
+        nodes = [cluster.add_node(num_cpus=2, env_vars=env(n)) for n in ("node1", "node2")]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        def go():
+            try:
+                result["r"] = trainer.run(spec, log=None)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = exc
+
+        thread = threading.Thread(target=go)
+        thread.start()
+        deadline = time.time() + 300
+        while not (snapshot in S3.keys(name, "train/lost/ray/") and b"checkpoint_0000003" in _get(name, snapshot)):
+            assert thread.is_alive() and time.time() < deadline, result
+            time.sleep(0.1)
+        where = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+        cluster.remove_node(next(n for n in nodes if n.node_id in where), allow_graceful=False)
+        thread.join(timeout=600)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert "r" in result, result
+    s = result["r"].summary
+    assert s["steps"] == 6 and s["resumed_from"] in (3, 6) and s["world_size"] == 2
+    assert [m["loss"] for m in result["r"].metrics] == [m["loss"] for m in bucket_train.metrics]
+    from safetensors.torch import load as load_safetensors
+
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a = load_safetensors(_get(name, f"train/lost/final/{weights}"))
+    b = load_safetensors(_get(name, f"train/sd/final/{weights}"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

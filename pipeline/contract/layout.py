@@ -58,11 +58,15 @@ def read_schema(path: str) -> pa.Schema:
         return pq.read_schema(fh)
 
 
-def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
-    """One parquet file, local or on a store (one GET: winnow's parquet files are read whole)."""
-    if not storage.is_url(path):
-        return pq.read_table(storage.local(path), columns=columns)
-    return pq.read_table(pa.BufferReader(storage.read_bytes(path)), columns=columns)
+def read_table(path: str, columns: list[str] | None = None, present: bool = False) -> pa.Table:
+    """One parquet file, local or on a store (one GET: winnow's parquet files are read whole).
+    ``present``: read those of ``columns`` the file has (no error for the others)."""
+    source = storage.local(path) if not storage.is_url(path) else pa.BufferReader(storage.read_bytes(path))
+    if present and columns is not None:
+        f = pq.ParquetFile(source)
+        names = f.schema_arrow.names
+        return f.read(columns=[c for c in columns if c in names])
+    return pq.read_table(source, columns=columns)
 
 
 def annotation_columns(path: str) -> list[str]:

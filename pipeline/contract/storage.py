@@ -287,16 +287,11 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
         with open(local(path), "rb") as fh:
             data = fh.read() if limit is None else fh.read(limit + 1)
     else:
-        fs, p = filesystem(path)
-        data = retry(fs.cat_file, p) if limit is None else retry(_read_head, fs, p, limit + 1)
+        fs, p = filesystem(path)     # one GET (a ranged one with a limit), no HEAD first
+        data = retry(fs.cat_file, p) if limit is None else retry(fs.cat_file, p, start=0, end=limit + 1)
     if limit is not None and len(data) > limit:
         raise ValueError(f"{path}: more than {limit} bytes")
     return data
-
-
-def _read_head(fs, p: str, n: int) -> bytes:
-    with fs.open(p, "rb") as fh:
-        return fh.read(n)
 
 
 def read_text(path: str) -> str:
