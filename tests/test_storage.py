@@ -46,6 +46,9 @@ def test_listing_reads_the_same_on_disk_and_on_the_store(root):
     assert storage.listdir(storage.join(root, "nope")) == [] and storage.find(storage.join(root, "nope")) == []
     with pytest.raises(ValueError):
         storage.read_bytes(storage.join(root, "d.parquet"), limit=3)
+    storage.write_once(storage.join(root, "empty"), b"")       # a ranged read of nothing is nothing
+    assert storage.read_bytes(storage.join(root, "empty"), limit=10) == b"" == storage.read_bytes(storage.join(root, "empty"))
+    storage.remove(storage.join(root, "empty"))
     with storage.open_read(storage.join(root, "d.parquet")) as fh:
         fh.seek(2)
         assert fh.read(1) == b"d"

@@ -288,10 +288,22 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
             data = fh.read() if limit is None else fh.read(limit + 1)
     else:
         fs, p = filesystem(path)     # one GET (a ranged one with a limit), no HEAD first
-        data = retry(fs.cat_file, p) if limit is None else retry(fs.cat_file, p, start=0, end=limit + 1)
+        data = retry(fs.cat_file, p) if limit is None else retry(_cat_head, fs, p, limit + 1)
     if limit is not None and len(data) > limit:
         raise ValueError(f"{path}: more than {limit} bytes")
     return data
+
+
+def _cat_head(fs, p: str, n: int) -> bytes:
+    """The first ``n`` bytes of an object by one ranged GET; an empty object answers a range with
+    "not satisfiable" (HTTP 416), so that error on an object of size 0 is its empty content."""
+    try:
+        return fs.cat_file(p, start=0, end=n)
+    except OSError as exc:
+        if "not satisfiable" in str(exc) or "InvalidRange" in str(exc):
+            if int(fs.info(p).get("size") or 0) == 0:
+                return b""
+        raise
 
 
 def read_text(path: str) -> str:
