@@ -44,19 +44,20 @@ def kill_at_checkpoint(proc, run_dir: str, step: int, timeout: float = 240) -> N
     import signal
     import time
 
-    snapshot = os.path.join(run_dir, "ray", "train", "checkpoint_manager_snapshot.json")
+    from pipeline.contract import storage
+
+    snapshot = storage.join(run_dir, "ray", "train", "checkpoint_manager_snapshot.json")
     deadline = time.time() + timeout
 
     def registered() -> bool:
         try:
-            with open(snapshot) as fh:
-                return f"checkpoint_{step:07d}" in fh.read()
-        except OSError:
+            return f"checkpoint_{step:07d}" in storage.read_text(snapshot)
+        except (OSError, UnicodeDecodeError):
             return False
 
     while not registered():
         assert proc.poll() is None and time.time() < deadline, f"the run ended before the step-{step} checkpoint"
-        time.sleep(0.01)
+        time.sleep(0.05 if storage.is_url(run_dir) else 0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 

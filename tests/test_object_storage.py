@@ -176,17 +176,61 @@ def test_a_dry_run_to_a_bucket_measures_the_store_and_leaves_nothing(runs, tmp_p
     assert S3.keys(name) == before and S3.uploads(name) == [] and os.listdir(tmp_path) == []
 
 
-def test_commands_that_still_need_local_folders_refuse_urls_first(bucket):
+def test_bucket_models_and_folders_are_checked_before_any_work(bucket):
+    """A pipeline, checkpoint or eval folder on the bucket is checked as a local one is, before Ray
+    starts; the latent cache, whose actors share memory-mapped files, still needs a shared output."""
     from pipeline.commands import eval as evaluate
+    from pipeline.commands import inflate
     from training import train_spec
 
-    with pytest.raises(ConfigError, match=r"--run 's3://.*winnow eval reads and writes local paths only"):
-        evaluate.plan(evaluate.EvalSpec(run=f"{bucket}/train"))
+    name = bucket.split("://", 1)[1]
+    c = S3.client()
+    c.put_object(Bucket=name, Key="sd15/unet/config.json", Body=b"{}")
+    c.put_object(Bucket=name, Key="ckpt/meta.json", Body=b"{}")
     spec = {"data": {"shards": [f"{bucket}/run"]}, "model": {"kind": "sd"}, "output": {"path": f"{bucket}/t"}}
     with pytest.raises(ConfigError, match="data.cache: not yet with output.path on object storage"):
         train_spec.parse({**spec, "data": {**spec["data"], "cache": True, "random_crop": False}}, check_paths=False)
-    with pytest.raises(ConfigError, match="model.pretrained 's3://"):
-        train_spec.parse({**spec, "model": {"kind": "sd", "pretrained": f"{bucket}/sd15"}}, check_paths=False)
+    with pytest.raises(ConfigError, match=rf"model.pretrained: '{bucket}/sd15' has no model_index.json"):
+        train_spec.parse({**spec, "model": {"kind": "sd", "pretrained": f"{bucket}/sd15"}})
+    c.put_object(Bucket=name, Key="sd15/model_index.json", Body=b"{}")
+    with pytest.raises(ConfigError, match=r"lacks vae, text_encoder, tokenizer, scheduler/ needed"):
+        train_spec.parse({**spec, "model": {"kind": "sd", "pretrained": f"{bucket}/sd15"}})
+    with pytest.raises(ConfigError, match=rf"optim.init_state: '{bucket}/ckpt' has no state.json"):
+        train_spec.parse({**spec, "optim": {"init_state": f"{bucket}/ckpt"}})
+    with pytest.raises(ConfigError, match=rf"--prompts: '{bucket}/prompts.txt' is neither a text file"):
+        evaluate.plan(evaluate.EvalSpec(images=f"{bucket}/sd15", prompts=f"{bucket}/prompts.txt"))
+    with pytest.raises(ConfigError, match=rf"--run: '{bucket}/t' has no train_spec.yaml"):
+        c.put_object(Bucket=name, Key="prompts.txt", Body=b"a photo\n")
+        evaluate.plan(evaluate.EvalSpec(run=f"{bucket}/t", prompts=f"{bucket}/prompts.txt"))
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        inflate.plan(inflate.InflateSpec(f"{bucket}/sd15", f"{bucket}/sd15"))
+    assert S3.uploads(name) == []
+
+
+def test_inflate_from_a_bucket_to_a_bucket_writes_the_local_folder(bucket, tmp_path):
+    """`winnow inflate` with the image pipeline and the output on the bucket writes the same files,
+    byte for byte, as the local command on a local copy."""
+    import torch
+
+    from pipeline.commands import inflate
+    from training.families import get
+
+    name = bucket.split("://", 1)[1]
+    comps = get("sd").tiny(0, str(tmp_path / "scratch"))
+    get("sd").export(comps, comps.unet, str(tmp_path / "sd"))
+    assert storage.copy_tree(str(tmp_path / "sd"), f"{bucket}/models/sd") > 5
+    torch.manual_seed(0)                  # the new temporal layers start from the global generator
+    remote = inflate.run(inflate.InflateSpec(f"{bucket}/models/sd", f"{bucket}/models/svd", 8, 6))
+    torch.manual_seed(0)
+    local = inflate.run(inflate.InflateSpec(str(tmp_path / "sd"), str(tmp_path / "svd"), 8, 6))
+    assert remote["counts"] == local["counts"] and remote["output"] == f"{bucket}/models/svd"
+    want = {os.path.relpath(f, tmp_path / "svd"): open(f, "rb").read() for f in storage.find(str(tmp_path / "svd"))}
+    got = {k[len("models/svd/"):]: _get(name, k) for k in S3.keys(name, "models/svd/")}
+    info = {k: json.loads(v.pop("inflation.json")) for k, v in (("remote", got), ("local", want))}
+    assert info["remote"].pop("source") == f"{bucket}/models/sd"            # the source as the user named it
+    assert info["local"].pop("source") == str(tmp_path / "sd") and info["remote"] == info["local"]
+    assert got == want and {"diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= set(got)
+    assert S3.uploads(name) == []
 
 
 def _train(shards: str, out: str, **train):

@@ -202,7 +202,10 @@ def carry_optimizer(folder: str, optimizer, params: list) -> int:
     JSON are read."""
     import torch
 
-    saved = load_state(folder).get("optimizer")
+    from pipeline.contract import storage
+
+    with storage.local_copy(folder) as local:      # a checkpoint on a store: this node's copy
+        saved = load_state(local).get("optimizer")
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         raise CheckpointError(f"{folder}: state.json has no optimizer state")
     state = saved["state"]

@@ -34,56 +34,73 @@ class RunModel:
 
 
 def run_spec(run: str):
-    from pipeline.contract.config import load_yaml
+    import yaml
+
+    from pipeline.contract import storage
     from training import train_spec
 
-    path = os.path.join(run, "train_spec.yaml")
-    if not os.path.isfile(path):
+    path = storage.join(run, "train_spec.yaml")
+    if not storage.isfile(path):
         raise ConfigError(f"--run: {run!r} has no train_spec.yaml; give a `winnow train` output folder")
-    data = load_yaml(path)
+    data = yaml.safe_load(storage.read_text(path))
     data.pop("fingerprint", None)
     return train_spec.parse(data, check_paths=False)
 
 
 def weights_of(run: str, checkpoint: str | None = None) -> str:
     """Which weights ``load_run`` would take, or a ConfigError saying what is missing."""
+    from pipeline.contract import storage
+
     if checkpoint:
-        if not os.path.isfile(os.path.join(checkpoint, "state.json")):
+        if not storage.isfile(storage.join(checkpoint, "state.json")):
             raise ConfigError(f"--checkpoint: {checkpoint!r} has no state.json; give a checkpoint folder "
                               f"(OUTPUT/ray/train/checkpoint_NNNNNNN)")
         return "checkpoint"
-    if os.path.isfile(os.path.join(run, "final", "model_index.json")):
+    if storage.isfile(storage.join(run, "final", "model_index.json")):
         return "final"
-    if os.path.isfile(os.path.join(run, "lora", "pytorch_lora_weights.safetensors")):
+    if storage.isfile(storage.join(run, "lora", "pytorch_lora_weights.safetensors")):
         return "lora"
     raise ConfigError(f"--run: {run!r} has neither final/ nor lora/ (has the run finished?); give --checkpoint "
-                      f"{os.path.join(run, 'ray', 'train', 'checkpoint_NNNNNNN')} to evaluate an unfinished run")
+                      f"{storage.join(run, 'ray', 'train', 'checkpoint_NNNNNNN')} to evaluate an unfinished run")
 
 
 def _base(spec, run: str) -> str:
-    return spec.model.pretrained or os.path.join(run, "base")
+    from pipeline.contract import storage
+
+    return spec.model.pretrained or storage.join(run, "base")
 
 
 def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None) -> RunModel:
-    import tempfile
-
+    from pipeline.contract import storage
     from training import families
-    from training.checkpoint import load_json, load_state, load_tensors
-    from training.lora import AdapterWeights, add_lora, load_adapter
+    from training.lora import load_adapter
 
     spec = run_spec(run)
     family = families.get(spec.model.kind)
     what = weights_of(run, checkpoint)
     m = spec.model
-    if what == "final":
-        return RunModel(spec, family, family.load(os.path.join(run, "final")), f"{run}/final")
+    if what == "final":        # a run on a store: its pipeline is read from this node's copy
+        with storage.local_copy(storage.join(run, "final")) as final:
+            return RunModel(spec, family, family.load(final), f"{run}/final")
     if what == "lora":
         base = _base(spec, run)
-        comps = family.load(base) if os.path.isdir(base) or m.pretrained else None
-        if comps is None:
+        if not (m.pretrained or storage.isdir(base)):
             raise ConfigError(f"--run: the LoRA's base {base!r} is missing")
-        load_adapter(comps.unet, os.path.join(run, "lora"))
+        with storage.local_copy(base) as local_base, storage.local_copy(storage.join(run, "lora")) as adapter:
+            comps = family.load(local_base)
+            load_adapter(comps.unet, adapter)
         return RunModel(spec, family, comps, f"{run}/lora on {base}")
+    with storage.local_copy(checkpoint) as local:
+        return _load_checkpoint(spec, family, local, checkpoint, scratch)
+
+
+def _load_checkpoint(spec, family, checkpoint: str, name: str, scratch: str | None) -> RunModel:
+    import tempfile
+
+    from training.checkpoint import load_json, load_state, load_tensors
+    from training.lora import AdapterWeights, add_lora
+
+    m = spec.model
     own = scratch is None
     scratch = scratch or tempfile.mkdtemp(prefix="winnow-eval-")
     try:                       # the preset's tokenizer passes through it and is read into memory
@@ -108,7 +125,7 @@ def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None
         comps.unet.load_state_dict(weights)
     meta = os.path.join(checkpoint, "meta.json")
     step = load_json(meta).get("step") if os.path.isfile(meta) else "?"
-    return RunModel(spec, family, comps, f"{checkpoint} (step {step})")
+    return RunModel(spec, family, comps, f"{name} (step {step})")
 
 
 def _eval_mode(comps) -> None:

@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.contract import layout, storage
 from pipeline.contract import tar as tars

@@ -186,7 +186,6 @@ def _clip_loader(spec: TrainSpec, config: dict, index, cursor: Cursor, rank: int
 
 def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int, device):
     """(the rank's BucketLoader, the bucket list, the cache's empty-caption embeddings)."""
-    import pyarrow.parquet as pq
     import torch
 
     from training.index import bucket_ids

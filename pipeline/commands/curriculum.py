@@ -27,7 +27,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError, apply_overrides, load_yaml, take_kind
 
 NAME = "curriculum"
@@ -73,9 +73,7 @@ def parse(data: dict) -> CurriculumSpec:
     out = data.get("output") or {}
     if not isinstance(out, dict) or not out.get("path"):
         raise ConfigError("output.path: give the folder the curriculum writes (stages/, init/, final/)")
-    from pipeline.contract import storage
-
-    storage.require_local({"output.path": out.get("path")}, "winnow curriculum")
+    storage.check_writable(out["path"], "output.path")
     stages_doc = data.get("stages")
     if not isinstance(stages_doc, list) or not stages_doc:
         raise ConfigError("stages: give a list of stages, each a train spec with a name")
@@ -109,7 +107,7 @@ def parse(data: dict) -> CurriculumSpec:
 
 
 def _stage_dir(spec: CurriculumSpec, st: Stage) -> str:
-    return os.path.join(spec.output, "stages", f"{st.index + 1:02d}_{st.name}")
+    return storage.join(spec.output, "stages", f"{st.index + 1:02d}_{st.name}")
 
 
 def _train_spec(spec: CurriculumSpec, st: Stage, init_path: str | None, check_paths: bool = False):
@@ -123,7 +121,7 @@ def _train_spec(spec: CurriculumSpec, st: Stage, init_path: str | None, check_pa
     if init_path:
         doc.setdefault("model", {})["pretrained"] = init_path
         if st.optimizer == "carry":
-            doc.setdefault("optim", {})["init_state"] = os.path.join(init_path, OPTIMIZER_STATE)
+            doc.setdefault("optim", {})["init_state"] = storage.join(init_path, OPTIMIZER_STATE)
     try:
         return train_spec.parse(doc, check_paths=check_paths)
     except ConfigError as exc:
@@ -138,7 +136,7 @@ def plan(spec: CurriculumSpec) -> list[dict]:
     for st in spec.stages:
         init_dir = None
         if st.init:
-            init_dir = os.path.join(os.path.abspath(spec.output), "init", f"{st.index + 1:02d}_{prev['fingerprint']}")
+            init_dir = storage.join(storage.absolute(spec.output), "init", f"{st.index + 1:02d}_{prev['fingerprint']}")
         ts = _train_spec(spec, st, init_dir)
         if st.init:
             _check_transition(st, families.get(prev["spec"].model.kind), families.get(ts.model.kind))
@@ -178,80 +176,94 @@ def _finished(run_dir: str, ts) -> bool:
     import yaml
 
     try:
-        with open(os.path.join(run_dir, "train_spec.yaml"), encoding="utf-8") as fh:
-            fp = (yaml.safe_load(fh) or {}).get("fingerprint")
-        with open(os.path.join(run_dir, layout.SUMMARY_FILE), encoding="utf-8") as fh:
-            steps = json.load(fh).get("steps")
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        fp = (yaml.safe_load(storage.read_text(storage.join(run_dir, "train_spec.yaml"))) or {}).get("fingerprint")
+        steps = json.loads(storage.read_text(storage.join(run_dir, layout.SUMMARY_FILE))).get("steps")
+    except OSError as exc:
+        if storage.transient(exc):
+            raise
         return False
-    return fp == ts.fingerprint() and steps == ts.train.max_steps and os.path.isdir(os.path.join(run_dir, "final"))
+    except (ValueError, yaml.YAMLError, AttributeError):
+        return False
+    return fp == ts.fingerprint() and steps == ts.train.max_steps and storage.isdir(storage.join(run_dir, "final"))
 
 
 def build_init(prev: dict, cur: dict, log) -> dict:
-    """Write the pipeline folder the stage starts from (once; a finished one is reused)."""
-    import tempfile
-
+    """Write the pipeline folder the stage starts from (once; a finished one is reused). Locally it
+    is built under a temporary name and renamed; on a store its files are written one by one,
+    ``model_index.json`` (what marks it complete) last."""
     from training import families
 
     folder = cur["init"]
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
+    if storage.isfile(storage.join(folder, "model_index.json")):
         return {"reused": folder}
     before, now = families.get(prev["spec"].model.kind), families.get(cur["spec"].model.kind)
-    source = os.path.join(prev["dir"], "final")
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    source = storage.join(prev["dir"], "final")
+    on_store = storage.is_url(folder)
+    tmp = folder if on_store else folder + ".tmp"
+    if not on_store:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
     if before.name == now.name:
-        shutil.copytree(source, tmp)                 # the same model: its final pipeline as it is
         report = {"copied": source}
         if cur["stage"].optimizer == "carry":
             last = _last_checkpoint(prev["dir"])
-            os.makedirs(os.path.join(tmp, OPTIMIZER_STATE))
             for name in ("state.json", "state.safetensors"):
-                shutil.copyfile(os.path.join(last, name), os.path.join(tmp, OPTIMIZER_STATE, name))
+                storage.copy(storage.join(last, name), storage.join(tmp, OPTIMIZER_STATE, name))
             report["optimizer_from"] = last
+        storage.copy_tree(source, tmp, last=("model_index.json",))   # the same model: its final pipeline as it is
     else:
-        from training.inflate import inflate_source, widen_source, write_summary
-
-        m = cur["spec"].model
-        with tempfile.TemporaryDirectory(prefix="winnow-init-") as scratch:
-            base = cur["stage"].doc.get("model", {}).get("pretrained")   # where the parts not carried over come from
-            comps = now.components(base, m.allow_download, m.seed, scratch, None)
-            cfg = comps.unet.config
-            if before.clips:                         # text-to-video -> image-to-video: conv_in widened
-                unet, vae, summary = widen_source(source, now.in_channels)
-            else:                                    # image -> video: inflated (frames and time embedding as this stage's model)
-                unet, vae, summary = inflate_source(source, now.in_channels, cfg.num_frames, cfg.addition_time_embed_dim)
-                summary["inherited"] = now.inherit(comps, source)
-            if unet.config.cross_attention_dim != cfg.cross_attention_dim:
-                raise ConfigError(f"stages[{cur['stage'].index}] ({cur['stage'].name}): the stage before's UNet attends "
-                                  f"to {unet.config.cross_attention_dim}-wide context, this stage's conditioning is "
-                                  f"{cfg.cross_attention_dim} wide; use models of one width (SD 2.1 and SVD: 1024)")
-            if base:                                 # a VAE the stage names wins (SVD's fine-tuned temporal decoder)
-                summary.setdefault("vae", {})["using"] = f"model.pretrained's ({base})"
-            elif vae is not None:                    # else the source's, inflated or as trained
-                comps.vae = vae
-            else:                                    # else the tiny preset's (the image VAE could not be inflated)
-                summary.setdefault("vae", {})["using"] = "the video stage's preset VAE"
-            now.export(comps, unet, tmp)
-        write_summary(tmp, summary)
-        report = {"widened" if before.clips else "inflated": source, "counts": summary["counts"]}
-    os.replace(tmp, folder)
+        report = _transform(prev, cur, before, now, source, tmp)
+    if not on_store:
+        os.replace(tmp, folder)
     if log:
         print(f"curriculum: stage {cur['stage'].name} starts from {folder} ({json.dumps(report)})", file=log)
     return report
 
 
+def _transform(prev: dict, cur: dict, before, now, source: str, target: str) -> dict:
+    """The previous stage's final pipeline inflated (image -> video) or widened (text -> image-to-video)
+    into ``target``, built in this node's scratch."""
+    from training.inflate import inflate_source, widen_source, write_summary
+
+    m = cur["spec"].model
+    with storage.scratch("winnow-init-") as scratch, storage.local_copy(source) as local_source:
+        built = os.path.join(scratch, "built") if storage.is_url(target) else target
+        source = local_source
+        base = cur["stage"].doc.get("model", {}).get("pretrained")   # where the parts not carried over come from
+        comps = now.components(base, m.allow_download, m.seed, scratch, None)
+        cfg = comps.unet.config
+        if before.clips:                         # text-to-video -> image-to-video: conv_in widened
+            unet, vae, summary = widen_source(source, now.in_channels)
+        else:                                    # image -> video: inflated (frames and time embedding as this stage's model)
+            unet, vae, summary = inflate_source(source, now.in_channels, cfg.num_frames, cfg.addition_time_embed_dim)
+            summary["inherited"] = now.inherit(comps, source)
+        if unet.config.cross_attention_dim != cfg.cross_attention_dim:
+            raise ConfigError(f"stages[{cur['stage'].index}] ({cur['stage'].name}): the stage before's UNet attends "
+                              f"to {unet.config.cross_attention_dim}-wide context, this stage's conditioning is "
+                              f"{cfg.cross_attention_dim} wide; use models of one width (SD 2.1 and SVD: 1024)")
+        if base:                                 # a VAE the stage names wins (SVD's fine-tuned temporal decoder)
+            summary.setdefault("vae", {})["using"] = f"model.pretrained's ({base})"
+        elif vae is not None:                    # else the source's, inflated or as trained
+            comps.vae = vae
+        else:                                    # else the tiny preset's (the image VAE could not be inflated)
+            summary.setdefault("vae", {})["using"] = "the video stage's preset VAE"
+        now.export(comps, unet, built)
+        summary["source"] = storage.absolute(storage.join(prev["dir"], "final"))   # not this node's copy of it
+        write_summary(built, summary)
+        if built != target:
+            storage.copy_tree(built, target, last=("model_index.json",))
+    return {"widened" if before.clips else "inflated": storage.join(prev["dir"], "final"), "counts": summary["counts"]}
+
+
 def _last_checkpoint(run_dir: str) -> str:
     """The newest checkpoint folder of a finished train run (its last step is always checkpointed)."""
-    import glob
-
     from pipeline.commands.train import RUN_NAME
 
-    found = sorted(glob.glob(os.path.join(run_dir, "ray", RUN_NAME, "checkpoint_*")))
+    runs = storage.join(run_dir, "ray", RUN_NAME)
+    found = [n for n in storage.listdir(runs) if n.startswith("checkpoint_")]
     if not found:
         raise ConfigError(f"{run_dir}: no checkpoint to carry the optimizer from (ray/{RUN_NAME}/checkpoint_*)")
-    return found[-1]
+    return storage.join(runs, found[-1])
 
 
 @dataclass
@@ -266,7 +278,7 @@ def run(spec: CurriculumSpec, log=sys.stderr) -> CurriculumResult:
 
     steps = plan(spec)
     fp = layout.fingerprint([s["stage"].name for s in steps])
-    layout.claim_output(spec.output, os.path.join(spec.output, SPEC_FILE), fp, spec.doc, spec.overwrite,
+    layout.claim_output(spec.output, storage.join(spec.output, SPEC_FILE), fp, spec.doc, spec.overwrite,
                         "curriculum", "the stage names", ENTRIES, "curriculum",
                         {f"stages[{i}].data.shards[{j}]": p for i, s in enumerate(steps)
                          for j, p in enumerate(s["spec"].data.shards)})
@@ -286,12 +298,16 @@ def run(spec: CurriculumSpec, log=sys.stderr) -> CurriculumResult:
         results.append({"name": st.name, "dir": s["dir"], "skipped": False, "steps": r.summary["steps"],
                         "resumed_from": r.summary["resumed_from"],
                         "last_loss": r.metrics[-1]["loss"] if r.metrics else None})
-    final = os.path.join(spec.output, "final")
-    last = os.path.join(steps[-1]["dir"], "final")
-    shutil.rmtree(final + ".tmp", ignore_errors=True)
-    shutil.copytree(last, final + ".tmp")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(final + ".tmp", final)
+    final = storage.join(spec.output, "final")
+    last = storage.join(steps[-1]["dir"], "final")
+    if storage.is_url(final):                       # no rename on a store: replaced file by file, the index last
+        storage.remove_tree(final)
+        storage.copy_tree(last, final, last=("model_index.json",))
+    else:
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        shutil.copytree(last, final + ".tmp")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(final + ".tmp", final)
     return CurriculumResult(spec.output, results, final)
 
 

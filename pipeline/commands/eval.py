@@ -98,30 +98,47 @@ class EvalResult:
 
 # ---- reading images ----
 
+def _walk_order(rel: str) -> tuple:
+    """A sort key that lists a folder's own files before its sub-folders, each by name (``os.walk``'s
+    top-down order), for a local folder and a store's flat key list alike."""
+    *dirs, leaf = rel.split("/")
+    return (*((1, d) for d in dirs), (0, leaf))
+
+
 def _files(root: str, limit: int) -> list[str]:
-    out = []
-    for d, dirs, fs in os.walk(root):
-        dirs.sort()
-        out += [os.path.join(d, f) for f in sorted(fs) if not f.lower().endswith(TEXT_SUFFIXES)]
-    return out[:limit]
+    from pipeline.contract import storage
+
+    found = [f for f in storage.find(root) if not f.lower().endswith(TEXT_SUFFIXES)]
+    return sorted(found, key=lambda f: _walk_order(_rel(f, root)))[:limit]
+
+
+def _rel(path: str, root: str) -> str:
+    """``path`` relative to ``root``, with ``/`` separators (local folder or store)."""
+    from pipeline.contract import storage
+
+    if storage.is_url(root):
+        return path[len(root.rstrip("/")) + 1:]
+    return os.path.relpath(path, root).replace(os.sep, "/")
 
 
 def is_shard_set(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "shards")) and not os.path.isfile(os.path.join(path, "train_spec.yaml"))
+    from pipeline.contract import storage
+
+    return storage.isdir(storage.join(path, "shards")) and not storage.isfile(storage.join(path, "train_spec.yaml"))
 
 
 def _shard_members(root: str, limit: int, skipped: dict):
     """(name, bytes) of the image members of a shard set's tars, read without extracting anything."""
-    import glob
     import tarfile
 
+    from pipeline.contract import storage
     from pipeline.contract.inputs import InputPolicy
     from pipeline.contract.schema import IMAGE_EXTENSIONS
 
     cap, n = InputPolicy().max_file_bytes, 0
-    for path in sorted(glob.glob(os.path.join(root, "shards", "*.tar"))):
-        try:
-            with tarfile.open(path) as tf:
+    for path in storage.files_in(storage.join(root, "shards"), ".tar"):
+        try:                                # read as a stream: one pass, nothing extracted
+            with storage.open_read(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
                 for m in tf:
                     if not m.name.lower().endswith(IMAGE_EXTENSIONS):
                         continue
@@ -129,7 +146,7 @@ def _shard_members(root: str, limit: int, skipped: dict):
                         skipped["not_a_regular_file" if not m.isreg() else "too_large"] = \
                             skipped.get("not_a_regular_file" if not m.isreg() else "too_large", 0) + 1
                         continue
-                    yield f"{os.path.basename(path)}/{m.name}", tf.extractfile(m).read()
+                    yield f"{storage.name(path)}/{m.name}", tf.extractfile(m).read()
                     n += 1
                     if n >= limit:
                         return
@@ -143,14 +160,17 @@ def _sources(root: str, limit: int, skipped: dict):
     if is_shard_set(root):
         yield from _shard_members(root, limit, skipped)
         return
-    from pipeline.contract.inputs import InputPolicy, InputRejected, read_local
+    from pipeline.contract import storage
+    from pipeline.contract.inputs import InputPolicy, InputRejected, read_file
 
-    policy = InputPolicy(root=os.path.realpath(root))
+    policy = InputPolicy(root=None if storage.is_url(root) else os.path.realpath(root))
     for path in _files(root, limit):
         try:
-            yield os.path.relpath(path, root), read_local(path, policy)
+            yield _rel(path, root), read_file(path, policy)
         except (InputRejected, OSError) as exc:
-            yield os.path.relpath(path, root), exc
+            if storage.transient(exc):      # the store is away past the retries: stop, do not miscount
+                raise
+            yield _rel(path, root), exc
 
 
 def read_images(root: str, limit: int, skipped: dict):
@@ -198,18 +218,15 @@ def image_batches(root: str, limit: int, batch: int, skipped: dict):
 
 def read_prompts(source: str, limit: int) -> list[str]:
     """A text file's prompts, or a shard set's kept captions (sorted by key)."""
-    if os.path.isdir(source):
-        import glob
+    from pipeline.contract import layout, storage
 
-        import pyarrow.parquet as pq
-
+    if storage.isdir(source):
         rows = []
-        for path in sorted(glob.glob(os.path.join(source, "shards", "*.parquet"))):
-            t = pq.read_table(path, columns=["key", "caption", "status"]).to_pylist()
+        for path in storage.files_in(storage.join(source, "shards"), ".parquet"):
+            t = layout.read_table(path, columns=["key", "caption", "status"]).to_pylist()
             rows += [(r["key"], r["caption"].strip()) for r in t if r["status"] == "kept" and (r["caption"] or "").strip()]
         return [c for _, c in sorted(rows)][:limit]
-    with open(source, encoding="utf-8", errors="replace") as fh:
-        lines = [line.strip() for line in fh]
+    lines = [line.strip() for line in storage.read_bytes(source).decode("utf-8", errors="replace").splitlines()]
     return [line for line in lines if line and not line.startswith("#")][:limit]
 
 
@@ -221,24 +238,31 @@ def plan(spec: EvalSpec) -> dict:
         raise ConfigError("give either --run OUTPUT (sample a trained run) or --images DIR (score a folder)")
     from pipeline.contract import storage
 
-    storage.require_local({"--images": spec.images, "--reference": spec.reference, "--run": spec.run,
-                           "--checkpoint": spec.checkpoint, "--prompts": spec.prompts, "--frames": spec.frames,
-                           "--out": spec.out, "--fid-weights": spec.fid_weights}, "winnow eval")
-    if spec.images and not os.path.isdir(spec.images):
+    for key, path in (("--images", spec.images), ("--reference", spec.reference), ("--run", spec.run),
+                      ("--checkpoint", spec.checkpoint), ("--prompts", spec.prompts), ("--frames", spec.frames),
+                      ("--fid-weights", spec.fid_weights)):
+        if path and storage.is_url(path):
+            try:
+                storage.exists(path)
+            except Exception as exc:  # noqa: BLE001 - a store that cannot be reached, in one line
+                raise ConfigError(f"{key} {path!r}: {storage.redact(str(exc)).splitlines()[0]}") from None
+    if spec.out:
+        storage.check_writable(spec.out, "--out")
+    if spec.images and not storage.isdir(spec.images):
         raise ConfigError(f"--images: {spec.images!r} is not a folder of images")
-    if spec.reference and not os.path.isdir(spec.reference):
+    if spec.reference and not storage.isdir(spec.reference):
         raise ConfigError(f"--reference: {spec.reference!r} is not a folder of images or a shard set")
     if spec.reference and not spec.fid_weights:
         raise ConfigError("--fid-weights: required with --reference; give torchvision's Inception-v3 weights "
                           "(inception_v3_google-*.pth), pytorch-fid's file, or 'random' (tests and demos only)")
-    if spec.fid_weights and spec.fid_weights != "random" and not os.path.isfile(spec.fid_weights):
+    if spec.fid_weights and spec.fid_weights != "random" and not storage.isfile(spec.fid_weights):
         raise ConfigError(f"--fid-weights: {spec.fid_weights!r} is not a file; give torchvision's Inception-v3 "
                           f"weights (inception_v3_google-*.pth) or 'random' (tests and demos only)")
-    if spec.prompts and not (os.path.isfile(spec.prompts) or is_shard_set(spec.prompts)):
+    if spec.prompts and not (storage.isfile(spec.prompts) or is_shard_set(spec.prompts)):
         raise ConfigError(f"--prompts: {spec.prompts!r} is neither a text file nor a `winnow curate` output folder")
     if not spec.reference and not spec.prompts:
         raise ConfigError("nothing to score: give --prompts (CLIP score) and/or --reference with --fid-weights (FID)")
-    if spec.frames and not os.path.isdir(spec.frames):
+    if spec.frames and not storage.isdir(spec.frames):
         raise ConfigError(f"--frames: {spec.frames!r} is not a folder of conditioning images")
     out = {"images": spec.images}
     if spec.run:
@@ -261,20 +285,26 @@ def plan(spec: EvalSpec) -> dict:
     return out
 
 
-def _generate(spec: EvalSpec, log) -> tuple[str, list[str], str, bool]:
-    """Sample the run once per prompt into the output folder; returns (folder, prompts, weights, video)."""
+def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str, bool]:
+    """Sample the run once per prompt into the output folder; returns (that folder, the local folder
+    holding the samples, prompts, weights, video).
+
+    An output on a store is written in ``stage`` (a local scratch folder, scored from there) and
+    uploaded file by file, ``prompts.jsonl`` last: a folder with it is complete."""
     import torch
     from tqdm.auto import tqdm
 
+    from pipeline.contract import storage
     from training.generate import generate_images, generate_videos, load_run
 
     model = load_run(spec.run, spec.checkpoint)
     prompts = read_prompts(spec.prompts, spec.num)
     if not prompts:
         raise ConfigError(f"--prompts: {spec.prompts!r} holds no prompts")
-    name = os.path.basename(os.path.normpath(spec.checkpoint)) if spec.checkpoint else \
-        ("final" if os.path.isdir(os.path.join(spec.run, "final")) else "lora")
-    folder = spec.out or os.path.join(spec.run, "eval", name)
+    name = storage.name(spec.checkpoint) if spec.checkpoint else \
+        ("final" if storage.isdir(storage.join(spec.run, "final")) else "lora")
+    target = spec.out or storage.join(spec.run, "eval", name)
+    folder = stage if storage.is_url(target) else target
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(spec.seed)
     bar = tqdm(total=len(prompts), desc="eval: sampling", unit="prompt", file=log, disable=log is None)
@@ -305,25 +335,41 @@ def _generate(spec: EvalSpec, log) -> tuple[str, list[str], str, bool]:
     with open(os.path.join(folder, "prompts.jsonl"), "w", encoding="utf-8") as fh:
         for k, (f, p) in enumerate(zip(files, prompts)):
             fh.write(json.dumps({"file": f, "prompt": p, "seed": spec.seed + k}) + "\n")
-    return folder, prompts, model.source, video
+    if folder != target:
+        storage.copy_tree(folder, target, last=("prompts.jsonl",))
+    return target, folder, prompts, model.source, video
 
 
 def _gif_frames(path: str) -> list:
+    import io
+
     from PIL import ImageSequence
 
-    with open_image(path) as im:
+    from pipeline.contract import storage
+
+    with open_image(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path) as im:
         return [f.convert("RGB") for f in ImageSequence.Iterator(im)]
 
 
 def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
-    import warnings
+    from pipeline.contract import storage
 
     plan(spec)
+    with storage.scratch("winnow-eval-") as stage:
+        return _run(spec, log, os.path.join(stage, "samples"))
+
+
+def _run(spec: EvalSpec, log, stage: str) -> EvalResult:
+    import warnings
+
+    from pipeline.contract import storage
+
     started = time.time()
     caught_all: list = []
     images, weights, video, prompts = spec.images, None, False, None
+    shown = images
     if spec.run:
-        images, prompts, weights, video = _generate(spec, log)
+        shown, images, prompts, weights, video = _generate(spec, log, stage)
     elif spec.prompts:
         prompts = read_prompts(spec.prompts, spec.max_images)
     counts, fid_value, score, consistency, clip_name, cosine = {}, None, None, None, None, None
@@ -345,16 +391,20 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = inception(spec.fid_weights, spec.seed)
+            if spec.fid_weights == "random":
+                model = inception(spec.fid_weights, spec.seed)
+            else:
+                with storage.local_copy(spec.fid_weights) as weights_file:
+                    model = inception(weights_file, spec.seed)
         caught_all += caught
         stats = {}
         for name, root in (("images", images), ("reference", spec.reference)):
             skipped: dict = {}
-            ref_key = (os.path.realpath(root), spec.fid_weights, spec.seed, spec.max_images, _tree_stamp(root))
+            ref_key = (storage.absolute(root) if storage.is_url(root) else os.path.realpath(root), spec.fid_weights, spec.seed, spec.max_images, _tree_stamp(root))
             if name == "reference" and ref_key in _REFERENCE_STATS:     # a study scores every cell against it
                 stats[name], skipped = _REFERENCE_STATS[ref_key]
             elif video and name == "images":            # FID of a model's videos: over all their frames
-                frames = (f for p in sorted(os.listdir(root)) if p.endswith(".gif") for f in _gif_frames(os.path.join(root, p)))
+                frames = (f for p in storage.listdir(root) if p.endswith(".gif") for f in _gif_frames(storage.join(root, p)))
                 stats[name] = stats_of(model, inception_batches(frames, spec.batch))
             else:
                 stats[name] = stats_of(model, image_batches(root, spec.max_images, spec.batch, skipped))
@@ -371,7 +421,7 @@ def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:
                               f"value is biased upward and depends on the count (Chong & Forsyth, 2020); compare it "
                               f"only with FIDs over the same number of images, or use {FID_MIN_IMAGES:,}+")
     messages = [str(getattr(w, "message", w)) for w in caught_all]
-    return EvalResult(images, spec.reference, counts, fid_value, spec.fid_weights, spec.seed,
+    return EvalResult(shown, spec.reference, counts, fid_value, spec.fid_weights, spec.seed,
                       round(time.time() - started, 2), None if score is None else round(score, 4), clip_name,
                       None if consistency is None else round(consistency, 4), weights,
                       len(prompts) if spec.run else 0, None if cosine is None else round(cosine, 4), messages, spec.json)
@@ -385,7 +435,16 @@ _REFERENCE_STATS: dict = {}
 
 
 def _tree_stamp(root: str) -> tuple:
-    """(files, bytes, newest mtime) under ``root``: a changed reference is read again."""
+    """(files, bytes, newest mtime) under ``root`` (on a store: files, bytes, a digest of the listing):
+    a changed reference is read again."""
+    from pipeline.contract import storage
+
+    if storage.is_url(root):
+        found = storage.walk(root)
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([(f["path"], f["bytes"]) for f in found]).encode()).hexdigest()
+        return len(found), sum(f["bytes"] for f in found), digest
     n = size = newest = 0
     for d, _, fs in os.walk(root):
         for f in fs:
@@ -400,19 +459,20 @@ def _tree_stamp(root: str) -> tuple:
 def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalSpec):
     """(mean CLIP score, frame consistency or None, counts, mean cosine) of ``folder``'s images (or GIFs) against
     ``prompts``: by prompts.jsonl when the folder has one, else its files in sorted order."""
-    listing = os.path.join(folder, "prompts.jsonl")
-    if os.path.isfile(listing):
-        with open(listing, encoding="utf-8") as fh:
-            pairs = [(p["file"], p["prompt"]) for p in map(json.loads, fh)]
+    from pipeline.contract import storage
+
+    listing = storage.join(folder, "prompts.jsonl")
+    if storage.isfile(listing):
+        pairs = [(p["file"], p["prompt"]) for p in map(json.loads, filter(None, storage.read_text(listing).splitlines()))]
     else:
-        files = [os.path.relpath(f, folder) for f in _files(folder, spec.max_images)]
+        files = [_rel(f, folder) for f in _files(folder, spec.max_images)]
         if len(files) != len(prompts):
             raise ConfigError(f"--prompts: {len(prompts)} prompts for {len(files)} files in {folder!r}; the prompt "
                               f"file's lines pair with the folder's files in sorted order")
         pairs = list(zip(files, prompts))
     skipped: dict = {}
     if video:
-        scores, consistency, cos = zip(*(clip.video(_gif_frames(os.path.join(folder, f)), p) for f, p in pairs))
+        scores, consistency, cos = zip(*(clip.video(_gif_frames(storage.join(folder, f)), p) for f, p in pairs))
         return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}, \
             float(np.mean(cos))
     prompts_of: dict[str, list[str]] = {}          # a file listed with several prompts is scored with each

@@ -46,10 +46,10 @@ def plan(spec: InflateSpec) -> str:
     """The source folder; refuses a missing source or an output that is not empty (nothing is overwritten)."""
     from pipeline.contract import storage
 
-    storage.require_local({"source": spec.source, "output": spec.output}, "winnow inflate")
-    if not os.path.isdir(spec.source):
+    storage.check_writable(spec.output, "output")
+    if not storage.isdir(spec.source):
         raise ConfigError(f"source {spec.source!r} is not a folder; give a UNet or pipeline folder")
-    if os.path.exists(spec.output) and (not os.path.isdir(spec.output) or os.listdir(spec.output)):
+    if storage.isfile(spec.output) or storage.listdir(spec.output):
         raise ConfigError(f"output {spec.output!r} exists and is not empty; give a new folder")
     if spec.in_channels < 4:
         raise ConfigError("--in-channels: at least the image UNet's 4 latent channels")
@@ -57,9 +57,22 @@ def plan(spec: InflateSpec) -> str:
 
 
 def run(spec: InflateSpec, log=None) -> dict:
-    from training.inflate import InflationError, inflate_folder
+    from pipeline.contract import storage
+    from training.inflate import InflationError, inflate_folder, write_summary
 
     plan(spec)
+    if storage.is_url(spec.source) or storage.is_url(spec.output):
+        # built in this node's scratch from a copy of the source, then written file by file,
+        # model_index.json / config.json (what a reader checks first) last
+        with storage.scratch("winnow-inflate-") as d, storage.local_copy(spec.source) as source:
+            try:
+                summary = inflate_folder(source, os.path.join(d, "out"), spec.in_channels, spec.num_frames)
+            except InflationError as exc:
+                raise ConfigError(f"{spec.source}: {exc}") from None
+            summary["source"] = storage.absolute(spec.source)      # not this node's copy of it
+            write_summary(os.path.join(d, "out"), summary)
+            storage.copy_tree(os.path.join(d, "out"), spec.output, last=("model_index.json", "config.json"))
+        return {**summary, "output": spec.output}
     # a fresh folder of our own beside the output (never a name a user's folder could have), renamed at the end
     parent = os.path.dirname(os.path.abspath(spec.output))
     os.makedirs(parent, exist_ok=True)
@@ -86,5 +99,5 @@ def format_summary(s: dict) -> str:
     elif "vae" in s:
         lines.append(f"  vae   {s['vae']['counts']['mapped']} mapped, {s['vae']['counts']['new']} new; "
                      f"post_quant_conv folded into the decoder (bias norm {s['vae']['post_quant_conv_bias_norm']:.3g})")
-    lines.append(f"  keys  {os.path.join(s['output'], 'inflation.json')}")
+    lines.append(f"  keys  {s['output'].rstrip('/')}/inflation.json")
     return "\n".join(lines)

@@ -5,7 +5,6 @@ did with human preference studies.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 
+from pipeline.contract import storage
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind
 from pipeline.contract.layout import atomic_write
 
@@ -67,26 +67,30 @@ class StudySpec:
 
 
 def _cells_table(sweep: str) -> list[dict]:
-    path = os.path.join(sweep, "cells.csv")
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(sweep, "sweep.json")):
+    import io
+
+    path = storage.join(sweep, "cells.csv")
+    try:
+        found = storage.isfile(path) and storage.isfile(storage.join(sweep, "sweep.json"))
+    except OSError as exc:
+        raise ConfigError(f"sweep {sweep!r}: {storage.redact(str(exc)).splitlines()[0]}") from None
+    if not found:
         raise ConfigError(f"sweep: {sweep!r} has no cells.csv / sweep.json; give a `winnow sweep` output folder")
-    with open(path, newline="", encoding="utf-8") as fh:
+    with io.StringIO(storage.read_text(path), newline="") as fh:
         return [{**r, "count": int(r["count"]), "fraction": float(r["fraction"])} for r in csv.DictReader(fh)]
 
 
 def _runs(sweep: str) -> list[str]:
     """The curate runs the sweep read (the folders of its annotations)."""
-    with open(os.path.join(sweep, "sweep.json"), encoding="utf-8") as fh:
-        return [os.path.dirname(p) if p.endswith(".parquet") else p for p in json.load(fh)["annotations"]]
+    found = json.loads(storage.read_text(storage.join(sweep, "sweep.json")))["annotations"]
+    return [storage.parent(p) if p.endswith(".parquet") else p for p in found]
 
 
 def parse(data: dict) -> StudySpec:
     data = dict(take_kind(data, "study"))
     spec = build(StudySpec, data)
     spec.doc = data
-    from pipeline.contract import storage
-
-    storage.require_local({k: v for k, v in vars(spec).items() if isinstance(v, str)}, "winnow study")
+    storage.check_writable(spec.output, "output")
     rows = {r["cell"]: r for r in _cells_table(spec.sweep)}
     if spec.cells is None:
         spec.cells = [c for c, r in rows.items() if r["count"] >= spec.min_kept]
@@ -96,13 +100,13 @@ def parse(data: dict) -> StudySpec:
     if not spec.cells:
         raise ConfigError(f"cells: no cell of {spec.sweep} keeps min_kept {spec.min_kept} samples; lower min_kept")
     e = spec.eval
-    if not (os.path.isfile(e.prompts) or os.path.isdir(os.path.join(e.prompts, "shards"))):
+    if not (storage.isfile(e.prompts) or storage.isdir(storage.join(e.prompts, "shards"))):
         raise ConfigError(f"eval.prompts: {e.prompts!r} is neither a text file nor a `winnow curate` output folder")
     if e.reference and not e.fid_weights:
         raise ConfigError("eval.fid_weights: required with eval.reference (a weights file, or 'random' for demos)")
-    if e.reference and not os.path.isdir(e.reference):
+    if e.reference and not storage.isdir(e.reference):
         raise ConfigError(f"eval.reference: {e.reference!r} is not a folder of images or a shard set")
-    if e.fid_weights and e.fid_weights != "random" and not os.path.isfile(e.fid_weights):
+    if e.fid_weights and e.fid_weights != "random" and not storage.isfile(e.fid_weights):
         raise ConfigError(f"eval.fid_weights: {e.fid_weights!r} is not a file")
     for cell in spec.cells:                       # every cell's run must be a valid train spec, before Ray starts
         _train_spec(spec, cell)
@@ -117,8 +121,8 @@ def _train_spec(spec: StudySpec, cell: str):
     doc = apply_overrides(doc, spec.train_set)
     doc.setdefault("data", {})
     doc["data"]["shards"] = _runs(spec.sweep)
-    doc["data"]["selection"] = os.path.join(spec.sweep, "selections", f"{cell}.parquet")
-    doc["output"] = {"path": os.path.join(spec.output, "cells", cell), "overwrite": spec.overwrite}
+    doc["data"]["selection"] = storage.join(spec.sweep, "selections", f"{cell}.parquet")
+    doc["output"] = {"path": storage.join(spec.output, "cells", cell), "overwrite": spec.overwrite}
     try:
         return train_spec.parse(doc)
     except ConfigError as exc:
@@ -131,17 +135,19 @@ def load(path: str | None, overrides: list[str] | None = None) -> StudySpec:
 
 def plan(spec: StudySpec) -> list[dict]:
     rows = {r["cell"]: r for r in _cells_table(spec.sweep)}
-    return [{**rows[c], "run": os.path.join(spec.output, "cells", c)} for c in spec.cells]
+    return [{**rows[c], "run": storage.join(spec.output, "cells", c)} for c in spec.cells]
 
 
 def _finished(ts) -> bool:
     """The cell's run finished, made by this same train spec."""
-    path, spec_file = os.path.join(ts.output.path, "summary.json"), os.path.join(ts.output.path, "train_spec.yaml")
-    if not os.path.isfile(path) or not os.path.isfile(spec_file):
+    import yaml
+
+    path, spec_file = storage.join(ts.output.path, "summary.json"), storage.join(ts.output.path, "train_spec.yaml")
+    if not storage.isfile(path) or not storage.isfile(spec_file):
         return False
-    with open(path, encoding="utf-8") as fh:
-        steps = json.load(fh).get("steps")
-    return steps == ts.train.max_steps and load_yaml(spec_file).get("fingerprint") == ts.fingerprint()
+    steps = json.loads(storage.read_text(path)).get("steps")
+    return steps == ts.train.max_steps and (yaml.safe_load(storage.read_text(spec_file)) or {}).get("fingerprint") \
+        == ts.fingerprint()
 
 
 @dataclass
@@ -165,9 +171,12 @@ def _read_cache(path: str) -> dict:
     """A cell's cached scores, or {} when there are none or the file is not what winnow writes
     (the cell is then evaluated again)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            scored = json.load(fh)
-    except (OSError, UnicodeDecodeError, ValueError):
+        scored = json.loads(storage.read_text(path))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    except OSError as exc:
+        if storage.transient(exc):
+            raise
         return {}
     return scored if isinstance(scored, dict) and isinstance(scored.get("result"), dict) else {}
 
@@ -178,7 +187,7 @@ def run(spec: StudySpec, log=sys.stderr) -> StudyResult:
     from pipeline.contract.layout import claim_output, fingerprint
 
     doc = {k: v for k, v in spec.doc.items() if k != "overwrite"}
-    claim_output(spec.output, os.path.join(spec.output, SPEC_FILE), fingerprint(doc), doc, spec.overwrite, "study",
+    claim_output(spec.output, storage.join(spec.output, SPEC_FILE), fingerprint(doc), doc, spec.overwrite, "study",
                  "sweep, train, train_set or cells", ENTRIES, "study", {"sweep": spec.sweep})
     started, rows, warnings = time.time(), [], []
     for item in plan(spec):
@@ -190,7 +199,7 @@ def run(spec: StudySpec, log=sys.stderr) -> StudyResult:
             result = trainer.read_result(ts.output.path)
         else:
             result = trainer.run(ts, log=log)
-        cache = os.path.join(ts.output.path, "eval", "study_eval.json")
+        cache = storage.join(ts.output.path, "eval", "study_eval.json")
         es = _eval_spec(spec, ts.output.path)
         key = {k: v for k, v in es.__dict__.items() if k != "json"}
         scored = _read_cache(cache)
@@ -221,12 +230,15 @@ def _write(spec: StudySpec, rows: list[dict]) -> None:
     lines += ["", "val_loss is each cell's loss on its own held-out samples (train.eval_fraction of the cell), so it "
                   "compares how each run fits its own data; clip_score and fid score every cell on the same prompts "
                   "and reference."]
-    atomic_write(os.path.join(spec.output, "study.md"), ("\n".join(lines) + "\n").encode())
-    with open(os.path.join(spec.output, "study.csv"), "w", newline="", encoding="utf-8") as fh:
+    import io
+
+    atomic_write(storage.join(spec.output, "study.md"), ("\n".join(lines) + "\n").encode())
+    with io.StringIO(newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols + ["run"])
         w.writeheader()
         w.writerows(rows)
-    atomic_write(os.path.join(spec.output, "study.json"), json.dumps(rows, indent=1).encode())
+        atomic_write(storage.join(spec.output, "study.csv"), fh.getvalue().encode())
+    atomic_write(storage.join(spec.output, "study.json"), json.dumps(rows, indent=1).encode())
     _plot(spec, rows)
 
 
@@ -241,7 +253,7 @@ def _plot(spec: StudySpec, rows: list[dict]) -> None:
                if any(r[k] is not None for r in rows)]
     if not metrics:
         return
-    os.makedirs(os.path.join(spec.output, "plots"), exist_ok=True)
+    storage.makedirs(storage.join(spec.output, "plots"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, (k, label) in zip(axes[0], metrics):
         pts = [(100 * r["fraction"], r[k], r["cell"]) for r in rows if r[k] is not None]
@@ -252,9 +264,10 @@ def _plot(spec: StudySpec, rows: list[dict]) -> None:
         ax.set_xlabel("data kept (%)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{os.path.basename(os.path.normpath(spec.sweep))}: score vs data kept", fontsize=11)
+    fig.suptitle(f"{storage.name(spec.sweep)}: score vs data kept", fontsize=11)
     fig.tight_layout()
-    fig.savefig(os.path.join(spec.output, "plots", "scores_vs_kept.png"), dpi=110)
+    with storage.local_target(storage.join(spec.output, "plots", "scores_vs_kept.png")) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -207,11 +207,17 @@ def describe(cls: type, indent: str = "  ", prefix: str = "") -> list[str]:
 # ---- YAML and --set overrides ----
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """A spec file's mapping: a local file or an object on a store (``s3://...``)."""
+    from pipeline.contract import storage
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = yaml.safe_load(storage.read_text(path))
     except FileNotFoundError:
         raise ConfigError(f"spec file {path!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"spec file {path!r} is not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"spec file {path!r}: {storage.redact(str(exc)).splitlines()[0]}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"spec file {path!r} is not valid YAML: {exc}") from None
     if data is None:

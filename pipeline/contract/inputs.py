@@ -99,6 +99,19 @@ def read_local(text: str, policy: InputPolicy) -> bytes:
         return read_bounded(fh, policy.max_file_bytes)
 
 
+def read_file(text: str, policy: InputPolicy) -> bytes:
+    """A whole file the policy allows, bounded by ``max_file_bytes``: a local one as ``read_local``
+    reads it, an object on a store in one ranged GET."""
+    if not is_remote(text):
+        return read_local(text, policy)
+    from pipeline.contract import storage
+
+    try:
+        return storage.read_bytes(text, limit=policy.max_file_bytes)
+    except ValueError:
+        raise InputRejected(f"too_large: more than input.max_file_bytes {policy.max_file_bytes} bytes") from None
+
+
 def decode_text(data: bytes | None) -> str | None:
     """Caption bytes to text: UTF-8 (with or without BOM), else cp1252, else latin-1; NULs dropped; empty -> None."""
     if data is None:
@@ -114,4 +127,4 @@ def decode_text(data: bytes | None) -> str | None:
 
 
 __all__ = ["DOWNLOAD_PROTOCOLS", "InputPolicy", "InputRejected", "check_local", "decode_text", "display_name",
-           "encode_fs_path", "fs_path", "is_inside", "is_remote", "read_bounded", "read_local"]
+           "encode_fs_path", "fs_path", "is_inside", "is_remote", "read_bounded", "read_file", "read_local"]

@@ -488,6 +488,65 @@ def download(path: str, dest: str) -> str:
     return dest
 
 
+def _rel(path: str, root: str) -> str:
+    return path[len(root.rstrip("/")) + 1:] if is_url(root) else os.path.relpath(path, local(root))
+
+
+def fetch(path: str, dest: str, threads: int = 8) -> str:
+    """Copy a file or a whole folder (every object under the prefix) to local ``dest``, each file
+    whole or not at all, ``threads`` at a time; returns ``dest``. A missing source is FileNotFoundError."""
+    if isfile(path):
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        return download(path, dest)
+    files = find(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    targets = [(f, os.path.join(dest, *_rel(f, path).split("/"))) for f in files]
+    for d in sorted({os.path.dirname(t) for _, t in targets}):
+        os.makedirs(d, exist_ok=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(threads, len(targets)))) as pool:
+        list(pool.map(lambda ft: download(*ft), targets))
+    return dest
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local path with ``path``'s content for a reader that needs one (diffusers, torch, PIL):
+    the path itself when it is local; from a store, a copy of the file or folder in this node's
+    scratch, removed when the block ends."""
+    if not is_url(path):
+        yield local(path)
+        return
+    with scratch("winnow-fetch-") as d:
+        yield fetch(path, os.path.join(d, name(path) or "root"))
+
+
+def copy_tree(src: str, dst: str, last: tuple[str, ...] = ()) -> int:
+    """Copy every file under ``src`` to the same names under ``dst`` (either may be local or a URL;
+    within one store a server-side copy), each whole; the files named in ``last`` (names relative
+    to ``src``, e.g. a marker) go after all the others. Returns how many files."""
+    files = find(src)
+    files.sort(key=lambda f: _rel(f, src) in last)
+    for f in files:
+        copy(f, join(dst, *_rel(f, src).split("/")))
+    return len(files)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy one file, whole or not at all (within one store a server-side copy)."""
+    if is_url(src) and is_url(dst) and protocol(src) == protocol(dst):
+        fs, a = filesystem(src)
+        retry(fs.copy, a, filesystem(dst)[1])
+        return
+    makedirs(parent(dst))
+    if is_url(src):
+        download(src, dst)
+    else:
+        upload(local(src), dst)
+
+
 def remove(path: str) -> None:
     """Delete one file (absent is fine)."""
     if not is_url(path):

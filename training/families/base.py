@@ -181,7 +181,10 @@ class Family:
                    prediction_type: str | None) -> Components:
         """The spec's model: loaded from ``pretrained``, else the tiny preset of ``seed``."""
         if pretrained:
-            return self.load(pretrained, allow_download, prediction_type)
+            from pipeline.contract import storage
+
+            with storage.local_copy(pretrained) as folder:    # a pipeline on a store: this node's copy, read whole
+                return self.load(folder, allow_download, prediction_type)
         return self.tiny(seed, scratch, prediction_type or "epsilon")
 
     def inherit(self, c: Components, image_pipeline: str) -> list[str]:
@@ -191,14 +194,16 @@ class Family:
 
     def check_pretrained(self, path: str, key: str = "model.pretrained") -> None:
         """Fail before Ray starts when a local pipeline folder lacks what the family needs."""
+        from pipeline.contract import storage
         from pipeline.contract.config import ConfigError
 
-        if not os.path.isdir(path):
+        if not storage.is_url(path) and not os.path.isdir(path):
             return                                         # a hub id; resolved by from_pretrained
-        if not os.path.exists(os.path.join(path, "model_index.json")):
+        names = storage.listdir(path)
+        if "model_index.json" not in names:
             raise ConfigError(f"{key}: {path!r} has no model_index.json; point it at a diffusers pipeline folder "
                               f"(one with {', '.join(self.subfolders)})")
-        missing = [s for s in self.subfolders if not os.path.isdir(os.path.join(path, s))]
+        missing = [s for s in self.subfolders if s not in names or storage.isfile(storage.join(path, s))]
         if missing:
             raise ConfigError(f"{key}: {path!r} lacks {', '.join(missing)}/ needed by model.kind={self.name!r}"
                               + self.missing_hint(missing))
