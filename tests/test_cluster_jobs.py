@@ -127,6 +127,26 @@ def test_submit_runs_a_spec_on_a_cluster_and_jobs_reports_it(tmp_path):
         assert "winnow-test-1  SUCCEEDED  curate.yaml" in _cli(["jobs", "list"], at).stdout
         assert "kept" in _cli(["jobs", "logs", "winnow-test-1"], at).stdout
         assert "had already ended" in _cli(["jobs", "stop", "winnow-test-1"], at).stdout
+        # a spec on the bucket naming only the bucket: the job reads and writes nothing else
+        from tests.s3server import SERVER as S3
+
+        name = S3.new_bucket()
+        try:
+            c = S3.client()
+            for f in sorted(os.listdir(tmp_path / "images")):
+                c.upload_file(str(tmp_path / "images" / f), name, f"images/{f}")
+            c.put_object(Bucket=name, Key="specs/curate.yaml",
+                         Body=(f"input: {{path: 's3://{name}/images'}}\noutput: {{path: 's3://{name}/out'}}\n"
+                               f"stages: [{{name: decode, max_side: 32}}]\n").encode())
+            res = _cli(["submit", f"s3://{name}/specs/curate.yaml", "--address", address, "--follow",
+                        "--submission-id", "winnow-test-s3"], env)
+            assert res.returncode == 0, res.stderr[-2000:]
+            assert "curate job winnow-test-s3" in res.stdout and "ended: SUCCEEDED" in res.stdout
+            summary = json.loads(c.get_object(Bucket=name, Key="out/summary.json")["Body"].read())
+            assert (summary["inputs"], summary["kept"], summary["rejected"]) == (13, 12, 1)
+            assert "winnow-test-s3  SUCCEEDED  curate.yaml" in _cli(["jobs", "list"], at).stdout
+        finally:
+            S3.drop_bucket(name)
         wrong = _cli(["jobs", "list"], {**at, "RAY_AUTH_TOKEN": token[::-1]})
         assert wrong.returncode == 1 and "token auth: set RAY_AUTH_MODE=token" in wrong.stderr   # refused, said plainly
         # a driver on this machine joins the running cluster instead of starting a second Ray

@@ -534,3 +534,130 @@ def test_a_shared_nothing_cluster_trains_through_the_bucket_and_survives_a_lost_
     a = load_safetensors(_get(name, f"train/lost/final/{weights}"))
     b = load_safetensors(_get(name, f"train/sd/final/{weights}"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slow
+def test_kill9_of_training_on_the_bucket_then_rerun_equals_the_uninterrupted_run(runs, bucket_train, tmp_path):
+    """SIGKILL the CLI and its Ray once Ray Train has recorded checkpoint 3 on the bucket; the re-run
+    reads it back from the bucket and ends with the uninterrupted run's losses and weights, bit for bit,
+    every step's metrics once, no upload left open."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.helpers import kill_at_checkpoint, killable_env
+
+    name = runs["bucket"]
+    out = f"s3://{name}/train/kill"
+    spec = {"kind": "train", "data": {"shards": [runs["run"]], "resolution": 96, "bucket_step": 32, "max_aspect": 2.0,
+                                      "workers": 2},
+            "model": {"kind": "sd"},
+            "train": {"batch_size": 2, "max_steps": 6, "checkpoint_every": 3, "log_every": 1,
+                      "sample_prompts": ["a photo"], "sample_steps": 2},
+            "ray": {"num_workers": 2, "num_cpus": 2}, "output": {"path": out}}
+    # the spec itself on the bucket: `winnow train s3://...` reads it from there
+    S3.client().put_object(Bucket=name, Key="specs/train.yaml", Body=yaml.safe_dump(spec).encode())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", f"s3://{name}/specs/train.yaml"]
+    proc = subprocess.Popen(cmd, cwd=root, env=killable_env(root), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_at_checkpoint(proc, out, 3)
+    assert "train/kill/final/model_index.json" not in S3.keys(name, "train/kill/")     # it really was interrupted
+    rerun = subprocess.run(cmd, cwd=root, env=killable_env(root), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(_get(name, "train/kill/summary.json"))
+    assert summary["resumed_from"] == 3 and summary["steps"] == 6
+    metrics = [json.loads(line) for line in _get(name, "train/kill/metrics.jsonl").splitlines() if line]
+    by_step = {m["step"]: m["loss"] for m in metrics if "loss" in m}
+    assert by_step == {m["step"]: m["loss"] for m in bucket_train.metrics}
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert _get(name, f"train/kill/final/{weights}") == _get(name, f"train/sd/final/{weights}")
+    assert S3.uploads(name) == []
+
+
+@pytest.mark.slow
+def test_eval_study_and_a_curriculum_with_every_folder_on_the_bucket(runs, bucket_train, tmp_path):
+    """`winnow eval` of the bucket's run (prompts, reference shards and samples on the bucket) scores
+    what the same command scores on a local copy; a study of a bucket sweep and a two-stage curriculum
+    (the second stage starting from the first's weights and AdamW moments) write everything there,
+    and their re-runs train nothing again."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load as load_safetensors
+
+    from pipeline.commands import curriculum
+    from pipeline.commands import eval as evaluate
+    from pipeline.commands import study
+
+    name = runs["bucket"]
+    b = f"s3://{name}"
+    session_tmp, root = tempfile.gettempdir(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    skip = (os.path.join(root, ".git"), os.path.join(root, ".venv"), os.path.join(session_tmp, "ray"), str(tmp_path))
+    before = _files(root, skip) | _files(session_tmp, skip)
+    S3.client().put_object(Bucket=name, Key="eval/prompts.txt", Body=b"a photo\na red square\n# a comment\n")
+    local_run = storage.fetch(f"{b}/train/sd", str(tmp_path / "sd"))       # a local copy of the run, before eval
+    remote = evaluate.run(evaluate.EvalSpec(run=f"{b}/train/sd", prompts=f"{b}/eval/prompts.txt",
+                                            reference=runs["run"], fid_weights="random", num=2, steps=2, size=64),
+                          log=None)
+    (tmp_path / "prompts.txt").write_bytes(_get(name, "eval/prompts.txt"))
+    local = evaluate.run(evaluate.EvalSpec(run=local_run, prompts=str(tmp_path / "prompts.txt"),
+                                           reference=runs["local_out"], fid_weights="random", num=2, steps=2, size=64),
+                         log=None)
+    assert remote.images == f"{b}/train/sd/eval/final" and remote.generated == local.generated == 2
+    assert (remote.clip_score, remote.clip_cosine, remote.counts) == (local.clip_score, local.clip_cosine, local.counts)
+    # the same features; FID's matrix square root of 2-image (rank-1) covariances amplifies float64
+    # rounding of the summation order to ~1e-6 relative
+    assert remote.fid == pytest.approx(local.fid, rel=1e-4)
+
+    # the same pixels up to one level of 255: float32 sums in another memory layout round alike but
+    # for the last bit, which can move a value across a .5 boundary
+    for f in ("00000.png", "00001.png"):
+        x = np.asarray(Image.open(io.BytesIO(_get(name, f"train/sd/eval/final/{f}"))), dtype=int)
+        y = np.asarray(Image.open(tmp_path / "sd" / "eval" / "final" / f), dtype=int)
+        assert x.shape == y.shape == (64, 64, 3) and np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01
+    assert _get(name, "train/sd/eval/final/prompts.jsonl") == (tmp_path / "sd/eval/final/prompts.jsonl").read_bytes()
+
+    # a study: the sweep, every cell's run and its eval, the table and the plot on the bucket
+    filters = [{"column": "width", "keep": "high", "drop_fractions": [0.5]}]
+    sweep.run(sweep.parse({"annotations": [runs["run"]], "output": f"{b}/study/sweep", "filters": filters}))
+    train = {"data": {"resolution": 96, "bucket_step": 32, "max_aspect": 2.0, "workers": 2}, "model": {"kind": "sd"},
+             "train": {"batch_size": 2, "max_steps": 2, "checkpoint_every": 2, "log_every": 1, "sample_prompts": []},
+             "ray": {"num_workers": 2, "num_cpus": 2}}
+    doc = {"sweep": f"{b}/study/sweep", "output": f"{b}/study/out", "train": train, "cells": ["cell_001"],
+           "eval": {"prompts": f"{b}/eval/prompts.txt", "num": 2, "steps": 2, "size": 64}}
+    first = study.run(study.parse(doc), log=None)
+    keys = set(S3.keys(name, "study/out/"))
+    assert {"study/out/study.md", "study/out/study.csv", "study/out/study.json", "study/out/plots/scores_vs_kept.png",
+            "study/out/cells/cell_001/summary.json", "study/out/cells/cell_001/eval/study_eval.json",
+            "study/out/cells/cell_001/eval/final/00001.png"} <= keys
+    assert first.rows[0]["steps"] == 2 and first.rows[0]["clip_score"] is not None
+    stamp = storage.stamp(f"{b}/study/out/cells/cell_001/final/unet/diffusion_pytorch_model.safetensors")
+    again = study.run(study.parse(doc), log=None)
+    assert again.rows == first.rows             # resumed: the cell is neither trained nor scored again
+    assert storage.stamp(f"{b}/study/out/cells/cell_001/final/unet/diffusion_pytorch_model.safetensors") == stamp
+
+    # a curriculum: stage 2 starts from stage 1's final weights and optimizer state, through the bucket
+    stage = {"data": {"shards": [runs["run"]], "resolution": 96, "bucket_step": 32, "max_aspect": 2.0},
+             "model": {"kind": "sd"},
+             "train": {"batch_size": 2, "max_steps": 2, "checkpoint_every": 2, "log_every": 1, "sample_prompts": []}}
+    cdoc = {"kind": "curriculum", "output": {"path": f"{b}/cur"}, "ray": {"num_workers": 2, "num_cpus": 2},
+            "stages": [{"name": "one", **stage}, {"name": "two", "init": "previous", "optimizer": "carry", **stage}]}
+    r = curriculum.run(curriculum.parse(cdoc), log=None)
+    assert [s["steps"] for s in r.stages] == [2, 2] and r.final == f"{b}/cur/final"
+    keys = set(S3.keys(name, "cur/"))
+    init = [k for k in keys if k.startswith("cur/init/02_") and k.endswith("/model_index.json")]
+    assert len(init) == 1
+    folder = init[0].rsplit("/", 1)[0]
+    assert {f"{folder}/optimizer_state/state.json", f"{folder}/optimizer_state/state.safetensors",
+            "cur/final/model_index.json", "cur/stages/02_two/final/model_index.json"} <= keys
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert _get(name, f"{folder}/{unet}") == _get(name, f"cur/stages/01_one/final/{unet}")   # stage 2 began there
+    a, z = load_safetensors(_get(name, f"cur/stages/01_one/final/{unet}")), load_safetensors(_get(name, f"cur/final/{unet}"))
+    assert any(not (a[k] == z[k]).all() for k in a)                   # and trained on from there
+    again = curriculum.run(curriculum.parse(cdoc), log=None)
+    assert all(s["skipped"] for s in again.stages)
+    assert S3.uploads(name) == []
+    # nothing but the bucket (and the local copies this test made in tmp_path): every scratch copy is gone
+    after = _files(root, skip) | _files(session_tmp, skip)
+    assert sorted(f for f in after - before if not f.endswith((".pyc", ".ses")) and "/pymp-" not in f) == []

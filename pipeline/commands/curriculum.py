@@ -260,7 +260,7 @@ def _last_checkpoint(run_dir: str) -> str:
     from pipeline.commands.train import RUN_NAME
 
     runs = storage.join(run_dir, "ray", RUN_NAME)
-    found = [n for n in storage.listdir(runs) if n.startswith("checkpoint_")]
+    found = sorted(n for n in storage.listdir(runs) if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit())
     if not found:
         raise ConfigError(f"{run_dir}: no checkpoint to carry the optimizer from (ray/{RUN_NAME}/checkpoint_*)")
     return storage.join(runs, found[-1])

@@ -26,8 +26,9 @@ Submit a spec to a Ray cluster as a job (checked here first, before anything is 
   winnow submit SPEC.yaml [--set dotted.key=value ...] [--address http://HEAD:8265]
                 [--entrypoint-num-cpus N] [--entrypoint-num-gpus N] [--installed] [--follow]
 
---address falls back to RAY_ADDRESS. Paths in the spec are read on the cluster: use shared
-storage (a mount every node has, or s3:// / gs:// where the stage supports it). Then:
+--address falls back to RAY_ADDRESS. SPEC may itself be an s3:// or gs:// URL. Paths in the spec
+are read on the cluster's nodes: give s3:// or gs:// URLs (each node needs the store's
+credentials and endpoint in its own environment) or a mount every node has. Then:
   winnow jobs status ID | logs ID [--follow] | stop ID | list
 """
 
@@ -71,7 +72,13 @@ def check_spec(spec_path: str, overrides: list[str]) -> str:
     from pipeline import commands
     from pipeline.cli import parser_for
 
-    if not os.path.isfile(spec_path):
+    from pipeline.contract import storage
+
+    try:
+        found = storage.isfile(spec_path)
+    except OSError as exc:
+        raise ConfigError(f"{spec_path}: {storage.redact(str(exc)).splitlines()[0]}") from None
+    if not found:
         raise ConfigError(f"{spec_path}: no such spec file")
     kind = commands.command_of([spec_path])
     argv = [kind, spec_path, *[a for kv in overrides for a in ("--set", kv)]]
@@ -115,9 +122,10 @@ def entrypoint(sub: Submission) -> str:
 
 
 def runtime_env(sub: Submission) -> dict:
-    with open(sub.spec_path, encoding="utf-8") as fh:
-        text = fh.read()
-    env = {"env_vars": {SPEC_ENV: text, SPEC_NAME_ENV: os.path.basename(sub.spec_path)}}
+    from pipeline.contract import storage
+
+    text = storage.read_text(sub.spec_path)
+    env = {"env_vars": {SPEC_ENV: text, SPEC_NAME_ENV: storage.name(sub.spec_path)}}
     if not sub.installed:
         env["working_dir"] = ROOT
         env["excludes"] = EXCLUDES
@@ -165,7 +173,7 @@ def _run(sub: Submission, log=None) -> dict:
             job_id = c.submit_job(entrypoint=entrypoint(sub), runtime_env=runtime_env(sub),
                                   submission_id=sub.submission_id, entrypoint_num_cpus=sub.entrypoint_num_cpus,
                                   entrypoint_num_gpus=sub.entrypoint_num_gpus,
-                                  metadata={"winnow_kind": sub.kind, "winnow_spec": os.path.basename(sub.spec_path)})
+                                  metadata={"winnow_kind": sub.kind, "winnow_spec": os.path.basename(sub.spec_path.rstrip("/"))})
             break
         except RuntimeError as exc:     # a cluster that just started: its job agent is not up yet
             if "try again later" not in str(exc) or attempt == AGENT_WAIT_S - 1:
