@@ -14,10 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A spec that cannot run. The message names the key and says how to fix it."""
-
+from pipeline.contract.errors import ConfigError
 
 SPEC_KINDS = ("curate", "train", "sweep", "select", "curriculum", "study")   # the commands a spec file can be for
 

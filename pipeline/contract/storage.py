@@ -93,7 +93,7 @@ def is_inside(child: str, parent_: str) -> bool:
 
 def check_options(options: dict, where: str) -> dict:
     """Options from a spec: refuse credentials (a spec is copied into the run folder), keep the rest."""
-    from pipeline.contract.config import ConfigError
+    from pipeline.contract.errors import ConfigError
 
     if not isinstance(options, dict):
         raise ConfigError(f"{where}: give a mapping of fsspec options (endpoint_url, region, anon ...)")
@@ -665,7 +665,7 @@ def scratch(prefix: str = "winnow-") -> Iterator[str]:
 def require_local(paths: dict, command: str) -> None:
     """Refuse, before any work, a URL where a command still needs a local path (``paths``: spec key
     -> path or None), naming the key and what to do instead."""
-    from pipeline.contract.config import ConfigError
+    from pipeline.contract.errors import ConfigError
 
     for key, path in paths.items():
         if isinstance(path, str) and is_url(path):
@@ -678,7 +678,7 @@ def require_local(paths: dict, command: str) -> None:
 def check_writable(path: str, what: str) -> None:
     """Fail fast, in one line, when ``path`` on a store cannot be used: a missing bucket, an
     endpoint that does not answer, denied access, or a key that is a file. Local paths pass."""
-    from pipeline.contract.config import ConfigError
+    from pipeline.contract.errors import ConfigError
 
     if not is_url(path):
         return
