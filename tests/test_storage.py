@@ -183,3 +183,79 @@ def test_scratch_is_node_local_and_removed(tmp_path, monkeypatch):
         assert d.startswith(str(tmp_path / "scratch")) and os.path.isdir(d)
         open(os.path.join(d, "f"), "wb").close()
     assert os.listdir(tmp_path / "scratch") == []
+
+
+def test_fetch_local_copy_and_copy_tree_agree_on_disk_and_on_the_store(root, tmp_path):
+    _plant(root)
+    got = storage.fetch(root, str(tmp_path / "fetched"))
+    assert {os.path.relpath(f, got): open(f, "rb").read() for f in storage.find(got)} == TREE
+    with storage.local_copy(storage.join(root, "sub")) as d:
+        held = {os.path.relpath(f, d): open(f, "rb").read() for f in storage.find(d)}
+    assert held == {"b.bin": b"bb", "deeper/c.parquet": b"ccc"}
+    assert storage.is_url(root) == (not os.path.exists(d))        # a store's copy is gone, a local folder stays
+    other = root + "-copy"
+    assert storage.copy_tree(root, other, last=("a.txt",)) == 4
+    assert {f[len(other) + 1:].replace(os.sep, "/"): storage.read_bytes(f) for f in storage.find(other)} == TREE
+    with pytest.raises(FileNotFoundError):
+        storage.fetch(storage.join(root, "nothing-here"), str(tmp_path / "none"))
+
+
+def _shard_on(bucket: str, tmp_path, n: int = 3):
+    """``n`` tar shards of 5 members each on the bucket, and their index (shard, offset, size)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    rows = {"shard": [], "offset": [], "size": [], "want": []}
+    for s in range(n):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for m in range(5):
+                data = bytes([s * 16 + m]) * (300 + 97 * m)
+                info = tarfile.TarInfo(f"{m:03d}.bin")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        url = f"{bucket}/shards/{s:05d}.tar"
+        storage.write_once(url, buf.getvalue())
+        with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+            for m in tf:
+                rows["shard"].append(url)
+                rows["offset"].append(m.offset_data)
+                rows["size"].append(m.size)
+                rows["want"].append(tf.extractfile(m).read())
+    return pa.table({k: rows[k] for k in ("shard", "offset", "size")}), rows["want"]
+
+
+def test_shards_on_a_store_are_copied_whole_when_they_fit_and_read_by_range_when_not(bucket, tmp_path, monkeypatch):
+    """With room for every shard, the reader copies them into scratch and then needs no store at all
+    (the server is stopped and every sample still reads); without room it copies nothing and reads
+    each sample by one range request. Either way the bytes are the tar members', and close() leaves
+    the scratch folder empty."""
+    from training.loader import SampleReader
+
+    monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / "scratch"))
+    index, want = _shard_on(bucket, tmp_path)
+    ranged = SampleReader(index, copy_bytes=100)
+    assert ranged.copy_plan["copied"] is False and ranged.copy_plan["shards"] == 3
+    ranged.prefetch(list(range(0, 15, 2)))
+    assert [ranged.read(i) for i in range(15)] == want
+    ranged.close()
+    reader = SampleReader(index, copy_bytes=1 << 20)
+    ends = {}
+    for sh, off, size in zip(*(index.column(c).to_pylist() for c in ("shard", "offset", "size"))):
+        ends[sh] = max(ends.get(sh, 0), off + size)
+    assert reader.copy_plan["copied"] is True and reader.copy_plan["bytes"] == sum(ends.values())
+    deadline = time.monotonic() + 60
+    while reader.copied() < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "1")
+    S3.stop()
+    try:
+        reader.prefetch([3, 4])
+        assert [reader.read(i) for i in reversed(range(15))] == want[::-1]
+    finally:
+        S3.start()
+    reader.close()
+    assert os.listdir(tmp_path / "scratch") == []

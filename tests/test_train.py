@@ -319,6 +319,7 @@ def test_index_parquet_is_what_the_workers_read(sd_run, shards):
     assert pq.read_table(os.path.join(out, "index.parquet")).num_rows == shards[1]
 
 
+@pytest.mark.slow
 def test_latent_cache_trains_like_decoding_and_is_reused(ray_local, shards, tmp_path):
     """data.cache: one Ray Data pass fills memory-mapped latents and text embeddings; a cached run's
     losses match an uncached centre-crop run's to float16 rounding; a second run reuses the cache."""

@@ -35,6 +35,7 @@ def svd_spec(run: str, out: str, steps: int):
                              "ray": {"num_workers": 2}})
 
 
+@pytest.mark.slow
 def test_svd_trains_resumes_exactly_and_exports_a_video_pipeline(ray_local, clip_run, tmp_path):
     from diffusers import StableVideoDiffusionPipeline
     from PIL import Image

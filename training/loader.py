@@ -11,6 +11,7 @@ uninterrupted one would. Decoding releases the GIL, so threads overlap with the 
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,9 +47,16 @@ class SampleReader:
     Shards on an object store are read by one range request per sample. A request's latency is the
     store's, not the CPU's, so ``prefetch`` starts the reads of the batches the loader has planned
     on ``io_threads`` threads of their own (many requests in flight, the decode threads busy with
-    pixels); ``read`` then takes the bytes that arrived."""
+    pixels); ``read`` then takes the bytes that arrived.
 
-    def __init__(self, index: pa.Table, io_threads: int = 16):
+    When every shard on a store fits in ``copy_bytes`` together, each is also copied whole into
+    this node's scratch folder in the background (one streamed GET per shard, ``copy_threads`` at a
+    time) and a sample whose shard has arrived is read from the copy: after the first pass an epoch
+    makes no request at all. When they do not all fit, nothing is copied (a partial cache under a
+    global shuffle would fetch a whole shard for one sample and evict it again), and every read
+    stays one range request. The copies are removed by ``close``."""
+
+    def __init__(self, index: pa.Table, io_threads: int = 16, copy_bytes: int = 0, copy_threads: int = 4):
         self.shard = index.column("shard").to_pylist()
         self.offset = index.column("offset").to_numpy()
         self.size = index.column("size").to_numpy()
@@ -57,6 +65,35 @@ class SampleReader:
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="winnow-fetch") if remote else None
         self._ahead: dict[int, Future] = {}
         self._lock = threading.Lock()
+        self._copies: dict[str, str] = {}          # shard URL -> its complete copy in scratch
+        self._copier, self._scratch = None, None
+        self.copy_plan = self._plan_copies(copy_bytes) if remote else {"shards": 0, "bytes": 0, "copied": False}
+        if self.copy_plan["copied"]:
+            self._scratch = storage.scratch("winnow-shards-")
+            folder = self._scratch.__enter__()
+            self._copier = ThreadPoolExecutor(max(1, copy_threads), thread_name_prefix="winnow-copy")
+            for k, url in enumerate(self.copy_plan["urls"]):
+                self._copier.submit(self._copy, url, os.path.join(folder, f"{k:06d}.tar"))
+
+    def _plan_copies(self, budget: int) -> dict:
+        """Which shards to copy whole: all of the store's, when their bytes (to the end of their last
+        sample) fit in ``budget``; else none."""
+        ends: dict[str, int] = {}
+        for path, off, size in zip(self.shard, self.offset, self.size):
+            if storage.is_url(path):
+                ends[path] = max(ends.get(path, 0), int(off) + int(size))
+        total = sum(ends.values())
+        return {"shards": len(ends), "bytes": total, "copied": 0 < total <= budget, "urls": sorted(ends)}
+
+    def _copy(self, url: str, dest: str) -> None:
+        storage.download(url, dest)
+        with self._lock:
+            self._copies[url] = dest
+
+    def copied(self) -> int:
+        """How many shards have a complete copy in scratch so far."""
+        with self._lock:
+            return len(self._copies)
 
     def prefetch(self, ids: list[int]) -> None:
         """Start fetching these samples' bytes (shards on a store only; local reads need no help)."""
@@ -64,7 +101,7 @@ class SampleReader:
             return
         with self._lock:
             for i in ids:
-                if i not in self._ahead:
+                if i not in self._ahead and self.shard[i] not in self._copies:
                     self._ahead[i] = self._io.submit(self._fetch, i)
 
     def read(self, i: int) -> bytes:
@@ -76,14 +113,25 @@ class SampleReader:
         if self._io is not None:
             self._io.shutdown(wait=False, cancel_futures=True)
             self._ahead.clear()
+        if self._copier is not None:        # a copy under way finishes before its folder goes
+            self._copier.shutdown(wait=True, cancel_futures=True)
+            self._copier = None
+        if self._scratch is not None:
+            self._scratch.__exit__(None, None, None)
+            self._scratch = None
 
     def _fetch(self, i: int) -> bytes:
         files = getattr(self._local, "files", None)
         if files is None:
             files = self._local.files = collections.OrderedDict()
         path = self.shard[i]
-        fh = files.pop(path, None) or storage.open_read(path, ranged=True)   # one range request per sample
-        files[path] = fh
+        with self._lock:
+            copy = self._copies.get(path)
+        key = copy or path
+        fh = files.pop(key, None)
+        if fh is None:                       # a local copy, or one range request per sample on the store
+            fh = open(copy, "rb") if copy else storage.open_read(path, ranged=True)
+        files[key] = fh
         while len(files) > 8:
             files.popitem(last=False)[1].close()
         fh.seek(int(self.offset[i]))
@@ -116,14 +164,14 @@ class BucketLoader:
 
     def __init__(self, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndarray, cursor: Cursor, batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4,
-                 prefetch: int = 2, cache=None):
+                 prefetch: int = 2, cache=None, shard_copy_bytes: int = 0):
         self.cache = cache            # a training.cache.LatentCache: serve cached latents, no decoding
         self.buckets, self.bucket_of = buckets, np.asarray(bucket_of)
         self.schedule = self._schedule(seed)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.cursor = Schedule.start(cursor, self._global_batch())
         self.seed, self.random_crop = seed, random_crop
-        self.reader = SampleReader(index)
+        self.reader = SampleReader(index, copy_bytes=shard_copy_bytes)
         self.captions = index.column("caption").to_pylist()
         self._columns(index)
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="winnow-decode")
@@ -230,11 +278,13 @@ class ClipLoader(BucketLoader):
 
     def __init__(self, index: pa.Table, buckets: list, bucket_of: np.ndarray, cursor: Cursor, rank: int = 0,
                  world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4, prefetch: int = 2,
-                 target_fps: float = 7.0, min_fps: float = 3.0, max_fps: float = 30.0, motion_ids=None):
+                 target_fps: float = 7.0, min_fps: float = 3.0, max_fps: float = 30.0, motion_ids=None,
+                 shard_copy_bytes: int = 0):
         self.target_fps, self.min_fps, self.max_fps = target_fps, min_fps, max_fps
         self.motion_ids = np.asarray(motion_ids if motion_ids is not None else np.full(index.num_rows, 127), np.int64)
         self.skipped = int((np.asarray(bucket_of) < 0).sum())
-        super().__init__(index, buckets, bucket_of, cursor, 1, rank, world_size, seed, random_crop, workers, prefetch)
+        super().__init__(index, buckets, bucket_of, cursor, 1, rank, world_size, seed, random_crop, workers, prefetch,
+                         shard_copy_bytes=shard_copy_bytes)
 
     def _schedule(self, seed: int) -> Schedule:
         return Schedule(self.bucket_of, seed, {k: b.batch for k, b in enumerate(self.buckets)})

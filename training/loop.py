@@ -180,7 +180,8 @@ def _clip_loader(spec: TrainSpec, config: dict, index, cursor: Cursor, rank: int
     ids = motion(index.column("motion_score").to_numpy(zero_copy_only=False))      # a null score is NaN: bucket 128
     v = spec.video
     loader = ClipLoader(index, buckets, bucket_of, cursor, rank, world, spec.train.seed, spec.data.random_crop,
-                        spec.data.workers, spec.data.prefetch, v.fps, v.min_fps, v.max_fps, ids)
+                        spec.data.workers, spec.data.prefetch, v.fps, v.min_fps, v.max_fps, ids,
+                        shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30))
     return loader, buckets, (None, None)
 
 
@@ -203,7 +204,8 @@ def _loader(spec: TrainSpec, config: dict, cursor: Cursor, rank: int, world: int
         empty = (torch.from_numpy(cache.empty).float().to(device),
                  None if cache.empty_pooled is None else torch.from_numpy(cache.empty_pooled).float().to(device))
     loader = BucketLoader(index, buckets, bucket_of, cursor, spec.train.batch_size, rank, world, spec.train.seed,
-                          spec.data.random_crop, spec.data.workers, spec.data.prefetch, cache=cache)
+                          spec.data.random_crop, spec.data.workers, spec.data.prefetch, cache=cache,
+                          shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30))
     return loader, buckets, empty
 
 

@@ -32,6 +32,10 @@ class DataSpec:
                                 "them; one centre crop per sample, so it needs random_crop: false")
     workers: int = option(4, "decode threads per training worker", min=1, runtime=True)
     prefetch: int = option(4, "batches decoded ahead of the step", min=1, runtime=True)
+    shard_copy_gb: float = option(8.0, "shards on an object store: when all of them fit in this many GB, each "
+                                       "training worker copies them whole into its node's scratch folder in the "
+                                       "background and reads samples from the copies (0: never; else, or when "
+                                       "they do not fit, one range request per sample)", min=0.0, runtime=True)
 
 
 @dataclass
