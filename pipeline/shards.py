@@ -202,8 +202,11 @@ def shard_name(partition: int) -> str:
     return f"{partition:05d}"
 
 
-def shard_done(shards_dir: str, partition: int) -> bool:
-    return storage.exists(join(shards_dir, f"{shard_name(partition)}_stats.json"))
+def done_partitions(shards_dir: str) -> set[int]:
+    """The partitions whose shard is complete (its ``NNNNN_stats.json`` marker is there): one listing
+    of the folder (on a store one LIST per thousand keys), not a request per partition."""
+    names = (storage.name(f) for f in storage.files_in(shards_dir, "_stats.json"))
+    return {int(n[:-len("_stats.json")]) for n in names if n[:-len("_stats.json")].isdigit()}
 
 
 def _jsonable(v: Any) -> Any:

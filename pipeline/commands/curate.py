@@ -162,7 +162,8 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
     """``part_of``: plan key -> partition (keys need not start with it: img2dataset's are kept);
     a clip's plan key is its video's (``FanOut.input_key``)."""
     shards_dir = storage.join(spec.output.path, layout.SHARDS_DIR)
-    todo = [p for p in sorted(counts) if not shards.shard_done(shards_dir, p)]
+    done = shards.done_partitions(shards_dir)
+    todo = [p for p in sorted(counts) if p not in done]
     if not todo:
         return
     by_part: dict[int, dict] = {p: {} for p in todo}
@@ -264,13 +265,14 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
     out = spec.output.path
     work = storage.join(out, layout.WORK_DIR)
     shards_dir = storage.join(out, layout.SHARDS_DIR)
-    if all(shards.shard_done(shards_dir, p) for p in job.counts) and storage.exists(storage.join(out, layout.SUMMARY_FILE)):
+    done = shards.done_partitions(shards_dir)
+    if all(p in done for p in job.counts) and storage.exists(storage.join(out, layout.SUMMARY_FILE)):
         return finalize(spec, job, started, phases, already_complete=True)
     shape = init_ray(spec)
     for st in spec.stages:  # fail on impossible resources before any work starts
         adapter.check_resources(registry.get(st.name), shape.cpus, shape.gpus, st.config)
     t = time.time()
-    finished_parts = {p for p in job.counts if shards.shard_done(shards_dir, p)}
+    finished_parts = {p for p in job.counts if p in done}
     keys = job.table.column(KEY).to_pylist()
     parts = job.table.column(PARTITION).to_pylist()
     if spec.is_video:

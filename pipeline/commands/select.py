@@ -307,7 +307,8 @@ def run(spec: SelectSpec, log=sys.stderr) -> SelectResult:
                         "runs, selection, filters or samples_per_shard", ENTRIES, "select", input_paths(spec))
     sdir = join(out, layout.SHARDS_DIR)
     counts = p.counts
-    todo = [q for q in sorted(counts) if not shards.shard_done(sdir, q)]
+    done = shards.done_partitions(sdir)
+    todo = [q for q in sorted(counts) if q not in done]
     if todo and log is not None and len(todo) < len(counts):
         print(f"resuming: {len(counts) - len(todo)} of {len(counts)} shards written by an earlier run", file=log)
     if todo:

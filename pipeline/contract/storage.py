@@ -287,8 +287,8 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
         with open(local(path), "rb") as fh:
             data = fh.read() if limit is None else fh.read(limit + 1)
     else:
-        fs, p = filesystem(path)     # one GET (a ranged one with a limit), no HEAD first
-        data = retry(fs.cat_file, p) if limit is None else retry(_cat_head, fs, p, limit + 1)
+        fs, p = filesystem(path)     # one ranged GET, no HEAD first (a plain cat_file asks for the size)
+        data = retry(_cat_head, fs, p, (1 << 62) if limit is None else limit + 1)
     if limit is not None and len(data) > limit:
         raise ValueError(f"{path}: more than {limit} bytes")
     return data
@@ -675,6 +675,27 @@ def require_local(paths: dict, command: str) -> None:
 
 
 
+WRITABLE_FOR_S = 60.0          # how long a passed check_writable holds in this process
+_writable: dict = {}            # (location, options) -> when it passed check_writable
+_checkers: dict = {}            # (protocol, options) -> the fail-fast filesystem check_writable uses
+
+
+def _checker(proto: str):
+    """An S3 filesystem that tries once with short timeouts (made once per options: building a
+    client costs a few hundred milliseconds)."""
+    import fsspec
+
+    opts = options_for(proto)
+    key = (proto, json.dumps(opts, sort_keys=True, default=str))
+    if key not in _checkers:
+        fs = fsspec.filesystem(proto, use_listings_cache=False, skip_instance_cache=True,
+                               config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 20},
+                               **opts)
+        fs.retries = 1                    # s3fs's own retry loop, on this checking instance only
+        _checkers[key] = fs
+    return _checkers[key]
+
+
 def check_writable(path: str, what: str) -> None:
     """Fail fast, in one line, when ``path`` on a store cannot be used: a missing bucket, an
     endpoint that does not answer, denied access, or a key that is a file. Local paths pass."""
@@ -682,16 +703,13 @@ def check_writable(path: str, what: str) -> None:
 
     if not is_url(path):
         return
+    key = (absolute(path), json.dumps(options_for(protocol(path)), sort_keys=True, default=str))
+    if time.monotonic() - _writable.get(key, -1e9) < WRITABLE_FOR_S:   # a plan, then the run: checked once
+        return
     try:
         fs, p = filesystem(path)
         if protocol(path) in ("s3", "s3a"):   # a wrong endpoint fails now, not after minutes of retries
-            import fsspec
-
-            fs = fsspec.filesystem(protocol(path), use_listings_cache=False,
-                                   config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 5,
-                                                  "read_timeout": 20},
-                                   **options_for(protocol(path)))
-            fs.retries = 1                    # s3fs's own retry loop, on this checking instance only
+            fs = _checker(protocol(path))
     except StorageError as exc:
         raise ConfigError(f"{what} {path!r}: {exc}") from None
     bucket = p.split("/", 1)[0]
@@ -709,6 +727,7 @@ def check_writable(path: str, what: str) -> None:
         probe = f"{p.rstrip('/')}/.winnow/probe-{uuid.uuid4().hex[:8]}"
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
+        _writable[key] = time.monotonic()
     except ConfigError:
         raise
     except PermissionError as exc:
@@ -722,7 +741,7 @@ def check_writable(path: str, what: str) -> None:
 
 
 __all__ = ["StorageError", "abort_uploads", "absolute", "arrow_filesystem", "check_options", "check_writable", "configure",
-           "download", "exists", "files_in", "filesystem", "find", "is_inside", "is_url", "isdir", "isfile", "join",
+           "copy", "copy_tree", "download", "fetch", "local_copy", "exists", "files_in", "filesystem", "find", "is_inside", "is_url", "isdir", "isfile", "join",
            "listdir", "listing", "local", "local_target", "measure_rates", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
            "read_text", "redact", "remove", "remove_tree", "require_local", "retry", "scratch", "scratch_root", "secret_values", "stamp", "transient",
            "upload", "walk", "write_once"]
