@@ -3,6 +3,7 @@ it, select, sweep and report there, and the results equal the same commands' on 
 server is real (moto on 127.0.0.1, reached through AWS_* alone); nothing here mocks a filesystem."""
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -178,7 +179,7 @@ def test_a_dry_run_to_a_bucket_measures_the_store_and_leaves_nothing(runs, tmp_p
 
 def test_bucket_models_and_folders_are_checked_before_any_work(bucket):
     """A pipeline, checkpoint or eval folder on the bucket is checked as a local one is, before Ray
-    starts; the latent cache, whose actors share memory-mapped files, still needs a shared output."""
+    starts."""
     from pipeline.commands import eval as evaluate
     from pipeline.commands import inflate
     from training import train_spec
@@ -188,8 +189,6 @@ def test_bucket_models_and_folders_are_checked_before_any_work(bucket):
     c.put_object(Bucket=name, Key="sd15/unet/config.json", Body=b"{}")
     c.put_object(Bucket=name, Key="ckpt/meta.json", Body=b"{}")
     spec = {"data": {"shards": [f"{bucket}/run"]}, "model": {"kind": "sd"}, "output": {"path": f"{bucket}/t"}}
-    with pytest.raises(ConfigError, match="data.cache: not yet with output.path on object storage"):
-        train_spec.parse({**spec, "data": {**spec["data"], "cache": True, "random_crop": False}}, check_paths=False)
     with pytest.raises(ConfigError, match=rf"model.pretrained: '{bucket}/sd15' has no model_index.json"):
         train_spec.parse({**spec, "model": {"kind": "sd", "pretrained": f"{bucket}/sd15"}})
     c.put_object(Bucket=name, Key="sd15/model_index.json", Body=b"{}")
@@ -661,3 +660,39 @@ def test_eval_study_and_a_curriculum_with_every_folder_on_the_bucket(runs, bucke
     # nothing but the bucket (and the local copies this test made in tmp_path): every scratch copy is gone
     after = _files(root, skip) | _files(session_tmp, skip)
     assert sorted(f for f in after - before if not f.endswith((".pyc", ".ses")) and "/pymp-" not in f) == []
+
+
+@pytest.mark.slow
+def test_the_latent_cache_on_a_bucket_trains_like_the_local_cache(runs, tmp_path):
+    """data.cache with shards and output on the bucket: the encoder actors write one object per block,
+    each worker fills its memory maps in its own scratch from them; the losses are the local cached
+    run's, bit for bit, and a second run reuses the blocks."""
+    name = runs["bucket"]
+    spec = {"data": {"cache": True, "random_crop": False}, "objective": {"caption_dropout": 0.5}}
+
+    def cached(shards, out, steps=3):
+        from pipeline.commands import train as trainer
+        from training import train_spec as trainspec
+
+        doc = {"data": {"shards": [shards], "resolution": 96, "bucket_step": 32, "max_aspect": 2.0, "workers": 2,
+                        **spec["data"]},
+               "model": {"kind": "sd"}, "objective": spec["objective"],
+               "train": {"batch_size": 2, "max_steps": steps, "checkpoint_every": 3, "log_every": 1,
+                         "sample_prompts": []},
+               "ray": {"num_workers": 2, "num_cpus": 2}, "output": {"path": out}}
+        return trainer.run(trainspec.parse(doc), log=None)
+
+    remote = cached(runs["run"], f"s3://{name}/train/cached")
+    local = cached(runs["local_out"], str(tmp_path / "cached"))
+    assert [m["loss"] for m in remote.metrics] == [m["loss"] for m in local.metrics]
+    keys = S3.keys(name, "train/cached/cache/")
+    blocks = [k for k in keys if "/blocks/" in k]
+    assert blocks and all(k.endswith(".npz") for k in blocks)
+    done = [k for k in keys if k.endswith("/done.json")]
+    assert len(done) == 1
+    local_done = glob.glob(str(tmp_path / "cached" / "cache" / "*" / "done.json"))
+    assert json.loads(_get(name, done[0])) == json.loads(open(local_done[0]).read())
+    stamp = storage.stamp(f"s3://{name}/{done[0]}")
+    again = cached(runs["run"], f"s3://{name}/train/cached", steps=4)
+    assert again.summary["resumed_from"] == 3 and storage.stamp(f"s3://{name}/{done[0]}") == stamp
+    assert S3.uploads(name) == []

@@ -13,9 +13,17 @@ only the rows it trains on:
 * ``context.npy`` ``(N, 77, D)`` and, for SDXL, ``pooled.npy`` ``(N, P)`` float16;
 * ``empty.npy`` / ``empty_pooled.npy``: the empty caption, for caption dropout;
 * ``blocks/<i>.done`` per finished block (a killed pass resumes) and ``done.json`` at the end.
+
+With the output on an object store (no shared file to map, no writes in place) each block is one
+object instead, ``blocks/<i>.npz`` (its rows' latents per bucket, context and pooled embeddings;
+NumPy's format, read without pickle), written whole by the actor that encoded it, so its presence
+is the block's done marker; ``done.json`` follows the last one. A training worker then copies the
+blocks into its node's scratch folder and fills the same memory-mapped files there
+(``LatentCache``), removed when its loader closes.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -23,7 +31,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from training.buckets import Bucket, plan_crop
 
 BLOCK_ROWS = 64
@@ -87,6 +95,7 @@ class EncodeBlock:
         for enc in self.comps.text_encoders:
             enc.to(self.device, dtype=dtype).eval()
         self.layout = Layout(folder, [Bucket(w, h) for w, h in buckets], bucket_of, dims)
+        self.on_store = storage.is_url(folder)
         self._maps: dict[str, np.ndarray] = {}
         self._write_empty()
 
@@ -97,9 +106,11 @@ class EncodeBlock:
 
     def _write_empty(self) -> None:
         ctx, pooled = self.family.encode_text(self.comps, [""], self.device)
-        np.save(os.path.join(self.layout.folder, "empty.npy"), ctx[0].float().cpu().numpy().astype(np.float16))
-        if pooled is not None:
-            np.save(os.path.join(self.layout.folder, "empty_pooled.npy"), pooled[0].float().cpu().numpy().astype(np.float16))
+        arrays = {"empty.npy": ctx[0]} if pooled is None else {"empty.npy": ctx[0], "empty_pooled.npy": pooled[0]}
+        for name, value in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, value.float().cpu().numpy().astype(np.float16), allow_pickle=False)
+            storage.write_once(storage.join(self.layout.folder, name), buf.getvalue())
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -108,6 +119,7 @@ class EncodeBlock:
 
         rows = batch["row"].astype(np.int64)
         lay = self.layout
+        block: dict[str, np.ndarray] = {"rows": rows}      # on a store: the block's arrays, one object
         with torch.no_grad():
             for b in np.unique(lay.bucket_of[rows]):
                 sel = np.flatnonzero(lay.bucket_of[rows] == b)
@@ -121,14 +133,26 @@ class EncodeBlock:
                 vae = self.comps.vae
                 dist = vae.encode(x.to(self.device, next(vae.parameters()).dtype)).latent_dist
                 out = torch.stack([dist.mean, dist.std], dim=1).float().cpu().numpy().astype(np.float16)
+                if self.on_store:
+                    block[f"latents_{int(b)}"], block[f"rows_{int(b)}"] = out, rows[sel]
+                    continue
                 lat = self._map(lay.latents_path(int(b)))
                 for k, j in enumerate(sel):
                     lat[lay.pos[rows[j]]] = out[k]
             ctx, pooled = self.family.encode_text(self.comps, [str(c) for c in batch["caption"]], self.device)
-            context = self._map(os.path.join(lay.folder, "context.npy"))
-            context[rows] = ctx.float().cpu().numpy().astype(np.float16)
+            context = ctx.float().cpu().numpy().astype(np.float16)
+            pooled = None if pooled is None else pooled.float().cpu().numpy().astype(np.float16)
+        if self.on_store:
+            block["context"] = context
             if pooled is not None:
-                self._map(os.path.join(lay.folder, "pooled.npy"))[rows] = pooled.float().cpu().numpy().astype(np.float16)
+                block["pooled"] = pooled
+            buf = io.BytesIO()
+            np.savez(buf, **block)
+            storage.write_once(storage.join(lay.folder, "blocks", f"{int(batch['block'][0])}.npz"), buf.getvalue())
+            return {"block": batch["block"][:1]}
+        self._map(os.path.join(lay.folder, "context.npy"))[rows] = context
+        if pooled is not None:
+            self._map(os.path.join(lay.folder, "pooled.npy"))[rows] = pooled
         for m in self._maps.values():
             m.flush()
         return {"block": batch["block"][:1]}
@@ -151,16 +175,21 @@ def build_cache(spec, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndar
     from pipeline.contract.stage import Resources
     from training import families
 
-    folder = os.path.join(os.path.abspath(spec.output.path), "cache", fingerprint(index, spec, buckets))
-    if os.path.exists(os.path.join(folder, "done.json")):
+    folder = storage.join(storage.absolute(spec.output.path), "cache", fingerprint(index, spec, buckets))
+    if storage.exists(storage.join(folder, "done.json")):
         return folder
-    os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
+    on_store = storage.is_url(folder)
     dims = families.get(spec.model.kind).cache_dims(spec.model.pretrained, spec.model.allow_download)
-    Layout(folder, buckets, bucket_of, dims).create()
+    if on_store:                     # a block's object is its own marker: one listing says which are done
+        finished = {storage.name(f) for f in storage.files_in(storage.join(folder, "blocks"), ".npz")}
+    else:
+        os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
+        Layout(folder, buckets, bucket_of, dims).create()
+        finished = set(os.listdir(os.path.join(folder, "blocks")))
     rows = index.select(["shard", "offset", "size", "caption"]).append_column("row", pa.array(np.arange(index.num_rows)))
     blocks = []
     for i, start in enumerate(range(0, index.num_rows, BLOCK_ROWS)):
-        if not os.path.exists(os.path.join(folder, "blocks", f"{i}.done")):
+        if f"{i}.npz" not in finished and f"{i}.done" not in finished:
             part = rows.slice(start, BLOCK_ROWS)
             blocks.append(part.append_column("block", pa.array(np.full(part.num_rows, i))))
     if blocks:
@@ -170,11 +199,11 @@ def build_cache(spec, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndar
         bar = tqdm(total=len(blocks), desc="cache latents", unit="block", file=log, disable=log is None)
         for out in actor_pass(blocks, EncodeBlock, kwargs, res):
             for b in np.unique(out["block"]):
-                open(os.path.join(folder, "blocks", f"{int(b)}.done"), "w").close()
+                if not on_store:
+                    open(os.path.join(folder, "blocks", f"{int(b)}.done"), "w").close()
                 bar.update(1)
         bar.close()
-    with open(os.path.join(folder, "done.json"), "w") as fh:
-        json.dump({"samples": index.num_rows, **dims}, fh)
+    storage.write_once(storage.join(folder, "done.json"), json.dumps({"samples": index.num_rows, **dims}).encode())
     return folder
 
 
@@ -182,8 +211,11 @@ class LatentCache:
     """Read side: a sample's (mean, std, context, pooled) from the memory-mapped files."""
 
     def __init__(self, folder: str, buckets: list[Bucket], bucket_of: np.ndarray):
-        with open(os.path.join(folder, "done.json")) as fh:
-            dims = json.load(fh)
+        dims = json.loads(storage.read_bytes(storage.join(folder, "done.json")))
+        self._scratch = None
+        if storage.is_url(folder):
+            self._scratch = storage.scratch("winnow-cache-")
+            folder = _materialise(folder, self._scratch.__enter__(), buckets, bucket_of, dims)
         self.layout = Layout(folder, buckets, bucket_of, dims)
         self.latents = {b: np.load(self.layout.latents_path(b), mmap_mode="r")
                         for b in range(len(buckets)) if self.layout.counts[b]}
@@ -194,6 +226,13 @@ class LatentCache:
         ep = os.path.join(folder, "empty_pooled.npy")
         self.empty_pooled = np.load(ep) if os.path.exists(ep) else None
 
+    def close(self) -> None:
+        """Drop the maps; a cache copied from a store leaves this node's scratch."""
+        self.latents, self.context, self.pooled = {}, None, None
+        if self._scratch is not None:
+            self._scratch.__exit__(None, None, None)
+            self._scratch = None
+
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         b = int(self.layout.bucket_of[i])
         return (np.asarray(self.latents[b][self.layout.pos[i]]), np.asarray(self.context[i]),
@@ -203,6 +242,31 @@ class LatentCache:
     def crop_ids(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
         c = plan_crop(width, height, bucket)
         return c.top, c.left
+
+
+def _materialise(url: str, local: str, buckets: list[Bucket], bucket_of: np.ndarray, dims: dict) -> str:
+    """The memory-mapped files of a cache whose blocks are on a store, filled in ``local`` from them."""
+    lay = Layout(local, buckets, bucket_of, dims)
+    lay.create()
+    for name in ("empty.npy", "empty_pooled.npy"):
+        if storage.exists(storage.join(url, name)):
+            storage.download(storage.join(url, name), os.path.join(local, name))
+    maps = {b: np.load(lay.latents_path(b), mmap_mode="r+") for b in range(len(buckets)) if lay.counts[b]}
+    context = np.load(os.path.join(local, "context.npy"), mmap_mode="r+")
+    pooled = np.load(os.path.join(local, "pooled.npy"), mmap_mode="r+") if dims["pooled"] else None
+    for f in storage.files_in(storage.join(url, "blocks"), ".npz"):
+        with np.load(io.BytesIO(storage.read_bytes(f)), allow_pickle=False) as block:
+            rows = block["rows"]
+            context[rows] = block["context"]
+            if pooled is not None:
+                pooled[rows] = block["pooled"]
+            for key in block.files:
+                if key.startswith("latents_"):
+                    b = int(key[len("latents_"):])
+                    maps[b][lay.pos[block[f"rows_{b}"]]] = block[key]
+    for m in (*maps.values(), context, *([] if pooled is None else [pooled])):
+        m.flush()
+    return local
 
 
 __all__ = ["LatentCache", "build_cache"]

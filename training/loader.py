@@ -257,6 +257,8 @@ class BucketLoader:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.reader.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 @dataclass

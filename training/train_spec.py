@@ -246,10 +246,6 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     if spec.optim.init_state and check_paths and not storage.isfile(storage.join(spec.optim.init_state, "state.json")):
         raise ConfigError(f"optim.init_state: {spec.optim.init_state!r} has no state.json; give a checkpoint folder "
                           f"(OUTPUT/ray/train/checkpoint_NNNNNNN)")
-    if storage.is_url(spec.output.path) and spec.data.cache:
-        raise ConfigError(f"data.cache: not yet with output.path on object storage ({spec.output.path}): the cache's "
-                          f"encoder actors write memory-mapped files that every worker must see; give a local (or "
-                          f"shared) output.path, or set data.cache: false")
     if spec.data.selection and check_paths and not storage.exists(spec.data.selection):
         raise ConfigError(f"data.selection: {spec.data.selection!r} does not exist; give a manifest from `winnow sweep` "
                           f"(selections/cell_NNN.parquet)")
