@@ -41,7 +41,6 @@ def shard_stats(output: str) -> list[dict]:
 def kill_at_checkpoint(proc, run_dir: str, step: int, timeout: float = 240) -> None:
     """SIGKILL ``proc``'s process group (the CLI and its Ray) once Ray Train has recorded the
     checkpoint of ``step`` of the train run in ``run_dir``; fails if the run ends first."""
-    import signal
     import time
 
     from pipeline.contract import storage
@@ -58,8 +57,29 @@ def kill_at_checkpoint(proc, run_dir: str, step: int, timeout: float = 240) -> N
     while not registered():
         assert proc.poll() is None and time.time() < deadline, f"the run ended before the step-{step} checkpoint"
         time.sleep(0.05 if storage.is_url(run_dir) else 0.01)
+    kill_tree(proc)
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL ``proc``, its process group and every process descended from it, as a machine that
+    loses power would: Ray's raylet starts its workers (the Train controller among them) in process
+    groups of their own, so killing the group alone leaves them running on, writing checkpoints."""
+    import signal
+
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
     os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
     proc.wait()
+    psutil.wait_procs(tree, timeout=30)
 
 
 # scratch folders of subprocesses a test may SIGKILL (``killable_env``); the session's leftover check
