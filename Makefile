@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.winnow-installed
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(TEST_ARGS)
+
+# ruff's pyflakes, import order, bugbear and pyupgrade rules at 120 columns (pyproject.toml): zero findings
+lint: install
+	$(BIN)/ruff check .
+
+# before a commit: lint, then the fast tier
+check: lint test
 
 bench: install
 	$(BIN)/python bench/curate_images.py

@@ -45,7 +45,7 @@ def main() -> int:
     for base in (512, 768, 1024):
         table = bucket_table(base)
         idx = assign(w, h, table)
-        kept = [kept_fraction(a, b, table[i]) for a, b, i in zip(w, h, idx)]
+        kept = [kept_fraction(a, b, table[i]) for a, b, i in zip(w, h, idx, strict=True)]
         print(f"base {base:4d}: {len(table)} buckets, {len(set(idx.tolist()))} used; pixels kept {np.mean(kept):.4f} "
               f"(min {np.min(kept):.4f}) vs centre square {square:.4f}")
     return 0

@@ -127,7 +127,10 @@ def main() -> int:
         paths = make_inputs(os.path.join(tmp, "images"), args.images, copies=args.copies)
         n = len(paths)
         mpix = sum(Image.open(p).width * Image.open(p).height for p in paths) / n / 1e6
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python "
+            f"{platform.python_version()}"
+        )
         print(f"data: {n} images, mean {mpix:.1f} MP, max_side {args.max_side}; pipeline on {args.cpus} CPUs\n")
 
         # 1) decode+resize per core vs plain PIL (single process, warm cache, best of 2)
@@ -168,13 +171,19 @@ def main() -> int:
                                   "ray": {"block_rows": 32}})
             runs[label] = curate.run(spec, log=None)
         ray.shutdown()
-        print(f"\npipeline (winnow curate on local Ray, {args.cpus} CPUs); slowest stage: {slowest} at {rates[slowest]:.1f} img/s")
+        print(
+            f"\npipeline (winnow curate on local Ray, {args.cpus} CPUs); slowest stage: {slowest} at "
+            f"{rates[slowest]:.1f} img/s"
+        )
         for label, res in runs.items():
             annotate_rate = n / res.phases["annotate"]
             total_rate = n / res.wall_seconds
-            print(f"  {label}: annotate {annotate_rate:6.1f} img/s ({res.phases['annotate']:.2f} s), ratio to slowest stage "
-                  f"{annotate_rate / rates[slowest]:.2f}; whole run {total_rate:6.1f} img/s ({res.wall_seconds:.2f} s), "
-                  f"ratio {total_rate / rates[slowest]:.2f}; phases {res.phases}")
+            print(
+                f"  {label}: annotate {annotate_rate:6.1f} img/s ({res.phases['annotate']:.2f} s), ratio to "
+                "slowest stage "
+                f"{annotate_rate / rates[slowest]:.2f}; whole run {total_rate:6.1f} img/s ({res.wall_seconds:.2f} s), "
+                f"ratio {total_rate / rates[slowest]:.2f}; phases {res.phases}"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -62,12 +62,19 @@ def main() -> int:
         print(f"corpus: {len(expected)} files ({sum(v is not None for v in expected.values())} expected rejects)")
 
         def spec(out: str, dry: bool):
-            return curate_spec.parse({"input": {"path": corpus},
-                                      "output": {"path": os.path.join(tmp, out), "samples_per_shard": args.samples_per_shard,
-                                                 "report": False},
-                                      "stages": STAGES[args.stages],
-                                      "ray": {"num_cpus": args.cpus, "progress_bars": False},
-                                      "dry_run": {"enabled": dry, "sample": args.sample}})
+            return curate_spec.parse(
+                {
+                    "input": {"path": corpus},
+                    "output": {
+                        "path": os.path.join(tmp, out),
+                        "samples_per_shard": args.samples_per_shard,
+                        "report": False,
+                    },
+                    "stages": STAGES[args.stages],
+                    "ray": {"num_cpus": args.cpus, "progress_bars": False},
+                    "dry_run": {"enabled": dry, "sample": args.sample},
+                }
+            )
 
         projected = curate.run(spec("run", True), log=None)
         print(dry_run.format_summary(projected))
@@ -77,10 +84,22 @@ def main() -> int:
         kept = real.kept / real.inputs
         shape = adapter.cluster_shape()
         checks = [
-            ("wall time (s)", projected.projected_wall_s, real.wall_seconds,
-             max(projected.projected_wall_s, real.wall_seconds) / max(min(projected.projected_wall_s, real.wall_seconds), 1e-9), 1.5),
-            ("output bytes", projected.projected_output_bytes, real_bytes,
-             max(projected.projected_output_bytes, real_bytes) / max(min(projected.projected_output_bytes, real_bytes), 1), 1.5),
+            (
+                "wall time (s)",
+                projected.projected_wall_s,
+                real.wall_seconds,
+                max(projected.projected_wall_s, real.wall_seconds)
+                / max(min(projected.projected_wall_s, real.wall_seconds), 1e-9),
+                1.5,
+            ),
+            (
+                "output bytes",
+                projected.projected_output_bytes,
+                real_bytes,
+                max(projected.projected_output_bytes, real_bytes)
+                / max(min(projected.projected_output_bytes, real_bytes), 1),
+                1.5,
+            ),
             ("kept fraction", projected.kept_fraction, round(kept, 4), abs(projected.kept_fraction - kept), 0.1),
         ]
         print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; Ray cluster {shape.cpus:g} CPUs; "

@@ -184,7 +184,11 @@ def main() -> int:
                 ("video", "huge.mp4", make_huge_video, "16000x16000 H.264 video ({} KB, 2 frames)")):
             path = os.path.join(tmp, name)
             print("\n" + title.format(round(make(path) / 1e3)))
-            for what in (f"{kind}_before", f"{kind}_after", *(("thumb_before", "thumb_after") if kind == "video" else ())):
+            for what in (
+                f"{kind}_before",
+                f"{kind}_after",
+                *(("thumb_before", "thumb_after") if kind == "video" else ()),
+            ):
                 r = child(what, path)
                 print(f"  {what:<13} peak +{r['mb']:7.0f} MB  {r['s']:6.2f} s  -> {r['out'][:80]}")
         folder = os.path.join(tmp, "photos")

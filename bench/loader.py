@@ -90,10 +90,13 @@ def main() -> int:
         two = loader_rate(index, table, bucket_of, 2, args.samples)
         ids = [i % index.num_rows for i in range(min(args.samples, 3 * index.num_rows))]
         base_rate = naive(reader, ids, table, bucket_of)
-        print(f"| {base} | {one:.1f} samples/s | {two:.1f} samples/s | {base_rate:.1f} samples/s | {one / base_rate:.2f}x |")
+        print(
+            f"| {base} | {one:.1f} samples/s | {two:.1f} samples/s | {base_rate:.1f} samples/s "
+            f"| {one / base_rate:.2f}x |"
+        )
 
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
 
     out = os.path.join(work, "train")
     tspec = trainspec.parse({"data": {"shards": [os.path.join(work, "run")], "resolution": 256, "workers": 2},

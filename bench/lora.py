@@ -59,11 +59,13 @@ def one(args) -> dict:
                                            "time_ids": torch.randn(b, 6, generator=g).to(args.device)})
         t = torch.randint(0, 1000, (b,), generator=g)
     x, ctx, t = x.to(args.device), ctx.to(args.device), t.to(args.device)
-    target = torch.randn(x.shape[:1] + x.shape[1:-3] + (unet.config.out_channels,) + x.shape[-2:], generator=g).to(args.device)
+    target = torch.randn(x.shape[:1] + x.shape[1:-3] + (unet.config.out_channels,) + x.shape[-2:], generator=g).to(
+        args.device
+    )
     times = []
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -79,9 +81,14 @@ def one(args) -> dict:
     state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"mode": args.mode, "ms_per_step": 1000 * sum(times[2:]) / len(times[2:]), "peak_mb": peak / 2 ** 20,
-            "trainable": trainable, "unet_params": sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n),
-            "trainable_state_mb": (trainable * 4 * 2 + state) / 2 ** 20}
+    return {
+        "mode": args.mode,
+        "ms_per_step": 1000 * sum(times[2:]) / len(times[2:]),
+        "peak_mb": peak / 2**20,
+        "trainable": trainable,
+        "unet_params": sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n),
+        "trainable_state_mb": (trainable * 4 * 2 + state) / 2**20,
+    }
 
 
 def main() -> None:

@@ -153,7 +153,10 @@ def raw_get_rate(run: str, n: int, threads: int = 16) -> float:
 
 
 def per_kept(c: collections.Counter, kept: int) -> str:
-    return ", ".join(f"{k} {v / max(1, kept):.3f}" for k, v in sorted(c.items())) + f" (total {sum(c.values()) / max(1, kept):.3f})"
+    return (
+        ", ".join(f"{k} {v / max(1, kept):.3f}" for k, v in sorted(c.items()))
+        + f" (total {sum(c.values()) / max(1, kept):.3f})"
+    )
 
 
 def main() -> None:
@@ -224,16 +227,27 @@ def main() -> None:
               + (f"  requests per kept sample: {per_kept(req, kept)}" if sum(req.values()) else ""))
     loc, med = min(base["local -> local"]), statistics.median(base["local -> local"])
     reps = len(base["local -> local"])
-    print(f"  wall time ratio, best of {reps} runs each (alternating): local -> s3 {min(base['local -> s3']) / loc:.2f}x; "
-          f"median of {reps}: {statistics.median(base['local -> s3']) / med:.2f}x; s3 -> s3 {base['s3 -> s3'][0] / loc:.2f}x "
-          f"the best local run")
+    print(
+        f"  wall time ratio, best of {reps} runs each (alternating): "
+        f"local -> s3 {min(base['local -> s3']) / loc:.2f}x; "
+        f"median of {reps}: {statistics.median(base['local -> s3']) / med:.2f}x; "
+        f"s3 -> s3 {base['s3 -> s3'][0] / loc:.2f}x the best local run"
+    )
     floor = rows[1][4] / 1e6 / rates["write_mb_s"]
-    print(f"  the server alone takes {rates['write_mb_s']:.1f} MB/s (PUT, streamed; {rates['read_mb_s']:.1f} MB/s GET): "
-          f"{floor:.2f} s just to receive the output's bytes; local -> s3 less that floor: "
-          f"{(min(base['local -> s3']) - floor) / loc:.2f}x the best local run")
-    print(f"  bytes written: local {rows[0][4]:,}, bucket {rows[1][4]:,} ({'equal' if rows[0][4] == rows[1][4] else 'differ'})")
-    print(f"  at 2N = {r2.inputs} inputs ({r2.kept} kept): local -> s3 {wall2:.2f} s vs local {min(walls_2n['local']):.2f} s, "
-          f"{wall2 / min(walls_2n['local']):.2f}x (best of 2 each); requests per kept sample {per_kept(req_2n, r2.kept)}")
+    print(
+        f"  the server alone takes {rates['write_mb_s']:.1f} MB/s (PUT, streamed; {rates['read_mb_s']:.1f} MB/s GET): "
+        f"{floor:.2f} s just to receive the output's bytes; local -> s3 less that floor: "
+        f"{(min(base['local -> s3']) - floor) / loc:.2f}x the best local run"
+    )
+    print(
+        f"  bytes written: local {rows[0][4]:,}, bucket {rows[1][4]:,} "
+        f"({'equal' if rows[0][4] == rows[1][4] else 'differ'})"
+    )
+    print(
+        f"  at 2N = {r2.inputs} inputs ({r2.kept} kept): local -> s3 {wall2:.2f} s vs local "
+        f"{min(walls_2n['local']):.2f} s, "
+        f"{wall2 / min(walls_2n['local']):.2f}x (best of 2 each); requests per kept sample {per_kept(req_2n, r2.kept)}"
+    )
     lr = local_rate["all"]
     print(f"loader (BucketLoader, 2 threads, base 256, {4 * args.images} samples, several passes): local "
           f"{lr:.1f} samples/s")

@@ -135,7 +135,10 @@ def main() -> int:
             print(f"{'ocr ' + backend + f' max_side {side}':40s} {r:8.2f} img/s  (posters read: {posters}/"
                   f"{args.images // 8}{extra})")
     for side in (640, 512):
-        print(f"rapidocr / easyocr speed at max_side {side}: {ocr_rates[('rapidocr', side)] / ocr_rates[('easyocr', side)]:.2f}x")
+        print(
+            f"rapidocr / easyocr speed at max_side {side}: "
+            f"{ocr_rates[('rapidocr', side)] / ocr_rates[('easyocr', side)]:.2f}x"
+        )
 
     table, truth = planted(args.dedup_rows, args.dedup_rows // 100, 768)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +152,10 @@ def main() -> int:
         t_clustered = time.perf_counter() - t
     rows = table.num_rows
     print(f"\nsemantic dedup, {rows} x 768-d embeddings with {len(truth)} planted copies:")
-    print(f"  exact (one cluster)      {t_exact:7.1f} s  ({rows / t_exact:9.0f} rows/s), recall {len(set(exact) & truth) / len(truth):.3f}")
+    print(
+        f"  exact (one cluster)      {t_exact:7.1f} s  ({rows / t_exact:9.0f} rows/s), "
+        f"recall {len(set(exact) & truth) / len(truth):.3f}"
+    )
     print(f"  k-means, ~5000 per cluster {t_clustered:5.1f} s  ({rows / t_clustered:9.0f} rows/s), recall "
           f"{len(set(clustered) & truth) / len(truth):.3f}, speed-up {t_exact / t_clustered:.1f}x")
 

@@ -65,8 +65,18 @@ def make_run(root: str, shards: int, per_shard: int, rng: np.random.Generator) -
         t = pa.Table.from_pylist(rows)
         pq.write_table(t, os.path.join(root, "shards", f"{s:05d}.parquet"))
         with open(os.path.join(root, "shards", f"{s:05d}_stats.json"), "w") as fh:
-            json.dump({"shard": f"{s:05d}", "count": per_shard, "kept": per_shard, "rejected": 0, "reasons": {},
-                       "stage_seconds": {}, "tar_bytes": os.path.getsize(os.path.join(root, "shards", f"{s:05d}.tar"))}, fh)
+            json.dump(
+                {
+                    "shard": f"{s:05d}",
+                    "count": per_shard,
+                    "kept": per_shard,
+                    "rejected": 0,
+                    "reasons": {},
+                    "stage_seconds": {},
+                    "tar_bytes": os.path.getsize(os.path.join(root, "shards", f"{s:05d}.tar")),
+                },
+                fh,
+            )
         tables.append(t)
     pq.write_table(pa.concat_tables(tables), os.path.join(root, "annotations.parquet"))
     with open(os.path.join(root, "summary.json"), "w") as fh:
@@ -126,9 +136,13 @@ def main() -> int:
           f"(mean image {image_bytes / n / 1e3:.0f} KB), made in {time.perf_counter() - t:.1f} s")
     adapter.connect(None, None)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    spec = selection.parse({"runs": [run], "output": {"path": os.path.join(work, "sel"), "samples_per_shard": args.per_shard,
-                                                   "report": False},
-                         "filters": [{"column": "aesthetic_score", "drop_fractions": [args.fraction]}]})
+    spec = selection.parse(
+        {
+            "runs": [run],
+            "output": {"path": os.path.join(work, "sel"), "samples_per_shard": args.per_shard, "report": False},
+            "filters": [{"column": "aesthetic_score", "drop_fractions": [args.fraction]}],
+        }
+    )
     t = time.perf_counter()
     p = selection.plan(spec)
     plan_s = time.perf_counter() - t

@@ -27,17 +27,28 @@ sys.path.insert(0, ROOT)
 
 SIZES = {
     # stabilityai/stable-video-diffusion-img2vid unet/config.json
-    "svd": dict(block_out_channels=(320, 640, 1280, 1280), num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024,
-                addition_time_embed_dim=256, projection_class_embeddings_input_dim=768, layers_per_block=2),
-    "small": dict(block_out_channels=(64, 128, 256, 256), num_attention_heads=(1, 2, 4, 4), cross_attention_dim=256,
-                  addition_time_embed_dim=64, projection_class_embeddings_input_dim=192, layers_per_block=2),
+    "svd": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        num_attention_heads=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=768,
+        layers_per_block=2,
+    ),
+    "small": dict(
+        block_out_channels=(64, 128, 256, 256),
+        num_attention_heads=(1, 2, 4, 4),
+        cross_attention_dim=256,
+        addition_time_embed_dim=64,
+        projection_class_embeddings_input_dim=192,
+        layers_per_block=2,
+    ),
 }
 
 
 def build(size: str, frames: int):
-    from diffusers import UNetSpatioTemporalConditionModel
-
     import torch
+    from diffusers import UNetSpatioTemporalConditionModel
 
     torch.manual_seed(0)
     return UNetSpatioTemporalConditionModel(
@@ -147,8 +158,16 @@ def _fsdp_worker(rank: int, world: int, args, port: int, queue) -> None:
     state = sum(local(v).numel() * v.element_size() for s in opt.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.ndim)
     if rank == 0:
-        queue.put({"sharded": args.sharded, "params_gib": params / 2 ** 30, "grads_gib": grads / 2 ** 30,
-                   "adam_gib": state / 2 ** 30, "total_gib": (params + grads + state) / 2 ** 30, "loss": float(loss.detach())})
+        queue.put(
+            {
+                "sharded": args.sharded,
+                "params_gib": params / 2**30,
+                "grads_gib": grads / 2**30,
+                "adam_gib": state / 2**30,
+                "total_gib": (params + grads + state) / 2**30,
+                "loss": float(loss.detach()),
+            }
+        )
     dist.destroy_process_group()
 
 
@@ -195,12 +214,15 @@ def main() -> int:
     for ckpt in (False, True):
         out = subprocess.run(base + (["--checkpointing"] if ckpt else []), capture_output=True, text=True)
         if out.returncode:
-            print(f"  checkpointing={ckpt}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode})")
+            print(
+                f"  checkpointing={ckpt}: failed "
+                f"({out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode})"
+            )
             results.append(None)
             continue
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"  {'':<24}{'params':>9}{'s/step':>9}{'videos/s':>10}{'frames/s':>10}{'peak GiB':>10}")
-    for name, r in zip(("no checkpointing", "gradient checkpointing"), results):
+    for name, r in zip(("no checkpointing", "gradient checkpointing"), results, strict=True):
         if r:
             print(f"  {name:<24}{r['params_m']:>8.0f}M{r['s_per_step']:>9.2f}{r['videos_per_s']:>10.3f}"
                   f"{r['frames_per_s']:>10.2f}{r['peak_gib']:>10.2f}")

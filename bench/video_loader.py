@@ -118,7 +118,7 @@ def main() -> None:
         if label.startswith("baseline"):
             base_rate, base_out = rate, same
         else:
-            identical = all(np.array_equal(a, b) for a, b in zip(base_out, same))
+            identical = all(np.array_equal(a, b) for a, b in zip(base_out, same, strict=True))
             print(f"  ratio {rate / base_rate:.2f}x; identical frames: {identical}")
 
 

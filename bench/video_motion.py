@@ -83,7 +83,7 @@ def generated_clip(kind: dict, image, rng, folder: str, k: int) -> tuple[str, st
                 f[h // 3:h // 3 + side, x:x + side] = patch
         if kind.get("light"):
             gain = 1 + 0.5 * np.sin(np.linspace(0, np.pi, n))
-            frames = [np.clip(f * g, 0, 255).astype(np.uint8) for f, g in zip(frames, gain)]
+            frames = [np.clip(f * g, 0, 255).astype(np.uint8) for f, g in zip(frames, gain, strict=True)]
     path = os.path.join(folder, f"gen{k}.mp4")
     write_video(path, frames, fps=fps, crf=20, repeatable=True)
     return path, f"{w}x{h}@{fps:g}"
@@ -155,7 +155,11 @@ def main() -> int:
         for col in ("score", "camera", "subject"):
             st = [getattr(m, col) for _, lab, me, m in rows if me == method and lab == "static"]
             mv = [getattr(m, col) for _, lab, me, m in rows if me == method and lab == "moving"]
-            gap = f"thresholds in ({max(st):.2f}, {min(mv):.2f}) separate them" if min(mv) > max(st) else "no threshold separates them"
+            gap = (
+                f"thresholds in ({max(st):.2f}, {min(mv):.2f}) separate them"
+                if min(mv) > max(st)
+                else "no threshold separates them"
+            )
             print(f"  {method:9s} {col:8s} AUC static vs moving {auc(st, mv):.3f}; {gap}")
     print(f"\ngenerated clips (DIS, {args.per_class} per class, sizes {len(SIZES)}, rates {RATES}):")
     gen = generated(args.per_class, args.seed)
@@ -169,14 +173,20 @@ def main() -> int:
              if h == "validate" and (m.camera >= static_camera) != (lab == "moving")]
     wrong_real = [(n, round(m.camera, 2)) for n, lab, me, m in rows
                   if me == "dis" and (m.camera >= static_camera) != (lab == "moving")]
-    print(f"  camera_motion >= {static_camera:g} %/s as 'the camera moves' (chosen on the tuning half's gap): "
-          f"{len(wrong)} wrong of {sum(h == 'validate' for *_, h, _ in gen)} validation clips {wrong or ''}, "
-          f"{len(wrong_real)} wrong of {sum(me == 'dis' for _, _, me, _ in rows)} labelled real clips {wrong_real or ''}")
+    print(
+        f"  camera_motion >= {static_camera:g} %/s as 'the camera moves' (chosen on the tuning half's gap): "
+        f"{len(wrong)} wrong of {sum(h == 'validate' for *_, h, _ in gen)} validation clips {wrong or ''}, "
+        f"{len(wrong_real)} wrong of {sum(me == 'dis' for _, _, me, _ in rows)} labelled real clips {wrong_real or ''}"
+    )
     for col in ("score", "camera", "subject"):
         for half in ("tune", "validate"):
             st = [getattr(m, col) for _, lab, _, h, m in gen if lab == "static" and h == half]
             mv = [getattr(m, col) for _, lab, _, h, m in gen if lab == "moving" and h == half]
-            gap = f"thresholds in ({max(st):.2f}, {min(mv):.2f}) separate them" if min(mv) > max(st) else "no threshold separates them"
+            gap = (
+                f"thresholds in ({max(st):.2f}, {min(mv):.2f}) separate them"
+                if min(mv) > max(st)
+                else "no threshold separates them"
+            )
             print(f"  {col:8s} {half:8s} AUC static vs moving {auc(st, mv):.3f} ({len(st)} vs {len(mv)}); {gap}")
     return 0
 

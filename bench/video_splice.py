@@ -8,7 +8,8 @@ videos known to be one shot, and the photographs filmed by a slow virtual camera
 source into a tuning half and a validation half (``video.splice.split_groups``: no footage in
 both). ``video/splice.py`` builds every class from each half's shots at random sizes (160x90 to
 1280x720) and rates (15-60 fps); each video is encoded with x264 (crf 18, one thread, so every run
-sees the same bytes) and every detector reads the file. A detected cut matches a true one within +-2 frames. Negative classes have no cuts:
+sees the same bytes) and every detector reads the file. A detected cut matches a true one within +-2
+frames. Negative classes have no cuts:
 their column counts false cuts per video. PySceneDetect: ``pip install --no-deps scenedetect``.
 """
 from __future__ import annotations
@@ -153,7 +154,9 @@ def run_half(name: str, shots, per_class: int, seed: int, keep: str | None, dete
         cells = []
         for d in dets:
             tp, fp, fn, n, _ = totals.get((k, d), [0, 0, 0, 0, 0.0])
-            cells.append(f"F1 {f1(tp, fp, fn):.3f} ({tp}/{tp + fn}, {fp} fp)" if tp + fn else f"{fp / max(n, 1):.2f} false/video")
+            cells.append(
+                f"F1 {f1(tp, fp, fn):.3f} ({tp}/{tp + fn}, {fp} fp)" if tp + fn else f"{fp / max(n, 1):.2f} false/video"
+            )
         print(f"  {k:<19}" + "".join(f"{c:>25}" for c in cells))
     for d in dets:
         tp = sum(totals[(k, d)][0] for k in CLASSES if (k, d) in totals)

@@ -72,7 +72,9 @@ def head_from_state(state: dict):
         return head, int(state["weight"].shape[1])
     linear = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"layers\.(\d+)\.weight", k)))
     if not linear:
-        raise ValueError(f"not an aesthetic head: expected keys layers.N.weight or weight/bias, got {sorted(state)[:6]}")
+        raise ValueError(
+            f"not an aesthetic head: expected keys layers.N.weight or weight/bias, got {sorted(state)[:6]}"
+        )
     in_dim = int(state[f"layers.{linear[0]}.weight"].shape[1])
     hidden = tuple(int(state[f"layers.{i}.weight"].shape[0]) for i in linear[:-1])
     head = AestheticMLP(in_dim, hidden)
@@ -154,7 +156,7 @@ class AestheticScore(Stage):
             out = self.head(torch.from_numpy(emb[rows])).squeeze(-1)
             out = (out.mean(dim=-1) if frames is not None else out).numpy()
         floor = self.config.min_score
-        for i, s in zip(rows, out.tolist()):
+        for i, s in zip(rows, out.tolist(), strict=True):
             scores[i] = float(s)
             if floor is not None and s < floor:
                 reject(batch, int(i), f"aesthetic_score: {s:.2f} < {floor}")

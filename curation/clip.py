@@ -142,8 +142,10 @@ def resolve_weights(config: ClipConfig, key: str = "clip") -> ResolvedWeights:
     if model_cfg is None:
         import difflib
         hint = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-        raise ConfigError(f"{key}.model: unknown open_clip model {config.model!r}"
-                          + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "; see open_clip.list_models()"))
+        raise ConfigError(
+            f"{key}.model: unknown open_clip model {config.model!r}"
+            + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "; see open_clip.list_models()")
+        )
     dim = int(model_cfg["embed_dim"])
     if pre is None and name != TINY_CLIP:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -220,7 +222,9 @@ class ClipEmbed(ModelStage):
         super().validate(config, key, earlier)
         resolve_weights(config, key)
         if config.precision in ("fp16", "bf16") and config.device == "cpu":
-            raise ConfigError(f"{key}.precision: {config.precision} runs on GPU only here; use fp32 or auto with device cpu")
+            raise ConfigError(
+                f"{key}.precision: {config.precision} runs on GPU only here; use fp32 or auto with device cpu"
+            )
 
     @classmethod
     def notices(cls, config: ClipConfig, earlier: list[tuple[str, Any]]) -> list[str]:
@@ -294,14 +298,14 @@ class ClipEmbed(ModelStage):
                 pictures.append(data)
         # decode + resize in threads (PIL releases the GIL): a GPU actor is otherwise fed by one core
         prepared = list(self.pool.map(self._try_prepare, pictures))
-        for i, got in zip(owners, prepared):
+        for i, got in zip(owners, prepared, strict=True):
             if isinstance(got, Exception):
                 reject(batch, i, f"clip_error: {type(got).__name__}: {got}")
         good = [j for j, i in enumerate(owners) if batch[STATUS][i] == KEPT]
         per_row: dict[int, list[np.ndarray]] = {}
         if good:
             emb = self.embed_images([prepared[j] for j in good])
-            for j, e in zip(good, emb):
+            for j, e in zip(good, emb, strict=True):
                 per_row.setdefault(owners[j], []).append(e)
         rows = sorted(per_row)
         for i in rows:

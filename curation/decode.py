@@ -39,11 +39,15 @@ EXTENSIONS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 @dataclass
 class DecodeConfig:
     max_side: int = option(1024, "longest side of the stored image; never upscaled", min=16)
-    max_pixels: int = option(178_956_970, "decompression-bomb cap: reject images with more pixels (PIL's default)", min=1)
+    max_pixels: int = option(
+        178_956_970, "decompression-bomb cap: reject images with more pixels (PIL's default)", min=1
+    )
     max_decoded_bytes: int = option(4 * 178_956_970, "memory cap: reject images whose decoded pixels take more bytes "
                                     "(width x height x bytes per pixel as Pillow holds them: 1 for grey or palette, "
                                     "2 for 16-bit, 4 for colour), checked from the header before decoding", min=1)
-    animated: Literal["first_frame", "reject"] = option("first_frame", "animated GIF/PNG/WebP: keep the first frame or reject")
+    animated: Literal["first_frame", "reject"] = option(
+        "first_frame", "animated GIF/PNG/WebP: keep the first frame or reject"
+    )
     format: Literal["jpg", "png", "webp"] = option("jpg", "encoding of the stored image")
     quality: int = option(95, "JPEG/WebP quality", min=1, max=100)
     fast_jpeg: bool = option(True, "decode JPEGs at a reduced DCT scale when the cap allows (PIL draft)")

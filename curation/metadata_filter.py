@@ -21,7 +21,9 @@ OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
 @dataclass
 class Rule:
     column: str = option(help="column to test, e.g. AESTHETIC_SCORE, pwatermark, punsafe, similarity")
-    op: Literal[">=", ">", "<=", "<", "==", "!="] = option(help="comparison; a row passes when `value(column) op value` holds")
+    op: Literal[">=", ">", "<=", "<", "==", "!="] = option(
+        help="comparison; a row passes when `value(column) op value` holds"
+    )
     value: Any = option(help="number (or string for == / !=) to compare with")
     missing: Literal["reject", "keep"] = option("reject", "what to do with a row whose column is missing or null")
 
@@ -68,7 +70,9 @@ class MetadataFilter(Stage):
         cfg = self.config
         w, h = _size(batch, i)
         if w is None:
-            if cfg.unknown_size == "reject" and (cfg.min_width or cfg.min_height or cfg.min_side or cfg.max_aspect_ratio):
+            if cfg.unknown_size == "reject" and (
+                cfg.min_width or cfg.min_height or cfg.min_side or cfg.max_aspect_ratio
+            ):
                 return "size_unknown"
         else:
             if w < cfg.min_width:

@@ -40,7 +40,9 @@ class OcrConfig(ModelRuntime):
                             "usual false positive on textured photos)", min=1)
     max_box_fraction: float = option(0.8, "ignore a text box covering more than this fraction of the image (PP-OCR "
                                      "sometimes boxes a whole textless photo as one 1-3 character line)", min=0, max=1)
-    max_area_ratio: float | None = option(None, "reject samples whose text covers more than this fraction", min=0, max=1)
+    max_area_ratio: float | None = option(
+        None, "reject samples whose text covers more than this fraction", min=0, max=1
+    )
     max_text_chars: int | None = option(None, "reject samples with more recognised characters than this", min=0)
     batch_size: int = option(8, "images per actor call", min=1, runtime=True)
 
@@ -86,7 +88,9 @@ def reading_order(items: list[tuple[np.ndarray, str, float]]) -> list[tuple[np.n
     tops = [float(np.min(np.asarray(b)[:, 1])) for b, _, _ in items]
     heights = [float(np.ptp(np.asarray(b)[:, 1])) or 1.0 for b, _, _ in items]
     line = max(1.0, float(np.median(heights)) / 2)
-    order = sorted(range(len(items)), key=lambda i: (round(tops[i] / line), float(np.min(np.asarray(items[i][0])[:, 0]))))
+    order = sorted(
+        range(len(items)), key=lambda i: (round(tops[i] / line), float(np.min(np.asarray(items[i][0])[:, 0])))
+    )
     return [items[i] for i in order]
 
 
@@ -122,7 +126,10 @@ class OcrReader:
         out = self.reader(rgb)
         if out.boxes is None or out.txts is None:
             return []
-        return [(np.asarray(b, dtype=np.float64), t, float(c)) for b, t, c in zip(out.boxes, out.txts, out.scores)]
+        return [
+            (np.asarray(b, dtype=np.float64), t, float(c))
+            for b, t, c in zip(out.boxes, out.txts, out.scores, strict=True)
+        ]
 
 
 def load_for_ocr(data: bytes, max_side: int) -> np.ndarray:

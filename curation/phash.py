@@ -59,8 +59,15 @@ def hamming(a: int, b: int) -> int:
 
 @dataclass
 class PHashDedupConfig:
-    max_distance: int = option(4, "Hamming distance (of 64 bits) at or below which two images are duplicates; 0 = exact hash only", min=0, max=16)
-    prefer: Literal["largest", "first"] = option("largest", "which copy to keep: 'largest' (most pixels, then smallest key) or 'first' (smallest key)")
+    max_distance: int = option(
+        4,
+        "Hamming distance (of 64 bits) at or below which two images are duplicates; 0 = exact hash only",
+        min=0,
+        max=16,
+    )
+    prefer: Literal["largest", "first"] = option(
+        "largest", "which copy to keep: 'largest' (most pixels, then smallest key) or 'first' (smallest key)"
+    )
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
@@ -72,14 +79,14 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     n_bands = max_distance + 1
     edges = np.linspace(0, 64, n_bands + 1).round().astype(int)
     found = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         width = hi - lo
         band = (hashes >> np.uint64(64 - hi)) & np.uint64((1 << width) - 1)
         order = np.argsort(band, kind="stable")
         sorted_band = band[order]
         starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
         ends = np.r_[starts[1:], n]
-        for s, e in zip(starts, ends):
+        for s, e in zip(starts, ends, strict=True):
             if e - s < 2:
                 continue
             members = np.sort(order[s:e])
@@ -143,7 +150,7 @@ class PHashDedup(Stage):
         if table is None:
             return {}
         cols = table.to_pydict()
-        idx = [i for i, (s, h) in enumerate(zip(cols[STATUS], cols[PHASH])) if s == KEPT and h]
+        idx = [i for i, (s, h) in enumerate(zip(cols[STATUS], cols[PHASH], strict=True)) if s == KEPT and h]
         if len(idx) < 2:
             return {}
         keys = [cols[KEY][i] for i in idx]

@@ -118,7 +118,7 @@ class _ClusterFiles:
         with open(emb_path, "ab") as fh:
             fh.write(np.ascontiguousarray(emb, dtype=np.float16).tobytes())
         with open(meta_path, "a", encoding="utf-8") as fh:
-            fh.writelines(f"{k}\t{int(p)}\n" for k, p in zip(keys, pixels))
+            fh.writelines(f"{k}\t{int(p)}\n" for k, p in zip(keys, pixels, strict=True))
 
     def load(self, c: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         emb_path, meta_path = self._paths(c)
@@ -158,7 +158,7 @@ class SemanticDedup(Stage):
                 continue
             emb, valid = embedding_matrix(table.column(IMAGE_EMBEDDING))
             status = table.column(STATUS).to_pylist()
-            keep = np.array([v and s == KEPT for v, s in zip(valid, status)], dtype=bool)
+            keep = np.array([v and s == KEPT for v, s in zip(valid, status, strict=True)], dtype=bool)
             if not keep.any():
                 continue
             idx = np.flatnonzero(keep)
@@ -181,7 +181,7 @@ class SemanticDedup(Stage):
             rate = min(1.0, cfg.sample_size / n)
             sample: list[tuple[str, np.ndarray]] = []
             for keys, _, emb in self._stream(rows):
-                sample += [(kk, e) for kk, e in zip(keys, emb) if key_fraction(kk) < rate]
+                sample += [(kk, e) for kk, e in zip(keys, emb, strict=True) if key_fraction(kk) < rate]
             sample.sort(key=lambda t: t[0])
             x = np.stack([e for _, e in sample])
             centroids = spherical_kmeans(x, min(k, len(x)), cfg.kmeans_iters, cfg.seed)
@@ -193,7 +193,7 @@ class SemanticDedup(Stage):
             assign = np.zeros(len(keys), dtype=np.int64) if centroids is None else np.argmax(emb @ centroids.T, axis=1)
             for c in np.unique(assign).tolist():
                 m = assign == c
-                files.append(c, [kk for kk, t in zip(keys, m) if t], pixels[m], emb[m])
+                files.append(c, [kk for kk, t in zip(keys, m, strict=True) if t], pixels[m], emb[m])
                 used.add(c)
         result: dict[str, tuple[str, str | None]] = {}
         for c in sorted(used):

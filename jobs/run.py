@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 
 try:
-    from pipeline.cli import main
-    from pipeline.commands import command_of
     import pyarrow  # noqa: F401 - every command needs these; a cluster without them fails here, not mid-job
     import ray  # noqa: F401
     import torch  # noqa: F401
+
+    from pipeline.cli import main
+    from pipeline.commands import command_of
     MISSING = None
 except ImportError as exc:       # the job's interpreter lacks winnow's dependencies
     MISSING = exc

@@ -193,9 +193,18 @@ def plan_job(stages: list[tuple[str, type[Stage], Any]], shape: Shape) -> JobPla
     loss and after it (``task_cpu_cap``)."""
     kinds = [cls.resources(cfg, shape.gpus).num_gpus > 0 for _, cls, cfg in stages if cls.stateful]
     cpu_pools, gpu_pools = kinds.count(False), kinds.count(True)
-    plans = {label: size_pool(cls.resources(cfg, shape.gpus), cls.stateful, shape.cpus, shape.gpus, cpu_pools, gpu_pools,
-                              reserve=float(shape.nodes))
-             for label, cls, cfg in stages}
+    plans = {
+        label: size_pool(
+            cls.resources(cfg, shape.gpus),
+            cls.stateful,
+            shape.cpus,
+            shape.gpus,
+            cpu_pools,
+            gpu_pools,
+            reserve=float(shape.nodes),
+        )
+        for label, cls, cfg in stages
+    }
     actors = [label for label, r in plans.items() if r.concurrency]
 
     def held() -> float:
@@ -244,8 +253,12 @@ def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpu
     if res.num_gpus:
         common["num_gpus"] = res.num_gpus
     if stage_cls.stateful:
-        return ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage_cls": stage_cls, "config": config, "label": label},
-                              compute=ActorPoolStrategy(size=res.concurrency), **common)
+        return ds.map_batches(
+            _ActorStage,
+            fn_constructor_kwargs={"stage_cls": stage_cls, "config": config, "label": label},
+            compute=ActorPoolStrategy(size=res.concurrency),
+            **common,
+        )
     return ds.map_batches(TimedStage(stage_cls, config, label), **common)
 
 

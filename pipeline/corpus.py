@@ -159,7 +159,11 @@ def make_corpus(root: str, n_images: int = 200, seed: int = 0, *, bad: bool = Tr
     for i in range(n_images):
         aspect = aspects[i % len(aspects)]
         longest = int(rng.integers(max(min_side, 256), max_side + 1))
-        w, h = (longest, max(min_side, int(longest / aspect))) if aspect >= 1 else (max(min_side, int(longest * aspect)), longest)
+        w, h = (
+            (longest, max(min_side, int(longest / aspect)))
+            if aspect >= 1
+            else (max(min_side, int(longest * aspect)), longest)
+        )
         img = synth_image(rng, photos, w, h)
         sub = f"part{i % 3}"
         os.makedirs(os.path.join(root, sub), exist_ok=True)

@@ -12,13 +12,12 @@ import os
 import sys
 import time
 
-from pipeline.contract import layout
 from pipeline.commands import curate
 from pipeline.commands import curate_spec as specmod
 from pipeline.commands.curate import format_summary
+from pipeline.contract import layout
 from pipeline.corpus import make_corpus
 from pipeline.synth import make_video_corpus
-
 
 DEMO_ENTRIES = ["demo.yaml", "corpus", "run", "videos", "video_run", "sweep_laion", "sweep_svd", "select_aesthetic",
                 "train_sd", "train_sdxl", "svd", "study"]
@@ -28,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_out", help="where the corpus and the run go (default demo_out/)")
-    parser.add_argument("--images", type=int, default=240, help="good images in the corpus (plus duplicates and bad files)")
+    parser.add_argument(
+        "--images", type=int, default=240, help="good images in the corpus (plus duplicates and bad files)"
+    )
     parser.add_argument("--samples-per-shard", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=8, help="tiny SD and SDXL training steps at the end")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -63,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     result = curate.run(spec)
     print(format_summary(result))
     tars = sorted(glob.glob(os.path.join(run_dir, layout.SHARDS_DIR, "*.tar")))
-    print(f"\noutputs:\n  {run_dir}/shards/00000.tar .. {os.path.basename(tars[-1])}   WebDataset shards (KEY.jpg, KEY.txt, KEY.json)"
-          f"\n  {run_dir}/shards/NNNNN.parquet  the annotation table: one row per input, kept and rejected, with "
-          f"reject_reason and every score (each row once: DuckDB '{run_dir}/shards/*.parquet')"
-          f"\n  {run_dir}/embeddings/         CLIP image/caption embeddings per shard, keyed"
-          f"\n  {run_dir}/summary.json          counts per reason and per-stage time"
-          f"\n  {run_dir}/spec.yaml             the resolved spec (re-run the same command to resume)")
+    print(
+        f"\noutputs:\n  {run_dir}/shards/00000.tar .. {os.path.basename(tars[-1])}   WebDataset shards "
+        "(KEY.jpg, KEY.txt, KEY.json)"
+        f"\n  {run_dir}/shards/NNNNN.parquet  the annotation table: one row per input, kept and rejected, with "
+        f"reject_reason and every score (each row once: DuckDB '{run_dir}/shards/*.parquet')"
+        f"\n  {run_dir}/embeddings/         CLIP image/caption embeddings per shard, keyed"
+        f"\n  {run_dir}/summary.json          counts per reason and per-stage time"
+        f"\n  {run_dir}/spec.yaml             the resolved spec (re-run the same command to resume)"
+    )
 
     video_dir = os.path.join(args.output, "videos")
     video_run = os.path.join(args.output, "video_run")
@@ -85,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  {video_run}/videos/*.parquet    one row per video: probe fields, cut_times_s, num_clips, reason"
           f"\n  {video_run}/shards/*.parquet    one row per clip: start_s, end_s, motion_score, ocr, clip scores")
 
-    from pipeline.commands import sweep
     from pipeline.commands import select as selection
+    from pipeline.commands import sweep
 
     sweeps = {}
     for job, src, name in (("jobs/sweep_laion_aesthetic.yaml", run_dir, "sweep_laion"),
@@ -104,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  {select_dir}/report.html\nsweeps: {sweeps['sweep_laion']}/cells.md, plots/, sheets/ and "
           f"{sweeps['sweep_svd']}/cells.md, plots/, sheets/")
 
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
 
     # SD trains on the materialised selection; SDXL on the full run restricted by a sweep cell's manifest
-    for job, kind, data in (("jobs/train_sd15.yaml", "SD", [f"data.shards=[{select_dir}]"]),
-                            ("jobs/train_sdxl.yaml", "SDXL", [f"data.shards=[{run_dir}]", f"data.selection={manifest}"])):
+    for job, kind, data in (
+        ("jobs/train_sd15.yaml", "SD", [f"data.shards=[{select_dir}]"]),
+        ("jobs/train_sdxl.yaml", "SDXL", [f"data.shards=[{run_dir}]", f"data.selection={manifest}"]),
+    ):
         out = os.path.join(args.output, f"train_{kind.lower()}")
         source = f"{select_dir}/shards" if kind == "SD" else f"{run_dir}/shards, selection {manifest}"
         print(f"\ntraining tiny {kind} (random weights) for {args.train_steps} steps on {source} with "

@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 
 from pipeline.contract import storage
 from pipeline.contract import tar as tars
-from pipeline.contract.layout import read_table
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.inputs import (
     DOWNLOAD_PROTOCOLS,
@@ -39,6 +38,7 @@ from pipeline.contract.inputs import (
     read_bounded,
     read_local,
 )
+from pipeline.contract.layout import read_table
 from pipeline.contract.schema import (
     CAPTION,
     CAPTION_REF,
@@ -64,12 +64,28 @@ CAPTION_COLUMN_CANDIDATES = ("caption", "TEXT", "text", "prompt", "alt")
 
 @dataclass
 class InputSpec:
-    path: str = option(help="folder of images or videos, a .parquet file or folder of them, or img2dataset .tar shards (folder, file, glob or {00000..00009} pattern; any fsspec URL)")
-    format: Literal["auto", "images", "laion_parquet", "webdataset", "videos"] = option("auto", "input kind; auto detects from the path (videos: a folder of video files, or a parquet whose path column names videos)")
-    path_column: str = option("auto", f"parquet column with the image path (auto tries {', '.join(PATH_COLUMN_CANDIDATES)})")
-    caption_column: str = option("auto", f"parquet column with the caption (auto tries {', '.join(CAPTION_COLUMN_CANDIDATES)})")
-    rename_columns: dict[str, str] = option(help="parquet columns to rename on read, e.g. {aesthetic: AESTHETIC_SCORE}", factory=dict)
-    keep_columns: list[str] = option(help="extra parquet/json columns to carry into the annotations (LAION's score columns are always carried)", factory=list)
+    path: str = option(
+        help="folder of images or videos, a .parquet file or folder of them, or img2dataset .tar shards "
+             "(folder, file, glob or {00000..00009} pattern; any fsspec URL)"
+    )
+    format: Literal["auto", "images", "laion_parquet", "webdataset", "videos"] = option(
+        "auto",
+        "input kind; auto detects from the path (videos: a folder of video files, or a parquet whose path "
+        "column names videos)",
+    )
+    path_column: str = option(
+        "auto", f"parquet column with the image path (auto tries {', '.join(PATH_COLUMN_CANDIDATES)})"
+    )
+    caption_column: str = option(
+        "auto", f"parquet column with the caption (auto tries {', '.join(CAPTION_COLUMN_CANDIDATES)})"
+    )
+    rename_columns: dict[str, str] = option(
+        help="parquet columns to rename on read, e.g. {aesthetic: AESTHETIC_SCORE}", factory=dict
+    )
+    keep_columns: list[str] = option(
+        help="extra parquet/json columns to carry into the annotations (LAION's score columns are always carried)",
+        factory=list,
+    )
     base_dir: str | None = option(None, "where relative parquet paths are resolved (default: the parquet's folder); "
                                         "every local path a parquet names must lie under it")
     allow_outside_base: bool = option(False, "let parquet rows (and symlinks in a folder) name local files outside "
@@ -80,7 +96,9 @@ class InputSpec:
     max_file_bytes: int = option(256 * 1024 ** 2, "largest image, caption or JSON file read (bytes); bigger files "
                                  "are rejected rows (too_large). Videos are streamed, not read whole", min=1)
     recursive: bool = option(True, "walk sub-folders of an image folder")
-    storage_options: dict[str, Any] = option(help="fsspec options for remote paths (e.g. anon: true for public S3)", factory=dict)
+    storage_options: dict[str, Any] = option(
+        help="fsspec options for remote paths (e.g. anon: true for public S3)", factory=dict
+    )
 
     def __post_init__(self):
         bad = [p for p in self.protocols if p.lower() in DOWNLOAD_PROTOCOLS or not p.isidentifier()]
@@ -95,7 +113,9 @@ class InputSpec:
         """What the loading stages may open (local root, protocols, byte cap)."""
         root = None
         if not is_remote(self.path):
-            root = self.base_dir or (self.path if os.path.isdir(self.path) else os.path.dirname(os.path.abspath(self.path)))
+            root = self.base_dir or (
+                self.path if os.path.isdir(self.path) else os.path.dirname(os.path.abspath(self.path))
+            )
             root = os.path.realpath(root)
         return InputPolicy(root=root, allow_outside=self.allow_outside_base, max_file_bytes=self.max_file_bytes,
                            storage_options=dict(self.storage_options))
@@ -104,7 +124,9 @@ class InputSpec:
 NOT_DOWNLOADED = ("not_downloaded: {what} is not read by winnow; download with img2dataset and give winnow its "
                   "output folder")
 
-def classify_ref(ref, base: str, policy_protocols: list[str], allow_outside: bool = False) -> tuple[str | None, str | None]:
+def classify_ref(
+    ref, base: str, policy_protocols: list[str], allow_outside: bool = False
+) -> tuple[str | None, str | None]:
     """(path to read, plan error) for a path a parquet row names, by the input policy: URLs are read
     only for protocols named in ``input.protocols`` (never web downloads or chained URLs); local paths
     resolve under ``base`` (the root check itself happens when the file is opened)."""
@@ -148,14 +170,22 @@ def detect_format(spec: InputSpec) -> str:
             names = storage.find(path) if not spec.storage_options else \
                 fsspec.core.url_to_fs(path, **spec.storage_options)[0].find(path)
         except OSError as exc:
-            raise ConfigError(f"input.path {path!r} cannot be listed: {storage.redact(str(exc)).splitlines()[0]}") from None
+            raise ConfigError(
+                f"input.path {path!r} cannot be listed: {storage.redact(str(exc)).splitlines()[0]}"
+            ) from None
         if not names:
             raise ConfigError(f"input.path {path!r} holds nothing (no object under that prefix); check the URL")
     else:
         if not os.path.exists(path):
-            raise ConfigError(f"input.path {path!r} does not exist; point it at a folder of images, a parquet file or img2dataset shards")
+            raise ConfigError(
+                f"input.path {path!r} does not exist; point it at a folder of images, a parquet file or "
+                "img2dataset shards"
+            )
         if os.path.isfile(path):
-            raise ConfigError(f"input.path {path!r} is a file of an unknown kind; set input.format to one of images, laion_parquet, webdataset")
+            raise ConfigError(
+                f"input.path {path!r} is a file of an unknown kind; set input.format to one of images, "
+                "laion_parquet, webdataset"
+            )
         names = [os.path.join(d, f) for d, _, fs_ in os.walk(path) for f in fs_]
     if any(n.endswith(".tar") for n in names):
         return "webdataset"
@@ -173,7 +203,9 @@ def detect_format(spec: InputSpec) -> str:
         if is_remote(path):
             parquets = [f"{storage.protocol(path)}://{n}" if "://" not in n else n for n in parquets]
         return "videos" if _parquet_names_videos(spec, parquets[:1]) else "laion_parquet"
-    raise ConfigError(f"input.path {path!r} holds no images, videos, parquet or .tar files; set input.format or check the path")
+    raise ConfigError(
+        f"input.path {path!r} holds no images, videos, parquet or .tar files; set input.format or check the path"
+    )
 
 
 def _parquet_names_videos(spec: InputSpec, files: list[str]) -> bool:
@@ -188,7 +220,9 @@ def _parquet_names_videos(spec: InputSpec, files: list[str]) -> bool:
         return False
     cols = [spec.rename_columns.get(c, c) for c in table.column_names]
     table = table.rename_columns(cols)
-    col = spec.path_column if spec.path_column != "auto" else next((c for c in PATH_COLUMN_CANDIDATES if c in cols), None)
+    col = (
+        spec.path_column if spec.path_column != "auto" else next((c for c in PATH_COLUMN_CANDIDATES if c in cols), None)
+    )
     if col not in cols:
         return False
     values = [v for v in table.column(col).slice(0, 100).to_pylist() if isinstance(v, str)]
@@ -304,7 +338,10 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
         cols = table.column_names
         path_col = _pick(cols, spec.path_column, PATH_COLUMN_CANDIDATES, "path_column", f)
         if path_col is None:
-            raise ConfigError(f"input.path_column: none of {PATH_COLUMN_CANDIDATES} is in {f}; set input.path_column to the column holding image paths (columns: {', '.join(cols)})")
+            raise ConfigError(
+                f"input.path_column: none of {PATH_COLUMN_CANDIDATES} is in {f}; set input.path_column to the "
+                f"column holding image paths (columns: {', '.join(cols)})"
+            )
         cap_col = _pick(cols, spec.caption_column, CAPTION_COLUMN_CANDIDATES, "caption_column", f)
         carry = [c for c in dict.fromkeys(list(LAION_COLUMNS) + list(spec.keep_columns)) if c in cols]
         missing = [c for c in spec.keep_columns if c not in cols]
@@ -403,9 +440,9 @@ def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
     with ThreadPoolExecutor(max_workers=8) as pool:
         listings = list(pool.map(lambda t: _tar_members(t, spec.storage_options), tars_))
         failures = list(pool.map(lambda t: _img2dataset_failures(t, spec.storage_options), tars_))
-    width = _key_width([len(m) + len(f) for (m, _), f in zip(listings, failures)], samples_per_shard)
+    width = _key_width([len(m) + len(f) for (m, _), f in zip(listings, failures, strict=True)], samples_per_shard)
     rows: list[dict] = []
-    for p, (tar, (items, error)) in enumerate(zip(tars_, listings)):
+    for p, (tar, (items, error)) in enumerate(zip(tars_, listings, strict=True)):
         if error:  # one row stands for the whole unreadable shard, so it is counted
             rows.append({SOURCE: tar, REF_PATH: tar, REF_OFFSET: -1, REF_SIZE: -1, CAPTION_REF: None,
                          JSON_REF: None, PLAN_ERROR: error, PARTITION: p, KEY: f"{p:05d}{0:0{width}d}"})
@@ -424,15 +461,29 @@ def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
             else:
                 row[REF_OFFSET], row[REF_SIZE] = item.media.data, item.media.size
             if "txt" in item.members:
-                row[CAPTION_REF] = "tar:%d:%d" % (item.members["txt"].data, item.members["txt"].size)
+                row[CAPTION_REF] = f"tar:{item.members['txt'].data}:{item.members['txt'].size}"
             if "json" in item.members:
-                row[JSON_REF] = "tar:%d:%d" % (item.members["json"].data, item.members["json"].size)
+                row[JSON_REF] = f"tar:{item.members['json'].data}:{item.members['json'].size}"
             rows.append(row)
         for j, f in enumerate(failures[p], start=len(items)):
-            rows.append({SOURCE: tar, REF_PATH: tar, PARTITION: p, KEY: f"{p:05d}{j:0{width}d}", CAPTION_REF: None,
-                         JSON_REF: None, REF_OFFSET: -1, REF_SIZE: -1, "source_key": str(f["key"]),
-                         "url": f.get("url"), CAPTION: f.get("caption"),
-                         PLAN_ERROR: f"not_downloaded: img2dataset {f['status']}: {f.get('error_message') or ''}".rstrip(": ")})
+            rows.append(
+                {
+                    SOURCE: tar,
+                    REF_PATH: tar,
+                    PARTITION: p,
+                    KEY: f"{p:05d}{j:0{width}d}",
+                    CAPTION_REF: None,
+                    JSON_REF: None,
+                    REF_OFFSET: -1,
+                    REF_SIZE: -1,
+                    "source_key": str(f["key"]),
+                    "url": f.get("url"),
+                    CAPTION: f.get("caption"),
+                    PLAN_ERROR: f"not_downloaded: img2dataset {f['status']}: {f.get('error_message') or ''}".rstrip(
+                        ": "
+                    ),
+                }
+            )
     # img2dataset's keys stay the keys when they name every row once and are safe member names, so
     # a join on ``key`` with img2dataset's parquet is right; otherwise rows are numbered (NNNNN + index
     # in the shard) and the join is on (source, source_key)
@@ -468,7 +519,9 @@ def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) ->
     table = pa.Table.from_pylist(rows)
     parts = table.column(PARTITION).to_numpy()
     uniq, cnt = np.unique(parts, return_counts=True)
-    return Plan(table=table, format=fmt, counts={int(p): int(c) for p, c in zip(uniq, cnt)}, sidecars=sidecars)
+    return Plan(
+        table=table, format=fmt, counts={int(p): int(c) for p, c in zip(uniq, cnt, strict=True)}, sidecars=sidecars
+    )
 
 
 # ---- fetching bytes: the first stage of every run ----

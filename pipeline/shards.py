@@ -18,11 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.contract import storage
+from pipeline.contract import layout, storage
 from pipeline.contract import tar as tars
-from pipeline.contract import layout
 from pipeline.contract.layout import VIDEO_ROWS_DIR, atomic_write, table_bytes
-from pipeline.contract.storage import join
 from pipeline.contract.schema import (
     BULK_COLUMNS,
     CAPTION,
@@ -42,6 +40,7 @@ from pipeline.contract.schema import (
     TIMING_PREFIX,
 )
 from pipeline.contract.stage import ensure_status, reason_counts
+from pipeline.contract.storage import join
 
 # plan bookkeeping that says where bytes lived; not part of the annotation contract
 PLAN_ONLY = ("ref_path", "ref_offset", "ref_size", "caption_ref", "json_ref", "plan_error")
@@ -265,7 +264,9 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
         meta = {k: _jsonable(v) for k, v in r.items() if k not in BULK_COLUMNS}
         blocks.append(tars.block(f"{r[KEY]}.{r.get(IMAGE_EXT) or 'jpg'}", r[IMAGE]))
         blocks.append(tars.block(f"{r[KEY]}.txt", (r.get(CAPTION) or "").encode("utf-8")))
-        blocks.append(tars.block(f"{r[KEY]}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")))
+        blocks.append(
+            tars.block(f"{r[KEY]}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        )
     blocks.append(tars.end(sum(len(b) for b in blocks)))
     ann = [{k: v for k, v in r.items() if k not in BULK_COLUMNS} for r in rows]
     reasons = reason_counts(r[REJECT_REASON] for r in rows if r[STATUS] != KEPT)

@@ -23,7 +23,7 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         from moto.server import ThreadedMotoServer
 
         if self.server is not None:        # one server per process, however often this is imported

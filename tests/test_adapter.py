@@ -180,7 +180,7 @@ def test_curate_on_small_nodes_survives_losing_one(tmp_path, kill_debris):
         cols = ["key", "status", "reject_reason", "clip_similarity", "aesthetic_score", "ocr_text"]
         a, b = (layout.read_annotations(str(tmp_path / d)).select(cols).to_pylist() for d in ("whole", "cut"))
         assert len({r["key"] for r in b}) == 97
-        for ra, rb in zip(a, b):
+        for ra, rb in zip(a, b, strict=True):
             assert {k: ra[k] for k in cols if k not in ("clip_similarity", "aesthetic_score")} == \
                    {k: rb[k] for k in cols if k not in ("clip_similarity", "aesthetic_score")}
             for k in ("clip_similarity", "aesthetic_score"):

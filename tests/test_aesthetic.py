@@ -57,7 +57,7 @@ def test_linear_v1_head_loads():
 def test_random_head_is_seeded_and_threshold_rejects():
     a, _ = load_head(AestheticConfig(seed=1), 64)
     b, _ = load_head(AestheticConfig(seed=1), 64)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     out = AestheticScore(AestheticConfig(min_score=10.0))(emb_batch())
     assert list(out["status"]) == ["rejected", "rejected", "rejected", "kept"]
     assert out["reject_reason"][0].startswith("aesthetic_score: ") and out["reject_reason"][0].endswith("< 10.0")
@@ -80,7 +80,15 @@ def test_head_and_clip_dimensions_must_match(tmp_path):
 def test_head_is_not_checked_against_a_clip_size_known_only_after_download(tmp_path):
     path = str(tmp_path / "laion_shaped.pth")
     torch.save(AestheticMLP(768).state_dict(), path)
-    spec = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"},
-                          "stages": ["decode", {"name": "clip", "pretrained": "hf-hub:org/repo", "allow_download": True},
-                                     {"name": "aesthetic", "weights": path}]})
+    spec = specmod.parse(
+        {
+            "input": {"path": "/d"},
+            "output": {"path": "/o"},
+            "stages": [
+                "decode",
+                {"name": "clip", "pretrained": "hf-hub:org/repo", "allow_download": True},
+                {"name": "aesthetic", "weights": path},
+            ],
+        }
+    )
     assert [s.name for s in spec.stages] == ["decode", "clip", "aesthetic"]

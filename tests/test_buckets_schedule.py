@@ -51,7 +51,7 @@ def test_every_sample_once_per_epoch_one_bucket_per_step(world):
     assert all(len(set(s.buckets[b].tolist())) == 1 and len(b) == g for b in batches)
     assert all(np.sum(s.buckets[nxt.carry] == k) < g for k in range(5))
     ranks = [[rank_slice(b, r, world) for r in range(world)] for b in batches]
-    assert all(sorted(sum(r, [])) == sorted(b) for r, b in zip(ranks, batches))
+    assert all(sorted(sum(r, [])) == sorted(b) for r, b in zip(ranks, batches, strict=True))
     batches1, nxt1 = run_epoch(s, nxt, g)                             # the carry is trained first
     seen1 = [x for b in batches1 for x in b]
     assert sorted(seen1 + nxt1.carry) == list(range(103))
@@ -101,7 +101,7 @@ def test_video_buckets_have_three_aspects_and_their_own_batch_sizes():
              (300, 200, 1.0, 10.0),     # 14 frames fit at no allowed rate; 8 do at 10 fps
              (1080, 1920, 0.3, 30.0),   # too short for any bucket
              (720, 720, 3.0, 24.0)]     # square
-    ids = assign_clips(*zip(*clips), table, target_fps=7.0, max_fps=30.0)
+    ids = assign_clips(*zip(*clips, strict=True), table, target_fps=7.0, max_fps=30.0)
     got = [None if i < 0 else table[i] for i in ids]
     assert got == [VideoBucket(576, 320, 14, 1), VideoBucket(384, 256, 14, 4), VideoBucket(384, 256, 8, 8), None,
                    VideoBucket(448, 448, 14, 1)]

@@ -37,16 +37,28 @@ def test_the_cli_is_a_table_of_command_modules_imported_only_when_run():
     assert res.returncode == 0 and "Sweep filter thresholds" in res.stdout and "--set" in res.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["curate"], "give a SPEC.yaml, or both --input PATH and --output DIR"),
-    (["curate", "jobs/curate_images.yaml", "--set", "stages.decode.max_sid=5"], "unknown key 'stages[0](decode).max_sid'. Did you mean 'max_side'?"),
-    (["curate", "--input", "/nonexistent/photos", "--output", "/tmp/x"], "input.path '/nonexistent/photos' does not exist"),
-    (["curate", "missing.yaml"], "spec file 'missing.yaml' does not exist"),
-    (["curate", "jobs/curate_images.yaml", "--set", "output.samples_per_shard=[1,"], "the value '[1,' is not valid YAML"),
-    (["train", "jobs/train_sd15.yaml", "--set", "train.max_steps={"], "the value '{' is not valid YAML"),
-    (["sweep", "jobs/sweep_svd_filters.yaml", "--set", "a..b=1"], "'a..b' is not a dotted key"),
-    (["curate", "jobs/curate_images.yaml", "--set", "stages.nope.x=1"], "no item named 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["curate"], "give a SPEC.yaml, or both --input PATH and --output DIR"),
+        (
+            ["curate", "jobs/curate_images.yaml", "--set", "stages.decode.max_sid=5"],
+            "unknown key 'stages[0](decode).max_sid'. Did you mean 'max_side'?",
+        ),
+        (
+            ["curate", "--input", "/nonexistent/photos", "--output", "/tmp/x"],
+            "input.path '/nonexistent/photos' does not exist",
+        ),
+        (["curate", "missing.yaml"], "spec file 'missing.yaml' does not exist"),
+        (
+            ["curate", "jobs/curate_images.yaml", "--set", "output.samples_per_shard=[1,"],
+            "the value '[1,' is not valid YAML",
+        ),
+        (["train", "jobs/train_sd15.yaml", "--set", "train.max_steps={"], "the value '{' is not valid YAML"),
+        (["sweep", "jobs/sweep_svd_filters.yaml", "--set", "a..b=1"], "'a..b' is not a dotted key"),
+        (["curate", "jobs/curate_images.yaml", "--set", "stages.nope.x=1"], "no item named 'nope'"),
+    ],
+)
 def test_bad_spec_fails_before_ray(args, message, tmp_path):
     res = winnow(*args)
     assert res.returncode == 2
@@ -78,7 +90,17 @@ def test_short_form_sets_options_of_the_default_stages(tmp_path):
 def test_version_and_stage_listing():
     res = winnow("--version")
     assert res.returncode == 0 and res.stdout.strip() == "winnow 0.1.0"
-    names = ["aesthetic", "clip", "clips", "decode", "metadata_filter", "motion", "ocr", "phash_dedup", "semantic_dedup"]
+    names = [
+        "aesthetic",
+        "clip",
+        "clips",
+        "decode",
+        "metadata_filter",
+        "motion",
+        "ocr",
+        "phash_dedup",
+        "semantic_dedup",
+    ]
     res = winnow("stages")                 # the short list: one line a stage, and how to see more
     assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()[:9]] == names
     assert len(res.stdout.splitlines()) == 11 and "winnow stages --all" in res.stdout and "``" not in res.stdout
@@ -122,7 +144,9 @@ def test_a_mistyped_option_gets_a_suggestion_and_errors_without_a_spec_are_not_s
     assert res.returncode == 2 and "unrecognized arguments: --inptu; --inptu: did you mean --input?" in res.stderr
     res = winnow("report", str(tmp_path))
     assert res.returncode == 2 and res.stderr.startswith(f"winnow: {str(tmp_path)!r} has no annotation table")
-    res = winnow("curate", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "stages.ocr.backend=rapidocr")
+    res = winnow(
+        "curate", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "stages.ocr.backend=rapidocr"
+    )
     assert res.returncode == 2 and "--set 'stages=[decode, phash_dedup, {name: ocr}]'" in res.stderr
 
 

@@ -71,7 +71,6 @@ def _stop_cluster(port: int) -> None:
     """Stop the cluster on GCS ``port`` only (``ray stop`` would stop every Ray on the machine,
     the test session's own included)."""
     import psutil
-
     from ray._common.utils import get_ray_address_file
     from ray._private.utils import read_ray_address
 
@@ -91,7 +90,9 @@ def test_submit_runs_a_spec_on_a_cluster_and_jobs_reports_it(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
     for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (48 + i, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i:02d}.jpg")
+        Image.fromarray(rng.integers(0, 255, (48 + i, 64, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{i:02d}.jpg"
+        )
     (tmp_path / "images" / "bad.jpg").write_bytes(b"not a jpeg")
     spec = tmp_path / "curate.yaml"
     spec.write_text(f"input: {{path: {tmp_path / 'images'}}}\noutput: {{path: {tmp_path / 'out'}}}\n"
@@ -110,10 +111,25 @@ def test_submit_runs_a_spec_on_a_cluster_and_jobs_reports_it(tmp_path):
                                                      "node-manager-port", "object-manager-port",
                                                      "ray-client-server-port")]
     address = f"http://127.0.0.1:{dash}"
-    try:                       # a start that fails half-way is stopped too (its GCS may be up)
-        started = subprocess.run([os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                                  *ports, "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                                  "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=300)
+    try:  # a start that fails half-way is stopped too (its GCS may be up)
+        started = subprocess.run(
+            [
+                os.path.join(BIN, "ray"),
+                "start",
+                "--head",
+                f"--port={port}",
+                f"--dashboard-port={dash}",
+                *ports,
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                "--num-cpus=2",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
         res = _cli(["submit", str(spec), "--address", address, "--follow", "--submission-id", "winnow-test-1"], env)
         assert res.returncode == 0, res.stderr[-2000:]

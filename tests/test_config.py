@@ -30,17 +30,32 @@ def test_sd1_recipe_is_expressible():
     assert [(r.column, r.op, r.value) for r in rules] == [("AESTHETIC_SCORE", ">=", 5), ("pwatermark", "<", 0.5)]
 
 
-@pytest.mark.parametrize("data, message", [
-    (base(output={"path": "/o", "samples_per_shrad": 5}), "unknown key 'output.samples_per_shrad'. Did you mean 'samples_per_shard'?"),
-    (base(stages=[{"name": "decoder"}]), "unknown stage 'decoder'. Did you mean 'decode'?"),
-    (base(stages=[{"name": "decode", "animated": "keep"}]), "'keep' is not allowed; allowed values: 'first_frame', 'reject'"),
-    (base(stages=[{"name": "decode", "max_side": 8}]), "stages[0](decode).max_side: 8 is below the minimum 16"),
-    (base(output={"path": "/o", "samples_per_shard": "many"}), "output.samples_per_shard: expected an integer, got 'many'"),
-    (base(stages=[{"name": "metadata_filter", "rules": [{"column": "x", "op": "=>", "value": 1}]}, "decode"]), "'=>' is not allowed"),
-    (base(stages=["phash_dedup", "decode"]), "needs a 'decode' stage before it"),
-    ({"input": {"path": "/d"}}, "missing 'output' section"),
-    (base(extra=1), "unknown top-level key(s) ['extra']"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            base(output={"path": "/o", "samples_per_shrad": 5}),
+            "unknown key 'output.samples_per_shrad'. Did you mean 'samples_per_shard'?",
+        ),
+        (base(stages=[{"name": "decoder"}]), "unknown stage 'decoder'. Did you mean 'decode'?"),
+        (
+            base(stages=[{"name": "decode", "animated": "keep"}]),
+            "'keep' is not allowed; allowed values: 'first_frame', 'reject'",
+        ),
+        (base(stages=[{"name": "decode", "max_side": 8}]), "stages[0](decode).max_side: 8 is below the minimum 16"),
+        (
+            base(output={"path": "/o", "samples_per_shard": "many"}),
+            "output.samples_per_shard: expected an integer, got 'many'",
+        ),
+        (
+            base(stages=[{"name": "metadata_filter", "rules": [{"column": "x", "op": "=>", "value": 1}]}, "decode"]),
+            "'=>' is not allowed",
+        ),
+        (base(stages=["phash_dedup", "decode"]), "needs a 'decode' stage before it"),
+        ({"input": {"path": "/d"}}, "missing 'output' section"),
+        (base(extra=1), "unknown top-level key(s) ['extra']"),
+    ],
+)
 def test_bad_specs_name_the_key(data, message):
     with pytest.raises(ConfigError) as err:
         specmod.parse(data)
@@ -67,6 +82,7 @@ def test_fingerprint_ignores_ray_settings():
 
 def test_jobs_specs_parse():
     import glob
+
     import yaml
 
     files = sorted(f for f in glob.glob("jobs/*.yaml") if yaml.safe_load(open(f)).get("kind") == "curate")
@@ -85,9 +101,9 @@ def test_jobs_specs_parse():
 def test_jobs_run_dispatches_each_spec_to_its_command():
     import glob
 
-    from jobs.run import command
-
     import yaml
+
+    from jobs.run import command
 
     got = {os.path.basename(f): command([f]) for f in glob.glob("jobs/*.yaml")}
     for name, cmd in got.items():

@@ -29,7 +29,7 @@ def test_every_input_is_a_row_and_counts_reconcile(folder_run):
     assert (result.inputs, result.kept, result.rejected) == (54, 46, 8)
     assert result.reasons == {"duplicate": 4, "decode_error": 3, "decompression_bomb": 1}
     assert df["key"].is_unique
-    got = dict(zip(df["source"], df["reject_reason"]))
+    got = dict(zip(df["source"], df["reject_reason"], strict=True))
     for source, outcome in expected.items():
         if outcome is None:
             assert pd.isna(got[source]), (source, got[source])
@@ -132,7 +132,7 @@ def test_laion_parquet_with_sd1_filters(ray_local, corpus, tmp_path):
                      input={"base_dir": root})
     passes = (aesthetic >= 5) & (watermark < 0.5)
     bad = {s for s, o in expected.items() if o in ("decode_error", "decompression_bomb")}
-    want_kept = sum(1 for s, ok in zip(sources, passes) if ok and s not in bad)
+    want_kept = sum(1 for s, ok in zip(sources, passes, strict=True) if ok and s not in bad)
     assert res.inputs == len(sources) + 1
     assert res.kept == want_kept
     df = annotations(str(tmp_path / "out"))

@@ -3,8 +3,8 @@ from it, an image-to-video stage widened from that; a re-run skips finished stag
 import json
 import os
 
-import torch
 import pytest
+import torch
 
 from tests.helpers import kill_at_checkpoint, killable_env
 from tests.test_train_svd import make_clip_run
@@ -18,15 +18,36 @@ def clip_run(tmp_path_factory):
 def stages_spec(image_run, clip_run, out, lr=1e-4, last_steps=2):
     video = {"buckets": {"48x64": {4: 1}}, "fps": 7.0}
     train = {"max_steps": 2, "checkpoint_every": 2, "log_every": 1, "batch_size": 1, "sample_prompts": []}
-    return {"kind": "curriculum", "output": {"path": out}, "ray": {"num_workers": 2},
-            "stages": [
-                {"name": "image", "data": {"shards": [image_run], "resolution": 64}, "model": {"kind": "sd"},
-                 "optim": {"lr": lr}, "train": train},
-                {"name": "video_lowres", "init": "previous", "data": {"shards": [clip_run]}, "model": {"kind": "svd_t2v"},
-                 "video": {**video, "p_mean": 0.0}, "train": train},
-                {"name": "image_to_video", "init": "previous", "data": {"shards": [clip_run]},
-                 "model": {"kind": "svd"}, "video": video,
-                 "train": {**train, "max_steps": last_steps, "fsdp": True}}]}     # the video UNet sharded
+    return {
+        "kind": "curriculum",
+        "output": {"path": out},
+        "ray": {"num_workers": 2},
+        "stages": [
+            {
+                "name": "image",
+                "data": {"shards": [image_run], "resolution": 64},
+                "model": {"kind": "sd"},
+                "optim": {"lr": lr},
+                "train": train,
+            },
+            {
+                "name": "video_lowres",
+                "init": "previous",
+                "data": {"shards": [clip_run]},
+                "model": {"kind": "svd_t2v"},
+                "video": {**video, "p_mean": 0.0},
+                "train": train,
+            },
+            {
+                "name": "image_to_video",
+                "init": "previous",
+                "data": {"shards": [clip_run]},
+                "model": {"kind": "svd"},
+                "video": video,
+                "train": {**train, "max_steps": last_steps, "fsdp": True},
+            },
+        ],
+    }     # the video UNet sharded
 
 
 @pytest.mark.slow
@@ -48,16 +69,23 @@ def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_r
     assert info["in_channels"] == 4 and info["inherited"] == ["text_encoder", "tokenizer"]
     assert info["vae"]["counts"]["unused"] == 0                               # and its VAE, a temporal decoder
     stage1 = os.path.join(out, "stages", "01_image", "final")
-    for part in ("text_encoder", "tokenizer"):                               # stage 2 reads stage 1's text encoder
-        assert sorted(os.listdir(os.path.join(out, "init", inits[0], part))) == sorted(os.listdir(os.path.join(stage1, part)))
+    for part in ("text_encoder", "tokenizer"):  # stage 2 reads stage 1's text encoder
+        assert sorted(os.listdir(os.path.join(out, "init", inits[0], part))) == sorted(
+            os.listdir(os.path.join(stage1, part))
+        )
     from safetensors.torch import load_file
 
-    enc = [load_file(os.path.join(d, "text_encoder", "model.safetensors")) for d in (stage1, os.path.join(out, "init", inits[0]))]
+    enc = [
+        load_file(os.path.join(d, "text_encoder", "model.safetensors"))
+        for d in (stage1, os.path.join(out, "init", inits[0]))
+    ]
     assert enc[0].keys() == enc[1].keys() and all(torch.equal(enc[0][k], enc[1][k]) for k in enc[0])
     # stage 3 = stage 2's final UNet with conv_in widened from 4 to 8 input channels, the new ones zero
     info3 = json.load(open(os.path.join(out, "init", inits[1], "inflation.json")))
     assert info3["widened"] and info3["in_channels"] == 8 and info3["counts"]["new"] == 0
-    t2v = load_file(os.path.join(out, "stages", "02_video_lowres", "final", "unet", "diffusion_pytorch_model.safetensors"))
+    t2v = load_file(
+        os.path.join(out, "stages", "02_video_lowres", "final", "unet", "diffusion_pytorch_model.safetensors")
+    )
     i2v = load_file(os.path.join(out, "init", inits[1], "unet", "diffusion_pytorch_model.safetensors"))
     assert torch.equal(i2v["conv_in.weight"][:, :4], t2v["conv_in.weight"]) and not i2v["conv_in.weight"][:, 4:].any()
     assert all(torch.equal(i2v[k], t2v[k]) for k in t2v if k != "conv_in.weight")
@@ -75,7 +103,7 @@ def test_three_stages_chain_inflate_skip_and_export(ray_local, image_run, clip_r
     # a changed first stage changes every later stage's fingerprint (chained through the init folder)
     steps_a = curriculum.plan(curriculum.parse(stages_spec(image_run, clip_run, out)))
     steps_b = curriculum.plan(curriculum.parse(stages_spec(image_run, clip_run, out, lr=2e-4)))
-    assert all(a["fingerprint"] != b["fingerprint"] for a, b in zip(steps_a, steps_b))
+    assert all(a["fingerprint"] != b["fingerprint"] for a, b in zip(steps_a, steps_b, strict=True))
     with pytest.raises(ConfigError, match="made by a different spec"):
         curriculum.run(curriculum.parse(stages_spec(image_run, clip_run, out, lr=2e-4)), log=None)
 
@@ -104,7 +132,9 @@ def test_curriculum_spec_errors(image_run, clip_run, tmp_path):
     with pytest.raises(ConfigError, match=r"a svd_t2v stage starts from a svd_t2v stage or from none, not from svd"):
         curriculum.plan(curriculum.parse(bad))
     bad = json.loads(json.dumps(good))
-    bad["stages"] = bad["stages"][:1] + [{**bad["stages"][0], "name": "xl", "init": "previous", "model": {"kind": "sdxl"}}]
+    bad["stages"] = bad["stages"][:1] + [
+        {**bad["stages"][0], "name": "xl", "init": "previous", "model": {"kind": "sdxl"}}
+    ]
     with pytest.raises(ConfigError, match="a sdxl stage cannot start from a sd stage"):
         curriculum.plan(curriculum.parse(bad))
 
@@ -213,7 +243,9 @@ def test_optimizer_carry_takes_the_stage_befores_moments_and_only_between_one_mo
     assert all(torch.equal(fresh.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"]) for p in params)
     other = get("svd").tiny(0, str(tmp_path / "s2")).unet                 # another model's parameters: refused
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        carry_optimizer(steps[1]["spec"].optim.init_state, torch.optim.AdamW(other.parameters()), list(other.parameters()))
+        carry_optimizer(
+            steps[1]["spec"].optim.init_state, torch.optim.AdamW(other.parameters()), list(other.parameters())
+        )
     # carry across inflation, or without init, is a spec error before anything runs
     bad = stages_spec(image_run, clip_run, str(tmp_path / "o2"))
     bad["stages"][1]["optimizer"] = "carry"

@@ -45,7 +45,7 @@ def test_bad_and_odd_inputs_end_as_expected():
         else:
             assert out["status"][i] == "rejected", n
             assert out["reject_reason"][i].startswith(expected), (n, out["reject_reason"][i])
-    by = dict(zip(names, range(len(names))))
+    by = dict(zip(names, range(len(names)), strict=True))
     i = by["odd_exif_rotated.jpg"]          # stored 400x300 with orientation 6: shown 300x400
     assert (out["width"][i], out["height"][i]) == (300, 400)
     assert (out["stored_width"][i], out["stored_height"][i]) == (300, 400)
@@ -88,7 +88,10 @@ def test_large_jpeg_is_capped_with_fast_draft_decode():
 
 
 def test_pixel_cap_is_configurable():
-    assert run([bomb_png(100, 100)], max_pixels=5000)["reject_reason"][0] == "decompression_bomb: 100x100 exceeds max_pixels=5000"
+    assert (
+        run([bomb_png(100, 100)], max_pixels=5000)["reject_reason"][0]
+        == "decompression_bomb: 100x100 exceeds max_pixels=5000"
+    )
 
 
 def test_rejected_rows_are_not_decoded():

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import readers
-from pipeline.commands import curate, curate_spec, dry_run
+from pipeline.commands import curate_spec, dry_run
 from pipeline.contract.config import ConfigError
 from pipeline.contract.schema import KEY, PARTITION
 
@@ -96,8 +96,10 @@ def test_the_projection_from_a_measured_sample(tmp_path):
     steps = [("load", AddOne, None), ("model", ModelStage, None)]        # 1 task slot; 2 half-CPU actors
     result = SimpleNamespace(stage_seconds={"load": 10.0, "model": 100.0}, inputs=100, kept=80, reasons={"x": 20},
                              phases={"shards": 2.0, "reduce": 0.5})
-    trace = [(0.0, 0), (5.0, 10), (10.0, 30), (15.0, 60), (20.0, 100)]   # start-up 5 s, then 6 inputs/s
-    got = dry_run.project(spec, steps, 1000, 100, "inputs", result, trace, 1.0, 25.0, 4_000_000, Shape(2.0, 0.0, (2.0,)))
+    trace = [(0.0, 0), (5.0, 10), (10.0, 30), (15.0, 60), (20.0, 100)]  # start-up 5 s, then 6 inputs/s
+    got = dry_run.project(
+        spec, steps, 1000, 100, "inputs", result, trace, 1.0, 25.0, 4_000_000, Shape(2.0, 0.0, (2.0,))
+    )
     assert [(s["stage"], s["kind"], s["copies"], s["capacity_rows_per_s"]) for s in got.stages] == [
         ("load", "tasks (fused)", 1, 10.0), ("model", "actors", 2, 2.0)]
     assert got.bottleneck_stage == "model"
@@ -106,5 +108,10 @@ def test_the_projection_from_a_measured_sample(tmp_path):
                                       "shards": 20.0}
     assert got.projected_wall_s == 526.0
     assert got.projected_wall_s_on == {2: 268.5, 4: 139.8, 10: 62.5}
-    assert (got.kept_fraction, got.reject_fractions, got.projected_rows, got.projected_kept) == (0.8, {"x": 0.2}, 1000, 800)
+    assert (got.kept_fraction, got.reject_fractions, got.projected_rows, got.projected_kept) == (
+        0.8,
+        {"x": 0.2},
+        1000,
+        800,
+    )
     assert got.projected_output_bytes == 40_000_000 and got.gpu_hours == 0

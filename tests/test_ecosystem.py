@@ -45,7 +45,9 @@ def test_duckdb_reads_the_shard_parquet_glob_as_one_table(small_run):
     duckdb = pytest.importorskip("duckdb")
     out, res = small_run
     con = duckdb.connect()
-    got = con.execute(f"SELECT status, count(*) FROM '{out}/shards/*.parquet' GROUP BY status ORDER BY status").fetchall()
+    got = con.execute(
+        f"SELECT status, count(*) FROM '{out}/shards/*.parquet' GROUP BY status ORDER BY status"
+    ).fetchall()
     assert got == [("kept", 7), ("rejected", 1)]
     # each row is on disk once: a glob over the whole output counts every input once (it counted 2x)
     n = con.execute(f"SELECT count(*) FROM '{out}/**/*.parquet'").fetchone()[0]

@@ -30,7 +30,7 @@ def _images(seed: int, n: int, shift: int = 0) -> np.ndarray:
 def test_frechet_distance_of_two_gaussians_in_closed_form():
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
-    want = 1.0 + 0.0 + 4.0 + sum(a + b - 2 * np.sqrt(a * b) for a, b in zip(v1, v2))
+    want = 1.0 + 0.0 + 4.0 + sum(a + b - 2 * np.sqrt(a * b) for a, b in zip(v1, v2, strict=True))
     assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(want, abs=1e-9)
     assert want == pytest.approx(11.0, abs=1e-12)
 
@@ -60,8 +60,10 @@ def test_fid_matches_torchmetrics_with_the_same_features_and_is_zero_on_itself()
     theirs = float(ref.compute())
     assert ours > 0.1 and abs(ours - theirs) < 1e-3 * max(1.0, theirs)
     assert abs(fid(model, a, a)) < 1e-6
-    assert fid(model, a, b) == pytest.approx(fid(model, b, a), rel=1e-9)      # symmetric
-    assert fid(model, a[::-1].copy(), b) == pytest.approx(ours, rel=1e-6)   # order of images does not matter (float32 features)
+    assert fid(model, a, b) == pytest.approx(fid(model, b, a), rel=1e-9)  # symmetric
+    assert fid(model, a[::-1].copy(), b) == pytest.approx(
+        ours, rel=1e-6
+    )  # order of images does not matter (float32 features)
 
 
 def test_random_inception_is_seeded_and_loads_from_a_weights_file(tmp_path):

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from training.families import get
 
 
-
 def spec(image_run, out, fsdp, steps):
     return {"data": {"shards": [image_run], "resolution": 64, "workers": 1}, "model": {"kind": "sd"},
             "ema": {"enabled": True, "decay": 0.9},

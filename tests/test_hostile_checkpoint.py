@@ -50,8 +50,8 @@ def _states(unet, opt, sched, ema) -> dict:
 
 @pytest.fixture()
 def checkpoint(tmp_path):
-    from training.schedule import Cursor
     from training.checkpoint import save_checkpoint
+    from training.schedule import Cursor
 
     unet, opt, sched, ema = _objects(0)
     for _ in range(3):
@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_is_exact_without_pickle(checkpoint):
     unet2, opt2, sched2, ema2 = _objects(1)
     step, cursor = restore_checkpoint(folder, _states(unet2, opt2, sched2, ema2))
     assert step == 3 and cursor.to_dict() == {"epoch": 1, "carry": [2, 3], "segments": [[4, 5]]}
-    for a, b in zip(unet.parameters(), unet2.parameters()):
+    for a, b in zip(unet.parameters(), unet2.parameters(), strict=True):
         assert torch.equal(a, b)
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s2["param_groups"] == s1["param_groups"] and s2["param_groups"][0]["betas"] == (0.9, 0.99)
@@ -80,26 +80,31 @@ def test_checkpoint_round_trip_is_exact_without_pickle(checkpoint):
             assert torch.equal(s1["state"][k][name], s2["state"][k][name])
     assert sched2.state_dict() == sched.state_dict() and sched2.get_last_lr() == sched.get_last_lr()
     assert ema2.optimization_step == ema.optimization_step == 3
-    for a, b in zip(ema.shadow_params, ema2.shadow_params):
+    for a, b in zip(ema.shadow_params, ema2.shadow_params, strict=True):
         assert torch.equal(a, b)
     # one more step from the restored state equals one more step from the live one
     _train_step(unet, opt, sched, ema)
     _train_step(unet2, opt2, sched2, ema2)
-    for a, b in zip(unet.parameters(), unet2.parameters()):
+    for a, b in zip(unet.parameters(), unet2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_a_payload_planted_in_any_checkpoint_file_never_runs(checkpoint, tmp_path):
     import shutil
 
-    from training.checkpoint import CheckpointError
-    from training.checkpoint import restore_checkpoint
+    from training.checkpoint import CheckpointError, restore_checkpoint
 
     folder, _ = checkpoint
     files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
     assert len(files) == 8
-    read = {"state.json", "state.safetensors", "cursor.json", os.path.join("unet", "diffusion_pytorch_model.safetensors"),
-            os.path.join("ema_unet", "config.json"), os.path.join("ema_unet", "diffusion_pytorch_model.safetensors")}
+    read = {
+        "state.json",
+        "state.safetensors",
+        "cursor.json",
+        os.path.join("unet", "diffusion_pytorch_model.safetensors"),
+        os.path.join("ema_unet", "config.json"),
+        os.path.join("ema_unet", "diffusion_pytorch_model.safetensors"),
+    }
     marker = str(tmp_path / "pwned")
     payload = pickle.dumps(_Payload(marker))
     outcomes = {}
@@ -133,8 +138,14 @@ def test_every_file_a_resume_reads_refuses_each_kind_of_damage_by_name(checkpoin
     from training.checkpoint import CheckpointError, restore_checkpoint
 
     folder, _ = checkpoint
-    read = ["state.json", "state.safetensors", "cursor.json", os.path.join("unet", "diffusion_pytorch_model.safetensors"),
-            os.path.join("ema_unet", "config.json"), os.path.join("ema_unet", "diffusion_pytorch_model.safetensors")]
+    read = [
+        "state.json",
+        "state.safetensors",
+        "cursor.json",
+        os.path.join("unet", "diffusion_pytorch_model.safetensors"),
+        os.path.join("ema_unet", "config.json"),
+        os.path.join("ema_unet", "diffusion_pytorch_model.safetensors"),
+    ]
     for rel in read:
         planted = str(tmp_path / "damaged")
         shutil.rmtree(planted, ignore_errors=True)

@@ -63,7 +63,7 @@ def test_a_hostile_folder_is_all_rows_and_the_run_finishes(ray_local, tmp_path):
     before = _tree(str(tmp_path))
     res = run_curate(photos, str(tmp_path / "out"), samples_per_shard=4)
     ann = annotations(str(tmp_path / "out")).sort_values("key")
-    got = dict(zip(ann["source"], ann["reject_reason"].where(ann["status"] == "rejected", "kept")))
+    got = dict(zip(ann["source"], ann["reject_reason"].where(ann["status"] == "rejected", "kept"), strict=True))
     assert got == {
         "a_good.jpg": "kept",
         "b_camera.mpo": "kept",
@@ -105,13 +105,16 @@ def test_parquet_rows_naming_urls_or_files_elsewhere_are_rejected_rows(tmp_path)
     root = os.path.realpath(data)
     outside = "outside_base: {} is outside " + root + " (set input.allow_outside_base: true to read it)"
     hint = "download with img2dataset and give winnow its output folder"
-    assert list(zip(refs, out["reject_reason"])) == [
+    assert list(zip(refs, out["reject_reason"], strict=True)) == [
         ("sub/ok.jpg", None),
         ("../secret.png", outside.format(os.path.realpath(tmp_path / "secret.png"))),
         ("/etc/hostname", outside.format(os.path.realpath("/etc/hostname"))),
         ("/dev/zero", outside.format("/dev/zero")),
         ("sub/../sub/ok.jpg", None),
-        ("simplecache::http://example.com/a.jpg", f"not_downloaded: a chained fsspec URL is not read by winnow; {hint}"),
+        (
+            "simplecache::http://example.com/a.jpg",
+            f"not_downloaded: a chained fsspec URL is not read by winnow; {hint}",
+        ),
         ("ftp://example.com/a.jpg", f"not_downloaded: a ftp URL is not read by winnow; {hint}"),
         ("HTTPS://example.com/a.jpg", f"not_downloaded: a https URL is not read by winnow; {hint}"),
         ("s3://bucket/a.jpg", "protocol_not_allowed: s3:// (add s3 to input.protocols to read it)"),
@@ -178,8 +181,9 @@ def test_16bit_png_converts_without_float64_and_the_decoded_byte_cap_holds():
 # ---- videos: size, duration and clock checked at probe ----
 
 def _video(path, pts, size=(64, 48), rate=25):
-    import av
     from fractions import Fraction
+
+    import av
 
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=rate)
@@ -228,7 +232,9 @@ def test_a_remote_parquet_names_files_under_its_own_folder_only():
     assert readers.classify_ref("img/a.jpg", base, []) == ("s3://bucket/laion/part0/img/a.jpg", None)
     assert readers.classify_ref("/etc/passwd", base, [])[1] == \
         "outside_base: /etc/passwd is a local path; s3://bucket/laion/part0 is remote"
-    assert readers.classify_ref("../../other/a.jpg", base, [])[1].startswith("outside_base: ../../other/a.jpg is outside")
+    assert readers.classify_ref("../../other/a.jpg", base, [])[1].startswith(
+        "outside_base: ../../other/a.jpg is outside"
+    )
     assert readers.classify_ref("../../other/a.jpg", base, [], allow_outside=True) == \
         ("s3://bucket/other/a.jpg", None)
 
@@ -242,7 +248,9 @@ def test_a_parquet_whose_paths_all_lie_elsewhere_fails_before_ray(tmp_path):
     _photo(str(tmp_path / "images" / "a.jpg"))
     pq.write_table(pa.table({"path": ["../images/a.jpg", str(tmp_path / "images" / "a.jpg")]}),
                    tmp_path / "meta" / "part.parquet")
-    with pytest.raises(ConfigError, match=r"all 2 local paths in .* lie outside \S*meta \(first: .*\); set input.base_dir"):
+    with pytest.raises(
+        ConfigError, match=r"all 2 local paths in .* lie outside \S*meta \(first: .*\); set input.base_dir"
+    ):
         readers.plan(InputSpec(path=str(tmp_path / "meta" / "part.parquet")), 10)
     plan = readers.plan(InputSpec(path=str(tmp_path / "meta" / "part.parquet"), base_dir=str(tmp_path)), 10)
     assert plan.num_inputs == 2

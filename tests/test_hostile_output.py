@@ -110,16 +110,32 @@ def test_curate_into_its_own_input_is_refused_before_reading(tmp_path):
     Image.new("RGB", (32, 32)).save(photos / "a.jpg")
     open(photos / "spec.yaml", "w").write("fingerprint: x\n")
     before = _tree(str(photos))
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "curate", "--input", str(photos), "--output", str(photos),
-                          "--set", "output.overwrite=true"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "curate",
+            "--input",
+            str(photos),
+            "--output",
+            str(photos),
+            "--set",
+            "output.overwrite=true",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "is the same folder as input.path" in res.stderr, res.stderr
     assert _tree(str(photos)) == before
 
 
 def test_select_train_and_sweep_refuse_overlapping_outputs(tmp_path):
-    from pipeline.commands import sweep
     from pipeline.commands import select as selection
+    from pipeline.commands import sweep
     from training import train_spec as trainspec
 
     run = tmp_path / "run"

@@ -92,7 +92,9 @@ def test_inflated_vae_decodes_every_frame_as_the_image_vae():
     with torch.no_grad():
         assert (vae.decode(z).sample - video.decode(z, num_frames=3).sample).abs().max() < 1e-5
         # encoder copied: equal weights in another instance (kernels may sum in another order, float32)
-        torch.testing.assert_close(vae.encode(x).latent_dist.mean, video.encode(x).latent_dist.mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            vae.encode(x).latent_dist.mean, video.encode(x).latent_dist.mean, atol=1e-6, rtol=1e-5
+        )
     # a post_quant_conv bias shows at the latent border, in proportion (documented in training/inflate.py)
     vae = _image_vae(0.01)
     video, report = inflate_vae(vae)
@@ -131,11 +133,22 @@ def test_winnow_inflate_writes_a_folder_diffusers_loads(tmp_path):
     # a VAE with 16-channel groups has no temporal-decoder form: said, not hidden; the UNet still inflates
     from diffusers import AutoencoderKL
 
-    comps.vae = AutoencoderKL(latent_channels=4, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                              up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16)
+    comps.vae = AutoencoderKL(
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=16,
+    )
     get("sd").export(comps, comps.unet, str(tmp_path / "sd16"))
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "inflate", str(tmp_path / "sd16"), str(tmp_path / "o16")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "inflate", str(tmp_path / "sd16"), str(tmp_path / "o16")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     info = json.load(open(str(tmp_path / "o16" / "inflation.json")))
     assert info["vae"] == {"skipped": "norm_num_groups=16: SVD's temporal decoder has 32 groups"}

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.contract.isolate import Sandbox, SampleCrashed, SampleTimeout
+from pipeline.contract.isolate import SampleCrashed, SampleTimeout, Sandbox
 
 
 def add(a, b):

@@ -71,8 +71,11 @@ def test_kill9_then_rerun_equals_clean_run(ray_local, corpus, clean_run, tmp_pat
     assert df["key"].tolist() == ref_df["key"].tolist()
     assert df["status"].tolist() == ref_df["status"].tolist()
     assert df["reject_reason"].fillna("").tolist() == ref_df["reject_reason"].fillna("").tolist()
-    for name in ref_members:                                            # byte-identical shards
-        with open(os.path.join(out, "shards", name), "rb") as a, open(os.path.join(clean_run, "shards", name), "rb") as b:
+    for name in ref_members:  # byte-identical shards
+        with (
+            open(os.path.join(out, "shards", name), "rb") as a,
+            open(os.path.join(clean_run, "shards", name), "rb") as b,
+        ):
             assert a.read() == b.read(), name
 
 

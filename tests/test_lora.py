@@ -161,7 +161,9 @@ def lora_run(ray_local, shards, tmp_path_factory):  # noqa: F811
     from training import train_spec as ts
 
     out = str(tmp_path_factory.mktemp("lora") / "run")
-    return out, trainer.run(ts.parse(_lora_train(shards[0], out, steps=12, lora={"export_fused": True}, train=VALIDATE)), log=None)
+    return out, trainer.run(
+        ts.parse(_lora_train(shards[0], out, steps=12, lora={"export_fused": True}, train=VALIDATE)), log=None
+    )
 
 
 def test_sd_lora_run_trains_only_the_adapter(lora_run, tmp_path):
@@ -230,7 +232,9 @@ def test_lora_kill9_then_rerun_is_exact(lora_run, shards, tmp_path):  # noqa: F8
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["resumed_from"] in (3, 6, 9) and summary["steps"] == 12
     assert _losses(out) == _losses(clean_out) and len(_losses(out)) == 12
-    assert _validation(out)[12] == _validation(clean_out)[12]            # the same held-out loss after the resume     # every step, before and after the kill
+    assert (
+        _validation(out)[12] == _validation(clean_out)[12]
+    )  # the same held-out loss after the resume     # every step, before and after the kill
     a = load_file(os.path.join(clean_out, "lora", "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -352,7 +356,9 @@ def test_eval_pairs_a_folder_with_its_prompt_file_and_refuses_what_it_cannot_sco
     assert got["counts"]["images"] == {"scored": 3, "skipped": {}} and got["fid"] is None
     assert 0.0 <= got["clip_score"] <= 100.0 and any("random weights" in w for w in got["warnings"])
     listed = [("0.png", "one"), ("0.png", "uno"), ("1.png", "two"), ("9.png", "nine"), ("../0.png", "out")]
-    (tmp_path / "imgs" / "prompts.jsonl").write_text("".join(json.dumps({"file": f, "prompt": p}) + "\n" for f, p in listed))
+    (tmp_path / "imgs" / "prompts.jsonl").write_text(
+        "".join(json.dumps({"file": f, "prompt": p}) + "\n" for f, p in listed)
+    )
     paired = _eval("--images", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt"))
     assert paired["counts"]["images"] == {"scored": 3, "skipped": {}}    # each listed pair of a file in the folder
     (tmp_path / "imgs" / "prompts.jsonl").unlink()

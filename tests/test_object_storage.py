@@ -111,7 +111,9 @@ def test_sweep_and_select_with_every_folder_on_the_bucket(runs, tmp_path):
     out = f"s3://{name}/picked"
     r = selection.run(selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 5}}),
                       log=None)
-    want = sorted(pq.read_table(io.BytesIO(_get(name, "sweeps/s/selections/cell_001.parquet"))).column("key").to_pylist())
+    want = sorted(
+        pq.read_table(io.BytesIO(_get(name, "sweeps/s/selections/cell_001.parquet"))).column("key").to_pylist()
+    )
     got = layout.read_annotations(out)
     assert r.selected == len(want) == got.num_rows and sorted(got.column("key").to_pylist()) == want
     assert json.loads(_get(name, "picked/summary.json"))["source_runs"] == [run]
@@ -228,7 +230,9 @@ def test_inflate_from_a_bucket_to_a_bucket_writes_the_local_folder(bucket, tmp_p
     info = {k: json.loads(v.pop("inflation.json")) for k, v in (("remote", got), ("local", want))}
     assert info["remote"].pop("source") == f"{bucket}/models/sd"            # the source as the user named it
     assert info["local"].pop("source") == str(tmp_path / "sd") and info["remote"] == info["local"]
-    assert got == want and {"diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= set(got)
+    assert got == want and {"diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= set(
+        got
+    )
     assert S3.uploads(name) == []
 
 
@@ -515,7 +519,9 @@ def test_a_shared_nothing_cluster_trains_through_the_bucket_and_survives_a_lost_
         while not (snapshot in S3.keys(name, "train/lost/ray/") and b"checkpoint_0000003" in _get(name, snapshot)):
             assert thread.is_alive() and time.time() < deadline, result
             time.sleep(0.1)
-        where = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+        where = {
+            a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        }
         cluster.remove_node(next(n for n in nodes if n.node_id in where), allow_graceful=False)
         thread.join(timeout=600)
     finally:
@@ -585,9 +591,8 @@ def test_eval_study_and_a_curriculum_with_every_folder_on_the_bucket(runs, bucke
     from PIL import Image
     from safetensors.torch import load as load_safetensors
 
-    from pipeline.commands import curriculum
+    from pipeline.commands import curriculum, study
     from pipeline.commands import eval as evaluate
-    from pipeline.commands import study
 
     name = runs["bucket"]
     b = f"s3://{name}"
@@ -651,8 +656,11 @@ def test_eval_study_and_a_curriculum_with_every_folder_on_the_bucket(runs, bucke
     assert {f"{folder}/optimizer_state/state.json", f"{folder}/optimizer_state/state.safetensors",
             "cur/final/model_index.json", "cur/stages/02_two/final/model_index.json"} <= keys
     unet = "unet/diffusion_pytorch_model.safetensors"
-    assert _get(name, f"{folder}/{unet}") == _get(name, f"cur/stages/01_one/final/{unet}")   # stage 2 began there
-    a, z = load_safetensors(_get(name, f"cur/stages/01_one/final/{unet}")), load_safetensors(_get(name, f"cur/final/{unet}"))
+    assert _get(name, f"{folder}/{unet}") == _get(name, f"cur/stages/01_one/final/{unet}")  # stage 2 began there
+    a, z = (
+        load_safetensors(_get(name, f"cur/stages/01_one/final/{unet}")),
+        load_safetensors(_get(name, f"cur/final/{unet}")),
+    )
     assert any(not (a[k] == z[k]).all() for k in a)                   # and trained on from there
     again = curriculum.run(curriculum.parse(cdoc), log=None)
     assert all(s["skipped"] for s in again.stages)

@@ -76,7 +76,10 @@ def test_reduce_keeps_largest_copy():
 
 def test_stage_call_hashes_kept_rows_only():
     img = Image.new("RGB", (64, 64), "white")
-    batch = {"image": np.array([encode(img), None], dtype=object),
-             "status": np.array(["kept", "rejected"], dtype=object), "reject_reason": np.array([None, "x"], dtype=object)}
+    batch = {
+        "image": np.array([encode(img), None], dtype=object),
+        "status": np.array(["kept", "rejected"], dtype=object),
+        "reject_reason": np.array([None, "x"], dtype=object),
+    }
     out = PHashDedup()(batch)
     assert len(out["phash"][0]) == 16 and out["phash"][1] is None

@@ -92,7 +92,13 @@ def test_webdataset_plan_and_load(tmp_path):
     plan = readers.plan(InputSpec(path=str(tmp_path)), samples_per_shard=1000)
     assert plan.format == "webdataset"
     assert plan.counts == {0: 3, 1: 2}
-    assert plan.table.column("source_key").to_pylist() == ["000000000", "000000001", "000000002", "000000000", "000000001"]
+    assert plan.table.column("source_key").to_pylist() == [
+        "000000000",
+        "000000001",
+        "000000002",
+        "000000000",
+        "000000001",
+    ]
     out = LoadSource()(plan_batch(plan))
     assert out["status"].tolist() == ["kept"] * 5
     assert out["caption"].tolist() == ["caption 0", "caption 1", "caption 2", "caption 0", "caption 1"]

@@ -5,11 +5,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.contract import layout
-
+from pipeline.adapter import ResourceError, plan_resources
 from pipeline.commands import curate
 from pipeline.commands import curate_spec as specmod
-from pipeline.adapter import ResourceError, plan_resources
+from pipeline.contract import layout
 from pipeline.corpus import make_corpus
 from pipeline.registry import STAGES
 

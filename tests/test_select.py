@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.commands import sweep
-from pipeline.commands import report, select as selection
+from pipeline.commands import report, sweep
+from pipeline.commands import select as selection
 from pipeline.contract.config import ConfigError
 from pipeline.contract.stage import reason_counts
 from tests.helpers import annotations, killable_env, run_curate, tar_members
@@ -89,10 +89,14 @@ def test_select_keeps_exactly_the_manifest_keys(run_dir, manifest, tmp_path):
     assert summary["selection"]["manifest"]["thresholds"]["aesthetic_score"]["drop_fraction"] == 0.5
     assert os.path.exists(os.path.join(out, "report.html"))
     # a re-run is a no-op; another selection into the same folder is refused
-    again = selection.run(selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}}), log=None)
+    again = selection.run(
+        selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 3}}), log=None
+    )
     assert again.selected == 23
     with pytest.raises(ConfigError, match="different spec"):
-        selection.run(selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 4}}), log=None)
+        selection.run(
+            selection.parse({"selection": manifest, "output": {"path": out, "samples_per_shard": 4}}), log=None
+        )
 
 
 def test_inline_filters_equal_the_sweep_cell(run_dir, manifest, tmp_path):

@@ -31,8 +31,14 @@ def test_fragments_normalise_nan_nulls_and_assemble_a_shard(tmp_path):
     FragmentWriter(work)({k: v[2:] for k, v in batch.items()})      # a retried task writes row 2 again
     assert tally["key"].tolist() == ["000000000", "000000001"]
     assert len(fragment_files(work, 0)) == 3
-    assert read_fragments(fragment_files(work)).num_rows == 3 and done_keys(work) == {"000000000", "000000001", "000000002"}
-    stats = write_shard(work, out, 0, expected=3, reductions={"000000002": ("duplicate: phash distance 1 to 000000000", "000000000")})
+    assert read_fragments(fragment_files(work)).num_rows == 3 and done_keys(work) == {
+        "000000000",
+        "000000001",
+        "000000002",
+    }
+    stats = write_shard(
+        work, out, 0, expected=3, reductions={"000000002": ("duplicate: phash distance 1 to 000000000", "000000000")}
+    )
     assert stats == {"shard": "00000", "partition": 0, "count": 3, "kept": 1, "rejected": 2,
                      "reasons": {"decode_error": 1, "duplicate": 1}, "stage_seconds": {"decode": 1.0},
                      "stage_rss_mb": {"decode": 402.5}, "tar_bytes": stats["tar_bytes"]}

@@ -46,8 +46,12 @@ def test_listing_reads_the_same_on_disk_and_on_the_store(root):
     assert storage.listdir(storage.join(root, "nope")) == [] and storage.find(storage.join(root, "nope")) == []
     with pytest.raises(ValueError):
         storage.read_bytes(storage.join(root, "d.parquet"), limit=3)
-    storage.write_once(storage.join(root, "empty"), b"")       # a ranged read of nothing is nothing
-    assert storage.read_bytes(storage.join(root, "empty"), limit=10) == b"" == storage.read_bytes(storage.join(root, "empty"))
+    storage.write_once(storage.join(root, "empty"), b"")  # a ranged read of nothing is nothing
+    assert (
+        storage.read_bytes(storage.join(root, "empty"), limit=10)
+        == b""
+        == storage.read_bytes(storage.join(root, "empty"))
+    )
     storage.remove(storage.join(root, "empty"))
     with storage.open_read(storage.join(root, "d.parquet")) as fh:
         fh.seek(2)
@@ -108,7 +112,9 @@ def test_overwrite_on_a_bucket_deletes_only_what_winnow_wrote(bucket):
     entries = ["spec.yaml", "shards", "summary.json"]
 
     def claim(fp, overwrite=False):
-        layout.claim_output(out, storage.join(out, "spec.yaml"), fp, {"x": fp}, overwrite, "run", "x", entries, "curate")
+        layout.claim_output(
+            out, storage.join(out, "spec.yaml"), fp, {"x": fp}, overwrite, "run", "x", entries, "curate"
+        )
 
     claim("one")
     storage.write_once(storage.join(out, "shards", "00000.tar"), b"t")
@@ -131,7 +137,9 @@ def test_overwrite_on_a_bucket_deletes_only_what_winnow_wrote(bucket):
     # a prefix holding objects and no ownership record is not winnow's
     storage.write_once(f"{bucket}/theirs/data.bin", b"d")
     with pytest.raises(ConfigError, match="not a winnow run"):
-        layout.claim_output(f"{bucket}/theirs", f"{bucket}/theirs/spec.yaml", "f", {}, True, "run", "x", entries, "curate")
+        layout.claim_output(
+            f"{bucket}/theirs", f"{bucket}/theirs/spec.yaml", "f", {}, True, "run", "x", entries, "curate"
+        )
     assert S3.keys(name, "theirs/") == ["theirs/data.bin"]
 
 
@@ -243,7 +251,7 @@ def test_shards_on_a_store_are_copied_whole_when_they_fit_and_read_by_range_when
     ranged.close()
     reader = SampleReader(index, copy_bytes=1 << 20)
     ends = {}
-    for sh, off, size in zip(*(index.column(c).to_pylist() for c in ("shard", "offset", "size"))):
+    for sh, off, size in zip(*(index.column(c).to_pylist() for c in ("shard", "offset", "size")), strict=True):
         ends[sh] = max(ends.get(sh, 0), off + size)
     assert reader.copy_plan["copied"] is True and reader.copy_plan["bytes"] == sum(ends.values())
     deadline = time.monotonic() + 60

@@ -40,7 +40,11 @@ def test_study_spec_errors_name_the_key(swept, shards, tmp_path):  # noqa: F811
     spec = study.parse(_doc(swept, shards[0], str(tmp_path / "o")))
     ts = study._train_spec(spec, "cell_001")
     assert ts.data.selection == os.path.join(swept, "selections", "cell_001.parquet")
-    assert ts.data.shards == [shards[0]] and ts.lora.enabled and ts.output.path == str(tmp_path / "o" / "cells" / "cell_001")
+    assert (
+        ts.data.shards == [shards[0]]
+        and ts.lora.enabled
+        and ts.output.path == str(tmp_path / "o" / "cells" / "cell_001")
+    )
     with pytest.raises(ConfigError, match=r"cells: \['cell_009'\] are not cells"):
         study.parse(_doc(swept, shards[0], str(tmp_path / "o"), cells=["cell_009"]))
     with pytest.raises(ConfigError, match="has no cells.csv"):
@@ -50,7 +54,10 @@ def test_study_spec_errors_name_the_key(swept, shards, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="eval.fid_weights: required"):
         study.parse(_doc(swept, shards[0], str(tmp_path / "o"),
                          eval={"prompts": shards[0], "reference": shards[0]}))
-    assert study.parse(_doc(swept, shards[0], str(tmp_path / "o"), cells=None, min_kept=1)).cells == ["cell_000", "cell_001"]
+    assert study.parse(_doc(swept, shards[0], str(tmp_path / "o"), cells=None, min_kept=1)).cells == [
+        "cell_000",
+        "cell_001",
+    ]
 
 
 @pytest.mark.slow

@@ -28,7 +28,9 @@ def test_export_loads_in_stable_video_diffusion_pipeline_and_makes_frames(tmp_pa
                output_type="np").frames
     assert np.asarray(out).shape == (1, 4, 64, 96, 3) and np.isfinite(np.asarray(out)).all()
     # the scheduler is SVD's: v-prediction on continuous EDM timesteps
-    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.timestep_type == "continuous"
+    assert (
+        pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.timestep_type == "continuous"
+    )
 
 
 def test_image_embedding_is_the_pipelines(tmp_path):
@@ -100,7 +102,9 @@ def test_text_to_video_family_trains_on_captions_samples_and_round_trips(tmp_pat
     videos = fam.generate(comps, comps.unet, ["a red car", "a dog"], 64, 96, 4, 2, 7.0,
                           generator=torch.Generator().manual_seed(0))
     assert len(videos) == 2 and [f.size for f in videos[0]] == [(96, 64)] * 4
-    again = fam.generate(comps, comps.unet, ["a red car"], 64, 96, 4, 2, 7.0, generator=torch.Generator().manual_seed(0))
+    again = fam.generate(
+        comps, comps.unet, ["a red car"], 64, 96, 4, 2, 7.0, generator=torch.Generator().manual_seed(0)
+    )
     assert np.array_equal(np.asarray(again[0][3]), np.asarray(videos[0][3]))
 
     folder = str(tmp_path / "t2v")
@@ -108,5 +112,7 @@ def test_text_to_video_family_trains_on_captions_samples_and_round_trips(tmp_pat
     assert sorted(os.listdir(folder)) == sorted(fam.subfolders + ["model_index.json", "motion_buckets.json"])
     fam.check_pretrained(folder)
     back = fam.load(folder)
-    torch.testing.assert_close(loss(["a red car", "a dog"], unet=back.unet).detach(), with_text.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        loss(["a red car", "a dog"], unet=back.unet).detach(), with_text.detach(), atol=1e-6, rtol=1e-6
+    )
     assert back.tokenizers[0]("a red car").input_ids == comps.tokenizers[0]("a red car").input_ids

@@ -41,9 +41,19 @@ def test_edm_matches_diffusers_euler_v_prediction_continuous():
     from diffusers import EulerDiscreteScheduler
 
     # StableVideoDiffusionPipeline's scheduler settings
-    sched = EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous", use_karras_sigmas=True,
-                                   sigma_min=0.002, sigma_max=700.0, interpolation_type="linear", timestep_spacing="leading",
-                                   steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = EulerDiscreteScheduler(
+        prediction_type="v_prediction",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+        sigma_min=0.002,
+        sigma_max=700.0,
+        interpolation_type="linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+    )
     sched.set_timesteps(25)
     edm = EDM()
     g = torch.Generator().manual_seed(0)
@@ -57,7 +67,9 @@ def test_edm_matches_diffusers_euler_v_prediction_continuous():
         scaled = sched.scale_model_input(x, t)
         torch.testing.assert_close(scaled, edm.model_input(x, sigma.expand(2)), atol=1e-6, rtol=1e-6)
         step = sched.step(out, t, x)
-        torch.testing.assert_close(step.pred_original_sample, edm.denoise(x, out, sigma.expand(2)), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            step.pred_original_sample, edm.denoise(x, out, sigma.expand(2)), atol=1e-6, rtol=1e-6
+        )
 
 
 def test_edm_loss_is_zero_at_the_target_and_per_video():

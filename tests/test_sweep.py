@@ -160,8 +160,12 @@ def test_empty_cells_are_flagged_and_the_plot_reads_well(tmp_path):
     for ax in fig.axes:        # what is drawn: titles, axis labels, the ticks inside the limits, legend entries
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
         texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
-        texts += [t for t, v in zip(ax.get_xticklabels(), ax.get_xticks()) if min(x0, x1) <= v <= max(x0, x1)]
-        texts += [t for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if min(y0, y1) <= v <= max(y0, y1)]
+        texts += [
+            t for t, v in zip(ax.get_xticklabels(), ax.get_xticks(), strict=True) if min(x0, x1) <= v <= max(x0, x1)
+        ]
+        texts += [
+            t for t, v in zip(ax.get_yticklabels(), ax.get_yticks(), strict=True) if min(y0, y1) <= v <= max(y0, y1)
+        ]
         texts += ax.get_legend().get_texts() if ax.get_legend() else []
     texts = [t for t in texts if isinstance(t, Text) and t.get_visible() and t.get_text().strip()]
     labels = [t.get_text() for t in texts]

@@ -54,7 +54,7 @@ def test_offline_tokenizer_matches_open_clip(tmp_path):
     ref = open_clip.get_tokenizer("ViT-B-32")
     captions = ["a photo of a cat", "Crème brûlée, 3 spoons!", ""]
     ids = tok(captions, padding="max_length", max_length=77, truncation=True).input_ids
-    for caption, row in zip(captions, ids):
+    for caption, row in zip(captions, ids, strict=True):
         want = ref([caption])[0].tolist()
         n = want.index(49407) + 1
         assert row[:n] == want[:n]
@@ -121,7 +121,7 @@ def test_loader_batches_follow_the_schedule_and_resume_exactly(ray_local, shards
 
     r0, state = take(Cursor(), 0, 5)
     r1, _ = take(Cursor(), 1, 5)
-    for a, b in zip(r0, r1):
+    for a, b in zip(r0, r1, strict=True):
         assert a.bucket == b.bucket and not set(a.ids) & set(b.ids)      # same bucket, disjoint samples
         bucket = table[a.bucket]
         assert a.pixels.shape == (2, 3, bucket.height, bucket.width)
@@ -130,7 +130,7 @@ def test_loader_batches_follow_the_schedule_and_resume_exactly(ray_local, shards
     assert state.segments == [[4, 5]]
     first3, mid = take(Cursor(), 0, 3)
     rest, _ = take(mid, 0, 2)
-    for a, b in zip(first3 + rest, r0):                                  # stop at 3, resume: same batches
+    for a, b in zip(first3 + rest, r0, strict=True):                                  # stop at 3, resume: same batches
         assert a.ids == b.ids and torch.equal(a.pixels, b.pixels) and torch.equal(a.time_ids, b.time_ids)
 
 
@@ -177,8 +177,8 @@ def test_train_spec_errors_name_the_key(shards, tmp_path):
 
 
 def test_a_global_batch_larger_than_every_bucket_fails_in_the_plan(ray_local, shards, tmp_path):
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
 
     spec = trainspec.parse(train_spec(shards[0], str(tmp_path / "o"), train={"batch_size": 32}))
     trainer.prepare_output(spec)
@@ -210,8 +210,8 @@ def _unet(out: str) -> dict:
 @pytest.fixture(scope="module")
 def sd_run(ray_local, shards, tmp_path_factory):
     """An uninterrupted 2-worker run of tiny SD, 12 steps."""
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
 
     out = str(tmp_path_factory.mktemp("sd") / "run")
     spec = trainspec.parse(train_spec(shards[0], out, train={"max_steps": 12}))
@@ -286,8 +286,8 @@ def test_two_worker_sdxl_run_and_world_size_change(ray_local, shards, tmp_path):
     workers, then resumed on 1 worker: the schedule remaps the rest of the epoch."""
     from diffusers import StableDiffusionXLPipeline
 
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
 
     out = str(tmp_path / "run")
     data = train_spec(shards[0], out, model={"kind": "sdxl"},
@@ -296,7 +296,11 @@ def test_two_worker_sdxl_run_and_world_size_change(ray_local, shards, tmp_path):
                       optim={"warmup_steps": 2},
                       objective={"prediction_type": "v_prediction", "offset_noise": 0.05, "min_snr_gamma": 5.0})
     first = trainer.run(trainspec.parse(data), log=None)
-    assert (first.summary["steps"], first.summary["kind"], first.summary["prediction_type"]) == (4, "sdxl", "v_prediction")
+    assert (first.summary["steps"], first.summary["kind"], first.summary["prediction_type"]) == (
+        4,
+        "sdxl",
+        "v_prediction",
+    )
     assert [m["lr"] for m in first.metrics] == [5e-5, 1e-4, 1e-4, 1e-4]          # linear warm-up
     assert os.path.exists(os.path.join(out, "samples", "step0000002_0.png"))
     data["ray"]["num_workers"] = 1
@@ -323,8 +327,8 @@ def test_index_parquet_is_what_the_workers_read(sd_run, shards):
 def test_latent_cache_trains_like_decoding_and_is_reused(ray_local, shards, tmp_path):
     """data.cache: one Ray Data pass fills memory-mapped latents and text embeddings; a cached run's
     losses match an uncached centre-crop run's to float16 rounding; a second run reuses the cache."""
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
 
     def run(name, cache):
         data = train_spec(shards[0], str(tmp_path / name), data={"cache": cache, "random_crop": False},
@@ -358,8 +362,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_p
 
     import psutil
 
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
 
     clean_out, _ = sd_run
     out = str(tmp_path / "run")
@@ -409,8 +413,8 @@ def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_
     and the payload never runs (the old trainer unpickled state.pt here)."""
     import pickle
 
-    from training import train_spec as trainspec
     from pipeline.commands import train as trainer
+    from training import train_spec as trainspec
     from training.checkpoint import CheckpointError
 
     out = str(tmp_path / "run")
@@ -515,7 +519,9 @@ def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards,
         while not (os.path.exists(snapshot) and "checkpoint_0000003" in open(snapshot).read()):
             assert thread.is_alive() and time.time() < deadline, result
             time.sleep(0.05)
-        where = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+        where = {
+            a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        }
         victim = next(n for n in nodes if n.node_id in where)
         cluster.remove_node(victim, allow_graceful=False)
         thread.join(timeout=600)

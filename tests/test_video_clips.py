@@ -6,10 +6,10 @@ import av
 import numpy as np
 import pytest
 
+from pipeline.synth import write_video
 from video.clips import ClipsConfig, plan_segments, progress, window_bounds
 from video.encode import ClipEncoder, output_size
 from video.probe import probe
-from pipeline.synth import write_video
 
 
 def segs(out):

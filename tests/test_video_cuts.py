@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
+from pipeline.synth import shot, write_video
 from video.cuts import CutConfig, detect_cuts, f1_score, read_for_cuts
 from video.frames import read_small
-from pipeline.synth import shot, write_video
 
 W, H = 160, 96
 
@@ -116,7 +116,9 @@ def test_flashes_freezes_and_dissolves_are_not_cuts(tmp_path):
     frozen = a[:10] + [a[10]] * 5 + a[15:]                     # 0.2 s freeze, then the motion catches up
     assert _cuts_of(tmp_path, frozen) == []
     b = shot(40, W, H, seed=20, motion=2)
-    dissolve = a[:20] + [blend(x, y, (k + 1) / 13) for k, (x, y) in enumerate(zip(a[20:32], b[:12]))] + b[12:]
+    dissolve = (
+        a[:20] + [blend(x, y, (k + 1) / 13) for k, (x, y) in enumerate(zip(a[20:32], b[:12], strict=True))] + b[12:]
+    )
     assert _cuts_of(tmp_path, dissolve) == []
 
 
@@ -126,8 +128,10 @@ def test_skipping_the_deblocking_filter_keeps_every_frame_and_the_cuts(tmp_path)
     filtered, fast = read_small(str(tmp_path / "v.mp4")), read_small(str(tmp_path / "v.mp4"), deblock=False)
     assert len(fast.times) == 75 and np.array_equal(fast.times, filtered.times)
     diff = np.abs(fast.yuv.astype(int) - filtered.yuv.astype(int))
-    assert 0 < diff.mean() < 1.0                  # the filter ran in one and not in the other, and it is slight
-    assert detect(str(tmp_path / "v.mp4"))[1].frames == detect(str(tmp_path / "v.mp4"), deblock=True)[1].frames == [30, 55]
+    assert 0 < diff.mean() < 1.0  # the filter ran in one and not in the other, and it is slight
+    assert (
+        detect(str(tmp_path / "v.mp4"))[1].frames == detect(str(tmp_path / "v.mp4"), deblock=True)[1].frames == [30, 55]
+    )
 
 
 def test_the_verifier_computes_only_windows_around_candidates_and_matches_a_whole_pass(tmp_path):
@@ -143,7 +147,9 @@ def test_the_verifier_computes_only_windows_around_candidates_and_matches_a_whol
     assert np.flatnonzero(~np.isnan(single)).tolist() == list(range(50, 100))      # one 50-frame block
     with torch.inference_mode():
         whole, whole_many = _model().predict_frames(torch.from_numpy(yuv_to_rgb48(small.yuv)), quiet=True)
-    assert np.array_equal(single[50:100], whole.numpy()[50:100]) and np.array_equal(many[50:100], whole_many.numpy()[50:100])
+    assert np.array_equal(single[50:100], whole.numpy()[50:100]) and np.array_equal(
+        many[50:100], whole_many.numpy()[50:100]
+    )
     assert single[59] > 0.5 and single[55] < 0.1                 # the network marks the cut's last frame
     _, cuts = detect(str(tmp_path / "v.mp4"), verify="transnetv2")
     assert cuts.frames == [60, 130]
@@ -166,6 +172,8 @@ def test_a_gap_in_a_variable_rate_file_is_measured_against_the_motion_it_skips(t
     found = {}
     for gap in (6, 8, 25):
         keep = list(range(30)) + list(range(30 + gap, 60))
-        write_video(str(tmp_path / "gap.mp4"), [frames[i] for i in keep], fps=25, times_s=[i / 25 for i in keep], crf=18)
+        write_video(
+            str(tmp_path / "gap.mp4"), [frames[i] for i in keep], fps=25, times_s=[i / 25 for i in keep], crf=18
+        )
         found[gap] = detect(str(tmp_path / "gap.mp4"))[1].frames
     assert found == {6: [], 8: [], 25: [30]}

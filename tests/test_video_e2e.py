@@ -10,11 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.contract import layout
-
 from pipeline.contract.config import ConfigError
+from pipeline.synth import make_video_corpus, shot, write_video
 from tests.helpers import annotations, run_curate, shard_stats, tar_members
 from tests.test_kill_resume import kill_when, start
-from pipeline.synth import make_video_corpus, shot, write_video
 
 STAGES = [{"name": "clips", "min_s": 1.0, "max_s": 4.0}, {"name": "motion"},
           {"name": "ocr", "backend": "rapidocr", "max_area_ratio": 0.05}]
@@ -196,7 +195,9 @@ def test_a_window_past_its_deadline_is_a_timeout_row_and_the_worker_goes_on(tmp_
     rows = list(batch_rows(slow))
     assert [(r[KEY], r[STATUS], r[REJECT_REASON]) for r in rows] == [
         ("v0_0000_0000", "rejected", "timeout: cutting and encoding the window took more than 0.0001 s")]
-    rows = list(batch_rows(SplitClips(ClipsConfig(min_s=1.0, max_s=2.0, timeout_s=60))({k: v[1:] for k, v in windows.items()})))
+    rows = list(
+        batch_rows(SplitClips(ClipsConfig(min_s=1.0, max_s=2.0, timeout_s=60))({k: v[1:] for k, v in windows.items()}))
+    )
     assert [(r[STATUS], round(r["start_s"], 2), round(r["end_s"], 2)) for r in rows] == [("kept", 0.0, 2.0),
                                                                                       ("kept", 2.0, 3.0)]
     assert rows[0]["image"][4:8] == b"ftyp"                       # the encoded clip came back through the pipe

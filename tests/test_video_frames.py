@@ -150,8 +150,8 @@ def test_the_clip_loader_serves_video_buckets_and_resumes_exactly(tmp_path, clip
     assert frames0.shape == (2, 6, 3, 48, 64) and fps0 == [7.0, 7.0] and motion0 == motion[ids0].tolist()
     assert all(11 not in ids for ids, *_ in full)
     other, _, _ = take(Cursor(), 1, 4)                      # rank 1: the other half of the same global batches
-    assert all(not set(a[0]) & set(b[0]) for a, b in zip(full, other))
+    assert all(not set(a[0]) & set(b[0]) for a, b in zip(full, other, strict=True))
     first, state, _ = take(Cursor(), 0, 2)
     rest, _, _ = take(state, 0, 2)
-    for (ia, fa, *_), (ib, fb, *_) in zip(full[2:], rest):
+    for (ia, fa, *_), (ib, fb, *_) in zip(full[2:], rest, strict=True):
         assert ia == ib and torch.equal(fa, fb)             # same clips, same frames, after a resume

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
+from pipeline.synth import shot, write_video
 from video.frames import read_small
 from video.motion import motion_score, sample_indices
-from pipeline.synth import shot, write_video
 
 
 @pytest.mark.parametrize("motion, expected", [(0.0, 0.0), (1.0, 6.25), (3.0, 18.75)])

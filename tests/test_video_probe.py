@@ -1,8 +1,8 @@
 """Video probing on generated files: sizes, rotation, VFR, audio, and every broken input as a reason."""
 import pytest
 
-from video.probe import ProbeError, probe
 from pipeline.synth import shot, write_audio_only, write_video
+from video.probe import ProbeError, probe
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,13 @@ def videos(tmp_path_factory):
 def test_plain_h264(videos):
     info = probe(str(videos / "plain.mp4"))
     assert (info.codec, info.width, info.height, info.num_frames) == ("h264", 96, 64, 20)
-    assert (info.fps, info.duration_s, info.rotation, info.variable_frame_rate, info.has_audio) == (10.0, 2.0, 0, False, False)
+    assert (info.fps, info.duration_s, info.rotation, info.variable_frame_rate, info.has_audio) == (
+        10.0,
+        2.0,
+        0,
+        False,
+        False,
+    )
     assert probe((videos / "plain.mp4").read_bytes()).to_dict() == info.to_dict()      # bytes read the same
 
 

@@ -2,8 +2,18 @@
 import numpy as np
 import pytest
 
-from video.splice import (BLACK, CLASSES, CLASSES_WITH_CUTS, NEGATIVE_CLASSES, RATES, SIZES, Builder, Shot,
-                          shots_between_cuts, split_groups)
+from video.splice import (
+    BLACK,
+    CLASSES,
+    CLASSES_WITH_CUTS,
+    NEGATIVE_CLASSES,
+    RATES,
+    SIZES,
+    Builder,
+    Shot,
+    shots_between_cuts,
+    split_groups,
+)
 
 
 def code(k: int) -> int:
@@ -39,7 +49,7 @@ def test_the_cuts_are_where_the_shot_changes(klass):
     v = Builder(solid_shots(), seed=3).make(klass, 0)
     ids = [shot_of(f) for f in v.frames]
     seen = [(i, s) for i, s in enumerate(ids) if s is not None]
-    changes = [i for (i, s), (_, prev) in zip(seen[1:], seen[:-1]) if s != prev]
+    changes = [i for (i, s), (_, prev) in zip(seen[1:], seen[:-1], strict=True) if s != prev]
     if klass == "glitch_before_cut":                  # the corrupted frames are not shots: skip them
         assert sum(s is None for s in ids) >= 2
     if klass == "black_start":
@@ -60,7 +70,7 @@ def test_negatives_have_no_cut(klass):
         assert len({s for s in ids if s is not None}) == 1 and 1 <= sum(s is None for s in ids) <= 4
     if klass in ("fade", "dissolve"):                 # two shots joined by in-between frames, never directly
         real = [(i, s) for i, s in enumerate(ids) if s is not None]
-        jumps = [i for (i, s), (j, p) in zip(real[1:], real[:-1]) if s != p]
+        jumps = [i for (i, s), (j, p) in zip(real[1:], real[:-1], strict=True) if s != p]
         assert len(jumps) == 1 and ids[jumps[0] - 1] is None
 
 
@@ -69,7 +79,7 @@ def test_short_shots_are_8_to_20_frames_and_sets_cover_every_class():
 
     v = Builder(solid_shots(), seed=1).make("short", 0)
     bounds = [0, *v.cuts, len(v.frames)]
-    assert all(8 <= b - a <= 20 for a, b in zip(bounds[:-1], bounds[1:]))
+    assert all(8 <= b - a <= 20 for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     videos = build_set(solid_shots(), 1, seed=2)
     assert [v.klass for v in videos] == list(CLASSES)
     assert build_set(solid_shots(), 1, seed=2)[4].cuts == videos[4].cuts        # seeded

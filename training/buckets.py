@@ -144,10 +144,23 @@ def assign_clips(widths, heights, durations, fps, table: list[VideoBucket], targ
         fastest = min(max_fps, rate[i])
         fits = [k for k in sized if (table[k].frames - 1) / fastest <= dur[i] - 1 / rate[i] + 1e-9]
         if fits:
-            at_target = [k for k in fits if (table[k].frames - 1) / min(target_fps, rate[i]) <= dur[i] - 1 / rate[i] + 1e-9]
+            at_target = [
+                k for k in fits if (table[k].frames - 1) / min(target_fps, rate[i]) <= dur[i] - 1 / rate[i] + 1e-9
+            ]
             pool = at_target or fits
             out[i] = max(pool, key=lambda k: table[k].frames) if at_target else min(pool, key=lambda k: table[k].frames)
     return out
 
 
-__all__ = ["Bucket", "Crop", "VideoBucket", "assign_clips", "video_bucket_table", "assign", "bucket_table", "kept_fraction", "plan_crop", "square_kept_fraction"]
+__all__ = [
+    "Bucket",
+    "Crop",
+    "VideoBucket",
+    "assign_clips",
+    "video_bucket_table",
+    "assign",
+    "bucket_table",
+    "kept_fraction",
+    "plan_crop",
+    "square_kept_fraction",
+]

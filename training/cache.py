@@ -91,7 +91,9 @@ class EncodeBlock:
             shutil.rmtree(scratch, ignore_errors=True)
         self.device = torch.device(device)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.comps.vae.to(self.device, dtype=torch.float32 if self.comps.vae.config.get("force_upcast") else dtype).eval()
+        self.comps.vae.to(
+            self.device, dtype=torch.float32 if self.comps.vae.config.get("force_upcast") else dtype
+        ).eval()
         for enc in self.comps.text_encoders:
             enc.to(self.device, dtype=dtype).eval()
         self.layout = Layout(folder, [Bucket(w, h) for w, h in buckets], bucket_of, dims)
@@ -186,7 +188,9 @@ def build_cache(spec, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndar
         os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
         Layout(folder, buckets, bucket_of, dims).create()
         finished = set(os.listdir(os.path.join(folder, "blocks")))
-    rows = index.select(["shard", "offset", "size", "caption"]).append_column("row", pa.array(np.arange(index.num_rows)))
+    rows = index.select(["shard", "offset", "size", "caption"]).append_column(
+        "row", pa.array(np.arange(index.num_rows))
+    )
     blocks = []
     for i, start in enumerate(range(0, index.num_rows, BLOCK_ROWS)):
         if f"{i}.npz" not in finished and f"{i}.done" not in finished:

@@ -219,5 +219,13 @@ def carry_optimizer(folder: str, optimizer, params: list) -> int:
     return len(state)
 
 
-__all__ = ["CheckpointError", "carry_optimizer", "load_json", "load_state", "load_tensors", "restore_checkpoint", "save_checkpoint",
-           "save_state"]
+__all__ = [
+    "CheckpointError",
+    "carry_optimizer",
+    "load_json",
+    "load_state",
+    "load_tensors",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "save_state",
+]

@@ -22,7 +22,9 @@ import torch
 MOTION_BUCKETS = 256            # motion_bucket_id runs 0..255 (the released models' range; 127 is the default)
 
 
-def sample_noise_aug(n: int, mean: float = -3.0, std: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_noise_aug(
+    n: int, mean: float = -3.0, std: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per-sample conditioning-noise strengths ``s_aug``, ``ln s_aug ~ N(mean, std^2)``."""
     return (mean + std * torch.randn(n, generator=generator, dtype=torch.float64)).exp().float()
 

@@ -117,7 +117,7 @@ def _load_checkpoint(spec, family, checkpoint: str, name: str, scratch: str | No
             from training.lora import adapter_params
 
             with torch.no_grad():
-                for p, s in zip(adapter_params(comps.unet).values(), ema["shadow_params"]):
+                for p, s in zip(adapter_params(comps.unet).values(), ema["shadow_params"], strict=True):
                     p.copy_(s)
     else:
         sub = "ema_unet" if os.path.isdir(os.path.join(checkpoint, "ema_unet")) else "unet"

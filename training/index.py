@@ -65,7 +65,9 @@ def index_shard(shard: str) -> pa.Table:
     meta: dict[str, dict] = {}
     try:
         table = layout.read_table(meta_path)
-        cols = [c for c in (KEY, STATUS, CAPTION, WIDTH, HEIGHT, STORED_WIDTH, STORED_HEIGHT) if c in table.column_names]
+        cols = [
+            c for c in (KEY, STATUS, CAPTION, WIDTH, HEIGHT, STORED_WIDTH, STORED_HEIGHT) if c in table.column_names
+        ]
         meta = {r[KEY]: r for r in table.select(cols).to_pylist() if r.get(STATUS, KEPT) == KEPT}
     except FileNotFoundError:
         pass
@@ -209,7 +211,7 @@ def select(tables: list[pa.Table], paths: list[str], selection: str) -> list[pa.
     man = layout.read_table(selection, columns=["run", KEY])
     runs = manifest_runs(selection)
     out, wanted = [], 0
-    for p, t in zip(paths, tables):
+    for p, t in zip(paths, tables, strict=True):
         if runs:
             folder = run_folder(p)
             if folder not in runs:
@@ -243,5 +245,17 @@ def bucket_ids(index: pa.Table, base: int, step: int = 64, max_aspect: float = 4
     return buckets, assign(index.column("width").to_numpy(), index.column("height").to_numpy(), buckets)
 
 
-__all__ = ["CLIP_INDEX_FILE", "CLIP_SCHEMA", "INDEX_FILE", "SCHEMA", "index_clip_shard", "bucket_ids", "build_index", "index_shard", "list_shards", "load_index", "select",
-           "shard_dir"]
+__all__ = [
+    "CLIP_INDEX_FILE",
+    "CLIP_SCHEMA",
+    "INDEX_FILE",
+    "SCHEMA",
+    "index_clip_shard",
+    "bucket_ids",
+    "build_index",
+    "index_shard",
+    "list_shards",
+    "load_index",
+    "select",
+    "shard_dir",
+]

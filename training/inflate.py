@@ -63,15 +63,22 @@ def video_config(config: dict, in_channels: int = 8, num_frames: int = 14, addit
     if unknown or config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         raise InflationError(f"block types {unknown or [config.get('mid_block_type')]} have no spatio-temporal "
                              f"counterpart; known: {', '.join(BLOCKS)} and UNetMidBlock2DCrossAttn")
-    heads = config.get("num_attention_heads") or config["attention_head_dim"]   # diffusers' naming: heads
-    return {"sample_size": config.get("sample_size"), "in_channels": in_channels, "out_channels": config["out_channels"],
-            "down_block_types": [BLOCKS[b] for b in down], "up_block_types": [BLOCKS[b] for b in up],
-            "block_out_channels": list(config["block_out_channels"]), "layers_per_block": config["layers_per_block"],
-            "cross_attention_dim": config["cross_attention_dim"],
-            "transformer_layers_per_block": config.get("transformer_layers_per_block", 1),
-            "num_attention_heads": heads if isinstance(heads, int) else list(heads),
-            "addition_time_embed_dim": addition_time_embed_dim,
-            "projection_class_embeddings_input_dim": SVD_TIME_IDS * addition_time_embed_dim, "num_frames": num_frames}
+    heads = config.get("num_attention_heads") or config["attention_head_dim"]  # diffusers' naming: heads
+    return {
+        "sample_size": config.get("sample_size"),
+        "in_channels": in_channels,
+        "out_channels": config["out_channels"],
+        "down_block_types": [BLOCKS[b] for b in down],
+        "up_block_types": [BLOCKS[b] for b in up],
+        "block_out_channels": list(config["block_out_channels"]),
+        "layers_per_block": config["layers_per_block"],
+        "cross_attention_dim": config["cross_attention_dim"],
+        "transformer_layers_per_block": config.get("transformer_layers_per_block", 1),
+        "num_attention_heads": heads if isinstance(heads, int) else list(heads),
+        "addition_time_embed_dim": addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": SVD_TIME_IDS * addition_time_embed_dim,
+        "num_frames": num_frames,
+    }
 
 
 def _source_key(key: str) -> str | None:
@@ -252,5 +259,14 @@ def inflate_folder(source: str, output: str, in_channels: int = 8, num_frames: i
     return summary
 
 
-__all__ = ["InflationError", "inflate_folder", "inflate_source", "inflate_unet", "inflate_vae", "load_image_unet", "video_config",
-           "widen_source", "widen_video_unet"]
+__all__ = [
+    "InflationError",
+    "inflate_folder",
+    "inflate_source",
+    "inflate_unet",
+    "inflate_vae",
+    "load_image_unet",
+    "video_config",
+    "widen_source",
+    "widen_video_unet",
+]

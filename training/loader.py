@@ -79,7 +79,7 @@ class SampleReader:
         """Which shards to copy whole: all of the store's, when their bytes (to the end of their last
         sample) fit in ``budget``; else none."""
         ends: dict[str, int] = {}
-        for path, off, size in zip(self.shard, self.offset, self.size):
+        for path, off, size in zip(self.shard, self.offset, self.size, strict=True):
             if storage.is_url(path):
                 ends[path] = max(ends.get(path, 0), int(off) + int(size))
         total = sum(ends.values())
@@ -138,7 +138,9 @@ class SampleReader:
         return fh.read(int(self.size[i]))
 
 
-def load_image(data: bytes, bucket: Bucket, rng: np.random.Generator | None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def load_image(
+    data: bytes, bucket: Bucket, rng: np.random.Generator | None
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """(uint8 HxWx3 array of the bucket's size, (orig_h, orig_w, top, left) of the crop)."""
     seen = []
 
@@ -246,7 +248,9 @@ class BucketLoader:
         time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
         batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]), cursor.epoch)
         if self.cache is None:
-            batch.pixels = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+            batch.pixels = (
+                torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+            )
         else:
             batch.latents = torch.from_numpy(np.stack([d[0][0] for d in done])).float()
             batch.context = torch.from_numpy(np.stack([d[0][1] for d in done])).float()

@@ -279,8 +279,9 @@ def conditioning(w: Worker, batch, keep: np.ndarray, g):
         if batch.latents is None:
             dist = w.comps.vae.encode(batch.pixels.to(device, dtype=w.vae_dtype)).latent_dist
             mean, std = dist.mean, dist.std
-            context, pooled = w.family.encode_text(w.comps, [c if k else "" for c, k in zip(batch.captions, keep)],
-                                                   device)
+            context, pooled = w.family.encode_text(
+                w.comps, [c if k else "" for c, k in zip(batch.captions, keep, strict=True)], device
+            )
         else:                                   # data.cache: latents and text precomputed
             mean, std = batch.latents[:, 0].to(device), batch.latents[:, 1].to(device)
             mask = torch.from_numpy(keep).to(device)
@@ -356,7 +357,9 @@ def train_step(w: Worker, batch) -> float:
     keep = obj.caption_keep(len(batch.ids), spec.objective.caption_dropout,
                             seeded_rng(spec.train.seed, "captions", w.step, w.rank))
     latents, context, pooled = conditioning(w, batch, keep, g)
-    noise = obj.offset_noise(torch.randn(latents.shape, generator=g), spec.objective.offset_noise, g).to(device, latents.dtype)
+    noise = obj.offset_noise(torch.randn(latents.shape, generator=g), spec.objective.offset_noise, g).to(
+        device, latents.dtype
+    )
     t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
     noisy = obj.add_noise(latents, noise, t, ac)
     target = obj.target(w.comps.prediction_type, latents, noise, t, ac)
@@ -383,7 +386,9 @@ def video_samples(w: Worker, step: int, unet) -> list[str]:
     bucket = w.buckets[int(loader.bucket_of[first])]
 
     def first_frame():
-        return Image.fromarray(decode_frames(loader.reader.read(first), [0.0])[0][0]).resize((bucket.width, bucket.height))
+        return Image.fromarray(decode_frames(loader.reader.read(first), [0.0])[0][0]).resize(
+            (bucket.width, bucket.height)
+        )
 
     prompts = list(spec.train.sample_prompts) or [loader.captions[first]]
     with w.acc.autocast():
@@ -516,8 +521,19 @@ def _export_lora(w: Worker, unet) -> dict:
             fresh = _components(spec)           # the preset again, without the adapter
             _export_pipeline(w, fresh, fresh.unet, base)
         base = storage.absolute(base)
-    folder = _publish(storage.join(out, "lora"), lambda tmp: lora.export(
-        unet, tmp, {"base": base, "kind": spec.model.kind, "steps": w.step, "layers": lora.layer_set(spec.lora, w.family.clips)}))
+    folder = _publish(
+        storage.join(out, "lora"),
+        lambda tmp: lora.export(
+            unet,
+            tmp,
+            {
+                "base": base,
+                "kind": spec.model.kind,
+                "steps": w.step,
+                "layers": lora.layer_set(spec.lora, w.family.clips),
+            },
+        ),
+    )
     return {"lora": folder, "base": base, "adapter_parameters": sum(p.numel() for p in w.trainable)}
 
 

@@ -98,8 +98,10 @@ class AdapterWeights:
     def load_state_dict(self, state: dict) -> None:
         own = adapter_params(self.unet)
         if set(state) != set(own):
-            raise ValueError(f"adapter weights do not fit this run's adapter ({len(set(state) ^ set(own))} names differ; "
-                             f"was lora.rank, targets or layers changed?)")
+            raise ValueError(
+                f"adapter weights do not fit this run's adapter ({len(set(state) ^ set(own))} names differ; "
+                f"was lora.rank, targets or layers changed?)"
+            )
         with torch.no_grad():
             for k, p in own.items():
                 if tuple(state[k].shape) != tuple(p.shape):
@@ -145,9 +147,13 @@ def export(unet, folder: str, info: dict) -> str:
     config = unet.winnow_lora_config
     os.makedirs(folder, exist_ok=True)
     # the UNet's part of the file is the same for every pipeline class: prefix "unet."
-    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=diffusers_state(unet),
-                                                     unet_lora_adapter_metadata=metadata(config), weight_name=WEIGHTS_FILE,
-                                                     safe_serialization=True)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        folder,
+        unet_lora_layers=diffusers_state(unet),
+        unet_lora_adapter_metadata=metadata(config),
+        weight_name=WEIGHTS_FILE,
+        safe_serialization=True,
+    )
     with open(os.path.join(folder, INFO_FILE), "w", encoding="utf-8") as fh:
         json.dump({**info, "rank": config.r, "alpha": config.lora_alpha, "targets": sorted(config.target_modules),
                    "parameters": sum(p.numel() for p in adapter_params(unet).values())}, fh, indent=2)

@@ -47,7 +47,9 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.T
     return sa * noise - s1a * x0
 
 
-def target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+def target(
+    prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.Tensor
+) -> torch.Tensor:
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -88,7 +90,7 @@ def caption_keep(n: int, p: float, rng: np.random.Generator) -> np.ndarray:
 
 def drop_captions(captions: list[str], p: float, rng: np.random.Generator) -> list[str]:
     """Replace each caption by "" with probability ``p`` (the unconditional branch of CFG)."""
-    return [c if k else "" for c, k in zip(captions, caption_keep(len(captions), p, rng))]
+    return [c if k else "" for c, k in zip(captions, caption_keep(len(captions), p, rng), strict=True)]
 
 
 class EDM:
@@ -133,7 +135,9 @@ class EDM:
     def denoise(self, noisy: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self._s(self.c_skip(sigma), noisy) * noisy + self._s(self.c_out(sigma), noisy) * model_output
 
-    def loss(self, noisy: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, noisy: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample ``weight(s) * mean((D(x; s) - x0)^2)`` over everything but the first dimension."""
         err = (self.denoise(noisy.float(), model_output.float(), sigma.float()) - x0.float()) ** 2
         return self.weight(sigma.float()) * err.mean(dim=list(range(1, err.ndim)))

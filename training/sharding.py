@@ -46,11 +46,11 @@ def shard_training(unet, optimizer, lr_sched, ema, make_optimizer):
     """Shard ``unet`` in place and return (optimizer, lr scheduler) rebuilt on its shards with the
     given ones' state (restored from a checkpoint or fresh); the EMA's shadow weights become shards
     laid out as the parameters they follow."""
+    import warnings
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
-
-    import warnings
 
     # FSDP2 warns on every block that returns a view, in case a caller modifies it in place (which
     # would skip its gradient hook); diffusers' UNets do not, and tests/test_fsdp.py checks the
@@ -67,7 +67,7 @@ def shard_training(unet, optimizer, lr_sched, ema, make_optimizer):
         set_optimizer_state_dict(unet, optimizer, saved, options=StateDictOptions(full_state_dict=True))
     if ema is not None:
         ema.shadow_params = [distribute_tensor(s.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-                             for s, p in zip(ema.shadow_params, unet.parameters())]
+                             for s, p in zip(ema.shadow_params, unet.parameters(), strict=True)]
     return optimizer, new_sched
 
 

@@ -21,13 +21,17 @@ from pipeline.contract.config import (
 
 @dataclass
 class DataSpec:
-    shards: list[str] = option(factory=list, help="curated shard sets: `winnow curate` output folders (or their shards/)")
+    shards: list[str] = option(
+        factory=list, help="curated shard sets: `winnow curate` output folders (or their shards/)"
+    )
     selection: str | None = option(None, "train on only the samples of a selection manifest (winnow sweep's "
                                          "selections/cell_NNN.parquet) instead of every kept sample of data.shards")
     resolution: int = option(512, "bucket base resolution: 512 (SD 1.x), 768 (SD 2 v), 1024 (SDXL)", min=64)
     max_aspect: float = option(2.0, "widest bucket aspect ratio (SDXL's table runs to 4.0)", min=1.0, max=8.0)
     bucket_step: int = option(64, "bucket sides are multiples of this", min=8)
-    random_crop: bool = option(True, "random crop inside the covering resize (else centre); seeded per sample and epoch")
+    random_crop: bool = option(
+        True, "random crop inside the covering resize (else centre); seeded per sample and epoch"
+    )
     cache: bool = option(False, "precompute VAE latents and text embeddings once (a Ray Data pass) and train from "
                                 "them; one centre crop per sample, so it needs random_crop: false")
     workers: int = option(4, "decode threads per training worker", min=1, runtime=True)
@@ -53,7 +57,9 @@ class ObjectiveSpec:
     prediction_type: Literal["epsilon", "v_prediction"] | None = option(
         None, "null keeps the model's scheduler setting; v_prediction for SD 2 768-v")
     offset_noise: float = option(0.0, "per-channel noise offset (SDXL trained with 0.05)", min=0.0, max=1.0)
-    caption_dropout: float = option(0.1, "share of captions replaced by '' (classifier-free guidance)", min=0.0, max=1.0)
+    caption_dropout: float = option(
+        0.1, "share of captions replaced by '' (classifier-free guidance)", min=0.0, max=1.0
+    )
     min_snr_gamma: float | None = option(None, "min-SNR-gamma loss weighting (5.0 in the paper); null is off", min=0.0)
 
 
@@ -116,7 +122,9 @@ class TrainSection:
     batch_size: int = option(4, "samples per worker per step (global batch = batch_size x ray.num_workers)", min=1)
     max_steps: int = option(1000, "optimizer steps in total (a resumed run continues to this)", min=1)
     seed: int = option(0, "seed of the schedule, crops, noise and caption dropout")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "accelerate mixed precision (bf16 on H100/A100)", runtime=True)
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "accelerate mixed precision (bf16 on H100/A100)", runtime=True
+    )
     gradient_checkpointing: bool = option(False, "trade compute for activation memory", runtime=True)
     fsdp: bool = option(False, "shard the UNet, its gradients, optimizer state and EMA over the workers (torch "
                                "FSDP2 fully_shard); checkpoints stay unsharded", runtime=True)
@@ -124,7 +132,9 @@ class TrainSection:
     keep_checkpoints: int = option(2, "checkpoints kept (oldest deleted)", min=1, runtime=True)
     log_every: int = option(10, "steps between logged metrics", min=1, runtime=True)
     sample_every: int = option(0, "steps between sample images (0 = only at the end)", min=0, runtime=True)
-    sample_prompts: list[str] = option(factory=lambda: ["a photo of a dog"], help="prompts for the sample images", runtime=True)
+    sample_prompts: list[str] = option(
+        factory=lambda: ["a photo of a dog"], help="prompts for the sample images", runtime=True
+    )
     sample_steps: int = option(20, "sampler steps for the sample images", min=1, runtime=True)
     eval_every: int = option(0, "steps between validation passes (0 = off): a fixed-seed loss at fixed timesteps on a "
                                 "held-out slice never trained on, and the CLIP score of the sample images", min=0)
@@ -142,7 +152,9 @@ class RayTrainSpec(RaySettings):
     num_workers: int = option(2, "Ray Train workers (one per GPU on a cluster)", min=1, runtime=True)
     use_gpu: bool = option(False, "one GPU per worker, NCCL; false trains on CPU with gloo", runtime=True)
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker", min=0.1, runtime=True)
-    max_failures: int = option(0, "worker-group restarts from the last checkpoint before the run fails", min=0, runtime=True)
+    max_failures: int = option(
+        0, "worker-group restarts from the last checkpoint before the run fails", min=0, runtime=True
+    )
     min_workers: int | None = option(None, "elastic training: run with between min_workers and num_workers workers. "
                                      "After a lost node the group restarts (within max_failures) from the last "
                                      "checkpoint at the size that fits, and grows back when nodes return; the global "
@@ -172,8 +184,10 @@ class TrainSpec:
         """What the user must be told once in the summary: models on random weights."""
         out = []
         if not self.model.pretrained:
-            out.append(f"model.pretrained is null: the tiny {self.model.kind} preset with random weights (tests and the "
-                       f"demo); give a diffusers folder or hub id to train a real model")
+            out.append(
+                f"model.pretrained is null: the tiny {self.model.kind} preset with random weights (tests and the "
+                f"demo); give a diffusers folder or hub id to train a real model"
+            )
         if self.train.eval_every and self.train.eval_clip_pretrained in (None, "random"):
             out.append("train.eval_clip_pretrained is null: validation's CLIP score comes from a random CLIP and means "
                        "nothing; give an open_clip tag or weights file")
@@ -247,8 +261,10 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
         raise ConfigError(f"optim.init_state: {spec.optim.init_state!r} has no state.json; give a checkpoint folder "
                           f"(OUTPUT/ray/train/checkpoint_NNNNNNN)")
     if spec.data.selection and check_paths and not storage.exists(spec.data.selection):
-        raise ConfigError(f"data.selection: {spec.data.selection!r} does not exist; give a manifest from `winnow sweep` "
-                          f"(selections/cell_NNN.parquet)")
+        raise ConfigError(
+            f"data.selection: {spec.data.selection!r} does not exist; give a manifest from `winnow sweep` "
+            f"(selections/cell_NNN.parquet)"
+        )
     from training import families
 
     if families.get(spec.model.kind).clips:
@@ -288,7 +304,9 @@ def _check_video(spec: TrainSpec) -> None:
     from training.buckets import video_bucket_table
 
     if spec.data.cache:
-        raise ConfigError("data.cache: the latent cache holds image latents; set it false for video models (model.kind svd, svd_t2v)")
+        raise ConfigError(
+            "data.cache: the latent cache holds image latents; set it false for video models (model.kind svd, svd_t2v)"
+        )
     if not spec.video.min_fps <= spec.video.fps <= spec.video.max_fps:
         raise ConfigError(f"video.fps {spec.video.fps:g} must lie in [min_fps {spec.video.min_fps:g}, max_fps "
                           f"{spec.video.max_fps:g}]")
@@ -309,8 +327,10 @@ def _check_lora(spec: TrainSpec) -> None:
     if not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
         raise ConfigError("lora.targets: give module names, e.g. [to_q, to_k, to_v, to_out.0]")
     if lo.layers in ("temporal", "spatial") and not families.get(spec.model.kind).clips:
-        raise ConfigError(f"lora.layers: {lo.layers!r} applies to video UNets (model.kind svd, svd_t2v); use auto or all "
-                          f"for {spec.model.kind}")
+        raise ConfigError(
+            f"lora.layers: {lo.layers!r} applies to video UNets (model.kind svd, svd_t2v); use auto or all "
+            f"for {spec.model.kind}"
+        )
 
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> TrainSpec:

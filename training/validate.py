@@ -81,7 +81,9 @@ class Validation:
         with torch.no_grad():
             for k, ids in self.batches:
                 batch = self.loader._assemble(Cursor(), ids, [self.loader._sample(i, 0) for i in ids])
-                g = torch.Generator("cpu").manual_seed(int(seeded_rng(w.spec.train.seed, "validation", k).integers(0, 2 ** 62)))
+                g = torch.Generator("cpu").manual_seed(
+                    int(seeded_rng(w.spec.train.seed, "validation", k).integers(0, 2**62))
+                )
                 per = self._video(w, batch, g) if w.family.clips else self._image(w, batch, g, conditioning)
                 sums += torch.stack([per.double().sum(), torch.tensor(float(per.numel()), dtype=torch.float64,
                                                                       device=per.device)]).to(sums.device)

@@ -166,7 +166,7 @@ def plan_segments(times: np.ndarray, luma: np.ndarray, cut_frames: list[int], da
 
     bounds = [0, *[c for c in cut_frames if 0 < c < n], n]
     out: list[Segment] = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         pieces = _runs(~dark, a, b)
         if not pieces:
             out.append(Segment(float(times[a]), end_time(b), b - a, "too_short: black frames only"))
@@ -274,7 +274,8 @@ class VideoWindows(Stage):
             if not reason:
                 try:
                     info = self.config.sandbox.run(
-                        probe_source, row[REF_PATH], self.config.storage_options, self.config.policy, self.config.limits)
+                        probe_source, row[REF_PATH], self.config.storage_options, self.config.policy, self.config.limits
+                    )
                 except FileNotFoundError:
                     reason = "missing_file: not found"
                 except isolate.SampleTimeout as exc:
@@ -336,7 +337,9 @@ class SplitClips(Stage):
                 rows = self.config.sandbox.run(
                     cut_window, self.config, plain_row(row))
             except isolate.SampleTimeout as exc:
-                rows = [{**row, STATUS: REJECTED, REJECT_REASON: f"timeout: cutting and encoding the window took {exc}"}]
+                rows = [
+                    {**row, STATUS: REJECTED, REJECT_REASON: f"timeout: cutting and encoding the window took {exc}"}
+                ]
             except Exception as exc:  # noqa: BLE001 - a window that cannot be cut is a rejected row
                 rows = [{**row, STATUS: REJECTED, REJECT_REASON: f"clip_error: {type(exc).__name__}: {exc}"}]
             for j, r in enumerate(rows):
@@ -500,7 +503,9 @@ def split_video_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def video_counts(videos) -> dict:
     """Funnel of a run's videos (the ``videos/`` tables)."""
     status = videos.column(STATUS).to_pylist()
-    reasons = reason_counts(r for s, r in zip(status, videos.column(REJECT_REASON).to_pylist()) if s != KEPT)
+    reasons = reason_counts(
+        r for s, r in zip(status, videos.column(REJECT_REASON).to_pylist(), strict=True) if s != KEPT
+    )
     return {"inputs": len(status), "with_clips": status.count(KEPT), "without_clips": len(status) - status.count(KEPT),
             "reasons": reasons,
             "clips": int(sum(videos.column("num_clips").to_pylist()))}

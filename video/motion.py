@@ -137,7 +137,9 @@ def clip_motion(times: np.ndarray, luma: np.ndarray, config: MotionConfig | None
                   [round(float(p), 4) for p in parts[:, 0]])
 
 
-def motion_score(times: np.ndarray, luma: np.ndarray, config: MotionConfig | None = None) -> tuple[float | None, list[float]]:
+def motion_score(
+    times: np.ndarray, luma: np.ndarray, config: MotionConfig | None = None
+) -> tuple[float | None, list[float]]:
     """(mean, per-pair) motion of one clip from its frames' times and luma planes (n, h, w)."""
     m = clip_motion(times, luma, config)
     return m.score, m.pairs

@@ -69,7 +69,7 @@ def shots_between_cuts(frames: list, fps: float, cuts: list[int], group: str, na
     ``damaged`` (lo, hi) frame ranges (codec glitches) are cut out as well and never used."""
     bounds = sorted({0, len(frames), *cuts, *(x for r in damaged for x in r)})
     out = []
-    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         if any(lo <= a < hi for lo, hi in damaged):
             continue
         lo, hi = a + (margin if a else 0), b - (margin if b < len(frames) else 0)
@@ -212,7 +212,7 @@ class Builder:
 
     def _sequence(self, shots: list[Shot], lengths_s: list[float], fps: float) -> tuple[list, list[int]]:
         frames, cuts = [], []
-        for k, (s, secs) in enumerate(zip(shots, lengths_s)):
+        for k, (s, secs) in enumerate(zip(shots, lengths_s, strict=True)):
             if k:
                 cuts.append(len(frames))
             frames += self._segment(s, fps, secs)
@@ -305,7 +305,7 @@ class Builder:
         a, b = self._pick(2)
         fa, fb = self._segment(a, fps, 1.5), self._segment(b, fps, 1.5)
         n = min(int(self.rng.integers(8, 25)), len(fa), len(fb))
-        mid = [blend(x, y, (k + 1) / (n + 1)) for k, (x, y) in enumerate(zip(fa[-n:], fb[:n]))]
+        mid = [blend(x, y, (k + 1) / (n + 1)) for k, (x, y) in enumerate(zip(fa[-n:], fb[:n], strict=True))]
         return fa[:-n] + mid + fb[n:], [], [a, b]
 
     def _pan(self, fps):

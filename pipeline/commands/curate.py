@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from pipeline import adapter, readers, registry, shards
+from pipeline.commands.curate_spec import CurateSpec
 from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError
-from pipeline.commands.curate_spec import CurateSpec
 from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS
 from pipeline.contract.stage import reason_counts
 
@@ -39,8 +39,18 @@ same output folder resumes an interrupted run. See jobs/*.yaml for full specs.
 
 SPEC_FILE = "spec.yaml"
 # every top-level name a curate run writes: output.overwrite deletes these and nothing else
-ENTRIES = [SPEC_FILE, layout.SHARDS_DIR, layout.WORK_DIR, layout.ANNOTATIONS_FILE, layout.VIDEOS_FILE, layout.VIDEO_ROWS_DIR,
-           layout.EMBEDDINGS_DIR, layout.SUMMARY_FILE, layout.REPORT_FILE, layout.CARD_FILE]
+ENTRIES = [
+    SPEC_FILE,
+    layout.SHARDS_DIR,
+    layout.WORK_DIR,
+    layout.ANNOTATIONS_FILE,
+    layout.VIDEOS_FILE,
+    layout.VIDEO_ROWS_DIR,
+    layout.EMBEDDINGS_DIR,
+    layout.SUMMARY_FILE,
+    layout.REPORT_FILE,
+    layout.CARD_FILE,
+]
 
 
 @dataclass
@@ -174,8 +184,9 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
         if p in by_part:
             by_part[p][key] = d
     split = spec.fan_out.split_rows if spec.fan_out else None
-    adapter.run_tasks(shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p], split) for p in todo], "shards", "shard",
-                      log)
+    adapter.run_tasks(
+        shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p], split) for p in todo], "shards", "shard", log
+    )
 
 
 def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
@@ -192,8 +203,13 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
     table = table.sort_by(KEY)
     videos = None
     if spec.is_video:
-        vt = pa.concat_tables([layout.read_table(storage.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
-                               for p in sorted(plan.counts)], promote_options="permissive").sort_by(KEY)
+        vt = pa.concat_tables(
+            [
+                layout.read_table(storage.join(out, layout.VIDEO_ROWS_DIR, f"{shards.shard_name(p)}.parquet"))
+                for p in sorted(plan.counts)
+            ],
+            promote_options="permissive",
+        ).sort_by(KEY)
         videos = spec.fan_out.counts(vt)
         if videos["inputs"] != plan.num_inputs:
             raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos/ {videos['inputs']}")
@@ -278,11 +294,11 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
     if spec.is_video:
         fan = spec.fan_out
         have, done_videos = fan.progress(shards.read_fragments(shards.fragment_files(work), fan.progress_columns))
-        mask = [k not in done_videos and p not in finished_parts for k, p in zip(keys, parts)]
+        mask = [k not in done_videos and p not in finished_parts for k, p in zip(keys, parts, strict=True)]
         unit = "videos"
     else:
         have = shards.done_keys(work)
-        mask = [k not in have and p not in finished_parts for k, p in zip(keys, parts)]
+        mask = [k not in have and p not in finished_parts for k, p in zip(keys, parts, strict=True)]
         unit = "samples"
     pending = job.table.filter(pa.array(mask))
     if log is not None and (have or finished_parts):
@@ -295,19 +311,21 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
     if spec.is_video:   # a video's clip count is known only now
         table = shards.read_fragments(shards.fragment_files(work), fan.progress_columns)
         _, done_videos = fan.progress(table)
-        missing = [k for k, p in zip(keys, parts) if k not in done_videos and p not in finished_parts]
+        missing = [k for k, p in zip(keys, parts, strict=True) if k not in done_videos and p not in finished_parts]
         if missing:
-            raise RuntimeError(f"{len(missing)} videos were not fully processed (first: {missing[0]}); re-run to finish")
+            raise RuntimeError(
+                f"{len(missing)} videos were not fully processed (first: {missing[0]}); re-run to finish"
+            )
         counts = {p: job.counts[p] for p in finished_parts}
         if table is not None:
             tp, tc = np.unique(table.column(PARTITION).to_numpy(), return_counts=True)
-            counts.update({int(p): int(c) for p, c in zip(tp, tc) if int(p) not in finished_parts})
+            counts.update({int(p): int(c) for p, c in zip(tp, tc, strict=True) if int(p) not in finished_parts})
     t = time.time()
     unfinished = any(p not in finished_parts for p in job.counts)
     decisions = reduce_stages(spec, work, phases) if unfinished else {}
     phases["reduce"] = round(time.time() - t, 3)
     t = time.time()
-    write_shards(spec, counts, work, decisions, log, dict(zip(keys, parts)) if decisions else None)
+    write_shards(spec, counts, work, decisions, log, dict(zip(keys, parts, strict=True)) if decisions else None)
     phases["shards"] = round(time.time() - t, 3)
     return finalize(spec, job, started, phases)
 

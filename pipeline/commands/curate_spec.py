@@ -27,18 +27,28 @@ DEFAULT_VIDEO_STAGES = [{"name": "clips"}, {"name": "motion"}]
 @dataclass
 class OutputSpec:
     path: str = option(help="output folder: shards/ (tars and their annotation tables), summary.json, spec.yaml")
-    samples_per_shard: int = option(1000, "input samples per output shard (img2dataset's number_sample_per_shard)", min=1, max=1_000_000)
-    videos_per_shard: int = option(16, "video runs: input videos per output shard (a shard holds all their clips)", min=1, max=100_000)
+    samples_per_shard: int = option(
+        1000, "input samples per output shard (img2dataset's number_sample_per_shard)", min=1, max=1_000_000
+    )
+    videos_per_shard: int = option(
+        16, "video runs: input videos per output shard (a shard holds all their clips)", min=1, max=100_000
+    )
     overwrite: bool = option(False, "delete an existing output folder made by a different spec instead of failing")
     keep_work: bool = option(False, "keep the intermediate _work/ folder after a successful run")
-    report: bool = option(True, "write report.html (funnel, scores, buckets, timing, examples) at the end", runtime=True)
-    json: bool = option(False, "end the printed summary with one line holding it as a JSON object (--json)", runtime=True)
+    report: bool = option(
+        True, "write report.html (funnel, scores, buckets, timing, examples) at the end", runtime=True
+    )
+    json: bool = option(
+        False, "end the printed summary with one line holding it as a JSON object (--json)", runtime=True
+    )
 
 
 @dataclass
 class RaySpec(RaySettings):
     block_rows: int = option(32, "samples per Ray Data block of the plan (smaller = finer load balancing)", min=1)
-    no_progress_timeout_s: float = option(900.0, "fail instead of hanging when the dataset makes no progress this long", min=1)
+    no_progress_timeout_s: float = option(
+        900.0, "fail instead of hanging when the dataset makes no progress this long", min=1
+    )
     progress_bars: bool = option(False, "show Ray Data's per-operator progress bars as well as winnow's own")
 
 
@@ -48,8 +58,12 @@ class DryRunSpec:
                                   "write nothing into output.path (--dry-run)", runtime=True)
     sample: int = option(256, "inputs to sample, spread over the whole input (videos: a tenth of this)", min=8,
                          max=100_000, runtime=True)
-    nodes: list[int] = option(factory=list, help="also project the wall time on clusters of these many nodes like this one's "
-                             "(default: 2x, 4x and 10x this one)", runtime=True)
+    nodes: list[int] = option(
+        factory=list,
+        help="also project the wall time on clusters of these many nodes like this one's "
+        "(default: 2x, 4x and 10x this one)",
+        runtime=True,
+    )
 
 
 @dataclass

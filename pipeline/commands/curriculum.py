@@ -116,7 +116,7 @@ def _train_spec(spec: CurriculumSpec, st: Stage, init_path: str | None, check_pa
     doc = json.loads(json.dumps(st.doc))
     doc["output"] = {"path": _stage_dir(spec, st), "overwrite": spec.overwrite}
     doc["ray"] = spec.ray
-    if (doc.get("lora") or {}).get("enabled"):      # a LoRA stage: the next stage and final/ start from its fused export
+    if (doc.get("lora") or {}).get("enabled"):  # a LoRA stage: the next stage and final/ start from its fused export
         doc["lora"] = {**doc["lora"], "export_fused": True}
     if init_path:
         doc.setdefault("model", {})["pretrained"] = init_path
@@ -234,7 +234,7 @@ def _transform(prev: dict, cur: dict, before, now, source: str, target: str) -> 
         cfg = comps.unet.config
         if before.clips:                         # text-to-video -> image-to-video: conv_in widened
             unet, vae, summary = widen_source(source, now.in_channels)
-        else:                                    # image -> video: inflated (frames and time embedding as this stage's model)
+        else:  # image -> video: inflated (frames and time embedding as this stage's model)
             unet, vae, summary = inflate_source(source, now.in_channels, cfg.num_frames, cfg.addition_time_embed_dim)
             summary["inherited"] = now.inherit(comps, source)
         if unet.config.cross_attention_dim != cfg.cross_attention_dim:

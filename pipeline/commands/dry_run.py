@@ -31,13 +31,14 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 
 from pipeline import adapter, readers
-from pipeline.contract import storage
 from pipeline.commands.curate_spec import CurateSpec
+from pipeline.contract import storage
 from pipeline.contract.schema import PARTITION
 
 DEFAULT_SCALES = (2, 4, 10)
@@ -130,7 +131,11 @@ def stage_table(steps: list, shape: adapter.Shape, stage_seconds: dict[str, floa
     for label, _, _ in steps:
         r = plan.stages[label]
         if r.concurrency:
-            kind, copies, capacity = ("gpu actors" if r.num_gpus else "actors"), r.concurrency, r.concurrency / max(per_row[label], 1e-9)
+            kind, copies, capacity = (
+                ("gpu actors" if r.num_gpus else "actors"),
+                r.concurrency,
+                r.concurrency / max(per_row[label], 1e-9),
+            )
         else:
             kind, copies, capacity = "tasks (fused)", slots, slots / max(fused, 1e-9)
         table.append({"stage": label, "kind": kind, "copies": copies, "seconds_per_row": round(per_row[label], 6),
@@ -189,11 +194,13 @@ def run(spec: CurateSpec, log, curate: Curate) -> DryRunResult:
     scratch, made = scratch_for(spec.output.path)
     try:
         out = storage.join(scratch, "out")
-        sspec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=out, report=False, overwrite=False,
-                                                                     keep_work=False),
-                                    dry_run=dataclasses.replace(spec.dry_run, enabled=False),
-                                    # the sample's blocks as small as needed to see a steady rate
-                                    ray=dataclasses.replace(spec.ray, block_rows=max(4, min(spec.ray.block_rows, n // 16))))
+        sspec = dataclasses.replace(
+            spec,
+            output=dataclasses.replace(spec.output, path=out, report=False, overwrite=False, keep_work=False),
+            dry_run=dataclasses.replace(spec.dry_run, enabled=False),
+            # the sample's blocks as small as needed to see a steady rate
+            ray=dataclasses.replace(spec.ray, block_rows=max(4, min(spec.ray.block_rows, n // 16))),
+        )
         if log is not None:
             print(f"dry run: {sample.num_inputs} of {job.num_inputs} {unit}, spread over the whole input, through "
                   f"every stage (scratch {scratch})", file=log)
@@ -210,14 +217,27 @@ def run(spec: CurateSpec, log, curate: Curate) -> DryRunResult:
                 out_bytes, shape)
     r.store = store
     w = store["write_mb_s"]
-    r.notes.append(f"the output's store took {w:,.1f} MB/s written and {store['read_mb_s']:,.1f} MB/s read from "
-                   f"this node ({store['probe_mb']:g} MB probe): the projected output alone takes "
-                   f"{_human_s(r.projected_output_bytes / 1e6 / max(w, 1e-9))} to write from one node, less from several")
+    r.notes.append(
+        f"the output's store took {w:,.1f} MB/s written and {store['read_mb_s']:,.1f} MB/s read from "
+        f"this node ({store['probe_mb']:g} MB probe): the projected output alone takes "
+        f"{_human_s(r.projected_output_bytes / 1e6 / max(w, 1e-9))} to write from one node, less from several"
+    )
     return r
 
 
-def project(spec: CurateSpec, steps: list, total: int, sampled: int, unit: str, result, trace, plan_s: float, sample_wall: float,
-            out_bytes: int, shape: adapter.Shape) -> DryRunResult:
+def project(
+    spec: CurateSpec,
+    steps: list,
+    total: int,
+    sampled: int,
+    unit: str,
+    result,
+    trace,
+    plan_s: float,
+    sample_wall: float,
+    out_bytes: int,
+    shape: adapter.Shape,
+) -> DryRunResult:
     ratio = total / max(sampled, 1)
     table = stage_table(steps, shape, result.stage_seconds, result.inputs)
     startup, rate, first = _annotate_model(trace)
@@ -293,14 +313,18 @@ def format_summary(r: DryRunResult) -> str:
              "  stages     (worker seconds per row; rows/s this cluster can push through each)"]
     for s in r.stages:
         mark = "  <- bottleneck" if s["stage"] == r.bottleneck_stage else ""
-        lines.append(f"    {s['stage']:<18} {s['kind']:<14} x{s['copies']:<4} {1000 * s['seconds_per_row']:>9.2f} ms/row "
-                     f"{s['capacity_rows_per_s']:>10,.1f} rows/s{mark}")
+        lines.append(
+            f"    {s['stage']:<18} {s['kind']:<14} x{s['copies']:<4} {1000 * s['seconds_per_row']:>9.2f} ms/row "
+            f"{s['capacity_rows_per_s']:>10,.1f} rows/s{mark}"
+        )
     p = r.projected_phases_s
     lines.append(f"  projected  wall time {_human_s(r.projected_wall_s)} on this cluster ("
                  + ", ".join(f"{k} {_human_s(v)}" for k, v in p.items()) + ")")
     for k, v in r.projected_wall_s_on.items():
         lines.append(f"             on {k} nodes like these: {_human_s(v)}")
-    lines.append(f"  kept       {100 * r.kept_fraction:.1f} % -> about {r.projected_kept:,} of {r.projected_rows:,} rows")
+    lines.append(
+        f"  kept       {100 * r.kept_fraction:.1f} % -> about {r.projected_kept:,} of {r.projected_rows:,} rows"
+    )
     for reason, f in r.reject_fractions.items():
         lines.append(f"    {reason:<22} {100 * f:>6.1f} %")
     lines.append(f"  output     about {_human_bytes(r.projected_output_bytes)}")

@@ -224,7 +224,9 @@ def read_prompts(source: str, limit: int) -> list[str]:
         rows = []
         for path in storage.files_in(storage.join(source, "shards"), ".parquet"):
             t = layout.read_table(path, columns=["key", "caption", "status"]).to_pylist()
-            rows += [(r["key"], r["caption"].strip()) for r in t if r["status"] == "kept" and (r["caption"] or "").strip()]
+            rows += [
+                (r["key"], r["caption"].strip()) for r in t if r["status"] == "kept" and (r["caption"] or "").strip()
+            ]
         return [c for _, c in sorted(rows)][:limit]
     lines = [line.strip() for line in storage.read_bytes(source).decode("utf-8", errors="replace").splitlines()]
     return [line for line in lines if line and not line.startswith("#")][:limit]
@@ -333,7 +335,7 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
             img.save(os.path.join(folder, files[-1]))
     bar.close()
     with open(os.path.join(folder, "prompts.jsonl"), "w", encoding="utf-8") as fh:
-        for k, (f, p) in enumerate(zip(files, prompts)):
+        for k, (f, p) in enumerate(zip(files, prompts, strict=True)):
             fh.write(json.dumps({"file": f, "prompt": p, "seed": spec.seed + k}) + "\n")
     if folder != target:
         storage.copy_tree(folder, target, last=("prompts.jsonl",))
@@ -400,11 +402,19 @@ def _run(spec: EvalSpec, log, stage: str) -> EvalResult:
         stats = {}
         for name, root in (("images", images), ("reference", spec.reference)):
             skipped: dict = {}
-            ref_key = (storage.absolute(root) if storage.is_url(root) else os.path.realpath(root), spec.fid_weights, spec.seed, spec.max_images, _tree_stamp(root))
+            ref_key = (
+                storage.absolute(root) if storage.is_url(root) else os.path.realpath(root),
+                spec.fid_weights,
+                spec.seed,
+                spec.max_images,
+                _tree_stamp(root),
+            )
             if name == "reference" and ref_key in _REFERENCE_STATS:     # a study scores every cell against it
                 stats[name], skipped = _REFERENCE_STATS[ref_key]
-            elif video and name == "images":            # FID of a model's videos: over all their frames
-                frames = (f for p in storage.listdir(root) if p.endswith(".gif") for f in _gif_frames(storage.join(root, p)))
+            elif video and name == "images":  # FID of a model's videos: over all their frames
+                frames = (
+                    f for p in storage.listdir(root) if p.endswith(".gif") for f in _gif_frames(storage.join(root, p))
+                )
                 stats[name] = stats_of(model, inception_batches(frames, spec.batch))
             else:
                 stats[name] = stats_of(model, image_batches(root, spec.max_images, spec.batch, skipped))
@@ -421,10 +431,23 @@ def _run(spec: EvalSpec, log, stage: str) -> EvalResult:
                               f"value is biased upward and depends on the count (Chong & Forsyth, 2020); compare it "
                               f"only with FIDs over the same number of images, or use {FID_MIN_IMAGES:,}+")
     messages = [str(getattr(w, "message", w)) for w in caught_all]
-    return EvalResult(shown, spec.reference, counts, fid_value, spec.fid_weights, spec.seed,
-                      round(time.time() - started, 2), None if score is None else round(score, 4), clip_name,
-                      None if consistency is None else round(consistency, 4), weights,
-                      len(prompts) if spec.run else 0, None if cosine is None else round(cosine, 4), messages, spec.json)
+    return EvalResult(
+        shown,
+        spec.reference,
+        counts,
+        fid_value,
+        spec.fid_weights,
+        spec.seed,
+        round(time.time() - started, 2),
+        None if score is None else round(score, 4),
+        clip_name,
+        None if consistency is None else round(consistency, 4),
+        weights,
+        len(prompts) if spec.run else 0,
+        None if cosine is None else round(cosine, 4),
+        messages,
+        spec.json,
+    )
 
 
 # below this many images a FID's 2048-d covariance is rank-deficient: the value carries a warning
@@ -463,16 +486,20 @@ def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalS
 
     listing = storage.join(folder, "prompts.jsonl")
     if storage.isfile(listing):
-        pairs = [(p["file"], p["prompt"]) for p in map(json.loads, filter(None, storage.read_text(listing).splitlines()))]
+        pairs = [
+            (p["file"], p["prompt"]) for p in map(json.loads, filter(None, storage.read_text(listing).splitlines()))
+        ]
     else:
         files = [_rel(f, folder) for f in _files(folder, spec.max_images)]
         if len(files) != len(prompts):
             raise ConfigError(f"--prompts: {len(prompts)} prompts for {len(files)} files in {folder!r}; the prompt "
                               f"file's lines pair with the folder's files in sorted order")
-        pairs = list(zip(files, prompts))
+        pairs = list(zip(files, prompts, strict=True))
     skipped: dict = {}
     if video:
-        scores, consistency, cos = zip(*(clip.video(_gif_frames(storage.join(folder, f)), p) for f, p in pairs))
+        scores, consistency, cos = zip(
+            *(clip.video(_gif_frames(storage.join(folder, f)), p) for f, p in pairs), strict=True
+        )
         return float(np.mean(scores)), float(np.mean(consistency)), {"scored": len(pairs), "skipped": {}}, \
             float(np.mean(cos))
     prompts_of: dict[str, list[str]] = {}          # a file listed with several prompts is scored with each
@@ -483,7 +510,7 @@ def _clip_scores(clip, folder: str, prompts: list[str], video: bool, spec: EvalS
               for chunk in _batches(paired, spec.batch)]
     if not scored:
         raise ConfigError(f"--images: no readable image of {folder!r} pairs with a prompt (skipped: {skipped})")
-    scores, cos = (np.concatenate(parts) for parts in zip(*scored))
+    scores, cos = (np.concatenate(parts) for parts in zip(*scored, strict=True))
     return float(scores.mean()), None, {"scored": len(scores), "skipped": dict(sorted(skipped.items()))}, \
         float(cos.mean())
 
@@ -531,7 +558,9 @@ def format_summary(r: EvalResult) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in c.get("skipped", {}).items()) or "none"
         lines.append(f"  {name:<10} {c['scored']:>7} scored; skipped: {skipped}")
     if r.clip_score is not None:
-        lines.append(f"  CLIP score {r.clip_score:.2f}  (100 x max(cos, 0); mean cosine {r.clip_cosine:.4f}; {r.clip_model})")
+        lines.append(
+            f"  CLIP score {r.clip_score:.2f}  (100 x max(cos, 0); mean cosine {r.clip_cosine:.4f}; {r.clip_model})"
+        )
     if r.frame_consistency is not None:
         lines.append(f"  frame consistency {r.frame_consistency:.4f}  (cosine of consecutive frames' CLIP embeddings)")
     if r.fid is not None:

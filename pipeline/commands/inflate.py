@@ -34,7 +34,9 @@ class InflateSpec:
 def arguments(parser) -> None:
     parser.add_argument("source", help="UNet2DConditionModel folder, or a diffusers pipeline folder")
     parser.add_argument("output", help="new folder for the UNetSpatioTemporalConditionModel")
-    parser.add_argument("--in-channels", type=int, default=8, help="8 for image-to-video (default), 4 for text-to-video")
+    parser.add_argument(
+        "--in-channels", type=int, default=8, help="8 for image-to-video (default), 4 for text-to-video"
+    )
     parser.add_argument("--num-frames", type=int, default=14, help="the config's num_frames (default 14)")
 
 

@@ -22,8 +22,6 @@ from PIL import Image, ImageDraw
 
 from pipeline.contract import layout, media, storage
 from pipeline.contract.schema import (
-    SCORE_GOOD_END,
-    VIDEO_EXTENSIONS,
     CLIP_END,
     CLIP_START,
     DUPLICATE_OF,
@@ -32,8 +30,10 @@ from pipeline.contract.schema import (
     KEY,
     PARTITION,
     REJECT_REASON,
+    SCORE_GOOD_END,
     SOURCE,
     STATUS,
+    VIDEO_EXTENSIONS,
     WIDTH,
 )
 from pipeline.contract.stage import reason_category, reason_counts
@@ -66,7 +66,8 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:
 .grid{display:flex;flex-wrap:wrap;gap:8px}.ex{width:144px;font-size:11px;color:#3a4350;word-break:break-all}
 .ex img{width:144px;height:144px;border-radius:4px;display:block;background:#222}
 pre{background:#f0f3f7;padding:10px;border-radius:6px;overflow:auto;font-size:12px}
-.note{color:#5b6573;font-size:12px}.warn{background:#fff4d6;border-left:4px solid #d89b00;padding:6px 10px}nav a{color:#b9c2cf;margin-right:14px;font-size:13px}
+.note{color:#5b6573;font-size:12px}.warn{background:#fff4d6;border-left:4px solid #d89b00;padding:6px 10px}
+nav a{color:#b9c2cf;margin-right:14px;font-size:13px}
 """
 
 
@@ -207,8 +208,11 @@ class Report:
         if self.is_selection:
             sel = self.summary.get("selection") or {}
             out.append(f"<h3>Selection</h3><pre>{html.escape(json.dumps(sel, indent=2))}</pre>")
-            out.append("<p class=note>Sources: " + ", ".join(html.escape(r) for r in self.summary.get("source_runs", []))
-                       + "</p>")
+            out.append(
+                "<p class=note>Sources: "
+                + ", ".join(html.escape(r) for r in self.summary.get("source_runs", []))
+                + "</p>"
+            )
             return "\n".join(out)
         plt = _plt()
         items = sorted(reasons.items(), key=lambda kv: -kv[1])
@@ -216,7 +220,7 @@ class Report:
         fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(labels) + 0.9))
         left = n
         ax.barh(0, n, color="#8a96a6")
-        for i, (r, c) in enumerate(items, start=1):
+        for i, (_, c) in enumerate(items, start=1):
             left -= c
             ax.barh(i, c, left=left, color=REJECTED_COLOR)
         ax.barh(len(labels) - 1, kept, color=KEPT_COLOR)
@@ -245,7 +249,7 @@ class Report:
         nrow = (len(series) + ncol - 1) // ncol
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.9 * nrow), squeeze=False)
         rows = []
-        for ax, (name, v) in zip(axes.ravel(), series):
+        for ax, (name, v) in zip(axes.ravel(), series, strict=True):
             ok = np.isfinite(v)
             k, r = v[ok & self.kept], v[ok & ~self.kept]
             bins = np.histogram_bin_edges(v[ok], bins=40) if ok.any() else 10
@@ -287,7 +291,7 @@ class Report:
         axes[1].hist(np.minimum(w, h), bins=40, color=KEPT_COLOR)
         axes[1].set_title("shorter side (px, original), kept", fontsize=9)
         lines = []
-        for ax, base in zip(axes[2:], (512, 1024)):
+        for ax, base in zip(axes[2:], (512, 1024), strict=True):
             table = bucket_table(base, 64, 2.0)
             ids = assign(w, h, table)
             counts = np.bincount(ids, minlength=len(table))
@@ -316,8 +320,10 @@ class Report:
             for k, v in stage.items():
                 rate = f"{n / v:,.0f}" if v >= 0.005 else "negligible"
                 mem = f"{rss[k]:,.0f} MB" if k in rss else "-"
-                out.append(f"<tr><td>{html.escape(k)}</td><td class=n>{v:,.2f}</td>"
-                           f"<td class=n>{100 * v / total:.1f} %</td><td class=n>{rate}</td><td class=n>{mem}</td></tr>")
+                out.append(
+                    f"<tr><td>{html.escape(k)}</td><td class=n>{v:,.2f}</td>"
+                    f"<td class=n>{100 * v / total:.1f} %</td><td class=n>{rate}</td><td class=n>{mem}</td></tr>"
+                )
             out.append("</table><p class=note>Worker seconds are summed over all workers (each row carries its "
                        "share of its batch's time). Peak RSS is the largest resident memory of a worker process "
                        "that ran the stage (fused task stages share a process, so they share a figure). On a "
@@ -453,8 +459,10 @@ def plan(spec: ReportSpec) -> str:
     from pipeline.contract.config import ConfigError
 
     if not storage.isdir(spec.run_dir) or not layout.annotation_files(spec.run_dir):
-        raise ConfigError(f"{spec.run_dir!r} has no annotation table (shards/NNNNN.parquet): give a finished `winnow curate` or "
-                          f"`winnow select` output folder")
+        raise ConfigError(
+            f"{spec.run_dir!r} has no annotation table (shards/NNNNN.parquet): give a finished `winnow curate` or "
+            f"`winnow select` output folder"
+        )
     return spec.out or storage.join(spec.run_dir, layout.REPORT_FILE)
 
 

@@ -23,13 +23,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.commands.sweep import FilterSpec, check_filters, levels_for, values
 from pipeline import adapter, shards
+from pipeline.commands.sweep import FilterSpec, check_filters, levels_for, values
 from pipeline.contract import layout, storage
 from pipeline.contract import tar as tars
-from pipeline.contract.storage import join
-from pipeline.contract.config import ConfigError, RaySettings, apply_overrides, build, load_yaml, option, take_kind, to_dict
+from pipeline.contract.config import (
+    ConfigError,
+    RaySettings,
+    apply_overrides,
+    build,
+    load_yaml,
+    option,
+    take_kind,
+    to_dict,
+)
 from pipeline.contract.schema import KEPT, KEY, PARTITION, STATUS, VIDEO_KEY
+from pipeline.contract.storage import join
 
 NAME = "select"
 DESCRIPTION = """\
@@ -53,7 +62,9 @@ SOURCE_RUN, SOURCE_KEY, SOURCE_PARTITION = "source_run", "source_key", "source_p
 
 @dataclass
 class SelectOutput:
-    path: str = option(help="new run folder: shards/ (tars and annotation tables), embeddings/, summary.json, report.html")
+    path: str = option(
+        help="new run folder: shards/ (tars and annotation tables), embeddings/, summary.json, report.html"
+    )
     samples_per_shard: int = option(1000, "selected samples per output shard", min=1, max=1_000_000)
     overwrite: bool = option(False, "delete an existing output folder made by a different selection instead of failing")
     report: bool = option(True, "write report.html at the end", runtime=True)
@@ -128,7 +139,7 @@ class Plan:
     @property
     def counts(self) -> dict[int, int]:
         p, c = np.unique(self.table.column("out_partition").to_numpy(), return_counts=True)
-        return {int(a): int(b) for a, b in zip(p, c)}
+        return {int(a): int(b) for a, b in zip(p, c, strict=True)}
 
 
 def plan(spec: SelectSpec) -> Plan:
@@ -166,7 +177,7 @@ def plan(spec: SelectSpec) -> Plan:
     keys = sel.column(KEY).to_pylist()
     out_keys = keys
     if len(spec.runs) > 1 and len(set(keys)) != len(keys):   # two runs share key names: prefix the run
-        out_keys = [f"r{r:02d}_{k}" for r, k in zip(sel.column("run").to_pylist(), keys)]
+        out_keys = [f"r{r:02d}_{k}" for r, k in zip(sel.column("run").to_pylist(), keys, strict=True)]
     bad = next(((k, why) for k in out_keys if (why := tars.unsafe_name(k))), None)
     if bad:   # the key becomes a member name of the output tar: it must not name a path
         raise ConfigError(f"runs: the key {bad[0]!r} {bad[1]}, so it cannot name a tar member; that run's "
@@ -197,7 +208,7 @@ def scan_members(tar_path: str, keys: set[str]) -> dict[str, list[tars.Member]]:
 def _sample_chunks(fh, key: str, out_key: str, members: list[tars.Member]):
     """The tar bytes of one sample: its members' header and data blocks copied as they are (one read
     when they are contiguous); rebuilt only when the key is renamed (the JSON row carries the key)."""
-    if out_key == key and all(a.end == b.header for a, b in zip(members, members[1:])) \
+    if out_key == key and all(a.end == b.header for a, b in zip(members, members[1:], strict=True)) \
             and all(m.data - m.header == 512 for m in members):
         fh.seek(members[0].header)
         yield fh.read(members[-1].end - members[0].header)
@@ -335,7 +346,9 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
     table = pa.concat_tables([layout.read_table(join(sdir, f"{n}.parquet")) for n in names],
                              promote_options="permissive")
     table = table.take(pc.sort_indices(table.column(KEY)))
-    if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(p.table.column("out_key").to_pylist()):
+    if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(
+        p.table.column("out_key").to_pylist()
+    ):
         raise RuntimeError(f"counts do not reconcile: planned {p.table.num_rows} samples, shards hold {table.num_rows}")
     # the per-shard tables are the selection's annotation table: no second copy is written
     if VIDEO_KEY in table.column_names:   # the source videos of the selected clips
@@ -351,13 +364,29 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
     wall = time.time() - started
     result = SelectResult(out, p.source_kept, table.num_rows, len(names), p.thresholds, round(wall, 2),
                           round(table.num_rows / copy_s, 1) if copy_s > 0.01 else 0.0)
-    summary = {"output": out, "kind": "selection", "inputs": table.num_rows, "kept": table.num_rows, "rejected": 0,
-               "reasons": {}, "stage_seconds": {}, "phases": {"copy": round(copy_s, 3)},
-               "wall_seconds": result.wall_seconds, "shards": len(names), "format": "selection",
-               "kept_fraction": 1.0, "source_runs": [storage.absolute(r) for r in spec.runs],
-               "source_kept": p.source_kept, "selection": p.thresholds,
-               "warnings": [] if table.num_rows else ["the selection keeps 0 samples: its thresholds lie beyond every "
-                                                     "kept sample's scores; loosen them (winnow sweep shows the range)"]}
+    summary = {
+        "output": out,
+        "kind": "selection",
+        "inputs": table.num_rows,
+        "kept": table.num_rows,
+        "rejected": 0,
+        "reasons": {},
+        "stage_seconds": {},
+        "phases": {"copy": round(copy_s, 3)},
+        "wall_seconds": result.wall_seconds,
+        "shards": len(names),
+        "format": "selection",
+        "kept_fraction": 1.0,
+        "source_runs": [storage.absolute(r) for r in spec.runs],
+        "source_kept": p.source_kept,
+        "selection": p.thresholds,
+        "warnings": []
+        if table.num_rows
+        else [
+            "the selection keeps 0 samples: its thresholds lie beyond every "
+            "kept sample's scores; loosen them (winnow sweep shows the range)"
+        ],
+    }
     layout.atomic_write(join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     layout.write_dataset_card(out, "select", summary)
     return result

@@ -5,13 +5,12 @@ did with human preference studies.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from pipeline.contract import tar as tars
 from pipeline.contract import layout, media, storage
+from pipeline.contract import tar as tars
 from pipeline.contract.layout import atomic_path
 from pipeline.contract.schema import KEY
 

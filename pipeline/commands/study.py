@@ -205,14 +205,25 @@ def run(spec: StudySpec, log=sys.stderr) -> StudyResult:
         scored = _read_cache(cache)
         if scored.get("spec") != key:
             scored = {"spec": key, "result": evaluation.run(es, log=log).to_dict()}
-            atomic_write(cache, json.dumps(scored, indent=1).encode())    # a kill mid-write leaves the old cache or none
+            atomic_write(cache, json.dumps(scored, indent=1).encode())  # a kill mid-write leaves the old cache or none
         r = scored["result"]
         warnings += [w for w in r["warnings"] if w not in warnings]
         val = result.validation[-1]["val_loss"] if result.validation else None
-        rows.append({"cell": cell, "filters": item["filters"], "kept": item["count"], "fraction": item["fraction"],
-                     "steps": result.summary.get("steps"), "last_loss": result.metrics[-1]["loss"] if result.metrics else None,
-                     "val_loss": val, "clip_score": r["clip_score"], "clip_cosine": r.get("clip_cosine"), "fid": r["fid"],
-                     "run": ts.output.path})
+        rows.append(
+            {
+                "cell": cell,
+                "filters": item["filters"],
+                "kept": item["count"],
+                "fraction": item["fraction"],
+                "steps": result.summary.get("steps"),
+                "last_loss": result.metrics[-1]["loss"] if result.metrics else None,
+                "val_loss": val,
+                "clip_score": r["clip_score"],
+                "clip_cosine": r.get("clip_cosine"),
+                "fid": r["fid"],
+                "run": ts.output.path,
+            }
+        )
     _write(spec, rows)
     return StudyResult(spec.output, rows, round(time.time() - started, 1), warnings)
 
@@ -225,7 +236,10 @@ def _write(spec: StudySpec, rows: list[dict]) -> None:
     from pipeline.contract.layout import atomic_write
 
     cols = ["cell", "filters", "kept", "fraction", "steps", "last_loss", "val_loss", "clip_score", "clip_cosine", "fid"]
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" if c in ("cell", "filters") else "---:" for c in cols) + " |"]
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "| " + " | ".join("---" if c in ("cell", "filters") else "---:" for c in cols) + " |",
+    ]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     lines += ["", "val_loss is each cell's loss on its own held-out samples (train.eval_fraction of the cell), so it "
                   "compares how each run fits its own data; clip_score and fid score every cell on the same prompts "
@@ -249,13 +263,16 @@ def _plot(spec: StudySpec, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     # validation loss is left out: each cell holds out its own samples, so it is not a common yardstick
-    metrics = [(k, label) for k, label in (("clip_score", "CLIP score (higher is better)"), ("fid", "FID (lower is better)"))
-               if any(r[k] is not None for r in rows)]
+    metrics = [
+        (k, label)
+        for k, label in (("clip_score", "CLIP score (higher is better)"), ("fid", "FID (lower is better)"))
+        if any(r[k] is not None for r in rows)
+    ]
     if not metrics:
         return
     storage.makedirs(storage.join(spec.output, "plots"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for ax, (k, label) in zip(axes[0], metrics):
+    for ax, (k, label) in zip(axes[0], metrics, strict=True):
         pts = [(100 * r["fraction"], r[k], r["cell"]) for r in rows if r[k] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
         for x, y, c in pts:
@@ -275,8 +292,10 @@ def format_summary(r: StudyResult) -> str:
     lines = [f"winnow study: {r.output} ({len(r.rows)} cells, {r.wall_s:.0f} s)",
              f"  {'cell':<9} {'kept':>6} {'kept %':>7} {'val loss':>9} {'CLIP':>7} {'cosine':>8} {'FID':>9}  filters"]
     for row in r.rows:
-        lines.append(f"  {row['cell']:<9} {row['kept']:>6} {100 * row['fraction']:>6.1f}% {_fmt(row['val_loss']):>9} "
-                     f"{_fmt(row['clip_score'], 2):>7} {_fmt(row['clip_cosine']):>8} {_fmt(row['fid'], 2):>9}  {row['filters']}")
+        lines.append(
+            f"  {row['cell']:<9} {row['kept']:>6} {100 * row['fraction']:>6.1f}% {_fmt(row['val_loss']):>9} "
+            f"{_fmt(row['clip_score'], 2):>7} {_fmt(row['clip_cosine']):>8} {_fmt(row['fid'], 2):>9}  {row['filters']}"
+        )
     lines += [f"  warning: {w}" for w in r.warnings]
     lines.append(f"  table {r.output}/study.md; plot {r.output}/plots/scores_vs_kept.png")
     return "\n".join(lines)

@@ -71,7 +71,6 @@ def check_spec(spec_path: str, overrides: list[str]) -> str:
     return its kind. Nothing is created."""
     from pipeline import commands
     from pipeline.cli import parser_for
-
     from pipeline.contract import storage
 
     try:
@@ -102,7 +101,9 @@ def talking_to(address: str):
         hint = ""
         if "uthenticat" in str(exc):
             hint = " (token auth: set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN)"
-        raise ClusterError(f"{address}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
+        raise ClusterError(
+            f"{address}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}"
+        ) from exc
 
 
 def client(address: str):
@@ -170,10 +171,14 @@ def _run(sub: Submission, log=None) -> dict:
     c = client(sub.address)
     for attempt in range(AGENT_WAIT_S):
         try:
-            job_id = c.submit_job(entrypoint=entrypoint(sub), runtime_env=runtime_env(sub),
-                                  submission_id=sub.submission_id, entrypoint_num_cpus=sub.entrypoint_num_cpus,
-                                  entrypoint_num_gpus=sub.entrypoint_num_gpus,
-                                  metadata={"winnow_kind": sub.kind, "winnow_spec": os.path.basename(sub.spec_path.rstrip("/"))})
+            job_id = c.submit_job(
+                entrypoint=entrypoint(sub),
+                runtime_env=runtime_env(sub),
+                submission_id=sub.submission_id,
+                entrypoint_num_cpus=sub.entrypoint_num_cpus,
+                entrypoint_num_gpus=sub.entrypoint_num_gpus,
+                metadata={"winnow_kind": sub.kind, "winnow_spec": os.path.basename(sub.spec_path.rstrip("/"))},
+            )
             break
         except RuntimeError as exc:     # a cluster that just started: its job agent is not up yet
             if "try again later" not in str(exc) or attempt == AGENT_WAIT_S - 1:

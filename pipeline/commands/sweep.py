@@ -31,13 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.commands.sheets import contact_sheets
-from pipeline.contract import layout
+from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind
-from pipeline.contract import storage
 from pipeline.contract.layout import MANIFEST_RUNS, atomic_path, atomic_write, claim_output, fingerprint
-from pipeline.contract.storage import join
 from pipeline.contract.schema import KEPT, KEY, SCORE_GOOD_END, STATUS
-
+from pipeline.contract.storage import join
 
 NAME = "sweep"
 DESCRIPTION = """\
@@ -56,7 +54,9 @@ jobs/sweep_svd_filters.yaml and jobs/sweep_laion_aesthetic.yaml.
 class FilterSpec:
     column: str = option(help="annotation column, e.g. aesthetic_score, clip_similarity, ocr_area_ratio, motion_score")
     keep: Literal["high", "low", "auto"] = option("auto", "which end is good; auto knows the annotations winnow writes")
-    drop_fractions: list[float] = option(factory=list, help="drop this share from the bad end (0.125, 0.25, 0.5 as in SVD)")
+    drop_fractions: list[float] = option(
+        factory=list, help="drop this share from the bad end (0.125, 0.25, 0.5 as in SVD)"
+    )
     thresholds: list[float] = option(factory=list, help="absolute cut values (keep >= t for high, <= t for low)")
 
 
@@ -195,7 +195,7 @@ def run_cells(table: pa.Table, spec: SweepSpec) -> tuple[list[Cell], dict[str, l
         v = values(table, f.column)
         per[f.column] = [(lv, lv.mask(v)) for lv in levels_for(f, v)]
     cells = [Cell("all", [], np.ones(n, bool))]
-    for col, lvls in per.items():
+    for lvls in per.values():
         cells += [Cell(lv.name, [lv], m) for lv, m in lvls]
     if spec.combine and len(per) > 1:
         options = [[None] + lvls for lvls in per.values()]

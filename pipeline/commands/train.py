@@ -40,8 +40,26 @@ checkpoint, to the sample; the end of the run exports OUTPUT/final, a diffusers 
 RUN_NAME = "train"
 SPEC_FILE = "train_spec.yaml"
 # every top-level name a training run writes: output.overwrite deletes these and nothing else
-ENTRIES = [SPEC_FILE, "ray", "final", "final.tmp", "samples", "tensorboard", "metrics.jsonl", layout.SUMMARY_FILE,
-           "index.parquet", "_index", "cache", "motion_buckets.json", "lora", "lora.tmp", "base", "base.tmp", "eval", VAL_INDEX]
+ENTRIES = [
+    SPEC_FILE,
+    "ray",
+    "final",
+    "final.tmp",
+    "samples",
+    "tensorboard",
+    "metrics.jsonl",
+    layout.SUMMARY_FILE,
+    "index.parquet",
+    "_index",
+    "cache",
+    "motion_buckets.json",
+    "lora",
+    "lora.tmp",
+    "base",
+    "base.tmp",
+    "eval",
+    VAL_INDEX,
+]
 
 
 @dataclass
@@ -64,9 +82,18 @@ def prepare_output(spec: TrainSpec) -> None:
     from pipeline.contract.layout import claim_output
 
     out = spec.output.path
-    claim_output(out, storage.join(out, SPEC_FILE), spec.fingerprint(), spec.to_dict(), spec.output.overwrite,
-                 "training run", "data, model, objective, optim, ema or train", ENTRIES, "train",
-                 {**{f"data.shards[{i}]": p for i, p in enumerate(spec.data.shards)}, "data.selection": spec.data.selection})
+    claim_output(
+        out,
+        storage.join(out, SPEC_FILE),
+        spec.fingerprint(),
+        spec.to_dict(),
+        spec.output.overwrite,
+        "training run",
+        "data, model, objective, optim, ema or train",
+        ENTRIES,
+        "train",
+        {**{f"data.shards[{i}]": p for i, p in enumerate(spec.data.shards)}, "data.selection": spec.data.selection},
+    )
 
 
 def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
@@ -83,8 +110,10 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
         index, val = _split_validation(spec, index)
         held = val.num_rows
         if not held:
-            raise ConfigError(f"train.eval_fraction: {spec.train.eval_fraction:g} of {index.num_rows} samples holds none "
-                              f"out for validation; raise it, or set train.eval_every: 0")
+            raise ConfigError(
+                f"train.eval_fraction: {spec.train.eval_fraction:g} of {index.num_rows} samples holds none "
+                f"out for validation; raise it, or set train.eval_every: 0"
+            )
     path = storage.join(spec.output.path, "index.parquet")
     if not storage.exists(path) or not layout.read_table(path).equals(index):
         atomic_write(path, table_bytes(index))
@@ -98,10 +127,10 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
         names = [f"{b.width}x{b.height}" for b in buckets]
     g = min(sizes)
     counts = np.bincount(bucket_of[bucket_of >= 0], minlength=len(buckets))
-    steps = int(sum(c // s for c, s in zip(counts, sizes)))
-    starved = int(sum(c for c, s in zip(counts, sizes) if c < s))
+    steps = int(sum(c // s for c, s in zip(counts, sizes, strict=True)))
+    starved = int(sum(c for c, s in zip(counts, sizes, strict=True) if c < s))
     p = Plan(index.num_rows, {names[i]: int(c) for i, c in enumerate(counts) if c}, g, steps, starved,
-             int(sum(c % s for c, s in zip(counts, sizes) if c >= s)), path,
+             int(sum(c % s for c, s in zip(counts, sizes, strict=True) if c >= s)), path,
              index=index, buckets=buckets, bucket_of=bucket_of)
     if held:
         p.notes.append(f"{held} samples held out for validation ({VAL_INDEX}; train.eval_fraction "
@@ -187,19 +216,34 @@ def format_summary(r: TrainResult) -> str:
     losses = [m["loss"] for m in r.metrics]
     rates = [m["samples_per_s"] for m in r.metrics if m["step"] > s["resumed_from"]]
     waits = [m["data_wait"] for m in r.metrics if m["step"] > s["resumed_from"]]
-    lines = [f"winnow train: {r.output}",
-             f"  steps      {s['steps']} ({s['steps_this_run']} this run"
-             + (f", resumed from step {s['resumed_from']})" if s["resumed_from"] else ")"),
-             f"  epoch      {s['epoch']}   global batch {s['global_batch']} on {plural(s['world_size'], 'worker')}",
-             f"  loss       first logged {losses[0]:.4f}, last {losses[-1]:.4f}" if losses else "  loss       (none logged)",
-             f"  throughput {np.mean(rates):.1f} samples/s, data wait {100 * np.mean(waits):.1f} % of step time"
-             if rates else "  throughput (no steps this run)",
-             f"  wall       {s['wall_s']:.1f} s in the workers",
-             *([f"  lora       {s['lora']}/pytorch_lora_weights.safetensors  ({s['adapter_parameters']:,} "
-                f"parameters{', EMA weights' if s['ema'] else ''}; base {s['base']})"] if s.get("lora") else []),
-             *([f"  final      {s['final']}  (diffusers pipeline{', EMA weights' if s['ema'] else ''}"
-                f"{', adapter fused' if s.get('lora') else ''})"] if s.get("final") else []),
-             f"  logs       tensorboard --logdir {storage.join(r.output, 'tensorboard')}"]
+    lines = [
+        f"winnow train: {r.output}",
+        f"  steps      {s['steps']} ({s['steps_this_run']} this run"
+        + (f", resumed from step {s['resumed_from']})" if s["resumed_from"] else ")"),
+        f"  epoch      {s['epoch']}   global batch {s['global_batch']} on {plural(s['world_size'], 'worker')}",
+        f"  loss       first logged {losses[0]:.4f}, last {losses[-1]:.4f}" if losses else "  loss       (none logged)",
+        f"  throughput {np.mean(rates):.1f} samples/s, data wait {100 * np.mean(waits):.1f} % of step time"
+        if rates
+        else "  throughput (no steps this run)",
+        f"  wall       {s['wall_s']:.1f} s in the workers",
+        *(
+            [
+                f"  lora       {s['lora']}/pytorch_lora_weights.safetensors  ({s['adapter_parameters']:,} "
+                f"parameters{', EMA weights' if s['ema'] else ''}; base {s['base']})"
+            ]
+            if s.get("lora")
+            else []
+        ),
+        *(
+            [
+                f"  final      {s['final']}  (diffusers pipeline{', EMA weights' if s['ema'] else ''}"
+                f"{', adapter fused' if s.get('lora') else ''})"
+            ]
+            if s.get("final")
+            else []
+        ),
+        f"  logs       tensorboard --logdir {storage.join(r.output, 'tensorboard')}",
+    ]
     if r.validation:
         v = r.validation
         clip = f"; CLIP score of the samples {v[0]['val_clip_score']:.2f} -> {v[-1]['val_clip_score']:.2f}" \
@@ -227,7 +271,9 @@ class _ProgressBar:
         from tqdm.auto import tqdm
 
         self.path, self.every_s = path, every_s
-        self.offset = len(self._read(0)) if storage.is_url(path) else (os.path.getsize(path) if os.path.exists(path) else 0)
+        self.offset = (
+            len(self._read(0)) if storage.is_url(path) else (os.path.getsize(path) if os.path.exists(path) else 0)
+        )
         self.bar = tqdm(total=total, desc="train", unit="step", file=log, disable=log is None, dynamic_ncols=True)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)

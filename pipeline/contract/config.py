@@ -242,7 +242,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                               f"string (--set '{dotted}=\"{raw}\"'), or write a list as [a, b]") from None
         parts = dotted.strip().split(".")
         if not all(parts):
-            raise ConfigError(f"--set {item!r}: {dotted!r} is not a dotted key; write e.g. output.samples_per_shard=500")
+            raise ConfigError(
+                f"--set {item!r}: {dotted!r} is not a dotted key; write e.g. output.samples_per_shard=500"
+            )
         node: Any = data
         for i, part in enumerate(parts):
             last = i == len(parts) - 1

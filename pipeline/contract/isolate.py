@@ -20,8 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 # what a result may hold: plain data and numpy arrays (the child reads hostile input, so the parent
 # unpickles only these; an exception comes back as its class's name and message)
@@ -117,8 +118,13 @@ class Sandbox:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         code = (f"from pipeline.contract.isolate import _child_main; "
                 f"_child_main({theirs.fileno()}, {int(self.memory_mb or 0)}, {preload!r})")
-        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()], env=env,
-                                      stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno() if _has_fd(sys.stderr) else None)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            pass_fds=[theirs.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno() if _has_fd(sys.stderr) else None,
+        )
         theirs.close()
         self._conn = Connection(mine.detach())
         # start-up (an interpreter, numpy, PyAV) is not the sample's time: wait for it apart
@@ -154,8 +160,11 @@ class Sandbox:
             ok, value = _Plain(io.BytesIO(self._conn.recv_bytes())).load()
         except (EOFError, OSError):
             code = self._stop()
-            how = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
-                   else f"exit code {code}")
+            how = (
+                f"signal {signal.Signals(-code).name}"
+                if code is not None and code < 0 and -code in signal.valid_signals()
+                else f"exit code {code}"
+            )
             raise SampleCrashed(f"the worker's child process died ({how})") from None
         if ok:
             return value

@@ -163,7 +163,9 @@ def clear_owned(out: str, noun: str) -> None:
                and e not in (".", "..")]
     foreign = foreign_entries(out, entries)
     if foreign:
-        shown = ", ".join(repr(n) for n in foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        shown = ", ".join(repr(n) for n in foreign[:10]) + (
+            f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        )
         raise ConfigError(f"output.path {out!r} holds files winnow did not write ({shown}); overwrite deletes only a "
                           f"{noun}'s own files, so move those away or choose a new output.path")
     for name in storage.listdir(out):
@@ -227,7 +229,8 @@ def write_dataset_card(out: str, command: str, summary: dict) -> None:
     point at the tar shards, so ``datasets.load_dataset(OUTPUT)`` loads images (or clips), captions
     and annotation rows, and never takes winnow's other files for splits or rows."""
     reasons = summary.get("reasons") or {}
-    head = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"{path}\"\ntags:\n- winnow\n---\n"
+    head = ('---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n'
+            '    path: "{path}"\ntags:\n- winnow\n---\n')
     body = (f"# winnow {command} output\n\n"
             f"{summary.get('kept', 0)} samples kept of {summary.get('inputs', 0)} inputs"
             + (f" (rejected: {', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else "") + ".\n\n"

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.contract.config import ConfigError
-from pipeline.contract.schema import FRAMES, IMAGE, KEPT, REJECTED, REJECT_REASON, STATUS
+from pipeline.contract.schema import FRAMES, IMAGE, KEPT, REJECT_REASON, REJECTED, STATUS
 
 Batch = dict[str, Any]
 

@@ -22,7 +22,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import IO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import IO
 
 OPTIONS_ENV = "WINNOW_STORAGE_OPTIONS"
 SCRATCH_ENV = "WINNOW_SCRATCH"
@@ -98,7 +99,7 @@ def check_options(options: dict, where: str) -> dict:
     if not isinstance(options, dict):
         raise ConfigError(f"{where}: give a mapping of fsspec options (endpoint_url, region, anon ...)")
     flat = {k: v for k, v in options.items()}
-    for k, v in options.items():
+    for v in options.values():
         if isinstance(v, dict):
             flat.update(v)
     bad = sorted(k for k in flat if str(k).lower() in SECRET_OPTIONS)
@@ -740,8 +741,51 @@ def check_writable(path: str, what: str) -> None:
                           + (f"; check the endpoint {endpoint}" if endpoint else "")) from None
 
 
-__all__ = ["StorageError", "abort_uploads", "absolute", "arrow_filesystem", "check_options", "check_writable", "configure",
-           "copy", "copy_tree", "download", "fetch", "local_copy", "exists", "files_in", "filesystem", "find", "is_inside", "is_url", "isdir", "isfile", "join",
-           "listdir", "listing", "local", "local_target", "measure_rates", "makedirs", "name", "open_read", "parent", "protocol", "read_bytes",
-           "read_text", "redact", "remove", "remove_tree", "require_local", "retry", "scratch", "scratch_root", "secret_values", "stamp", "transient",
-           "upload", "walk", "write_once"]
+__all__ = [
+    "StorageError",
+    "abort_uploads",
+    "absolute",
+    "arrow_filesystem",
+    "check_options",
+    "check_writable",
+    "configure",
+    "copy",
+    "copy_tree",
+    "download",
+    "fetch",
+    "local_copy",
+    "exists",
+    "files_in",
+    "filesystem",
+    "find",
+    "is_inside",
+    "is_url",
+    "isdir",
+    "isfile",
+    "join",
+    "listdir",
+    "listing",
+    "local",
+    "local_target",
+    "measure_rates",
+    "makedirs",
+    "name",
+    "open_read",
+    "parent",
+    "protocol",
+    "read_bytes",
+    "read_text",
+    "redact",
+    "remove",
+    "remove_tree",
+    "require_local",
+    "retry",
+    "scratch",
+    "scratch_root",
+    "secret_values",
+    "stamp",
+    "transient",
+    "upload",
+    "walk",
+    "write_once",
+]

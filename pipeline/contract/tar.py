@@ -11,8 +11,9 @@ it a rejected row instead of dropping it.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 # members that hold a sample's picture (images Pillow reads; mp4 for clips)
 MEDIA_EXTS = ("jpg", "jpeg", "png", "webp", "mp4")

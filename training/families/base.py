@@ -140,15 +140,20 @@ class Family:
     name: ClassVar[str] = ""
     clips: ClassVar[bool] = False          # trains on curated clips (ClipLoader, video buckets), not images
     inflates: ClassVar[bool] = False       # its UNet inflates into a video UNet (training/inflate.py)
-    follows: ClassVar[tuple[str, ...]] = ()
-    image_conditioned: ClassVar[bool] = False  # samples from a conditioning frame (image-to-video)  # other video families whose UNet this one starts from (conv_in widened)
+    follows: ClassVar[tuple[str, ...]] = ()   # other video families whose UNet this one starts from (conv_in widened)
+    image_conditioned: ClassVar[bool] = False   # samples from a conditioning frame (image-to-video)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tiny_scaling_factor: ClassVar[float] = 0.18215
 
     @property
     def subfolders(self) -> list[str]:
         tokenizers = [e.replace("text_encoder", "tokenizer") for e in self.text_encoders]
-        return ["unet", "vae", *[x for pair in zip(self.text_encoders, tokenizers) for x in pair], "scheduler"]
+        return [
+            "unet",
+            "vae",
+            *[x for pair in zip(self.text_encoders, tokenizers, strict=True) for x in pair],
+            "scheduler",
+        ]
 
     # ---- components ----
     def tiny(self, seed: int, scratch: str, prediction_type: str = "epsilon") -> Components:  # pragma: no cover
@@ -170,9 +175,11 @@ class Family:
             noise = DDPMScheduler.from_config(noise.config, prediction_type=prediction_type)
             sample = DDIMScheduler.from_config(sample.config, prediction_type=prediction_type)
         encoders = [cls.from_pretrained(pretrained, subfolder=sub, **kw)
-                    for cls, sub in zip(self._encoder_classes(), self.text_encoders)]
-        tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder=sub.replace("text_encoder", "tokenizer"), **kw)
-                      for sub in self.text_encoders]
+                    for cls, sub in zip(self._encoder_classes(), self.text_encoders, strict=True)]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(pretrained, subfolder=sub.replace("text_encoder", "tokenizer"), **kw)
+            for sub in self.text_encoders
+        ]
         return Components(self.name, UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw),
                           AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw),
                           encoders, tokenizers, noise, sample)

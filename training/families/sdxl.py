@@ -43,7 +43,7 @@ class SDXL(base.Family):
     @torch.no_grad()
     def encode_text(self, c: Components, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = [], None
-        for enc, tok in zip(c.text_encoders, c.tokenizers):
+        for enc, tok in zip(c.text_encoders, c.tokenizers, strict=True):
             out = enc(base.tokenize(tok, captions).to(device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]

@@ -56,11 +56,19 @@ class SVD(base.Family):
 
         torch.manual_seed(seed)
         return UNetSpatioTemporalConditionModel(
-            sample_size=16, in_channels=self.in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            sample_size=16,
+            in_channels=self.in_channels,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
             down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
-            up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"), num_attention_heads=(4, 8),
-            cross_attention_dim=cross_attention_dim, addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
-            num_frames=num_frames)
+            up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"),
+            num_attention_heads=(4, 8),
+            cross_attention_dim=cross_attention_dim,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=24,
+            num_frames=num_frames,
+        )
 
     def tiny_vae(self, seed: int):
         """A random temporal-decoder VAE with factor 8 and 32-group norms."""
@@ -92,11 +100,15 @@ class SVD(base.Family):
 
         kw = dict(local_files_only=not allow_download)
         sched = EulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
-        return Components(self.name, UNetSpatioTemporalConditionModel.from_pretrained(pretrained, subfolder="unet", **kw),
-                          AutoencoderKLTemporalDecoder.from_pretrained(pretrained, subfolder="vae", **kw),
-                          [CLIPVisionModelWithProjection.from_pretrained(pretrained, subfolder="image_encoder", **kw)],
-                          [CLIPImageProcessor.from_pretrained(pretrained, subfolder="feature_extractor", **kw)],
-                          sched, sched)
+        return Components(
+            self.name,
+            UNetSpatioTemporalConditionModel.from_pretrained(pretrained, subfolder="unet", **kw),
+            AutoencoderKLTemporalDecoder.from_pretrained(pretrained, subfolder="vae", **kw),
+            [CLIPVisionModelWithProjection.from_pretrained(pretrained, subfolder="image_encoder", **kw)],
+            [CLIPImageProcessor.from_pretrained(pretrained, subfolder="feature_extractor", **kw)],
+            sched,
+            sched,
+        )
 
     @torch.no_grad()
     def encode_image(self, c: Components, frames: torch.Tensor) -> torch.Tensor:
@@ -138,7 +150,9 @@ class SVD(base.Family):
         noise_z = torch.randn(dist.mean.shape, generator=g).to(frames.device, dist.mean.dtype)
         return ((dist.mean + dist.std * noise_z) * c.vae.config.scaling_factor).float().unflatten(0, (b, f))
 
-    def step_loss(self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep, unet) -> torch.Tensor:
+    def step_loss(
+        self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep, unet
+    ) -> torch.Tensor:
         """The training step's per-video loss: ``keep(name, p)`` is the seeded (B,) keep-mask of one
         classifier-free-guidance drop."""
         from training.objectives import EDM
@@ -172,7 +186,9 @@ class SVD(base.Family):
         sigma = sample_sigmas(b, p_mean, p_std, g).to(device)
         noisy = edm.noisy(latents, torch.randn(latents.shape, generator=g).to(device), sigma)
         model_in = concat_condition(edm.model_input(noisy, sigma), cond_latent)
-        out = unet(model_in, edm.c_noise(sigma), embeds, added_time_ids=svd_time_ids(fps, motion_bucket_id, aug).to(device)).sample
+        out = unet(
+            model_in, edm.c_noise(sigma), embeds, added_time_ids=svd_time_ids(fps, motion_bucket_id, aug).to(device)
+        ).sample
         return edm.loss(noisy, out, latents, sigma)
 
     def sample_videos(self, c: Components, unet, bucket, steps: int, fps: float, seed: int, device, prompts: list[str],
@@ -228,9 +244,15 @@ class SVDText(SVD):
             encoders, tokenizers = [encoder], [tokenizer]
         # else: an SVD release folder (no text encoder) as a curriculum stage's source of the VAE,
         # scheduler and UNet geometry; the text encoder is the inflated image model's (``inherit``)
-        return Components(self.name, UNetSpatioTemporalConditionModel.from_pretrained(pretrained, subfolder="unet", **kw),
-                          AutoencoderKLTemporalDecoder.from_pretrained(pretrained, subfolder="vae", **kw),
-                          encoders, tokenizers, sched, sched)
+        return Components(
+            self.name,
+            UNetSpatioTemporalConditionModel.from_pretrained(pretrained, subfolder="unet", **kw),
+            AutoencoderKLTemporalDecoder.from_pretrained(pretrained, subfolder="vae", **kw),
+            encoders,
+            tokenizers,
+            sched,
+            sched,
+        )
 
     def missing_hint(self, missing: list[str]) -> str:
         return ("; a curriculum's text-to-video stage with init: previous may point model.pretrained at an SVD "
@@ -261,13 +283,25 @@ class SVDText(SVD):
     def encode_image(self, c: Components, frames: torch.Tensor) -> torch.Tensor:
         raise TypeError("svd_t2v is text-conditioned: use encode_text on the captions")
 
-    def step_loss(self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep, unet) -> torch.Tensor:
+    def step_loss(
+        self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep, unet
+    ) -> torch.Tensor:
         from training.objectives import EDM
 
         v = spec.video
         kept = keep("captions", spec.objective.caption_dropout)
-        return self.loss(c, frames, batch.fps, batch.motion_bucket_id, [t if k else "" for t, k in zip(batch.captions, kept)],
-                         EDM(v.sigma_data), v.p_mean, v.p_std, g, unet=unet)
+        return self.loss(
+            c,
+            frames,
+            batch.fps,
+            batch.motion_bucket_id,
+            [t if k else "" for t, k in zip(batch.captions, kept, strict=True)],
+            EDM(v.sigma_data),
+            v.p_mean,
+            v.p_std,
+            g,
+            unet=unet,
+        )
 
     def loss(self, c: Components, frames: torch.Tensor, fps: torch.Tensor, motion_bucket_id: torch.Tensor,
              captions: list[str], edm, p_mean: float, p_std: float, g: torch.Generator, unet=None) -> torch.Tensor:
