@@ -191,20 +191,16 @@ def plan_job(stages: list[tuple[str, type[Stage], Any]], shape: Shape) -> JobPla
     Without this, three 1-CPU nodes lose one and the restarted actors hold both CPUs left: no task
     can run and the pass stalls. Task steps are capped so that one fits on some node before the
     loss and after it (``task_cpu_cap``)."""
-    kinds = [cls.resources(cfg, shape.gpus).num_gpus > 0 for _, cls, cfg in stages if cls.stateful]
+    return plan_pools([(label, cls.resources(cfg, shape.gpus), cls.stateful) for label, cls, cfg in stages], shape)
+
+
+def plan_pools(needs: list[tuple[str, Resources, bool]], shape: Shape) -> JobPlan:
+    """``plan_job`` on what each step asks for, ``(label, resources, stateful)``: a pass that is not
+    made of stages (the latent cache's encoder pool) is planned by the same rule."""
+    kinds = [res.num_gpus > 0 for _, res, stateful in needs if stateful]
     cpu_pools, gpu_pools = kinds.count(False), kinds.count(True)
-    plans = {
-        label: size_pool(
-            cls.resources(cfg, shape.gpus),
-            cls.stateful,
-            shape.cpus,
-            shape.gpus,
-            cpu_pools,
-            gpu_pools,
-            reserve=float(shape.nodes),
-        )
-        for label, cls, cfg in stages
-    }
+    plans = {label: size_pool(res, stateful, shape.cpus, shape.gpus, cpu_pools, gpu_pools, reserve=float(shape.nodes))
+             for label, res, stateful in needs}
     actors = [label for label, r in plans.items() if r.concurrency]
 
     def held() -> float:
@@ -226,13 +222,6 @@ def plan_job(stages: list[tuple[str, type[Stage], Any]], shape: Shape) -> JobPla
     return JobPlan(plans, task_cpus)
 
 
-def plan_resources(stage_cls: type[Stage], config: Any, cluster_cpus: float, cluster_gpus: float,
-                   cpu_pools: int = 1, gpu_pools: int = 1) -> Resources:
-    """Resources and pool size for one stage on this cluster (``size_pool``)."""
-    return size_pool(stage_cls.resources(config, cluster_gpus), stage_cls.stateful, cluster_cpus, cluster_gpus,
-                     cpu_pools, gpu_pools)
-
-
 def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: float, config: Any = None) -> None:
     res = stage_cls.resources(config, cluster_gpus)
     if res.num_gpus and cluster_gpus < res.num_gpus:
@@ -241,13 +230,12 @@ def check_resources(stage_cls: type[Stage], cluster_cpus: float, cluster_gpus: f
             f"{cluster_gpus:g} GPUs; set the stage's device to 'cpu' (or 'auto') or run on a cluster with GPUs")
 
 
-def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, cluster_cpus: float,
-                cluster_gpus: float = 0.0, cpu_pools: int = 1, gpu_pools: int = 1, res: Resources | None = None):
-    """Append one stage to a Ray Dataset, with ``res`` as ``plan_job`` planned it (else ``size_pool``'s)."""
+def apply_stage(ds, stage_cls: type[Stage], config: Any, label: str, res: Resources, cluster_cpus: float,
+                cluster_gpus: float = 0.0):
+    """Append one stage to a Ray Dataset, with ``res`` as ``plan_job`` planned it."""
     from ray.data import ActorPoolStrategy
 
     check_resources(stage_cls, cluster_cpus, cluster_gpus, config)
-    res = res or plan_resources(stage_cls, config, cluster_cpus, cluster_gpus, cpu_pools, gpu_pools)
     common = dict(batch_size=res.batch_size, batch_format="numpy", num_cpus=res.num_cpus,
                   zero_copy_batch=False)
     if res.num_gpus:
@@ -314,12 +302,11 @@ def map_tables(fn, items: list[dict]):
 
 def actor_pass(blocks: list, actor_cls, kwargs: dict, res: Resources):
     """Every block through one actor pool of ``actor_cls(**kwargs)`` (a model pass, e.g. the latent
-    cache), sized by ``size_pool`` like a curate model stage; yields each block's output batch."""
-    import ray
+    cache), planned by ``plan_pools`` like a curate model stage (room for a lost node included); yields
+    each block's output batch."""
     from ray.data import ActorPoolStrategy
 
-    cluster = ray.cluster_resources()
-    res = size_pool(res, True, float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0)))
+    res = plan_pools([("pass", res, True)], cluster_shape()).stages["pass"]
     ds = from_blocks(blocks).map_batches(actor_cls, batch_size=None, batch_format="numpy", zero_copy_batch=False,
                                          fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=res.concurrency),
                                          num_cpus=res.num_cpus, **({"num_gpus": res.num_gpus} if res.num_gpus else {}))

@@ -7,9 +7,10 @@ import pytest
 
 from pipeline.adapter import (
     ResourceError,
+    Shape,
     apply_stage,
     check_resources,
-    plan_resources,
+    plan_job,
 )
 from pipeline.contract.stage import Stage, active, column
 
@@ -50,9 +51,10 @@ class GpuStage(ModelStage):
 
 
 def test_pool_sizes_leave_a_cpu_for_reads_and_writes():
-    assert plan_resources(ModelStage, None, cluster_cpus=2, cluster_gpus=0).concurrency == 2   # 2 x 0.5 CPU
-    assert plan_resources(AddOne, None, cluster_cpus=2, cluster_gpus=0).concurrency is None    # tasks
-    assert plan_resources(GpuStage, None, cluster_cpus=16, cluster_gpus=4).concurrency == 4
+    two = plan_job([("add_one", AddOne, None), ("model", ModelStage, None)], Shape(2.0, 0.0, (2.0,))).stages
+    assert two["model"].concurrency == 2             # 2 x 0.5 CPU
+    assert two["add_one"].concurrency is None        # tasks
+    assert plan_job([("gpu", GpuStage, None)], Shape(16.0, 4.0, (16.0,))).stages["gpu"].concurrency == 4
 
 
 def test_gpu_request_without_gpu_fails_clearly():
@@ -69,8 +71,9 @@ def test_task_and_actor_stages_on_two_cpus(ray_local):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # test classes travel by value
 
     ds = ray.data.from_items([{"x": i} for i in range(40)], override_num_blocks=5)
-    ds = apply_stage(ds, AddOne, None, "add_one", cluster_cpus=2)
-    ds = apply_stage(ds, ModelStage, None, "model", cluster_cpus=2)
+    plan = plan_job([("add_one", AddOne, None), ("model", ModelStage, None)], Shape(2.0, 0.0, (2.0,))).stages
+    ds = apply_stage(ds, AddOne, None, "add_one", plan["add_one"], cluster_cpus=2)
+    ds = apply_stage(ds, ModelStage, None, "model", plan["model"], cluster_cpus=2)
     rows = sorted(ds.take_all(), key=lambda r: r["x"])
     assert [r["y"] for r in rows] == list(range(1, 41))
     assert all(r["status"] == "kept" for r in rows)

@@ -5,7 +5,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.adapter import ResourceError, plan_resources
+from pipeline.adapter import ResourceError, Shape, plan_job
 from pipeline.commands import curate
 from pipeline.commands import curate_spec as specmod
 from pipeline.contract import layout
@@ -98,18 +98,19 @@ def test_gpu_request_without_gpu_fails_before_any_work(ray_local, small_corpus, 
 
 
 def test_resource_plans():
-    clip, ocr = STAGES["clip"], STAGES["ocr"]
     cfg = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"}, "stages": STAGES_ALL}).stages
-    # 2 CPUs, two CPU actor pools: each gets half of the CPU left after reads and writes
-    assert plan_resources(clip, cfg[1].config, 2, 0, cpu_pools=2).num_cpus == 0.5
-    assert plan_resources(ocr, cfg[3].config, 2, 0, cpu_pools=2).concurrency == 1
+    steps = [(s.name, STAGES[s.name], s.config) for s in cfg]
+    # 2 CPUs, two CPU actor pools (clip, ocr): each gets half of the CPU left after reads and writes
+    two = plan_job(steps, Shape(2.0, 0.0, (2.0,))).stages
+    assert (two["clip"].num_cpus, two["clip"].concurrency) == (0.5, 1)
+    assert (two["ocr"].num_cpus, two["ocr"].concurrency) == (0.5, 1)
     # 16 CPUs, 4 GPUs, device auto: one GPU actor per GPU; rapidocr stays on CPU
-    gpu = plan_resources(clip, cfg[1].config, 16, 4)
-    assert (gpu.num_gpus, gpu.concurrency) == (1.0, 4)
-    assert plan_resources(ocr, cfg[3].config, 16, 4, cpu_pools=1).num_gpus == 0.0
+    gpu = plan_job(steps, Shape(16.0, 4.0, (16.0,))).stages
+    assert (gpu["clip"].num_gpus, gpu["clip"].concurrency) == (1.0, 4)
+    assert gpu["ocr"].num_gpus == 0.0
     # one GPU, two GPU stages (clip + easyocr): half a GPU each, so both pools can start
     easy = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"},
-                          "stages": ["decode", "clip", "ocr"]}).stages[2].config
-    for stage, cfg_ in ((clip, cfg[1].config), (ocr, easy)):
-        got = plan_resources(stage, cfg_, 16, 1, cpu_pools=0, gpu_pools=2)
-        assert (got.num_gpus, got.concurrency) == (0.5, 1)
+                          "stages": ["decode", "clip", "ocr"]}).stages
+    one = plan_job([(s.name, STAGES[s.name], s.config) for s in easy], Shape(16.0, 1.0, (16.0,))).stages
+    for label in ("clip", "ocr"):
+        assert (one[label].num_gpus, one[label].concurrency) == (0.5, 1)

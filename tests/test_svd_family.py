@@ -1,13 +1,11 @@
 """The svd family: tiny components, the image embedding as the pipeline computes it, and an export
 that diffusers' StableVideoDiffusionPipeline loads and runs."""
-import json
 import os
 
 import numpy as np
 import torch
 from PIL import Image
 
-from training.conditioning import MotionBucketMap
 from training.families import get
 
 
@@ -17,9 +15,8 @@ def test_export_loads_in_stable_video_diffusion_pipeline_and_makes_frames(tmp_pa
     fam = get("svd")
     comps = fam.tiny(0, str(tmp_path / "scratch"))
     folder = str(tmp_path / "svd")
-    fam.export(comps, comps.unet, folder, MotionBucketMap.fit(np.linspace(0, 10, 50)))
-    assert sorted(os.listdir(folder)) == sorted(fam.subfolders + ["model_index.json", "motion_buckets.json"])
-    assert MotionBucketMap.from_dict(json.load(open(os.path.join(folder, "motion_buckets.json"))))([5.0])[0] == 128
+    fam.export(comps, comps.unet, folder)
+    assert sorted(os.listdir(folder)) == sorted(fam.subfolders + ["model_index.json"])
     pipe = StableVideoDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
@@ -108,8 +105,8 @@ def test_text_to_video_family_trains_on_captions_samples_and_round_trips(tmp_pat
     assert np.array_equal(np.asarray(again[0][3]), np.asarray(videos[0][3]))
 
     folder = str(tmp_path / "t2v")
-    fam.export(comps, comps.unet, folder, MotionBucketMap.fit(np.linspace(0, 10, 50)))
-    assert sorted(os.listdir(folder)) == sorted(fam.subfolders + ["model_index.json", "motion_buckets.json"])
+    fam.export(comps, comps.unet, folder)
+    assert sorted(os.listdir(folder)) == sorted(fam.subfolders + ["model_index.json"])
     fam.check_pretrained(folder)
     back = fam.load(folder)
     torch.testing.assert_close(

@@ -100,7 +100,19 @@ def test_index_rebuilds_when_shards_change(ray_local, shards, tmp_path):
     assert second.num_rows == first.num_rows - sum(1 for s in first.column("shard").to_pylist() if s == last)
 
 
+class _AddTimeFields:      # what StableDiffusionXLPipeline._get_add_time_ids reads of a pipeline
+    class unet:
+        class config:
+            addition_time_embed_dim = 8
+
+        class add_embedding:
+            class linear_1:
+                in_features = 8 * 6 + 32
+
+
 def test_loader_batches_follow_the_schedule_and_resume_exactly(ray_local, shards, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
     from training.index import bucket_ids, build_index
     from training.loader import BucketLoader
     from training.schedule import Cursor
@@ -127,6 +139,12 @@ def test_loader_batches_follow_the_schedule_and_resume_exactly(ray_local, shards
         assert a.pixels.shape == (2, 3, bucket.height, bucket.width)
         assert -1.0 <= float(a.pixels.min()) and float(a.pixels.max()) <= 1.0
         assert a.time_ids[:, 4:].tolist() == [[bucket.height, bucket.width]] * 2
+        # the loader's SDXL time ids are what diffusers' pipeline builds from (original, crop, target)
+        for i, row in zip(a.ids, a.time_ids.tolist(), strict=True):
+            orig = (index.column("height")[i].as_py(), index.column("width")[i].as_py())
+            want = StableDiffusionXLPipeline._get_add_time_ids(
+                _AddTimeFields, orig, tuple(int(v) for v in row[2:4]), (bucket.height, bucket.width), torch.float32, 32)
+            assert [row] == want.tolist()
     assert state.segments == [[4, 5]]
     first3, mid = take(Cursor(), 0, 3)
     rest, _ = take(mid, 0, 2)

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.contract import layout, storage
+from pipeline.contract.layout import TrainRun
 from training.buckets import Bucket, plan_crop
 
 BLOCK_ROWS = 64
@@ -177,7 +178,7 @@ def build_cache(spec, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndar
     from pipeline.contract.stage import Resources
     from training import families
 
-    folder = storage.join(storage.absolute(spec.output.path), "cache", fingerprint(index, spec, buckets))
+    folder = storage.join(TrainRun(storage.absolute(spec.output.path)).cache, fingerprint(index, spec, buckets))
     if storage.exists(storage.join(folder, "done.json")):
         return folder
     on_store = storage.is_url(folder)

@@ -51,11 +51,6 @@ def sampled_fps(clip_fps: float, stride: int) -> float:
     return float(clip_fps) / int(stride)
 
 
-def keep_mask(n: int, p: float, rng: np.random.Generator) -> np.ndarray:
-    """Which of ``n`` conditions survive a CFG dropout of probability ``p``."""
-    return rng.random(n) >= p
-
-
 class MotionBucketMap:
     """``motion_score`` -> ``motion_bucket_id`` in 0..255: the empirical CDF of the training clips'
     scores, scaled to 255 and rounded.
@@ -114,5 +109,5 @@ class MotionBucketMap:
             return cls.from_dict(json.load(fh))
 
 
-__all__ = ["MOTION_BUCKETS", "MotionBucketMap", "augment_frame", "concat_condition", "keep_mask", "sample_noise_aug",
+__all__ = ["MOTION_BUCKETS", "MotionBucketMap", "augment_frame", "concat_condition", "sample_noise_aug",
            "sampled_fps", "svd_time_ids"]

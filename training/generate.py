@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.contract.config import ConfigError
+from pipeline.contract.layout import TrainRun
 
 
 @dataclass
@@ -39,9 +40,9 @@ def run_spec(run: str):
     from pipeline.contract import storage
     from training import train_spec
 
-    path = storage.join(run, "train_spec.yaml")
+    path = TrainRun(run).spec
     if not storage.isfile(path):
-        raise ConfigError(f"--run: {run!r} has no train_spec.yaml; give a `winnow train` output folder")
+        raise ConfigError(f"--run: {run!r} has no {TrainRun.SPEC}; give a `winnow train` output folder")
     data = yaml.safe_load(storage.read_text(path))
     data.pop("fingerprint", None)
     return train_spec.parse(data, check_paths=False)
@@ -56,18 +57,17 @@ def weights_of(run: str, checkpoint: str | None = None) -> str:
             raise ConfigError(f"--checkpoint: {checkpoint!r} has no state.json; give a checkpoint folder "
                               f"(OUTPUT/ray/train/checkpoint_NNNNNNN)")
         return "checkpoint"
-    if storage.isfile(storage.join(run, "final", "model_index.json")):
+    if storage.isfile(storage.join(TrainRun(run).final, "model_index.json")):
         return "final"
-    if storage.isfile(storage.join(run, "lora", "pytorch_lora_weights.safetensors")):
+    if storage.isfile(storage.join(TrainRun(run).lora, "pytorch_lora_weights.safetensors")):
         return "lora"
     raise ConfigError(f"--run: {run!r} has neither final/ nor lora/ (has the run finished?); give --checkpoint "
-                      f"{storage.join(run, 'ray', 'train', 'checkpoint_NNNNNNN')} to evaluate an unfinished run")
+                      f"{storage.join(TrainRun(run).checkpoints, 'checkpoint_NNNNNNN')} to evaluate an unfinished run")
 
 
 def _base(spec, run: str) -> str:
-    from pipeline.contract import storage
 
-    return spec.model.pretrained or storage.join(run, "base")
+    return spec.model.pretrained or TrainRun(run).base
 
 
 def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None) -> RunModel:
@@ -80,13 +80,13 @@ def load_run(run: str, checkpoint: str | None = None, scratch: str | None = None
     what = weights_of(run, checkpoint)
     m = spec.model
     if what == "final":        # a run on a store: its pipeline is read from this node's copy
-        with storage.local_copy(storage.join(run, "final")) as final:
+        with storage.local_copy(TrainRun(run).final) as final:
             return RunModel(spec, family, family.load(final), f"{run}/final")
     if what == "lora":
         base = _base(spec, run)
         if not (m.pretrained or storage.isdir(base)):
             raise ConfigError(f"--run: the LoRA's base {base!r} is missing")
-        with storage.local_copy(base) as local_base, storage.local_copy(storage.join(run, "lora")) as adapter:
+        with storage.local_copy(base) as local_base, storage.local_copy(TrainRun(run).lora) as adapter:
             comps = family.load(local_base)
             load_adapter(comps.unet, adapter)
         return RunModel(spec, family, comps, f"{run}/lora on {base}")

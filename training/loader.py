@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.contract import storage
 from pipeline.contract.media import open_image
 from training.buckets import Bucket, plan_crop
+from training.objectives import sdxl_time_ids
 from training.schedule import Cursor, Schedule, rank_slice, seeded_rng
 
 
@@ -245,7 +246,8 @@ class BucketLoader:
 
     def _assemble(self, cursor: Cursor, ids: list[int], done: list) -> Batch:
         bucket = self.buckets[int(self.bucket_of[ids[0]])]
-        time_ids = torch.tensor([[*d[1], bucket.height, bucket.width] for d in done], dtype=torch.float32)
+        time_ids = torch.tensor([sdxl_time_ids(d[1][:2], d[1][2:], (bucket.height, bucket.width)) for d in done],
+                                dtype=torch.float32)
         batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]), cursor.epoch)
         if self.cache is None:
             batch.pixels = (

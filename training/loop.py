@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.contract import layout, storage
+from pipeline.contract.layout import TrainRun
 from pipeline.contract.media import open_image
 from training import families
 from training.checkpoint import restore_checkpoint, save_checkpoint
+from training.objectives import caption_keep
 from training.schedule import Cursor, seeded_rng
 from training.train_spec import TrainSpec
 
@@ -55,9 +57,9 @@ class _Metrics:
             if storage.is_url(out):
                 self.local = folder = tempfile.mkdtemp(prefix="winnow-metrics-", dir=storage.scratch_root())
                 with contextlib.suppress(FileNotFoundError):
-                    storage.download(storage.join(out, "metrics.jsonl"), os.path.join(folder, "metrics.jsonl"))
-            self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
-            self.jsonl = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
+                    storage.download(TrainRun(out).metrics, os.path.join(folder, TrainRun.METRICS))
+            self.writer = SummaryWriter(os.path.join(folder, TrainRun.TENSORBOARD))
+            self.jsonl = open(os.path.join(folder, TrainRun.METRICS), "a", encoding="utf-8")
 
     def sync(self) -> None:
         """Upload what a URL output lacks: metrics.jsonl and this writer's event files, whole."""
@@ -66,10 +68,10 @@ class _Metrics:
         if not self.jsonl.closed:
             self.writer.flush()
             self.jsonl.flush()
-        storage.upload(os.path.join(self.local, "metrics.jsonl"), storage.join(self.out, "metrics.jsonl"))
-        tb = os.path.join(self.local, "tensorboard")
+        storage.upload(os.path.join(self.local, TrainRun.METRICS), TrainRun(self.out).metrics)
+        tb = os.path.join(self.local, TrainRun.TENSORBOARD)
         for name in sorted(os.listdir(tb)):
-            storage.upload(os.path.join(tb, name), storage.join(self.out, "tensorboard", name))
+            storage.upload(os.path.join(tb, name), storage.join(TrainRun(self.out).tensorboard, name))
 
     def log(self, step: int, values: dict, group: str = "train") -> None:
         if not self.enabled:
@@ -171,12 +173,11 @@ def _optimizer(spec: TrainSpec, params):
 def _clip_loader(spec: TrainSpec, config: dict, index, cursor: Cursor, rank: int, world: int):
     """(the rank's ClipLoader over video buckets, the bucket list, no cache embeddings)."""
     from training.conditioning import MotionBucketMap
-    from training.families.svd import MOTION_FILE
     from training.index import clip_bucket_ids
     from training.loader import ClipLoader
 
     buckets, bucket_of = clip_bucket_ids(index, spec.video)
-    motion = MotionBucketMap.from_dict(json.loads(storage.read_bytes(storage.join(config["output"], MOTION_FILE))))
+    motion = MotionBucketMap.from_dict(json.loads(storage.read_bytes(TrainRun(config["output"]).motion)))
     ids = motion(index.column("motion_score").to_numpy(zero_copy_only=False))      # a null score is NaN: bucket 128
     v = spec.video
     loader = ClipLoader(index, buckets, bucket_of, cursor, rank, world, spec.train.seed, spec.data.random_crop,
@@ -326,15 +327,13 @@ def video_step(w: Worker, batch) -> float:
     classifier-free-guidance drop from its own (seed, name, step, rank) stream."""
     import torch
 
-    from training.conditioning import keep_mask
-
     spec, device = w.spec, w.acc.device
     g = torch.Generator("cpu").manual_seed(step_seed(spec.train.seed, w.step, w.rank))
     n = len(batch.ids)
     _seed_dropout(w)
 
     def keep(name: str, p: float) -> torch.Tensor:
-        return torch.from_numpy(keep_mask(n, p, seeded_rng(spec.train.seed, name, w.step, w.rank)))
+        return torch.from_numpy(caption_keep(n, p, seeded_rng(spec.train.seed, name, w.step, w.rank)))
 
     with w.acc.autocast():
         loss = w.family.step_loss(w.comps, batch.frames.to(device, w.vae_dtype), batch, spec, g, keep, w.unet).mean()
@@ -394,7 +393,7 @@ def video_samples(w: Worker, step: int, unet) -> list[str]:
     with w.acc.autocast():
         videos = w.family.sample_videos(w.comps, unet, bucket, spec.train.sample_steps, spec.video.fps,
                                         spec.train.seed, w.acc.device, prompts, first_frame)
-    folder = storage.join(w.config["output"], "samples")
+    folder = TrainRun(w.config["output"]).samples
     storage.makedirs(folder)
     paths = []
     for k, frames in enumerate(videos):
@@ -416,7 +415,7 @@ def samples(w: Worker, step: int, unet) -> list[str]:
     spec = w.spec
     pipe = w.family.build_pipeline(w.comps, unet).to(w.acc.device)
     pipe.set_progress_bar_config(disable=True)
-    folder = storage.join(w.config["output"], "samples")
+    folder = TrainRun(w.config["output"]).samples
     storage.makedirs(folder)
     paths = []
     for k, prompt in enumerate(spec.train.sample_prompts):
@@ -498,12 +497,12 @@ def _publish(folder: str, write) -> str:
 
 def _export_pipeline(w: Worker, comps, unet, folder: str) -> str:
     """A diffusers pipeline folder of ``comps`` with ``unet``, plus the run's motion-bucket map (svd)."""
-    motion = storage.join(w.config["output"], "motion_buckets.json")   # svd: the map inference must condition with
+    motion = TrainRun(w.config["output"]).motion   # svd: the map inference must condition with
 
     def write(tmp: str) -> None:
         w.family.export(comps, unet, tmp)
         if storage.exists(motion):
-            storage.download(motion, os.path.join(tmp, "motion_buckets.json"))
+            storage.download(motion, os.path.join(tmp, TrainRun.MOTION))
 
     return _publish(folder, write)
 
@@ -516,13 +515,13 @@ def _export_lora(w: Worker, unet) -> dict:
     out, spec = w.config["output"], w.spec
     base = spec.model.pretrained
     if not base:
-        base = storage.join(out, "base")
+        base = TrainRun(out).base
         if not storage.isdir(base):
             fresh = _components(spec)           # the preset again, without the adapter
             _export_pipeline(w, fresh, fresh.unet, base)
         base = storage.absolute(base)
     folder = _publish(
-        storage.join(out, "lora"),
+        TrainRun(out).lora,
         lambda tmp: lora.export(
             unet,
             tmp,
@@ -552,7 +551,7 @@ def finish(w: Worker, first_step: int, started: float, unet) -> None:
         from training.lora import fused
 
         final = _export_pipeline(w, pristine or _components(spec),
-                                 fused(unet) if spec.lora.enabled else unet, storage.join(out, "final"))
+                                 fused(unet) if spec.lora.enabled else unet, TrainRun(out).final)
     sample_paths = samples(w, w.step, unet) if spec.train.sample_prompts or w.family.clips else []
     step = w.step
     summary = {"steps": step, "steps_this_run": step - first_step, "resumed_from": first_step,
@@ -564,7 +563,7 @@ def finish(w: Worker, first_step: int, started: float, unet) -> None:
                "distributed": "FSDP2" if spec.train.fsdp else str(w.acc.distributed_type),
                "num_processes": w.acc.num_processes, "warnings": spec.notices()}
     w.metrics.sync()
-    layout.atomic_write(storage.join(out, layout.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    layout.atomic_write(TrainRun(out).summary, json.dumps(summary, indent=2).encode())
 
 
 def validate(w: Worker, step: int, validation, scorer: list) -> None:

@@ -80,17 +80,14 @@ def min_snr_weights(t: torch.Tensor, ac: torch.Tensor, gamma: float, prediction_
 
 def sdxl_time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int],
                   target_hw: tuple[int, int]) -> list[int]:
+    """SDXL's micro-conditioning of one sample (Podell et al., 2023, section 2.2), in the order the
+    diffusers pipeline builds it: original (h, w), crop (top, left), target (h, w)."""
     return [*original_hw, *crop_top_left, *target_hw]
 
 
 def caption_keep(n: int, p: float, rng: np.random.Generator) -> np.ndarray:
     """Which of ``n`` captions survive a dropout of probability ``p``."""
     return rng.random(n) >= p
-
-
-def drop_captions(captions: list[str], p: float, rng: np.random.Generator) -> list[str]:
-    """Replace each caption by "" with probability ``p`` (the unconditional branch of CFG)."""
-    return [c if k else "" for c, k in zip(captions, caption_keep(len(captions), p, rng), strict=True)]
 
 
 class EDM:
@@ -148,5 +145,5 @@ def sample_sigmas(n: int, p_mean: float, p_std: float, generator: torch.Generato
     return (p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)).exp().float()
 
 
-__all__ = ["EDM", "add_noise", "alphas_cumprod", "caption_keep", "drop_captions", "min_snr_weights", "offset_noise",
+__all__ = ["EDM", "add_noise", "alphas_cumprod", "caption_keep", "min_snr_weights", "offset_noise",
            "sample_sigmas", "sdxl_time_ids", "snr", "target", "velocity"]

@@ -19,7 +19,6 @@ import hashlib
 
 import numpy as np
 
-VAL_INDEX = "val_index.parquet"
 TIMESTEP_SLICES = 8
 
 
@@ -126,4 +125,4 @@ class Validation:
         self.loader.close()
 
 
-__all__ = ["VAL_INDEX", "Validation", "fixed_timesteps", "holdout"]
+__all__ = ["Validation", "fixed_timesteps", "holdout"]

@@ -110,11 +110,6 @@ def flow_parts(grey: np.ndarray, times: np.ndarray, config: MotionConfig | None 
     return np.asarray(out, dtype=np.float64).reshape(-1, 3)
 
 
-def flow_magnitudes(grey: np.ndarray, times: np.ndarray, config: MotionConfig | None = None) -> np.ndarray:
-    """Per consecutive pair of ``grey`` frames: mean flow, % of width per second."""
-    return flow_parts(grey, times, config)[:, 0]
-
-
 @dataclass
 class Motion:
     score: float | None                  # mean total flow (motion_score)
@@ -206,5 +201,5 @@ class MotionScore(Stage):
         return batch
 
 
-__all__ = ["Motion", "MotionConfig", "MotionScore", "MotionStageConfig", "clip_motion", "decompose", "flow_magnitudes",
+__all__ = ["Motion", "MotionConfig", "MotionScore", "MotionStageConfig", "clip_motion", "decompose",
            "flow_parts", "motion_score", "read_for_motion", "sample_indices"]

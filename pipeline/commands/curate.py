@@ -128,7 +128,7 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, shape: adapter.Shap
     for n, (stateful, group) in enumerate(groups):
         if stateful:
             for label, cls, cfg in group:
-                ds = adapter.apply_stage(ds, cls, cfg, label, shape.cpus, shape.gpus, res=job.stages[label])
+                ds = adapter.apply_stage(ds, cls, cfg, label, job.stages[label], shape.cpus, shape.gpus)
         else:
             last = n == len(groups) - 1
             ds = adapter.apply_chain(ds, group, job, shape, tail=writer if last else None)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError, apply_overrides, load_yaml, take_kind
+from pipeline.contract.layout import CurriculumRun, TrainRun
 
 NAME = "curriculum"
 DESCRIPTION = """\
@@ -41,9 +42,7 @@ SPEC has output.path, ray (shared) and stages: a list of train specs (data, mode
 inflated into SVD's video UNet). Re-running resumes: finished stages are skipped. See
 jobs/svd_curriculum.yaml.
 """
-SPEC_FILE = "curriculum_spec.yaml"
-OPTIMIZER_STATE = "optimizer_state"    # in an init folder: the stage before's last AdamW moments (optimizer: carry)
-ENTRIES = [SPEC_FILE, "stages", "init", "final", "final.tmp"]
+OPTIMIZER_STATE = CurriculumRun.OPTIMIZER_STATE
 STAGE_KEYS = ("data", "model", "objective", "optim", "ema", "train", "video", "lora")
 
 
@@ -107,7 +106,7 @@ def parse(data: dict) -> CurriculumSpec:
 
 
 def _stage_dir(spec: CurriculumSpec, st: Stage) -> str:
-    return storage.join(spec.output, "stages", f"{st.index + 1:02d}_{st.name}")
+    return CurriculumRun(spec.output).stage(st.index, st.name).root
 
 
 def _train_spec(spec: CurriculumSpec, st: Stage, init_path: str | None, check_paths: bool = False):
@@ -136,7 +135,7 @@ def plan(spec: CurriculumSpec) -> list[dict]:
     for st in spec.stages:
         init_dir = None
         if st.init:
-            init_dir = storage.join(storage.absolute(spec.output), "init", f"{st.index + 1:02d}_{prev['fingerprint']}")
+            init_dir = CurriculumRun(storage.absolute(spec.output)).init(st.index, prev["fingerprint"])
         ts = _train_spec(spec, st, init_dir)
         if st.init:
             _check_transition(st, families.get(prev["spec"].model.kind), families.get(ts.model.kind))
@@ -176,15 +175,15 @@ def _finished(run_dir: str, ts) -> bool:
     import yaml
 
     try:
-        fp = (yaml.safe_load(storage.read_text(storage.join(run_dir, "train_spec.yaml"))) or {}).get("fingerprint")
-        steps = json.loads(storage.read_text(storage.join(run_dir, layout.SUMMARY_FILE))).get("steps")
+        fp = (yaml.safe_load(storage.read_text(TrainRun(run_dir).spec)) or {}).get("fingerprint")
+        steps = json.loads(storage.read_text(TrainRun(run_dir).summary)).get("steps")
     except OSError as exc:
         if storage.transient(exc):
             raise
         return False
     except (ValueError, yaml.YAMLError, AttributeError):
         return False
-    return fp == ts.fingerprint() and steps == ts.train.max_steps and storage.isdir(storage.join(run_dir, "final"))
+    return fp == ts.fingerprint() and steps == ts.train.max_steps and storage.isdir(TrainRun(run_dir).final)
 
 
 def build_init(prev: dict, cur: dict, log) -> dict:
@@ -197,7 +196,7 @@ def build_init(prev: dict, cur: dict, log) -> dict:
     if storage.isfile(storage.join(folder, "model_index.json")):
         return {"reused": folder}
     before, now = families.get(prev["spec"].model.kind), families.get(cur["spec"].model.kind)
-    source = storage.join(prev["dir"], "final")
+    source = TrainRun(prev["dir"]).final
     on_store = storage.is_url(folder)
     tmp = folder if on_store else folder + ".tmp"
     if not on_store:
@@ -248,21 +247,20 @@ def _transform(prev: dict, cur: dict, before, now, source: str, target: str) -> 
         else:                                    # else the tiny preset's (the image VAE could not be inflated)
             summary.setdefault("vae", {})["using"] = "the video stage's preset VAE"
         now.export(comps, unet, built)
-        summary["source"] = storage.absolute(storage.join(prev["dir"], "final"))   # not this node's copy of it
+        summary["source"] = storage.absolute(TrainRun(prev["dir"]).final)   # not this node's copy of it
         write_summary(built, summary)
         if built != target:
             storage.copy_tree(built, target, last=("model_index.json",))
-    return {"widened" if before.clips else "inflated": storage.join(prev["dir"], "final"), "counts": summary["counts"]}
+    return {"widened" if before.clips else "inflated": TrainRun(prev["dir"]).final, "counts": summary["counts"]}
 
 
 def _last_checkpoint(run_dir: str) -> str:
     """The newest checkpoint folder of a finished train run (its last step is always checkpointed)."""
-    from pipeline.commands.train import RUN_NAME
-
-    runs = storage.join(run_dir, "ray", RUN_NAME)
+    runs = TrainRun(run_dir).checkpoints
     found = sorted(n for n in storage.listdir(runs) if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit())
     if not found:
-        raise ConfigError(f"{run_dir}: no checkpoint to carry the optimizer from (ray/{RUN_NAME}/checkpoint_*)")
+        raise ConfigError(f"{run_dir}: no checkpoint to carry the optimizer from "
+                          f"({TrainRun.RAY}/{TrainRun.RAY_RUN}/checkpoint_*)")
     return storage.join(runs, found[-1])
 
 
@@ -278,8 +276,8 @@ def run(spec: CurriculumSpec, log=sys.stderr) -> CurriculumResult:
 
     steps = plan(spec)
     fp = layout.fingerprint([s["stage"].name for s in steps])
-    layout.claim_output(spec.output, storage.join(spec.output, SPEC_FILE), fp, spec.doc, spec.overwrite,
-                        "curriculum", "the stage names", ENTRIES, "curriculum",
+    layout.claim_output(spec.output, CurriculumRun(spec.output).spec, fp, spec.doc, spec.overwrite,
+                        "curriculum", "the stage names", list(CurriculumRun.ENTRIES), "curriculum",
                         {f"stages[{i}].data.shards[{j}]": p for i, s in enumerate(steps)
                          for j, p in enumerate(s["spec"].data.shards)})
     results = []
@@ -298,8 +296,8 @@ def run(spec: CurriculumSpec, log=sys.stderr) -> CurriculumResult:
         results.append({"name": st.name, "dir": s["dir"], "skipped": False, "steps": r.summary["steps"],
                         "resumed_from": r.summary["resumed_from"],
                         "last_loss": r.metrics[-1]["loss"] if r.metrics else None})
-    final = storage.join(spec.output, "final")
-    last = storage.join(steps[-1]["dir"], "final")
+    final = CurriculumRun(spec.output).final
+    last = TrainRun(steps[-1]["dir"]).final
     if storage.is_url(final):                       # no rename on a store: replaced file by file, the index last
         storage.remove_tree(final)
         storage.copy_tree(last, final, last=("model_index.json",))

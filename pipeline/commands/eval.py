@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.contract.config import ConfigError
+from pipeline.contract.layout import SHARDS_DIR, TrainRun
 from pipeline.contract.media import open_image
 
 NAME = "eval"
@@ -124,7 +125,7 @@ def _rel(path: str, root: str) -> str:
 def is_shard_set(path: str) -> bool:
     from pipeline.contract import storage
 
-    return storage.isdir(storage.join(path, "shards")) and not storage.isfile(storage.join(path, "train_spec.yaml"))
+    return storage.isdir(storage.join(path, SHARDS_DIR)) and not storage.isfile(TrainRun(path).spec)
 
 
 def _shard_members(root: str, limit: int, skipped: dict):
@@ -304,8 +305,8 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
     if not prompts:
         raise ConfigError(f"--prompts: {spec.prompts!r} holds no prompts")
     name = storage.name(spec.checkpoint) if spec.checkpoint else \
-        ("final" if storage.isdir(storage.join(spec.run, "final")) else "lora")
-    target = spec.out or storage.join(spec.run, "eval", name)
+        (TrainRun.FINAL if storage.isdir(TrainRun(spec.run).final) else TrainRun.LORA)
+    target = spec.out or storage.join(TrainRun(spec.run).eval, name)
     folder = stage if storage.is_url(target) else target
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(spec.seed)

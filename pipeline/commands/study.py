@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pipeline.contract import storage
 from pipeline.contract.config import ConfigError, apply_overrides, build, load_yaml, option, take_kind
-from pipeline.contract.layout import atomic_write
+from pipeline.contract.layout import TrainRun, atomic_write
 
 NAME = "study"
 DESCRIPTION = """\
@@ -142,7 +142,8 @@ def _finished(ts) -> bool:
     """The cell's run finished, made by this same train spec."""
     import yaml
 
-    path, spec_file = storage.join(ts.output.path, "summary.json"), storage.join(ts.output.path, "train_spec.yaml")
+    run = TrainRun(ts.output.path)
+    path, spec_file = run.summary, run.spec
     if not storage.isfile(path) or not storage.isfile(spec_file):
         return False
     steps = json.loads(storage.read_text(path)).get("steps")

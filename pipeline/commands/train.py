@@ -20,10 +20,10 @@ from pipeline import adapter
 from pipeline.commands import plural
 from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError
+from pipeline.contract.layout import TrainRun
 from training.checkpoint import CheckpointError
 from training.loop import train_loop
 from training.train_spec import TrainSpec
-from training.validate import VAL_INDEX
 
 NAME = "train"
 DESCRIPTION = """\
@@ -37,29 +37,6 @@ and jobs/train_sdxl.yaml. Running the same command on the same output.path resum
 checkpoint, to the sample; the end of the run exports OUTPUT/final, a diffusers pipeline folder.
 """
 
-RUN_NAME = "train"
-SPEC_FILE = "train_spec.yaml"
-# every top-level name a training run writes: output.overwrite deletes these and nothing else
-ENTRIES = [
-    SPEC_FILE,
-    "ray",
-    "final",
-    "final.tmp",
-    "samples",
-    "tensorboard",
-    "metrics.jsonl",
-    layout.SUMMARY_FILE,
-    "index.parquet",
-    "_index",
-    "cache",
-    "motion_buckets.json",
-    "lora",
-    "lora.tmp",
-    "base",
-    "base.tmp",
-    "eval",
-    VAL_INDEX,
-]
 
 
 @dataclass
@@ -84,13 +61,13 @@ def prepare_output(spec: TrainSpec) -> None:
     out = spec.output.path
     claim_output(
         out,
-        storage.join(out, SPEC_FILE),
+        TrainRun(out).spec,
         spec.fingerprint(),
         spec.to_dict(),
         spec.output.overwrite,
         "training run",
         "data, model, objective, optim, ema or train",
-        ENTRIES,
+        list(TrainRun.ENTRIES),
         "train",
         {**{f"data.shards[{i}]": p for i, p in enumerate(spec.data.shards)}, "data.selection": spec.data.selection},
     )
@@ -103,7 +80,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     from training.index import bucket_ids, clip_bucket_ids, load_index
 
     clips = families.get(spec.model.kind).clips
-    index = load_index(spec.data.shards, storage.join(spec.output.path, "_index"), log, spec.data.selection,
+    index = load_index(spec.data.shards, TrainRun(spec.output.path).index_work, log, spec.data.selection,
                        adapter.map_tables, clips)
     held = 0
     if spec.train.eval_every:                           # the held-out slice: never trained on
@@ -114,7 +91,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
                 f"train.eval_fraction: {spec.train.eval_fraction:g} of {index.num_rows} samples holds none "
                 f"out for validation; raise it, or set train.eval_every: 0"
             )
-    path = storage.join(spec.output.path, "index.parquet")
+    path = TrainRun(spec.output.path).index
     if not storage.exists(path) or not layout.read_table(path).equals(index):
         atomic_write(path, table_bytes(index))
     if clips:
@@ -133,7 +110,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
              int(sum(c % s for c, s in zip(counts, sizes, strict=True) if c >= s)), path,
              index=index, buckets=buckets, bucket_of=bucket_of)
     if held:
-        p.notes.append(f"{held} samples held out for validation ({VAL_INDEX}; train.eval_fraction "
+        p.notes.append(f"{held} samples held out for validation ({TrainRun.VAL_INDEX}; train.eval_fraction "
                        f"{spec.train.eval_fraction:g}, at most train.eval_max {spec.train.eval_max})")
     if clips:
         _motion_map(spec, index, bucket_of)
@@ -161,7 +138,7 @@ def _split_validation(spec: TrainSpec, index):
 
     held = holdout(index.column("key").to_pylist(), spec.train.seed, spec.train.eval_fraction, spec.train.eval_max)
     val = index.filter(held)
-    path = storage.join(spec.output.path, VAL_INDEX)
+    path = TrainRun(spec.output.path).val_index
     if not storage.exists(path) or not layout.read_table(path).equals(val):
         atomic_write(path, table_bytes(val))
     return index.filter(~held), val
@@ -172,9 +149,7 @@ def _motion_map(spec: TrainSpec, index, bucket_of) -> None:
     workers read it, the export carries it). A resumed run keeps the map it started with."""
     from pipeline.contract.layout import atomic_write
     from training.conditioning import MotionBucketMap
-    from training.families.svd import MOTION_FILE
-
-    path = storage.join(spec.output.path, MOTION_FILE)
+    path = TrainRun(spec.output.path).motion
     if storage.exists(path):
         return
     scores = index.column("motion_score").to_numpy(zero_copy_only=False)[np.asarray(bucket_of) >= 0]
@@ -342,23 +317,23 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
     resources = {"CPU": spec.ray.cpus_per_worker}
     # checkpoints go where the run's output is: Ray Train persists them itself (through the store's
     # filesystem when the output is a URL), so a worker on any node resumes from them
-    ray_fs, ray_path = storage.arrow_filesystem(storage.join(out, "ray"))
+    ray_fs, ray_path = storage.arrow_filesystem(TrainRun(out).ray)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "output": out, "index_path": storage.absolute(p.index_path),
                            "cache_dir": cache_dir,
-                           "val_index_path": storage.join(out, VAL_INDEX) if spec.train.eval_every else "",
+                           "val_index_path": TrainRun(out).val_index if spec.train.eval_every else "",
                            "fingerprint": spec.fingerprint()},
         scaling_config=ScalingConfig(num_workers=(spec.ray.num_workers if spec.ray.min_workers is None
                                                   else (spec.ray.min_workers, spec.ray.num_workers)),
                                      use_gpu=spec.ray.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=RUN_NAME, storage_path=ray_path,
+        run_config=RunConfig(name=TrainRun.RAY_RUN, storage_path=ray_path,
                              storage_filesystem=ray_fs if storage.is_url(out) else None,
                              failure_config=FailureConfig(max_failures=spec.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)))
-    check_ray_snapshot(storage.join(out, "ray", RUN_NAME))
-    progress = _ProgressBar(storage.join(out, "metrics.jsonl"), spec.train.max_steps, log)
+    check_ray_snapshot(TrainRun(out).checkpoints)
+    progress = _ProgressBar(TrainRun(out).metrics, spec.train.max_steps, log)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - a refused checkpoint is the user's to fix: say which file
@@ -368,7 +343,7 @@ def run(spec: TrainSpec, log=sys.stderr) -> TrainResult:
         if found:
             raise CheckpointError(found[-1]) from None
         if type(exc).__name__ == "CheckpointManagerInitializationError":    # Ray's own list refused it
-            raise CheckpointError(f"{storage.join(out, 'ray', RUN_NAME, 'checkpoint_manager_snapshot.json')}: "
+            raise CheckpointError(f"{storage.join(TrainRun(out).checkpoints, 'checkpoint_manager_snapshot.json')}: "
                                   f"not a valid checkpoint file ({str(exc).splitlines()[0][:200]})") from None
         raise
     finally:
@@ -398,8 +373,8 @@ def check_ray_snapshot(folder: str) -> None:
 
 def read_result(out: str) -> TrainResult:
     """A finished run's summary and metrics (the last record of every step)."""
-    summary = json.loads(storage.read_bytes(storage.join(out, layout.SUMMARY_FILE)))
-    metrics = [json.loads(line) for line in storage.read_bytes(storage.join(out, "metrics.jsonl")).splitlines() if line]
+    summary = json.loads(storage.read_bytes(TrainRun(out).summary))
+    metrics = [json.loads(line) for line in storage.read_bytes(TrainRun(out).metrics).splitlines() if line]
     # a killed run logs steps it never checkpointed; keep the last record of every step
     by_step = {m["step"]: m for m in metrics if "loss" in m}
     val_by_step = {m["step"]: m for m in metrics if "val_loss" in m}

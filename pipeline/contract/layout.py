@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,6 +34,84 @@ WORK_DIR = "_work"                  # curate's fragments and reduction scratch; 
 
 OWNER_DIR = ".winnow"              # winnow's own files in any output folder (hidden from HF datasets, globs)
 OWNER_FILE = f"{OWNER_DIR}/owner.json"
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A training run's folder (``winnow train``'s output.path, local or a URL): the name of
+    everything it writes. ``ENTRIES`` is what ``output.overwrite`` may delete, and nothing else."""
+
+    root: str
+
+    SPEC: ClassVar[str] = "train_spec.yaml"          # the resolved spec; its fingerprint claims the folder
+    RAY: ClassVar[str] = "ray"                       # Ray Train's storage: ray/train/checkpoint_NNNNNNN
+    RAY_RUN: ClassVar[str] = "train"
+    FINAL: ClassVar[str] = "final"                   # the exported diffusers pipeline
+    LORA: ClassVar[str] = "lora"                     # a LoRA run's adapter (diffusers' format)
+    BASE: ClassVar[str] = "base"                     # the tiny preset a LoRA applies to, written once
+    SAMPLES: ClassVar[str] = "samples"               # step_NNNNNNN/ images or GIFs
+    TENSORBOARD: ClassVar[str] = "tensorboard"
+    METRICS: ClassVar[str] = "metrics.jsonl"         # one JSON line per logged step
+    SUMMARY: ClassVar[str] = SUMMARY_FILE            # written last: the run finished
+    INDEX: ClassVar[str] = "index.parquet"           # where each kept sample's bytes are in the shards
+    INDEX_WORK: ClassVar[str] = "_index"
+    VAL_INDEX: ClassVar[str] = "val_index.parquet"   # the held-out samples validation scores
+    CACHE: ClassVar[str] = "cache"                   # cache/<fingerprint>/: precomputed latents
+    MOTION: ClassVar[str] = "motion_buckets.json"    # svd: motion_score -> motion_bucket_id, fitted on the clips
+    EVAL: ClassVar[str] = "eval"
+    ENTRIES: ClassVar[tuple[str, ...]] = (SPEC, RAY, FINAL, FINAL + ".tmp", SAMPLES, TENSORBOARD, METRICS, SUMMARY,
+                                          INDEX, INDEX_WORK, CACHE, MOTION, LORA, LORA + ".tmp", BASE, BASE + ".tmp",
+                                          EVAL, VAL_INDEX)
+
+    spec = property(lambda self: join(self.root, self.SPEC))
+    final = property(lambda self: join(self.root, self.FINAL))
+    lora = property(lambda self: join(self.root, self.LORA))
+    base = property(lambda self: join(self.root, self.BASE))
+    samples = property(lambda self: join(self.root, self.SAMPLES))
+    tensorboard = property(lambda self: join(self.root, self.TENSORBOARD))
+    metrics = property(lambda self: join(self.root, self.METRICS))
+    summary = property(lambda self: join(self.root, self.SUMMARY))
+    index = property(lambda self: join(self.root, self.INDEX))
+    index_work = property(lambda self: join(self.root, self.INDEX_WORK))
+    val_index = property(lambda self: join(self.root, self.VAL_INDEX))
+    cache = property(lambda self: join(self.root, self.CACHE))
+    motion = property(lambda self: join(self.root, self.MOTION))
+    eval = property(lambda self: join(self.root, self.EVAL))
+    ray = property(lambda self: join(self.root, self.RAY))
+
+    @property
+    def checkpoints(self) -> str:
+        """The folder Ray Train keeps this run's ``checkpoint_NNNNNNN`` folders in."""
+        return join(self.root, self.RAY, self.RAY_RUN)
+
+
+@dataclass(frozen=True)
+class CurriculumRun:
+    """``winnow curriculum``'s output: one training run per stage, the pipelines each stage starts
+    from, and the last stage's pipeline as ``final/``."""
+
+    root: str
+
+    SPEC: ClassVar[str] = "curriculum_spec.yaml"
+    STAGES: ClassVar[str] = "stages"                 # stages/NN_name: a training run folder (TrainRun)
+    INIT: ClassVar[str] = "init"                     # init/NN_fingerprint: the pipeline stage NN starts from
+    FINAL: ClassVar[str] = "final"
+    OPTIMIZER_STATE: ClassVar[str] = "optimizer_state"   # in an init folder: the stage before's AdamW moments
+    ENTRIES: ClassVar[tuple[str, ...]] = (SPEC, STAGES, INIT, FINAL, FINAL + ".tmp")
+
+    @property
+    def spec(self) -> str:
+        return join(self.root, self.SPEC)
+
+    @property
+    def final(self) -> str:
+        return join(self.root, self.FINAL)
+
+    def stage(self, index: int, name: str) -> TrainRun:
+        return TrainRun(join(self.root, self.STAGES, f"{index + 1:02d}_{name}"))
+
+    def init(self, index: int, fingerprint: str) -> str:
+        return join(self.root, self.INIT, f"{index + 1:02d}_{fingerprint}")
 
 
 def annotation_files(path: str) -> list[str]:

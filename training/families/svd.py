@@ -16,7 +16,6 @@ from training.families import base
 from training.families.base import Components
 
 TINY_IMAGE_EMBED = 32
-MOTION_FILE = "motion_buckets.json"        # the run's motion-bucket map, beside the exported pipeline
 
 
 def svd_scheduler():
@@ -27,13 +26,6 @@ def svd_scheduler():
                                   sigma_min=0.002, sigma_max=700.0, interpolation_type="linear",
                                   timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear",
                                   beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
-
-
-def _write_motion(folder: str, motion_map) -> str:
-    if motion_map is not None:
-        with open(os.path.join(folder, MOTION_FILE), "w", encoding="utf-8") as fh:
-            json.dump(motion_map.to_dict(), fh, indent=1)
-    return folder
 
 
 class SVD(base.Family):
@@ -136,11 +128,6 @@ class SVD(base.Family):
         return StableVideoDiffusionPipeline(vae=c.vae, image_encoder=c.text_encoders[0],
                                             unet=c.unet if unet is None else unet, scheduler=c.sample_scheduler,
                                             feature_extractor=c.tokenizers[0])
-
-    def export(self, c: Components, unet, folder: str, motion_map=None) -> str:
-        """The pipeline folder, plus the run's motion-bucket map (``motion_buckets.json``) when given."""
-        super().export(c, unet, folder)
-        return _write_motion(folder, motion_map)
 
     @torch.no_grad()
     def frame_latents(self, c: Components, frames: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -362,8 +349,8 @@ class SVDText(SVD):
     def build_pipeline(self, c: Components, unet=None):
         raise TypeError("no diffusers pipeline runs svd_t2v; winnow samples it with SVDText.generate")
 
-    def export(self, c: Components, unet, folder: str, motion_map=None) -> str:
-        """A folder of the parts (``model_index.json`` lists them), plus the motion-bucket map."""
+    def export(self, c: Components, unet, folder: str) -> str:
+        """A folder of the parts (``model_index.json`` lists them)."""
         import diffusers
 
         os.makedirs(folder, exist_ok=True)
@@ -376,7 +363,7 @@ class SVDText(SVD):
             index[sub] = ["transformers" if sub in ("text_encoder", "tokenizer") else "diffusers", type(part).__name__]
         with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as fh:
             json.dump(index, fh, indent=1)
-        return _write_motion(folder, motion_map)
+        return folder
 
 
-__all__ = ["MOTION_FILE", "SVD", "SVDText", "svd_scheduler"]
+__all__ = ["SVD", "SVDText", "svd_scheduler"]
