@@ -344,3 +344,21 @@ def test_the_bounded_image_opener_refuses_from_the_header(tmp_path):
         open_image(b"")
     with pytest.raises(MediaError, match="decode_error: not an image"):
         open_image(b"hello")
+
+
+def test_gif_frames_round_trip_and_a_many_frame_gif_is_refused_by_its_total():
+    from pipeline.contract.media import MediaError, MediaLimits, gif_frames, write_gif
+
+    frames = [Image.new("RGB", (40, 30), (50 * i, 0, 255 - 50 * i)) for i in range(5)]
+    buf = io.BytesIO()
+    write_gif(frames, buf, fps=8)
+    back = gif_frames(buf.getvalue())
+    assert [f.size for f in back] == [(40, 30)] * 5 and [f.mode for f in back] == ["RGB"] * 5
+    assert [f.getpixel((0, 0)) for f in back] == [f.getpixel((0, 0)) for f in frames]   # 6 colours fit the palette
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert im.info["duration"] == 120 and im.info["loop"] == 0     # 1000 / 8 ms, in GIF's hundredths
+    # each frame passes the per-image caps (40 x 30 x 4 = 4800 bytes); the five together do not
+    with pytest.raises(MediaError, match=r"decompression_bomb: 3 frames decode to more than max_decoded_bytes=10000"):
+        gif_frames(buf.getvalue(), MediaLimits(max_decoded_bytes=10_000))
+    with pytest.raises(MediaError, match=r"more than max_frames=4 frames"):
+        gif_frames(buf.getvalue(), max_frames=4)

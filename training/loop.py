@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.contract import layout, storage
 from pipeline.contract.layout import TrainRun
-from pipeline.contract.media import open_image
+from pipeline.contract.media import gif_frames, open_image, write_gif
 from training import families
 from training.checkpoint import restore_checkpoint, save_checkpoint
 from training.objectives import caption_keep
@@ -399,8 +399,7 @@ def video_samples(w: Worker, step: int, unet) -> list[str]:
     for k, frames in enumerate(videos):
         paths.append(storage.join(folder, f"step{step:07d}_{k}.gif"))
         with storage.local_target(paths[-1]) as tmp:
-            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                           duration=int(1000 / spec.video.fps), loop=0)
+            write_gif(frames, tmp, spec.video.fps)
         w.metrics.image(f"samples/video_{k}", np.concatenate([np.asarray(f) for f in frames], axis=1), step)
     return paths
 
@@ -573,8 +572,6 @@ def validate(w: Worker, step: int, validation, scorer: list) -> None:
     spec = w.spec
     with full_unet(w) as unet:
         if w.acc.is_main_process and (spec.train.sample_prompts or w.family.clips):
-            from PIL import ImageSequence
-
             from training.evaluate import ClipScorer
 
             paths = samples(w, step, unet)
@@ -582,8 +579,7 @@ def validate(w: Worker, step: int, validation, scorer: list) -> None:
                 scorer.append(ClipScorer(spec.train.eval_clip_model, spec.train.eval_clip_pretrained, spec.train.seed))
             prompts = list(spec.train.sample_prompts) or [w.loader.captions[0]]
             if w.family.clips:
-                with open_image(paths[0]) as im:
-                    frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
+                frames = gif_frames(paths[0])
                 values["val_clip_score"], values["val_frame_consistency"], _ = scorer[0].video(frames, prompts[0])
             else:
                 images = []

@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline.contract.config import ConfigError
 from pipeline.contract.layout import SHARDS_DIR, TrainRun
-from pipeline.contract.media import open_image
+from pipeline.contract.media import gif_frames, write_gif
 
 NAME = "eval"
 DESCRIPTION = """\
@@ -325,8 +325,7 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
         files = []
         for k, frames in enumerate(outs):
             files.append(f"{k:05d}.gif")
-            frames[0].save(os.path.join(folder, files[-1]), save_all=True, append_images=frames[1:],
-                           duration=int(1000 / ts.video.fps), loop=0)
+            write_gif(frames, os.path.join(folder, files[-1]), ts.video.fps)
     else:
         size = spec.size or min(ts.data.resolution, 512)
         outs = generate_images(model, prompts, spec.steps, spec.guidance, size, spec.seed, progress=bar.update)
@@ -346,12 +345,9 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
 def _gif_frames(path: str) -> list:
     import io
 
-    from PIL import ImageSequence
-
     from pipeline.contract import storage
 
-    with open_image(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path) as im:
-        return [f.convert("RGB") for f in ImageSequence.Iterator(im)]
+    return gif_frames(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
 
 
 def run(spec: EvalSpec, log=sys.stderr) -> EvalResult:

@@ -249,7 +249,7 @@ class Report:
         nrow = (len(series) + ncol - 1) // ncol
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.9 * nrow), squeeze=False)
         rows = []
-        for ax, (name, v) in zip(axes.ravel(), series, strict=True):
+        for ax, (name, v) in zip(axes.ravel()[:len(series)], series, strict=True):
             ok = np.isfinite(v)
             k, r = v[ok & self.kept], v[ok & ~self.kept]
             bins = np.histogram_bin_edges(v[ok], bins=40) if ok.any() else 10

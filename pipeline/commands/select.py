@@ -14,6 +14,7 @@ embeddings/, summary.json, report.html), so training, sweeps and reports read it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -208,7 +209,7 @@ def scan_members(tar_path: str, keys: set[str]) -> dict[str, list[tars.Member]]:
 def _sample_chunks(fh, key: str, out_key: str, members: list[tars.Member]):
     """The tar bytes of one sample: its members' header and data blocks copied as they are (one read
     when they are contiguous); rebuilt only when the key is renamed (the JSON row carries the key)."""
-    if out_key == key and all(a.end == b.header for a, b in zip(members, members[1:], strict=True)) \
+    if out_key == key and all(a.end == b.header for a, b in itertools.pairwise(members)) \
             and all(m.data - m.header == 512 for m in members):
         fh.seek(members[0].header)
         yield fh.read(members[-1].end - members[0].header)

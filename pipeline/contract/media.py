@@ -174,3 +174,25 @@ def video_frames(source, positions=(0.0, 0.5, 1.0), limits: MediaLimits = VIDEO_
         last = got[max(got)]
         got.update({i: last for i in want if i not in got})
     return [got[i] for i in index] if got else []
+
+
+def write_gif(frames: list[Image.Image], target, fps: float) -> None:
+    """An animated GIF of ``frames`` at ``fps``, looping (a path or a file object)."""
+    frames[0].save(target, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+
+
+def gif_frames(source, limits: MediaLimits = LIMITS, max_frames: int = 1024) -> list[Image.Image]:
+    """The frames of an animated image as RGB: each frame's size is checked as ``open_image``
+    checks it, and the frames together against ``max_decoded_bytes`` and ``max_frames``."""
+    out, total = [], 0
+    with open_image(source, limits) as im:
+        for i in range(getattr(im, "n_frames", 1)):
+            if i >= max_frames:
+                raise MediaError(f"decompression_bomb: more than max_frames={max_frames} frames")
+            im.seek(i)
+            total += decoded_bytes(im.width, im.height, "RGB")
+            if total > limits.max_decoded_bytes:
+                raise MediaError(f"decompression_bomb: {i + 1} frames decode to more than "
+                                 f"max_decoded_bytes={limits.max_decoded_bytes}")
+            out.append(im.convert("RGB"))
+    return out
