@@ -173,7 +173,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 def gpu_bench(batch: dict) -> None:
     """ViT-L-14 image tower at batch 256 in fp16/bf16 vs the GPU's FLOP limit; EasyOCR on GPU."""
-    from curation.clip import load_model, resolve_weights
+    from curation.clip import resolve_weights
+    from pipeline.models.clip import load_model
     model, _, _ = load_model(resolve_weights(ClipConfig(model="ViT-L-14", pretrained="random")), device="cuda")
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)

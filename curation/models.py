@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pipeline.contract.config import option
 from pipeline.contract.stage import Resources, Stage
+from pipeline.models.device import pick_device
 
 
 @dataclass
@@ -33,24 +34,10 @@ def model_resources(config: Any, cluster_gpus: float, gpu_capable: bool = True) 
                      batch_size=config.batch_size, concurrency=config.workers)
 
 
-def open_rgb(data: bytes, side: int):
-    """Open stored image bytes as RGB; JPEGs decode at a reduced DCT scale that still covers
-    ``side`` (PIL ``draft``), which is most of the cost a model stage's input would otherwise have."""
-    from pipeline.contract.media import open_image
-
-    with open_image(data, draft=(side, side)) as img:
-        return img.convert("RGB")
-
-
 def torch_device(config: Any) -> str:
-    """The device inside an actor: Ray sets CUDA_VISIBLE_DEVICES for actors given a GPU."""
-    import torch
-
-    if config.device != "cpu" and torch.cuda.is_available():
-        return "cuda"
-    # one actor per CPU share: more threads than that only fight the other actors
-    torch.set_num_threads(max(1, round(config.cpus_per_worker)))
-    return "cpu"
+    """The device inside an actor (``pipeline.models.device.pick_device``), torch's threads on CPU
+    limited to the actor's CPU share."""
+    return pick_device(config.device, round(config.cpus_per_worker))
 
 
 class ModelStage(Stage):

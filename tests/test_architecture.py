@@ -1,6 +1,7 @@
-"""The house's import rules, read from every module's imports (``ast``): stage packages import only
-``pipeline/contract`` of the engine, the contract imports nothing above it, only the adapter imports
-``ray.data``, and no two modules import each other.
+"""The house's import rules, read from every module's imports (``ast``): the peers ``curation/``,
+``video/`` and ``training/`` import nothing of one another and only the two floors of ``pipeline/``
+(``contract/``, and ``models/`` above it); the contract imports nothing above it, the model floor
+nothing but the contract; only the adapter imports ``ray.data``; no two modules import each other.
 
 ``DEBT`` lists imports that break a rule and are accepted for now (none today); the test fails on any
 new break and on any entry that no longer exists (so the list only shrinks).
@@ -13,6 +14,9 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("pipeline", "curation", "video", "training", "jobs")
 STAGE_PACKAGES = ("curation", "video", "training")
+
+FLOORS = ("pipeline.contract", "pipeline.models")   # what a peer package may import of pipeline/
+MODELS_DIR = os.path.join("pipeline", "models")
 
 # the top floor: the commands, the CLI table, the demo and the stage registry may import the stage packages
 COMMANDS = ("pipeline/cli.py", "pipeline/demo.py", "pipeline/registry.py")
@@ -69,8 +73,12 @@ def breaks() -> set[tuple[str, str, str]]:
             found.add(("ray.data outside the adapter", path, "ray.data"))
         for real in resolve(names):
             first = real.split(".")[0]
-            if top in STAGE_PACKAGES and first == "pipeline" and not real.startswith("pipeline.contract"):
+            if top in STAGE_PACKAGES and first == "pipeline" and not real.startswith(FLOORS):
                 found.add(("stage package imports the engine", path, real))
+            if top in STAGE_PACKAGES and first in STAGE_PACKAGES and first != top:
+                found.add(("peer packages import each other", path, real))
+            if path.startswith(MODELS_DIR) and not real.startswith(FLOORS):
+                found.add(("the model floor imports above itself", path, real))
             if contract and not real.startswith("pipeline.contract"):
                 found.add(("the contract imports above itself", path, real))
             if top == "pipeline" and not contract and path not in COMMANDS and not path.startswith(COMMANDS_DIR) \
@@ -87,6 +95,20 @@ def test_the_import_rules_hold_except_for_the_listed_debt():
     found = breaks()
     assert sorted(found - DEBT) == [], "new imports that break the house's rules"
     assert sorted(DEBT - found) == [], "debt paid: remove these entries from DEBT"
+
+
+def test_the_rules_see_a_peer_import_and_a_model_floor_that_climbs(tmp_path, monkeypatch):
+    """The scan itself: a training module importing curation, and a model-floor module importing
+    the engine, are both found."""
+    import sys
+
+    real = imports()
+    fake = dict(real)
+    fake["training/evaluate.py"] = real["training/evaluate.py"] | {"curation.clip"}
+    fake["pipeline/models/clip.py"] = real["pipeline/models/clip.py"] | {"pipeline.readers"}
+    monkeypatch.setattr(sys.modules[__name__], "imports", lambda: fake)
+    assert breaks() == {("peer packages import each other", "training/evaluate.py", "curation.clip"),
+                        ("the model floor imports above itself", "pipeline/models/clip.py", "pipeline.readers")}
 
 
 def test_the_contract_is_self_contained():

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.clip import TINY_CLIP, ClipConfig, ClipEmbed, load_model, resolve_weights
+from curation.clip import TINY_CLIP, ClipConfig, ClipEmbed, resolve_weights
 from pipeline.commands import curate_spec as specmod
 from pipeline.contract.config import ConfigError
 from pipeline.corpus import load_photos
+from pipeline.models.clip import load_model
 
-TINY_CFG = os.path.join(os.path.dirname(__file__), "..", "curation", "model_configs", "winnow-tiny-clip.json")
+TINY_CFG = os.path.join(os.path.dirname(__file__), "..", "pipeline", "models", "model_configs", "winnow-tiny-clip.json")
 
 
 def jpeg(img: Image.Image) -> bytes:

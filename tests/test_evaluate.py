@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluate import FeatureStats, clip_score, fid, frechet_distance, inception
+from pipeline.models.inception import inception
+from training.evaluate import FeatureStats, clip_score, fid, frechet_distance
 
 
 class SmallFeatures(torch.nn.Module):

@@ -272,10 +272,9 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
     if spec.lora.enabled:
         _check_lora(spec)
     if spec.train.eval_every and (spec.train.eval_clip_model or spec.train.eval_clip_pretrained):
-        from curation.clip import ClipConfig, resolve_weights
+        from pipeline.models.clip import TINY_CLIP, resolve_weights
 
-        resolve_weights(ClipConfig(model=spec.train.eval_clip_model or ClipConfig().model,
-                                   pretrained=spec.train.eval_clip_pretrained), "train.eval_clip")
+        resolve_weights(spec.train.eval_clip_model or TINY_CLIP, spec.train.eval_clip_pretrained, key="train.eval_clip")
     if spec.model.pretrained and check_paths:
         families.get(spec.model.kind).check_pretrained(spec.model.pretrained)
     return spec

@@ -203,7 +203,7 @@ def inception_batches(images, batch: int):
     """Uint8 (n, 3, 299, 299) batches of PIL images, ``batch`` at a time (memory stays one batch)."""
     from PIL import Image
 
-    from training.evaluate import INCEPTION_SIZE
+    from pipeline.models.inception import INCEPTION_SIZE
 
     arrays = (np.asarray(img.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC)).transpose(2, 0, 1)
               for img in images)
@@ -281,10 +281,9 @@ def plan(spec: EvalSpec) -> dict:
             raise ConfigError("--frames: an image-to-video run (model.kind svd) samples from conditioning images; give "
                               "a folder of them (paired in sorted order with the prompts)")
     if spec.clip_model or spec.clip_pretrained:
-        from curation.clip import ClipConfig, resolve_weights
+        from pipeline.models.clip import TINY_CLIP, resolve_weights
 
-        resolve_weights(ClipConfig(model=spec.clip_model or ClipConfig().model, pretrained=spec.clip_pretrained),
-                        "--clip")
+        resolve_weights(spec.clip_model or TINY_CLIP, spec.clip_pretrained, key="--clip")
     return out
 
 
@@ -386,7 +385,8 @@ def _run(spec: EvalSpec, log, stage: str) -> EvalResult:
         score, consistency, n, cosine = _clip_scores(clip, images, prompts, video, spec)
         counts["images"] = n
     if spec.reference:
-        from training.evaluate import fid_of, inception, stats_of
+        from pipeline.models.inception import inception
+        from training.evaluate import fid_of, stats_of
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
