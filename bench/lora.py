@@ -36,14 +36,15 @@ def one(args) -> dict:
     comps = fam.components(args.pretrained, False, 0, tempfile.mkdtemp(), None)
     unet = comps.unet.to(args.device)
     if args.mode == "lora":
-        params = add_lora(unet, LoraSpec(enabled=True, rank=args.rank), fam.clips, 0)
+        lo = LoraSpec(enabled=True, rank=args.rank)
+        params = add_lora(unet, lo, fam.lora_layers(lo), 0)
     else:
         params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     lat = args.size // 8
     g = torch.Generator().manual_seed(0)
     b = args.batch
-    if fam.clips:
+    if "num_frames" in unet.config:             # a spatio-temporal UNet: (B, frames, C, h, w)
         frames = 4
         x = torch.randn(b, frames, unet.config.in_channels, lat, lat, generator=g)
         ctx = torch.randn(b, 1, unet.config.cross_attention_dim, generator=g)

@@ -137,6 +137,34 @@ def test_no_model_family_branches_outside_training_families():
     assert found == []
 
 
+# what a family says of itself and only families/ reads: everything else calls the Family protocol
+FAMILY_FLAGS = {"clips", "inflates", "follows", "image_conditioned"}
+
+
+def _flag_reads(tree: ast.AST) -> list[tuple[int, str]]:
+    return [(n.lineno, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in FAMILY_FLAGS]
+
+
+def test_no_family_flag_is_read_outside_training_families():
+    """The driver, the worker, validation, eval and the curriculum call the family (``loader``,
+    ``step_loss``, ``training_samples``, ``sample``, ``transition`` ...) and never ask what it is."""
+    found = []
+    for top in (*PACKAGES, "bench"):
+        for d, _, files in os.walk(os.path.join(ROOT, top)):
+            if os.path.relpath(d, ROOT).startswith(os.path.join("training", "families")):
+                continue
+            for f in (f for f in files if f.endswith(".py")):
+                path = os.path.join(d, f)
+                rel = os.path.relpath(path, ROOT)
+                found += [f"{rel}:{n} .{a}" for n, a in _flag_reads(ast.parse(open(path, encoding="utf-8").read()))]
+    assert found == []
+
+
+def test_the_flag_scan_sees_a_read():
+    found = _flag_reads(ast.parse("if fam.clips and x.inflates:\n    y = f().follows\n"))
+    assert sorted(found) == [(1, "clips"), (1, "inflates"), (2, "follows")]
+
+
 MEDIA = os.path.join("pipeline", "contract", "media.py")
 # (module or alias, attribute) calls that open image or video bytes for reading
 MEDIA_OPENS = {("Image", "open"), ("PIL.Image", "open"), ("av", "open"), ("cv2", "VideoCapture"), ("cv2", "imread"),

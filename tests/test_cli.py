@@ -151,7 +151,7 @@ def test_a_mistyped_option_gets_a_suggestion_and_errors_without_a_spec_are_not_s
 
 
 def test_counts_are_said_in_the_right_number():
-    from pipeline.commands import plural
+    from pipeline.contract.config import plural
 
     assert (plural(1, "step"), plural(2, "step"), plural(1, "bucket"), plural(0, "worker"), plural(1200, "sample")) == \
         ("1 step", "2 steps", "1 bucket", "0 workers", "1,200 samples")

@@ -47,18 +47,18 @@ def test_targets_follow_the_layer_choice(tmp_path):
     from training.lora import target_modules
 
     sd = families.get("sd").tiny(0, str(tmp_path)).unet
-    names = target_modules(sd, _lora_spec(), clips=False)
+    names = target_modules(sd, _lora_spec(), families.get("sd").lora_layers(_lora_spec()))
     # tiny SD: 3 transformer blocks (down, mid, up x2 = 4) x 2 attentions x 4 projections
     assert len(names) == 32 and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for n in names)
     svd = families.get("svd").tiny(0, str(tmp_path)).unet
-    temporal = target_modules(svd, _lora_spec(), clips=True)             # auto: temporal on a video UNet
-    spatial = target_modules(svd, _lora_spec(layers="spatial"), clips=True)
+    temporal = target_modules(svd, _lora_spec(), families.get("svd").lora_layers(_lora_spec()))   # auto: temporal
+    spatial = target_modules(svd, _lora_spec(layers="spatial"), "spatial")
     assert len(temporal) == len(spatial) == 32
     assert all(".temporal_transformer_blocks." in n for n in temporal)
     assert not any("temporal" in n for n in spatial)
-    assert len(target_modules(svd, _lora_spec(layers="all"), clips=True)) == 64
+    assert len(target_modules(svd, _lora_spec(layers="all"), "all")) == 64
     with pytest.raises(ValueError, match="match no linear layer"):
-        target_modules(sd, _lora_spec(targets=["to_nothing"]), clips=False)
+        target_modules(sd, _lora_spec(targets=["to_nothing"]), "all")
 
 
 @pytest.mark.parametrize("kind", ["sd", "svd"])
@@ -77,7 +77,7 @@ def test_export_loads_into_the_base_pipeline_and_fuses(kind, tmp_path):
     fam = families.get(kind)
     c = fam.tiny(0, str(tmp_path))
     base = fam.export(c, c.unet, str(tmp_path / "base"))
-    params = add_lora(c.unet, _lora_spec(rank=4, alpha=8.0), fam.clips, seed=0)
+    params = add_lora(c.unet, _lora_spec(rank=4, alpha=8.0), fam.lora_layers(_lora_spec()), seed=0)
     assert all(p.requires_grad for p in params)
     assert sum(p.requires_grad for p in c.unet.parameters()) == len(params) == 64
     _perturbed(params)
@@ -110,8 +110,8 @@ def test_adapter_checkpoint_entry_refuses_another_adapter(tmp_path):
     from training.lora import AdapterWeights, add_lora
 
     a, b = (families.get("sd").tiny(0, str(tmp_path)).unet for _ in range(2))
-    add_lora(a, _lora_spec(rank=4), False, seed=0)
-    add_lora(b, _lora_spec(rank=8), False, seed=0)
+    add_lora(a, _lora_spec(rank=4), "all", seed=0)
+    add_lora(b, _lora_spec(rank=8), "all", seed=0)
     state = AdapterWeights(a).state_dict()
     assert all(".lora_A." in k or ".lora_B." in k for k in state)
     with pytest.raises(ValueError, match=r"shape \(4, "):

@@ -112,4 +112,4 @@ def test_text_to_video_family_trains_on_captions_samples_and_round_trips(tmp_pat
     torch.testing.assert_close(
         loss(["a red car", "a dog"], unet=back.unet).detach(), with_text.detach(), atol=1e-6, rtol=1e-6
     )
-    assert back.tokenizers[0]("a red car").input_ids == comps.tokenizers[0]("a red car").input_ids
+    assert back.processors[0]("a red car").input_ids == comps.processors[0]("a red car").input_ids

@@ -95,7 +95,7 @@ class EncodeBlock:
         self.comps.vae.to(
             self.device, dtype=torch.float32 if self.comps.vae.config.get("force_upcast") else dtype
         ).eval()
-        for enc in self.comps.text_encoders:
+        for enc in self.comps.encoders:
             enc.to(self.device, dtype=dtype).eval()
         self.layout = Layout(folder, [Bucket(w, h) for w, h in buckets], bucket_of, dims)
         self.on_store = storage.is_url(folder)

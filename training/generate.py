@@ -109,7 +109,7 @@ def _load_checkpoint(spec, family, checkpoint: str, name: str, scratch: str | No
         if own:
             shutil.rmtree(scratch, ignore_errors=True)
     if spec.lora.enabled:
-        add_lora(comps.unet, spec.lora, family.clips, m.seed)
+        add_lora(comps.unet, spec.lora, family.lora_layers(spec.lora), m.seed)
         state = load_state(checkpoint)
         AdapterWeights(comps.unet).load_state_dict(state["adapter"])
         ema = state.get("ema_adapter")
@@ -131,41 +131,18 @@ def _load_checkpoint(spec, family, checkpoint: str, name: str, scratch: str | No
 def _eval_mode(comps) -> None:
     """Inference mode for every part (a preset built in code starts in training mode, where a LoRA's
     dropout would still drop)."""
-    for part in (comps.unet, comps.vae, *comps.text_encoders):
+    for part in (comps.unet, comps.vae, *comps.encoders):
         part.eval()
 
 
-def generate_images(m: RunModel, prompts: list[str], steps: int, guidance: float, size: int, seed: int,
-                    device: str = "cpu", progress=None) -> list:
-    """One PIL image per prompt; prompt k is sampled with a generator seeded ``seed + k``."""
+def generate(m: RunModel, prompts: list[str], frames: list | None, steps: int, guidance: float,
+             size: int | None = None, num_frames: int | None = None, seed: int = 0, device: str = "cpu",
+             progress=None) -> list[list]:
+    """One list of PIL frames per prompt (an image: one frame), sampled by the run's family
+    (``Family.sample``), every part in inference mode."""
     _eval_mode(m.comps)
-    pipe = m.family.build_pipeline(m.comps).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for k, prompt in enumerate(prompts):
-        g = torch.Generator("cpu").manual_seed(seed + k)
-        out.append(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                        generator=g).images[0])
-        if progress:
-            progress()
-    return out
+    return m.family.sample(m.comps, m.spec, prompts, frames, steps, guidance, size, num_frames, seed, device,
+                           progress)
 
 
-def generate_videos(m: RunModel, prompts: list[str], frames: list | None, steps: int, height: int, width: int,
-                    num_frames: int, fps: float, seed: int, device: str = "cpu", progress=None) -> list[list]:
-    """One list of PIL frames per prompt (image-to-video: per conditioning frame, ``frames[k]``)."""
-    from training.buckets import VideoBucket
-
-    bucket = VideoBucket(width, height, num_frames, 1)
-    _eval_mode(m.comps)
-    m.comps.unet.to(device)
-    out = []
-    for k, prompt in enumerate(prompts):
-        first = (lambda k=k: frames[k].convert("RGB").resize((width, height))) if frames else None
-        out += m.family.sample_videos(m.comps, m.comps.unet, bucket, steps, fps, seed + k, device, [prompt], first)
-        if progress:
-            progress()
-    return out
-
-
-__all__ = ["RunModel", "generate_images", "generate_videos", "load_run", "run_spec", "weights_of"]
+__all__ = ["RunModel", "generate", "load_run", "run_spec", "weights_of"]

@@ -26,14 +26,9 @@ INFO_FILE = "winnow_lora.json"
 TEMPORAL = ".temporal_transformer_blocks."
 
 
-def layer_set(lora, clips: bool) -> str:
-    """``lora.layers`` resolved: auto is temporal on a video UNet, all on an image one."""
-    return lora.layers if lora.layers != "auto" else ("temporal" if clips else "all")
-
-
-def target_modules(unet, lora, clips: bool) -> list[str]:
-    """The full names of the linear layers that get an adapter."""
-    layers = layer_set(lora, clips)
+def target_modules(unet, lora, layers: str) -> list[str]:
+    """The full names of the linear layers that get an adapter: ``lora.targets`` among ``layers``
+    (all, temporal or spatial: ``lora.layers`` as the family resolves auto, ``Family.lora_layers``)."""
     names = []
     for name, module in unet.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -49,12 +44,12 @@ def target_modules(unet, lora, clips: bool) -> list[str]:
     return names
 
 
-def lora_config(unet, lora, clips: bool):
+def lora_config(unet, lora, layers: str):
     from peft import LoraConfig
 
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
                       lora_dropout=lora.dropout, init_lora_weights="gaussian",
-                      target_modules=target_modules(unet, lora, clips))
+                      target_modules=target_modules(unet, lora, layers))
 
 
 def _inject(unet, config) -> None:
@@ -66,11 +61,11 @@ def _inject(unet, config) -> None:
         inject_adapter_in_model(config, unet)
 
 
-def add_lora(unet, lora, clips: bool, seed: int) -> list:
+def add_lora(unet, lora, layers: str, seed: int) -> list:
     """Freeze ``unet``, inject the adapter (its initial weights seeded by ``seed`` on every rank), and
     return the adapter's parameters."""
     unet.requires_grad_(False)
-    config = lora_config(unet, lora, clips)
+    config = lora_config(unet, lora, layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         _inject(unet, config)

@@ -208,8 +208,8 @@ class TrainSpec:
             doc["train"].pop("eval_max")
         from training import families
 
-        if families.get(self.model.kind).clips:
-            doc["video"] = result_dict(self.video)
+        for section in families.get(self.model.kind).spec_sections():
+            doc[section] = result_dict(getattr(self, section))
         return layout.fingerprint(doc)
 
     def to_dict(self) -> dict:
@@ -267,8 +267,7 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
         )
     from training import families
 
-    if families.get(spec.model.kind).clips:
-        _check_video(spec)
+    families.get(spec.model.kind).check_spec(spec)
     if spec.lora.enabled:
         _check_lora(spec)
     if spec.train.eval_every and (spec.train.eval_clip_model or spec.train.eval_clip_pretrained):
@@ -299,37 +298,12 @@ def _switch_sections(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_video(spec: TrainSpec) -> None:
-    from training.buckets import video_bucket_table
-
-    if spec.data.cache:
-        raise ConfigError(
-            "data.cache: the latent cache holds image latents; set it false for video models (model.kind svd, svd_t2v)"
-        )
-    if not spec.video.min_fps <= spec.video.fps <= spec.video.max_fps:
-        raise ConfigError(f"video.fps {spec.video.fps:g} must lie in [min_fps {spec.video.min_fps:g}, max_fps "
-                          f"{spec.video.max_fps:g}]")
-    try:
-        table = video_bucket_table(spec.video.buckets)
-    except (ValueError, AttributeError) as exc:
-        raise ConfigError(f"video.buckets: {exc}") from None
-    if not table or any(b.width % 8 or b.height % 8 for b in table):
-        raise ConfigError("video.buckets: give at least one HEIGHTxWIDTH whose sides are multiples of 8")
-
-
 def _check_lora(spec: TrainSpec) -> None:
-    from training import families
-
     lo = spec.lora
     if spec.train.fsdp:
         raise ConfigError("lora.enabled: an adapter is small enough to replicate; set train.fsdp: false with LoRA")
     if not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
         raise ConfigError("lora.targets: give module names, e.g. [to_q, to_k, to_v, to_out.0]")
-    if lo.layers in ("temporal", "spatial") and not families.get(spec.model.kind).clips:
-        raise ConfigError(
-            f"lora.layers: {lo.layers!r} applies to video UNets (model.kind svd, svd_t2v); use auto or all "
-            f"for {spec.model.kind}"
-        )
 
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> TrainSpec:

@@ -31,11 +31,6 @@ COMMANDS = {
 }
 
 
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 step``, ``2 steps``: a count with its noun in the right number."""
-    return f"{n:,} {word if n == 1 else (many or word + 's')}"
-
-
 def get(name: str):
     return importlib.import_module(COMMANDS[name][0])
 

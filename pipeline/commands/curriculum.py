@@ -137,38 +137,16 @@ def plan(spec: CurriculumSpec) -> list[dict]:
         if st.init:
             init_dir = CurriculumRun(storage.absolute(spec.output)).init(st.index, prev["fingerprint"])
         ts = _train_spec(spec, st, init_dir)
+        start = None
         if st.init:
-            _check_transition(st, families.get(prev["spec"].model.kind), families.get(ts.model.kind))
+            start = families.transition(families.get(prev["spec"].model.kind), families.get(ts.model.kind),
+                                        f"stages[{st.index}] ({st.name})", st.optimizer == "carry")
         run_dir = _stage_dir(spec, st)
         done = _finished(run_dir, ts)
-        out.append({"stage": st, "spec": ts, "fingerprint": ts.fingerprint(), "init": init_dir, "dir": run_dir,
-                    "done": done})
+        out.append({"stage": st, "spec": ts, "fingerprint": ts.fingerprint(), "init": init_dir, "start": start,
+                    "dir": run_dir, "done": done})
         prev = out[-1]
     return out
-
-
-def _check_transition(st: Stage, before, now) -> None:
-    """The stage before must be something this stage can start from: the same family, an image
-    model this video model inflates from, or a video model whose UNet this one widens (and an
-    optimizer is carried only within one family)."""
-    where = f"stages[{st.index}] ({st.name}): init: previous"
-    if before.name == now.name:
-        return
-    if st.optimizer == "carry":
-        raise ConfigError(f"stages[{st.index}] ({st.name}): optimizer: carry needs the same model as the stage before "
-                          f"({before.name} -> {now.name} changes its parameters); use reset")
-    if before.clips and not now.clips:
-        raise ConfigError(f"{where} cannot turn a video model back into an image model")
-    if not before.clips and now.clips and not before.inflates:
-        raise ConfigError(f"{where}: only an sd (SD 1.x / 2.x) stage inflates into a video stage; the stage before "
-                          f"is {before.name}")
-    if before.clips and now.clips and before.name not in now.follows:
-        starts = ", ".join(now.follows) or "none"
-        raise ConfigError(f"{where}: a {now.name} stage starts from a {now.name} stage or from {starts}, not from "
-                          f"{before.name} (its UNet has {now.in_channels} input channels, the stage before's "
-                          f"{before.in_channels})")
-    if not before.clips and not now.clips:
-        raise ConfigError(f"{where}: a {now.name} stage cannot start from a {before.name} stage (different models)")
 
 
 def _finished(run_dir: str, ts) -> bool:
@@ -195,14 +173,14 @@ def build_init(prev: dict, cur: dict, log) -> dict:
     folder = cur["init"]
     if storage.isfile(storage.join(folder, "model_index.json")):
         return {"reused": folder}
-    before, now = families.get(prev["spec"].model.kind), families.get(cur["spec"].model.kind)
+    now = families.get(cur["spec"].model.kind)
     source = TrainRun(prev["dir"]).final
     on_store = storage.is_url(folder)
     tmp = folder if on_store else folder + ".tmp"
     if not on_store:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-    if before.name == now.name:
+    if cur["start"] == "same":
         report = {"copied": source}
         if cur["stage"].optimizer == "carry":
             last = _last_checkpoint(prev["dir"])
@@ -211,7 +189,7 @@ def build_init(prev: dict, cur: dict, log) -> dict:
             report["optimizer_from"] = last
         storage.copy_tree(source, tmp, last=("model_index.json",))   # the same model: its final pipeline as it is
     else:
-        report = _transform(prev, cur, before, now, source, tmp)
+        report = _transform(prev, cur, now, source, tmp)
     if not on_store:
         os.replace(tmp, folder)
     if log:
@@ -219,7 +197,7 @@ def build_init(prev: dict, cur: dict, log) -> dict:
     return report
 
 
-def _transform(prev: dict, cur: dict, before, now, source: str, target: str) -> dict:
+def _transform(prev: dict, cur: dict, now, source: str, target: str) -> dict:
     """The previous stage's final pipeline inflated (image -> video) or widened (text -> image-to-video)
     into ``target``, built in this node's scratch."""
     from training.inflate import inflate_source, widen_source, write_summary
@@ -231,7 +209,7 @@ def _transform(prev: dict, cur: dict, before, now, source: str, target: str) -> 
         base = cur["stage"].doc.get("model", {}).get("pretrained")   # where the parts not carried over come from
         comps = now.components(base, m.allow_download, m.seed, scratch, None)
         cfg = comps.unet.config
-        if before.clips:                         # text-to-video -> image-to-video: conv_in widened
+        if cur["start"] == "widen":              # text-to-video -> image-to-video: conv_in widened
             unet, vae, summary = widen_source(source, now.in_channels)
         else:  # image -> video: inflated (frames and time embedding as this stage's model)
             unet, vae, summary = inflate_source(source, now.in_channels, cfg.num_frames, cfg.addition_time_embed_dim)
@@ -251,7 +229,8 @@ def _transform(prev: dict, cur: dict, before, now, source: str, target: str) -> 
         write_summary(built, summary)
         if built != target:
             storage.copy_tree(built, target, last=("model_index.json",))
-    return {"widened" if before.clips else "inflated": TrainRun(prev["dir"]).final, "counts": summary["counts"]}
+    return {"widened" if cur["start"] == "widen" else "inflated": TrainRun(prev["dir"]).final,
+            "counts": summary["counts"]}
 
 
 def _last_checkpoint(run_dir: str) -> str:
@@ -310,7 +289,7 @@ def run(spec: CurriculumSpec, log=sys.stderr) -> CurriculumResult:
 
 
 def format_summary(r: CurriculumResult) -> str:
-    from pipeline.commands import plural
+    from pipeline.contract.config import plural
 
     lines = [f"winnow curriculum: {r.output}"]
     for i, s in enumerate(r.stages):

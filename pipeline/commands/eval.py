@@ -277,9 +277,7 @@ def plan(spec: EvalSpec) -> dict:
         ts = run_spec(spec.run)
         out["weights"] = weights_of(spec.run, spec.checkpoint)
         out["kind"] = ts.model.kind
-        if families.get(ts.model.kind).image_conditioned and not spec.frames:
-            raise ConfigError("--frames: an image-to-video run (model.kind svd) samples from conditioning images; give "
-                              "a folder of them (paired in sorted order with the prompts)")
+        families.get(ts.model.kind).check_generate(bool(spec.frames))
     if spec.clip_model or spec.clip_pretrained:
         from pipeline.models.clip import TINY_CLIP, resolve_weights
 
@@ -297,7 +295,7 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
     from tqdm.auto import tqdm
 
     from pipeline.contract import storage
-    from training.generate import generate_images, generate_videos, load_run
+    from training.generate import generate, load_run
 
     model = load_run(spec.run, spec.checkpoint)
     prompts = read_prompts(spec.prompts, spec.num)
@@ -310,28 +308,19 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(spec.seed)
     bar = tqdm(total=len(prompts), desc="eval: sampling", unit="prompt", file=log, disable=log is None)
-    ts, video = model.spec, model.family.clips
-    if video:
-        bucket = next(iter(ts.video.buckets))                       # the run's first video bucket
-        h, w = (int(x) for x in bucket.split("x"))
-        frames_n = spec.num_frames or int(next(iter(ts.video.buckets[bucket])))
-        cond = None
-        if spec.frames:
-            cond = [img for _, img in read_images(spec.frames, len(prompts), {})]
-            prompts = prompts[:len(cond)] if model.family.image_conditioned else prompts
-        outs = generate_videos(model, prompts, cond, spec.steps, h, w, frames_n, ts.video.fps, spec.seed,
-                               progress=bar.update)
-        files = []
-        for k, frames in enumerate(outs):
+    cond = [img for _, img in read_images(spec.frames, len(prompts), {})] if spec.frames else None
+    outs = generate(model, prompts, cond, spec.steps, spec.guidance, spec.size, spec.num_frames, spec.seed,
+                    progress=bar.update)
+    prompts = prompts[:len(outs)]                 # image-to-video: one video per conditioning frame
+    video = any(len(frames) > 1 for frames in outs)
+    files = []
+    for k, frames in enumerate(outs):             # a video as a GIF at the run's fps, an image as a PNG
+        if video:
             files.append(f"{k:05d}.gif")
-            write_gif(frames, os.path.join(folder, files[-1]), ts.video.fps)
-    else:
-        size = spec.size or min(ts.data.resolution, 512)
-        outs = generate_images(model, prompts, spec.steps, spec.guidance, size, spec.seed, progress=bar.update)
-        files = []
-        for k, img in enumerate(outs):
+            write_gif(frames, os.path.join(folder, files[-1]), model.spec.video.fps)
+        else:
             files.append(f"{k:05d}.png")
-            img.save(os.path.join(folder, files[-1]))
+            frames[0].save(os.path.join(folder, files[-1]))
     bar.close()
     with open(os.path.join(folder, "prompts.jsonl"), "w", encoding="utf-8") as fh:
         for k, (f, p) in enumerate(zip(files, prompts, strict=True)):

@@ -1,6 +1,6 @@
 """``winnow train``, the driver half: validate the spec, claim the output, build (or reuse) the shard
 index with one Ray Data pass, check the bucket plan, fill the latent cache when asked, and run
-``training.loop.train_loop`` on a ``TorchTrainer``.
+``training.worker.train_loop`` on a ``TorchTrainer``.
 
 Ray Train keeps the checkpoints under ``OUTPUT/ray/train`` and restores the newest when the same
 output is run again (or when a worker group restarts within ``ray.max_failures``). The end of
@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import adapter
-from pipeline.commands import plural
 from pipeline.contract import layout, storage
-from pipeline.contract.config import ConfigError
+from pipeline.contract.config import ConfigError, plural
 from pipeline.contract.layout import TrainRun
 from training.checkpoint import CheckpointError
-from training.loop import train_loop
 from training.train_spec import TrainSpec
+from training.worker import train_loop
 
 NAME = "train"
 DESCRIPTION = """\
@@ -77,11 +76,10 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     """Index the shard sets (one Ray Data pass, cached) and check the bucket plan."""
     from pipeline.contract.layout import atomic_write, table_bytes
     from training import families
-    from training.index import bucket_ids, clip_bucket_ids, load_index
 
-    clips = families.get(spec.model.kind).clips
-    index = load_index(spec.data.shards, TrainRun(spec.output.path).index_work, log, spec.data.selection,
-                       adapter.map_tables, clips)
+    family = families.get(spec.model.kind)
+    index = family.load_index(spec.data.shards, TrainRun(spec.output.path).index_work, log, spec.data.selection,
+                              adapter.map_tables)
     held = 0
     if spec.train.eval_every:                           # the held-out slice: never trained on
         index, val = _split_validation(spec, index)
@@ -94,14 +92,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     path = TrainRun(spec.output.path).index
     if not storage.exists(path) or not layout.read_table(path).equals(index):
         atomic_write(path, table_bytes(index))
-    if clips:
-        buckets, bucket_of = clip_bucket_ids(index, spec.video)
-        sizes = [b.batch * spec.ray.num_workers for b in buckets]
-        names = [f"{b.width}x{b.height}x{b.frames}" for b in buckets]
-    else:
-        buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
-        sizes = [spec.train.batch_size * spec.ray.num_workers] * len(buckets)
-        names = [f"{b.width}x{b.height}" for b in buckets]
+    buckets, bucket_of, sizes, names = family.plan_buckets(spec, index)
     g = min(sizes)
     counts = np.bincount(bucket_of[bucket_of >= 0], minlength=len(buckets))
     steps = int(sum(c // s for c, s in zip(counts, sizes, strict=True)))
@@ -112,15 +103,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     if held:
         p.notes.append(f"{held} samples held out for validation ({TrainRun.VAL_INDEX}; train.eval_fraction "
                        f"{spec.train.eval_fraction:g}, at most train.eval_max {spec.train.eval_max})")
-    if clips:
-        _motion_map(spec, index, bucket_of)
-        slow = np.asarray(index.column("fps").to_numpy()) < spec.video.min_fps
-        if slow.any():
-            p.notes.append(f"{int(slow.sum())} clips are slower than video.min_fps {spec.video.min_fps:g} and are "
-                           f"skipped (fps_too_low)")
-        if ((bucket_of < 0) & ~slow).any():
-            p.notes.append(f"{int(((bucket_of < 0) & ~slow).sum())} clips are too short for any video bucket at up "
-                           f"to video.max_fps {spec.video.max_fps:g} and are skipped (too_short)")
+    p.notes += family.prepare_run(spec, index, bucket_of)
     if steps == 0:
         raise ConfigError(f"train.batch_size x ray.num_workers = {g} is more than any bucket holds "
                           f"(largest: {counts.max()} of {index.num_rows} samples); lower the batch size or the "
@@ -144,32 +127,10 @@ def _split_validation(spec: TrainSpec, index):
     return index.filter(~held), val
 
 
-def _motion_map(spec: TrainSpec, index, bucket_of) -> None:
-    """Fit the motion-bucket map on the clips this run trains on; OUTPUT/motion_buckets.json (the
-    workers read it, the export carries it). A resumed run keeps the map it started with."""
-    from pipeline.contract.layout import atomic_write
-    from training.conditioning import MotionBucketMap
-    path = TrainRun(spec.output.path).motion
-    if storage.exists(path):
-        return
-    scores = index.column("motion_score").to_numpy(zero_copy_only=False)[np.asarray(bucket_of) >= 0]
-    try:
-        m = MotionBucketMap.fit(scores)                  # nulls arrive as NaN; fit keeps the finite scores
-    except ValueError:
-        raise ConfigError("data.shards: the clips have no motion_score; curate them with the motion stage "
-                          "(jobs/lvd_video_curation.yaml) so motion_bucket_id can be conditioned on") from None
-    atomic_write(path, json.dumps(m.to_dict(), indent=1).encode())
-
-
 def format_plan(spec: TrainSpec, p: Plan) -> str:
     from training import families
 
-    if families.get(spec.model.kind).clips:
-        size = (f"{plural(len(p.bucket_counts), 'video bucket')} (WxHxframes), batch per bucket x "
-                f"{plural(spec.ray.num_workers, 'worker')}")
-    else:
-        size = (f"{plural(len(p.bucket_counts), 'bucket')} at base {spec.data.resolution}, global batch "
-                f"{p.global_batch} ({spec.train.batch_size} x {plural(spec.ray.num_workers, 'worker')})")
+    size = families.get(spec.model.kind).describe_plan(spec, len(p.bucket_counts), p.global_batch)
     lines = [f"winnow train: {plural(p.samples, 'sample')}, {size}, "
              f"{plural(p.steps_per_epoch, 'step')} per epoch ({plural(p.carried_per_epoch, 'sample')} carried to the "
              f"next epoch)",

@@ -292,3 +292,7 @@ class RaySettings:
                                        "this machine", runtime=True)
     num_cpus: int | None = option(None, "CPUs for a local Ray (default: all cores)", min=1, runtime=True)
 
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``: a count with its noun in the right number (for messages and summaries)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"

@@ -18,13 +18,18 @@ Two sources of weights:
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
+
+from pipeline.contract.config import ConfigError
 
 TINY_TEXT_WIDTH = 32
 
@@ -34,14 +39,35 @@ class Components:
     kind: str                                   # the family's name
     unet: torch.nn.Module
     vae: torch.nn.Module
-    text_encoders: list = field(default_factory=list)
-    tokenizers: list = field(default_factory=list)
+    encoders: list = field(default_factory=list)     # the frozen conditioning encoders: CLIP text encoders (SD,
+    #                                                  SDXL, svd_t2v), or SVD's CLIP vision encoder
+    processors: list = field(default_factory=list)   # what feeds each encoder: a tokenizer, or SVD's image processor
     noise_scheduler: object = None              # DDPMScheduler: the training noise schedule
     sample_scheduler: object = None             # what the exported pipeline samples with
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+
+@dataclass
+class StepContext:
+    """What a family's losses and samplers use of a worker: built once per worker
+    (``training/worker/build.py``); the UNet is passed per call (the prepared one for a training
+    step, the module itself for validation and sampling)."""
+
+    spec: Any                                   # the run's TrainSpec
+    comps: Components
+    device: Any
+    weight_dtype: torch.dtype = torch.float32   # the frozen encoders' dtype (the mixed-precision dtype)
+    vae_dtype: torch.dtype = torch.float32      # fp32 where fp16 would overflow the VAE
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    empty: tuple = (None, None)                 # the latent cache's empty-caption (context, pooled)
+
+
+# a seeded keep-mask of one classifier-free-guidance drop: keep(name, p) -> (B,) bool tensor, drawn
+# from its own (seed, name, step, rank) stream so a resumed run drops what the uninterrupted one did
+Keep = Callable[[str, float], torch.Tensor]
 
 
 # ---- offline CLIP tokenizer ----
@@ -88,7 +114,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def text_context(c: Components, captions: list[str], device) -> torch.Tensor:
     """The first text encoder's last hidden state for ``captions``: SD 1.x / 2.x's cross-attention
     context (and the text-to-video UNet's, inflated from it)."""
-    return c.text_encoders[0](tokenize(c.tokenizers[0], captions).to(device))[0]
+    return c.encoders[0](tokenize(c.processors[0], captions).to(device))[0]
 
 
 # ---- tiny presets: the shared parts ----
@@ -194,6 +220,15 @@ class Family:
                 return self.load(folder, allow_download, prediction_type)
         return self.tiny(seed, scratch, prediction_type or "epsilon")
 
+    def run_components(self, spec) -> Components:
+        """A run's models (``spec.model``). A tiny preset's tokenizer passes through a temporary
+        folder that is gone before training starts, so a worker killed mid-run leaves none behind."""
+        import tempfile
+
+        m = spec.model
+        with tempfile.TemporaryDirectory(prefix="winnow-train-") as scratch:
+            return self.components(m.pretrained, m.allow_download, m.seed, scratch, spec.objective.prediction_type)
+
     def inherit(self, c: Components, image_pipeline: str) -> list[str]:
         """Replace parts of ``c`` by the image pipeline's this video model was inflated from (the
         subfolders taken); most families keep their own."""
@@ -217,6 +252,186 @@ class Family:
 
     def missing_hint(self, missing: list[str]) -> str:
         return ""
+
+    # ---- the run: what the driver and the spec ask (this class: images, one bucket per batch) ----
+    def load_index(self, shards: list[str], work: str, log, selection: str | None, map_tables):
+        """The index of every kept sample the run trains on (``training.index``)."""
+        from training.index import load_index
+
+        return load_index(shards, work, log, selection, map_tables, self.clips)
+
+    def plan_buckets(self, spec, index) -> tuple[list, np.ndarray, list[int], list[str]]:
+        """(buckets, each sample's bucket or -1, global batch per bucket, bucket names)."""
+        from training.index import bucket_ids
+
+        buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+        sizes = [spec.train.batch_size * spec.ray.num_workers] * len(buckets)
+        return buckets, bucket_of, sizes, [f"{b.width}x{b.height}" for b in buckets]
+
+    def prepare_run(self, spec, index, bucket_of) -> list[str]:
+        """Write what the run's workers read beside the index (the driver, once); notes for the plan."""
+        return []
+
+    def describe_plan(self, spec, buckets: int, global_batch: int) -> str:
+        from pipeline.contract.config import plural
+
+        return (f"{plural(buckets, 'bucket')} at base {spec.data.resolution}, global batch {global_batch} "
+                f"({spec.train.batch_size} x {plural(spec.ray.num_workers, 'worker')})")
+
+    def check_spec(self, spec) -> None:
+        """Raise a ConfigError for settings this family cannot honour (before Ray starts)."""
+        if spec.lora.enabled and spec.lora.layers in ("temporal", "spatial"):
+            raise ConfigError(f"lora.layers: {spec.lora.layers!r} applies to video UNets (model.kind svd, svd_t2v); "
+                              f"use auto or all for model.kind {self.name}")
+
+    def spec_sections(self) -> tuple[str, ...]:
+        """The spec sections beyond the common ones that change what this family trains (fingerprinted)."""
+        return ()
+
+    def lora_layers(self, lora) -> str:
+        """``lora.layers`` resolved: auto is every layer of an image UNet."""
+        return "all" if lora.layers == "auto" else lora.layers
+
+    # ---- the worker: loader, losses, samples (every rank but where said) ----
+    def loader(self, spec, config: dict, index, cursor, rank: int, world: int, device):
+        """(this rank's loader over the run's buckets, the bucket list, the cache's empty-caption
+        embeddings on ``device`` or (None, None))."""
+        from training.index import bucket_ids
+        from training.loader import BucketLoader
+
+        buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+        cache, empty = None, (None, None)
+        if config.get("cache_dir"):
+            from training.cache import LatentCache
+
+            cache = LatentCache(config["cache_dir"], buckets, bucket_of)
+            empty = (torch.from_numpy(cache.empty).float().to(device),
+                     None if cache.empty_pooled is None else torch.from_numpy(cache.empty_pooled).float().to(device))
+        loader = BucketLoader(index, buckets, bucket_of, cursor, spec.train.batch_size, rank, world, spec.train.seed,
+                              spec.data.random_crop, spec.data.workers, spec.data.prefetch, cache=cache,
+                              shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30))
+        return loader, buckets, empty
+
+    def validation_loader(self, spec, config: dict, index):
+        """(a loader over the held-out rows, centre crops; the batch size of each of its buckets)."""
+        from training.index import bucket_ids
+        from training.loader import BucketLoader
+        from training.schedule import Cursor
+
+        buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
+        loader = BucketLoader(index, buckets, bucket_of, Cursor(), spec.train.batch_size, 0, 1, spec.train.seed,
+                              False, 1, 1)
+        return loader, [spec.train.batch_size] * len(buckets)
+
+    def latents(self, ctx: StepContext, batch, keep: torch.Tensor, g: torch.Generator):
+        """(scaled latents, text context, pooled embedding or None) of an image batch: encoded now,
+        or read from the latent cache; a dropped caption becomes the empty caption."""
+        device, comps = ctx.device, ctx.comps
+        latent_dtype = ctx.weight_dtype if ctx.weight_dtype != torch.float16 else torch.float32
+        with torch.no_grad():
+            if batch.latents is None:
+                dist = comps.vae.encode(batch.pixels.to(device, dtype=ctx.vae_dtype)).latent_dist
+                mean, std = dist.mean, dist.std
+                captions = [c if bool(k) else "" for c, k in zip(batch.captions, keep, strict=True)]
+                context, pooled = self.encode_text(comps, captions, device)
+            else:                                   # data.cache: latents and text precomputed
+                mean, std = batch.latents[:, 0].to(device), batch.latents[:, 1].to(device)
+                mask = keep.to(device)
+                empty_context, empty_pooled = ctx.empty
+                context = torch.where(mask[:, None, None], batch.context.to(device), empty_context)
+                pooled = None if batch.pooled is None else torch.where(mask[:, None], batch.pooled.to(device),
+                                                                       empty_pooled)
+            latents = mean + std * torch.randn(mean.shape, generator=g).to(device, mean.dtype)
+            latents = (latents * comps.vae.config.scaling_factor).to(latent_dtype)
+            context = context.to(ctx.weight_dtype)
+            pooled = None if pooled is None else pooled.to(ctx.weight_dtype)
+        return latents, context, pooled
+
+    def step_loss(self, ctx: StepContext, batch, g: torch.Generator, keep: Keep, unet) -> torch.Tensor:
+        """The training step's per-sample loss: noise, offset noise and timesteps from ``g``, the
+        noised latents' target by the prediction type, min-SNR weighting when set."""
+        import torch.nn.functional as F
+
+        from training import objectives as obj
+
+        spec, device, sched = ctx.spec, ctx.device, ctx.comps.noise_scheduler
+        ac = sched.alphas_cumprod.to(device)
+        latents, context, pooled = self.latents(ctx, batch, keep("captions", spec.objective.caption_dropout), g)
+        noise = obj.offset_noise(torch.randn(latents.shape, generator=g), spec.objective.offset_noise, g).to(
+            device, latents.dtype)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+        noisy = obj.add_noise(latents, noise, t, ac)
+        target = obj.target(ctx.comps.prediction_type, latents, noise, t, ac)
+        added = self.unet_conditions(pooled, batch.time_ids, device)
+        with ctx.autocast():
+            pred = unet(noisy, t, context, added_cond_kwargs=added).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        if spec.objective.min_snr_gamma:
+            gamma = spec.objective.min_snr_gamma
+            per_sample = per_sample * obj.min_snr_weights(t, ac, gamma, ctx.comps.prediction_type)
+        return per_sample
+
+    def validation_loss(self, ctx: StepContext, batch, g: torch.Generator, unet) -> torch.Tensor:
+        """(B, timesteps) held-out loss at fixed timesteps (``training.validate.fixed_timesteps``),
+        captions kept, the same noise for every timestep."""
+        import torch.nn.functional as F
+
+        from training import objectives as obj
+        from training.validate import fixed_timesteps
+
+        device, comps = ctx.device, ctx.comps
+        keep = torch.ones(len(batch.ids), dtype=torch.bool)
+        latents, context, pooled = self.latents(ctx, batch, keep, g)
+        noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+        ac = comps.noise_scheduler.alphas_cumprod.to(device)
+        added = self.unet_conditions(pooled, batch.time_ids, device)
+        out = []
+        for t in fixed_timesteps(comps.noise_scheduler.config.num_train_timesteps):
+            tt = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
+            with ctx.autocast():
+                pred = unet(obj.add_noise(latents, noise, tt, ac), tt, context, added_cond_kwargs=added).sample
+            target = obj.target(comps.prediction_type, latents, noise, tt, ac)
+            out.append(F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim))))
+        return torch.stack(out, dim=1)
+
+    def training_samples(self, ctx: StepContext, unet, loader, buckets) -> list[list]:
+        """Rank 0: the run's samples as lists of PIL frames (an image is one frame): the sample
+        prompts through the family's pipeline at the base resolution, prompt k seeded seed + k."""
+        spec = ctx.spec
+        if not spec.train.sample_prompts:
+            return []
+        pipe = self.build_pipeline(ctx.comps, unet).to(ctx.device)
+        pipe.set_progress_bar_config(disable=True)
+        out = []
+        for k, prompt in enumerate(spec.train.sample_prompts):
+            g = torch.Generator("cpu").manual_seed(spec.train.seed + k)
+            with ctx.autocast():
+                out.append([pipe(prompt, num_inference_steps=spec.train.sample_steps, height=spec.data.resolution,
+                                 width=spec.data.resolution, generator=g).images[0]])
+        return out
+
+    # ---- generating from a finished run (winnow eval) ----
+    def check_generate(self, frames: bool) -> None:
+        """Raise a ConfigError when ``--frames`` is given (or missing) against what the family samples from."""
+        if frames:
+            raise ConfigError(f"--frames: model.kind {self.name} samples from prompts alone; drop --frames")
+
+    def sample(self, c: Components, spec, prompts: list[str], frames: list | None, steps: int, guidance: float,
+               size: int | None, num_frames: int | None, seed: int, device: str = "cpu",
+               progress=None) -> list[list]:
+        """One list of PIL frames per prompt (an image: one frame), prompt k seeded ``seed + k``, at
+        ``size`` (default: the run's resolution, at most 512)."""
+        size = size or min(spec.data.resolution, 512)
+        pipe = self.build_pipeline(c).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        out = []
+        for k, prompt in enumerate(prompts):
+            g = torch.Generator("cpu").manual_seed(seed + k)
+            out.append([pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                             generator=g).images[0]])
+            if progress:
+                progress()
+        return out
 
     # ---- conditioning and the UNet call ----
     def encode_text(self, c: Components, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -256,5 +471,5 @@ class Family:
         return 0
 
 
-__all__ = ["Components", "Family", "TINY_TEXT_WIDTH", "clip_tokenizer_files", "offline_clip_tokenizer", "text_context",
-           "tokenize"]
+__all__ = ["Components", "Family", "Keep", "StepContext", "TINY_TEXT_WIDTH", "clip_tokenizer_files",
+           "offline_clip_tokenizer", "text_context", "tokenize"]

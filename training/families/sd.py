@@ -38,6 +38,6 @@ class SD(base.Family):
     def build_pipeline(self, c: Components, unet=None):
         from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+        return StableDiffusionPipeline(vae=c.vae, text_encoder=c.encoders[0], tokenizer=c.processors[0],
                                        unet=c.unet if unet is None else unet, scheduler=c.sample_scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -43,7 +43,7 @@ class SDXL(base.Family):
     @torch.no_grad()
     def encode_text(self, c: Components, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = [], None
-        for enc, tok in zip(c.text_encoders, c.tokenizers, strict=True):
+        for enc, tok in zip(c.encoders, c.processors, strict=True):
             out = enc(base.tokenize(tok, captions).to(device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]
@@ -55,8 +55,8 @@ class SDXL(base.Family):
     def build_pipeline(self, c: Components, unet=None):
         from diffusers import StableDiffusionXLPipeline
 
-        return StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
-                                         tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1],
+        return StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.encoders[0], text_encoder_2=c.encoders[1],
+                                         tokenizer=c.processors[0], tokenizer_2=c.processors[1],
                                          unet=c.unet if unet is None else unet, scheduler=c.sample_scheduler)
 
     def _pooled(self, projection_dim: int) -> int:

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from pipeline.contract.config import ConfigError
 from training.families import base
 from training.families.base import Components
 
@@ -108,7 +109,7 @@ class SVD(base.Family):
         as the pipeline computes them: antialiased resize to 224, CLIP normalisation, projected embeds."""
         from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 
-        proc, enc = c.tokenizers[0], c.text_encoders[0]
+        proc, enc = c.processors[0], c.encoders[0]
         x = _resize_with_antialiasing(frames.float(), (224, 224))
         x = (x + 1.0) / 2.0
         mean = torch.tensor(proc.image_mean, device=x.device).reshape(1, 3, 1, 1)
@@ -125,9 +126,9 @@ class SVD(base.Family):
     def build_pipeline(self, c: Components, unet=None):
         from diffusers import StableVideoDiffusionPipeline
 
-        return StableVideoDiffusionPipeline(vae=c.vae, image_encoder=c.text_encoders[0],
+        return StableVideoDiffusionPipeline(vae=c.vae, image_encoder=c.encoders[0],
                                             unet=c.unet if unet is None else unet, scheduler=c.sample_scheduler,
-                                            feature_extractor=c.tokenizers[0])
+                                            feature_extractor=c.processors[0])
 
     @torch.no_grad()
     def frame_latents(self, c: Components, frames: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -137,9 +138,8 @@ class SVD(base.Family):
         noise_z = torch.randn(dist.mean.shape, generator=g).to(frames.device, dist.mean.dtype)
         return ((dist.mean + dist.std * noise_z) * c.vae.config.scaling_factor).float().unflatten(0, (b, f))
 
-    def step_loss(
-        self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep, unet
-    ) -> torch.Tensor:
+    def _batch_loss(self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep,
+                    unet) -> torch.Tensor:
         """The training step's per-video loss: ``keep(name, p)`` is the seeded (B,) keep-mask of one
         classifier-free-guidance drop."""
         from training.objectives import EDM
@@ -191,6 +191,154 @@ class SVD(base.Family):
 
     def cache_dims(self, pretrained, allow_download=False) -> dict:
         raise TypeError("the latent cache holds image latents; svd trains on decoded frames")
+
+    # ---- the run: curated clips in video buckets (WxHxframes, a batch size per bucket) ----
+    def plan_buckets(self, spec, index):
+        from training.index import clip_bucket_ids
+
+        buckets, bucket_of = clip_bucket_ids(index, spec.video)
+        sizes = [b.batch * spec.ray.num_workers for b in buckets]
+        return buckets, bucket_of, sizes, [f"{b.width}x{b.height}x{b.frames}" for b in buckets]
+
+    def prepare_run(self, spec, index, bucket_of) -> list[str]:
+        """Fit the motion-bucket map on the clips this run trains on (OUTPUT/motion_buckets.json: the
+        workers read it, the export carries it; a resumed run keeps the map it started with)."""
+        import numpy as np
+
+        from pipeline.contract import storage
+        from pipeline.contract.layout import TrainRun, atomic_write
+        from training.conditioning import MotionBucketMap
+
+        path = TrainRun(spec.output.path).motion
+        if not storage.exists(path):
+            scores = index.column("motion_score").to_numpy(zero_copy_only=False)[np.asarray(bucket_of) >= 0]
+            try:
+                m = MotionBucketMap.fit(scores)          # nulls arrive as NaN; fit keeps the finite scores
+            except ValueError:
+                raise ConfigError("data.shards: the clips have no motion_score; curate them with the motion stage "
+                                  "(jobs/lvd_video_curation.yaml) so motion_bucket_id can be conditioned on") from None
+            atomic_write(path, json.dumps(m.to_dict(), indent=1).encode())
+        notes = []
+        slow = np.asarray(index.column("fps").to_numpy()) < spec.video.min_fps
+        if slow.any():
+            notes.append(f"{int(slow.sum())} clips are slower than video.min_fps {spec.video.min_fps:g} and are "
+                         f"skipped (fps_too_low)")
+        if ((bucket_of < 0) & ~slow).any():
+            notes.append(f"{int(((bucket_of < 0) & ~slow).sum())} clips are too short for any video bucket at up "
+                         f"to video.max_fps {spec.video.max_fps:g} and are skipped (too_short)")
+        return notes
+
+    def describe_plan(self, spec, buckets: int, global_batch: int) -> str:
+        from pipeline.contract.config import plural
+
+        return (f"{plural(buckets, 'video bucket')} (WxHxframes), batch per bucket x "
+                f"{plural(spec.ray.num_workers, 'worker')}")
+
+    def check_spec(self, spec) -> None:
+        from training.buckets import video_bucket_table
+
+        if spec.data.cache:
+            raise ConfigError("data.cache: the latent cache holds image latents; set it false for video models "
+                              "(model.kind svd, svd_t2v)")
+        if not spec.video.min_fps <= spec.video.fps <= spec.video.max_fps:
+            raise ConfigError(f"video.fps {spec.video.fps:g} must lie in [min_fps {spec.video.min_fps:g}, max_fps "
+                              f"{spec.video.max_fps:g}]")
+        try:
+            table = video_bucket_table(spec.video.buckets)
+        except (ValueError, AttributeError) as exc:
+            raise ConfigError(f"video.buckets: {exc}") from None
+        if not table or any(b.width % 8 or b.height % 8 for b in table):
+            raise ConfigError("video.buckets: give at least one HEIGHTxWIDTH whose sides are multiples of 8")
+
+    def spec_sections(self) -> tuple[str, ...]:
+        return ("video",)
+
+    def lora_layers(self, lora) -> str:
+        """auto: the temporal layers only (the spatial ones keep the image model's look)."""
+        return "temporal" if lora.layers == "auto" else lora.layers
+
+    # ---- the worker ----
+    def loader(self, spec, config: dict, index, cursor, rank: int, world: int, device):
+        """(this rank's ClipLoader over the video buckets, the bucket list, no cache embeddings)."""
+        from pipeline.contract import storage
+        from pipeline.contract.layout import TrainRun
+        from training.conditioning import MotionBucketMap
+        from training.index import clip_bucket_ids
+        from training.loader import ClipLoader
+
+        buckets, bucket_of = clip_bucket_ids(index, spec.video)
+        motion = MotionBucketMap.from_dict(json.loads(storage.read_bytes(TrainRun(config["output"]).motion)))
+        ids = motion(index.column("motion_score").to_numpy(zero_copy_only=False))   # a null score is NaN: bucket 128
+        v = spec.video
+        loader = ClipLoader(index, buckets, bucket_of, cursor, rank, world, spec.train.seed, spec.data.random_crop,
+                            spec.data.workers, spec.data.prefetch, v.fps, v.min_fps, v.max_fps, ids,
+                            shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30))
+        return loader, buckets, (None, None)
+
+    def validation_loader(self, spec, config: dict, index):
+        from training.schedule import Cursor
+
+        loader, buckets, _ = self.loader(spec, config, index, Cursor(), 0, 1, None)
+        return loader, [b.batch for b in buckets]
+
+    def step_loss(self, ctx: base.StepContext, batch, g: torch.Generator, keep: base.Keep, unet) -> torch.Tensor:
+        with ctx.autocast():
+            return self._batch_loss(ctx.comps, batch.frames.to(ctx.device, ctx.vae_dtype), batch, ctx.spec, g, keep,
+                                    unet)
+
+    def validation_loss(self, ctx: base.StepContext, batch, g: torch.Generator, unet) -> torch.Tensor:
+        """(B,) held-out loss: the training loss with nothing dropped."""
+        n = len(batch.ids)
+        return self.step_loss(ctx, batch, g, lambda name, p: torch.ones(n, dtype=torch.bool), unet)
+
+    def training_samples(self, ctx: base.StepContext, unet, loader, buckets) -> list[list]:
+        """Rank 0: videos from the family's sampler (image-to-video: the first training clip's first
+        frame; text-to-video: the sample prompts, else that clip's caption) at the run's fps."""
+        import numpy as np
+        from PIL import Image
+
+        from training.video_frames import decode_frames
+
+        spec = ctx.spec
+        first = int(np.flatnonzero(loader.bucket_of >= 0)[0])
+        bucket = buckets[int(loader.bucket_of[first])]
+
+        def first_frame():
+            return Image.fromarray(decode_frames(loader.reader.read(first), [0.0])[0][0]).resize(
+                (bucket.width, bucket.height))
+
+        prompts = list(spec.train.sample_prompts) or [loader.captions[first]]
+        with ctx.autocast():
+            return self.sample_videos(ctx.comps, unet, bucket, spec.train.sample_steps, spec.video.fps,
+                                      spec.train.seed, ctx.device, prompts, first_frame)
+
+    # ---- generating from a finished run ----
+    def check_generate(self, frames: bool) -> None:
+        if not frames:
+            raise ConfigError(f"--frames: an image-to-video run (model.kind {self.name}) samples from conditioning "
+                              f"images; give a folder of them (paired in sorted order with the prompts)")
+
+    def sample(self, c: Components, spec, prompts: list[str], frames: list | None, steps: int, guidance: float,
+               size: int | None, num_frames: int | None, seed: int, device: str = "cpu",
+               progress=None) -> list[list]:
+        """One video (a list of PIL frames) per prompt, at the run's first video bucket's size and
+        ``num_frames`` (default: that bucket's frame count), video k seeded ``seed + k``;
+        image-to-video: from conditioning frame k (prompts beyond the frames are not sampled)."""
+        from training.buckets import VideoBucket
+
+        first = next(iter(spec.video.buckets))
+        height, width = (int(x) for x in first.split("x"))
+        bucket = VideoBucket(width, height, num_frames or int(next(iter(spec.video.buckets[first]))), 1)
+        if frames:
+            prompts = prompts[:len(frames)]
+        c.unet.to(device)
+        out = []
+        for k, prompt in enumerate(prompts):
+            cond = (lambda k=k: frames[k].convert("RGB").resize((width, height))) if frames else None
+            out += self.sample_videos(c, c.unet, bucket, steps, spec.video.fps, seed + k, device, [prompt], cond)
+            if progress:
+                progress()
+        return out
 
 
 class SVDText(SVD):
@@ -261,7 +409,7 @@ class SVDText(SVD):
         if encoder.config.hidden_size != width:
             raise ValueError(f"the image pipeline's text encoder is {encoder.config.hidden_size} wide, the video UNet "
                              f"attends to {width}")
-        c.text_encoders, c.tokenizers = [encoder], [tokenizer]
+        c.encoders, c.processors = [encoder], [tokenizer]
         return ["text_encoder", "tokenizer"]
 
     def encode_text(self, c: Components, captions: list[str], device):
@@ -270,9 +418,8 @@ class SVDText(SVD):
     def encode_image(self, c: Components, frames: torch.Tensor) -> torch.Tensor:
         raise TypeError("svd_t2v is text-conditioned: use encode_text on the captions")
 
-    def step_loss(
-        self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep, unet
-    ) -> torch.Tensor:
+    def _batch_loss(self, c: Components, frames: torch.Tensor, batch, spec, g: torch.Generator, keep,
+                    unet) -> torch.Tensor:
         from training.objectives import EDM
 
         v = spec.video
@@ -349,12 +496,15 @@ class SVDText(SVD):
     def build_pipeline(self, c: Components, unet=None):
         raise TypeError("no diffusers pipeline runs svd_t2v; winnow samples it with SVDText.generate")
 
+    def check_generate(self, frames: bool) -> None:
+        base.Family.check_generate(self, frames)        # text-to-video: prompts alone
+
     def export(self, c: Components, unet, folder: str) -> str:
         """A folder of the parts (``model_index.json`` lists them)."""
         import diffusers
 
         os.makedirs(folder, exist_ok=True)
-        parts = {"unet": unet, "vae": c.vae, "text_encoder": c.text_encoders[0], "tokenizer": c.tokenizers[0],
+        parts = {"unet": unet, "vae": c.vae, "text_encoder": c.encoders[0], "tokenizer": c.processors[0],
                  "scheduler": c.sample_scheduler}
         index = {"_class_name": "WinnowTextToVideo", "_diffusers_version": diffusers.__version__}
         for sub, part in parts.items():
