@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pipeline import commands
-from pipeline.contract.config import ConfigError
+from pipeline.contract.errors import CheckpointError, ClusterError, ConfigError
 
 
 def version() -> str:
@@ -90,12 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:        # a command that reads a spec says so; the others name their option
         print(f"winnow: {'bad spec: ' if hasattr(args, 'spec') else ''}{exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:   # a checkpoint winnow refuses to load (training.checkpoint.CheckpointError)
-        if type(exc).__name__ == "ClusterError":      # submit / jobs: the cluster refused or could not be reached
-            print(f"winnow: {exc}", file=sys.stderr)
-            return 1
-        if type(exc).__name__ != "CheckpointError":
-            raise
+    except ClusterError as exc:       # submit / jobs: the cluster refused or could not be reached
+        print(f"winnow: {exc}", file=sys.stderr)
+        return 1
+    except CheckpointError as exc:    # a checkpoint winnow refuses to load
         print(f"winnow: bad checkpoint: {exc}", file=sys.stderr)
         return 1
     except KeyError as exc:       # an unknown stage name given to `winnow stages`

@@ -52,7 +52,7 @@ def outputs(out):
 
 @pytest.mark.parametrize("phase, pattern", [
     ("annotate", "_work/rows/*/*.parquet"),   # killed after the first fragment lands
-    ("shards", "shards/*_stats.json"),        # killed after the first shard lands
+    pytest.param("shards", "shards/*_stats.json", marks=pytest.mark.slow),   # killed after the first shard lands
 ])
 def test_kill9_then_rerun_equals_clean_run(ray_local, corpus, clean_run, tmp_path, phase, pattern):
     root, _ = corpus

@@ -426,6 +426,7 @@ def test_the_driver_shows_a_progress_bar_with_loss_and_throughput(tmp_path):
     assert "12/12" in text and "loss=0.1250" in text and "samples_s=4.0" in text and "loss=9.0000" not in text
 
 
+@pytest.mark.slow
 def test_resuming_from_a_planted_checkpoint_runs_no_code_and_names_the_file(ray_local, shards, tmp_path, capsys):
     """A pickle planted in a real run's newest checkpoint: the resumed job refuses it, naming the file,
     and the payload never runs (the old trainer unpickled state.pt here)."""

@@ -158,6 +158,7 @@ def test_stages_must_match_the_input_kind(videos, tmp_path, corpus):
         run_curate(root, str(tmp_path / "d"), stages=[{"name": "clips", "min_s": 5, "max_s": 4}])
 
 
+@pytest.mark.slow
 def test_kill9_during_clips_then_rerun_gives_the_same_clips(ray_local, videos, video_run, tmp_path):
     root, _ = videos
     clean = str(tmp_path / "clean")

@@ -18,13 +18,11 @@ import json
 import os
 from typing import Any
 
+from pipeline.contract.errors import CheckpointError
+
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 _TENSOR, _TUPLE, _INTKEYS = "__tensor__", "__tuple__", "__intkeys__"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing or not what winnow writes; the message names the file."""
 
 
 def _split(obj: Any, tensors: dict, path: str) -> Any:

@@ -133,21 +133,19 @@ def _shard_members(root: str, limit: int, skipped: dict):
     import tarfile
 
     from pipeline.contract import storage
+    from pipeline.contract import tar as tars
     from pipeline.contract.inputs import InputPolicy
     from pipeline.contract.schema import IMAGE_EXTENSIONS
 
     cap, n = InputPolicy().max_file_bytes, 0
-    for path in storage.files_in(storage.join(root, "shards"), ".tar"):
+    for path in storage.files_in(storage.join(root, SHARDS_DIR), ".tar"):
         try:                                # read as a stream: one pass, nothing extracted
-            with storage.open_read(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
-                for m in tf:
-                    if not m.name.lower().endswith(IMAGE_EXTENSIONS):
+            with storage.open_read(path) as fh:
+                for name, data, refused in tars.stream(fh, lambda m: m.lower().endswith(IMAGE_EXTENSIONS), cap):
+                    if refused:
+                        skipped[refused] = skipped.get(refused, 0) + 1
                         continue
-                    if not m.isreg() or m.size > cap:
-                        skipped["not_a_regular_file" if not m.isreg() else "too_large"] = \
-                            skipped.get("not_a_regular_file" if not m.isreg() else "too_large", 0) + 1
-                        continue
-                    yield f"{storage.name(path)}/{m.name}", tf.extractfile(m).read()
+                    yield f"{storage.name(path)}/{name}", data
                     n += 1
                     if n >= limit:
                         return
@@ -176,7 +174,8 @@ def _sources(root: str, limit: int, skipped: dict):
 
 def read_images(root: str, limit: int, skipped: dict):
     """(name, RGB PIL image) of every readable image; the rest counted in ``skipped`` by reason."""
-    from curation.decode import DecodeConfig, decode_image
+    from curation.decode import DecodeConfig, DecodeError, decode_image
+    from pipeline.contract.inputs import InputRejected
 
     cfg = DecodeConfig(max_side=1024)
     for name, data in _sources(root, limit, skipped):
@@ -185,7 +184,7 @@ def read_images(root: str, limit: int, skipped: dict):
                 raise data
             img, _, _ = decode_image(data, cfg)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a counted skip
-            reason = str(exc).split(":", 1)[0] if type(exc).__name__ in ("DecodeError", "InputRejected") \
+            reason = str(exc).split(":", 1)[0] if isinstance(exc, (DecodeError, InputRejected)) \
                 else type(exc).__name__
             skipped[reason] = skipped.get(reason, 0) + 1
             continue

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipeline.contract.config import ConfigError
+from pipeline.contract.errors import ClusterError, ConfigError
 
 NAME = "submit"
 DESCRIPTION = """\
@@ -83,10 +83,6 @@ def check_spec(spec_path: str, overrides: list[str]) -> str:
     argv = [kind, spec_path, *[a for kv in overrides for a in ("--set", kv)]]
     commands.get(kind).from_args(parser_for(kind).parse_args(argv))
     return kind
-
-
-class ClusterError(RuntimeError):
-    """The cluster's job API refused a request or could not be reached."""
 
 
 @contextlib.contextmanager

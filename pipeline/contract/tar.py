@@ -108,6 +108,23 @@ def _scan_tarfile(fh: BinaryIO) -> Iterator[Member]:
                 yield Member(m.name, m.offset, m.offset_data, m.size)
 
 
+def stream(fh: BinaryIO, want, max_bytes: int) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """One pass over a tar read as a stream (nothing seeked: an object on a store is read once):
+    ``(name, data, None)`` for each regular member whose name ``want`` accepts and whose size fits
+    ``max_bytes``, ``(name, None, reason)`` for one refused (``not_a_regular_file``, ``too_large``).
+    Nothing is extracted to disk."""
+    with tarfile.open(fileobj=fh, mode="r|") as tf:
+        for m in tf:
+            if not want(m.name):
+                continue
+            if not m.isreg():
+                yield m.name, None, "not_a_regular_file"
+            elif m.size > max_bytes:
+                yield m.name, None, "too_large"
+            else:
+                yield m.name, tf.extractfile(m).read(), None
+
+
 @dataclass
 class Sample:
     key: str

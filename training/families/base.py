@@ -167,7 +167,6 @@ class Family:
     clips: ClassVar[bool] = False          # trains on curated clips (ClipLoader, video buckets), not images
     inflates: ClassVar[bool] = False       # its UNet inflates into a video UNet (training/inflate.py)
     follows: ClassVar[tuple[str, ...]] = ()   # other video families whose UNet this one starts from (conv_in widened)
-    image_conditioned: ClassVar[bool] = False   # samples from a conditioning frame (image-to-video)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tiny_scaling_factor: ClassVar[float] = 0.18215
 

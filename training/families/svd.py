@@ -32,8 +32,7 @@ def svd_scheduler():
 class SVD(base.Family):
     name = "svd"
     clips = True
-    follows = ("svd_t2v",)
-    image_conditioned = True         # a text-to-video stage's UNet widens into this one (conv_in 4 -> 8)
+    follows = ("svd_t2v",)           # a text-to-video stage's UNet widens into this one (conv_in 4 -> 8)
     text_encoders = ()
     tiny_scaling_factor = 0.18215
 
@@ -350,7 +349,6 @@ class SVDText(SVD):
     samples with its own Euler loop (``sample_videos``) and that an image-to-video stage starts from."""
     name = "svd_t2v"
     in_channels = 4
-    image_conditioned = False
     text_encoders = ("text_encoder",)
     follows = ()
 
