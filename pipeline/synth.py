@@ -138,6 +138,7 @@ def make_video_corpus(root: str, width: int = 160, height: int = 96, fps: float 
     expect: dict[str, dict] = {}
 
     def put(name: str, frames: list[np.ndarray], caption: str | None, **kw) -> None:
+        kw.setdefault("repeatable", True)       # the same corpus bytes on every run: the demo's numbers repeat
         write_video(os.path.join(root, name), frames, fps=kw.pop("fps", fps), **kw)
         if caption:
             with open(os.path.join(root, os.path.splitext(name)[0] + ".txt"), "w", encoding="utf-8") as fh:
