@@ -14,8 +14,6 @@
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
@@ -99,14 +97,6 @@ class MotionBucketMap:
             raise ValueError("not a motion-bucket map winnow wrote")
         return cls(d["knots"], d["ranks"])
 
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
-
-    @classmethod
-    def load(cls, path: str) -> MotionBucketMap:
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
 
 
 __all__ = ["MOTION_BUCKETS", "MotionBucketMap", "augment_frame", "concat_condition", "sample_noise_aug",

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.contract.config import ConfigError
-from pipeline.contract.layout import SHARDS_DIR, TrainRun
+from pipeline.contract.layout import SHARDS_DIR, TrainRun, atomic_write
 from pipeline.contract.media import gif_frames, write_gif
 
 NAME = "eval"
@@ -321,9 +321,9 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
             files.append(f"{k:05d}.png")
             frames[0].save(os.path.join(folder, files[-1]))
     bar.close()
-    with open(os.path.join(folder, "prompts.jsonl"), "w", encoding="utf-8") as fh:
-        for k, (f, p) in enumerate(zip(files, prompts, strict=True)):
-            fh.write(json.dumps({"file": f, "prompt": p, "seed": spec.seed + k}) + "\n")
+    listing = "".join(json.dumps({"file": f, "prompt": p, "seed": spec.seed + k}) + "\n"
+                      for k, (f, p) in enumerate(zip(files, prompts, strict=True)))
+    atomic_write(os.path.join(folder, "prompts.jsonl"), listing.encode())     # last: the folder is complete
     if folder != target:
         storage.copy_tree(folder, target, last=("prompts.jsonl",))
     return target, folder, prompts, model.source, video

@@ -346,11 +346,24 @@ class Family:
             pooled = None if pooled is None else pooled.to(ctx.weight_dtype)
         return latents, context, pooled
 
-    def step_loss(self, ctx: StepContext, batch, g: torch.Generator, keep: Keep, unet) -> torch.Tensor:
-        """The training step's per-sample loss: noise, offset noise and timesteps from ``g``, the
-        noised latents' target by the prediction type, min-SNR weighting when set."""
+    def denoising_loss(self, ctx: StepContext, unet, latents, noise, t, context, added) -> torch.Tensor:
+        """Per-sample mean squared error of the UNet's prediction of ``latents`` noised with ``noise``
+        at timesteps ``t`` against its target (epsilon, or v): the one image loss, which training
+        and validation both call."""
         import torch.nn.functional as F
 
+        from training import objectives as obj
+
+        ac = ctx.comps.noise_scheduler.alphas_cumprod.to(ctx.device)
+        noisy = obj.add_noise(latents, noise, t, ac)
+        target = obj.target(ctx.comps.prediction_type, latents, noise, t, ac)
+        with ctx.autocast():
+            pred = unet(noisy, t, context, added_cond_kwargs=added).sample
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+
+    def step_loss(self, ctx: StepContext, batch, g: torch.Generator, keep: Keep, unet) -> torch.Tensor:
+        """The training step's per-sample loss: noise, offset noise and timesteps from ``g``
+        (``denoising_loss``), min-SNR weighting when set."""
         from training import objectives as obj
 
         spec, device, sched = ctx.spec, ctx.device, ctx.comps.noise_scheduler
@@ -359,38 +372,27 @@ class Family:
         noise = obj.offset_noise(torch.randn(latents.shape, generator=g), spec.objective.offset_noise, g).to(
             device, latents.dtype)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
-        noisy = obj.add_noise(latents, noise, t, ac)
-        target = obj.target(ctx.comps.prediction_type, latents, noise, t, ac)
-        added = self.unet_conditions(pooled, batch.time_ids, device)
-        with ctx.autocast():
-            pred = unet(noisy, t, context, added_cond_kwargs=added).sample
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        per_sample = self.denoising_loss(ctx, unet, latents, noise, t, context,
+                                         self.unet_conditions(pooled, batch.time_ids, device))
         if spec.objective.min_snr_gamma:
             gamma = spec.objective.min_snr_gamma
             per_sample = per_sample * obj.min_snr_weights(t, ac, gamma, ctx.comps.prediction_type)
         return per_sample
 
     def validation_loss(self, ctx: StepContext, batch, g: torch.Generator, unet) -> torch.Tensor:
-        """(B, timesteps) held-out loss at fixed timesteps (``training.validate.fixed_timesteps``),
-        captions kept, the same noise for every timestep."""
-        import torch.nn.functional as F
-
-        from training import objectives as obj
+        """(B, timesteps) held-out loss (``denoising_loss``) at fixed timesteps
+        (``training.validate.fixed_timesteps``), captions kept, the same noise for every timestep."""
         from training.validate import fixed_timesteps
 
         device, comps = ctx.device, ctx.comps
         keep = torch.ones(len(batch.ids), dtype=torch.bool)
         latents, context, pooled = self.latents(ctx, batch, keep, g)
         noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
-        ac = comps.noise_scheduler.alphas_cumprod.to(device)
         added = self.unet_conditions(pooled, batch.time_ids, device)
         out = []
         for t in fixed_timesteps(comps.noise_scheduler.config.num_train_timesteps):
             tt = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-            with ctx.autocast():
-                pred = unet(obj.add_noise(latents, noise, tt, ac), tt, context, added_cond_kwargs=added).sample
-            target = obj.target(comps.prediction_type, latents, noise, tt, ac)
-            out.append(F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim))))
+            out.append(self.denoising_loss(ctx, unet, latents, noise, tt, context, added))
         return torch.stack(out, dim=1)
 
     def training_samples(self, ctx: StepContext, unet, loader, buckets) -> list[list]:
