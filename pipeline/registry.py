@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from curation.aesthetic import AestheticScore
+from curation.caption import CaptionImages
 from curation.clip import ClipEmbed
 from curation.decode import DecodeImages
 from curation.metadata_filter import MetadataFilter
@@ -14,7 +15,7 @@ from video.motion import MotionScore
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (MetadataFilter, DecodeImages, PHashDedup, ClipEmbed,
                                                             AestheticScore, OcrText, SemanticDedup, SplitClips,
-                                                            MotionScore)}
+                                                            MotionScore, CaptionImages)}
 
 
 def get(name: str) -> type[Stage]:

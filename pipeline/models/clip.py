@@ -20,6 +20,8 @@ from pipeline.contract.media import open_image
 
 TINY_MODELS_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 TINY_CLIP = "winnow-tiny-clip"
+TINY_COCA = "winnow-tiny-coca"           # a ~3M-parameter random CoCa (pipeline.models.captioner)
+TINY_MODELS = (TINY_CLIP, TINY_COCA)     # built from model_configs/ with seeded random weights, no file needed
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 FIX = ("put the weights on local disk and give their path, or set allow_download: true on a machine "
        "with network access")
@@ -44,7 +46,7 @@ class ResolvedWeights:
 def _register_tiny() -> None:
     import open_clip
 
-    if TINY_CLIP not in open_clip.list_models():
+    if any(m not in open_clip.list_models() for m in TINY_MODELS):
         open_clip.add_model_config(TINY_MODELS_DIR)
 
 
@@ -111,7 +113,7 @@ def resolve_weights(model: str = TINY_CLIP, pretrained: str | None = None, cache
         fix = f"did you mean {', '.join(map(repr, hint))}?" if hint else "see open_clip.list_models()"
         raise ConfigError(f"{key}.model: unknown open_clip model {model!r}; {fix}")
     dim = int(model_cfg["embed_dim"])
-    if pre is None and name != TINY_CLIP:
+    if pre is None and name not in TINY_MODELS:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise ConfigError(f"{key}.pretrained: required for model {model!r}: an open_clip tag "
                           f"({', '.join(tags[:6]) or 'none known'}), a weights file, a local open_clip folder, "
