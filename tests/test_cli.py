@@ -92,6 +92,7 @@ def test_version_and_stage_listing():
     assert res.returncode == 0 and res.stdout.strip() == "winnow 0.1.0"
     names = [
         "aesthetic",
+        "caption",
         "clip",
         "clips",
         "decode",
@@ -102,8 +103,8 @@ def test_version_and_stage_listing():
         "semantic_dedup",
     ]
     res = winnow("stages")                 # the short list: one line a stage, and how to see more
-    assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()[:9]] == names
-    assert len(res.stdout.splitlines()) == 11 and "winnow stages --all" in res.stdout and "``" not in res.stdout
+    assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()[:10]] == names
+    assert len(res.stdout.splitlines()) == 12 and "winnow stages --all" in res.stdout and "``" not in res.stdout
     res = winnow("stages", "--all")
     assert res.returncode == 0 and "``" not in res.stdout
     heads = [line.split(":")[0] for line in res.stdout.splitlines() if line and not line.startswith(" ")]
