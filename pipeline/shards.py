@@ -226,9 +226,11 @@ def write_embeddings(path: str, table: pa.Table) -> None:
 
 
 def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
-                reductions: dict[str, tuple[str, str | None]], split_rows=None) -> dict:
+                reductions: dict[str, tuple[str, str | None]], split_rows=None, text: str = CAPTION) -> dict:
     """Assemble one shard from its fragments; returns its stats (also written as the done marker).
-    ``split_rows``: a fan-out stage's ``FanOut.split_rows`` (rows -> output rows, one row per input)."""
+    ``split_rows``: a fan-out stage's ``FanOut.split_rows`` (rows -> output rows, one row per input).
+    ``text``: the column each ``KEY.txt`` holds (``output.caption``); where that is empty, the source
+    caption. The ``.json`` carries every caption column either way."""
     name = shard_name(partition)
     table = read_fragments(fragment_files(work_dir, partition))
     count = 0 if table is None else table.num_rows
@@ -263,7 +265,7 @@ def write_shard(work_dir: str, shards_dir: str, partition: int, expected: int,
         kept += 1
         meta = {k: _jsonable(v) for k, v in r.items() if k not in BULK_COLUMNS}
         blocks.append(tars.block(f"{r[KEY]}.{r.get(IMAGE_EXT) or 'jpg'}", r[IMAGE]))
-        blocks.append(tars.block(f"{r[KEY]}.txt", (r.get(CAPTION) or "").encode("utf-8")))
+        blocks.append(tars.block(f"{r[KEY]}.txt", (r.get(text) or r.get(CAPTION) or "").encode("utf-8")))
         blocks.append(
             tars.block(f"{r[KEY]}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
         )

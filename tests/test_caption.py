@@ -1,6 +1,7 @@
 """Synthetic captions: CoCa's greedy decoding on a tiny random model built in code (open_clip's
-real CoCa class from a small config), the ``caption`` stage on images and clip frames, hostile
-pictures, offline weights, and the spec checks."""
+real CoCa class from a small config), a LLaVA-class vision-language model and a Llama summariser
+built in code through transformers' real classes, the ``caption`` stage on images and clip frames,
+hostile pictures, offline weights, and the spec checks."""
 import io
 
 import numpy as np
@@ -11,6 +12,7 @@ from curation.caption import CaptionConfig, CaptionImages
 from pipeline.commands import curate_spec as specmod
 from pipeline.contract.config import ConfigError
 from pipeline.models.captioner import CocaCaptioner, clean_text
+from pipeline.models.textgen import Summarizer, VlmCaptioner, tiny_summary, tiny_vlm
 
 
 def png(im: Image.Image) -> bytes:
@@ -78,7 +80,7 @@ def _batch(images, frames=None):
          "caption": np.array(["source text"] * n, dtype=object),
          "status": np.array(["kept"] * n, dtype=object), "reject_reason": np.array([None] * n, dtype=object)}
     if frames is not None:
-        b["frames"] = np.array([[png(f) for f in fs] for fs in frames] + [None] * (n - len(frames)), dtype=object)
+        b["frames"] = np.array([[png(f) for f in fs] if fs else None for fs in frames] + [None] * (n - len(frames)), dtype=object)
     return b
 
 
@@ -104,7 +106,14 @@ def test_spec_checks_fail_before_ray():
     ok = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"},
                         "stages": ["decode", {"name": "caption", "max_new_tokens": 20}]})
     assert ok.stages[1].config.max_new_tokens == 20
-    for bad, msg in (({"backends": ["vlm"]}, "vlm"),
+    for bad, msg in (({"backends": ["summary", "coca"]}, "in the order coca, vlm, summary"),
+                     ({"backends": ["coca", "coca"]}, "each captioner once"),
+                     ({"backends": ["vlm"], "vlm_model": "nobody/missing-vlm"}, r"vlm_model: 'nobody/missing-vlm' is "
+                      r"not in the hub cache .* allow_download"),
+                     ({"backends": ["coca", "summary"], "template": "{caption_vlm}"}, r"names \['caption_vlm'\]"),
+                     ({"backends": ["summary"], "template": "no fields"}, "must name caption columns"),
+                     ({"backends": ["summary"], "template": "{caption"}, "template"),
+                     ({"backends": ["coca"], "summary_model": "x/y"}, "summary_model is set but backends has no"),
                      ({"backends": []}, "give at least one captioner"),
                      ({"coca_model": "ViT-B-32", "coca_pretrained": "random"}, "is not a CoCa model"),
                      ({"max_new_tokens": 200}, "max_new_tokens"),
@@ -127,7 +136,8 @@ def test_a_curate_run_writes_caption_columns_into_the_table_and_the_shards(ray_l
         im.save(root / f"p{i}.png")
     (root / "p0.txt").write_text("a noisy square", encoding="utf-8")
     out = str(tmp_path / "out")
-    result = run_curate(str(root), out, stages=["decode", {"name": "caption", "max_new_tokens": 8}])
+    result = run_curate(str(root), out, stages=["decode", {"name": "caption", "max_new_tokens": 8}],
+                        output_options={"caption": "caption_coca"})
     assert (result.inputs, result.kept) == (4, 4)                     # a one-pixel image is captioned too
     assert [w.split(":")[0] for w in result.warnings] == ["caption"] and "noise" in result.warnings[0]
     rows = {r["source"]: r for r in layout.read_annotations(out).to_pylist()}
@@ -139,4 +149,115 @@ def test_a_curate_run_writes_caption_columns_into_the_table_and_the_shards(ray_l
     assert rows["p0.png"]["caption"] == "a noisy square"
     with tarfile.open(sorted((tmp_path / "out" / "shards").glob("*.tar"))[0]) as tf:
         docs = [json.load(tf.extractfile(m)) for m in tf if m.name.endswith(".json")]
+        texts = {m.name[:-4]: tf.extractfile(m).read().decode() for m in tf if m.name.endswith(".txt")}
     assert docs and all(d["caption_coca"] for d in docs)
+    assert all(texts[d["key"]] == d["caption_coca"] for d in docs)   # output.caption: caption_coca is the .txt
+    with pytest.raises(ConfigError, match="output.caption: 'caption_vlm' is not written by this run"):
+        run_curate(str(root), out, stages=["decode", {"name": "caption"}],
+                   output_options={"caption": "caption_vlm"})
+
+
+# ---- the vision-language model and the summary, through transformers' real generation ----
+
+@pytest.fixture(scope="module")
+def vlm():
+    return VlmCaptioner(max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def summary():
+    return Summarizer(max_new_tokens=10)
+
+
+def test_vlm_captions_pictures_and_several_frames_independently_of_the_batch(vlm):
+    ims = pictures()
+    rows = [vlm.prepare([im]) for im in ims] + [vlm.prepare(ims[:3]), vlm.prepare(ims[3:5])]
+    assert [int(r["pixel_values"].shape[0]) for r in rows] == [1] * 6 + [3, 2]   # one image entry per frame
+    whole = vlm.caption(rows)
+    assert len(whole) == 8 and all(isinstance(t, str) for t, _ in whole)
+    assert whole == [vlm.caption([r])[0] for r in rows]                # batch of 1 = batch of 8
+    assert whole == vlm.caption(rows[::-1])[::-1]
+    assert whole == VlmCaptioner(max_new_tokens=10).caption(rows)       # a new instance, the same text
+    assert len({t for t, _ in whole}) >= 4
+    assert whole[6] != whole[0]                                        # three frames are not the first alone
+    assert all(i in (None, "max_new_tokens", "degenerate", "empty") for _, i in whole)
+    assert all(len(t.split()) <= 10 for t, _ in whole)                 # a CLIP BPE token ends at most one word
+    beams = VlmCaptioner(max_new_tokens=10, num_beams=2)
+    assert beams.caption(rows[:4]) == [beams.caption([r])[0] for r in rows[:4]]
+
+
+def test_summary_fills_its_template_and_is_independent_of_the_batch(summary):
+    values = [{"caption": "a dog", "caption_coca": "a brown dog", "caption_vlm": "a dog runs on grass"},
+              {"caption": None, "caption_coca": "", "caption_vlm": "<script>x</script>\x00\x1b"},
+              {"caption": "一只猫 " * 400, "caption_coca": "a cat", "caption_vlm": "a cat sleeps"},
+              {"caption_vlm": "short"}]
+    prompt = summary.prompt(values[0])
+    assert "Frame: a brown dog\nVideo: a dog runs on grass\nSource text: a dog\nCaption:" in prompt
+    assert "\x00" not in summary.prompt(values[1]) and "Source text: \n" in summary.prompt(values[1])
+    assert len(summary.prompt(values[2])) < 1400                           # each field cut at FIELD_CHARS
+    rows = [summary.prepare(v) for v in values]
+    whole = summary.caption(rows)
+    assert whole == [summary.caption([r])[0] for r in rows] == summary.caption(rows[::-1])[::-1]
+    assert len({t for t, _ in whole}) == 4
+
+
+def test_a_model_that_emits_nothing_or_one_token_forever_is_a_counted_issue():
+    import torch
+
+    model, tok = tiny_summary(0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()                  # every logit 0: greedy picks token 0 every step
+    s = Summarizer(max_new_tokens=8)
+    s.gen.model = model
+    row = [s.prepare({"caption": "a dog"})]
+    assert s.caption(row) == [("!!!!!!!!", "degenerate")]
+    s.gen.eos = {0}                                    # token 0 ends the text at once: nothing emitted
+    assert s.caption(row) == [("", "empty")]
+
+
+def test_hf_weights_load_from_a_folder_and_refuse_the_wrong_kind(vlm, summary, tmp_path):
+    """The real loading path: save_pretrained folders (the tiny models' own), resolved offline."""
+    model, processor = tiny_vlm(0)
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    model, tok = tiny_summary(0)
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    loaded = VlmCaptioner(str(tmp_path / "vlm"), max_new_tokens=10)
+    assert not loaded.random and loaded.chat
+    rows = [vlm.prepare([im]) for im in pictures()[:3]]
+    assert loaded.caption([loaded.prepare([im]) for im in pictures()[:3]]) == vlm.caption(rows)
+    lm = Summarizer(str(tmp_path / "lm"), max_new_tokens=10)
+    v = {"caption": "a dog", "caption_coca": "a brown dog", "caption_vlm": "a dog runs"}
+    assert lm.caption([lm.prepare(v)]) == summary.caption([summary.prepare(v)])
+    with pytest.raises(ConfigError, match=r"model_type 'llama', which is not a vision-language"):
+        VlmCaptioner(str(tmp_path / "lm"))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        Summarizer(str(tmp_path))
+    with pytest.raises(ConfigError, match="not in the hub cache"):
+        Summarizer("someone/absent-model", cache_dir=str(tmp_path / "hub"))
+
+
+def test_three_backends_on_images_and_clips(vlm, summary):
+    from curation.caption import spread
+
+    assert spread(9, 3) == [1, 4, 7] and spread(2, 3) == [0, 1] and spread(5, 1) == [2] and spread(4, 1) == [2]
+    stage = CaptionImages(CaptionConfig(backends=["coca", "vlm", "summary"], max_new_tokens=10, batch_size=3,
+                                        frames=3))
+    ims = pictures()
+    frames = [ims[0], ims[1], ims[5]]
+    batch = _batch(ims[:4] + [ims[0]], frames=[None] * 4 + [frames])
+    out = stage(batch)
+    coca = CocaCaptioner(max_new_tokens=10)
+    for i in range(4):
+        assert out["caption_coca"][i] == coca.caption([coca.prepare(ims[i])])[0][0]
+        assert out["caption_vlm"][i] == vlm.caption([vlm.prepare([ims[i]])])[0][0]
+        want = summary.caption([summary.prepare({"caption": "source text", "caption_coca": out["caption_coca"][i],
+                                                 "caption_vlm": out["caption_vlm"][i]})])[0][0]
+        assert out["caption_summary"][i] == want
+    assert out["caption_coca"][4] == coca.caption([coca.prepare(ims[1])])[0][0]          # the middle frame
+    assert out["caption_vlm"][4] == vlm.caption([vlm.prepare(frames)])[0][0]             # all three frames
+    for issue in out["caption_issue"]:
+        assert issue is None or all(p.split(":")[0] in ("coca", "vlm", "summary") for p in issue.split(", "))
+    two = stage(_batch([ims[0]], frames=[[ims[2], ims[3]]]))                              # a clip of two frames
+    assert two["status"][0] == "kept" and two["caption_vlm"][0] == vlm.caption([vlm.prepare(ims[2:4])])[0][0]

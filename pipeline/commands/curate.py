@@ -185,7 +185,8 @@ def write_shards(spec: CurateSpec, counts: dict[int, int], work: str, decisions,
             by_part[p][key] = d
     split = spec.fan_out.split_rows if spec.fan_out else None
     adapter.run_tasks(
-        shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p], split) for p in todo], "shards", "shard", log
+        shards.write_shard, [(work, shards_dir, p, counts[p], by_part[p], split, spec.output.caption) for p in todo],
+        "shards", "shard", log
     )
 
 

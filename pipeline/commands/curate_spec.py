@@ -33,6 +33,9 @@ class OutputSpec:
     videos_per_shard: int = option(
         16, "video runs: input videos per output shard (a shard holds all their clips)", min=1, max=100_000
     )
+    caption: str = option("caption", "the column each shard's KEY.txt holds: caption (the source text) or a caption "
+                          "stage's caption_coca / caption_vlm / caption_summary (where that is empty, the source "
+                          "text); KEY.json carries all of them")
     overwrite: bool = option(False, "delete an existing output folder made by a different spec instead of failing")
     keep_work: bool = option(False, "keep the intermediate _work/ folder after a successful run")
     report: bool = option(
@@ -144,6 +147,14 @@ def _stages(items: Any, input_spec: InputSpec) -> list[StageEntry]:
     return out
 
 
+def _check_text_column(spec: CurateSpec) -> None:
+    made = {f"caption_{b}" for s in spec.stages if s.name == "caption" for b in s.config.backends}
+    if spec.output.caption != "caption" and spec.output.caption not in made:
+        raise ConfigError(f"output.caption: {spec.output.caption!r} is not written by this run; give caption (the "
+                          f"source text){' or ' + ', '.join(sorted(made)) if made else ''}, or add a caption stage "
+                          f"whose backends make it")
+
+
 def parse(data: dict[str, Any]) -> CurateSpec:
     data = take_kind(data, "curate")
     unknown = set(data) - {"input", "output", "stages", "ray", "dry_run"}
@@ -163,6 +174,7 @@ def parse(data: dict[str, Any]) -> CurateSpec:
     if bad:
         raise ConfigError(f"dry_run.nodes: expected whole numbers of nodes >= 1, got {bad!r}")
     names = [s.name for s in spec.stages]
+    _check_text_column(spec)
     if "decode" in names and "clips" in names:
         raise ConfigError("stages: 'decode' (images) and 'clips' (videos) cannot be in one run; a run curates "
                           "one kind of input")

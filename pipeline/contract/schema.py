@@ -24,7 +24,10 @@ AESTHETIC_SCORE = "aesthetic_score"
 OCR_TEXT = "ocr_text"
 OCR_AREA_RATIO = "ocr_area_ratio"
 CAPTION_COCA = "caption_coca"             # the caption stage's CoCa caption ("" when it made none)
-CAPTION_ISSUE = "caption_issue"           # why a generated caption may be poor: empty, max_new_tokens, degenerate
+CAPTION_VLM = "caption_vlm"               # a vision-language model's caption of the image or several clip frames
+CAPTION_SUMMARY = "caption_summary"       # a language model's merge of the other captions
+CAPTION_ISSUE = "caption_issue"           # why generated captions may be poor: 'coca:empty, vlm:max_new_tokens'
+CAPTION_COLUMNS = (CAPTION_COCA, CAPTION_VLM, CAPTION_SUMMARY)
 IMAGE_EMBEDDING = "clip_image_embedding"   # L2-normalised, one fixed-size vector per row
 TEXT_EMBEDDING = "clip_text_embedding"
 # clips (video runs): a clip row's IMAGE holds the encoded MP4 (IMAGE_EXT "mp4") and FRAMES its
@@ -72,7 +75,7 @@ COLUMN_TYPES = {KEY: "string", SOURCE: "string", CAPTION: "string", STATUS: "str
                 DUPLICATE_OF: "string", PHASH: "string", WIDTH: "int64", HEIGHT: "int64", PARTITION: "int64",
                 STORED_WIDTH: "int64", STORED_HEIGHT: "int64", IMAGE_EXT: "string",
                 CLIP_SIMILARITY: "double", AESTHETIC_SCORE: "double", OCR_TEXT: "string", OCR_AREA_RATIO: "double",
-                CAPTION_COCA: "string", CAPTION_ISSUE: "string",
+                CAPTION_COCA: "string", CAPTION_VLM: "string", CAPTION_SUMMARY: "string", CAPTION_ISSUE: "string",
                 VIDEO_KEY: "string", CLIP_INDEX: "int64", CLIP_START: "double", CLIP_END: "double", FPS: "double",
                 NUM_FRAMES: "int64", MOTION_SCORE: "double", CAMERA_MOTION: "double", SUBJECT_MOTION: "double"}
 

@@ -27,6 +27,33 @@ def clean_text(text: str, limit: int = 1000) -> str:
     return " ".join(text.split())[:limit]
 
 
+MAX_ASPECT = 4.0                 # a wider (or taller) picture is centre-cropped to this before a captioner
+MAX_SIDE = 1024                  # and shrunk to this longest side: a processor never resizes a panorama whole
+
+
+def fit_picture(image):
+    """An RGB copy a captioner's own preprocessing handles in bounded memory: centre-cropped to an
+    aspect ratio of at most ``MAX_ASPECT`` and at most ``MAX_SIDE`` pixels on its longest side (a
+    30,000 x 2 panorama would otherwise be resized to millions of pixels wide to cover 224 tall)."""
+    im = image.convert("RGB")
+    w, h = im.size
+    if w > MAX_ASPECT * h:
+        keep = max(1, round(MAX_ASPECT * h))
+        im = im.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+    elif h > MAX_ASPECT * w:
+        keep = max(1, round(MAX_ASPECT * w))
+        im = im.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+    if max(im.size) > MAX_SIDE:
+        im.thumbnail((MAX_SIDE, MAX_SIDE))
+    return im
+
+
+def caption_issue(text: str, tokens: list[int], ended: bool) -> str | None:
+    """Why a generated caption may be poor: ``empty`` (no text), ``degenerate`` (one token repeated
+    ``REPEAT`` times), ``max_new_tokens`` (cut at the cap before the end token), else None."""
+    return "empty" if not text else "degenerate" if _degenerate(tokens) else None if ended else "max_new_tokens"
+
+
 def _degenerate(tokens: list[int]) -> bool:
     run = 1
     for a, b in zip(tokens, tokens[1:], strict=False):
@@ -66,7 +93,7 @@ class CocaCaptioner:
 
     def prepare(self, image):
         """A PIL image -> the model's input tensor."""
-        return self.preprocess(image.convert("RGB"))
+        return self.preprocess(fit_picture(image))
 
     def caption(self, tensors: list) -> list[tuple[str, str | None]]:
         import torch
@@ -93,9 +120,7 @@ class CocaCaptioner:
             ended = EOT in row
             ids = row[:row.index(EOT)] if ended else row
             text = clean_text(self._text(ids))
-            issue = "empty" if not text else "degenerate" if _degenerate(ids) else \
-                None if ended else "max_new_tokens"
-            out.append((text, issue))
+            out.append((text, caption_issue(text, ids, ended)))
         return out
 
     def _text(self, ids: list[int]) -> str:
@@ -104,4 +129,4 @@ class CocaCaptioner:
         return _tokenizer.decode(ids).replace("<start_of_text>", "").replace("<end_of_text>", "").strip()
 
 
-__all__ = ["CocaCaptioner", "clean_text"]
+__all__ = ["CocaCaptioner", "caption_issue", "clean_text", "fit_picture"]
