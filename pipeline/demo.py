@@ -151,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> str:
     """jobs/svd_curriculum.yaml in miniature: tiny SD on the selected images, inflated into a tiny
-    text-to-video model on the demo's clips, widened into image-to-video; returns the final pipeline folder."""
+    text-to-video model on the demo's clips (trained on their caption_summary, the videos having no text),
+    widened into image-to-video; returns the final pipeline folder."""
     from pipeline.commands import curriculum
 
     train = {"max_steps": steps, "checkpoint_every": steps, "log_every": 1, "batch_size": 1, "sample_prompts": []}
     video = {"buckets": {"48x80": {4: 1}}, "fps": 5.0}
     spec = curriculum.parse({"kind": "curriculum", "output": {"path": out}, "ray": {"num_workers": 2}, "stages": [
         {"name": "image", "data": {"shards": [images], "resolution": 64}, "model": {"kind": "sd"}, "train": train},
-        {"name": "video_lowres", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd_t2v"},
+        {"name": "video_lowres", "init": "previous", "data": {"shards": [clips], "captions": {"caption_summary": 1}},
+         "model": {"kind": "svd_t2v"},
          "video": {**video, "p_mean": -1.2, "p_std": 1.2}, "train": train},
         {"name": "image_to_video", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd"},
          "video": {**video, "p_mean": 0.7}, "train": train}]})

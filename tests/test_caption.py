@@ -80,7 +80,8 @@ def _batch(images, frames=None):
          "caption": np.array(["source text"] * n, dtype=object),
          "status": np.array(["kept"] * n, dtype=object), "reject_reason": np.array([None] * n, dtype=object)}
     if frames is not None:
-        b["frames"] = np.array([[png(f) for f in fs] if fs else None for fs in frames] + [None] * (n - len(frames)), dtype=object)
+        rows = [[png(f) for f in fs] if fs else None for fs in frames] + [None] * (n - len(frames))
+        b["frames"] = np.array(rows, dtype=object)
     return b
 
 

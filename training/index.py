@@ -20,21 +20,33 @@ from pipeline.contract import tar as tars
 from pipeline.contract.config import ConfigError
 from pipeline.contract.layout import fingerprint, manifest_runs
 from pipeline.contract.media import open_image
-from pipeline.contract.schema import CAPTION, HEIGHT, KEPT, KEY, STATUS, STORED_HEIGHT, STORED_WIDTH, WIDTH
+from pipeline.contract.schema import (
+    CAPTION,
+    CAPTION_COLUMNS,
+    HEIGHT,
+    KEPT,
+    KEY,
+    STATUS,
+    STORED_HEIGHT,
+    STORED_WIDTH,
+    WIDTH,
+)
 from training.buckets import Bucket, assign, bucket_table
 
 INDEX_FILE = ".winnow/train_index.parquet"   # hidden: not a "train" split to HF datasets
 CLIP_INDEX_FILE = ".winnow/train_clip_index.parquet"
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 CLIP_EXTS = ("mp4",)
+INDEX_VERSION = 2          # 2: the synthetic caption columns; a cached index of another version is rebuilt
+SYNTHETIC = [(c, pa.string()) for c in CAPTION_COLUMNS]      # null where the run did not make them
 # a clip's row: where its MP4 is, and what sampling and conditioning need (fps, frames, motion)
 CLIP_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
                          ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
                          ("fps", pa.float64()), ("num_frames", pa.int64()), ("duration_s", pa.float64()),
-                         ("motion_score", pa.float64())])
+                         ("motion_score", pa.float64()), *SYNTHETIC])
 SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
                     ("ext", pa.string()), ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-                    ("original_width", pa.int64()), ("original_height", pa.int64())])
+                    ("original_width", pa.int64()), ("original_height", pa.int64()), *SYNTHETIC])
 
 
 def shard_dir(path: str) -> str:
@@ -65,9 +77,8 @@ def index_shard(shard: str) -> pa.Table:
     meta: dict[str, dict] = {}
     try:
         table = layout.read_table(meta_path)
-        cols = [
-            c for c in (KEY, STATUS, CAPTION, WIDTH, HEIGHT, STORED_WIDTH, STORED_HEIGHT) if c in table.column_names
-        ]
+        cols = [c for c in (KEY, STATUS, CAPTION, WIDTH, HEIGHT, STORED_WIDTH, STORED_HEIGHT, *CAPTION_COLUMNS)
+                if c in table.column_names]
         meta = {r[KEY]: r for r in table.select(cols).to_pylist() if r.get(STATUS, KEPT) == KEPT}
     except FileNotFoundError:
         pass
@@ -79,7 +90,8 @@ def index_shard(shard: str) -> pa.Table:
         rows.append({"shard": shard, "key": key, "offset": offset, "size": size, "ext": ext,
                      "caption": r.get(CAPTION) or "", "width": int(r[STORED_WIDTH]), "height": int(r[STORED_HEIGHT]),
                      "original_width": int(r.get(WIDTH) or r[STORED_WIDTH]),
-                     "original_height": int(r.get(HEIGHT) or r[STORED_HEIGHT])})
+                     "original_height": int(r.get(HEIGHT) or r[STORED_HEIGHT]),
+                     **{c: r.get(c) for c in CAPTION_COLUMNS}})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
@@ -104,7 +116,7 @@ def index_clip_shard(shard: str) -> pa.Table:
         rows.append({"shard": shard, "key": r[KEY], "offset": offset, "size": size, "caption": r.get(CAPTION) or "",
                      "width": int(r[WIDTH]), "height": int(r[HEIGHT]), "fps": float(r["fps"]),
                      "num_frames": int(r["num_frames"]), "duration_s": float(r["num_frames"]) / float(r["fps"]),
-                     "motion_score": r.get("motion_score")})
+                     "motion_score": r.get("motion_score"), **{c: r.get(c) for c in CAPTION_COLUMNS}})
     return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
 
 
@@ -163,7 +175,7 @@ def build_index(path: str, fallback_dir: str, log=None, map_tables=None, clips: 
     ``map_tables(fn, items)`` runs ``fn`` over the shards (``pipeline.adapter.map_tables``: one Ray
     task per shard); without it the shards are read here, one after another."""
     shards = list_shards(path)
-    fp = fingerprint(shards)
+    fp = fingerprint({"version": INDEX_VERSION, "clips": clips, "shards": shards})
     paths = _cache_paths(path, fallback_dir, clips)
     cached, where = _read_cached(paths, fp)
     if cached is not None:

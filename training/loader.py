@@ -167,8 +167,9 @@ class BucketLoader:
 
     def __init__(self, index: pa.Table, buckets: list[Bucket], bucket_of: np.ndarray, cursor: Cursor, batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4,
-                 prefetch: int = 2, cache=None, shard_copy_bytes: int = 0):
+                 prefetch: int = 2, cache=None, shard_copy_bytes: int = 0, mix=None):
         self.cache = cache            # a training.cache.LatentCache: serve cached latents, no decoding
+        self.mix = mix                # a training.captions.CaptionMix: several caption columns, drawn per epoch
         self.buckets, self.bucket_of = buckets, np.asarray(bucket_of)
         self.schedule = self._schedule(seed)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -201,6 +202,8 @@ class BucketLoader:
             batches = self.schedule.batches(cursor)
             for gb in batches:
                 cursor = Schedule.advance(cursor)
+                if self.mix is not None:      # the whole global batch: the same counts on every rank
+                    cursor.captions = self.mix.count(cursor.captions, gb, cursor.epoch)
                 yield cursor, gb
             empty = 0 if batches else empty + 1
             if empty > 1:
@@ -219,6 +222,12 @@ class BucketLoader:
         except Exception as exc:
             raise RuntimeError(f"sample {i} ({self.reader.shard[i]} @ {self.reader.offset[i]}): {exc}") from exc
         return pixels, (int(self.original[i][0]), int(self.original[i][1]), top, left)
+
+    def texts(self, ids: list[int], epoch: int) -> list[str]:
+        """The captions of samples ``ids`` in ``epoch``: the index's, or the mix's draw."""
+        if self.mix is None:
+            return [self.captions[i] for i in ids]
+        return [self.mix.pick(i, epoch)[0] for i in ids]
 
     def _submit(self, cursor: Cursor, gb: list[int]) -> tuple[Cursor, list[int], list[Future]]:
         mine = rank_slice(gb, self.rank, self.world_size)
@@ -248,7 +257,7 @@ class BucketLoader:
         bucket = self.buckets[int(self.bucket_of[ids[0]])]
         time_ids = torch.tensor([sdxl_time_ids(d[1][:2], d[1][2:], (bucket.height, bucket.width)) for d in done],
                                 dtype=torch.float32)
-        batch = Batch(None, [self.captions[i] for i in ids], time_ids, ids, int(self.bucket_of[ids[0]]), cursor.epoch)
+        batch = Batch(None, self.texts(ids, cursor.epoch), time_ids, ids, int(self.bucket_of[ids[0]]), cursor.epoch)
         if self.cache is None:
             batch.pixels = (
                 torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
@@ -287,12 +296,12 @@ class ClipLoader(BucketLoader):
     def __init__(self, index: pa.Table, buckets: list, bucket_of: np.ndarray, cursor: Cursor, rank: int = 0,
                  world_size: int = 1, seed: int = 0, random_crop: bool = True, workers: int = 4, prefetch: int = 2,
                  target_fps: float = 7.0, min_fps: float = 3.0, max_fps: float = 30.0, motion_ids=None,
-                 shard_copy_bytes: int = 0):
+                 shard_copy_bytes: int = 0, mix=None):
         self.target_fps, self.min_fps, self.max_fps = target_fps, min_fps, max_fps
         self.motion_ids = np.asarray(motion_ids if motion_ids is not None else np.full(index.num_rows, 127), np.int64)
         self.skipped = int((np.asarray(bucket_of) < 0).sum())
         super().__init__(index, buckets, bucket_of, cursor, 1, rank, world_size, seed, random_crop, workers, prefetch,
-                         shard_copy_bytes=shard_copy_bytes)
+                         shard_copy_bytes=shard_copy_bytes, mix=mix)
 
     def _schedule(self, seed: int) -> Schedule:
         return Schedule(self.bucket_of, seed, {k: b.batch for k, b in enumerate(self.buckets)})
@@ -321,7 +330,7 @@ class ClipLoader(BucketLoader):
     def _assemble(self, cursor: Cursor, ids: list[int], done: list) -> ClipBatch:
         frames = torch.from_numpy(np.stack([d[0] for d in done])).permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1)
         return ClipBatch(frames, torch.tensor([d[1] for d in done], dtype=torch.float32),
-                         torch.from_numpy(self.motion_ids[ids]), [self.captions[i] for i in ids], ids,
+                         torch.from_numpy(self.motion_ids[ids]), self.texts(ids, cursor.epoch), ids,
                          int(self.bucket_of[ids[0]]), cursor.epoch)
 
 

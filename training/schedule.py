@@ -35,13 +35,18 @@ class Cursor:
     epoch: int = 0
     carry: list[int] = field(default_factory=list)              # sample ids carried into this epoch
     segments: list[list[int]] = field(default_factory=list)     # [global_batch, batches done] so far
+    captions: dict[str, int] = field(default_factory=dict)      # data.captions: samples per caption column so far
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.captions:          # no caption mix: the cursor reads as before it had one
+            d.pop("captions")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Cursor:
-        return cls(int(d["epoch"]), [int(x) for x in d["carry"]], [[int(a), int(b)] for a, b in d["segments"]])
+        return cls(int(d["epoch"]), [int(x) for x in d["carry"]], [[int(a), int(b)] for a, b in d["segments"]],
+                   {str(k): int(v) for k, v in (d.get("captions") or {}).items()})
 
 
 class Schedule:
@@ -110,19 +115,19 @@ class Schedule:
             segs[-1] = [global_batch, 0]
         else:
             segs.append([global_batch, 0])
-        return Cursor(cursor.epoch, list(cursor.carry), segs)
+        return Cursor(cursor.epoch, list(cursor.carry), segs, dict(cursor.captions))
 
     @staticmethod
     def advance(cursor: Cursor, steps: int = 1) -> Cursor:
         segs = [list(x) for x in cursor.segments]
         segs[-1][1] += steps
-        return Cursor(cursor.epoch, list(cursor.carry), segs)
+        return Cursor(cursor.epoch, list(cursor.carry), segs, dict(cursor.captions))
 
     def next_epoch(self, cursor: Cursor) -> Cursor:
         """After the epoch's last global batch: the next epoch, carrying the leftovers."""
         left = self.remaining(cursor)
         carry = [x for b in self.bucket_ids for x in left.get(b, [])]
-        return Cursor(cursor.epoch + 1, carry, [[cursor.segments[-1][0], 0]])
+        return Cursor(cursor.epoch + 1, carry, [[cursor.segments[-1][0], 0]], dict(cursor.captions))
 
 
 def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:

@@ -17,6 +17,8 @@ from pipeline.contract.config import (
     take_kind,
     to_dict,
 )
+from training import captions
+from training.captions import DEFAULT_FALLBACK
 
 
 @dataclass
@@ -32,6 +34,12 @@ class DataSpec:
     random_crop: bool = option(
         True, "random crop inside the covering resize (else centre); seeded per sample and epoch"
     )
+    captions: dict = option(factory=dict, help="train on a mix of caption columns, drawn per sample and epoch with "
+                            "these weights ({caption: 0.5, caption_vlm: 0.3, caption_summary: 0.2}; original = "
+                            "caption); empty: the source caption")
+    caption_fallback: list[str] = option(factory=lambda: list(DEFAULT_FALLBACK),
+                                         help="where a sample's drawn caption column is empty, the first non-empty "
+                                              "of these stands in")
     cache: bool = option(False, "precompute VAE latents and text embeddings once (a Ray Data pass) and train from "
                                 "them; one centre crop per sample, so it needs random_crop: false")
     workers: int = option(4, "decode threads per training worker", min=1, runtime=True)
@@ -239,6 +247,7 @@ def parse(data: dict[str, Any], check_paths: bool = True) -> TrainSpec:
                           f"({spec.data.bucket_step})")
     if spec.data.cache and spec.data.random_crop:
         raise ConfigError("data.cache: the cache holds one crop per sample; set data.random_crop: false with it")
+    captions.check(spec.data.captions, spec.data.caption_fallback, spec.data.cache)
     if spec.data.bucket_step % 8:
         raise ConfigError("data.bucket_step: must be a multiple of 8 (the VAE downsamples by 8)")
     if spec.train.fsdp and spec.train.mixed_precision == "fp16":

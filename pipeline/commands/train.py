@@ -72,6 +72,31 @@ def prepare_output(spec: TrainSpec) -> None:
     )
 
 
+def _caption_mix(spec: TrainSpec, index):
+    """(index, notes): ``data.captions`` against the index: every weighted column empty is an error, some empty a
+    note (their share falls back); a one-column mix is resolved into the index's caption here."""
+    from training import captions
+
+    if not spec.data.captions:
+        return index, []
+    weights = captions.normalise(spec.data.captions)
+    missing = captions.CaptionMix.missing(index, weights)
+    if len(missing) == len(weights):
+        raise ConfigError(f"data.captions: no sample of {spec.data.shards} has text in {missing}; curate with a "
+                          f"caption stage whose backends write them (caption_coca: coca, caption_vlm: vlm, "
+                          f"caption_summary: summary), or weigh the source caption")
+    notes = [f"data.captions: {', '.join(missing)} empty in every sample; its share falls back to "
+             f"{' > '.join(spec.data.caption_fallback)}"] if missing else []
+    if len(weights) == 1:
+        index, counts = captions.resolve_static(index, weights, spec.data.caption_fallback, spec.train.seed)
+        notes.append(f"captions: {next(iter(weights))} (samples per column: "
+                     f"{', '.join(f'{c} {n}' for c, n in sorted(counts.items()))})")
+    else:
+        share = ", ".join(f"{c} {w / sum(weights.values()):.0%}" for c, w in weights.items())
+        notes.append(f"captions: drawn per sample and epoch from {share}; the counts are in each checkpoint's cursor")
+    return index, notes
+
+
 def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     """Index the shard sets (one Ray Data pass, cached) and check the bucket plan."""
     from pipeline.contract.layout import atomic_write, table_bytes
@@ -80,6 +105,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     family = families.get(spec.model.kind)
     index = family.load_index(spec.data.shards, TrainRun(spec.output.path).index_work, log, spec.data.selection,
                               adapter.map_tables)
+    index, caption_notes = _caption_mix(spec, index)
     held = 0
     if spec.train.eval_every:                           # the held-out slice: never trained on
         index, val = _split_validation(spec, index)
@@ -103,7 +129,7 @@ def plan(spec: TrainSpec, log=sys.stderr) -> Plan:
     if held:
         p.notes.append(f"{held} samples held out for validation ({TrainRun.VAL_INDEX}; train.eval_fraction "
                        f"{spec.train.eval_fraction:g}, at most train.eval_max {spec.train.eval_max})")
-    p.notes += family.prepare_run(spec, index, bucket_of)
+    p.notes += caption_notes + family.prepare_run(spec, index, bucket_of)
     if steps == 0:
         raise ConfigError(f"train.batch_size x ray.num_workers = {g} is more than any bucket holds "
                           f"(largest: {counts.max()} of {index.num_rows} samples); lower the batch size or the "

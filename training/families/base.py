@@ -29,6 +29,7 @@ import torch
 
 from pipeline.contract.config import ConfigError
 from pipeline.models.tokenizer import clip_tokenizer_files, offline_clip_tokenizer
+from training import captions
 
 TINY_TEXT_WIDTH = 32
 
@@ -274,7 +275,8 @@ class Family:
                      None if cache.empty_pooled is None else torch.from_numpy(cache.empty_pooled).float().to(device))
         loader = BucketLoader(index, buckets, bucket_of, cursor, spec.train.batch_size, rank, world, spec.train.seed,
                               spec.data.random_crop, spec.data.workers, spec.data.prefetch, cache=cache,
-                              shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30))
+                              shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30),
+                              mix=captions.for_loader(spec, index))
         return loader, buckets, empty
 
     def validation_loader(self, spec, config: dict, index):
@@ -285,7 +287,7 @@ class Family:
 
         buckets, bucket_of = bucket_ids(index, spec.data.resolution, spec.data.bucket_step, spec.data.max_aspect)
         loader = BucketLoader(index, buckets, bucket_of, Cursor(), spec.train.batch_size, 0, 1, spec.train.seed,
-                              False, 1, 1)
+                              False, 1, 1, mix=captions.for_loader(spec, index))
         return loader, [spec.train.batch_size] * len(buckets)
 
     def latents(self, ctx: StepContext, batch, keep: torch.Tensor, g: torch.Generator):

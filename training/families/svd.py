@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from pipeline.contract.config import ConfigError
+from training import captions
 from training.families import base
 from training.families.base import Components
 
@@ -239,6 +240,9 @@ class SVD(base.Family):
         if spec.data.cache:
             raise ConfigError("data.cache: the latent cache holds image latents; set it false for video models "
                               "(model.kind svd, svd_t2v)")
+        if spec.data.captions and not self.text_encoders:
+            raise ConfigError(f"data.captions: model.kind {self.name} is conditioned on a frame, not on text, so a "
+                              f"caption mix would do nothing; remove it (svd_t2v trains on captions)")
         if not spec.video.min_fps <= spec.video.fps <= spec.video.max_fps:
             raise ConfigError(f"video.fps {spec.video.fps:g} must lie in [min_fps {spec.video.min_fps:g}, max_fps "
                               f"{spec.video.max_fps:g}]")
@@ -271,7 +275,8 @@ class SVD(base.Family):
         v = spec.video
         loader = ClipLoader(index, buckets, bucket_of, cursor, rank, world, spec.train.seed, spec.data.random_crop,
                             spec.data.workers, spec.data.prefetch, v.fps, v.min_fps, v.max_fps, ids,
-                            shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30))
+                            shard_copy_bytes=int(spec.data.shard_copy_gb * 2 ** 30),
+                            mix=captions.for_loader(spec, index) if self.text_encoders else None)
         return loader, buckets, (None, None)
 
     def validation_loader(self, spec, config: dict, index):
