@@ -47,7 +47,9 @@ class ClipConfig(ModelRuntime):
     seed: int = option(0, "seed of random weights ('random' or the tiny model)")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = option(
         "auto", "auto = fp16 on GPU, fp32 on CPU", runtime=True)
-    text: bool = option(True, "embed captions and compute clip_similarity")
+    text: bool | str = option(True, "embed captions and compute clip_similarity: true (the source caption), false "
+                              "(images only), or a caption column an earlier caption stage writes (caption_coca, "
+                              "caption_vlm, caption_summary)")
     min_similarity: float | None = option(None, "reject samples whose clip_similarity is below this "
                                           "(LAION: 0.28 with ViT-B/32; Taiyi: 0.2)", min=-1, max=1)
     missing_caption: Literal["keep", "reject"] = option(
@@ -58,6 +60,13 @@ class ClipConfig(ModelRuntime):
 def is_random(config: ClipConfig) -> bool:
     """Whether the model is built with random weights (no tag, file or folder given)."""
     return clip_models.is_random(config.pretrained)
+
+
+def text_column(config: ClipConfig) -> str | None:
+    """The column whose text is embedded: ``caption`` for true, None for false, else the name given."""
+    if isinstance(config.text, bool):
+        return CAPTION if config.text else None
+    return config.text
 
 
 def resolve_weights(config: ClipConfig, key: str = "clip") -> clip_models.ResolvedWeights:
@@ -75,6 +84,14 @@ class ClipEmbed(ModelStage):
     def validate(cls, config: ClipConfig, key: str, earlier: list[tuple[str, Any]]) -> None:
         super().validate(config, key, earlier)
         resolve_weights(config, key)
+        column = text_column(config)
+        if column and column != CAPTION:
+            made = {f"caption_{b}" for name, cfg in earlier if name == "caption" for b in cfg.backends}
+            if column not in made:
+                raise ConfigError(f"{key}.text: {column!r} is written by no earlier caption stage"
+                                  f"{' (they write ' + ', '.join(sorted(made)) + ')' if made else ''}; put a caption "
+                                  f"stage whose backends make it before this stage, or give true for the source "
+                                  f"caption")
         if config.precision in ("fp16", "bf16") and config.device == "cpu":
             raise ConfigError(
                 f"{key}.precision: {config.precision} runs on GPU only here; use fp32 or auto with device cpu"
@@ -142,10 +159,11 @@ class ClipEmbed(ModelStage):
         batch[IMAGE_EMBEDDING] = image_emb
         if clips:
             batch[FRAME_EMBEDDINGS] = frame_emb
-        if not self.config.text:
+        text_col = text_column(self.config)
+        if text_col is None:
             return batch
         text_emb = np.full((n, self.dim), np.nan, dtype=np.float32)
-        captions = batch[CAPTION] if CAPTION in batch else [None] * n
+        captions = batch[text_col] if text_col in batch else [None] * n
         with_text = [i for i in rows if isinstance(captions[i], str) and captions[i].strip()]
         if with_text:
             text_emb[with_text] = self.clip.embed_texts([captions[i] for i in with_text])
@@ -171,4 +189,4 @@ def embedding_dim(stages: list[tuple[str, Any]]) -> int | None:
     return None
 
 
-__all__ = ["TINY_CLIP", "ClipConfig", "ClipEmbed", "embedding_dim", "is_random", "resolve_weights"]
+__all__ = ["TINY_CLIP", "ClipConfig", "ClipEmbed", "embedding_dim", "is_random", "resolve_weights", "text_column"]

@@ -262,3 +262,26 @@ def test_three_backends_on_images_and_clips(vlm, summary):
         assert issue is None or all(p.split(":")[0] in ("coca", "vlm", "summary") for p in issue.split(", "))
     two = stage(_batch([ims[0]], frames=[[ims[2], ims[3]]]))                              # a clip of two frames
     assert two["status"][0] == "kept" and two["caption_vlm"][0] == vlm.caption([vlm.prepare(ims[2:4])])[0][0]
+
+
+def test_clip_scores_against_a_caption_column_an_earlier_stage_writes():
+    from curation.clip import ClipConfig, ClipEmbed
+    from pipeline.models.clip import ClipModel
+
+    stages = ["decode", {"name": "caption", "backends": ["coca"]}, {"name": "clip", "text": "caption_coca"}]
+    spec = specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"}, "stages": stages})
+    assert spec.stages[2].config.text == "caption_coca"
+    for bad, msg in ((["decode", {"name": "clip", "text": "caption_coca"}], "written by no earlier caption stage; "),
+                     (["decode", {"name": "caption"}, {"name": "clip", "text": "caption_vlm"}],
+                      r"\(they write caption_coca\)")):
+        with pytest.raises(ConfigError, match=msg):
+            specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"}, "stages": bad})
+    batch = _batch(pictures()[:3])
+    batch["caption_coca"] = np.array(["a red square", None, "a black square"], dtype=object)
+    out = ClipEmbed(ClipConfig(text="caption_coca"))(batch)
+    clip = ClipModel()
+    ims = clip.embed_images([clip.prepare(png(im)) for im in pictures()[:3]])
+    texts = clip.embed_texts(["a red square", "a black square"])
+    assert out["clip_similarity"][0] == pytest.approx(float(ims[0] @ texts[0]), abs=1e-5)   # fp32 dot of unit rows
+    assert out["clip_similarity"][1] is None                                   # no caption_coca: no similarity
+    assert out["clip_similarity"][2] == pytest.approx(float(ims[2] @ texts[1]), abs=1e-5)

@@ -106,6 +106,13 @@ def test_inline_filters_equal_the_sweep_cell(run_dir, manifest, tmp_path):
     p = selection.plan(spec)
     assert sorted(p.table.column("key").to_pylist()) == sorted(pq.read_table(manifest).column("key").to_pylist())
     assert p.thresholds["filters"][0]["keep"] == "high"
+    # a text measure on a caption column: the samples whose source caption has 2 words or more
+    spec = selection.parse({"runs": [run_dir], "output": {"path": str(tmp_path / "o2"), "report": False},
+                            "filters": [{"column": "words(caption)", "thresholds": [2]}]})
+    ann = annotations(run_dir)
+    kept = ann[ann["status"] == "kept"]
+    want = sorted(k for k, c in zip(kept["key"], kept["caption"], strict=True) if len(str(c or "").split()) >= 2)
+    assert sorted(selection.plan(spec).table.column("key").to_pylist()) == want and want
 
 
 def test_select_bad_specs(run_dir, manifest, tmp_path):

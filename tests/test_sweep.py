@@ -177,3 +177,37 @@ def test_empty_cells_are_flagged_and_the_plot_reads_well(tmp_path):
                 and boxes[i].y0 < boxes[j].y1 - 1 and boxes[j].y0 < boxes[i].y1 - 1]
     plt.close(fig)
     assert overlaps == []
+
+
+def test_caption_columns_filter_by_words_chars_and_banned_matches(tmp_path):
+    """Text measures on generated captions: empty, None, other scripts, control characters, long text."""
+    rng = np.random.default_rng(0)
+    vocab = ["a", "dog", "猫", "на", "ковре", "WATERMARK", "logo", "photo", "\u202e", "logos"]
+    texts = [None, "", "   "] + [" ".join(rng.choice(vocab, size=int(k))) for k in rng.integers(1, 30, 297)]
+    path = tmp_path / "annotations.parquet"
+    pq.write_table(pa.table({"key": [f"{k:09d}" for k in range(300)], "status": ["kept"] * 300,
+                             "partition": [0] * 300, "caption_vlm": texts}), path)
+    pattern = r"(?i)\b(watermark|logo)\b"
+    s = sweep.parse({"annotations": [str(path)], "output": str(tmp_path / "s"), "plots": False,
+                     "sheets": {"per_side": 0}, "combine": False,
+                     "filters": [{"column": "words(caption_vlm)", "thresholds": [1, 10]},
+                                 {"column": "chars(caption_vlm)", "keep": "low", "thresholds": [60]},
+                                 {"column": "matches(caption_vlm)", "pattern": pattern, "thresholds": [0]}]})
+    assert [f.keep for f in s.filters] == ["high", "low", "low"]             # auto: longer is better, no matches
+    cells = {c.name: c.count for c in sweep.run(s).cells}
+    import re
+    t = [x or "" for x in texts]
+    assert cells["words(caption_vlm)>=1(abs)"] == sum(1 for x in t if x.split()) == 297
+    assert cells["words(caption_vlm)>=10(abs)"] == sum(1 for x in t if len(x.split()) >= 10)
+    assert cells["chars(caption_vlm)<=60(abs)"] == sum(1 for x in t if len(x) <= 60)
+    banned = sum(1 for x in t if re.search(pattern, x))
+    assert cells["matches(caption_vlm)<=0(abs)"] == 300 - banned and 0 < banned < 300   # 'logos' is not 'logo'
+    for bad, msg in (({"column": "matches(caption_vlm)", "thresholds": [0]}, "give pattern"),
+                     ({"column": "words(caption_vlm)", "pattern": "x", "thresholds": [1]}, "drop pattern"),
+                     ({"column": "caption_vlm", "pattern": "x", "thresholds": [1]}, "only a matches"),
+                     ({"column": "matches(caption_vlm)", "pattern": "(", "thresholds": [0]}, "not a regular expr")):
+        with pytest.raises(ConfigError, match=msg):
+            sweep.parse({"annotations": [str(path)], "output": str(tmp_path / "x"), "filters": [bad]})
+    with pytest.raises(ConfigError, match="has no column 'caption_coca'"):
+        sweep.run(sweep.parse({"annotations": [str(path)], "output": str(tmp_path / "y"), "plots": False,
+                               "filters": [{"column": "words(caption_coca)", "thresholds": [1]}]}))

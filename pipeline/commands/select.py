@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import adapter, shards
-from pipeline.commands.sweep import FilterSpec, check_filters, levels_for, values
+from pipeline.commands.sweep import FilterSpec, check_filters, derive_text, levels_for, source_column, values
 from pipeline.contract import layout, storage
 from pipeline.contract import tar as tars
 from pipeline.contract.config import (
@@ -121,13 +121,14 @@ def _source_table(spec: SelectSpec) -> pa.Table:
     tables = []
     for i, r in enumerate(spec.runs):
         names = layout.annotation_columns(r)
-        missing = [f.column for f in spec.filters if f.column not in names]
+        missing = [source_column(f.column) for f in spec.filters if source_column(f.column) not in names]
         if missing:
             raise ConfigError(f"filters: run {r!r} has no column {missing[0]!r}")
-        t = layout.read_annotations(r, [KEY, STATUS, PARTITION, *dict.fromkeys(f.column for f in spec.filters)])
+        t = layout.read_annotations(r, [KEY, STATUS, PARTITION,
+                                        *dict.fromkeys(source_column(f.column) for f in spec.filters)])
         t = t.filter(pc.equal(t.column(STATUS), KEPT)).drop_columns([STATUS])
         tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
-    return pa.concat_tables(tables, promote_options="default")
+    return derive_text(pa.concat_tables(tables, promote_options="default"), spec.filters)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class FilterSpec:
         factory=list, help="drop this share from the bad end (0.125, 0.25, 0.5 as in SVD)"
     )
     thresholds: list[float] = option(factory=list, help="absolute cut values (keep >= t for high, <= t for low)")
+    pattern: str | None = option(None, "matches(COLUMN): the regular expression whose matches are counted, e.g. "
+                                 "'(?i)\\b(watermark|logo|stock photo)\\b' (keep low: captions naming them go)")
 
 
 @dataclass
@@ -107,9 +110,67 @@ def parse(data: dict) -> SweepSpec:
     return spec
 
 
+# a text column filtered by a number measured on it: words(caption_vlm) >= 1 keeps non-empty
+# captions, chars(caption_summary) <= 300 long ones out, matches(caption_coca) <= 0 banned words out
+TEXT_MEASURE = re.compile(r"(chars|words|matches)\(([A-Za-z_][A-Za-z0-9_]*)\)")
+MAX_PATTERN = 500
+
+
+def text_measure(column: str) -> tuple[str, str] | None:
+    """('words', 'caption_vlm') for 'words(caption_vlm)'; None for a plain column."""
+    m = TEXT_MEASURE.fullmatch(column)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def source_column(column: str) -> str:
+    """The annotation column a filter reads (the text column inside a measure)."""
+    tm = text_measure(column)
+    return tm[1] if tm else column
+
+
+def derive_text(table: pa.Table, filters: list[FilterSpec]) -> pa.Table:
+    """Append each text measure the filters name as a float column of that name; a missing or empty
+    text measures 0 (it is the empty caption the filter is there to catch)."""
+    for f in filters:
+        tm = text_measure(f.column)
+        if tm is None or f.column in table.column_names:
+            continue
+        kind, col = tm
+        texts = [t if isinstance(t, str) else "" for t in table.column(col).to_pylist()]
+        if kind == "chars":
+            v = [len(t) for t in texts]
+        elif kind == "words":
+            v = [len(t.split()) for t in texts]
+        else:
+            rx = re.compile(f.pattern or "")
+            v = [sum(1 for _ in rx.finditer(t)) for t in texts]
+        table = table.append_column(f.column, pa.array(np.asarray(v, np.float64)))
+    return table
+
+
 def check_filters(filters: list[FilterSpec]) -> None:
     """Resolve ``keep: auto`` and check the levels (shared by sweep and select specs)."""
+    patterns: dict[str, str | None] = {}
     for i, f in enumerate(filters):
+        tm = text_measure(f.column)
+        if tm is None and f.pattern is not None:
+            raise ConfigError(f"filters[{i}].pattern: only a matches(COLUMN) filter reads a pattern; write column: "
+                              f"matches({f.column}) or drop it")
+        if tm is not None:
+            if (tm[0] == "matches") != (f.pattern is not None):
+                raise ConfigError(f"filters[{i}]: {'give' if tm[0] == 'matches' else 'drop'} pattern for "
+                                  f"{f.column!r} (a regular expression is what matches() counts)")
+            if f.pattern is not None:
+                if len(f.pattern) > MAX_PATTERN:
+                    raise ConfigError(f"filters[{i}].pattern: longer than {MAX_PATTERN} characters")
+                try:
+                    re.compile(f.pattern)
+                except re.error as exc:
+                    raise ConfigError(f"filters[{i}].pattern: not a regular expression ({exc})") from None
+            if patterns.setdefault(f.column, f.pattern) != f.pattern:
+                raise ConfigError(f"filters[{i}]: {f.column!r} is given two patterns; one measure per column")
+            if f.keep == "auto":
+                f.keep = "low" if tm[0] == "matches" else "high"
         if f.keep == "auto":
             if f.column not in SCORE_GOOD_END:
                 raise ConfigError(f"filters[{i}].keep: winnow does not know which end of {f.column!r} is good; "
@@ -133,7 +194,7 @@ def run_dir(p: str) -> str:
 
 def read_table(spec: SweepSpec) -> pa.Table:
     """The columns a sweep needs, from every table (a ``run`` column tells them apart)."""
-    wanted = {KEY, STATUS, "partition", "video_key", *(f.column for f in spec.filters)}
+    wanted = {KEY, STATUS, "partition", "video_key", *(source_column(f.column) for f in spec.filters)}
     tables = []
     for i, p in enumerate(spec.annotations):
         path = p
@@ -141,7 +202,7 @@ def read_table(spec: SweepSpec) -> pa.Table:
             raise ConfigError(f"annotations[{i}]: {path!r} " + ("does not exist" if not storage.exists(path) else
                               "holds no annotation table (shards/NNNNN.parquet); give a `winnow curate` output folder"))
         names = layout.annotation_columns(path)
-        missing = [f.column for f in spec.filters if f.column not in names]
+        missing = [source_column(f.column) for f in spec.filters if source_column(f.column) not in names]
         if missing:
             raise ConfigError(f"annotations[{i}]: {path!r} has no column {missing[0]!r}; it has "
                               f"{', '.join(n for n in names if n not in (KEY, STATUS))}")
@@ -149,7 +210,7 @@ def read_table(spec: SweepSpec) -> pa.Table:
         if spec.only_kept and STATUS in t.column_names:
             t = t.filter(pc.equal(t.column(STATUS), KEPT))
         tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
-    return pa.concat_tables(tables, promote_options="default")
+    return derive_text(pa.concat_tables(tables, promote_options="default"), spec.filters)
 
 
 def values(table: pa.Table, column: str) -> np.ndarray:
@@ -422,7 +483,8 @@ def format_summary(r: SweepResult, limit: int = 30) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FilterSpec", "Level", "SweepSpec", "levels_for", "load", "overlap", "parse", "run", "run_cells"]
+__all__ = ["FilterSpec", "Level", "SweepSpec", "derive_text", "levels_for", "load", "overlap", "parse", "run",
+           "run_cells", "source_column", "text_measure"]
 
 
 def plan(spec: SweepSpec) -> pa.Table:
