@@ -193,4 +193,28 @@ class CaptionImages(ModelStage):
         return [r for start in range(0, len(inputs), step) for r in run(inputs[start:start + step])]
 
 
-__all__ = ["CaptionConfig", "CaptionImages", "spread"]
+def accounts(config: CaptionConfig, texts: dict[str, list], issues: list) -> dict:
+    """Per caption column of the kept rows: the model and its generation settings, how many rows got
+    text, how many are empty, and the issues counted by reason (``summary.json``'s ``captions``)."""
+    out = {}
+    settings = {"max_new_tokens": config.max_new_tokens,
+                "decoding": "greedy" if config.num_beams == 1 else f"beam search, {config.num_beams} beams"}
+    for b in config.backends:
+        col = f"caption_{b}"
+        got = texts.get(col) or []
+        reasons: dict[str, int] = {}
+        for issue in issues:
+            for part in (issue or "").split(", "):
+                if part.startswith(f"{b}:"):
+                    reasons[part[len(b) + 1:]] = reasons.get(part[len(b) + 1:], 0) + 1
+        model = {"coca": f"{config.coca_model} ({config.coca_pretrained or 'random weights'})",
+                 "vlm": config.vlm_model, "summary": config.summary_model}[b]
+        extra = {"vlm": {"frames": config.frames, "prompt": config.prompt},
+                 "summary": {"template": config.template}}.get(b, {})
+        written = sum(1 for t in got if t)
+        out[col] = {"model": model, **settings, **extra, "rows": len(got), "written": written,
+                    "empty": len(got) - written, "issues": dict(sorted(reasons.items()))}
+    return out
+
+
+__all__ = ["CaptionConfig", "CaptionImages", "accounts", "spread"]

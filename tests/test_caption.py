@@ -153,6 +153,16 @@ def test_a_curate_run_writes_caption_columns_into_the_table_and_the_shards(ray_l
         texts = {m.name[:-4]: tf.extractfile(m).read().decode() for m in tf if m.name.endswith(".txt")}
     assert docs and all(d["caption_coca"] for d in docs)
     assert all(texts[d["key"]] == d["caption_coca"] for d in docs)   # output.caption: caption_coca is the .txt
+    acc = json.load(open(tmp_path / "out" / "summary.json"))["captions"]["caption_coca"]
+    assert (acc["rows"], acc["written"] + acc["empty"], acc["max_new_tokens"]) == (4, 4, 8)
+    assert sum(acc["issues"].values()) == sum(1 for r in rows.values() if r["caption_issue"])
+    assert acc["model"] == "winnow-tiny-coca (random weights)" and acc["decoding"] == "greedy"
+    from pipeline.commands import report
+
+    page = open(report.write(out), encoding="utf-8").read()
+    import html
+    shown = [r["caption_coca"][:120] for r in rows.values()]
+    assert sum(f"<b>coca</b> {html.escape(t)}</span>" in page for t in shown) >= 1   # beside the thumbnails
     with pytest.raises(ConfigError, match="output.caption: 'caption_vlm' is not written by this run"):
         run_curate(str(root), out, stages=["decode", {"name": "caption"}],
                    output_options={"caption": "caption_vlm"})
@@ -285,3 +295,22 @@ def test_clip_scores_against_a_caption_column_an_earlier_stage_writes():
     assert out["clip_similarity"][0] == pytest.approx(float(ims[0] @ texts[0]), abs=1e-5)   # fp32 dot of unit rows
     assert out["clip_similarity"][1] is None                                   # no caption_coca: no similarity
     assert out["clip_similarity"][2] == pytest.approx(float(ims[2] @ texts[1]), abs=1e-5)
+
+
+def test_the_dry_run_projects_the_caption_cost(ray_local, tmp_path):
+    from pipeline.commands import curate
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(12):
+        pictures()[i % 6].save(root / f"p{i:02d}.png")
+    out = tmp_path / "out"
+    spec = specmod.parse({"input": {"path": str(root)}, "output": {"path": str(out), "report": False},
+                          "stages": ["decode", {"name": "caption", "backends": ["coca", "summary"],
+                                                "template": "Caption: {caption_coca}", "max_new_tokens": 6}],
+                          "dry_run": {"enabled": True, "sample": 8}})
+    r = curate.run(spec, log=None)
+    assert not out.exists() and r.sampled == 8
+    (note,) = [n for n in r.notes if n.startswith("caption: ")]
+    per_row = next(s["seconds_per_row"] for s in r.stages if s["stage"] == "caption")
+    assert per_row > 0 and f"{1000 * per_row:.1f} ms per row" in note and "worker-hours for the whole input" in note

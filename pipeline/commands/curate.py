@@ -21,7 +21,7 @@ from pipeline import adapter, readers, registry, shards
 from pipeline.commands.curate_spec import CurateSpec
 from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError
-from pipeline.contract.schema import KEY, PARTITION, REJECT_REASON, STATUS
+from pipeline.contract.schema import CAPTION_COLUMNS, CAPTION_ISSUE, KEY, PARTITION, REJECT_REASON, STATUS
 from pipeline.contract.stage import reason_counts
 
 NAME = "curate"
@@ -69,6 +69,7 @@ class RunResult:
     stage_rss_mb: dict[str, float] = field(default_factory=dict)   # peak RSS of a worker running each stage
     warnings: list[str] = field(default_factory=list)   # what the user must know (models on random weights)
     already_complete: bool = False  # a re-run that found every shard written: nothing was redone
+    captions: dict = field(default_factory=dict)   # caption stage: per column, model, settings, written/empty/issues
     print_json: bool = False       # how to print it (output.json), not part of it
 
     @property
@@ -229,6 +230,7 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
                        wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos,
                        sidecars=plan.sidecars, stage_rss_mb=stage_rss, warnings=spec.notices(),
                        already_complete=already_complete)
+    result.captions = caption_accounts(spec, table)
     planned = result.inputs if spec.is_video else plan.num_inputs   # videos reconcile above
     if result.inputs != planned or result.kept + result.rejected != result.inputs:
         raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "
@@ -240,6 +242,22 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
     if not spec.output.keep_work:
         storage.remove_tree(storage.join(out, layout.WORK_DIR))
     return result
+
+
+def caption_accounts(spec: CurateSpec, table: pa.Table) -> dict:
+    """Every kept row's generated captions accounted for (``curation.caption.accounts``)."""
+    from curation.caption import accounts
+
+    stages = [s for s in spec.stages if s.name == "caption"]
+    if not stages:
+        return {}
+    kept = table.filter(pc.equal(table.column(STATUS), "kept"))
+    cols = {c: kept.column(c).to_pylist() for c in CAPTION_COLUMNS if c in kept.column_names}
+    issues = kept.column(CAPTION_ISSUE).to_pylist() if CAPTION_ISSUE in kept.column_names else []
+    out: dict = {}
+    for st in stages:
+        out.update(accounts(st.config, cols, issues))
+    return out
 
 
 def check_input_kind(spec: CurateSpec, fmt: str) -> None:
@@ -387,6 +405,10 @@ def format_summary(result) -> str:
              f"  rejected  {result.rejected:>8}"]
     for reason, n in result.reasons.items():
         lines.append(f"    {reason:<22} {n:>6}")
+    for col, a in (getattr(result, "captions", None) or {}).items():
+        issues = ", ".join(f"{k} {v}" for k, v in a["issues"].items())
+        lines.append(f"  {col:<16}{a['written']:>5} of {a['rows']} kept rows captioned"
+                     + (f"; issues: {issues}" if issues else ""))
     if getattr(result, "sidecars", 0):
         lines.append(f"  sidecars  {result.sidecars:>8}  (captions and JSON beside the samples; not samples)")
     if result.stage_seconds:

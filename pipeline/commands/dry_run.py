@@ -268,6 +268,13 @@ def project(
                      f"so their reject fraction here is a lower bound")
     if sampled == total:
         notes.append("the sample is the whole input: its kept fraction and bytes are the run's own")
+    for st in table:   # captions are the slowest stage of real video curation: their cost on its own line
+        if st["stage"].split("_")[0] == "caption":
+            hours = st["seconds_per_row"] * rows * ratio / 3600
+            unit = "GPU-hours" if st["num_gpus"] else "worker-hours"
+            notes.append(f"{st['stage']}: {1000 * st['seconds_per_row']:.1f} ms per row (rows reaching it: only "
+                         f"those kept so far) -> about {hours * max(st['num_gpus'], 1):,.2f} {unit} for the whole "
+                         f"input ({st['copies']} copies: {_human_s(hours * 3600 / max(st['copies'], 1))})")
     return DryRunResult(
         output=spec.output.path, inputs=total, sampled=sampled, unit=unit, sample_rows=rows,
         sample_wall_s=round(sample_wall, 2),

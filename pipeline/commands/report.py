@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.contract import layout, media, storage
 from pipeline.contract.schema import (
+    CAPTION_COLUMNS,
     CLIP_END,
     CLIP_START,
     DUPLICATE_OF,
@@ -64,6 +65,7 @@ h2{font-size:17px;margin:2px 0 10px}h3{font-size:14px;margin:14px 0 6px}
 table{border-collapse:collapse;font-size:13px}td,th{padding:3px 10px;border-bottom:1px solid #e3e6ea;text-align:left}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:100%}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.ex{width:144px;font-size:11px;color:#3a4350;word-break:break-all}
+.cap{color:#5a6470;word-break:normal}.cap b{color:#1d6fa5;font-weight:600}
 .ex img{width:144px;height:144px;border-radius:4px;display:block;background:#222}
 pre{background:#f0f3f7;padding:10px;border-radius:6px;overflow:auto;font-size:12px}
 .note{color:#5b6573;font-size:12px}.warn{background:#fff4d6;border-left:4px solid #d89b00;padding:6px 10px}
@@ -363,9 +365,13 @@ class Report:
             kept_idx = self._pick(np.flatnonzero(self.kept))
             out.append(f"<h3>kept ({int(self.kept.sum()):,})</h3><div class=grid>")
             caption = self.table.column("caption").to_pylist() if "caption" in self.table.column_names else None
+            synthetic = {c[len("caption_"):]: self.table.column(c).to_pylist()
+                         for c in CAPTION_COLUMNS if c in self.table.column_names}
             for i in kept_idx:
                 im = images.thumbnail(0, int(parts[i]), keys[i])
                 label = html.escape(keys[i]) + (f"<br>{html.escape((caption[i] or '')[:60])}" if caption else "")
+                label += "".join(f"<br><span class=cap><b>{name}</b> {html.escape((texts[i] or '')[:120])}</span>"
+                                 for name, texts in synthetic.items())
                 out.append(f'<div class=ex><img src="{_jpeg(im)}" alt="{html.escape(keys[i])}">{label}</div>')
             out.append("</div>")
             cats: dict[str, list[int]] = {}
