@@ -111,17 +111,26 @@ def _tiny_tokenizer(folder: str, image_token: bool):
     return tok
 
 
-def _tiny_llama(tok, seed: int):
+# decoder and vision sizes: the presets, and (for bench/captions.py) the size of a real small model
+# with random weights: a Llama decoder shaped like Qwen2.5-0.5B and CLIP ViT-B/16's vision tower
+TINY_DIMS = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "inter": 128,
+             "v_hidden": 32, "v_layers": 2, "v_heads": 2, "v_inter": 64, "image": 32, "patch": 8}
+SMALL_DIMS = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "inter": 4864,
+              "v_hidden": 768, "v_layers": 12, "v_heads": 12, "v_inter": 3072, "image": 224, "patch": 16}
+
+
+def _tiny_llama(tok, seed: int, d: dict = TINY_DIMS):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    return LlamaConfig(vocab_size=len(tok), hidden_size=d["hidden"], intermediate_size=d["inter"],
+                       num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+                       num_key_value_heads=d["kv_heads"], max_position_embeddings=1024,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
-def tiny_vlm(seed: int = 0):
+def tiny_vlm(seed: int = 0, d: dict = TINY_DIMS):
     """(model, processor): a ~6M-parameter LLaVA-class model (Liu et al., 2023: a CLIP vision tower,
-    a projector, a Llama decoder) with seeded random weights and a chat template."""
+    a projector, a Llama decoder) with seeded random weights and a chat template (``d``: other sizes)."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -133,12 +142,15 @@ def tiny_vlm(seed: int = 0):
 
     with tempfile.TemporaryDirectory(prefix="winnow-tiny-vlm-") as folder:
         tok = _tiny_tokenizer(folder, image_token=True)
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=_tiny_llama(tok, seed),
+    side = d["image"]
+    images = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+                               patch_size=d["patch"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=d["v_hidden"], intermediate_size=d["v_inter"],
+                              num_hidden_layers=d["v_layers"], num_attention_heads=d["v_heads"], image_size=side,
+                              patch_size=d["patch"], projection_dim=d["v_hidden"])
+    config = LlavaConfig(vision_config=vision, text_config=_tiny_llama(tok, seed, d),
                          image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
                          vision_feature_select_strategy="default")
     with torch.random.fork_rng(devices=[]):
@@ -148,8 +160,8 @@ def tiny_vlm(seed: int = 0):
     return model.eval(), processor
 
 
-def tiny_summary(seed: int = 0):
-    """(model, tokenizer): a ~6M-parameter Llama decoder with seeded random weights."""
+def tiny_summary(seed: int = 0, d: dict = TINY_DIMS):
+    """(model, tokenizer): a ~6M-parameter Llama decoder with seeded random weights (``d``: other sizes)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -157,7 +169,7 @@ def tiny_summary(seed: int = 0):
         tok = _tiny_tokenizer(folder, image_token=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(_tiny_llama(tok, seed))
+        model = LlamaForCausalLM(_tiny_llama(tok, seed, d))
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
 
@@ -172,6 +184,7 @@ class _Generator:
             raise ValueError(f"max_new_tokens must be in 1..{MAX_TOKENS}")
         self.model, self.tokenizer, self.device = model.to(device), tokenizer, device
         self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
+        self.use_cache = True          # False only to measure what the KV cache saves (bench/captions.py)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
@@ -211,6 +224,7 @@ class _Generator:
                 made = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                            max_new_tokens=self.max_new_tokens, do_sample=False,
                                            num_beams=self.num_beams, pad_token_id=self.pad_id,
+                                           use_cache=self.use_cache,
                                            temperature=None, top_p=None, top_k=None, **kwargs)
             for j, i in enumerate(members):
                 out[i] = self._text(made[j, width:].tolist())
