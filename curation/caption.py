@@ -19,18 +19,19 @@ import numpy as np
 from curation.models import ModelRuntime, ModelStage, torch_device
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.media import open_image
-from pipeline.contract.schema import CAPTION, CAPTION_ISSUE, KEPT, STATUS
+from pipeline.contract.schema import CAPTION, CAPTION_ISSUE, KEPT, KEY, STATUS
 from pipeline.contract.stage import active, column, reject, sample_images
 from pipeline.models import clip as clip_models
 from pipeline.models.captioner import MAX_TOKENS, CocaCaptioner
 from pipeline.models.clip import TINY_COCA
 from pipeline.models.textgen import (
-    DEFAULT_TEMPLATE,
     TINY_SUMMARY,
     TINY_VLM,
     Summarizer,
     VlmCaptioner,
+    default_template,
     resolve_hf,
+    row_seed,
     template_fields,
 )
 
@@ -56,9 +57,13 @@ class CaptionConfig(ModelRuntime):
     frames: int = option(3, "vlm: frames of a clip it sees, spread evenly over the clip (1 = the middle frame); a "
                          "model without a chat template sees the middle one", min=1, max=32)
     prompt: str = option("Describe this video in one sentence.", "vlm: the instruction given with the frames")
-    template: str = option(DEFAULT_TEMPLATE, "summary: the prompt, naming {caption} (source text), {caption_coca} "
-                           "and {caption_vlm}")
+    template: str | None = option(None, "summary: the prompt, naming {caption} (source text), {caption_coca} and "
+                                  "{caption_vlm}; null: a merge instruction naming the captions this stage makes")
     num_beams: int = option(1, "1 = greedy decoding; more = beam search (vlm and summary)", min=1, max=8)
+    sample: bool = option(False, "vlm and summary: sample instead (temperature, top_p), each row from a seed of "
+                          "(seed, backend, key), one row per model call")
+    temperature: float = option(0.7, "sample: softmax temperature", min=0.01, max=5.0)
+    top_p: float = option(0.9, "sample: nucleus mass", min=0.01, max=1.0)
     cache_dir: str | None = option(None, "Hugging Face hub cache to look in for tags and hub ids")
     allow_download: bool = option(False, "let open_clip and transformers download missing weights (needs network)")
     seed: int = option(0, "seed of random weights ('random' or the tiny models)")
@@ -73,6 +78,10 @@ def _resolve_coca(config: CaptionConfig, key: str):
                                            config.allow_download, f"{key}.coca")
     except ConfigError as exc:
         raise ConfigError(str(exc).replace(f"{key}.coca.", f"{key}.coca_")) from None
+
+
+def template_of(config: CaptionConfig) -> str:
+    return config.template if config.template is not None else default_template(config.backends)
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -109,12 +118,17 @@ class CaptionImages(ModelStage):
         if "summary" in b:
             resolve_hf(config.summary_model, config.cache_dir, config.allow_download, f"{key}.summary_model",
                        "causal-lm", (TINY_SUMMARY,))
-            fields = template_fields(config.template, f"{key}.template")
+            fields = template_fields(template_of(config), f"{key}.template")
             known = {CAPTION} | {f"caption_{x}" for x in b if x != "summary"}
             unknown = sorted(set(fields) - known)
             if unknown:
                 raise ConfigError(f"{key}.template names {unknown}, which this stage does not make; it may name "
                                   f"{sorted(known)} (add the backend that writes a column, or drop it)")
+        if config.sample and config.num_beams > 1:
+            raise ConfigError(f"{key}.sample: sampling and beam search (num_beams {config.num_beams}) exclude each "
+                              f"other; set num_beams: 1 or sample: false")
+        if config.sample and not {"vlm", "summary"} & set(b):
+            raise ConfigError(f"{key}.sample: only the vlm and summary backends sample (coca is greedy); remove it")
         for name, default, used in (("vlm_model", TINY_VLM, "vlm"), ("summary_model", TINY_SUMMARY, "summary")):
             if getattr(config, name) != default and used not in b:
                 raise ConfigError(f"{key}.{name} is set but backends has no {used}; add {used} or remove it")
@@ -139,10 +153,10 @@ class CaptionImages(ModelStage):
         device = torch_device(cfg)
         common = {"seed": cfg.seed, "device": device, "max_new_tokens": cfg.max_new_tokens,
                   "cache_dir": cfg.cache_dir, "allow_download": cfg.allow_download}
+        hf = {"num_beams": cfg.num_beams, "sampling": (cfg.temperature, cfg.top_p) if cfg.sample else None}
         self.coca = CocaCaptioner(cfg.coca_model, cfg.coca_pretrained, **common) if "coca" in cfg.backends else None
-        self.vlm = VlmCaptioner(cfg.vlm_model, cfg.prompt, num_beams=cfg.num_beams, **common) \
-            if "vlm" in cfg.backends else None
-        self.summary = Summarizer(cfg.summary_model, cfg.template, num_beams=cfg.num_beams, **common) \
+        self.vlm = VlmCaptioner(cfg.vlm_model, cfg.prompt, **hf, **common) if "vlm" in cfg.backends else None
+        self.summary = Summarizer(cfg.summary_model, template_of(cfg), **hf, **common) \
             if "summary" in cfg.backends else None
 
     def _pictures(self, data: list[bytes], which: list[int]) -> list:
@@ -164,7 +178,8 @@ class CaptionImages(ModelStage):
                 if self.coca is not None:
                     coca_in.append(self.coca.prepare(self._pictures(data, [len(data) // 2])[0]))
                 if self.vlm is not None:
-                    vlm_in.append(self.vlm.prepare(self._pictures(data, spread(len(data), self.config.frames))))
+                    row = self.vlm.prepare(self._pictures(data, spread(len(data), self.config.frames)))
+                    vlm_in.append({**row, "seed": row_seed(self.config.seed, "vlm", str(batch[KEY][i]))})
                 rows.append(int(i))
             except Exception as exc:  # noqa: BLE001 - a picture that cannot be read is a rejected row
                 del coca_in[len(rows):], vlm_in[len(rows):]
@@ -177,7 +192,9 @@ class CaptionImages(ModelStage):
         if self.summary is not None:
             values = [{CAPTION: batch[CAPTION][i] if CAPTION in batch else None,
                        **{f"caption_{b}": made[b][n][0] for b in made}} for n, i in enumerate(rows)]
-            made["summary"] = self._batched(self.summary.caption, [self.summary.prepare(v) for v in values])
+            rows_in = [{**self.summary.prepare(v), "seed": row_seed(self.config.seed, "summary", str(batch[KEY][i]))}
+                       for v, i in zip(values, rows, strict=True)]
+            made["summary"] = self._batched(self.summary.caption, rows_in)
         for backend, results in made.items():
             col = column(batch, f"caption_{backend}")
             for i, (text, _) in zip(rows, results, strict=True):
@@ -197,8 +214,8 @@ def accounts(config: CaptionConfig, texts: dict[str, list], issues: list) -> dic
     """Per caption column of the kept rows: the model and its generation settings, how many rows got
     text, how many are empty, and the issues counted by reason (``summary.json``'s ``captions``)."""
     out = {}
-    settings = {"max_new_tokens": config.max_new_tokens,
-                "decoding": "greedy" if config.num_beams == 1 else f"beam search, {config.num_beams} beams"}
+    decoding = "greedy" if config.num_beams == 1 else f"beam search, {config.num_beams} beams"
+    settings = {"max_new_tokens": config.max_new_tokens, "decoding": decoding}
     for b in config.backends:
         col = f"caption_{b}"
         got = texts.get(col) or []
@@ -210,7 +227,10 @@ def accounts(config: CaptionConfig, texts: dict[str, list], issues: list) -> dic
         model = {"coca": f"{config.coca_model} ({config.coca_pretrained or 'random weights'})",
                  "vlm": config.vlm_model, "summary": config.summary_model}[b]
         extra = {"vlm": {"frames": config.frames, "prompt": config.prompt},
-                 "summary": {"template": config.template}}.get(b, {})
+                 "summary": {"template": template_of(config)}}.get(b, {})
+        if config.sample and b != "coca":
+            extra["decoding"] = (f"sampled (temperature {config.temperature:g}, top_p {config.top_p:g}), seeded by "
+                                 f"(seed {config.seed}, backend, key)")
         written = sum(1 for t in got if t)
         out[col] = {"model": model, **settings, **extra, "rows": len(got), "written": written,
                     "empty": len(got) - written, "issues": dict(sorted(reasons.items()))}

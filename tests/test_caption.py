@@ -314,3 +314,23 @@ def test_the_dry_run_projects_the_caption_cost(ray_local, tmp_path):
     (note,) = [n for n in r.notes if n.startswith("caption: ")]
     per_row = next(s["seconds_per_row"] for s in r.stages if s["stage"] == "caption")
     assert per_row > 0 and f"{1000 * per_row:.1f} ms per row" in note and "worker-hours for the whole input" in note
+
+
+def test_sampled_captions_are_seeded_by_key_not_by_batch_or_order():
+    ims = pictures()
+    cfg = {"backends": ["vlm", "summary"], "max_new_tokens": 8, "sample": True, "temperature": 1.0}
+    one = CaptionImages(CaptionConfig(**cfg, batch_size=1))(_batch(ims))
+    many = CaptionImages(CaptionConfig(**cfg, batch_size=4))
+    rev = _batch(ims[::-1])
+    rev["key"] = rev["key"][::-1]                               # the same key with the same picture, reversed
+    out = many(rev)
+    for col in ("caption_vlm", "caption_summary"):
+        assert list(out[col][::-1]) == list(one[col])
+    again = many(_batch(ims))
+    assert list(again["caption_vlm"]) == list(one["caption_vlm"])           # a re-run samples the same text
+    greedy = CaptionImages(CaptionConfig(backends=["vlm"], max_new_tokens=8))(_batch(ims))
+    reseeded = CaptionImages(CaptionConfig(**cfg, seed=1))(_batch(ims))
+    assert list(greedy["caption_vlm"]) != list(one["caption_vlm"]) != list(reseeded["caption_vlm"])
+    with pytest.raises(ConfigError, match="sampling and beam search"):
+        specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"},
+                       "stages": ["decode", {"name": "caption", **cfg, "num_beams": 2}]})

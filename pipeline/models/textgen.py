@@ -179,11 +179,15 @@ def tiny_summary(seed: int = 0, d: dict = TINY_DIMS):
 class _Generator:
     """Greedy or beam decoding of prepared rows, each row padded by its own length only."""
 
-    def __init__(self, model, tokenizer, device: str, max_new_tokens: int, num_beams: int):
+    def __init__(self, model, tokenizer, device: str, max_new_tokens: int, num_beams: int,
+                 sampling: tuple[float, float] | None = None):
         if not 1 <= max_new_tokens <= MAX_TOKENS:
             raise ValueError(f"max_new_tokens must be in 1..{MAX_TOKENS}")
         self.model, self.tokenizer, self.device = model.to(device), tokenizer, device
         self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
+        # (temperature, top_p): sampling, one row at a time from the row's own seed (``row["seed"]``),
+        # since generate draws from one global generator for the whole batch
+        self.sampling = sampling
         self.use_cache = True          # False only to measure what the KV cache saves (bench/captions.py)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id
@@ -204,7 +208,9 @@ class _Generator:
         for i, row in enumerate(rows):
             n = int(row["input_ids"].shape[-1])
             groups.setdefault((n // PAD_TO + 1) * PAD_TO, []).append(i)
-        for width, members in sorted(groups.items()):
+        batches = [(w, m) for w, members in sorted(groups.items())
+                   for m in ([[i] for i in members] if self.sampling else [members])]
+        for width, members in batches:
             ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(members), width), dtype=torch.long)
             extra: dict[str, list] = {}
@@ -220,12 +226,16 @@ class _Generator:
             for k, v in kwargs.items():
                 if v.is_floating_point():
                     kwargs[k] = v.to(self.model.dtype)
-            with torch.inference_mode():
+            decode = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            if self.sampling:
+                decode = {"do_sample": True, "temperature": self.sampling[0], "top_p": self.sampling[1], "top_k": None}
+            devices = [torch.device(self.device)] if str(self.device).startswith("cuda") else []
+            with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+                if self.sampling:
+                    torch.manual_seed(int(rows[members[0]].get("seed", 0)))
                 made = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                           max_new_tokens=self.max_new_tokens, do_sample=False,
-                                           num_beams=self.num_beams, pad_token_id=self.pad_id,
-                                           use_cache=self.use_cache,
-                                           temperature=None, top_p=None, top_k=None, **kwargs)
+                                           max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                                           pad_token_id=self.pad_id, use_cache=self.use_cache, **decode, **kwargs)
             for j, i in enumerate(members):
                 out[i] = self._text(made[j, width:].tolist())
         return out
@@ -257,7 +267,8 @@ class VlmCaptioner:
 
     def __init__(self, model: str = TINY_VLM, prompt: str = "Describe this video in one sentence.", seed: int = 0,
                  device: str = "cpu", max_new_tokens: int = 30, num_beams: int = 1, cache_dir: str | None = None,
-                 allow_download: bool = False, key: str = "caption.vlm_model"):
+                 allow_download: bool = False, key: str = "caption.vlm_model",
+                 sampling: tuple[float, float] | None = None):
         self.weights = resolve_hf(model, cache_dir, allow_download, key, "image-text-to-text", (TINY_VLM,))
         self.name, self.random, self.prompt = model, self.weights.path is None, prompt
         if self.random:
@@ -266,7 +277,7 @@ class VlmCaptioner:
             net, self.processor = _load(self.weights, "AutoModelForImageTextToText", "AutoProcessor", device,
                                         allow_download)
         self.chat = bool(getattr(self.processor, "chat_template", None))
-        self.gen = _Generator(net, self.processor.tokenizer, device, max_new_tokens, num_beams)
+        self.gen = _Generator(net, self.processor.tokenizer, device, max_new_tokens, num_beams, sampling)
 
     def prepare(self, frames: list) -> dict:
         """PIL frames of one row (one picture for an image) -> the processor's tensors."""
@@ -283,6 +294,20 @@ class VlmCaptioner:
 
 DEFAULT_TEMPLATE = ("Merge these descriptions of one video into a single short caption.\n"
                     "Frame: {caption_coca}\nVideo: {caption_vlm}\nSource text: {caption}\nCaption:")
+
+
+def default_template(backends: list[str]) -> str:
+    """``DEFAULT_TEMPLATE`` with only the lines of the captions made before the summary."""
+    lines = DEFAULT_TEMPLATE.split("\n")
+    keep = {"Frame": "coca" in backends, "Video": "vlm" in backends}
+    return "\n".join(line for line in lines if keep.get(line.split(":")[0], True))
+
+
+def row_seed(seed: int, backend: str, key: str) -> int:
+    """A sampled caption's seed: a function of the run's seed, the backend and the row's key only."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{backend}:{key}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 def template_fields(template: str, key: str) -> list[str]:
@@ -306,7 +331,8 @@ class Summarizer:
 
     def __init__(self, model: str = TINY_SUMMARY, template: str = DEFAULT_TEMPLATE, seed: int = 0,
                  device: str = "cpu", max_new_tokens: int = 30, num_beams: int = 1, cache_dir: str | None = None,
-                 allow_download: bool = False, key: str = "caption.summary_model"):
+                 allow_download: bool = False, key: str = "caption.summary_model",
+                 sampling: tuple[float, float] | None = None):
         self.weights = resolve_hf(model, cache_dir, allow_download, key, "causal-lm", (TINY_SUMMARY,))
         self.name, self.random, self.template = model, self.weights.path is None, template
         self.fields = template_fields(template, key.rsplit(".", 1)[0] + ".template")
@@ -317,7 +343,7 @@ class Summarizer:
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         context = int(getattr(net.config, "max_position_embeddings", 0) or 2048)
         self.max_prompt = max(16, context - max_new_tokens - PAD_TO)
-        self.gen = _Generator(net, self.tokenizer, device, max_new_tokens, num_beams)
+        self.gen = _Generator(net, self.tokenizer, device, max_new_tokens, num_beams, sampling)
 
     def prompt(self, values: dict) -> str:
         filled = self.template.format_map({f: clean_text(str(values.get(f) or ""), FIELD_CHARS) for f in self.fields})
@@ -336,5 +362,5 @@ class Summarizer:
         return self.gen.run(rows)
 
 
-__all__ = ["DEFAULT_TEMPLATE", "HfWeights", "Summarizer", "TINY_SUMMARY", "TINY_VLM", "VlmCaptioner", "resolve_hf",
-           "template_fields", "tiny_summary", "tiny_vlm"]
+__all__ = ["DEFAULT_TEMPLATE", "HfWeights", "Summarizer", "TINY_SUMMARY", "TINY_VLM", "VlmCaptioner",
+           "default_template", "resolve_hf", "row_seed", "template_fields", "tiny_summary", "tiny_vlm"]
