@@ -129,6 +129,12 @@ class CaptionImages(ModelStage):
                               f"other; set num_beams: 1 or sample: false")
         if config.sample and not {"vlm", "summary"} & set(b):
             raise ConfigError(f"{key}.sample: only the vlm and summary backends sample (coca is greedy); remove it")
+        defaults = CaptionConfig()
+        if not config.sample and (config.temperature, config.top_p) != (defaults.temperature, defaults.top_p):
+            raise ConfigError(f"{key}.temperature / top_p only shape sampling; set sample: true or remove them")
+        for name, used in (("frames", "vlm"), ("prompt", "vlm"), ("template", "summary")):
+            if getattr(config, name) != getattr(defaults, name) and used not in b:
+                raise ConfigError(f"{key}.{name} is set but backends has no {used}; add {used} or remove it")
         for name, default, used in (("vlm_model", TINY_VLM, "vlm"), ("summary_model", TINY_SUMMARY, "summary")):
             if getattr(config, name) != default and used not in b:
                 raise ConfigError(f"{key}.{name} is set but backends has no {used}; add {used} or remove it")

@@ -115,6 +115,10 @@ def test_spec_checks_fail_before_ray():
                      ({"backends": ["summary"], "template": "no fields"}, "must name caption columns"),
                      ({"backends": ["summary"], "template": "{caption"}, "template"),
                      ({"backends": ["coca"], "summary_model": "x/y"}, "summary_model is set but backends has no"),
+                     ({"backends": ["coca"], "frames": 5}, "frames is set but backends has no vlm"),
+                     ({"backends": ["vlm"], "template": "{caption}"}, "template is set but backends has no summary"),
+                     ({"backends": ["vlm"], "top_p": 0.5}, "only shape sampling"),
+                     ({"backends": ["coca"], "sample": True}, "only the vlm and summary backends sample"),
                      ({"backends": []}, "give at least one captioner"),
                      ({"coca_model": "ViT-B-32", "coca_pretrained": "random"}, "is not a CoCa model"),
                      ({"max_new_tokens": 200}, "max_new_tokens"),
@@ -245,6 +249,10 @@ def test_hf_weights_load_from_a_folder_and_refuse_the_wrong_kind(vlm, summary, t
         VlmCaptioner(str(tmp_path / "lm"))
     with pytest.raises(ConfigError, match="has no config.json"):
         Summarizer(str(tmp_path))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((tmp_path / "lm" / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"has a config.json but no weights"):
+        Summarizer(str(tmp_path / "bare"))
     with pytest.raises(ConfigError, match="not in the hub cache"):
         Summarizer("someone/absent-model", cache_dir=str(tmp_path / "hub"))
 
@@ -334,3 +342,32 @@ def test_sampled_captions_are_seeded_by_key_not_by_batch_or_order():
     with pytest.raises(ConfigError, match="sampling and beam search"):
         specmod.parse({"input": {"path": "/d"}, "output": {"path": "/o"},
                        "stages": ["decode", {"name": "caption", **cfg, "num_beams": 2}]})
+
+
+@pytest.mark.slow
+def test_another_batch_size_and_worker_count_write_the_same_captions(ray_local, tmp_path):
+    """A clip run's three captions do not depend on how rows were batched or spread over workers."""
+    import pyarrow.compute as pc
+
+    from pipeline.contract import layout
+    from pipeline.synth import shot, write_video
+    from tests.helpers import run_curate
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    for i in range(4):
+        write_video(str(root / f"v{i}.mp4"), shot(36, 96, 64, i, motion=2.0 + i), fps=12.0, crf=20)
+    cols = ["key", "caption_coca", "caption_vlm", "caption_summary", "caption_issue"]
+
+    def captions(out, batch, workers):
+        stage = {"name": "caption", "backends": ["coca", "vlm", "summary"], "max_new_tokens": 8,
+                 "batch_size": batch, "workers": workers, "cpus_per_worker": 0.5}
+        run_curate(str(root), str(out), stages=[{"name": "clips", "min_s": 1.0}, stage],
+                   input={"format": "videos"})
+        t = layout.read_annotations(str(out))
+        return t.filter(pc.equal(t.column("status"), "kept")).select(cols).sort_by("key").to_pylist()
+
+    a = captions(tmp_path / "a", 1, 1)
+    b = captions(tmp_path / "b", 5, 2)
+    assert len(a) == 4 and a == b
+    assert all(r["caption_coca"] and r["caption_vlm"] and r["caption_summary"] for r in a)

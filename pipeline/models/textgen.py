@@ -83,6 +83,12 @@ def resolve_hf(model: str, cache_dir: str | None, allow_download: bool, key: str
                           f"'org/name'")
     kind = _model_type(folder)
     _check_task(kind, task, key, model)
+    names = os.listdir(folder)
+    if not any(n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json") for n in names):
+        raise ConfigError(f"{key}: {folder!r} has a config.json but no weights (*.safetensors / *.bin); {FIX}")
+    if not any(n in names for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        raise ConfigError(f"{key}: {folder!r} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                          f"save the processor or tokenizer beside the model")
     return HfWeights(model, folder, kind)
 
 
