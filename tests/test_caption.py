@@ -305,6 +305,7 @@ def test_clip_scores_against_a_caption_column_an_earlier_stage_writes():
     assert out["clip_similarity"][2] == pytest.approx(float(ims[2] @ texts[1]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_the_dry_run_projects_the_caption_cost(ray_local, tmp_path):
     from pipeline.commands import curate
 
