@@ -82,12 +82,28 @@ def _plain_pil(paths, max_side):
     return time.perf_counter() - t
 
 
-def _winnow_decode(paths, max_side):
-    cfg = DecodeConfig(max_side=max_side)
+def _winnow_decode(paths, max_side, resample="area"):
+    cfg = DecodeConfig(max_side=max_side, resample=resample)
     t = time.perf_counter()
     for data in _read(paths):
         decode_image(data, cfg)
     return time.perf_counter() - t
+
+
+def _psnr(paths, max_side, resample) -> list[float]:
+    """Per image: PSNR of winnow's output against the plain full decode + bicubic resize (EXIF
+    rotation applied to both; an image stored at its own size counts as identical)."""
+    from PIL import ImageOps
+
+    cfg = DecodeConfig(max_side=max_side, resample=resample)
+    out = []
+    for data in _read(paths):
+        ref = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        ref = np.asarray(ref.resize(capped_size(ref.width, ref.height, max_side), Image.Resampling.BICUBIC),
+                         np.float64)
+        mse = float(np.mean((np.asarray(decode_image(data, cfg)[0], np.float64) - ref) ** 2))
+        out.append(99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
+    return out
 
 
 def _stage_rates(paths):
@@ -121,6 +137,7 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=4, help="times each file appears (see make_inputs)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     ap.add_argument("--max-side", type=int, default=1024)
+    ap.add_argument("--decode-only", action="store_true", help="only the per-core decode comparison")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="winnow-bench-")
     try:
@@ -136,12 +153,21 @@ def main() -> int:
         # 1) decode+resize per core vs plain PIL (single process, warm cache, best of 2)
         distinct = paths[: len(paths) // args.copies]
         _read(distinct)
+        import cv2
+
+        cv2.setNumThreads(1)                 # per core: OpenCV's resize on one thread, like PIL's
         base = min(_plain_pil(distinct, args.max_side) for _ in range(2))
+        old = min(_winnow_decode(distinct, args.max_side, "bicubic") for _ in range(2))
         ours = min(_winnow_decode(distinct, args.max_side) for _ in range(2))
         print("decode+resize, one core")
         nd = len(distinct)
         print(f"  plain PIL open/convert/resize  {nd / base:8.1f} img/s")
-        print(f"  winnow decode_image            {nd / ours:8.1f} img/s   ratio {base / ours:.2f}x")
+        for name, sec, resample in (("bicubic", old, "bicubic"), ("area (default)", ours, "area")):
+            db = _psnr(distinct, args.max_side, resample)
+            print(f"  winnow decode_image, {name:<15} {nd / sec:8.1f} img/s   ratio {base / sec:.2f}x   PSNR vs "
+                  f"full decode + bicubic: min {min(db):.1f} dB, median {float(np.median(db)):.1f} dB")
+        if args.decode_only:
+            return 0
 
         # 2) each stage alone, on all cores
         wall, per_worker = parallel(_stage_rates, paths, args.cpus)
