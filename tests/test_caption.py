@@ -372,3 +372,45 @@ def test_another_batch_size_and_worker_count_write_the_same_captions(ray_local, 
     b = captions(tmp_path / "b", 5, 2)
     assert len(a) == 4 and a == b
     assert all(r["caption_coca"] and r["caption_vlm"] and r["caption_summary"] for r in a)
+
+
+def test_an_encoder_decoder_vlm_without_a_chat_template_sees_the_middle_frame(tmp_path):
+    """BLIP-2 with a T5 decoder (tiny, built here, saved and loaded through the real path): no chat
+    template, so a clip is its middle frame and the prompt; the output holds no echoed prompt and
+    its decoder start token (T5's is the pad/end token) does not end the caption at once."""
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        T5Config,
+    )
+
+    from pipeline.models.tokenizer import offline_clip_tokenizer
+
+    tok = offline_clip_tokenizer(str(tmp_path / "tok"))
+    proc = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                          num_query_tokens=4)
+    vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8)
+    qformer = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 encoder_hidden_size=32)
+    text = T5Config(vocab_size=len(proc.tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                    num_heads=4, decoder_start_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                         num_query_tokens=4, image_token_index=proc.tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(tmp_path / "blip2")
+    proc.save_pretrained(tmp_path / "blip2")
+    vlm = VlmCaptioner(str(tmp_path / "blip2"), prompt="a photo of", max_new_tokens=8)
+    assert not vlm.chat and not vlm.random
+    ims = pictures()
+    rows = [vlm.prepare([im]) for im in ims[:3]] + [vlm.prepare(ims[:3])]
+    out = vlm.caption(rows)
+    assert out[3] == out[1]                                              # the clip: its middle frame
+    assert all(t for t, _ in out) and out == [vlm.caption([r])[0] for r in rows]
+    assert all("photo" not in t for t, _ in out)                         # the prompt is not echoed back

@@ -242,8 +242,16 @@ class _Generator:
                 made = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                            max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
                                            pad_token_id=self.pad_id, use_cache=self.use_cache, **decode, **kwargs)
+            # a decoder-only model returns the prompt and then the new tokens; an encoder-decoder
+            # (Florence-2, BLIP-2 with T5) returns the new tokens alone
+            made = made.cpu()
+            echoed = made.shape[1] >= width and torch.equal(made[:, :width], ids)
+            start = getattr(self.model.generation_config, "decoder_start_token_id", None)
             for j, i in enumerate(members):
-                out[i] = self._text(made[j, width:].tolist())
+                new = made[j, width:].tolist() if echoed else made[j].tolist()
+                if not echoed and new and new[0] == start:     # BART's decoder starts from </s>
+                    new = new[1:]
+                out[i] = self._text(new)
         return out
 
     def _text(self, ids: list[int]) -> tuple[str, str | None]:
