@@ -1,0 +1,139 @@
+"""How the driver's costs grow with the number of rows: sweep, select's plan and the report, on
+synthetic run folders of 10^4 .. 10^6 (or more) annotation rows, each step in a fresh process so
+its peak RSS is its own. The rows are annotation metadata only (LAION-like scores, captions,
+reject reasons; 100,000 rows per shard table), no images: these steps read the tables, not the
+pictures (the report's example thumbnails are missing here and shown as such).
+
+Prints, per step and size: wall seconds, microseconds per row, peak RSS, and RSS above the
+process's baseline (imports) per row; the goal is time per row flat within 2x and the driver's
+memory bounded by a constant plus <= 100 bytes per row.
+
+    python bench/scale.py [--sizes 10000 100000 1000000] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+PER_SHARD = 100_000
+REASONS = ["ocr_area_ratio: 0.31 > 0.1", "duplicate", "decode_error: truncated file", "too_small: 90x60",
+           "clip_similarity: 0.12 < 0.2"]
+
+
+def make_run(root: str, n: int, seed: int = 0) -> str:
+    """A run folder whose shards/NNNNN.parquet hold ``n`` rows (kept and rejected, with scores)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.contract import layout
+
+    run = os.path.join(root, f"run_{n}")
+    shards = os.path.join(run, layout.SHARDS_DIR)
+    os.makedirs(shards, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = np.array("a dog cat street night car photo of the on in red blue small large people".split())
+    for p, start in enumerate(range(0, n, PER_SHARD)):
+        m = min(PER_SHARD, n - start)
+        kept = rng.random(m) < 0.8
+        reason = np.where(kept, None, np.array(REASONS, dtype=object)[rng.integers(0, len(REASONS), m)])
+        caption = [" ".join(words[rng.integers(0, len(words), k)]) for k in rng.integers(0, 12, m)]
+        t = pa.table({
+            "key": [f"{p:05d}{i:06d}" for i in range(m)], "source": [f"part-{p:05d}.parquet"] * m,
+            "partition": np.full(m, p, np.int64), "caption": caption,
+            "status": np.where(kept, "kept", "rejected").astype(object), "reject_reason": reason,
+            "width": rng.integers(256, 4000, m), "height": rng.integers(256, 4000, m),
+            "stored_width": rng.integers(256, 1024, m), "stored_height": rng.integers(256, 1024, m),
+            "aesthetic_score": rng.normal(5, 1, m), "clip_similarity": rng.normal(0.3, 0.05, m),
+            "ocr_area_ratio": rng.beta(1, 20, m), "watermark_prob": rng.random(m), "phash": rng.integers(0, 2 ** 62, m),
+        })
+        pq.write_table(t, os.path.join(shards, f"{p:05d}.parquet"))
+        with open(os.path.join(shards, f"{p:05d}_stats.json"), "w") as fh:
+            json.dump({"shard": f"{p:05d}", "partition": p, "count": m, "kept": int(kept.sum()),
+                       "rejected": int(m - kept.sum()), "reasons": {}, "stage_seconds": {}, "stage_rss_mb": {}}, fh)
+    with open(os.path.join(run, layout.SUMMARY_FILE), "w") as fh:
+        json.dump({"inputs": n, "kept": 0, "rejected": 0, "reasons": {}, "stage_seconds": {}, "wall_seconds": 0,
+                   "phases": {}, "warnings": []}, fh)
+    return run
+
+
+def step(name: str, run: str, out: str) -> dict:
+    """Run one step in this process (called in a child); returns its seconds, peak RSS, and how much
+    the peak grew over the process after its imports."""
+    from pipeline.commands import report, select, sweep
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if name == "sweep":
+        sweep.run(sweep.parse({"annotations": [run], "output": out, "plots": True, "sheets": {"per_side": 0},
+                               "filters": [{"column": "aesthetic_score", "drop_fractions": [0.125, 0.25, 0.5]},
+                                           {"column": "clip_similarity", "drop_fractions": [0.25]},
+                                           {"column": "words(caption)", "thresholds": [3]}]}))
+    elif name == "select_plan":
+        select.plan(select.parse({"runs": [run], "output": {"path": out},
+                                  "filters": [{"column": "aesthetic_score", "drop_fractions": [0.5]}]}))
+    elif name == "report":
+        os.makedirs(out, exist_ok=True)
+        report.write(run, os.path.join(out, "report.html"))
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": seconds, "peak_mb": peak / 1024, "grew_mb": (peak - base) / 1024}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--steps", nargs="+", default=["sweep", "select_plan", "report"])
+    ap.add_argument("--keep", help="make the runs here and keep them")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(step(*args.child)))
+        return 0
+    root = args.keep or tempfile.mkdtemp(prefix="winnow-scale-")
+    try:
+        rows = []
+        for n in args.sizes:
+            t = time.perf_counter()
+            run = make_run(root, n)
+            print(f"{n:>10,} rows: run folder made in {time.perf_counter() - t:.1f} s", flush=True)
+            for name in args.steps:
+                out = os.path.join(root, f"{name}_{n}")
+                shutil.rmtree(out, ignore_errors=True)
+                res = subprocess.run([sys.executable, __file__, "--child", name, run, out], capture_output=True,
+                                     text=True, cwd=ROOT)
+                if res.returncode:
+                    print(res.stderr[-2000:])
+                    return 1
+                r = {"step": name, "rows": n, **json.loads(res.stdout.strip().splitlines()[-1])}
+                rows.append(r)
+                print(f"  {name:<12} {r['seconds']:8.2f} s  {1e6 * r['seconds'] / n:8.2f} us/row  peak "
+                      f"{r['peak_mb']:7.0f} MB  grew {r['grew_mb']:7.0f} MB ({r['grew_mb'] * 2 ** 20 / n:6.0f} B/row)",
+                      flush=True)
+        print("marginal cost between sizes (the goal: time per row flat within 2x; <= 100 B/row of memory):")
+        for name in args.steps:
+            mine = [r for r in rows if r["step"] == name]
+            for a, b in zip(mine, mine[1:], strict=False):
+                dn = b["rows"] - a["rows"]
+                us = 1e6 * (b["seconds"] - a["seconds"]) / dn
+                print(f"  {name:<12} {a['rows']:>10,} -> {b['rows']:>10,}: {us:7.2f} us/row, "
+                      f"{(b['grew_mb'] - a['grew_mb']) * 2 ** 20 / dn:6.0f} B/row")
+        print(json.dumps(rows))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
