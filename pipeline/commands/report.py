@@ -18,17 +18,22 @@ import os
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from pipeline.contract import layout, media, storage
 from pipeline.contract.schema import (
+    CAPTION,
     CAPTION_COLUMNS,
+    CAPTION_ISSUE,
     CLIP_END,
     CLIP_START,
     DUPLICATE_OF,
     HEIGHT,
     KEPT,
     KEY,
+    OCR_TEXT,
     PARTITION,
     REJECT_REASON,
     SCORE_GOOD_END,
@@ -39,6 +44,7 @@ from pipeline.contract.schema import (
 )
 from pipeline.contract.stage import reason_category, reason_counts
 
+TEXT_COLUMNS = (CAPTION, *CAPTION_COLUMNS, CAPTION_ISSUE, OCR_TEXT)   # read for the examples shown only
 NAME = "report"
 DESCRIPTION = """\
 Write the HTML report of a `winnow curate` (or `winnow select`) output folder.
@@ -148,13 +154,27 @@ class Report:
         self.dir = run_dir
         self.examples = examples
         self.rng = np.random.default_rng(seed)
-        self.table = layout.read_annotations(run_dir)
+        # free text (captions, OCR text) is most of a row's bytes and only the examples show it: it
+        # is read for the rows shown, one column at a time (bench/scale.py: the driver's memory)
+        names = layout.annotation_columns(run_dir)
+        self.text_columns = [c for c in names if c in TEXT_COLUMNS]
+        self.table = layout.read_annotations(run_dir, [c for c in names if c not in TEXT_COLUMNS])
         self.summary = self._json("summary.json") or {}
         self.spec_text = self._text("spec.yaml")
-        self.kept = np.asarray(self.table.column(STATUS).to_pylist()) == KEPT
+        self.kept = pc.equal(self.table.column(STATUS), KEPT).to_numpy(zero_copy_only=False)
         self.is_video = "video_key" in self.table.column_names
         self.is_selection = self.summary.get("kind") == "selection"
         self.input_root = self._input_root()
+
+    def _at(self, column: str, rows) -> list:
+        """``column``'s values at ``rows`` (positions in the key-sorted table); a text column is read
+        from the shard tables now, alone with the key."""
+        idx = pa.array(np.asarray(rows, dtype=np.int64))
+        if column in self.text_columns:
+            return layout.read_annotations(self.dir, [KEY, column]).column(column).take(idx).to_pylist()
+        if column not in self.table.column_names:
+            return [None] * len(idx)
+        return self.table.column(column).take(idx).to_pylist()
 
     def _json(self, name: str):
         text = self._text(name)
@@ -184,7 +204,7 @@ class Report:
         n, kept = self.table.num_rows, int(self.kept.sum())
         reasons = self.summary.get("reasons") or {}
         if not reasons:
-            reasons = reason_counts(r for r in self.table.column(REJECT_REASON).to_pylist() if r)
+            reasons = reason_counts(r for r in self._at(REJECT_REASON, np.flatnonzero(~self.kept)) if r)
         unit = "clips" if self.is_video else "samples"
         if self.is_selection:
             cards = [("source kept", self.summary.get("source_kept", n)), ("selected", n),
@@ -356,39 +376,36 @@ class Report:
     def examples_html(self) -> str:
         from pipeline.commands.sheets import ShardImages
 
-        rows_of = self.table.column(REJECT_REASON).to_pylist()
-        keys = self.table.column(KEY).to_pylist()
-        parts = self.table.column(PARTITION).to_pylist() if PARTITION in self.table.column_names else [0] * len(keys)
         images = ShardImages([self.dir], THUMB)
         out = []
         try:
             kept_idx = self._pick(np.flatnonzero(self.kept))
             out.append(f"<h3>kept ({int(self.kept.sum()):,})</h3><div class=grid>")
-            caption = self.table.column("caption").to_pylist() if "caption" in self.table.column_names else None
-            synthetic = {c[len("caption_"):]: self.table.column(c).to_pylist()
-                         for c in CAPTION_COLUMNS if c in self.table.column_names}
-            for i in kept_idx:
-                im = images.thumbnail(0, int(parts[i]), keys[i])
-                label = html.escape(keys[i]) + (f"<br>{html.escape((caption[i] or '')[:60])}" if caption else "")
-                label += "".join(f"<br><span class=cap><b>{name}</b> {html.escape((texts[i] or '')[:120])}</span>"
+            keys, parts = self._at(KEY, kept_idx), self._at(PARTITION, kept_idx)
+            caption = self._at(CAPTION, kept_idx) if CAPTION in self.text_columns else None
+            synthetic = {c[len("caption_"):]: self._at(c, kept_idx) for c in CAPTION_COLUMNS if c in self.text_columns}
+            for j in range(len(kept_idx)):
+                im = images.thumbnail(0, int(parts[j] or 0), keys[j])
+                label = html.escape(keys[j]) + (f"<br>{html.escape((caption[j] or '')[:60])}" if caption else "")
+                label += "".join(f"<br><span class=cap><b>{name}</b> {html.escape((texts[j] or '')[:120])}</span>"
                                  for name, texts in synthetic.items())
-                out.append(f'<div class=ex><img src="{_jpeg(im)}" alt="{html.escape(keys[i])}">{label}</div>')
+                out.append(f'<div class=ex><img src="{_jpeg(im)}" alt="{html.escape(keys[j])}">{label}</div>')
             out.append("</div>")
+            rejected = np.flatnonzero(~self.kept)
             cats: dict[str, list[int]] = {}
-            for i, r in enumerate(rows_of):
-                if r and not self.kept[i]:
-                    cats.setdefault(reason_category(r), []).append(i)
-            dup = self.table.column(DUPLICATE_OF).to_pylist() if DUPLICATE_OF in self.table.column_names else None
+            for i, r in zip(rejected, self._at(REJECT_REASON, rejected), strict=True):
+                if r:
+                    cats.setdefault(reason_category(r), []).append(int(i))
             for cat, idx in sorted(cats.items(), key=lambda kv: -len(kv[1])):
                 out.append(f"<h3>rejected: {html.escape(cat)} ({len(idx):,})</h3><div class=grid>")
                 for i in self._pick(np.asarray(idx)):
                     row = self.table.slice(int(i), 1).to_pylist()[0]
                     im = source_thumbnail(self.input_root, row) or _placeholder(row[REJECT_REASON] or cat)
                     detail = row[REJECT_REASON] or ""
-                    if dup and dup[i]:
-                        detail += f" (of {dup[i]})"
-                    out.append(f'<div class=ex><img src="{_jpeg(im)}" alt="{html.escape(keys[i])}">'
-                               f"{html.escape(keys[i])}<br>{html.escape(detail[:90])}</div>")
+                    if row.get(DUPLICATE_OF):
+                        detail += f" (of {row[DUPLICATE_OF]})"
+                    out.append(f'<div class=ex><img src="{_jpeg(im)}" alt="{html.escape(row[KEY])}">'
+                               f"{html.escape(row[KEY])}<br>{html.escape(detail[:90])}</div>")
                 out.append("</div>")
         finally:
             images.close()
