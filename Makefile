@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.winnow-installed
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint check bench clean
+.PHONY: install demo test lint check bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: install
 	$(BIN)/python bench/video.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/hostile.py
+
+# one GPU machine, unattended, no downloads (random weights at real sizes): bench/gpu.json and a table
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf demo_out .pytest_cache
