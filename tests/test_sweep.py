@@ -205,9 +205,15 @@ def test_caption_columns_filter_by_words_chars_and_banned_matches(tmp_path):
     for bad, msg in (({"column": "matches(caption_vlm)", "thresholds": [0]}, "give pattern"),
                      ({"column": "words(caption_vlm)", "pattern": "x", "thresholds": [1]}, "drop pattern"),
                      ({"column": "caption_vlm", "pattern": "x", "thresholds": [1]}, "only a matches"),
-                     ({"column": "matches(caption_vlm)", "pattern": "(", "thresholds": [0]}, "not a regular expr")):
+                     ({"column": "matches(caption_vlm)", "pattern": "(", "thresholds": [0]}, "not an RE2 regular"),
+                     ({"column": "matches(caption_vlm)", "pattern": r"(a)\1", "thresholds": [0]}, "not an RE2")):
         with pytest.raises(ConfigError, match=msg):
             sweep.parse({"annotations": [str(path)], "output": str(tmp_path / "x"), "filters": [bad]})
+    # a pattern that backtracks exponentially in Python's re, on the caption that triggers it: RE2
+    # counts it in linear time (here, instead of never returning)
+    hostile = pa.table({"caption": ["a" * 20_000 + "!", None]})
+    f = sweep.FilterSpec(column="matches(caption)", pattern=r"(a+)+$", thresholds=[0])
+    assert sweep.derive_text(hostile, [f]).column("matches(caption)").to_pylist() == [0.0, 0.0]
     with pytest.raises(ConfigError, match="has no column 'caption_coca'"):
         sweep.run(sweep.parse({"annotations": [str(path)], "output": str(tmp_path / "y"), "plots": False,
                                "filters": [{"column": "words(caption_coca)", "thresholds": [1]}]}))
