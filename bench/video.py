@@ -62,15 +62,86 @@ def curate_folder(models: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def lvd_720p(real_size: bool) -> None:
+    """jobs/lvd_video_curation.yaml's stages on the 720p files of ../shared/data/videos: hours of
+    video per core-hour for each stage and the whole chain, and the bottleneck. Model stages run
+    on random weights: at their real sizes (ViT-L-14 CLIP; EasyOCR as the job says) with
+    ``real_size``, else the tiny presets; the caption stage always on the tiny presets (its real
+    sizes per clip are bench/captions.py's)."""
+    import yaml
+
+    from pipeline.commands import curate
+    from pipeline.commands import curate_spec as specmod
+    from pipeline.contract import layout
+    from video.probe import probe
+
+    folder = tempfile.mkdtemp(prefix="winnow-bench-lvd-in-")
+    out = tempfile.mkdtemp(prefix="winnow-bench-lvd-")
+    try:
+        picked = []
+        for d, _, files in os.walk(VIDEOS):
+            for f in sorted(files):
+                try:
+                    info = probe(os.path.join(d, f))
+                except Exception:  # noqa: BLE001 - not a video
+                    continue
+                if min(info.display_width, info.display_height) == 720:
+                    shutil.copy(os.path.join(d, f), os.path.join(folder, f))
+                    picked.append((f, info.duration_s))
+        seconds = sum(d for _, d in picked)
+        print(f"720p files: {len(picked)}, {seconds:.1f} s of video: {', '.join(f for f, _ in picked)}")
+        job = yaml.safe_load(open(os.path.join(ROOT, "jobs", "lvd_video_curation.yaml")))
+        for st in job["stages"]:
+            if st["name"] == "clip":
+                st.update(pretrained="random") if real_size else st.update(model="winnow-tiny-clip",
+                                                                           pretrained="random")
+            elif st["name"] == "aesthetic":
+                st["weights"] = "random"
+            elif st["name"] == "ocr" and not real_size:
+                st["backend"] = "rapidocr"
+            elif st["name"] == "caption":
+                st.update(coca_model="winnow-tiny-coca", coca_pretrained="random", vlm_model="winnow-tiny-vlm",
+                          summary_model="winnow-tiny-summary")
+        job["input"]["path"], job["output"]["path"] = folder, out
+        spec = specmod.parse(job)
+        print("stages: " + ", ".join(f"{e.name}" for e in spec.stages)
+              + ("; model stages at real sizes, random weights" if real_size else "; model stages tiny"))
+        t = time.perf_counter()
+        result = curate.run(spec, log=None)
+        wall = time.perf_counter() - t
+        clips = layout.read_annotations(out).to_pandas()
+        kept = int((clips["status"] == "kept").sum())
+        print(f"curate: {len(picked)} videos -> {len(clips)} segments, {kept} clips kept; wall {wall:.1f} s "
+              f"({seconds / wall * 3600 / 3600:.2f} s of video per s on {os.cpu_count()} cores)")
+        total = sum(result.stage_seconds.values())
+        print("  stage          worker s   h of 720p video per core-hour   share")
+        for stage, secs in sorted(result.stage_seconds.items(), key=lambda kv: -kv[1]):
+            print(f"  {stage:<12} {secs:9.2f}   {seconds / secs:28.1f}   {secs / total:6.1%}")
+        print(f"  {'all stages':<12} {total:9.2f}   {seconds / total:28.1f}")
+        print(f"  wall, whole run: {seconds / (wall * (os.cpu_count() or 1)):.2f} h of video per core-hour "
+              f"(planning, Ray start, reduce and shard writing included); bottleneck: "
+              f"{max(result.stage_seconds, key=result.stage_seconds.get)}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", action="store_true", help="add the OCR / CLIP / aesthetic frame stages")
+    parser.add_argument("--lvd", action="store_true", help="only: the LVD job's stages on the 720p files, hours of "
+                        "video per core-hour per stage")
+    parser.add_argument("--real-size", action="store_true", help="with --lvd: ViT-L-14 and EasyOCR (random "
+                        "weights) instead of the tiny presets")
     args = parser.parse_args()
     if not os.path.isdir(VIDEOS):
         print(f"skipped: {VIDEOS} not found")
         return 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     print(f"machine: {os.cpu_count()} cores\n")
+    if args.lvd:
+        lvd_720p(args.real_size)
+        return 0
     curate_folder(args.models)
     import importlib.util
 

@@ -36,6 +36,38 @@ LABELLED = [("dvrscan/traffic_camera.mp4", "static", "fixed camera, cars passing
             ("mmaction2/tests__data__test.mp4", "moving", "action clip")]
 
 
+def handoff(path: str, cfg: MotionConfig) -> tuple[object, float, float]:
+    """The frames the clips stage hands the motion stage (``FrameSampler`` fed the upright frames
+    it encodes, at ``max_side`` 1024), without the encoding itself: (frames, seconds spent
+    sampling -- motion's share of the clips stage's work --, seconds spent decoding and scaling)."""
+    from types import SimpleNamespace
+
+    from pipeline.contract.media import open_video
+    from video.encode import ClipEncoder, output_size
+    from video.frames import frames_between
+    from video.probe import probe
+
+    info = probe(path)
+    w, h = output_size(info.display_width, info.display_height, 1024)
+    sampling = work = 0.0
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        enc = ClipEncoder(w, h, info.rotation, stream.time_base, 0.0, motion=(cfg.rate, cfg.width))
+        t = time.perf_counter()
+        for frame in frames_between(container, stream):
+            if frame.time is None:
+                continue
+            out = enc._upright(frame)
+            s = time.perf_counter()
+            enc.sample(out, float(frame.time))
+            sampling += time.perf_counter() - s
+        work = time.perf_counter() - t - sampling
+        enc.container.close()
+    import numpy as np
+
+    return SimpleNamespace(times=np.asarray(enc.sampler.times), grey=np.stack(enc.sampler.grey)), sampling, work
+
+
 def auc(static: list[float], moving: list[float]) -> float:
     """P(a moving clip scores above a static one), ties half."""
     pairs = [(m > s) + 0.5 * (m == s) for s in static for m in moving]
@@ -56,6 +88,14 @@ GENERATED = [("still photo", "static", {}),
 STATIC_CAMERA = 1.3     # the middle of the tuning half's gap (0.62, 2.00) at --per-class 8, seed 0
 SIZES = [(160, 90), (320, 180), (640, 360), (1280, 720), (360, 640), (480, 480)]
 RATES = [15.0, 24.0, 30.0, 60.0]
+FRAMES = "handoff"      # --frames
+
+
+def frames_size(path: str) -> tuple[int, int]:
+    from video.probe import probe
+
+    info = probe(path)
+    return info.display_width, info.display_height
 
 
 def generated_clip(kind: dict, image, rng, folder: str, k: int) -> tuple[str, str]:
@@ -116,8 +156,12 @@ def generated(per_class: int, seed: int) -> list[tuple[str, str, str, object]]:
                 if min(img.size) < 200:
                     img = img.resize((img.width * 400 // min(img.size), img.height * 400 // min(img.size)))
                 path, where = generated_clip(kind, np.asarray(img), rng, folder, len(out))
-                frames = read_for_motion(path)
-                m = clip_motion(frames.times, frames.yuv[..., 0], MotionConfig())
+                if FRAMES == "handoff":
+                    frames = handoff(path, MotionConfig())[0]
+                    m = clip_motion(frames.times, frames.grey, MotionConfig(), sampled=True)
+                else:
+                    frames = read_for_motion(path)
+                    m = clip_motion(frames.times, frames.yuv[..., 0], MotionConfig())
                 half = "validate" if f"photo:images/{photo}" in validate or kind.get("cartoon") and k % 2 else "tune"
                 out.append((name, label, where, half, m))
                 os.remove(path)
@@ -130,7 +174,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=8, help="generated clips per class")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--frames", choices=("handoff", "decode"), default="handoff",
+                    help="where the scored frames come from: the clips stage's (what a curate run does) or the "
+                         "motion stage's own decode of the file (fast_decode)")
     args = ap.parse_args()
+    global FRAMES
+    FRAMES = args.frames
     if not os.path.isdir(VIDEOS):
         print(f"skipped: {VIDEOS} not found")
         return 0
@@ -140,16 +189,26 @@ def main() -> int:
         if not os.path.exists(path):
             continue
         for method in ("dis", "farneback"):
+            cfg = MotionConfig(method=method)
             t = time.perf_counter()
-            frames = read_for_motion(path, MotionConfig(method=method))
+            frames = read_for_motion(path, cfg)
             t_flow = time.perf_counter()
-            m = clip_motion(frames.times, frames.yuv[..., 0], MotionConfig(method=method))
+            m_dec = clip_motion(frames.times, frames.yuv[..., 0], cfg)
             dt, dt_all = time.perf_counter() - t_flow, time.perf_counter() - t
             seconds = float(frames.times[-1] - frames.times[0]) if len(frames.times) > 1 else 0.0
+            small, sampling, _ = handoff(path, cfg)
+            t = time.perf_counter()
+            m_hand = clip_motion(small.times, small.grey, cfg, sampled=True)
+            dt_hand = time.perf_counter() - t + sampling
+            m = m_hand if FRAMES == "handoff" else m_dec
             rows.append((name, label, method, m))
-            print(f"{name:38s} {label:7s} {method:9s} motion {m.score:6.2f}  camera {m.camera:6.2f}  "
-                  f"subject {m.subject:6.2f}  ({len(m.pairs)} pairs; {seconds / dt:4.0f}x real time flow, "
-                  f"{seconds / dt_all:3.0f}x with decoding; {what})")
+            size = "x".join(map(str, frames_size(path)))
+            print(f"{name:38s} {size:>9s} {label:7s} {method:9s} motion {m.score:6.2f}  camera {m.camera:6.2f}  "
+                  f"subject {m.subject:6.2f}  ({len(m.pairs)} pairs; {what})")
+            print(f"{'':48s} real time: flow {seconds / dt:4.0f}x; own decode (fast_decode) {seconds / dt_all:4.0f}x; "
+                  f"clips' frames handed over {seconds / dt_hand:4.0f}x (sampling {1e3 * sampling:.0f} ms)  "
+                  f"[decoded: camera {m_dec.camera:6.2f} subject {m_dec.subject:6.2f}; "
+                  f"handed: camera {m_hand.camera:6.2f} subject {m_hand.subject:6.2f}]")
     print()
     for method in ("dis", "farneback"):
         for col in ("score", "camera", "subject"):
@@ -161,7 +220,7 @@ def main() -> int:
                 else "no threshold separates them"
             )
             print(f"  {method:9s} {col:8s} AUC static vs moving {auc(st, mv):.3f}; {gap}")
-    print(f"\ngenerated clips (DIS, {args.per_class} per class, sizes {len(SIZES)}, rates {RATES}):")
+    print(f"\ngenerated clips (DIS, frames: {FRAMES}, {args.per_class} per class, sizes {len(SIZES)}, rates {RATES}):")
     gen = generated(args.per_class, args.seed)
     for name, label, _ in GENERATED:
         ms = [m for n, _, _, _, m in gen if n == name]

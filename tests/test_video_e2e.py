@@ -91,6 +91,7 @@ def test_static_clips_score_far_below_moving_ones(video_run):
     assert max(static) < 0.1 and min(moving) > 10
     pairs = clips["pan.mp4"]["motion_pairs"].iloc[0]
     assert len(pairs) == 7 and np.mean(pairs) == pytest.approx(clips["pan.mp4"]["motion_score"].iloc[0], abs=1e-3)
+    assert "motion_frames" not in df.columns       # the clips stage's frames for motion travel in flight only
 
 
 def test_shards_hold_playable_mp4_clips(video_run):

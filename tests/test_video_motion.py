@@ -1,4 +1,6 @@
 """Motion score: static < panning, in % of frame width per second, sampled by timestamp."""
+import io
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,87 @@ def test_the_stage_rejects_fixed_camera_clips_unless_the_subject_moves():
     assert run(shot(30, 160, 96, seed=4, motion=2.0), min_camera=1.3) == (KEPT, None)       # 12.5 %/s
     with pytest.raises(ConfigError, match="min_subject: only applies to fixed-camera clips"):
         MotionScore.validate(MotionStageConfig(min_subject=4.0), "stages.motion", [("clips", None)])
+
+
+@pytest.mark.parametrize("kind", ["constant", "jitter", "variable", "gaps"])
+def test_the_clips_stage_sampler_picks_the_frames_sample_indices_picks(kind):
+    from video.motion import FrameSampler
+
+    rng = np.random.default_rng({"constant": 1, "jitter": 2, "variable": 3, "gaps": 4}[kind])
+    for _ in range(20):
+        fps = float(rng.uniform(5, 90))
+        n = int(rng.integers(2, 200))
+        steps = np.full(n, 1 / fps)
+        if kind == "jitter":
+            steps *= rng.uniform(0.5, 1.5, n)
+        elif kind == "variable":
+            steps = rng.choice([1 / 60, 1 / 24, 1 / 5, 0.5, 0.73], n)
+        elif kind == "gaps":
+            steps[rng.integers(0, n, 3)] = rng.uniform(0.3, 3.0, 3)
+        times = float(rng.uniform(0, 100)) + np.concatenate([[0.0], np.cumsum(steps[:-1])])
+        rate = float(rng.choice([0.5, 2.0, 3.0]))
+        sampler = FrameSampler(rate, 8)
+        for i, t in enumerate(times):                    # frame i's pixels hold i, to see which were kept
+            sampler.add(float(t), np.full((6, 8), i % 256, np.uint8))
+        kept = [int(g[0, 0]) for g in sampler.grey]
+        assert kept == [i % 256 for i in sample_indices(times, rate)]
+        assert sampler.times == [float(times[i]) for i in sample_indices(times, rate)]
+
+
+def test_packed_frames_round_trip_and_refuse_foreign_or_truncated_bytes():
+    from video.motion import pack_frames, unpack_frames
+
+    grey = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    data = pack_frames(np.array([0.0, 0.5, 1.0]), grey, 2.0)
+    times, back, rate = unpack_frames(data)
+    assert times.tolist() == [0.0, 0.5, 1.0] and rate == 2.0 and np.array_equal(back, grey)
+    for bad in (data[:-1], data[:10], b"", b"PK\x03\x04" + data[4:], data + b"\x00"):
+        with pytest.raises(ValueError, match="motion frames"):
+            unpack_frames(bad)
+
+
+def test_the_motion_stage_reads_the_clips_stage_frames_instead_of_decoding(tmp_path):
+    """A clip encoded with the sampler on: the motion stage scores the handed frames (the clip's
+    bytes are never read: garbage here), the score matches a decode of the clip, and the in-flight
+    column is gone after the stage. Frames of another width fall back to decoding."""
+    import av
+
+    from pipeline.contract.schema import IMAGE, IMAGE_EXT, KEPT, KEY, MOTION_FRAMES, MOTION_SCORE, REJECT_REASON, STATUS
+    from video.encode import ClipEncoder
+    from video.frames import frames_between
+    from video.motion import MotionScore, MotionStageConfig, clip_motion, read_for_motion
+
+    write_video(str(tmp_path / "v.mp4"), shot(40, 320, 192, seed=5, motion=3.0), fps=20)   # 18.75 %/s
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        s = c.streams.video[0]
+        enc = ClipEncoder(320, 192, 0, s.time_base, 1.0, motion=(2.0, 160))
+        for f in frames_between(c, s):
+            enc.add(f, float(f.time))
+        clip = enc.finish()
+    decoded = read_for_motion(io.BytesIO(clip.data))
+    ref = clip_motion(decoded.times, decoded.yuv[..., 0]).score
+
+    def run(packed, data, **cfg):
+        batch = {KEY: np.array(["k"], object), IMAGE: np.array([data], object), IMAGE_EXT: np.array(["mp4"], object),
+                 STATUS: np.array([KEPT], object), REJECT_REASON: np.array([None], object),
+                 MOTION_FRAMES: np.array([packed], object)}
+        out = MotionScore(MotionStageConfig(**cfg))(batch)
+        assert MOTION_FRAMES not in out
+        return out[STATUS][0], out[MOTION_SCORE][0]
+
+    status, score = run(clip.motion_frames, b"not a video")
+    assert status == KEPT and score == pytest.approx(18.75, rel=0.08) and score == pytest.approx(ref, rel=0.05)
+    assert run(clip.motion_frames, b"not a video", width=128)[0] == "rejected"     # decoded: garbage
+    assert run(clip.motion_frames, clip.data, width=128)[1] == pytest.approx(18.75, rel=0.08)
+    assert run(None, clip.data)[1] == pytest.approx(18.75, rel=0.08)
+
+
+def test_a_motion_stage_asks_the_clips_stage_for_its_frames():
+    from pipeline.commands.curate_spec import parse
+
+    spec = parse({"input": {"path": "/nonexistent/videos"}, "output": {"path": "/tmp/unused-out"},
+                  "stages": [{"name": "clips"}, {"name": "motion", "rate": 3.0, "width": 128}]})
+    assert spec.stages[0].config.motion_sample == [3.0, 128]
+    alone = parse({"input": {"path": "/nonexistent/videos"}, "output": {"path": "/tmp/unused-out"},
+                   "stages": [{"name": "clips"}]})
+    assert alone.stages[0].config.motion_sample is None

@@ -43,6 +43,7 @@ from pipeline.contract.schema import (
     IMAGE_EXT,
     KEPT,
     KEY,
+    MOTION_FRAMES,
     NUM_FRAMES,
     PARTITION,
     REJECT_REASON,
@@ -97,6 +98,9 @@ class ClipsConfig:
                                    internal=True)
     policy: InputPolicy = option(help="filled in from the input section (what may be opened)", factory=InputPolicy,
                                  runtime=True, internal=True)
+    motion_sample: list | None = option(None, "filled in by a motion stage after this one: [rate, width] of the grey "
+                                        "frames to keep for it from the frames being encoded", runtime=True,
+                                        internal=True)
 
 
     @property
@@ -397,7 +401,8 @@ class SplitClips(Stage):
                     continue
                 if enc is None:
                     enc = ClipEncoder(width, height, rotation, stream.time_base, (seg.start_s + seg.end_s) / 2,
-                                      crf=cfg.crf, preset=cfg.preset, keyframe_side=cfg.keyframe_side)
+                                      crf=cfg.crf, preset=cfg.preset, keyframe_side=cfg.keyframe_side,
+                                      motion=tuple(cfg.motion_sample) if cfg.motion_sample else None)
                 enc.add(frame, t)
             while k < len(todo):
                 self._close(enc, rows[todo[k]])
@@ -413,6 +418,8 @@ class SplitClips(Stage):
         row.update({IMAGE: clip.data, IMAGE_EXT: "mp4", FRAMES: clip.keyframes, WIDTH: clip.width,
                     HEIGHT: clip.height, NUM_FRAMES: clip.num_frames, FPS: clip.fps,
                     CLIP_START: round(clip.start_s, 4), CLIP_END: round(clip.end_s, 4)})
+        if clip.motion_frames is not None:
+            row[MOTION_FRAMES] = clip.motion_frames
 
 
 def probe_source(path: str, storage_options: dict, policy: InputPolicy, limits) -> dict:

@@ -46,6 +46,7 @@ class EncodedClip:
     start_s: float           # first frame's time
     end_s: float             # last frame's time plus one frame step
     keyframes: list[bytes] = field(default_factory=list)   # first, middle, last (JPEG)
+    motion_frames: bytes | None = None    # video.motion.pack_frames of the motion stage's samples
 
     @property
     def fps(self) -> float:
@@ -57,7 +58,8 @@ class ClipEncoder:
     """One clip: ``add`` source frames in time order, then ``finish``."""
 
     def __init__(self, width: int, height: int, rotation: int, time_base: Fraction, mid_s: float, *,
-                 crf: int = 20, preset: str = "veryfast", keyframe_side: int = 512, threads: int = 1):
+                 crf: int = 20, preset: str = "veryfast", keyframe_side: int = 512, threads: int = 1,
+                 motion: tuple[float, int] | None = None):
         import av
 
         self.width, self.height, self.rotation = width, height, int(rotation) % 360
@@ -78,6 +80,13 @@ class ClipEncoder:
         self.last_pts = -1
         self.times: list[float] = []
         self.first = self.middle = self.last = None
+        # (rate, width): keep the grey frames the motion stage samples, from the upright frames
+        # being encoded (the motion stage then decodes nothing)
+        self.sampler = None
+        if motion is not None:
+            from video.motion import FrameSampler
+
+            self.sampler = FrameSampler(*motion)
 
     def _upright(self, frame):
         """Scale (and rotate) a source frame to the output size, as a new yuv420p frame."""
@@ -104,11 +113,18 @@ class ClipEncoder:
         out.pict_type = 0          # let x264 choose frame types; the source's I/P/B marks are not ours
         self.container.mux(self.stream.encode(out))
         self.times.append(t)
+        if self.sampler is not None:
+            self.sample(out, t)
         if self.first is None:
             self.first = out
         if self.middle is None and t >= self.mid_s:
             self.middle = out
         self.last = out
+
+    def sample(self, out, t: float) -> None:
+        """Hand an upright frame's Y plane to the motion sampler."""
+        plane = out.planes[0]
+        self.sampler.add(t, np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: self.height, : self.width])
 
     def finish(self) -> EncodedClip | None:
         self.container.mux(self.stream.encode())
@@ -119,7 +135,8 @@ class ClipEncoder:
         picks = [self.first, self.middle or self.last, self.last]
         keyframes = [jpeg(f.to_ndarray(format="rgb24"), self.keyframe_side) for f in picks]
         return EncodedClip(self.buf.getvalue(), self.width, self.height, len(self.times), self.times[0],
-                           self.times[-1] + step, keyframes)
+                           self.times[-1] + step, keyframes,
+                           self.sampler.packed() if self.sampler is not None else None)
 
 
 __all__ = ["ClipEncoder", "EncodedClip", "jpeg", "output_size"]

@@ -42,6 +42,7 @@ FRAMES = "frames"
 CLIP_FRAMES = 3                  # a clip's first, middle and last frame
 MOTION_SCORE = "motion_score"
 MOTION_PAIRS = "motion_pairs"    # per sampled frame pair, same unit as motion_score
+MOTION_FRAMES = "motion_frames"  # in flight only: the clips stage's 2-fps grey frames for the motion stage
 CAMERA_MOTION = "camera_motion"  # the global (affine) part of the flow: pans, tilts, zooms; same unit
 SUBJECT_MOTION = "subject_motion"  # the residual: things moving in the scene; same unit
 FRAME_EMBEDDINGS = "clip_frame_embeddings"   # a clip's frames' image embeddings, concatenated
@@ -85,7 +86,7 @@ REJECTED = "rejected"
 # Columns that never go into the annotation table or a sample's JSON. Embeddings go to
 # OUTPUT/embeddings/PPPPP.parquet, keyed, so sweeps and later stages reuse them.
 EMBEDDING_COLUMNS = (IMAGE_EMBEDDING, TEXT_EMBEDDING, FRAME_EMBEDDINGS)
-BULK_COLUMNS = (RAW, IMAGE, FRAMES, *EMBEDDING_COLUMNS)
+BULK_COLUMNS = (RAW, IMAGE, FRAMES, MOTION_FRAMES, *EMBEDDING_COLUMNS)
 TIMING_PREFIX = "_time_"         # per-row share of a stage's wall time, summed into stats
 RSS_PREFIX = "_rss_"             # peak RSS (MB) of the worker that ran a row's stage, max into stats
 
