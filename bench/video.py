@@ -62,12 +62,13 @@ def curate_folder(models: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def lvd_720p(real_size: bool) -> None:
+def lvd_720p(real_size: bool, keep_all: bool) -> None:
     """jobs/lvd_video_curation.yaml's stages on the 720p files of ../shared/data/videos: hours of
     video per core-hour for each stage and the whole chain, and the bottleneck. Model stages run
     on random weights: at their real sizes (ViT-L-14 CLIP; EasyOCR as the job says) with
     ``real_size``, else the tiny presets; the caption stage always on the tiny presets (its real
-    sizes per clip are bench/captions.py's)."""
+    sizes per clip are bench/captions.py's). ``keep_all`` drops the job's thresholds and its semantic
+    dedup, so every clip reaches every stage (the worst case per hour of video)."""
     import yaml
 
     from pipeline.commands import curate
@@ -91,7 +92,12 @@ def lvd_720p(real_size: bool) -> None:
         seconds = sum(d for _, d in picked)
         print(f"720p files: {len(picked)}, {seconds:.1f} s of video: {', '.join(f for f, _ in picked)}")
         job = yaml.safe_load(open(os.path.join(ROOT, "jobs", "lvd_video_curation.yaml")))
+        if keep_all:        # random embeddings all look alike: semantic dedup would keep one clip
+            job["stages"] = [st for st in job["stages"] if st["name"] != "semantic_dedup"]
         for st in job["stages"]:
+            if keep_all:
+                for k in ("min_camera", "min_subject", "max_area_ratio"):
+                    st.pop(k, None)
             if st["name"] == "clip":
                 st.update(pretrained="random") if real_size else st.update(model="winnow-tiny-clip",
                                                                            pretrained="random")
@@ -105,7 +111,8 @@ def lvd_720p(real_size: bool) -> None:
         job["input"]["path"], job["output"]["path"] = folder, out
         spec = specmod.parse(job)
         print("stages: " + ", ".join(f"{e.name}" for e in spec.stages)
-              + ("; model stages at real sizes, random weights" if real_size else "; model stages tiny"))
+              + ("; model stages at real sizes, random weights" if real_size else "; model stages tiny")
+              + ("; no thresholds, no dedup (every clip reaches every stage)" if keep_all else "; the job's thresholds"))
         t = time.perf_counter()
         result = curate.run(spec, log=None)
         wall = time.perf_counter() - t
@@ -133,6 +140,7 @@ def main() -> int:
                         "video per core-hour per stage")
     parser.add_argument("--real-size", action="store_true", help="with --lvd: ViT-L-14 and EasyOCR (random "
                         "weights) instead of the tiny presets")
+    parser.add_argument("--keep-all", action="store_true", help="with --lvd: drop the job's thresholds")
     args = parser.parse_args()
     if not os.path.isdir(VIDEOS):
         print(f"skipped: {VIDEOS} not found")
@@ -140,7 +148,7 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     print(f"machine: {os.cpu_count()} cores\n")
     if args.lvd:
-        lvd_720p(args.real_size)
+        lvd_720p(args.real_size, args.keep_all)
         return 0
     curate_folder(args.models)
     import importlib.util
