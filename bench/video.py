@@ -112,14 +112,15 @@ def lvd_720p(real_size: bool, keep_all: bool) -> None:
         spec = specmod.parse(job)
         print("stages: " + ", ".join(f"{e.name}" for e in spec.stages)
               + ("; model stages at real sizes, random weights" if real_size else "; model stages tiny")
-              + ("; no thresholds, no dedup (every clip reaches every stage)" if keep_all else "; the job's thresholds"))
+              + ("; no thresholds, no dedup (every clip reaches every stage)" if keep_all
+                 else "; the job's thresholds"))
         t = time.perf_counter()
         result = curate.run(spec, log=None)
         wall = time.perf_counter() - t
         clips = layout.read_annotations(out).to_pandas()
         kept = int((clips["status"] == "kept").sum())
         print(f"curate: {len(picked)} videos -> {len(clips)} segments, {kept} clips kept; wall {wall:.1f} s "
-              f"({seconds / wall * 3600 / 3600:.2f} s of video per s on {os.cpu_count()} cores)")
+              f"({seconds / wall:.2f} s of video per s on {os.cpu_count()} cores)")
         total = sum(result.stage_seconds.values())
         print("  stage          worker s   h of 720p video per core-hour   share")
         for stage, secs in sorted(result.stage_seconds.items(), key=lambda kv: -kv[1]):
