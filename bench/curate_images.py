@@ -131,6 +131,39 @@ def parallel(fn, paths, workers, *args):
     return time.perf_counter() - t, results
 
 
+def decode_per_core(distinct, max_side) -> None:
+    """decode+resize on one core: plain PIL against winnow's decode (bicubic, area), with PSNR."""
+    import cv2
+
+    cv2.setNumThreads(1)                 # per core: OpenCV's resize on one thread, like PIL's
+    base = min(_plain_pil(distinct, max_side) for _ in range(2))
+    old = min(_winnow_decode(distinct, max_side, "bicubic") for _ in range(2))
+    ours = min(_winnow_decode(distinct, max_side) for _ in range(2))
+    print("decode+resize, one core")
+    nd = len(distinct)
+    print(f"  plain PIL open/convert/resize  {nd / base:8.1f} img/s")
+    for name, sec, resample in (("bicubic", old, "bicubic"), ("area (default)", ours, "area")):
+        db = _psnr(distinct, max_side, resample)
+        print(f"  winnow decode_image, {name:<15} {nd / sec:8.1f} img/s   ratio {base / sec:.2f}x   PSNR vs "
+              f"full decode + bicubic: min {min(db):.1f} dB, median {float(np.median(db)):.1f} dB")
+    cv2.setNumThreads(0)                 # back to OpenCV's default for what follows
+
+
+def chain_pool_rate(paths, workers) -> float:
+    """img/s of the stage chain in a warm process pool: each process runs load, decode,
+    metadata_filter and phash_dedup on its share in 16-image batches (best of 2 timed runs, after
+    one run that starts the processes and imports)."""
+    shares = [paths[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_stage_rates, [s[:8] for s in shares]))
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            list(pool.map(_stage_rates, shares))
+            best = min(best, time.perf_counter() - t)
+    return len(paths) / best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=120, help="distinct generated images")
@@ -138,6 +171,7 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     ap.add_argument("--max-side", type=int, default=1024)
     ap.add_argument("--decode-only", action="store_true", help="only the per-core decode comparison")
+    ap.add_argument("--engine-only", action="store_true", help="skip the per-core decode comparison")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="winnow-bench-")
     try:
@@ -153,23 +187,11 @@ def main() -> int:
         # 1) decode+resize per core vs plain PIL (single process, warm cache, best of 2)
         distinct = paths[: len(paths) // args.copies]
         _read(distinct)
-        import cv2
-
-        cv2.setNumThreads(1)                 # per core: OpenCV's resize on one thread, like PIL's
-        base = min(_plain_pil(distinct, args.max_side) for _ in range(2))
-        old = min(_winnow_decode(distinct, args.max_side, "bicubic") for _ in range(2))
-        ours = min(_winnow_decode(distinct, args.max_side) for _ in range(2))
-        print("decode+resize, one core")
-        nd = len(distinct)
-        print(f"  plain PIL open/convert/resize  {nd / base:8.1f} img/s")
-        for name, sec, resample in (("bicubic", old, "bicubic"), ("area (default)", ours, "area")):
-            db = _psnr(distinct, args.max_side, resample)
-            print(f"  winnow decode_image, {name:<15} {nd / sec:8.1f} img/s   ratio {base / sec:.2f}x   PSNR vs "
-                  f"full decode + bicubic: min {min(db):.1f} dB, median {float(np.median(db)):.1f} dB")
+        if not args.engine_only:
+            decode_per_core(distinct, args.max_side)
         if args.decode_only:
             return 0
-
-        # 2) each stage alone, on all cores
+        # 2) each stage alone, and the whole chain, in a plain process pool on all cores (no Ray)
         wall, per_worker = parallel(_stage_rates, paths, args.cpus)
         print(f"\nstages alone ({args.cpus} processes)")
         rates = {}
@@ -178,6 +200,9 @@ def main() -> int:
             rates[name] = n / busiest if busiest > 0 else float("inf")
             print(f"  {name:<16} {rates[name]:10.1f} img/s")
         slowest = min(rates, key=rates.get)
+        pool_rate = chain_pool_rate(paths, args.cpus)
+        print(f"  the chain, warm pool {pool_rate:10.1f} img/s   (load + decode + metadata_filter + phash_dedup in "
+              f"one process per core: the engine's baseline)")
 
         # 3) the pipeline on a local Ray (start-up excluded)
         import ray
@@ -188,8 +213,8 @@ def main() -> int:
 
         adapter.connect(None, args.cpus)      # joins a running cluster rather than clash with it
         runs = {}
-        for label in ("cold", "warm"):   # cold: workers start and import; warm: the same Ray again
-            out = os.path.join(tmp, f"out_{label}")
+        for label in ("cold", "warm 1", "warm 2", "warm 3"):   # cold: workers start and import; warm: Ray again
+            out = os.path.join(tmp, f"out_{label.replace(' ', '')}")
             spec = specmod.parse({"input": {"path": os.path.join(tmp, "images")},
                                   "output": {"path": out, "samples_per_shard": 64},
                                   "stages": [{"name": "decode", "max_side": args.max_side},
@@ -205,10 +230,10 @@ def main() -> int:
             annotate_rate = n / res.phases["annotate"]
             total_rate = n / res.wall_seconds
             print(
-                f"  {label}: annotate {annotate_rate:6.1f} img/s ({res.phases['annotate']:.2f} s), ratio to "
-                "slowest stage "
-                f"{annotate_rate / rates[slowest]:.2f}; whole run {total_rate:6.1f} img/s ({res.wall_seconds:.2f} s), "
-                f"ratio {total_rate / rates[slowest]:.2f}; phases {res.phases}"
+                f"  {label}: annotate {annotate_rate:6.1f} img/s ({res.phases['annotate']:.2f} s): "
+                f"{annotate_rate / pool_rate:.2f}x the plain pool, {annotate_rate / rates[slowest]:.2f}x the slowest "
+                f"stage alone; whole run {total_rate:6.1f} img/s ({res.wall_seconds:.2f} s), "
+                f"{total_rate / pool_rate:.2f}x the pool; phases {res.phases}"
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
