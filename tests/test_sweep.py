@@ -217,3 +217,64 @@ def test_caption_columns_filter_by_words_chars_and_banned_matches(tmp_path):
     with pytest.raises(ConfigError, match="has no column 'caption_coca'"):
         sweep.run(sweep.parse({"annotations": [str(path)], "output": str(tmp_path / "y"), "plots": False,
                                "filters": [{"column": "words(caption_coca)", "thresholds": [1]}]}))
+
+
+def test_a_run_of_several_shard_tables_is_cut_file_by_file_with_sheets_from_the_right_rows(tmp_path):
+    """Two shard tables (rejected rows among them, one without the OCR column): counts, manifests
+    and the overlap match a brute-force cut of the whole table, and the contact sheet shows the
+    images of the rows next to the cut (each image's grey level is its score)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.contract import tar as tars
+    from pipeline.contract.schema import KEY
+
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    rows_all = []
+    for p in range(2):
+        blocks, rows = [], []
+        for i in range(10):
+            key, score = f"{p}{i:08d}", 10 * p + i             # scores 0..19, one per image
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 40), (score * 12,) * 3).save(buf, "JPEG", quality=95)
+            blocks.append(tars.block(f"{key}.jpg", buf.getvalue()))
+            row = {"key": key, "partition": p, "status": "rejected" if i == 3 else "kept",
+                   "aesthetic_score": float(score)}
+            if p == 0:
+                row["ocr_area_ratio"] = (7 * score % 10) / 10
+            rows.append(row)
+        blocks.append(tars.end(sum(len(b) for b in blocks)))
+        (run / "shards" / f"{p:05d}.tar").write_bytes(b"".join(blocks))
+        pq.write_table(pa.Table.from_pylist(rows), str(run / "shards" / f"{p:05d}.parquet"))
+        rows_all += rows
+    out = tmp_path / "sw"
+    r = sweep.run(sweep.parse({"annotations": [str(run)], "output": str(out), "plots": True,
+                               "sheets": {"per_side": 2, "thumb": 32},
+                               "filters": [{"column": "aesthetic_score", "thresholds": [9.5], "drop_fractions": [0.5]},
+                                           {"column": "ocr_area_ratio", "thresholds": [0.45]}]}))
+    kept = [x for x in rows_all if x["status"] == "kept"]
+    assert r.rows == 18
+    score = {x["key"]: x["aesthetic_score"] for x in kept}
+    ocr = {x["key"]: x.get("ocr_area_ratio", float("nan")) for x in kept}
+    want = {"aesthetic_score>=9.5(abs)": {k for k in score if score[k] >= 9.5},
+            "aesthetic_score>=10(drop0.5)": {k for k in score if score[k] >= 10},     # rank 9 of 18 sorted
+            "ocr_area_ratio<=0.45(abs)": {k for k in ocr if ocr[k] <= 0.45}}
+    want["aesthetic_score>=9.5(abs) & ocr_area_ratio<=0.45(abs)"] = \
+        want["aesthetic_score>=9.5(abs)"] & want["ocr_area_ratio<=0.45(abs)"]
+    rows = {row["filters"]: row for row in _csv(str(out / "cells.csv"))}
+    for name, keys in want.items():
+        sel = pq.read_table(str(out / "selections" / f"{rows[name]['cell']}.parquet"))
+        assert sorted(sel.column(KEY).to_pylist()) == sorted(keys) and int(rows[name]["count"]) == len(keys), name
+        assert set(sel.column("run").to_pylist()) <= {0}
+    ov = np.loadtxt(str(out / "overlap.csv"), delimiter=",", skiprows=1)
+    a, b = want["aesthetic_score>=9.5(abs)"], want["ocr_area_ratio<=0.45(abs)"]
+    assert ov[1, 3] == pytest.approx(len(a & b) / len(a | b), abs=1e-4)
+    # the sheet of the cut at 9.5: dropped 9 then 8, kept 10 then 11 (nearest first)
+    sheet = np.asarray(Image.open(out / "sheets" / "aesthetic_score_0.jpg").convert("L"), np.float64)
+    label = 14
+    for r_, scores in enumerate(([9, 8], [10, 11])):
+        y = r_ * (32 + 2 * label) + label + 16
+        for i, s in enumerate(scores):
+            assert sheet[y, i * 32 + 16] == pytest.approx(s * 12, abs=6)

@@ -6,13 +6,11 @@ did with human preference studies.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline.contract import layout, media, storage
 from pipeline.contract import tar as tars
 from pipeline.contract.layout import atomic_path
-from pipeline.contract.schema import KEY
 
 LABEL_H = 14
 
@@ -89,27 +87,27 @@ def nearest(values: np.ndarray, threshold: float, keep: str, per_side: int) -> t
             kept_rows[np.argsort(dist[kept], kind="stable")[:per_side]])
 
 
-def sheet(images: ShardImages, table: pa.Table, values: np.ndarray, level, per_side: int) -> Image.Image:
+def sheet(images: ShardImages, refs, values: np.ndarray, level, per_side: int) -> Image.Image:
+    """``refs(rows)``: the (run, partition, key) of the given rows."""
     t = images.thumb
     below, above = nearest(values, level.threshold, level.keep, per_side)
     width = max(1, per_side) * t
     out = Image.new("RGB", (width, 2 * (t + LABEL_H) + 2 * LABEL_H), (255, 255, 255))
     draw = ImageDraw.Draw(out)
-    run, part, keys = (table.column("run").to_numpy(), table.column("partition").to_numpy(),
-                       table.column(KEY).to_pylist())
     for r, (label, rows) in enumerate((("dropped (just past the cut)", below), ("kept (just inside the cut)", above))):
         y = r * (t + 2 * LABEL_H)
         draw.text((4, y), f"{label}: {level.name}", fill=(0, 0, 0))
-        for i, row in enumerate(rows):
-            out.paste(images.thumbnail(int(run[row]), int(part[row]), keys[row]), (i * t, y + LABEL_H))
+        for i, (row, (run, part, key)) in enumerate(zip(rows, refs(rows), strict=True)):
+            out.paste(images.thumbnail(int(run), int(part), key), (i * t, y + LABEL_H))
             draw.text((i * t + 3, y + LABEL_H + t), f"{values[row]:.4g}", fill=(0, 0, 0))
     return out
 
 
-def contact_sheets(table: pa.Table, annotation_files: list[str], columns: dict[str, np.ndarray], levels: dict,
+def contact_sheets(refs, annotation_files: list[str], columns: dict[str, np.ndarray], levels: dict,
                    per_side: int, thumb: int, out: str) -> list[str]:
     """One sheet per annotation and level: ``columns`` holds each swept column's values (float, NaN
-    for none), ``levels`` its cuts; images come from the shards beside ``annotation_files``."""
+    for none), ``levels`` its cuts, ``refs(rows)`` the (run, partition, key) of rows; images come
+    from the shards beside ``annotation_files``."""
     folder = storage.join(out, "sheets")
     storage.makedirs(folder)
     images = ShardImages(annotation_files, thumb)
@@ -120,7 +118,7 @@ def contact_sheets(table: pa.Table, annotation_files: list[str], columns: dict[s
             for j, lv in enumerate(lvls):
                 path = storage.join(folder, f"{col}_{j}.jpg")
                 with atomic_path(path) as tmp:
-                    sheet(images, table, v, lv, per_side).save(tmp, format="JPEG", quality=88)
+                    sheet(images, refs, v, lv, per_side).save(tmp, format="JPEG", quality=88)
                 paths.append(path)
     finally:
         images.close()

@@ -12,7 +12,9 @@ motion) and comparing. ``winnow sweep`` automates that loop on the annotation ta
 * a table of all cells (CSV and Markdown), plots (histograms with the cut lines, survival curves,
   score correlations) and contact sheets of samples just above and below each cut.
 
-Everything is vectorised numpy on the loaded columns: no Ray, no model.
+Everything is vectorised numpy on the swept columns, the only part of the tables held in memory
+(8 bytes per row and filter); keys are read again one annotation file at a time while the
+manifests are written. No Ray, no model.
 """
 from __future__ import annotations
 
@@ -197,25 +199,83 @@ def run_dir(p: str) -> str:
     return storage.absolute(p if storage.isdir(p) else storage.parent(p))
 
 
-def read_table(spec: SweepSpec) -> pa.Table:
-    """The columns a sweep needs, from every table (a ``run`` column tells them apart)."""
-    wanted = {KEY, STATUS, "partition", "video_key", *(source_column(f.column) for f in spec.filters)}
-    tables = []
+@dataclass
+class Part:
+    run: int               # index into spec.annotations
+    file: str              # one annotation table file (a shard's table)
+    rows: int              # its rows the sweep cuts (the kept ones when only_kept)
+
+
+@dataclass
+class Swept:
+    """What a sweep holds in memory: each swept column's values (float64, NaN for none) over every
+    row it cuts, the rows in file order (run by run, shard table by shard table), and where each
+    file's rows sit. 8 bytes per row per filter; keys are read again file by file when the
+    manifests are written, so the driver never holds the table."""
+
+    parts: list[Part]
+    values: dict[str, np.ndarray]
+    only_kept: bool = True
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def part_table(self, part: Part, columns: list[str]) -> pa.Table:
+        return _part_rows(part.file, columns, self.only_kept)
+
+    def refs(self, rows: np.ndarray) -> list[tuple[int, int, str]]:
+        """(run, partition, key) of the given rows (row numbers as in ``values``), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out: dict[int, tuple[int, int, str]] = {}
+        start = 0
+        for part in self.parts:
+            mine = rows[(rows >= start) & (rows < start + part.rows)]
+            if len(mine):
+                t = self.part_table(part, [KEY, "partition"])
+                keys = t.column(KEY).take(pa.array(mine - start)).to_pylist()
+                parts = (t.column("partition").take(pa.array(mine - start)).to_pylist()
+                         if "partition" in t.column_names else [0] * len(mine))
+                for r, k, pn in zip(mine.tolist(), keys, parts, strict=True):
+                    out[r] = (part.run, int(pn or 0), k)
+            start += part.rows
+        return [out[int(r)] for r in rows]
+
+
+def _part_rows(file: str, columns: list[str], only_kept: bool) -> pa.Table:
+    """One annotation file's rows a sweep cuts (the same rows, in the same order, on every read)."""
+    t = layout.read_table(file, columns=list(dict.fromkeys([*columns, STATUS])), present=True)
+    if only_kept and STATUS in t.column_names:
+        t = t.filter(pc.equal(t.column(STATUS), KEPT))
+    return t
+
+
+def read_table(spec: SweepSpec) -> Swept:
+    """The swept columns of every annotation table, file by file (checked before anything is written)."""
+    sources = list(dict.fromkeys(source_column(f.column) for f in spec.filters))
+    text = {source_column(f.column) for f in spec.filters if text_measure(f.column)}
+    parts: list[Part] = []
+    chunks: dict[str, list[np.ndarray]] = {f.column: [] for f in spec.filters}
     for i, p in enumerate(spec.annotations):
         path = p
         if not storage.exists(path) or not layout.annotation_files(path):
             raise ConfigError(f"annotations[{i}]: {path!r} " + ("does not exist" if not storage.exists(path) else
                               "holds no annotation table (shards/NNNNN.parquet); give a `winnow curate` output folder"))
         names = layout.annotation_columns(path)
-        missing = [source_column(f.column) for f in spec.filters if source_column(f.column) not in names]
+        missing = [c for c in sources if c not in names]
         if missing:
             raise ConfigError(f"annotations[{i}]: {path!r} has no column {missing[0]!r}; it has "
                               f"{', '.join(n for n in names if n not in (KEY, STATUS))}")
-        t = layout.read_annotations(path, [c for c in names if c in wanted])
-        if spec.only_kept and STATUS in t.column_names:
-            t = t.filter(pc.equal(t.column(STATUS), KEPT))
-        tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
-    return derive_text(pa.concat_tables(tables, promote_options="default"), spec.filters)
+        for file in layout.annotation_files(path):
+            t = _part_rows(file, sources, spec.only_kept)
+            for c in sources:            # a shard table without the column: null there
+                if c not in t.column_names:
+                    t = t.append_column(c, pa.nulls(t.num_rows, pa.string() if c in text else pa.float64()))
+            t = derive_text(t, spec.filters)
+            for f in spec.filters:
+                chunks[f.column].append(values(t, f.column))
+            parts.append(Part(i, file, t.num_rows))
+    return Swept(parts, {c: np.concatenate(v) if v else np.zeros(0) for c, v in chunks.items()}, spec.only_kept)
 
 
 def values(table: pa.Table, column: str) -> np.ndarray:
@@ -240,7 +300,6 @@ def levels_for(f: FilterSpec, v: np.ndarray) -> list[Level]:
 class Cell:
     name: str
     levels: list[Level]
-    mask: np.ndarray
     count: int = 0
     fraction: float = 0.0
 
@@ -254,73 +313,93 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_cells(table: pa.Table, spec: SweepSpec) -> tuple[list[Cell], dict[str, list[Level]]]:
-    n = table.num_rows
-    per: dict[str, list[tuple[Level, np.ndarray]]] = {}
-    for f in spec.filters:
-        v = values(table, f.column)
-        per[f.column] = [(lv, lv.mask(v)) for lv in levels_for(f, v)]
-    cells = [Cell("all", [], np.ones(n, bool))]
-    for lvls in per.values():
-        cells += [Cell(lv.name, [lv], m) for lv, m in lvls]
-    if spec.combine and len(per) > 1:
-        options = [[None] + lvls for lvls in per.values()]
-        for combo in itertools.product(*options):
+def make_cells(spec: SweepSpec, levels: dict[str, list[Level]]) -> list[Cell]:
+    """All rows, each level alone, and (``combine``) every AND-combination across columns."""
+    cells = [Cell("all", [])]
+    for lvls in levels.values():
+        cells += [Cell(lv.name, [lv]) for lv in lvls]
+    if spec.combine and len(levels) > 1:
+        for combo in itertools.product(*[[None] + lvls for lvls in levels.values()]):
             chosen = [c for c in combo if c is not None]
-            if len(chosen) < 2:
-                continue
-            mask = np.logical_and.reduce([m for _, m in chosen])
-            cells.append(Cell(" & ".join(lv.name for lv, _ in chosen), [lv for lv, _ in chosen], mask))
-    for c in cells:
-        c.count = int(c.mask.sum())
-        c.fraction = c.count / max(1, n)
-    return cells, {col: [lv for lv, _ in lvls] for col, lvls in per.items()}
-
-
-def overlap(cells: list[Cell]) -> np.ndarray:
-    """Jaccard index between cells' surviving sets (one matrix product)."""
-    m = np.stack([c.mask for c in cells]).astype(np.float32)
-    inter = m @ m.T
-    counts = m.sum(axis=1)
-    union = counts[:, None] + counts[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+            if len(chosen) >= 2:
+                cells.append(Cell(" & ".join(lv.name for lv in chosen), chosen))
+    return cells
 
 
 def _slug(i: int) -> str:
     return f"cell_{i:03d}"
 
 
-def write_outputs(table: pa.Table, cells: list[Cell], out: str, annotations: list[str] = ()) -> None:
+def _thresholds(c: Cell) -> dict:
+    return {lv.column: {"keep": lv.keep, "threshold": lv.threshold, "drop_fraction": lv.fraction} for lv in c.levels}
+
+
+def cut(swept: Swept, spec: SweepSpec, levels: dict[str, list[Level]], out: str) -> tuple[list[Cell], np.ndarray]:
+    """Every cell's manifest (selections/cell_NNN.parquet: run, key), its count, and the
+    intersections of the single-level cells, one annotation file at a time: memory follows the
+    largest file, not the run."""
+    import contextlib
+
+    cells = make_cells(spec, levels)
+    singles = [i for i, c in enumerate(cells) if len(c.levels) <= 1]
+    inter = np.zeros((len(singles), len(singles)), np.float64)
+    counts = np.zeros(len(cells), np.int64)
     storage.makedirs(join(out, "selections"))
     # the run folders the manifests' run indices point to (``winnow select`` reads them from here)
-    runs = json.dumps([run_dir(p) for p in annotations])
-    base = pa.table({"run": table.column("run"), KEY: table.column(KEY)})
-    rows = []
-
-    def write_manifest(i: int, c: Cell, thresholds: dict) -> None:
-        sel = base.filter(pa.array(c.mask))
-        sel = sel.replace_schema_metadata({"winnow_cell": c.name, "winnow_thresholds": json.dumps(thresholds),
-                                           MANIFEST_RUNS: runs})
-        # keys are unique: a dictionary would only be built and thrown away
-        with atomic_path(join(out, "selections", f"{_slug(i)}.parquet")) as tmp:
-            pq.write_table(sel, tmp, use_dictionary=["run"], compression="zstd")
-
-    # Arrow's filter and parquet writer release the GIL: one manifest per core at a time
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = []
+    runs = json.dumps([run_dir(p) for p in spec.annotations])
+    schema = pa.schema([("run", pa.int32()), (KEY, pa.string())])
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        writers = []
         for i, c in enumerate(cells):
-            thresholds = {lv.column: {"keep": lv.keep, "threshold": lv.threshold, "drop_fraction": lv.fraction}
-                          for lv in c.levels}
-            futures.append(pool.submit(write_manifest, i, c, thresholds))
-            rows.append({"cell": _slug(i), "filters": c.name, "count": c.count, "fraction": round(c.fraction, 6),
-                         "thresholds": json.dumps(thresholds)})
-        for f in futures:
-            f.result()
+            tmp = stack.enter_context(atomic_path(join(out, "selections", f"{_slug(i)}.parquet")))
+            meta = {"winnow_cell": c.name, "winnow_thresholds": json.dumps(_thresholds(c)), MANIFEST_RUNS: runs}
+            # keys are unique: a dictionary would only be built and thrown away
+            writers.append(stack.enter_context(pq.ParquetWriter(tmp, schema.with_metadata(meta),
+                                                                use_dictionary=["run"], compression="zstd")))
+        start = 0
+        for part in swept.parts:
+            if not part.rows:
+                continue
+            t = swept.part_table(part, [KEY])
+            if t.num_rows != part.rows:
+                raise RuntimeError(f"{part.file}: changed while the sweep read it ({t.num_rows} rows, was {part.rows})")
+            keys = t.column(KEY).cast(pa.string())
+            masks = {lv.name: lv.mask(swept.values[lv.column][start:start + part.rows])
+                     for lvls in levels.values() for lv in lvls}
+            run = pa.array(np.full(part.rows, part.run, np.int32))
+
+            def one(i: int, cell: Cell, masks=masks, keys=keys, run=run, n=part.rows) -> np.ndarray:
+                m = np.logical_and.reduce([masks[lv.name] for lv in cell.levels]) if cell.levels else np.ones(n, bool)
+                sel = pa.array(m)
+                # Arrow's filter and the parquet writer release the GIL: one cell per core at a time
+                writers[i].write_table(pa.Table.from_arrays([run.filter(sel), keys.filter(sel)], schema=schema))
+                return m
+
+            got = list(pool.map(lambda ic: one(*ic), enumerate(cells)))
+            counts += [int(m.sum()) for m in got]
+            m = np.stack([got[i] for i in singles]).astype(np.float32)
+            inter += m @ m.T
+            start += part.rows
+    n = swept.rows
+    for c, k in zip(cells, counts, strict=True):
+        c.count, c.fraction = int(k), int(k) / max(1, n)
+    return cells, inter
+
+
+def overlap(inter: np.ndarray) -> np.ndarray:
+    """Jaccard index between cells' surviving sets from their intersections (the diagonal: counts)."""
+    counts = np.diag(inter)
+    union = counts[:, None] + counts[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def write_outputs(cells: list[Cell], inter: np.ndarray, out: str) -> None:
+    rows = [{"cell": _slug(i), "filters": c.name, "count": c.count, "fraction": round(c.fraction, 6),
+             "thresholds": json.dumps(_thresholds(c))} for i, c in enumerate(cells)]
     atomic_write(join(out, "cells.csv"), pa.Table.from_pylist(rows).to_pandas().to_csv(index=False).encode())
     single = [i for i, c in enumerate(cells) if len(c.levels) <= 1]
-    ov = overlap([cells[i] for i in single])
     buf = io.BytesIO()
-    np.savetxt(buf, ov, delimiter=",", fmt="%.4f", header=",".join(_slug(i) for i in single), comments="")
+    np.savetxt(buf, overlap(inter), delimiter=",", fmt="%.4f", header=",".join(_slug(i) for i in single), comments="")
     atomic_write(join(out, "overlap.csv"), buf.getvalue())
     md = ["| cell | filters | kept | fraction |\n| --- | --- | ---: | ---: |\n"]
     md += [f"| {r['cell']} | {r['filters'].replace('|', '/')} | {r['count'] or '**0: empty**'} | "
@@ -401,9 +480,13 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
     plt.close(fig)
     if len(cols) > 1:
         mat = np.stack([values(table, c) for c in cols])
-        ok = ~np.isnan(mat).any(axis=0)
+        ok = np.flatnonzero(~np.isnan(mat).any(axis=0))
+        scored = len(ok)
+        if scored > CORRELATION_SAMPLE:      # ranks of a seeded sample: bounded memory, ~0.002 off
+            ok = np.sort(np.random.default_rng(0).choice(ok, CORRELATION_SAMPLE, replace=False))
         ranks = np.argsort(np.argsort(mat[:, ok], axis=1), axis=1).astype(np.float64)
-        corr = np.corrcoef(ranks) if ok.sum() > 2 else np.full((len(cols), len(cols)), np.nan)
+        del mat
+        corr = np.corrcoef(ranks) if len(ok) > 2 else np.full((len(cols), len(cols)), np.nan)
         fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 1.2 * len(cols) + 2))
         im = ax.imshow(corr, vmin=-1, vmax=1, cmap="coolwarm")
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
@@ -411,7 +494,8 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
         for a in range(len(cols)):
             for b in range(len(cols)):
                 ax.text(b, a, f"{corr[a, b]:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_title(f"Spearman correlation ({int(ok.sum())} rows with every score)", fontsize=9)
+        sample = f"; a sample of {len(ok):,}" if len(ok) < scored else ""
+        ax.set_title(f"Spearman correlation ({scored:,} rows with every score{sample})", fontsize=9)
         fig.colorbar(im)
         fig.tight_layout()
         paths.append(join(folder, "correlation.png"))
@@ -421,6 +505,7 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
     return paths
 
 
+CORRELATION_SAMPLE = 1_000_000
 SPEC_FILE = "sweep_spec.yaml"
 # every top-level name a sweep writes: a re-run or overwrite deletes these and nothing else
 ENTRIES = [SPEC_FILE, "cells.csv", "cells.md", "selections", "overlap.csv", "plots", "sheets", "sweep.json"]
@@ -441,25 +526,25 @@ def claim(spec: SweepSpec) -> None:
 
 def run(spec: SweepSpec, log=None) -> SweepResult:
     t0 = time.perf_counter()
-    table = plan(spec)
+    swept = plan(spec)
     claim(spec)
     t1 = time.perf_counter()
-    cells, levels = run_cells(table, spec)
-    t2 = time.perf_counter()
-    write_outputs(table, cells, spec.output, spec.annotations)
+    levels = {f.column: levels_for(f, swept.values[f.column]) for f in spec.filters}
+    cells, inter = cut(swept, spec, levels, spec.output)
+    write_outputs(cells, inter, spec.output)
     t3 = time.perf_counter()
-    seconds = {"read": t1 - t0, "cells": t2 - t1, "write": t3 - t2}
+    seconds = {"read": t1 - t0, "cells": t3 - t1}
     if spec.plots:
-        plot(table, spec, levels, spec.output)
+        plot(pa.table(swept.values), spec, levels, spec.output)
         seconds["plots"] = time.perf_counter() - t3
     if spec.sheets.per_side:
         t4 = time.perf_counter()
-        contact_sheets(table, [run_dir(p) for p in spec.annotations], {c: values(table, c) for c in levels},
-                       levels, spec.sheets.per_side, spec.sheets.thumb, spec.output)
+        contact_sheets(swept.refs, [run_dir(p) for p in spec.annotations], swept.values, levels,
+                       spec.sheets.per_side, spec.sheets.thumb, spec.output)
         seconds["sheets"] = time.perf_counter() - t4
-    result = SweepResult(spec.output, table.num_rows, cells, levels, seconds)
+    result = SweepResult(spec.output, swept.rows, cells, levels, seconds)
     atomic_write(join(spec.output, "sweep.json"),   # written last: the sweep is complete
-                 json.dumps({"rows": table.num_rows, "cells": len(cells), "seconds": seconds,
+                 json.dumps({"rows": swept.rows, "cells": len(cells), "seconds": seconds,
                              "empty_cells": [_slug(i) for i, c in enumerate(cells) if c.count == 0],
                              "annotations": [storage.absolute(p) for p in spec.annotations]}, indent=2).encode())
     return result
@@ -488,11 +573,11 @@ def format_summary(r: SweepResult, limit: int = 30) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FilterSpec", "Level", "SweepSpec", "derive_text", "levels_for", "load", "overlap", "parse", "run",
-           "run_cells", "source_column", "text_measure"]
+__all__ = ["FilterSpec", "Level", "Swept", "SweepSpec", "cut", "derive_text", "levels_for", "load", "make_cells",
+           "overlap", "parse", "run", "source_column", "text_measure"]
 
 
-def plan(spec: SweepSpec) -> pa.Table:
+def plan(spec: SweepSpec) -> Swept:
     """The rows a sweep cuts: the swept columns of every annotation table (checked before anything is written)."""
     return read_table(spec)
 
