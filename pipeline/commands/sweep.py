@@ -279,7 +279,7 @@ def read_table(spec: SweepSpec) -> Swept:
 
 
 def values(table: pa.Table, column: str) -> np.ndarray:
-    return table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    return table.column(column).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
 
 
 def levels_for(f: FilterSpec, v: np.ndarray) -> list[Level]:
@@ -436,10 +436,14 @@ def histogram_figure(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Le
         lo, hi = data_limits(v)
         keep_high = levels[col][0].keep == "high" if levels[col] else True
         ax, surv = axes[0][j], axes[1][j]
-        ax.hist(v, bins=60, range=(lo, hi), color="#9bb5d6")
+        counts, edges = np.histogram(v, bins=60, range=(lo, hi))
+        ax.stairs(counts, edges, fill=True, color="#9bb5d6")
+        # the survival curve at SURVIVAL_POINTS quantiles: the same line, a bounded number of points
         s = np.sort(v)
-        kept = 1 - np.arange(len(s)) / max(1, len(s)) if keep_high else (np.arange(len(s)) + 1) / max(1, len(s))
-        surv.plot(s, kept, color="#4a7ab7")
+        at = np.unique(np.linspace(0, max(len(s) - 1, 0), min(len(s), SURVIVAL_POINTS)).round().astype(np.int64))
+        kept = 1 - at / max(1, len(s)) if keep_high else (at + 1) / max(1, len(s))
+        surv.plot(s[at] if len(s) else s, kept if len(s) else s, color="#4a7ab7")
+        del s
         for k, lv in enumerate(levels[col]):
             n = int(lv.mask(v).sum())
             outside = not lo <= lv.threshold <= hi
@@ -479,13 +483,11 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     if len(cols) > 1:
-        mat = np.stack([values(table, c) for c in cols])
-        ok = np.flatnonzero(~np.isnan(mat).any(axis=0))
+        ok = np.flatnonzero(np.logical_and.reduce([~np.isnan(values(table, c)) for c in cols]))
         scored = len(ok)
         if scored > CORRELATION_SAMPLE:      # ranks of a seeded sample: bounded memory, ~0.002 off
             ok = np.sort(np.random.default_rng(0).choice(ok, CORRELATION_SAMPLE, replace=False))
-        ranks = np.argsort(np.argsort(mat[:, ok], axis=1), axis=1).astype(np.float64)
-        del mat
+        ranks = np.argsort(np.argsort(np.stack([values(table, c)[ok] for c in cols]), axis=1), axis=1).astype(np.float64)
         corr = np.corrcoef(ranks) if len(ok) > 2 else np.full((len(cols), len(cols)), np.nan)
         fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 1.2 * len(cols) + 2))
         im = ax.imshow(corr, vmin=-1, vmax=1, cmap="coolwarm")
@@ -506,6 +508,7 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
 
 
 CORRELATION_SAMPLE = 1_000_000
+SURVIVAL_POINTS = 4_000
 SPEC_FILE = "sweep_spec.yaml"
 # every top-level name a sweep writes: a re-run or overwrite deletes these and nothing else
 ENTRIES = [SPEC_FILE, "cells.csv", "cells.md", "selections", "overlap.csv", "plots", "sheets", "sweep.json"]
