@@ -487,7 +487,8 @@ def plot(table: pa.Table, spec: SweepSpec, levels: dict[str, list[Level]], out: 
         scored = len(ok)
         if scored > CORRELATION_SAMPLE:      # ranks of a seeded sample: bounded memory, ~0.002 off
             ok = np.sort(np.random.default_rng(0).choice(ok, CORRELATION_SAMPLE, replace=False))
-        ranks = np.argsort(np.argsort(np.stack([values(table, c)[ok] for c in cols]), axis=1), axis=1).astype(np.float64)
+        sample = np.stack([values(table, c)[ok] for c in cols])
+        ranks = np.argsort(np.argsort(sample, axis=1), axis=1).astype(np.float64)
         corr = np.corrcoef(ranks) if len(ok) > 2 else np.full((len(cols), len(cols)), np.nan)
         fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 1.2 * len(cols) + 2))
         im = ax.imshow(corr, vmin=-1, vmax=1, cmap="coolwarm")
