@@ -283,3 +283,59 @@ def test_two_runs_with_colliding_keys_get_prefixed(run_dir, tmp_path):
     assert got[f"r01_{kept[0]}"]["jpg"] == members_by_key(run_dir)[kept[0]]["jpg"]
     index = index_shard(os.path.join(out, "shards", "00000.tar"))
     assert index.num_rows == 92 and index.column("key").to_pylist()[0] == f"r00_{kept[0]}"
+
+
+def _table_run(root, name: str, files: dict[int, list[tuple[str, str, float]]]) -> str:
+    """A run folder of annotation tables only: {partition: [(key, status, score)]}."""
+    import pyarrow as pa
+
+    run = os.path.join(root, name)
+    os.makedirs(os.path.join(run, "shards"))
+    for p, rows in files.items():
+        pq.write_table(pa.table({"key": [k for k, _, _ in rows], "partition": [p] * len(rows),
+                                 "status": [s for _, s, _ in rows], "aesthetic_score": [v for _, _, v in rows]}),
+                       os.path.join(run, "shards", f"{p:05d}.parquet"))
+    return run
+
+
+def test_the_plan_reads_file_by_file_and_matches_a_cut_of_the_whole_table(tmp_path):
+    """Three shard tables with rejected rows, keys out of order inside a file: the plan is the kept
+    rows past the cut, sorted by (run, partition, key), the drop fraction a quantile over every file;
+    the fingerprint follows the selection; a key that would name a path is refused before anything
+    is written; a manifest key no run keeps is named."""
+    rng = np.random.default_rng(3)
+    files = {p: [(f"{p}{k:05d}", "rejected" if k % 4 == 0 else "kept", float(rng.uniform(0, 10)))
+                 for k in rng.permutation(40)] for p in range(3)}
+    run = _table_run(tmp_path, "run", files)
+    out = {"path": str(tmp_path / "o"), "samples_per_shard": 16}
+
+    def plan(**kw):
+        return selection.plan(selection.parse({"runs": [run], "output": out, **kw}))
+
+    p = plan(filters=[{"column": "aesthetic_score", "drop_fractions": [0.5]}])
+    kept = [(k, v, part) for part, rows in files.items() for k, s, v in rows if s == "kept"]
+    cut = sorted(v for _, v, _ in kept)[len(kept) // 2]
+    want = sorted((part, k) for k, v, part in kept if v >= cut)
+    assert p.source_kept == 90 and p.table.num_rows == len(want) == 45
+    assert list(zip(p.table.column("partition").to_pylist(), p.table.column("key").to_pylist(), strict=True)) == want
+    assert p.table.column("out_key").to_pylist() == [k for _, k in want]
+    assert p.counts == {0: 16, 1: 16, 2: 13}
+    assert p.thresholds["filters"][0]["threshold"] == cut
+    assert plan(filters=[{"column": "aesthetic_score", "drop_fractions": [0.5]}]).fingerprint == p.fingerprint
+    assert plan(filters=[{"column": "aesthetic_score", "drop_fractions": [0.25]}]).fingerprint != p.fingerprint
+
+    hostile = _table_run(tmp_path, "hostile", {0: [("000001", "kept", 5.0), ("..x", "kept", 6.0),
+                                                   ("a/b", "rejected", 7.0)]})
+    with pytest.raises(ConfigError, match=r"the key '\.\.x' holds '\.\.'"):
+        selection.plan(selection.parse({"runs": [hostile], "output": out,
+                                        "filters": [{"column": "aesthetic_score", "thresholds": [0]}]}))
+    quiet = _table_run(tmp_path, "quiet", {0: [("000001", "kept", 5.0), ("a/b", "rejected", 7.0)]})
+    assert selection.plan(selection.parse({"runs": [quiet], "output": out,    # a rejected row never names a member
+                                           "filters": [{"column": "aesthetic_score", "thresholds": [0]}]})) \
+        .table.column("key").to_pylist() == ["000001"]
+    import pyarrow as pa
+
+    man = str(tmp_path / "man.parquet")
+    pq.write_table(pa.table({"run": pa.array([0, 0], pa.int32()), "key": [want[0][1], "0nokey"]}), man)
+    with pytest.raises(ConfigError, match=r"1 of its 2 keys are not kept samples .* run\|key 0\|0nokey"):
+        selection.plan(selection.parse({"runs": [run], "selection": man, "output": out}))

@@ -116,19 +116,52 @@ def load(path: str | None, overrides: list[str] | None = None) -> SelectSpec:
     return parse(apply_overrides(load_yaml(path) if path else {}, overrides or []))
 
 
-def _source_table(spec: SelectSpec) -> pa.Table:
-    """The kept rows of every source run: run index, key, source partition and the filter columns."""
-    tables = []
+def _kept(file: str, columns: list[str]) -> pa.Table:
+    """One annotation file's kept rows (the same rows, in the same order, on every read)."""
+    t = layout.read_table(file, columns=list(dict.fromkeys([*columns, STATUS])), present=True)
+    return t.filter(pc.equal(t.column(STATUS), KEPT))
+
+
+def _source_values(spec: SelectSpec) -> tuple[list[tuple[int, str, int]], dict[str, np.ndarray]]:
+    """Pass one: (run, file, kept rows) of every annotation file, and each filter column's values
+    over all kept rows in that order (8 bytes a row per filter: the quantiles need them all)."""
+    sources = list(dict.fromkeys(source_column(f.column) for f in spec.filters))
+    parts: list[tuple[int, str, int]] = []
+    chunks: dict[str, list[np.ndarray]] = {f.column: [] for f in spec.filters}
     for i, r in enumerate(spec.runs):
         names = layout.annotation_columns(r)
-        missing = [source_column(f.column) for f in spec.filters if source_column(f.column) not in names]
+        missing = [c for c in sources if c not in names]
         if missing:
             raise ConfigError(f"filters: run {r!r} has no column {missing[0]!r}")
-        t = layout.read_annotations(r, [KEY, STATUS, PARTITION,
-                                        *dict.fromkeys(source_column(f.column) for f in spec.filters)])
-        t = t.filter(pc.equal(t.column(STATUS), KEPT)).drop_columns([STATUS])
-        tables.append(t.append_column("run", pa.array(np.full(t.num_rows, i, np.int32))))
-    return derive_text(pa.concat_tables(tables, promote_options="default"), spec.filters)
+        for file in layout.annotation_files(r):
+            t = _kept(file, sources)
+            if spec.filters:
+                for c in sources:
+                    if c not in t.column_names:       # a shard table without the column: null there
+                        t = t.append_column(c, pa.nulls(t.num_rows, pa.float64()))
+                t = derive_text(t, spec.filters)
+                for f in spec.filters:
+                    chunks[f.column].append(values(t, f.column))
+            parts.append((i, file, t.num_rows))
+    return parts, {c: np.concatenate(v) if v else np.zeros(0) for c, v in chunks.items()}
+
+
+def _run_keys(run: pa.Array, keys: pa.Array) -> pa.Array:
+    return pc.binary_join_element_wise(pc.cast(run, pa.string()), pc.cast(keys, pa.string()), "|")
+
+
+def _digest(table: pa.Table, extra: bytes) -> str:
+    """sha256 over every selected "run|key", in order, however the table is chunked (the values'
+    bytes and their lengths hashed apart, so no Python string is made per row)."""
+    data, lengths = hashlib.sha256(), hashlib.sha256()
+    for batch in table.select(["run", KEY]).to_batches():
+        joined = _run_keys(batch.column(0), batch.column(1))
+        if len(joined) == 0:
+            continue
+        offsets = np.frombuffer(joined.buffers()[1], np.int32)[joined.offset:joined.offset + len(joined) + 1]
+        data.update(memoryview(joined.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+        lengths.update(np.diff(offsets).astype("<i8").tobytes())
+    return hashlib.sha256(extra + data.digest() + lengths.digest()).hexdigest()[:16]
 
 
 @dataclass
@@ -145,55 +178,88 @@ class Plan:
 
 
 def plan(spec: SelectSpec) -> Plan:
-    """Which samples go to which output shard; fixed before Ray starts, so a re-run writes the same."""
-    src = _source_table(spec)
-    mask = np.ones(src.num_rows, bool)
+    """Which samples go to which output shard; fixed before Ray starts, so a re-run writes the same.
+
+    Two passes over the annotation files, one file at a time: the filter columns (their drop
+    fractions are quantiles of every kept row), then each file's kept keys, cut. The driver holds
+    the filter values and the selected rows (run, key, partition), never the tables."""
+    parts, vals = _source_values(spec)
+    n = sum(k for _, _, k in parts)
     thresholds: dict = {}
+    want = None
     if spec.selection:
         man = layout.read_table(spec.selection, columns=["run", KEY])
         if man.num_rows and int(pc.max(man.column("run")).as_py()) >= len(spec.runs):
             raise ConfigError(f"selection: {spec.selection!r} names run {pc.max(man.column('run')).as_py()}, but only "
                               f"{len(spec.runs)} runs are given")
-        want = pc.binary_join_element_wise(pc.cast(man.column("run"), pa.string()), man.column(KEY), "|")
-        have = pc.binary_join_element_wise(pc.cast(src.column("run"), pa.string()), src.column(KEY), "|")
-        mask &= pc.is_in(have, value_set=want).to_numpy(zero_copy_only=False)
-        if int(mask.sum()) != man.num_rows:
-            missing = pc.filter(want, pc.invert(pc.is_in(want, value_set=have)))
-            raise ConfigError(f"selection: {man.num_rows - int(mask.sum())} of its {man.num_rows} keys are not kept "
-                              f"samples of the runs (first: run|key {missing[0].as_py() if len(missing) else '?'}); "
-                              f"was it made from other runs? set runs: to the folders its sweep read")
+        want = _run_keys(man.column("run"), man.column(KEY))
         meta = layout.read_schema(spec.selection).metadata or {}
         thresholds["manifest"] = {"path": storage.absolute(spec.selection),
                                   "cell": meta.get(b"winnow_cell", b"").decode(),
                                   "thresholds": json.loads(meta.get(b"winnow_thresholds", b"{}"))}
+    levels = []
     for f in spec.filters:   # drop fractions are quantiles of all kept rows, as in the sweep
-        v = values(src, f.column)
-        lv = levels_for(f, v)[0]
-        mask &= lv.mask(v)
+        lv = levels_for(f, vals[f.column])[0]
+        levels.append(lv)
         thresholds.setdefault("filters", []).append({"column": lv.column, "keep": lv.keep, "threshold": lv.threshold,
                                                      "drop_fraction": lv.fraction})
-    sel = src.select(["run", KEY, PARTITION]).filter(pa.array(mask))
-    sel = sel.sort_by([("run", "ascending"), (PARTITION, "ascending"), (KEY, "ascending")])
-    if sel.num_rows == 0:
+    chosen, matched, start = [], 0, 0
+    for run, file, rows in parts:
+        if not rows:
+            continue
+        t = _kept(file, [KEY, PARTITION])
+        if t.num_rows != rows:
+            raise RuntimeError(f"{file}: changed while select read it ({t.num_rows} kept rows, was {rows})")
+        mask = np.ones(rows, bool)
+        for lv in levels:
+            mask &= lv.mask(vals[lv.column][start:start + rows])
+        runs = pa.array(np.full(rows, run, np.int32))
+        if want is not None:
+            hit = pc.is_in(_run_keys(runs, t.column(KEY)), value_set=want).to_numpy(zero_copy_only=False)
+            matched += int(hit.sum())
+            mask &= hit
+        start += rows
+        keep = pa.array(mask)
+        sel = pa.table({"run": runs.filter(keep), KEY: pc.cast(t.column(KEY), pa.string()).filter(keep),
+                        PARTITION: pc.cast(t.column(PARTITION), pa.int64()).filter(keep)})
+        chosen.append(sel.sort_by([(PARTITION, "ascending"), (KEY, "ascending")]))
+    if want is not None and matched != len(want):
+        found = np.zeros(len(want), bool)          # the error's example: one key no run holds
+        for run, file, _ in parts:
+            t = _kept(file, [KEY])
+            found |= pc.is_in(want, value_set=_run_keys(pa.array(np.full(t.num_rows, run, np.int32)),
+                                                        t.column(KEY))).to_numpy(zero_copy_only=False)
+        first = want[int(np.flatnonzero(~found)[0])].as_py() if (~found).any() else "?"
+        raise ConfigError(f"selection: {len(want) - matched} of its {len(want)} keys are not kept samples of the "
+                          f"runs (first: run|key {first}); was it made from other runs? set runs: to the folders its "
+                          f"sweep read")
+    if sum(c.num_rows for c in chosen) == 0:
         raise ConfigError("the selection is empty: no kept sample passes it; loosen the filters")
-    keys = sel.column(KEY).to_pylist()
+    sel = pa.concat_tables(chosen)
+    run_col, part_col = sel.column("run").to_numpy(), sel.column(PARTITION).to_numpy()
+    same_run = run_col[1:] == run_col[:-1]
+    if (same_run & (part_col[1:] < part_col[:-1])).any():    # a run's files out of partition order: sort it all
+        sel = sel.sort_by([("run", "ascending"), (PARTITION, "ascending"), (KEY, "ascending")])
+    keys = sel.column(KEY)
     out_keys = keys
-    if len(spec.runs) > 1 and len(set(keys)) != len(keys):   # two runs share key names: prefix the run
-        out_keys = [f"r{r:02d}_{k}" for r, k in zip(sel.column("run").to_pylist(), keys, strict=True)]
-    bad = next(((k, why) for k in out_keys if (why := tars.unsafe_name(k))), None)
-    if bad:   # the key becomes a member name of the output tar: it must not name a path
-        raise ConfigError(f"runs: the key {bad[0]!r} {bad[1]}, so it cannot name a tar member; that run's "
+    if len(spec.runs) > 1 and pc.count_distinct(keys).as_py() != sel.num_rows:   # shared key names: prefix the run
+        prefixes = pa.array([f"r{r:02d}_" for r in range(len(spec.runs))])
+        out_keys = pc.binary_join_element_wise(pc.take(prefixes, sel.column("run")), keys, "")
+    # the key becomes a member name of the output tar: it must not name a path (tars.unsafe_name)
+    suspect = pc.or_(pc.equal(pc.utf8_length(out_keys), 0), pc.match_substring_regex(out_keys, r"[/\\\x00-\x1f]|\.\."))
+    if pc.any(suspect).as_py():
+        k = pc.filter(out_keys, suspect)[0].as_py()
+        raise ConfigError(f"runs: the key {k!r} {tars.unsafe_name(k)}, so it cannot name a tar member; that run's "
                           f"annotations were not written by winnow curate")
-    sel = sel.append_column("out_partition", pa.array(np.arange(sel.num_rows) // spec.output.samples_per_shard))
-    sel = sel.append_column("out_key", pa.array(out_keys, pa.string()))
+    size = spec.output.samples_per_shard
+    sel = sel.append_column("out_partition", pa.array((np.arange(sel.num_rows) // size).astype(np.int32)))
+    sel = sel.append_column("out_key", pc.cast(out_keys, pa.string()))
     h = hashlib.sha256()
     for r in spec.runs:   # a re-curated source is a different selection
         for f in layout.annotation_files(r):
             h.update(f"{storage.absolute(f)}|{storage.stamp(f)}\n".encode())
-    h.update(f"{spec.output.samples_per_shard}\n".encode())
-    h.update(pc.binary_join_element_wise(pc.cast(sel.column("run"), pa.string()), sel.column(KEY), "|")
-             .to_numpy(zero_copy_only=False).astype(str).tobytes())
-    return Plan(sel, src.num_rows, thresholds, h.hexdigest()[:16])
+    h.update(f"{size}\n".encode())
+    return Plan(sel, n, thresholds, _digest(sel, h.digest()))
 
 
 def scan_members(tar_path: str, keys: set[str]) -> dict[str, list[tars.Member]]:
@@ -345,12 +411,12 @@ def finalize(spec: SelectSpec, p: Plan, started: float, copy_s: float) -> Select
     out = spec.output.path
     sdir = join(out, layout.SHARDS_DIR)
     names = [shards.shard_name(q) for q in sorted(p.counts)]
-    table = pa.concat_tables([layout.read_table(join(sdir, f"{n}.parquet")) for n in names],
-                             promote_options="permissive")
-    table = table.take(pc.sort_indices(table.column(KEY)))
-    if table.num_rows != p.table.num_rows or set(table.column(KEY).to_pylist()) != set(
-        p.table.column("out_key").to_pylist()
-    ):
+    # what reconciling needs, not the selection's whole annotation table
+    table = pa.concat_tables([layout.read_table(join(sdir, f"{n}.parquet"), [KEY, VIDEO_KEY, SOURCE_RUN], present=True)
+                              for n in names], promote_options="permissive")
+    planned = p.table.column("out_key")
+    if table.num_rows != p.table.num_rows or pc.count_distinct(table.column(KEY)).as_py() != table.num_rows \
+            or not pc.all(pc.is_in(table.column(KEY), value_set=planned)).as_py():
         raise RuntimeError(f"counts do not reconcile: planned {p.table.num_rows} samples, shards hold {table.num_rows}")
     # the per-shard tables are the selection's annotation table: no second copy is written
     if VIDEO_KEY in table.column_names:   # the source videos of the selected clips
