@@ -339,3 +339,42 @@ def test_the_plan_reads_file_by_file_and_matches_a_cut_of_the_whole_table(tmp_pa
     pq.write_table(pa.table({"run": pa.array([0, 0], pa.int32()), "key": [want[0][1], "0nokey"]}), man)
     with pytest.raises(ConfigError, match=r"1 of its 2 keys are not kept samples .* run\|key 0\|0nokey"):
         selection.plan(selection.parse({"runs": [run], "selection": man, "output": out}))
+
+
+def test_the_report_of_a_large_run_plots_a_sample_and_counts_every_row(tmp_path, monkeypatch):
+    """Past REPORT_ROWS the report reads a seeded uniform sample for its plots and examples, and
+    still counts every row: the funnel's kept / rejected and each reason are exact."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(5)
+    run = os.path.join(tmp_path, "big")
+    os.makedirs(os.path.join(run, "shards"))
+    reasons = ["too_small: 90x60", "duplicate", "decode_error: truncated file"]
+    want = {"kept": 0, "too_small": 0, "duplicate": 0, "decode_error": 0}
+    for p in range(3):
+        status = rng.choice(["kept", "rejected"], 400, p=[0.7, 0.3])
+        why = [reasons[int(rng.integers(3))] if s == "rejected" else None for s in status]
+        want["kept"] += int((status == "kept").sum())
+        for w in why:
+            if w:
+                want[w.split(":")[0]] += 1
+        pq.write_table(pa.table({"key": [f"{p}{k:05d}" for k in range(400)], "partition": [p] * 400,
+                                 "status": status, "reject_reason": why, "aesthetic_score": rng.normal(5, 1, 400),
+                                 "caption": [f"caption {p}-{k}" for k in range(400)]}),
+                       os.path.join(run, "shards", f"{p:05d}.parquet"))
+    table, counts = report.read_bounded(run, ["key", "status", "reject_reason", "aesthetic_score"], limit=300)
+    assert counts["rows"] == 1200 and counts["kept"] == want["kept"]
+    assert sum(c for r, c in counts["reasons"].items() if r.startswith("duplicate")) == want["duplicate"]
+    assert 240 <= table.num_rows <= 360                       # ~300 of 1,200, binomial spread
+    keys = table.column("key").to_pylist()
+    assert keys == sorted(keys)
+    again, _ = report.read_bounded(run, ["key"], limit=300)
+    assert again.column("key").to_pylist() == keys             # seeded: the same sample every time
+    monkeypatch.setattr(report, "REPORT_ROWS", 300)
+    monkeypatch.setattr(report.read_bounded, "__defaults__", (300, 0))
+    page = open(report.write(run, os.path.join(tmp_path, "r.html"))).read()
+    assert f"<b>{want['kept']:,}</b><span>kept" in page and "<b>1,200</b><span>inputs" in page
+    assert f"kept ({want['kept']:,})" in page
+    assert f"rejected: duplicate ({want['duplicate']:,})" in page
+    assert "from a uniform sample of" in page
+    assert sum(page.count(f"caption {p}-") for p in range(3)) == 8      # the examples' captions, read by key

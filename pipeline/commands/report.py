@@ -42,7 +42,7 @@ from pipeline.contract.schema import (
     VIDEO_EXTENSIONS,
     WIDTH,
 )
-from pipeline.contract.stage import reason_category, reason_counts
+from pipeline.contract.stage import reason_category
 
 TEXT_COLUMNS = (CAPTION, *CAPTION_COLUMNS, CAPTION_ISSUE, OCR_TEXT)   # read for the examples shown only
 NAME = "report"
@@ -144,6 +144,43 @@ def source_thumbnail(root: str | None, row: dict) -> Image.Image | None:
         return None
 
 
+REPORT_ROWS = 250_000     # a larger run's plots and examples come from a uniform sample of this many rows
+
+
+def _row_count(file: str) -> int:
+    import pyarrow.parquet as pq
+
+    if storage.is_url(file):
+        return layout.read_table(file, [KEY]).num_rows
+    return pq.ParquetFile(storage.local(file)).metadata.num_rows
+
+
+def read_bounded(run_dir: str, columns: list[str], limit: int = REPORT_ROWS, seed: int = 0) -> tuple[pa.Table, dict]:
+    """(rows, counts): the annotation table's ``columns`` sorted by key -- every row when the run
+    has at most ``limit``, else a seeded uniform sample of about ``limit`` rows, read file by file
+    -- and exact counts over every row: ``{"rows", "kept", "reasons"}``. The driver's memory then
+    stops growing with the run; the funnel's numbers stay exact."""
+    files = layout.annotation_files(run_dir)
+    total = sum(_row_count(f) for f in files)
+    share = 1.0 if total <= limit else limit / total
+    rng = np.random.default_rng(seed)
+    counts: dict = {"rows": 0, "kept": 0, "reasons": {}}
+    parts = []
+    for f in files:
+        t = layout.read_table(f, columns=columns, present=True)
+        counts["rows"] += t.num_rows
+        if STATUS in t.column_names:
+            kept = pc.equal(t.column(STATUS), KEPT)
+            counts["kept"] += int(pc.sum(kept).as_py() or 0)
+        if REJECT_REASON in t.column_names:
+            for item in pc.value_counts(t.column(REJECT_REASON)).to_pylist():
+                if item["values"]:
+                    counts["reasons"][item["values"]] = counts["reasons"].get(item["values"], 0) + item["counts"]
+        parts.append(t if share >= 1 else t.filter(pa.array(rng.random(t.num_rows) < share)))
+    table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    return (table.sort_by(KEY) if KEY in table.column_names else table), counts
+
+
 def _shown(path: str) -> str:
     """A run folder as the report names it: a URL as given, a local folder absolute."""
     return path if storage.is_url(path) else os.path.abspath(path)
@@ -158,7 +195,8 @@ class Report:
         # is read for the rows shown, one column at a time (bench/scale.py: the driver's memory)
         names = layout.annotation_columns(run_dir)
         self.text_columns = [c for c in names if c in TEXT_COLUMNS]
-        self.table = layout.read_annotations(run_dir, [c for c in names if c not in TEXT_COLUMNS])
+        self.table, self.counts = read_bounded(run_dir, [c for c in names if c not in TEXT_COLUMNS], seed=seed)
+        self.sampled = self.table.num_rows < self.counts["rows"]
         self.summary = self._json("summary.json") or {}
         self.spec_text = self._text("spec.yaml")
         self.kept = pc.equal(self.table.column(STATUS), KEPT).to_numpy(zero_copy_only=False)
@@ -170,11 +208,25 @@ class Report:
         """``column``'s values at ``rows`` (positions in the key-sorted table); a text column is read
         from the shard tables now, alone with the key."""
         idx = pa.array(np.asarray(rows, dtype=np.int64))
-        if column in self.text_columns:
-            return layout.read_annotations(self.dir, [KEY, column]).column(column).take(idx).to_pylist()
+        if column in self.text_columns:          # by key, file by file: the shown rows' text only
+            keys = self.table.column(KEY).take(idx)
+            found: dict = {}
+            for f in layout.annotation_files(self.dir):
+                t = layout.read_table(f, columns=[KEY, column], present=True)
+                if column in t.column_names:
+                    t = t.filter(pc.is_in(t.column(KEY), value_set=keys))
+                    found.update(zip(t.column(KEY).to_pylist(), t.column(column).to_pylist(), strict=True))
+            return [found.get(k) for k in keys.to_pylist()]
         if column not in self.table.column_names:
             return [None] * len(idx)
         return self.table.column(column).take(idx).to_pylist()
+
+    def _reason_counts(self) -> dict[str, int]:
+        """Rejected rows per reason category over every row (not the sample), most frequent first."""
+        cats: dict[str, int] = {}
+        for r, c in self.counts["reasons"].items():
+            cats[reason_category(r)] = cats.get(reason_category(r), 0) + c
+        return dict(sorted(cats.items(), key=lambda kv: -kv[1]))
 
     def _json(self, name: str):
         text = self._text(name)
@@ -201,10 +253,10 @@ class Report:
 
     # ---- sections -------------------------------------------------------------------------
     def funnel(self) -> str:
-        n, kept = self.table.num_rows, int(self.kept.sum())
+        n, kept = self.counts["rows"], self.counts["kept"]
         reasons = self.summary.get("reasons") or {}
         if not reasons:
-            reasons = reason_counts(r for r in self._at(REJECT_REASON, np.flatnonzero(~self.kept)) if r)
+            reasons = self._reason_counts()
         unit = "clips" if self.is_video else "samples"
         if self.is_selection:
             cards = [("source kept", self.summary.get("source_kept", n)), ("selected", n),
@@ -286,7 +338,11 @@ class Report:
         for ax in axes.ravel()[len(series):]:
             ax.axis("off")
         fig.tight_layout()
-        table = ("<table><tr><th>kept rows</th><th class=n>scored</th><th class=n>min</th><th class=n>p12.5</th>"
+        sampled = (f"<p class=note>Histograms and quantiles from a uniform sample of {self.table.num_rows:,} of the "
+                   f"run's {self.counts['rows']:,} rows (the driver's memory stays bounded; the funnel counts every "
+                   f"row).</p>") if self.sampled else ""
+        table = sampled + ("<table><tr><th>kept rows</th><th class=n>scored</th><th class=n>min</th>"
+                           "<th class=n>p12.5</th>"
                  "<th class=n>p25</th><th class=n>median</th><th class=n>p75</th><th class=n>max</th></tr>"
                  + "".join(rows) + "</table><p class=note>The p12.5 / p25 / median columns are the thresholds that "
                  "drop SVD's bottom 12.5 / 25 / 50 % (winnow sweep explores them).</p>")
@@ -331,7 +387,7 @@ class Report:
 
     def throughput(self) -> str:
         s = self.summary
-        n = self.table.num_rows
+        n = self.counts["rows"]
         out = []
         stage = s.get("stage_seconds") or {}
         if stage:
@@ -380,7 +436,7 @@ class Report:
         out = []
         try:
             kept_idx = self._pick(np.flatnonzero(self.kept))
-            out.append(f"<h3>kept ({int(self.kept.sum()):,})</h3><div class=grid>")
+            out.append(f"<h3>kept ({self.counts['kept']:,})</h3><div class=grid>")
             keys, parts = self._at(KEY, kept_idx), self._at(PARTITION, kept_idx)
             caption = self._at(CAPTION, kept_idx) if CAPTION in self.text_columns else None
             synthetic = {c[len("caption_"):]: self._at(c, kept_idx) for c in CAPTION_COLUMNS if c in self.text_columns}
@@ -396,8 +452,9 @@ class Report:
             for i, r in zip(rejected, self._at(REJECT_REASON, rejected), strict=True):
                 if r:
                     cats.setdefault(reason_category(r), []).append(int(i))
-            for cat, idx in sorted(cats.items(), key=lambda kv: -len(kv[1])):
-                out.append(f"<h3>rejected: {html.escape(cat)} ({len(idx):,})</h3><div class=grid>")
+            exact = self._reason_counts()
+            for cat, idx in sorted(cats.items(), key=lambda kv: -exact.get(kv[0], len(kv[1]))):
+                out.append(f"<h3>rejected: {html.escape(cat)} ({exact.get(cat, len(idx)):,})</h3><div class=grid>")
                 for i in self._pick(np.asarray(idx)):
                     row = self.table.slice(int(i), 1).to_pylist()[0]
                     im = source_thumbnail(self.input_root, row) or _placeholder(row[REJECT_REASON] or cat)
