@@ -67,6 +67,31 @@ def make_run(root: str, n: int, seed: int = 0) -> str:
     return run
 
 
+def make_input(root: str, n: int, seed: int = 0) -> str:
+    """A LAION-style parquet of ``n`` rows for ``curate``: 1 % name one of 64 real JPEGs (small,
+    each different), 9 % an https URL (rejected while planning: winnow does not download), 90 % a
+    file that is not there (rejected when loaded). Returns the parquet's path."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder = os.path.join(root, f"input_{n}")
+    images = os.path.join(folder, "images")
+    os.makedirs(images, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(os.path.join(images, f"{i}.jpg"))
+    kind = rng.random(n)
+    idx = np.arange(n)
+    path = np.where(kind < 0.01, np.char.add(np.char.add("images/", (idx % 64).astype(str)), ".jpg"),
+                    np.where(kind < 0.10, np.char.add("https://example.com/", idx.astype(str)),
+                             np.char.add("images/missing_", idx.astype(str))))
+    pq.write_table(pa.table({"path": path.astype(object), "caption": np.char.add("photo ", idx.astype(str))}),
+                   os.path.join(folder, "meta.parquet"))
+    return os.path.join(folder, "meta.parquet")
+
+
 def step(name: str, run: str, out: str) -> dict:
     """Run one step in this process (called in a child); returns its seconds, peak RSS, and how much
     the peak grew over the process after its imports."""
@@ -85,6 +110,21 @@ def step(name: str, run: str, out: str) -> dict:
     elif name == "report":
         os.makedirs(out, exist_ok=True)
         report.write(run, os.path.join(out, "report.html"))
+    elif name == "curate":      # run: the input parquet; the driver is this process, Ray's workers report theirs
+        from pipeline.commands import curate, curate_spec
+
+        result = curate.run(curate_spec.parse({"input": {"path": run, "format": "laion_parquet"},
+                                               "output": {"path": out, "samples_per_shard": 100_000, "report": False},
+                                               "stages": [{"name": "decode", "max_side": 128},
+                                                          {"name": "phash_dedup"}]}), log=None)
+        seconds = time.perf_counter() - t
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        import ray
+
+        ray.shutdown()
+        return {"seconds": seconds, "peak_mb": peak / 1024, "grew_mb": (peak - base) / 1024,
+                "phases": result.phases, "kept": result.kept, "rejected": result.rejected,
+                "worker_rss_mb": result.stage_rss_mb}
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": seconds, "peak_mb": peak / 1024, "grew_mb": (peak - base) / 1024}
@@ -93,7 +133,9 @@ def step(name: str, run: str, out: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--steps", nargs="+", default=["sweep", "select_plan", "report"])
+    ap.add_argument("--steps", nargs="+", default=["sweep", "select_plan", "report"],
+                    help="sweep, select_plan, report (on annotation tables), curate (a LAION-style parquet through "
+                         "plan, annotate, dedup and shard writing on a local Ray)")
     ap.add_argument("--keep", help="make the runs here and keep them")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -105,13 +147,15 @@ def main() -> int:
         rows = []
         for n in args.sizes:
             t = time.perf_counter()
-            run = make_run(root, n)
-            print(f"{n:>10,} rows: run folder made in {time.perf_counter() - t:.1f} s", flush=True)
+            tables = [s for s in args.steps if s != "curate"]
+            run = make_run(root, n) if tables else None
+            inp = make_input(root, n) if "curate" in args.steps else None
+            print(f"{n:>10,} rows: inputs made in {time.perf_counter() - t:.1f} s", flush=True)
             for name in args.steps:
                 out = os.path.join(root, f"{name}_{n}")
                 shutil.rmtree(out, ignore_errors=True)
-                res = subprocess.run([sys.executable, __file__, "--child", name, run, out], capture_output=True,
-                                     text=True, cwd=ROOT)
+                res = subprocess.run([sys.executable, __file__, "--child", name, inp if name == "curate" else run, out],
+                                     capture_output=True, text=True, cwd=ROOT)
                 if res.returncode:
                     print(res.stderr[-2000:])
                     return 1
@@ -120,6 +164,10 @@ def main() -> int:
                 print(f"  {name:<12} {r['seconds']:8.2f} s  {1e6 * r['seconds'] / n:8.2f} us/row  peak "
                       f"{r['peak_mb']:7.0f} MB  grew {r['grew_mb']:7.0f} MB ({r['grew_mb'] * 2 ** 20 / n:6.0f} B/row)",
                       flush=True)
+                if name == "curate":
+                    print(f"      kept {r['kept']:,}, rejected {r['rejected']:,}; phases "
+                          f"{ {k: round(v, 2) for k, v in r['phases'].items()} }; worker peak RSS "
+                          f"{ {k: round(v) for k, v in r['worker_rss_mb'].items()} } MB", flush=True)
         print("marginal cost between sizes (the goal: time per row flat within 2x; <= 100 B/row of memory):")
         for name in args.steps:
             mine = [r for r in rows if r["step"] == name]
