@@ -9,6 +9,7 @@ so they are stable across re-runs of the same input.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import posixpath
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.contract import storage
@@ -319,7 +321,26 @@ def _pick(columns: list[str], wanted: str, candidates: tuple[str, ...], what: st
     return None
 
 
-def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
+PLAN_CHUNK = 65_536     # rows classified at a time: the driver never holds a Python object per input row
+
+
+def _classify_column(refs: pa.ChunkedArray, base: str, spec: InputSpec) -> tuple[pa.Array, pa.Array]:
+    """(ref_path, plan_error) of every row, ``classify_ref`` chunk by chunk."""
+    paths: list[pa.Array] = []
+    errors: list[pa.Array] = []
+    for start in range(0, len(refs), PLAN_CHUNK):
+        out = [classify_ref(r, base, spec.protocols, spec.allow_outside_base)
+               for r in refs.slice(start, PLAN_CHUNK).to_pylist()]
+        paths.append(pa.array([p for p, _ in out], pa.string()))
+        errors.append(pa.array([e for _, e in out], pa.string()))
+    if not paths:
+        return pa.array([], pa.string()), pa.array([], pa.string())
+    return pa.concat_arrays(paths), pa.concat_arrays(errors)
+
+
+def plan_parquet(spec: InputSpec, samples_per_shard: int) -> pa.Table:
+    """The rows of a parquet of paths (LAION metadata, a list of videos), as columns: Arrow holds
+    them (tens of bytes a row); no Python dict per row (bench/scale.py's curate step)."""
     path = spec.path
     if storage.isdir(path):
         files = storage.find(path, ".parquet")
@@ -327,7 +348,7 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
         files = [path]
     if not files:
         raise ConfigError(f"input.path {path!r}: no .parquet files found")
-    rows: list[dict] = []
+    tables: list[pa.Table] = []
     for f in files:
         try:
             table = read_table(f)
@@ -348,33 +369,67 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> list[dict]:
         if missing:
             raise ConfigError(f"input.keep_columns: {missing} not in {f} (columns: {', '.join(cols)})")
         base = spec.base_dir or (posixpath.dirname(f) if is_remote(f) else os.path.dirname(os.path.abspath(f)))
-        data = table.select(list(dict.fromkeys([path_col] + ([cap_col] if cap_col else []) + carry))).to_pylist()
-        for rec in data:
-            ref = rec.get(path_col)
-            row = {SOURCE: os.path.basename(f), REF_OFFSET: -1, REF_SIZE: -1, CAPTION_REF: None,
-                   CAPTION: rec.get(cap_col) if cap_col else None}
-            for c in carry:
-                row[c] = rec.get(c)
-            if path_col.lower() == "url":
-                row["url"] = ref
-            row[REF_PATH], row[PLAN_ERROR] = classify_ref(ref, base, spec.protocols, spec.allow_outside_base)
-            rows.append(row)
+        n = table.num_rows
+        refs = table.column(path_col)
+        if not pa.types.is_string(refs.type) and not pa.types.is_large_string(refs.type):
+            refs = pa.chunked_array([pa.array([r if isinstance(r, str) else None for r in refs.to_pylist()],
+                                              pa.string())])       # not text: an empty path per row
+        ref_path, plan_error = _classify_column(refs, base, spec)
+        caption = _text_column(table.column(cap_col)) if cap_col else pa.nulls(n, pa.string())
+        out = {SOURCE: pa.array([os.path.basename(f)], pa.string()).take(pa.array(np.zeros(n, np.int64))),
+               REF_OFFSET: pa.array(np.full(n, -1, np.int64)), REF_SIZE: pa.array(np.full(n, -1, np.int64)),
+               CAPTION_REF: pa.nulls(n, pa.string()), CAPTION: caption}
+        for c in carry:
+            out[c] = table.column(c)
+        if path_col.lower() == "url":
+            out["url"] = refs
+        out[REF_PATH], out[PLAN_ERROR] = ref_path, plan_error
+        tables.append(pa.table(out))
+    rows = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     _check_base(spec, rows)
-    return _assign(rows, samples_per_shard)
+    return _assign_table(rows, samples_per_shard)
 
 
-def _check_base(spec: InputSpec, rows: list[dict]) -> None:
+def _text_column(col: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """A caption column as text: strings as they are; anything else (numbers, bytes that are not
+    UTF-8) as text where it is text, else null."""
+    try:
+        return pc.cast(col, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.array([v if isinstance(v, str) else None for v in col.to_pylist()], pa.string())
+
+
+def _assign_table(table: pa.Table, samples_per_shard: int) -> pa.Table:
+    """``_assign`` on a table: partition and key from the row number, in Arrow."""
+    width = _key_width([], samples_per_shard)
+    part, j = np.divmod(np.arange(table.num_rows, dtype=np.int64), samples_per_shard)
+    pad = pc.utf8_lpad
+    key = pc.binary_join_element_wise(pad(pc.cast(pa.array(part), pa.string()), 5, "0"),
+                                      pad(pc.cast(pa.array(j), pa.string()), width, "0"), "")
+    return table.append_column(PARTITION, pa.array(part)).append_column(KEY, key)
+
+
+def _check_base(spec: InputSpec, rows: pa.Table) -> None:
     """A parquet whose local paths *all* lie outside the allowed folder is a config mistake (LAION
     metadata in one folder, images in a sibling), not a file of hostile rows: say so before Ray starts."""
     root = spec.policy().root
     if root is None or spec.allow_outside_base:
         return
     roots = {os.path.realpath(root), os.path.normpath(os.path.abspath(root))}   # before / after symlinks
-    local = [r[REF_PATH] for r in rows if not r.get(PLAN_ERROR) and r[REF_PATH] and not is_remote(r[REF_PATH])]
-    if local and not any(is_inside(os.path.normpath(p), r) for p in local for r in roots):
-        raise ConfigError(f"input: all {len(local)} local paths in {spec.path!r} lie outside {root} (first: "
-                          f"{local[0]}); set input.base_dir to a folder that holds the images (paths resolve "
-                          f"under it), or input.allow_outside_base: true")
+    usable = rows.filter(pc.and_(pc.is_null(rows.column(PLAN_ERROR)), pc.is_valid(rows.column(REF_PATH))))
+    local = (p for p in usable.column(REF_PATH).to_pylist() if p and not is_remote(p))
+    first = next(local, None)
+    if first is None:
+        return
+    local = itertools.chain([first], local)
+    count = 0
+    for p in local:
+        count += 1
+        if any(is_inside(os.path.normpath(p), r) for r in roots):
+            return
+    raise ConfigError(f"input: all {count} local paths in {spec.path!r} lie outside {root} (first: "
+                      f"{first}); set input.base_dir to a folder that holds the images (paths resolve "
+                      f"under it), or input.allow_outside_base: true")
 
 
 def list_tars(spec: InputSpec) -> list[str]:
@@ -508,15 +563,21 @@ def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) ->
         rows = plan_parquet(spec, samples_per_shard)
     else:
         rows = plan_webdataset(spec, samples_per_shard)
-    if not rows:
+    if (rows.num_rows if isinstance(rows, pa.Table) else len(rows)) == 0:
         raise ConfigError(f"input.path {spec.path!r}: found no samples to curate")
-    names = dict.fromkeys([PLAN_ERROR, CAPTION, JSON_REF])
-    for r in rows:                   # Arrow takes the schema from the first row: give every row every column
-        names.update(dict.fromkeys(r))
-    for r in rows:
-        for c in names:
-            r.setdefault(c, None)
-    table = pa.Table.from_pylist(rows)
+    if isinstance(rows, pa.Table):
+        table = rows
+        for c in (PLAN_ERROR, CAPTION, JSON_REF):
+            if c not in table.column_names:
+                table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
+    else:
+        names = dict.fromkeys([PLAN_ERROR, CAPTION, JSON_REF])
+        for r in rows:               # Arrow takes the schema from the first row: give every row every column
+            names.update(dict.fromkeys(r))
+        for r in rows:
+            for c in names:
+                r.setdefault(c, None)
+        table = pa.Table.from_pylist(rows)
     parts = table.column(PARTITION).to_numpy()
     uniq, cnt = np.unique(parts, return_counts=True)
     return Plan(

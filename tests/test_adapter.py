@@ -210,3 +210,17 @@ def test_stage_metrics_are_ray_metrics_in_a_worker_and_nothing_outside(ray_local
     kinds, names = ray.get(record.remote())
     assert kinds == ["Counter", "Counter", "Gauge"]
     assert names == ["winnow_stage_rows_total", "winnow_stage_seconds_total", "winnow_stage_worker_rss_mb"]
+
+
+def test_a_large_plan_gets_larger_blocks_not_more_of_them(monkeypatch):
+    import pyarrow as pa
+
+    from pipeline.commands import curate
+
+    table = pa.table({"key": [f"{i:06d}" for i in range(10_000)]})
+    monkeypatch.setattr(curate, "MAX_BLOCKS", 100)
+    blocks = curate._blocks(table, 32)
+    assert len(blocks) == 100 and {b.num_rows for b in blocks} == {100}
+    assert pa.concat_tables(blocks).column("key").to_pylist() == table.column("key").to_pylist()
+    assert len(curate._blocks(table.slice(0, 1000), 32)) == 32          # small plans keep block_rows
+    assert len(curate._blocks(table, 1, cap=False)) == 10_000           # a video's own block (fan-out)

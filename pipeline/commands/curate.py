@@ -99,7 +99,15 @@ def init_ray(spec: CurateSpec) -> adapter.Shape:
     return adapter.cluster_shape()
 
 
-def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+MAX_BLOCKS = 4096   # a larger plan gets larger blocks: a Ray task costs ~10 ms and a ref, whatever its rows
+
+
+def _blocks(table: pa.Table, rows: int, cap: bool = True) -> list[pa.Table]:
+    """The plan cut into blocks of ``rows`` (``ray.block_rows``), or (``cap``) into ``MAX_BLOCKS``
+    blocks when that is fewer: the stages still see batches of their own size inside a block, while
+    per-task overhead and the driver's refs stop growing with the input (bench/scale.py, curate)."""
+    if cap:
+        rows = max(rows, -(-table.num_rows // MAX_BLOCKS))
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
@@ -122,7 +130,7 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, shape: adapter.Shap
     steps = steps_of(spec)
     job = adapter.plan_job(steps, shape)
     # fan-out: one block per input (its rows fan out from there: a video's windows, then clips)
-    ds = adapter.from_blocks(_blocks(pending, 1 if fan else spec.ray.block_rows))
+    ds = adapter.from_blocks(_blocks(pending, 1, cap=False) if fan else _blocks(pending, spec.ray.block_rows))
     writer = shards.FragmentWriter(work, skip_keys)
     # runs of task stages become one function each (adapter.TimedChain); model stages, actor pools
     groups = [(stateful, list(g)) for stateful, g in itertools.groupby(steps, key=lambda s: s[1].stateful)]
@@ -308,18 +316,21 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
         adapter.check_resources(registry.get(st.name), shape.cpus, shape.gpus, st.config)
     t = time.time()
     finished_parts = {p for p in job.counts if p in done}
-    keys = job.table.column(KEY).to_pylist()
-    parts = job.table.column(PARTITION).to_pylist()
+    # what is left, in Arrow: no Python object per input row on the driver (bench/scale.py, curate)
+    key_type, part_type = job.table.schema.field(KEY).type, job.table.schema.field(PARTITION).type
+    unfinished_rows = pc.invert(pc.is_in(job.table.column(PARTITION),
+                                         value_set=pa.array(sorted(finished_parts), part_type)))
     if spec.is_video:
         fan = spec.fan_out
         have, done_videos = fan.progress(shards.read_fragments(shards.fragment_files(work), fan.progress_columns))
-        mask = [k not in done_videos and p not in finished_parts for k, p in zip(keys, parts, strict=True)]
+        done_set = done_videos
         unit = "videos"
     else:
         have = shards.done_keys(work)
-        mask = [k not in have and p not in finished_parts for k, p in zip(keys, parts, strict=True)]
+        done_set = have
         unit = "samples"
-    pending = job.table.filter(pa.array(mask))
+    left = pc.invert(pc.is_in(job.table.column(KEY), value_set=pa.array(sorted(done_set), key_type)))
+    pending = job.table.filter(pc.and_(left, unfinished_rows))
     if log is not None and (have or finished_parts):
         print(f"resuming: {len(have)} rows annotated and {len(finished_parts)} shards written by an earlier run; "
               f"{pending.num_rows} {unit} left", file=log)
@@ -327,9 +338,10 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
         annotate(spec, pending, work, shape, log, frozenset(have) if spec.is_video else frozenset(), trace)
     phases["annotate"] = round(time.time() - t, 3)
     counts = job.counts
-    if spec.is_video:   # a video's clip count is known only now
+    if spec.is_video:   # a video's clip count is known only now (videos are few: lists will do)
         table = shards.read_fragments(shards.fragment_files(work), fan.progress_columns)
         _, done_videos = fan.progress(table)
+        keys, parts = job.table.column(KEY).to_pylist(), job.table.column(PARTITION).to_pylist()
         missing = [k for k, p in zip(keys, parts, strict=True) if k not in done_videos and p not in finished_parts]
         if missing:
             raise RuntimeError(
@@ -344,9 +356,16 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
     decisions = reduce_stages(spec, work, phases) if unfinished else {}
     phases["reduce"] = round(time.time() - t, 3)
     t = time.time()
-    write_shards(spec, counts, work, decisions, log, dict(zip(keys, parts, strict=True)) if decisions else None)
+    write_shards(spec, counts, work, decisions, log, _partitions_of(job.table, decisions, spec) if decisions else None)
     phases["shards"] = round(time.time() - t, 3)
     return finalize(spec, job, started, phases)
+
+
+def _partitions_of(table: pa.Table, decisions: dict, spec: CurateSpec) -> dict[str, int]:
+    """plan key -> partition for the keys a reduction decided on (a clip's: its video's), not for every row."""
+    wanted = {spec.fan_out.input_key(k) for k in decisions} if spec.fan_out else set(decisions)
+    hit = table.filter(pc.is_in(table.column(KEY), value_set=pa.array(sorted(wanted), table.schema.field(KEY).type)))
+    return dict(zip(hit.column(KEY).to_pylist(), hit.column(PARTITION).to_pylist(), strict=True))
 
 
 def plan(spec: CurateSpec) -> readers.Plan:
