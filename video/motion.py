@@ -42,8 +42,9 @@ class MotionConfig:
     preset: str = option("fast", "DIS preset: ultrafast, fast or medium")
     method: Literal["dis", "farneback"] = option("dis", "optical flow: dis (Kroeger et al., 2016) or farneback "
                                                  "(Farneback, 2003; what the SVD paper used at 2 fps)")
-    fast_decode: bool = option(True, "where this stage decodes the clip itself (a clips stage earlier in the same "
-                               "run hands it its frames instead): decode only reference frames, without deblocking "
+    fast_decode: bool = option(True, "where this stage decodes the clip itself (the clips stage hands the first "
+                               "motion stage its frames; a second one with another rate or width decodes): decode "
+                               "only reference frames, without deblocking "
                                "(the 2 fps samples take the nearest decoded frame and its timestamp): 1.3-1.8x "
                                "faster, the bench's thresholds hold")
 
