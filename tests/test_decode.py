@@ -132,3 +132,60 @@ def test_the_fast_path_keeps_the_full_decodes_size_and_40_db(tmp_path):
             mse = np.mean((np.asarray(got, np.float64) - np.asarray(ref, np.float64)) ** 2)
             worst = min(worst, 99.0 if mse == 0 else 10 * np.log10(255 ** 2 / mse))
     assert worst >= 40.0
+
+
+def _gradient_jpeg(mode: str, orientation: int = 1, w: int = 900, h: int = 600, **kw) -> bytes:
+    """A JPEG whose every pixel is told apart by its position (so a wrong rotation or flip shows),
+    with noise (so the shrink's filter matters), carrying EXIF ``orientation``."""
+    y, x = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(orientation).normal(0, 12, (h, w, 3))
+    arr = np.clip(np.stack([x * 255 / w, y * 255 / h, (x + y) % 256], -1) + noise, 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return jpeg(Image.fromarray(arr).convert(mode), quality=92, exif=exif.tobytes(), **kw)
+
+
+@pytest.mark.parametrize("resample", ["gaussian", "area"])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_direct_jpeg_decode_gives_pillows_pixels_in_every_orientation(monkeypatch, mode, resample):
+    """Baseline JPEGs decode with OpenCV straight into the array that is shrunk, and rotate after the
+    shrink; the same DCT scale, filter and EXIF orientation through Pillow give the same pixels (both
+    wheels carry libjpeg-turbo; 2 levels allow for an IDCT rounding of 1 between two builds)."""
+    import curation.decode as decode
+
+    for orientation in range(1, 9):
+        data = _gradient_jpeg(mode, orientation)
+        for max_side in (256, 600):                   # DCT scale 1/2, and 1 (a shrink by 1.5)
+            cfg = DecodeConfig(max_side=max_side, resample=resample)
+            with Image.open(io.BytesIO(data)) as probe:
+                assert decode._direct_jpeg(probe, cfg)
+            fast, w, h = decode_image(data, cfg)
+            with monkeypatch.context() as m:
+                m.setattr(decode, "_direct_jpeg", lambda img, cfg: False)
+                slow, sw, sh = decode_image(data, cfg)
+            assert (w, h) == (sw, sh) == ((600, 900) if orientation >= 5 else (900, 600))
+            assert fast.mode == slow.mode == "RGB" and fast.size == slow.size == capped_size(w, h, max_side)
+            diff = np.abs(np.asarray(fast, np.int16) - np.asarray(slow, np.int16))
+            assert diff.max() <= 2, (orientation, max_side)
+
+
+def test_jpegs_the_direct_path_leaves_to_pillow():
+    """Progressive JPEGs (Pillow feeds them in steps that ``max_seconds`` can stop), CMYK and the PIL
+    filters stay on Pillow's path; a truncated baseline JPEG, which OpenCV declines, still ends as
+    Pillow's truncated-file reject."""
+    import curation.decode as decode
+
+    def direct(data, **cfg):
+        with Image.open(io.BytesIO(data)) as img:
+            return decode._direct_jpeg(img, DecodeConfig(**cfg))
+
+    baseline = _gradient_jpeg("RGB")
+    assert direct(baseline) and direct(baseline, resample="area")
+    assert not direct(baseline, resample="bicubic") and not direct(baseline, fast_jpeg=False)
+    assert not direct(_gradient_jpeg("RGB", progressive=True))
+    cmyk = jpeg(Image.new("CMYK", (64, 48), (0, 255, 255, 0)))
+    assert not direct(cmyk)
+    assert decode_image(cmyk, DecodeConfig())[0].getpixel((0, 0))[0] > 200
+    out = run([baseline[: len(baseline) // 2], baseline])
+    assert out["reject_reason"][0].startswith("decode_error: truncated file")
+    assert out["reject_reason"][1] is None and out["stored_width"][1] == 900

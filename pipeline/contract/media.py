@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # winnow enforces its own caps from the header (below); PIL's global guard would raise before a
@@ -105,6 +106,28 @@ def open_image(source, limits: MediaLimits = LIMITS,
         img.close()
         raise
     return img
+
+
+# OpenCV's imdecode flags for libjpeg's DCT scales 1, 1/2, 1/4, 1/8 (the ones PIL's draft picks)
+_CV_SCALE = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def decode_jpeg_scaled(data: bytes, img: Image.Image, full_width: int):
+    """The pixels of ``img``, a JPEG that ``open_image`` opened, checked and drafted from ``data``,
+    decoded by OpenCV's libjpeg-turbo at the same DCT scale straight into a BGR (H, W, 3) uint8
+    array (grey comes out as three equal planes), EXIF orientation not applied. None where the draft
+    is not one of libjpeg's scales, or where OpenCV declines: a truncated file is libjpeg's error
+    there, never a grey-filled image, so the caller's Pillow path gives the reject reason. The
+    size is the checked one: OpenCV allocates exactly the drafted image."""
+    import cv2
+
+    scale = max(1, round(full_width / img.width))
+    if scale not in _CV_SCALE or -(-full_width // scale) != img.width:
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), getattr(cv2, _CV_SCALE[scale]) | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None or arr.ndim != 3 or arr.shape[:2] != (img.height, img.width):
+        return None
+    return arr
 
 
 def open_video(source, limits: MediaLimits = VIDEO):
