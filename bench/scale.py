@@ -67,6 +67,32 @@ def make_run(root: str, n: int, seed: int = 0) -> str:
     return run
 
 
+def make_tars(run: str) -> None:
+    """Beside each shard table, the shard's tar: one small JPEG member per kept row (the training
+    index reads the tar headers and the table, never the pixels), as ``winnow curate`` writes them."""
+    import io
+    import tarfile
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.contract import layout
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 80, 40)).save(buf, "JPEG")
+    data = buf.getvalue()
+    shards = os.path.join(run, layout.SHARDS_DIR)
+    for name in sorted(f for f in os.listdir(shards) if f.endswith(".parquet")):
+        t = pq.read_table(os.path.join(shards, name), columns=["key", "status"])
+        tar_path = os.path.join(shards, name[:-len(".parquet")] + ".tar")
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, status in zip(t.column("key").to_pylist(), t.column("status").to_pylist(), strict=True):
+                if status == "kept":
+                    info = tarfile.TarInfo(f"{key}.jpg")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
 def make_input(root: str, n: int, seed: int = 0) -> str:
     """A LAION-style parquet of ``n`` rows for ``curate``: 1 % name one of 64 real JPEGs (small,
     each different), 9 % an https URL (rejected while planning: winnow does not download), 90 % a
@@ -97,6 +123,8 @@ def step(name: str, run: str, out: str) -> dict:
     the peak grew over the process after its imports."""
     from pipeline.commands import report, select, sweep
 
+    if name == "train_index":
+        import training.loader  # noqa: F401 - torch and the loader imported before the baseline is taken
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if name == "sweep":
@@ -107,6 +135,17 @@ def step(name: str, run: str, out: str) -> dict:
     elif name == "select_plan":
         select.plan(select.parse({"runs": [run], "output": {"path": out},
                                   "filters": [{"column": "aesthetic_score", "drop_fractions": [0.5]}]}))
+    elif name == "train_index":   # one process: the per-shard tasks' work and the driver's table together
+        from training.index import build_index
+
+        os.makedirs(out, exist_ok=True)
+        table, _ = build_index(run, out)
+        from training.index import Strings
+        from training.loader import SampleReader  # what each training worker holds per index row
+
+        reader, captions = SampleReader(table), Strings(table.column("caption"))
+        assert reader.read(table.num_rows - 1)[:2] == b"\xff\xd8" and captions[0] is not None
+        reader.close()
     elif name == "report":
         os.makedirs(out, exist_ok=True)
         report.write(run, os.path.join(out, "report.html"))
@@ -134,7 +173,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--steps", nargs="+", default=["sweep", "select_plan", "report"],
-                    help="sweep, select_plan, report (on annotation tables), curate (a LAION-style parquet through "
+                    help="sweep, select_plan, report (on annotation tables), train_index (the tables plus a tar "
+                         "of tiny JPEGs per shard: the training index built in one process, and a training worker's "
+                         "sample reader and captions over it), curate (a LAION-style parquet through "
                          "plan, annotate, dedup and shard writing on a local Ray)")
     ap.add_argument("--keep", help="make the runs here and keep them")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -149,6 +190,8 @@ def main() -> int:
             t = time.perf_counter()
             tables = [s for s in args.steps if s != "curate"]
             run = make_run(root, n) if tables else None
+            if "train_index" in args.steps:
+                make_tars(run)
             inp = make_input(root, n) if "curate" in args.steps else None
             print(f"{n:>10,} rows: inputs made in {time.perf_counter() - t:.1f} s", flush=True)
             for name in args.steps:

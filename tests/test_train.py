@@ -85,6 +85,23 @@ def test_index_reads_every_kept_image_by_offset(ray_local, shards, tmp_path):
     assert again.equals(index) and os.path.getmtime(where) == mtime     # cached, not rebuilt
 
 
+def test_index_strings_read_by_row_without_a_list():
+    """The loader's view of the index's string columns: shard paths as codes into their distinct
+    values (chunks with different dictionaries, nulls), captions and keys from the Arrow array; each
+    row reads back exactly what the column holds."""
+    import pyarrow as pa
+
+    from training.index import Strings
+
+    shard = pa.chunked_array([["s/b.tar", "s/a.tar", "s/b.tar"], ["s/c.tar", "s/a.tar"]])
+    paths = Strings(shard, dictionary=True)
+    assert [paths[i] for i in range(len(paths))] == shard.to_pylist()
+    assert paths.distinct() == ["s/b.tar", "s/a.tar", "s/c.tar"] and paths.codes.dtype == np.int32
+    caption = pa.chunked_array([["a cat", None], ["", "ünïcode 字"]])
+    text = Strings(caption)
+    assert [text[np.int64(i)] for i in range(4)] == ["a cat", None, "", "ünïcode 字"] and len(text) == 4
+
+
 def test_index_rebuilds_when_shards_change(ray_local, shards, tmp_path):
     import shutil
 

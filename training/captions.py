@@ -69,9 +69,11 @@ class CaptionMix:
         self.cumulative = np.cumsum([mix[c] / total for c in self.columns])
         self.fallback = [ALIASES.get(f, f) for f in fallback]
         names = set(self.columns) | set(self.fallback)
-        self.text = {c: index.column(c).to_pylist() if c in index.column_names else [None] * index.num_rows
-                     for c in names}
-        self.keys = index.column("key").to_pylist()
+        from training.index import Strings
+
+        empty = pa.nulls(index.num_rows, pa.string())
+        self.text = {c: Strings(index.column(c) if c in index.column_names else empty) for c in names}
+        self.keys = Strings(index.column("key"))
         self.seed = seed
 
     @classmethod

@@ -49,6 +49,38 @@ SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("offset", pa.
                     ("original_width", pa.int64()), ("original_height", pa.int64()), *SYNTHETIC])
 
 
+class Strings:
+    """A string column of the training index read by row number without a Python object per row:
+    a column of few distinct values (the shard paths) as int32 codes into its distinct values,
+    any other (captions, keys) as its Arrow array, one ``as_py`` per read. At 10^7 rows a list
+    would hold ~10^7 str objects (~60-100 bytes each) in every training worker (bench/scale.py)."""
+
+    def __init__(self, column, dictionary: bool = False):
+        import pyarrow.compute as pc
+
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        self.values: list | None = None
+        if dictionary:
+            encoded = pc.dictionary_encode(array)
+            self.values = encoded.dictionary.to_pylist()
+            self.codes = encoded.indices.to_numpy(zero_copy_only=False)
+        else:
+            self.array = array
+
+    def __len__(self) -> int:
+        return len(self.codes) if self.values is not None else len(self.array)
+
+    def __getitem__(self, i: int):
+        if self.values is not None:
+            return self.values[self.codes[i]]
+        return self.array[int(i)].as_py()
+
+    def distinct(self) -> list:
+        """The distinct values, in order of first appearance (dictionary columns only)."""
+        return list(self.values)
+
+
+
 def shard_dir(path: str) -> str:
     """A run folder (with ``shards/``) or a shards folder itself."""
     sub = storage.join(path, layout.SHARDS_DIR)

@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.contract import storage
 from pipeline.contract.media import open_image
 from training.buckets import Bucket, plan_crop
+from training.index import Strings
 from training.objectives import sdxl_time_ids
 from training.schedule import Cursor, Schedule, rank_slice, seeded_rng
 
@@ -58,11 +59,11 @@ class SampleReader:
     stays one range request. The copies are removed by ``close``."""
 
     def __init__(self, index: pa.Table, io_threads: int = 16, copy_bytes: int = 0, copy_threads: int = 4):
-        self.shard = index.column("shard").to_pylist()
+        self.shard = Strings(index.column("shard"), dictionary=True)
         self.offset = index.column("offset").to_numpy()
         self.size = index.column("size").to_numpy()
         self._local = threading.local()
-        remote = any(storage.is_url(s) for s in dict.fromkeys(self.shard))
+        remote = any(storage.is_url(s) for s in self.shard.distinct())
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="winnow-fetch") if remote else None
         self._ahead: dict[int, Future] = {}
         self._lock = threading.Lock()
@@ -80,9 +81,11 @@ class SampleReader:
         """Which shards to copy whole: all of the store's, when their bytes (to the end of their last
         sample) fit in ``budget``; else none."""
         ends: dict[str, int] = {}
-        for path, off, size in zip(self.shard, self.offset, self.size, strict=True):
-            if storage.is_url(path):
-                ends[path] = max(ends.get(path, 0), int(off) + int(size))
+        last = np.full(len(self.shard.values), -1, np.int64)           # each shard's end, by its code
+        np.maximum.at(last, self.shard.codes, self.offset.astype(np.int64) + self.size.astype(np.int64))
+        for path, end in zip(self.shard.values, last.tolist(), strict=True):
+            if storage.is_url(path) and end >= 0:
+                ends[path] = end
         total = sum(ends.values())
         return {"shards": len(ends), "bytes": total, "copied": 0 < total <= budget, "urls": sorted(ends)}
 
@@ -176,7 +179,7 @@ class BucketLoader:
         self.cursor = Schedule.start(cursor, self._global_batch())
         self.seed, self.random_crop = seed, random_crop
         self.reader = SampleReader(index, copy_bytes=shard_copy_bytes)
-        self.captions = index.column("caption").to_pylist()
+        self.captions = Strings(index.column("caption"))
         self._columns(index)
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="winnow-decode")
         self.prefetch = max(1, prefetch)
