@@ -362,3 +362,29 @@ def test_gif_frames_round_trip_and_a_many_frame_gif_is_refused_by_its_total():
         gif_frames(buf.getvalue(), MediaLimits(max_decoded_bytes=10_000))
     with pytest.raises(MediaError, match=r"more than max_frames=4 frames"):
         gif_frames(buf.getvalue(), max_frames=4)
+
+
+def test_a_bounded_read_sized_by_fstat_still_reads_a_file_that_grew_and_refuses_past_the_limit(tmp_path):
+    """``read_bounded`` reads the size fstat gave (+1) first; a file that grows between the fstat
+    and the read is read to its end while within the limit and refused past it; so is
+    ``storage.read_bytes``."""
+    from pipeline.contract import storage
+    from pipeline.contract.inputs import InputRejected, read_bounded
+
+    path = tmp_path / "grows.bin"
+    for grown, limit, want in ((0, 100, 40), (30, 100, 70), (61, 100, None), (0, 40, 40), (1, 40, None)):
+        path.write_bytes(b"a" * 40)
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            with open(path, "ab") as w:
+                w.write(b"b" * grown)
+            if want is None:
+                with pytest.raises(InputRejected, match=f"too_large: more than input.max_file_bytes {limit}"):
+                    read_bounded(fh, limit, size)
+            else:
+                assert read_bounded(fh, limit, size) == b"a" * 40 + b"b" * grown
+        if want is None:
+            with pytest.raises(ValueError, match=f"more than {limit} bytes"):
+                storage.read_bytes(str(path), limit=limit)
+        else:
+            assert len(storage.read_bytes(str(path), limit=limit)) == want

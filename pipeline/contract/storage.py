@@ -286,7 +286,13 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
     """A whole file; ``limit``: refuse (ValueError) a bigger one."""
     if not is_url(path):
         with open(local(path), "rb") as fh:
-            data = fh.read() if limit is None else fh.read(limit + 1)
+            if limit is None:
+                data = fh.read()
+            else:       # the size first: read(limit + 1) would allocate limit + 1 bytes (inputs.read_bounded)
+                size = os.fstat(fh.fileno()).st_size
+                data = fh.read(min(size, limit) + 1)
+                if size < len(data) <= limit:       # it grew since: read on, still bounded
+                    data += fh.read(limit + 1 - len(data))
     else:
         fs, p = filesystem(path)     # one ranged GET, no HEAD first (a plain cat_file asks for the size)
         data = retry(_cat_head, fs, p, (1 << 62) if limit is None else limit + 1)
