@@ -40,7 +40,7 @@ from pipeline.contract.inputs import (
     read_bounded,
     read_local,
 )
-from pipeline.contract.layout import read_table
+from pipeline.contract.layout import read_schema, read_table
 from pipeline.contract.schema import (
     CAPTION,
     CAPTION_REF,
@@ -350,13 +350,12 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> pa.Table:
         raise ConfigError(f"input.path {path!r}: no .parquet files found")
     tables: list[pa.Table] = []
     for f in files:
-        try:
-            table = read_table(f)
+        try:        # the schema first, then only the columns the plan keeps (a LAION file has ~20)
+            names = read_schema(f).names
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"input.path: cannot read parquet {f!r}: {exc}") from None
-        if spec.rename_columns:
-            table = table.rename_columns([spec.rename_columns.get(c, c) for c in table.column_names])
-        cols = table.column_names
+        renamed = {spec.rename_columns.get(c, c): c for c in names}
+        cols = list(renamed)
         path_col = _pick(cols, spec.path_column, PATH_COLUMN_CANDIDATES, "path_column", f)
         if path_col is None:
             raise ConfigError(
@@ -368,6 +367,12 @@ def plan_parquet(spec: InputSpec, samples_per_shard: int) -> pa.Table:
         missing = [c for c in spec.keep_columns if c not in cols]
         if missing:
             raise ConfigError(f"input.keep_columns: {missing} not in {f} (columns: {', '.join(cols)})")
+        wanted = list(dict.fromkeys([path_col] + ([cap_col] if cap_col else []) + carry))
+        try:
+            table = read_table(f, columns=[renamed[c] for c in wanted])
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"input.path: cannot read parquet {f!r}: {exc}") from None
+        table = table.rename_columns(wanted)
         base = spec.base_dir or (posixpath.dirname(f) if is_remote(f) else os.path.dirname(os.path.abspath(f)))
         n = table.num_rows
         refs = table.column(path_col)
