@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import tarfile
+import time
 
 from pipeline.commands import curate
 from pipeline.commands import curate_spec as specmod
@@ -60,18 +61,47 @@ def kill_at_checkpoint(proc, run_dir: str, step: int, timeout: float = 240) -> N
     kill_tree(proc)
 
 
+def kill_marked(key: str, value: str, quiet_s: float = 1.0, wait_s: float = 20.0) -> list[int]:
+    """SIGKILL every process (but this one) whose environment has ``key`` = ``value``, scanning again
+    until none has turned up for ``quiet_s``: a worker the raylet was forking while its tree was
+    killed is in no snapshot of the tree, and lives on as an orphan (a Train controller that outlived
+    its cluster). Returns the pids killed."""
+    import psutil
+
+    killed: list[int] = []
+    me, deadline, quiet_since = os.getpid(), time.time() + wait_s, time.time()
+    while time.time() < deadline and time.time() - quiet_since < quiet_s:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != me and p.environ().get(key) == value:
+                    p.kill()
+                    found.append(p)
+            except psutil.Error:
+                pass
+        if found:
+            killed += [p.pid for p in found]
+            psutil.wait_procs(found, timeout=10)
+            quiet_since = time.time()
+        time.sleep(0.1)
+    return killed
+
+
 def kill_tree(proc) -> None:
     """SIGKILL ``proc``, its process group and every process descended from it, as a machine that
     loses power would: Ray's raylet starts its workers (the Train controller among them) in process
-    groups of their own, so killing the group alone leaves them running on, writing checkpoints."""
+    groups of their own, so killing the group alone leaves them running on, writing checkpoints.
+    A process of ``killable_env`` is marked by its own TMPDIR: whatever carries that mark afterwards
+    (a worker forked while the tree was being killed) is killed too."""
     import signal
 
     import psutil
 
     try:
         tree = psutil.Process(proc.pid).children(recursive=True)
+        mark = psutil.Process(proc.pid).environ().get("TMPDIR")
     except psutil.Error:
-        tree = []
+        tree, mark = [], None
     os.killpg(proc.pid, signal.SIGKILL)
     for p in tree:
         try:
@@ -80,6 +110,8 @@ def kill_tree(proc) -> None:
             pass
     proc.wait()
     psutil.wait_procs(tree, timeout=30)
+    if mark in KILLED_SCRATCH:
+        kill_marked("TMPDIR", mark)
 
 
 # scratch folders of subprocesses a test may SIGKILL (``killable_env``); the session's leftover check

@@ -17,7 +17,7 @@ from pipeline.commands import select as selection
 from pipeline.commands import sweep
 from pipeline.contract import layout, storage
 from pipeline.contract.config import ConfigError
-from tests.helpers import run_curate
+from tests.helpers import kill_marked, run_curate
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 from tests.s3server import SERVER as S3
 
@@ -451,6 +451,8 @@ def test_a_shared_nothing_cluster_curates_through_the_bucket_and_survives_a_lost
     finally:
         ray.shutdown()
         cluster.shutdown()
+        for d in scratch.values():      # a worker the raylet forked as its node went (tests.helpers.kill_marked)
+            kill_marked("TMPDIR", d)
         if was:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     assert (cut.inputs, cut.kept, cut.rejected) == (runs["remote"].inputs, runs["remote"].kept, runs["remote"].rejected)
@@ -527,6 +529,8 @@ def test_a_shared_nothing_cluster_trains_through_the_bucket_and_survives_a_lost_
     finally:
         ray.shutdown()
         cluster.shutdown()
+        for d in scratch.values():      # a worker the raylet forked as its node went (tests.helpers.kill_marked)
+            kill_marked("TMPDIR", d)
         if was:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     assert "r" in result, result
