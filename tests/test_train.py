@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.contract.config import ConfigError
-from tests.helpers import kill_at_checkpoint, killable_env, run_curate
+from tests.helpers import kill_at_checkpoint, kill_marked, killable_env, run_curate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -566,9 +566,10 @@ def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards,
 
     was = ray.is_initialized()
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    mark = {"WINNOW_TEST_CLUSTER": str(tmp_path)}    # what kill_marked finds once the cluster is gone
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": mark})
     try:
-        nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        nodes = [cluster.add_node(num_cpus=2, env_vars=mark) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         out = str(tmp_path / "fixed")
@@ -580,7 +581,7 @@ def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards,
 
         for n in cluster.worker_nodes.copy():
             cluster.remove_node(n)
-        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        nodes = [cluster.add_node(num_cpus=1, env_vars=mark) for _ in range(2)]
         cluster.wait_for_nodes()
         _elastic_sees(nodes)
         out = str(tmp_path / "elastic")
@@ -595,5 +596,6 @@ def test_losing_a_node_mid_training_restarts_from_the_checkpoint(sd_run, shards,
     finally:
         ray.shutdown()
         cluster.shutdown()
+        kill_marked("WINNOW_TEST_CLUSTER", str(tmp_path))    # a worker forked as a node went (tests.helpers)
         if was:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
