@@ -389,6 +389,15 @@ def test_latent_cache_trains_like_decoding_and_is_reused(ray_local, shards, tmp_
     assert again.summary["resumed_from"] == 3 and os.path.getmtime(os.path.join(folders[0], "done.json")) == mtime
 
 
+def _cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:          # gone or not ours: not one of this run's workers
+        return []
+
+
 @pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_path, kill_debris):
     """Ray Train's failure handling: SIGKILL one training worker mid-run; with ray.max_failures=1
@@ -411,8 +420,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(sd_run, shards, tmp_p
     while not (os.path.exists(snapshot) and "checkpoint_0000003" in open(snapshot).read()):
         assert thread.is_alive() and time.time() < deadline
         time.sleep(0.01)
-    workers = sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                     if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+    # This run's workers only: the local Ray this process started forks them, so they are its
+    # descendants (a machine-wide count also sees another suite's workers on a shared box).
+    workers = sorted(p.pid for p in psutil.Process().children(recursive=True)
+                     if "ray::RayTrainWorker" in " ".join(_cmdline(p)))
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
     thread.join(timeout=300)
