@@ -118,6 +118,20 @@ def make_input(root: str, n: int, seed: int = 0) -> str:
     return os.path.join(folder, "meta.parquet")
 
 
+def _memory_kb() -> tuple[int, int]:
+    """(resident now, peak resident) of this process in KiB. Linux: VmRSS and VmHWM of this process's
+    own memory map. Not ``ru_maxrss``: it survives exec, so a child started by a parent that had
+    just made a large input begins with the parent's peak (this bench measured growth from there
+    before 2026-12-06's third run, which understated it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak, peak
+
+
 def step(name: str, run: str, out: str) -> dict:
     """Run one step in this process (called in a child); returns its seconds, peak RSS, and how much
     the peak grew over the process after its imports."""
@@ -125,7 +139,7 @@ def step(name: str, run: str, out: str) -> dict:
 
     if name == "train_index":
         import training.loader  # noqa: F401 - torch and the loader imported before the baseline is taken
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _memory_kb()[0]
     t = time.perf_counter()
     if name == "sweep":
         sweep.run(sweep.parse({"annotations": [run], "output": out, "plots": True, "sheets": {"per_side": 0},
@@ -157,7 +171,7 @@ def step(name: str, run: str, out: str) -> dict:
                                                "stages": [{"name": "decode", "max_side": 128},
                                                           {"name": "phash_dedup"}]}), log=None)
         seconds = time.perf_counter() - t
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = _memory_kb()[1]
         import ray
 
         ray.shutdown()
@@ -165,7 +179,7 @@ def step(name: str, run: str, out: str) -> dict:
                 "phases": result.phases, "kept": result.kept, "rejected": result.rejected,
                 "worker_rss_mb": result.stage_rss_mb}
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _memory_kb()[1]
     return {"seconds": seconds, "peak_mb": peak / 1024, "grew_mb": (peak - base) / 1024}
 
 

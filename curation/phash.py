@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline.contract.config import option
@@ -147,10 +149,14 @@ class PHashDedup(Stage):
 
     def reduce(self, rows) -> dict[str, tuple[str, str | None]]:
         table = rows.table([PHASH, STATUS, WIDTH, HEIGHT])
-        if table is None:
+        if table is None or PHASH not in table.column_names or pa.types.is_null(table.schema.field(PHASH).type):
             return {}
+        # the candidates in Arrow first: Python objects only for kept rows with a hash
+        h = table.column(PHASH)
+        table = table.filter(pc.and_(pc.equal(table.column(STATUS), KEPT),
+                                     pc.fill_null(pc.greater(pc.utf8_length(h), 0), False)))
         cols = table.to_pydict()
-        idx = [i for i, (s, h) in enumerate(zip(cols[STATUS], cols[PHASH], strict=True)) if s == KEPT and h]
+        idx = list(range(table.num_rows))
         if len(idx) < 2:
             return {}
         keys = [cols[KEY][i] for i in idx]

@@ -255,14 +255,23 @@ class TimedChain:
     through all of them as numpy, with no Arrow block between two stages. Ray Data would fuse them
     into one task anyway, but still turns each stage's output into a block and back."""
 
-    def __init__(self, steps: list[tuple[str, type[Stage], Any]], tail=None):
+    def __init__(self, steps: list[tuple[str, type[Stage], Any]], tail=None, split: int | None = None):
         self.parts = [TimedStage(cls, cfg, label) for label, cls, cfg in steps]
         self.tail = tail
+        self.split = split      # with a tail: the block comes whole, the stages see batches of this size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for part in self.parts:
-            batch = part(batch)
-        return self.tail(batch) if self.tail is not None else batch
+        if self.tail is None or not self.split:
+            for part in self.parts:
+                batch = part(batch)
+            return self.tail(batch) if self.tail is not None else batch
+        n = batch_len(batch)
+        for start in range(0, n, self.split):     # the stages' batches; the writer gathers the block's rows
+            sub = {k: v[start:start + self.split] for k, v in batch.items()}
+            for part in self.parts:
+                sub = part(sub)
+            self.tail.add(sub)
+        return self.tail.flush()
 
 
 def apply_chain(ds, steps: list[tuple[str, type[Stage], Any]], job: JobPlan, shape: Shape, tail=None):
@@ -271,7 +280,10 @@ def apply_chain(ds, steps: list[tuple[str, type[Stage], Any]], job: JobPlan, sha
     for _, cls, cfg in steps:
         check_resources(cls, shape.cpus, shape.gpus, cfg)
     plans = [job.stages[label] for label, _, _ in steps]
-    return ds.map_batches(TimedChain(steps, tail), batch_size=min(r.batch_size for r in plans), batch_format="numpy",
+    size = min(r.batch_size for r in plans)
+    # with the writer at its end the chain takes whole blocks (one fragment per block, ``FragmentWriter.add``)
+    return ds.map_batches(TimedChain(steps, tail, split=size if tail is not None else None),
+                          batch_size=None if tail is not None else size, batch_format="numpy",
                           num_cpus=max(r.num_cpus for r in plans), zero_copy_batch=False)
 
 
@@ -280,6 +292,43 @@ def from_blocks(blocks: list):
     import ray.data
 
     return ray.data.from_arrow(blocks)
+
+
+def plan_blocks(source, method: str, pieces: list, args: tuple, log, num_cpus: float = 0.5) -> tuple[list, int]:
+    """``getattr(source, method)(piece, *args)``, a generator of Arrow tables, for every piece as a
+    Ray generator task: each table becomes an object of its own, made by the worker, so the driver
+    holds refs and row counts, not the rows (``readers.StreamedParquet``). Returns (refs, rows)."""
+    import ray
+    from tqdm.auto import tqdm
+
+    def blocks(src, piece, *a):
+        for table in getattr(src, method)(piece, *a):
+            yield table
+            yield table.num_rows           # tiny: the driver learns the block's size without fetching it
+
+    task = ray.remote(num_cpus=num_cpus, max_retries=2, num_returns="streaming")(blocks)
+    src = ray.put(source)
+    args = tuple(ray.put(a) if a is not None and not isinstance(a, (int, float, str)) else a for a in args)
+    gens = [task.remote(src, piece, *args) for piece in pieces]
+    refs: list = []
+    rows = 0
+    bar = tqdm(total=len(gens), desc="plan", unit="piece", file=log, disable=log is None)
+    for gen in gens:
+        for i, ref in enumerate(gen):
+            if i % 2:
+                rows += ray.get(ref)
+            else:
+                refs.append(ref)
+        bar.update(1)
+    bar.close()
+    return refs, rows
+
+
+def from_block_refs(refs: list):
+    """A dataset of Arrow tables already in the object store (``plan_blocks``), one block each."""
+    import ray.data
+
+    return ray.data.from_arrow_refs(refs)
 
 
 def iter_batches(ds):

@@ -9,7 +9,6 @@ so they are stable across re-runs of the same input.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import os
 import posixpath
@@ -233,14 +232,15 @@ def _parquet_names_videos(spec: InputSpec, files: list[str]) -> bool:
 
 @dataclass
 class Plan:
-    table: pa.Table              # one row per input sample
+    table: pa.Table | None       # one row per input sample; None: ``streamed`` makes the rows in Ray tasks
     format: str
     counts: dict[int, int]       # partition -> number of inputs
     sidecars: int = 0            # caption / JSON files read beside the samples (not samples themselves)
+    streamed: StreamedParquet | None = None
 
     @property
     def num_inputs(self) -> int:
-        return self.table.num_rows
+        return self.streamed.num_rows if self.table is None else self.table.num_rows
 
 
 def _key_width(counts: list[int], samples_per_shard: int) -> int:
@@ -324,12 +324,12 @@ def _pick(columns: list[str], wanted: str, candidates: tuple[str, ...], what: st
 PLAN_CHUNK = 65_536     # rows classified at a time: the driver never holds a Python object per input row
 
 
-def _classify_column(refs: pa.ChunkedArray, base: str, spec: InputSpec) -> tuple[pa.Array, pa.Array]:
+def _classify_column(refs, base: str, cols: ParquetColumns) -> tuple[pa.Array, pa.Array]:
     """(ref_path, plan_error) of every row, ``classify_ref`` chunk by chunk."""
     paths: list[pa.Array] = []
     errors: list[pa.Array] = []
     for start in range(0, len(refs), PLAN_CHUNK):
-        out = [classify_ref(r, base, spec.protocols, spec.allow_outside_base)
+        out = [classify_ref(r, base, list(cols.protocols), cols.allow_outside)
                for r in refs.slice(start, PLAN_CHUNK).to_pylist()]
         paths.append(pa.array([p for p, _ in out], pa.string()))
         errors.append(pa.array([e for _, e in out], pa.string()))
@@ -338,58 +338,91 @@ def _classify_column(refs: pa.ChunkedArray, base: str, spec: InputSpec) -> tuple
     return pa.concat_arrays(paths), pa.concat_arrays(errors)
 
 
-def plan_parquet(spec: InputSpec, samples_per_shard: int) -> pa.Table:
-    """The rows of a parquet of paths (LAION metadata, a list of videos), as columns: Arrow holds
-    them (tens of bytes a row); no Python dict per row (bench/scale.py's curate step)."""
-    path = spec.path
-    if storage.isdir(path):
-        files = storage.find(path, ".parquet")
-    else:
-        files = [path]
-    if not files:
-        raise ConfigError(f"input.path {path!r}: no .parquet files found")
-    tables: list[pa.Table] = []
-    for f in files:
+@dataclass(frozen=True)
+class ParquetColumns:
+    """What the plan reads from one parquet file: the file's column names (before ``rename_columns``)
+    in ``read``, their names after it in ``wanted``."""
+    file: str
+    read: tuple[str, ...]
+    wanted: tuple[str, ...]
+    path_col: str
+    cap_col: str | None
+    carry: tuple[str, ...]
+    base: str
+    protocols: tuple[str, ...]
+    allow_outside: bool
+
+
+def parquet_columns(spec: InputSpec, f: str, names: list[str] | None = None) -> ParquetColumns:
+    """The columns of ``f`` the plan keeps (path, caption, LAION's and ``keep_columns``), by its schema
+    alone; a file without a path column, or without a kept column, is a config error."""
+    if names is None:
         try:        # the schema first, then only the columns the plan keeps (a LAION file has ~20)
             names = read_schema(f).names
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"input.path: cannot read parquet {f!r}: {exc}") from None
-        renamed = {spec.rename_columns.get(c, c): c for c in names}
-        cols = list(renamed)
-        path_col = _pick(cols, spec.path_column, PATH_COLUMN_CANDIDATES, "path_column", f)
-        if path_col is None:
-            raise ConfigError(
-                f"input.path_column: none of {PATH_COLUMN_CANDIDATES} is in {f}; set input.path_column to the "
-                f"column holding image paths (columns: {', '.join(cols)})"
-            )
-        cap_col = _pick(cols, spec.caption_column, CAPTION_COLUMN_CANDIDATES, "caption_column", f)
-        carry = [c for c in dict.fromkeys(list(LAION_COLUMNS) + list(spec.keep_columns)) if c in cols]
-        missing = [c for c in spec.keep_columns if c not in cols]
-        if missing:
-            raise ConfigError(f"input.keep_columns: {missing} not in {f} (columns: {', '.join(cols)})")
-        wanted = list(dict.fromkeys([path_col] + ([cap_col] if cap_col else []) + carry))
+    renamed = {spec.rename_columns.get(c, c): c for c in names}
+    cols = list(renamed)
+    path_col = _pick(cols, spec.path_column, PATH_COLUMN_CANDIDATES, "path_column", f)
+    if path_col is None:
+        raise ConfigError(
+            f"input.path_column: none of {PATH_COLUMN_CANDIDATES} is in {f}; set input.path_column to the "
+            f"column holding image paths (columns: {', '.join(cols)})"
+        )
+    cap_col = _pick(cols, spec.caption_column, CAPTION_COLUMN_CANDIDATES, "caption_column", f)
+    carry = [c for c in dict.fromkeys(list(LAION_COLUMNS) + list(spec.keep_columns)) if c in cols]
+    missing = [c for c in spec.keep_columns if c not in cols]
+    if missing:
+        raise ConfigError(f"input.keep_columns: {missing} not in {f} (columns: {', '.join(cols)})")
+    wanted = list(dict.fromkeys([path_col] + ([cap_col] if cap_col else []) + carry))
+    base = spec.base_dir or (posixpath.dirname(f) if is_remote(f) else os.path.dirname(os.path.abspath(f)))
+    return ParquetColumns(f, tuple(renamed[c] for c in wanted), tuple(wanted), path_col, cap_col, tuple(carry), base,
+                          tuple(spec.protocols), spec.allow_outside_base)
+
+
+def _text_refs(refs) -> pa.ChunkedArray | pa.Array:
+    if pa.types.is_string(refs.type) or pa.types.is_large_string(refs.type):
+        return refs
+    return pa.array([r if isinstance(r, str) else None for r in refs.to_pylist()], pa.string())  # not text: empty
+
+
+def parquet_rows(table: pa.Table, cols: ParquetColumns) -> pa.Table:
+    """Plan rows (no partition or key yet) for rows of ``cols.file`` read with ``cols.read``."""
+    table = table.rename_columns(list(cols.wanted))
+    n = table.num_rows
+    refs = _text_refs(table.column(cols.path_col))
+    ref_path, plan_error = _classify_column(refs, cols.base, cols)
+    caption = _text_column(table.column(cols.cap_col)) if cols.cap_col else pa.nulls(n, pa.string())
+    out = {SOURCE: pa.array([os.path.basename(cols.file)], pa.string()).take(pa.array(np.zeros(n, np.int64))),
+           REF_OFFSET: pa.array(np.full(n, -1, np.int64)), REF_SIZE: pa.array(np.full(n, -1, np.int64)),
+           CAPTION_REF: pa.nulls(n, pa.string()), CAPTION: caption}
+    for c in cols.carry:
+        out[c] = table.column(c)
+    if cols.path_col.lower() == "url":
+        out["url"] = refs
+    out[REF_PATH], out[PLAN_ERROR] = ref_path, plan_error
+    return pa.table(out)
+
+
+def _parquet_files(path: str) -> list[str]:
+    files = storage.find(path, ".parquet") if storage.isdir(path) else [path]
+    if not files:
+        raise ConfigError(f"input.path {path!r}: no .parquet files found")
+    return files
+
+
+def plan_parquet(spec: InputSpec, samples_per_shard: int) -> pa.Table:
+    """The rows of a parquet of paths (LAION metadata, a list of videos), as columns: Arrow holds
+    them (tens of bytes a row); no Python dict per row. A LAION parquet given to ``winnow curate``
+    is planned by the tasks that read it instead (``StreamedParquet``)."""
+    tables: list[pa.Table] = []
+    for f in _parquet_files(spec.path):
+        cols = parquet_columns(spec, f)
         try:
-            table = read_table(f, columns=[renamed[c] for c in wanted])
+            table = read_table(f, columns=list(cols.read))
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"input.path: cannot read parquet {f!r}: {exc}") from None
-        table = table.rename_columns(wanted)
-        base = spec.base_dir or (posixpath.dirname(f) if is_remote(f) else os.path.dirname(os.path.abspath(f)))
-        n = table.num_rows
-        refs = table.column(path_col)
-        if not pa.types.is_string(refs.type) and not pa.types.is_large_string(refs.type):
-            refs = pa.chunked_array([pa.array([r if isinstance(r, str) else None for r in refs.to_pylist()],
-                                              pa.string())])       # not text: an empty path per row
-        ref_path, plan_error = _classify_column(refs, base, spec)
-        caption = _text_column(table.column(cap_col)) if cap_col else pa.nulls(n, pa.string())
-        out = {SOURCE: pa.array([os.path.basename(f)], pa.string()).take(pa.array(np.zeros(n, np.int64))),
-               REF_OFFSET: pa.array(np.full(n, -1, np.int64)), REF_SIZE: pa.array(np.full(n, -1, np.int64)),
-               CAPTION_REF: pa.nulls(n, pa.string()), CAPTION: caption}
-        for c in carry:
-            out[c] = table.column(c)
-        if path_col.lower() == "url":
-            out["url"] = refs
-        out[REF_PATH], out[PLAN_ERROR] = ref_path, plan_error
-        tables.append(pa.table(out))
+        tables.append(parquet_rows(table, cols))
     rows = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     _check_base(spec, rows)
     return _assign_table(rows, samples_per_shard)
@@ -404,37 +437,199 @@ def _text_column(col: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
         return pa.array([v if isinstance(v, str) else None for v in col.to_pylist()], pa.string())
 
 
-def _assign_table(table: pa.Table, samples_per_shard: int) -> pa.Table:
-    """``_assign`` on a table: partition and key from the row number, in Arrow."""
+def _assign_table(table: pa.Table, samples_per_shard: int, numbers: np.ndarray | None = None) -> pa.Table:
+    """``_assign`` on a table whose rows are input rows ``numbers`` (default: 0, 1, ...): partition
+    and key from the row number, in Arrow."""
     width = _key_width([], samples_per_shard)
-    part, j = np.divmod(np.arange(table.num_rows, dtype=np.int64), samples_per_shard)
+    if numbers is None:
+        numbers = np.arange(table.num_rows, dtype=np.int64)
+    part, j = np.divmod(numbers, samples_per_shard)
     pad = pc.utf8_lpad
     key = pc.binary_join_element_wise(pad(pc.cast(pa.array(part), pa.string()), 5, "0"),
                                       pad(pc.cast(pa.array(j), pa.string()), width, "0"), "")
     return table.append_column(PARTITION, pa.array(part)).append_column(KEY, key)
 
 
+def row_numbers(keys: pa.Array, samples_per_shard: int) -> np.ndarray:
+    """The input row numbers of keys ``_assign_table`` made, sorted (a resumed run's done rows)."""
+    width = _key_width([], samples_per_shard)
+    keys = pc.cast(keys, pa.string())
+    part = pc.cast(pc.utf8_slice_codeunits(keys, 0, -width), pa.int64()).to_numpy()
+    j = pc.cast(pc.utf8_slice_codeunits(keys, -width, 2 ** 31 - 1), pa.int64()).to_numpy()
+    return np.sort(part * samples_per_shard + j)
+
+
+def partition_of_keys(keys: list[str], samples_per_shard: int) -> dict[str, int]:
+    """key -> partition for keys ``_assign_table`` made (the partition, then the row in it at a fixed width)."""
+    width = _key_width([], samples_per_shard)
+    return {k: int(k[:-width]) for k in keys}
+
+
 def _check_base(spec: InputSpec, rows: pa.Table) -> None:
     """A parquet whose local paths *all* lie outside the allowed folder is a config mistake (LAION
     metadata in one folder, images in a sibling), not a file of hostile rows: say so before Ray starts."""
+    _check_paths(spec, iter([rows]))
+
+
+def _check_paths(spec: InputSpec, chunks) -> None:
+    """``_check_base`` over plan rows that come in chunks (tables): it stops at the first local path
+    inside the folder, so a good input is read no further than its first usable path."""
     root = spec.policy().root
     if root is None or spec.allow_outside_base:
         return
     roots = {os.path.realpath(root), os.path.normpath(os.path.abspath(root))}   # before / after symlinks
-    usable = rows.filter(pc.and_(pc.is_null(rows.column(PLAN_ERROR)), pc.is_valid(rows.column(REF_PATH))))
-    local = (p for p in usable.column(REF_PATH).to_pylist() if p and not is_remote(p))
-    first = next(local, None)
+    count, first = 0, None
+    for rows in chunks:
+        usable = rows.filter(pc.and_(pc.is_null(rows.column(PLAN_ERROR)), pc.is_valid(rows.column(REF_PATH))))
+        for p in usable.column(REF_PATH).to_pylist():
+            if not p or is_remote(p):
+                continue
+            count += 1
+            first = first or p
+            if any(is_inside(os.path.normpath(p), r) for r in roots):
+                return
     if first is None:
         return
-    local = itertools.chain([first], local)
-    count = 0
-    for p in local:
-        count += 1
-        if any(is_inside(os.path.normpath(p), r) for r in roots):
-            return
     raise ConfigError(f"input: all {count} local paths in {spec.path!r} lie outside {root} (first: "
                       f"{first}); set input.base_dir to a folder that holds the images (paths resolve "
                       f"under it), or input.allow_outside_base: true")
+
+
+# ---- a LAION parquet planned by the tasks that read it ----
+
+PIECE_ROWS = 262_144     # rows of whole row groups one planning task reads (a larger row group is one piece)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Row groups ``groups`` of one file, whose first row is input row ``offset``."""
+    file: int            # index into ``StreamedParquet.files``
+    groups: tuple[int, ...]
+    offset: int
+    rows: int
+
+
+@dataclass
+class StreamedParquet:
+    """A LAION-style parquet's plan as the driver holds it: per file its columns and per row group
+    its row count, nothing per row. ``blocks`` (run in Ray tasks, ``adapter.plan_blocks``) reads a
+    piece's rows, classifies their refs, numbers them as ``plan_parquet`` does (partition and key
+    from the input row number) and yields them in blocks; the driver never holds the rows, so its
+    memory does not grow with the input (bench/scale.py, curate)."""
+    files: list[ParquetColumns]
+    pieces: list[Piece]
+    schema: pa.Schema              # every block is cast to it (files may differ in carried columns)
+    num_rows: int
+    samples_per_shard: int
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[int, int]:
+        n, s = self.num_rows, self.samples_per_shard
+        return {p: min(s, n - p * s) for p in range(-(-n // s))}
+
+    def read(self, piece: Piece, chunk: int = PLAN_CHUNK, drop: np.ndarray | None = None,
+             finished: np.ndarray | None = None, only: np.ndarray | None = None):
+        """Plan rows of ``piece`` (numbered), ``chunk`` rows at a time, leaving out before any work
+        the row numbers in ``drop`` (sorted), the partitions in ``finished``, and with ``only``
+        (sorted) every row not in it."""
+        cols = self.files[piece.file]
+        offset = piece.offset
+        sps = self.samples_per_shard
+        with storage.open_read(cols.file) as fh:
+            pf = pq.ParquetFile(fh)
+            for batch in pf.iter_batches(batch_size=chunk, row_groups=list(piece.groups), columns=list(cols.read)):
+                numbers = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+                offset += batch.num_rows
+                mask = np.ones(len(numbers), bool)
+                for wanted, values in ((False, drop), (True, only)):
+                    if values is not None:
+                        lo, hi = np.searchsorted(values, [numbers[0], numbers[-1] + 1])
+                        mask &= np.isin(numbers, values[lo:hi]) == wanted
+                if finished is not None and len(finished):
+                    mask &= ~np.isin(numbers // sps, finished)
+                table = pa.Table.from_batches([batch])
+                if not mask.all():
+                    if not mask.any():
+                        continue
+                    table, numbers = table.filter(pa.array(mask)), numbers[mask]
+                yield self._conform(_assign_table(parquet_rows(table, cols), sps, numbers=numbers))
+
+    def _conform(self, rows: pa.Table) -> pa.Table:
+        cols = [rows.column(f.name) if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+                for f in self.schema]
+        return pa.table(cols, schema=self.schema) if all(c.type == f.type for c, f in zip(cols, self.schema,
+                                                                                         strict=True)) \
+            else pa.table(cols, names=self.schema.names).cast(self.schema)
+
+    def blocks(self, piece: Piece, block_rows: int, done_rows: np.ndarray | None, finished: list[int]):
+        """The piece's plan rows left to annotate (row numbers not in ``done_rows``, sorted; not in a
+        ``finished`` partition), in blocks of ``block_rows`` (``adapter.plan_blocks``)."""
+        chunk = block_rows * max(1, PLAN_CHUNK // block_rows)
+        held: list[pa.Table] = []
+        n_held = 0
+        for rows in self.read(piece, chunk, drop=done_rows, finished=np.asarray(finished, np.int64)):
+            held.append(rows)
+            n_held += rows.num_rows
+            while n_held >= block_rows:
+                table = pa.concat_tables(held)
+                yield table.slice(0, block_rows).combine_chunks()
+                rest = table.slice(block_rows)
+                held, n_held = [rest], rest.num_rows
+        if n_held:
+            yield pa.concat_tables(held).combine_chunks()
+
+    def take(self, idx: list[int]) -> pa.Table:
+        """The plan rows at input row numbers ``idx``, reading only the pieces that hold them and
+        classifying only those rows (the dry run's sample)."""
+        only = np.unique(np.asarray(idx, np.int64))
+        out = [rows for piece in self.pieces
+               if ((only >= piece.offset) & (only < piece.offset + piece.rows)).any()
+               for rows in self.read(piece, only=only)]
+        table = pa.concat_tables(out) if out else self.schema.empty_table()
+        return table.take(pa.array(np.searchsorted(only, np.asarray(idx, np.int64))))   # rows come in ``only``'s order
+
+
+def plan_parquet_streamed(spec: InputSpec, samples_per_shard: int) -> StreamedParquet:
+    """A LAION parquet's plan for Ray tasks to make (``StreamedParquet``): schemas and footers read
+    here, and the paths as far as ``_check_base`` needs (usually the first chunk)."""
+    files: list[ParquetColumns] = []
+    pieces: list[Piece] = []
+    schemas: list[pa.Schema] = []
+    offset = 0
+    for f in _parquet_files(spec.path):
+        try:
+            with storage.open_read(f) as fh:
+                pf = pq.ParquetFile(fh)
+                meta, arrow_schema = pf.metadata, pf.schema_arrow
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"input.path: cannot read parquet {f!r}: {exc}") from None
+        cols = parquet_columns(spec, f, arrow_schema.names)
+        files.append(cols)
+        run: list[int] = []
+        run_rows = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if run and run_rows + n > PIECE_ROWS:
+                pieces.append(Piece(len(files) - 1, tuple(run), offset, run_rows))
+                offset += run_rows
+                run, run_rows = [], 0
+            run.append(g)
+            run_rows += n
+        if run_rows:
+            pieces.append(Piece(len(files) - 1, tuple(run), offset, run_rows))
+            offset += run_rows
+        empty = pa.table({c: pa.array([], arrow_schema.field(r).type) for c, r in zip(cols.wanted, cols.read,
+                                                                                         strict=True)})
+        schemas.append(_assign_table(parquet_rows(empty.rename_columns(list(cols.read)), cols),
+                                     samples_per_shard).schema)
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    if JSON_REF not in schema.names:      # as ``plan`` gives every plan
+        schema = schema.append(pa.field(JSON_REF, pa.string()))
+    plan = StreamedParquet(files, pieces, schema, offset, samples_per_shard)
+    if plan.num_rows:
+        _check_paths(spec, (rows for piece in plan.pieces for rows in plan.read(piece)))
+    return plan
 
 
 def list_tars(spec: InputSpec) -> list[str]:
@@ -554,9 +749,16 @@ def plan_webdataset(spec: InputSpec, samples_per_shard: int) -> list[dict]:
     return rows
 
 
-def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16) -> Plan:
+def plan(spec: InputSpec, samples_per_shard: int, videos_per_shard: int = 16, stream: bool = False) -> Plan:
+    """``stream``: a LAION parquet's rows are left for Ray tasks to read and number
+    (``StreamedParquet``); the plan then holds no table."""
     fmt = detect_format(spec)
     sidecars = 0
+    if fmt == "laion_parquet" and stream:
+        streamed = plan_parquet_streamed(spec, samples_per_shard)
+        if not streamed.num_rows:
+            raise ConfigError(f"input.path {spec.path!r}: found no samples to curate")
+        return Plan(table=None, format=fmt, counts=streamed.counts, streamed=streamed)
     folder = not spec.path.lower().endswith(".parquet") and storage.isdir(spec.path)
     if fmt == "videos" and folder and _list_folder(spec, VIDEO_EXTENSIONS)[0]:
         rows, sidecars = plan_folder(spec, videos_per_shard, "videos")

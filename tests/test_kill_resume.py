@@ -112,3 +112,50 @@ def test_kill9_with_model_stages_loses_nothing(ray_local, corpus, tmp_path):
     emb = pq.read_table(os.path.join(out, "embeddings")).sort_by("key")
     ref_emb = pq.read_table(os.path.join(clean, "embeddings")).sort_by("key")
     assert emb.column("key").to_pylist() == ref_emb.column("key").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def laion_input(corpus, tmp_path_factory):
+    """The corpus as a LAION parquet in row groups of 5 (its plan is made by Ray tasks, a piece each),
+    with two URL rows; the images stay in the corpus folder (``input.base_dir``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, _ = corpus
+    names = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    names[3:3] = ["https://example.com/a.jpg", "s3://bucket/b.jpg"]
+    path = str(tmp_path_factory.mktemp("laion") / "meta.parquet")
+    pq.write_table(pa.table({"url": names, "caption": [f"photo {i}" for i in range(len(names))]}), path,
+                   row_group_size=5)
+    return path, root
+
+
+@pytest.mark.slow
+def test_kill9_a_streamed_laion_parquet_run_then_rerun_equals_clean_run(ray_local, laion_input, tmp_path,
+                                                                       monkeypatch):
+    """A LAION parquet's plan is made by Ray tasks (``readers.StreamedParquet``): killed after its first
+    fragment, the re-run leaves out the rows done, and the output equals an uninterrupted run's."""
+    from pipeline import readers
+
+    path, root = laion_input
+    monkeypatch.setattr(readers, "PIECE_ROWS", 10)          # several pieces in the clean run too
+    clean = str(tmp_path / "clean")
+    run_curate(path, clean, samples_per_shard=4, input={"base_dir": root})
+    out = str(tmp_path / "out")
+    proc = start(path, out, "--set", f"input.base_dir={root}")
+    assert kill_when(proc, os.path.join(out, "_work/rows/*/*.parquet")), "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    res = run_curate(path, out, samples_per_shard=4, input={"base_dir": root})
+    import pyarrow.parquet as pq
+
+    assert res.inputs == res.kept + res.rejected == pq.read_metadata(path).num_rows
+    assert res.reasons["not_downloaded"] == 1 and res.reasons["protocol_not_allowed"] == 1
+    df, members, names = outputs(out)
+    ref_df, ref_members, _ = outputs(clean)
+    assert len(names) == len(set(names)) and members == ref_members
+    assert df["key"].tolist() == ref_df["key"].tolist() and df["key"].is_unique
+    assert df["status"].tolist() == ref_df["status"].tolist()
+    assert df["reject_reason"].fillna("").tolist() == ref_df["reject_reason"].fillna("").tolist()
+    for name in ref_members:
+        with open(os.path.join(out, "shards", name), "rb") as a, open(os.path.join(clean, "shards", name), "rb") as b:
+            assert a.read() == b.read(), name

@@ -68,6 +68,64 @@ def test_parquet_plan_missing_files_urls_and_laion_columns(tmp_path):
     assert "AESTHETIC_SCORE" not in plan2.table.column_names
 
 
+def _streamed_inputs(folder, rng):
+    """Two LAION parquet files of 41 and 30 rows in row groups of 7: the second lacks a carried column
+    and has a caption column of numbers; paths of every kind (kept, missing, URL, empty, not text)."""
+    os.makedirs(folder / "meta")
+    kinds = ["x.jpg", "missing_{}.jpg", "https://example.com/{}.jpg", "", None, "s3://b/{}.jpg", "../out_{}.jpg"]
+    write_img(folder / "x.jpg")
+    paths = [kinds[k].format(i) if kinds[k] else kinds[k] for i, k in enumerate(rng.integers(0, len(kinds), 71))]
+    pq.write_table(pa.table({"url": paths[:41], "caption": [f"c{i}" for i in range(41)],
+                             "AESTHETIC_SCORE": rng.random(41)}), folder / "meta" / "a.parquet", row_group_size=7)
+    pq.write_table(pa.table({"url": paths[41:], "caption": list(range(30))}), folder / "meta" / "b.parquet",
+                   row_group_size=7)
+    return str(folder / "meta")
+
+
+@pytest.mark.parametrize("piece_rows, block_rows", [(7, 3), (14, 5), (1000, 64)])
+def test_a_streamed_parquet_plan_makes_the_eager_plans_rows(tmp_path, monkeypatch, piece_rows, block_rows):
+    """The plan Ray tasks make piece by piece (``StreamedParquet``) holds the rows, keys, partitions
+    and plan errors of the plan made whole on the driver, across files, row groups and pieces; rows
+    of finished partitions and done keys are left out; ``take`` reads exactly the rows asked for."""
+    monkeypatch.setattr(readers, "PIECE_ROWS", piece_rows)
+    spec = InputSpec(path=_streamed_inputs(tmp_path, np.random.default_rng(0)), base_dir=str(tmp_path),
+                     protocols=["s3"])
+    eager = readers.plan(spec, samples_per_shard=10)
+    lazy = readers.plan(spec, samples_per_shard=10, stream=True)
+    assert lazy.table is None and lazy.num_inputs == eager.num_inputs == 71 and lazy.counts == eager.counts
+    assert len(lazy.streamed.pieces) == (11 if piece_rows == 7 else 6 if piece_rows == 14 else 2)
+    st = lazy.streamed
+    blocks = [b for piece in st.pieces for b in st.blocks(piece, block_rows, None, [])]
+    got = pa.concat_tables(blocks)
+    assert all(b.num_rows <= block_rows for b in blocks) and got.num_rows == 71
+    want = eager.table.select(got.column_names)
+    assert got.column_names == eager.table.column_names
+    for c in got.column_names:
+        assert got.column(c).to_pylist() == want.column(c).to_pylist(), c
+    assert got.column("plan_error").null_count < 71 and got.column("AESTHETIC_SCORE").null_count == 30
+    done = pa.array(["00001" + f"{j:04d}" for j in (0, 3, 9)] + ["00005" + "0000"])
+    assert readers.row_numbers(done, 10).tolist() == [10, 13, 19, 50]
+    rows = readers.row_numbers(done, 10)
+    left = pa.concat_tables([b for piece in st.pieces for b in st.blocks(piece, block_rows, rows, [0, 6])])
+    keys = eager.table.column("key").to_pylist()
+    assert left.column("key").to_pylist() == [k for k in keys if k not in done.to_pylist()
+                                              and int(k[:5]) not in (0, 6)]
+    idx = [70, 0, 6, 7, 40, 41, 6]
+    assert st.take(idx).column("key").to_pylist() == eager.table.take(pa.array(idx)).column("key").to_pylist()
+    assert readers.partition_of_keys(keys[::7], 10) == {k: int(k[:5]) for k in keys[::7]}
+
+
+def test_a_streamed_plan_refuses_paths_all_outside_the_folder_before_ray(tmp_path):
+    """``_check_base`` reads the paths chunk by chunk: every local path outside the folder is a
+    config error, as in the eager plan; one inside is enough."""
+    os.makedirs(tmp_path / "meta")
+    pq.write_table(pa.table({"path": ["/elsewhere/a.jpg", "/elsewhere/b.jpg"]}), tmp_path / "meta" / "m.parquet")
+    with pytest.raises(ConfigError, match="all 2 local paths"):
+        readers.plan(InputSpec(path=str(tmp_path / "meta" / "m.parquet")), 10, stream=True)
+    pq.write_table(pa.table({"path": ["/elsewhere/a.jpg", "ok.jpg"]}), tmp_path / "meta" / "m.parquet")
+    assert readers.plan(InputSpec(path=str(tmp_path / "meta" / "m.parquet")), 10, stream=True).num_inputs == 2
+
+
 def make_img2dataset_tar(path, n, broken_last=False):
     with tarfile.open(path, "w") as tf:
         for i in range(n):

@@ -52,3 +52,29 @@ def test_fragments_normalise_nan_nulls_and_assemble_a_shard(tmp_path):
     assert table.column("duplicate_of").to_pylist() == [None, None, "000000000"]
     assert str(table.schema.field("caption").type) == "string" and str(table.schema.field("width").type) == "int64"
     assert json.load(open(os.path.join(out, "00000_stats.json"))) == stats
+
+
+def test_a_block_gathered_by_the_writer_is_one_fragment_per_partition(tmp_path):
+    """``FragmentWriter.add`` gathers the stage batches of a block; ``flush`` writes one fragment per
+    partition and tallies every row added; a retried write of the same rows reads back once, first
+    copy first, in Arrow (``first_copies``)."""
+    from pipeline.adapter import TimedChain
+    from pipeline.shards import first_copies
+
+    work = str(tmp_path / "work")
+    keys = [f"{p:05d}{j:04d}" for p in (0, 1) for j in range(5)]
+    block = {"key": np.array(keys, dtype=object), "partition": np.array([0] * 5 + [1] * 5),
+             "status": np.array(["kept", "rejected"] * 5, dtype=object),
+             "caption": np.array([f"c{i}" for i in range(10)], dtype=object)}
+    writer = FragmentWriter(work)
+    chain = TimedChain([], tail=writer, split=3)            # the stages would see batches of 3
+    tally = chain(dict(block))
+    assert tally["key"].tolist() == keys and tally["status"].tolist() == ["kept", "rejected"] * 5
+    assert [len(fragment_files(work, p)) for p in (0, 1)] == [1, 1]
+    writer({k: v[4:6] for k, v in block.items()})                      # a retried task: two rows again
+    table = read_fragments(fragment_files(work))
+    assert sorted(table.column("key").to_pylist()) == sorted(keys) and table.num_rows == 10
+    import pyarrow as pa
+
+    dup = pa.table({"key": ["b", "a", "b", "c", "a"], "v": [1, 2, 3, 4, 5]})
+    assert first_copies(dup).to_pydict() == {"key": ["b", "a", "c"], "v": [1, 2, 4]}

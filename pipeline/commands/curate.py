@@ -122,15 +122,18 @@ def steps_of(spec: CurateSpec) -> list[tuple[str, type, object]]:
                     for st in spec.stages if registry.get(st.name).has_batch_work]
 
 
-def annotate(spec: CurateSpec, pending: pa.Table, work: str, shape: adapter.Shape, log,
+def annotate(spec: CurateSpec, pending: pa.Table | Streamed, work: str, shape: adapter.Shape, log,
              skip_keys: frozenset = frozenset(), trace: list | None = None) -> None:
-    """``trace``, when given, gets ``(time, inputs done)`` at the start and after every output batch
+    """``pending``: the plan rows left, or their blocks already in the object store (``Streamed``).
+    ``trace``, when given, gets ``(time, inputs done)`` at the start and after every output batch
     (a video counts as done at its first clip rows): the dry run's throughput curve."""
     fan = spec.fan_out
     steps = steps_of(spec)
     job = adapter.plan_job(steps, shape)
-    # fan-out: one block per input (its rows fan out from there: a video's windows, then clips)
-    ds = adapter.from_blocks(_blocks(pending, 1, cap=False) if fan else _blocks(pending, spec.ray.block_rows))
+    if isinstance(pending, Streamed):
+        ds = adapter.from_block_refs(pending.refs)
+    else:   # fan-out: one block per input (its rows fan out from there: a video's windows, then clips)
+        ds = adapter.from_blocks(_blocks(pending, 1, cap=False) if fan else _blocks(pending, spec.ray.block_rows))
     writer = shards.FragmentWriter(work, skip_keys)
     # runs of task stages become one function each (adapter.TimedChain); model stages, actor pools
     groups = [(stateful, list(g)) for stateful, g in itertools.groupby(steps, key=lambda s: s[1].stateful)]
@@ -157,6 +160,28 @@ def annotate(spec: CurateSpec, pending: pa.Table, work: str, shape: adapter.Shap
             done = len(videos) if fan else done + len(batch[KEY])
             trace.append((time.time(), done))
     bar.close()
+
+
+@dataclass
+class Streamed:
+    """A streamed plan's rows left to annotate, as blocks Ray tasks made (``adapter.plan_blocks``)."""
+    refs: list
+    num_rows: int
+
+
+def _stream_pending(spec: CurateSpec, job: readers.Plan, work: str, finished: set[int], log) -> tuple[Streamed, int]:
+    """The blocks of a streamed plan's rows not annotated yet (not in a fragment, not in a written
+    shard), made by Ray tasks reading the parquet; and how many rows earlier runs annotated. The
+    done keys travel as one Arrow array (only on a resumed run)."""
+    st = job.streamed
+    table = shards.read_fragments(shards.fragment_files(work), columns=[KEY])
+    done = readers.row_numbers(table.column(KEY), st.samples_per_shard) if table is not None else None
+    rows = max(spec.ray.block_rows, -(-st.num_rows // MAX_BLOCKS))
+    pieces = [p for p in st.pieces
+              if any(q not in finished for q in range(p.offset // st.samples_per_shard,
+                                                       (p.offset + p.rows - 1) // st.samples_per_shard + 1))]
+    refs, n = adapter.plan_blocks(st, "blocks", pieces, (rows, done, sorted(finished)), log)
+    return Streamed(refs, n), 0 if done is None else len(done)
 
 
 def reduce_stages(spec: CurateSpec, work: str, phases: dict | None = None) -> dict[str, tuple[str, str | None]]:
@@ -203,14 +228,26 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
              already_complete: bool = False) -> RunResult:
     out = spec.output.path
     shards_dir = storage.join(out, layout.SHARDS_DIR)
-    tables, stats = [], []
+    stats = []
+    # the per-shard tables are the annotation table (layout.read_annotations): no second copy is written.
+    # Counted a shard at a time, reading only the columns counted: the driver never holds the table.
+    captioned = any(s.name == "caption" for s in spec.stages)
+    columns = [STATUS, REJECT_REASON] + ([CAPTION_ISSUE, *CAPTION_COLUMNS] if captioned else [])
+    rows = kept = 0
+    reasons: dict[str, int] = {}
+    kept_tables = []
     for p in sorted(plan.counts):
         name = shards.shard_name(p)
-        tables.append(layout.read_table(storage.join(shards_dir, f"{name}.parquet")))
+        part = layout.read_table(storage.join(shards_dir, f"{name}.parquet"), columns, present=True)
         stats.append(json.loads(storage.read_bytes(storage.join(shards_dir, f"{name}_stats.json"))))
-    # the per-shard tables are the annotation table (layout.read_annotations): no second copy is written
-    table = pa.concat_tables(tables, promote_options="permissive")
-    table = table.sort_by(KEY)
+        is_kept = pc.equal(part.column(STATUS), "kept")
+        rows += part.num_rows
+        kept += int(pc.sum(is_kept).as_py() or 0)
+        for reason, n in reason_counts(r for r in part.column(REJECT_REASON).to_pylist() if r).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        if captioned:
+            kept_tables.append(part.filter(is_kept))
+    reasons = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     videos = None
     if spec.is_video:
         vt = pa.concat_tables(
@@ -223,8 +260,6 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
         videos = spec.fan_out.counts(vt)
         if videos["inputs"] != plan.num_inputs:
             raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs} videos, videos/ {videos['inputs']}")
-    kept = int(pc.sum(pc.equal(table.column(STATUS), "kept")).as_py() or 0)
-    reasons = reason_counts(r for r in table.column(REJECT_REASON).to_pylist() if r)
     stage_seconds: dict[str, float] = {}
     stage_rss: dict[str, float] = {}
     for s in stats:
@@ -232,13 +267,14 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
             stage_seconds[k] = stage_seconds.get(k, 0.0) + v
         for k, v in s.get("stage_rss_mb", {}).items():
             stage_rss[k] = max(stage_rss.get(k, 0.0), v)
-    result = RunResult(output=out, inputs=table.num_rows, kept=kept, rejected=table.num_rows - kept,
+    result = RunResult(output=out, inputs=rows, kept=kept, rejected=rows - kept,
                        reasons=reasons,
                        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
                        wall_seconds=round(time.time() - started, 2), phases=phases, videos=videos,
                        sidecars=plan.sidecars, stage_rss_mb=stage_rss, warnings=spec.notices(),
                        already_complete=already_complete)
-    result.captions = caption_accounts(spec, table)
+    if captioned:
+        result.captions = caption_accounts(spec, pa.concat_tables(kept_tables, promote_options="permissive"))
     planned = result.inputs if spec.is_video else plan.num_inputs   # videos reconcile above
     if result.inputs != planned or result.kept + result.rejected != result.inputs:
         raise RuntimeError(f"counts do not reconcile: plan {plan.num_inputs}, table {result.inputs}, "
@@ -252,14 +288,14 @@ def finalize(spec: CurateSpec, plan: readers.Plan, started: float, phases: dict,
     return result
 
 
-def caption_accounts(spec: CurateSpec, table: pa.Table) -> dict:
-    """Every kept row's generated captions accounted for (``curation.caption.accounts``)."""
+def caption_accounts(spec: CurateSpec, kept: pa.Table) -> dict:
+    """Every kept row's generated captions accounted for (``curation.caption.accounts``); ``kept``:
+    the kept rows' caption columns."""
     from curation.caption import accounts
 
     stages = [s for s in spec.stages if s.name == "caption"]
     if not stages:
         return {}
-    kept = table.filter(pc.equal(table.column(STATUS), "kept"))
     cols = {c: kept.column(c).to_pylist() for c in CAPTION_COLUMNS if c in kept.column_names}
     issues = kept.column(CAPTION_ISSUE).to_pylist() if CAPTION_ISSUE in kept.column_names else []
     out: dict = {}
@@ -316,6 +352,15 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
         adapter.check_resources(registry.get(st.name), shape.cpus, shape.gpus, st.config)
     t = time.time()
     finished_parts = {p for p in job.counts if p in done}
+    if job.streamed is not None:
+        pending, n_have = _stream_pending(spec, job, work, finished_parts, log)
+        phases["plan_rows"] = round(time.time() - t, 3)
+        if log is not None and (n_have or finished_parts):
+            print(f"resuming: {n_have} rows annotated and {len(finished_parts)} shards written by an earlier run; "
+                  f"{pending.num_rows} samples left", file=log)
+        if pending.num_rows:
+            annotate(spec, pending, work, shape, log, frozenset(), trace)
+        return _after_annotate(spec, job, work, finished_parts, started, phases, t, log)
     # what is left, in Arrow: no Python object per input row on the driver (bench/scale.py, curate)
     key_type, part_type = job.table.schema.field(KEY).type, job.table.schema.field(PARTITION).type
     unfinished_rows = pc.invert(pc.is_in(job.table.column(PARTITION),
@@ -336,9 +381,16 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
               f"{pending.num_rows} {unit} left", file=log)
     if pending.num_rows:
         annotate(spec, pending, work, shape, log, frozenset(have) if spec.is_video else frozenset(), trace)
+    return _after_annotate(spec, job, work, finished_parts, started, phases, t, log)
+
+
+def _after_annotate(spec: CurateSpec, job: readers.Plan, work: str, finished_parts: set[int], started: float,
+                    phases: dict, t: float, log) -> RunResult:
+    """Reduce, write the shards, and account for every input (``finalize``)."""
     phases["annotate"] = round(time.time() - t, 3)
     counts = job.counts
     if spec.is_video:   # a video's clip count is known only now (videos are few: lists will do)
+        fan = spec.fan_out
         table = shards.read_fragments(shards.fragment_files(work), fan.progress_columns)
         _, done_videos = fan.progress(table)
         keys, parts = job.table.column(KEY).to_pylist(), job.table.column(PARTITION).to_pylist()
@@ -356,13 +408,16 @@ def _run(spec: CurateSpec, log, job: readers.Plan | None = None, trace: list | N
     decisions = reduce_stages(spec, work, phases) if unfinished else {}
     phases["reduce"] = round(time.time() - t, 3)
     t = time.time()
-    write_shards(spec, counts, work, decisions, log, _partitions_of(job.table, decisions, spec) if decisions else None)
+    write_shards(spec, counts, work, decisions, log, _partitions_of(job, decisions, spec) if decisions else None)
     phases["shards"] = round(time.time() - t, 3)
     return finalize(spec, job, started, phases)
 
 
-def _partitions_of(table: pa.Table, decisions: dict, spec: CurateSpec) -> dict[str, int]:
+def _partitions_of(job: readers.Plan, decisions: dict, spec: CurateSpec) -> dict[str, int]:
     """plan key -> partition for the keys a reduction decided on (a clip's: its video's), not for every row."""
+    if job.streamed is not None:      # its keys are numbered rows: the partition is the key's head
+        return readers.partition_of_keys(list(decisions), job.streamed.samples_per_shard)
+    table = job.table
     wanted = {spec.fan_out.input_key(k) for k in decisions} if spec.fan_out else set(decisions)
     hit = table.filter(pc.is_in(table.column(KEY), value_set=pa.array(sorted(wanted), table.schema.field(KEY).type)))
     return dict(zip(hit.column(KEY).to_pylist(), hit.column(PARTITION).to_pylist(), strict=True))
@@ -372,7 +427,7 @@ def plan(spec: CurateSpec) -> readers.Plan:
     """The inputs, their partitions and format; refuses an output that overlaps an input, or
     stages that do not fit the input's kind, before anything is read or written."""
     layout.check_separate(spec.output.path, input_paths(spec))   # before reading anything
-    p = readers.plan(spec.input, spec.output.samples_per_shard, spec.output.videos_per_shard)
+    p = readers.plan(spec.input, spec.output.samples_per_shard, spec.output.videos_per_shard, stream=True)
     check_input_kind(spec, p.format)
     return p
 

@@ -81,7 +81,7 @@ def sample_plan(job: readers.Plan, n: int, per_shard: int) -> readers.Plan:
     re-partitioned ``per_shard`` to a shard so the sample's shards are as full as the run's."""
     total = job.num_inputs
     idx = list(range(total)) if n >= total else [int((i + 0.5) * total / n) for i in range(n)]
-    table = job.table.take(pa.array(idx, pa.int64()))
+    table = job.table.take(pa.array(idx, pa.int64())) if job.table is not None else job.streamed.take(idx)
     parts = [i // per_shard for i in range(len(idx))]
     table = table.set_column(table.column_names.index(PARTITION), PARTITION,
                              pa.array(parts, table.schema.field(PARTITION).type))
