@@ -199,8 +199,17 @@ class FragmentRows:
         self.exclude = exclude
         self.scratch = scratch
 
-    def table(self, columns: list[str]) -> pa.Table | None:
-        table = read_fragments(self.files, columns=list(dict.fromkeys([KEY, *columns])))
+    def table(self, columns: list[str], where=None) -> pa.Table | None:
+        """The rows' ``columns`` (and key). ``where(table) -> mask`` keeps, fragment by fragment as
+        they are read, only the rows a reduction can use (pHash: kept rows with a hash), so the
+        driver never holds the run's every row; a key written twice (a retried task) then counts
+        by its first copy that passes."""
+        cols = list(dict.fromkeys([KEY, *columns]))
+        if where is None:
+            table = read_fragments(self.files, columns=cols)
+        else:
+            parts = [t.filter(where(t)) for t in (layout.read_table(f, columns=cols, present=True) for f in self.files)]
+            table = first_copies(pa.concat_tables(parts, promote_options="permissive")) if parts else None
         if table is not None and self.exclude:
             gone = pc.is_in(table.column(KEY), value_set=pa.array(sorted(self.exclude), table.schema.field(KEY).type))
             table = table.filter(pc.invert(gone))
@@ -224,8 +233,9 @@ class TableRows:
     def __init__(self, table: pa.Table, scratch: str = "", batch_rows: int = 65536):
         self._table, self.scratch, self.batch_rows = table, scratch, batch_rows
 
-    def table(self, columns: list[str]) -> pa.Table:
-        return self._table.select([c for c in dict.fromkeys([KEY, *columns]) if c in self._table.column_names])
+    def table(self, columns: list[str], where=None) -> pa.Table:
+        table = self._table.select([c for c in dict.fromkeys([KEY, *columns]) if c in self._table.column_names])
+        return table if where is None else table.filter(where(table))
 
     def batches(self, columns: list[str]):
         table = self.table(columns)

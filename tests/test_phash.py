@@ -2,11 +2,13 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from PIL import Image
 
 from curation.phash import (
     PHashDedup,
     PHashDedupConfig,
+    dedup_hashes,
     greedy_keep,
     hamming,
     near_duplicate_pairs,
@@ -83,3 +85,26 @@ def test_stage_call_hashes_kept_rows_only():
     }
     out = PHashDedup()(batch)
     assert len(out["phash"][0]) == 16 and out["phash"][1] is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_collapsing_identical_hashes_gives_the_item_by_item_answer(seed):
+    """``dedup_hashes`` (a group per distinct hash) decides as ``greedy_keep`` over every item does,
+    on inputs of many exact copies, near copies (1-6 bits flipped) and unrelated hashes, for any
+    priority order and distance; and 3,000 copies of one image cost one hash in the pair search."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2 ** 63, 12, dtype=np.uint64)
+    picks = base[rng.integers(0, 12, 300)]
+    flips = rng.integers(0, 64, (300, 6))
+    n_flip = rng.integers(0, 7, 300) * (rng.random(300) < 0.4)
+    hashes = picks.copy()
+    for i in range(300):
+        for b in flips[i, :n_flip[i]]:
+            hashes[i] ^= np.uint64(1) << np.uint64(b)
+    priority = rng.permutation(300)
+    for d in (0, 2, 4):
+        want = greedy_keep(priority, near_duplicate_pairs(hashes, d))
+        assert dedup_hashes(hashes, priority, d).tolist() == want.tolist()
+    many = np.full(3000, base[0], dtype=np.uint64)
+    got = dedup_hashes(many, np.arange(3000)[::-1], 4)
+    assert got[2999] == -1 and (np.delete(got, 2999) == 2999).all()
