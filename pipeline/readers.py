@@ -521,7 +521,6 @@ class StreamedParquet:
     schema: pa.Schema              # every block is cast to it (files may differ in carried columns)
     num_rows: int
     samples_per_shard: int
-    storage_options: dict = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[int, int]:
