@@ -4,8 +4,9 @@
 
 Everything is measured in this one run on the same files:
   * each stage's standalone rate on all cores (a process pool, no Ray);
-  * the end-to-end ``winnow curate`` rate on a local Ray (Ray start-up excluded) and its ratio
-    to the slowest stage;
+  * the end-to-end ``winnow curate`` rate on a local Ray (Ray start-up excluded) against the same
+    stage chain in a warm process pool, in alternating rounds (``--rounds``), and its ratio to the
+    slowest stage;
   * decode+resize images/s per core: winnow's decoder (libjpeg DCT scaling via PIL draft) vs a
     plain PIL open/convert/resize loop to the same size.
 Photos come from ../shared/data/images when present, plus generated camera-sized JPEGs.
@@ -176,19 +177,24 @@ def decode_per_core(distinct, max_side, rounds: int = 4) -> None:
     cv2.setNumThreads(0)                 # back to OpenCV's default for what follows
 
 
-def chain_pool_rate(paths, workers) -> float:
-    """img/s of the stage chain in a warm process pool: each process runs load, decode,
-    metadata_filter and phash_dedup on its share in 16-image batches (best of 2 timed runs, after
-    one run that starts the processes and imports)."""
-    shares = [paths[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_stage_rates, [s[:8] for s in shares]))
-        best = float("inf")
-        for _ in range(2):
-            t = time.perf_counter()
-            list(pool.map(_stage_rates, shares))
-            best = min(best, time.perf_counter() - t)
-    return len(paths) / best
+class ChainPool:
+    """The stage chain in a warm process pool: each process runs load, decode, metadata_filter and
+    phash_dedup on its share in 16-image batches. Started once (processes up, imports done, a few
+    images through), then timed round by round."""
+
+    def __init__(self, paths, workers):
+        self.shares = [paths[i::workers] for i in range(workers)]
+        self.n = len(paths)
+        self.pool = ProcessPoolExecutor(workers)
+        list(self.pool.map(_stage_rates, [s[:8] for s in self.shares]))
+
+    def seconds(self) -> float:
+        t = time.perf_counter()
+        list(self.pool.map(_stage_rates, self.shares))
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def main() -> int:
@@ -199,6 +205,7 @@ def main() -> int:
     ap.add_argument("--max-side", type=int, default=1024)
     ap.add_argument("--decode-only", action="store_true", help="only the per-core decode comparison")
     ap.add_argument("--engine-only", action="store_true", help="skip the per-core decode comparison")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of the pool and the engine")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="winnow-bench-")
     try:
@@ -227,41 +234,49 @@ def main() -> int:
             rates[name] = n / busiest if busiest > 0 else float("inf")
             print(f"  {name:<16} {rates[name]:10.1f} img/s")
         slowest = min(rates, key=rates.get)
-        pool_rate = chain_pool_rate(paths, args.cpus)
-        print(f"  the chain, warm pool {pool_rate:10.1f} img/s   (load + decode + metadata_filter + phash_dedup in "
-              f"one process per core: the engine's baseline)")
 
-        # 3) the pipeline on a local Ray (start-up excluded)
+        # 3) the pipeline on a local Ray (start-up excluded) against the warm pool, in alternating
+        # rounds: a busy neighbour on a shared machine then slows both sides of a round alike
         import ray
 
         from pipeline import adapter
         from pipeline.commands import curate
         from pipeline.commands import curate_spec as specmod
 
+        pool = ChainPool(paths, args.cpus)
         adapter.connect(None, args.cpus)      # joins a running cluster rather than clash with it
-        runs = {}
-        for label in ("cold", "warm 1", "warm 2", "warm 3"):   # cold: workers start and import; warm: Ray again
-            out = os.path.join(tmp, f"out_{label.replace(' ', '')}")
+
+        def engine(label):
             spec = specmod.parse({"input": {"path": os.path.join(tmp, "images")},
-                                  "output": {"path": out, "samples_per_shard": 64},
+                                  "output": {"path": os.path.join(tmp, f"out_{label}"), "samples_per_shard": 64},
                                   "stages": [{"name": "decode", "max_side": args.max_side},
                                              {"name": "metadata_filter", "min_side": 128}, {"name": "phash_dedup"}],
                                   "ray": {"block_rows": 32}})
-            runs[label] = curate.run(spec, log=None)
-        ray.shutdown()
-        print(
-            f"\npipeline (winnow curate on local Ray, {args.cpus} CPUs); slowest stage: {slowest} at "
-            f"{rates[slowest]:.1f} img/s"
-        )
-        for label, res in runs.items():
-            annotate_rate = n / res.phases["annotate"]
-            total_rate = n / res.wall_seconds
-            print(
-                f"  {label}: annotate {annotate_rate:6.1f} img/s ({res.phases['annotate']:.2f} s): "
-                f"{annotate_rate / pool_rate:.2f}x the plain pool, {annotate_rate / rates[slowest]:.2f}x the slowest "
-                f"stage alone; whole run {total_rate:6.1f} img/s ({res.wall_seconds:.2f} s), "
-                f"{total_rate / pool_rate:.2f}x the pool; phases {res.phases}"
-            )
+            return curate.run(spec, log=None)
+
+        cold = engine("cold")                 # workers start and import
+        print(f"\npipeline (winnow curate on local Ray, {args.cpus} CPUs) against the chain in a warm process pool "
+              f"(load + decode + metadata_filter + phash_dedup, one process per core: the engine's baseline), "
+              f"{args.rounds} alternating rounds; slowest stage alone: {slowest} at {rates[slowest]:.1f} img/s")
+        print(f"  cold run (not counted): annotate {n / cold.phases['annotate']:6.1f} img/s")
+        pool_s, annotate_s = [], []
+        try:
+            for r in range(args.rounds):
+                pool_s.append(pool.seconds())
+                res = engine(f"r{r}")
+                annotate_s.append(res.phases["annotate"])
+                print(f"  round {r + 1}: pool {n / pool_s[-1]:6.1f} img/s, annotate {n / annotate_s[-1]:6.1f} img/s "
+                      f"({annotate_s[-1]:.2f} s): {pool_s[-1] / annotate_s[-1]:.2f}x the pool; whole run "
+                      f"{n / res.wall_seconds:6.1f} img/s ({res.wall_seconds:.2f} s); phases {res.phases}")
+        finally:
+            pool.close()
+            ray.shutdown()
+        ratios = sorted(p / a for p, a in zip(pool_s, annotate_s, strict=True))
+        best = min(pool_s) / min(annotate_s)
+        print(f"  engine / pool: median of the rounds {float(np.median(ratios)):.2f}x (range {ratios[0]:.2f}-"
+              f"{ratios[-1]:.2f}); best against best {best:.2f}x ({n / min(annotate_s):.1f} vs "
+              f"{n / min(pool_s):.1f} img/s); best annotate {n / min(annotate_s) / rates[slowest]:.2f}x the slowest "
+              f"stage alone")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

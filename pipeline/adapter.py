@@ -274,6 +274,15 @@ class TimedChain:
         return self.tail.flush()
 
 
+def chain_slots(job: JobPlan, steps: list[tuple[str, type[Stage], Any]], shape: Shape) -> int:
+    """How many tasks of the pass's first task chain run at once: the CPUs the actor pools leave,
+    over the chain's CPU request."""
+    chain = [job.stages[label] for label, cls, _ in steps if not cls.stateful]
+    cpus = max((r.num_cpus for r in chain), default=0.0)
+    held = sum(r.num_cpus * r.concurrency for r in job.stages.values() if r.concurrency)
+    return max(int((shape.cpus - held) // cpus), 1) if cpus > 0 else 1
+
+
 def apply_chain(ds, steps: list[tuple[str, type[Stage], Any]], job: JobPlan, shape: Shape, tail=None):
     """Append consecutive task steps ``(label, class, config)`` as one ``map_batches``, with the
     largest CPU request ``job`` planned for them and the smallest batch size."""

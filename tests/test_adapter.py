@@ -224,3 +224,51 @@ def test_a_large_plan_gets_larger_blocks_not_more_of_them(monkeypatch):
     assert pa.concat_tables(blocks).column("key").to_pylist() == table.column("key").to_pylist()
     assert len(curate._blocks(table.slice(0, 1000), 32)) == 32          # small plans keep block_rows
     assert len(curate._blocks(table, 1, cap=False)) == 10_000           # a video's own block (fan-out)
+    assert len(curate._blocks(table, 32, slots=3)) == 99                # capped, still a multiple of the slots
+
+
+def test_blocks_fill_the_last_wave_of_tasks():
+    """Every plan size, block size and number of task slots: the blocks cover the plan in order, none
+    is larger than block_rows, sizes differ by at most one row, and their number is the smallest
+    multiple of the slots that keeps them under block_rows (or one block per row, when rows are fewer)."""
+    import math
+
+    import pyarrow as pa
+
+    from pipeline.commands import curate
+
+    table = pa.table({"key": list(range(300))})
+    for total in (0, 1, 2, 5, 31, 32, 33, 64, 65, 300):
+        for rows in (1, 7, 32, 500):
+            for slots in (1, 2, 3, 8):
+                blocks = curate._blocks(table.slice(0, total), rows, slots=slots)
+                sizes = [b.num_rows for b in blocks]
+                assert sum(sizes) == total
+                assert [k for b in blocks for k in b.column("key").to_pylist()] == list(range(total))
+                if not total:
+                    assert blocks == []
+                    continue
+                need = math.ceil(total / rows)              # blocks of at most `rows`
+                want = min(math.ceil(need / slots) * slots, total)
+                assert len(blocks) == want, (total, rows, slots)
+                assert max(sizes) <= rows and max(sizes) - min(sizes) <= 1
+    # 652 rows, blocks of 32, 2 workers: 22 blocks of 29-30 rows instead of 20 of 32 and one of 12
+    sizes = [b.num_rows for b in curate._blocks(pa.table({"k": list(range(652))}), 32, slots=2)]
+    assert len(sizes) == 22 and set(sizes) == {29, 30}
+
+
+def test_chain_slots_are_the_cpus_the_actor_pools_leave():
+    from pipeline import adapter
+    from pipeline.commands import curate
+    from pipeline.commands import curate_spec as specmod
+
+    def slots(stages, cpus):
+        spec = specmod.parse({"input": {"path": "/nonexistent"}, "output": {"path": "/nonexistent-out"},
+                              "stages": stages})
+        steps, shape = curate.steps_of(spec), adapter.Shape(float(cpus), 0.0, (float(cpus),))
+        return adapter.chain_slots(adapter.plan_job(steps, shape), steps, shape)
+
+    tasks = [{"name": "decode"}, {"name": "phash_dedup"}]
+    assert [slots(tasks, c) for c in (1, 2, 8)] == [1, 2, 8]
+    model = [{"name": "decode"}, {"name": "clip", "device": "cpu"}]
+    assert [slots(model, c) for c in (2, 8)] == [1, 1]      # the CLIP pool holds all but one CPU

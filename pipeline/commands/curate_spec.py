@@ -48,8 +48,10 @@ class OutputSpec:
 
 @dataclass
 class RaySpec(RaySettings):
-    block_rows: int = option(32, "samples per Ray Data block of the plan (smaller = finer load balancing); a plan of "
-                             "more than 4096 blocks gets larger ones (4096 in all)", min=1)
+    block_rows: int = option(32, "at most this many samples per Ray Data block of the plan (smaller = finer load "
+                             "balancing); the blocks are evened out so that their number is a multiple of the "
+                             "tasks that run at once; a plan of more than 4096 blocks gets larger ones (4096 in all)",
+                             min=1)
     no_progress_timeout_s: float = option(
         900.0, "fail instead of hanging when the dataset makes no progress this long", min=1
     )
