@@ -244,6 +244,10 @@ class Pairs:
         self._issued[d["token"]] = d
         return d
 
+    def issued(self, token: str) -> dict | None:
+        """The pair handed out under ``token``, or None."""
+        return self._issued.get(token)
+
     def vote(self, token: str, choice: str, voter: str) -> str:
         """Record ``choice`` for the pair issued under ``token``: "ok", "duplicate" (the token voted
         already: counted once), or raises PreferError (unknown token, bad choice)."""

@@ -28,6 +28,7 @@ COMMANDS = {
     "jobs": ("pipeline.commands.jobs", "list a cluster's jobs, show one's status or logs, stop one"),
     "eval": ("pipeline.commands.eval", "score a trained run or a folder of images: CLIP score, FID"),
     "study": ("pipeline.commands.study", "train and evaluate a short run per sweep cell: score vs data kept"),
+    "prefer": ("pipeline.commands.prefer", "rank runs by people's pairwise votes on their samples (a web page)"),
 }
 
 

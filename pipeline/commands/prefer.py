@@ -1,0 +1,318 @@
+"""``winnow prefer``: people compare two runs' samples for the same prompt and seed in a browser;
+their votes rank the runs (``pipeline/ranking.py``: Davidson / Bradley-Terry with bootstrap
+intervals).
+
+    winnow prefer --runs RUN_A/eval/final RUN_B/eval/final RUN_C/eval/final --out prefer/
+    winnow prefer --runs ... --out prefer/ --rank [--json]
+
+The page binds 127.0.0.1 unless ``--host`` says otherwise; on any other address it asks for a key
+(printed once, carried in the URL). It serves the page and, under a pair's random token, the two
+sample files of that pair: no path in a request reaches the filesystem. Votes go to
+``OUT/votes.jsonl``, fsynced before the next pair is shown.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import http.server
+import json
+import mimetypes
+import os
+import re
+import secrets
+import sys
+import threading
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs, urlsplit
+
+from pipeline import prefer, ranking
+from pipeline.contract.config import ConfigError
+
+NAME = "prefer"
+DESCRIPTION = __doc__
+MAX_BODY = 4096
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+               ".webp": "image/webp", ".mp4": "video/mp4", ".webm": "video/webm"}
+VIDEO_EXT = (".mp4", ".webm")
+
+
+@dataclasses.dataclass
+class PreferSpec:
+    runs: dict[str, str]
+    out: str
+    rank: bool = False
+    json: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8765
+    voter: str | None = None
+    replicates: int = 1000
+    seed: int = 0
+
+
+def arguments(p) -> None:
+    p.add_argument("--runs", nargs="+", required=True, metavar="FOLDER",
+                   help="sample folders of `winnow eval` (files + prompts.jsonl), one per run to compare")
+    p.add_argument("--names", nargs="+", metavar="NAME",
+                   help="a name per run (default: the folders' distinct path ends)")
+    p.add_argument("--out", required=True, help="folder for votes.jsonl (and issued.jsonl)")
+    p.add_argument("--rank", action="store_true", help="print the ranking of the votes so far instead of serving")
+    p.add_argument("--json", action="store_true", help="with --rank: one JSON line")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (another than 127.0.0.1 needs the printed key)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--voter", help="the voter id to record (default: one per browser, from a cookie)")
+    p.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates of the ranking's intervals")
+
+
+def cell_names(folders: list[str]) -> list[str]:
+    """The shortest ends of the folders' paths that tell them apart: ``runs/a/eval/final`` and
+    ``runs/b/eval/final`` are ``a/eval/final`` and ``b/eval/final``."""
+    parts = [os.path.normpath(os.path.abspath(f)).split(os.sep) for f in folders]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ConfigError("--runs: the same folder is given twice")
+
+
+def from_args(args) -> PreferSpec:
+    if args.names and len(args.names) != len(args.runs):
+        raise ConfigError(f"--names: {len(args.names)} names for {len(args.runs)} runs")
+    names = args.names or cell_names(args.runs)
+    if len(set(names)) != len(names):
+        raise ConfigError("--names: each run needs a name of its own")
+    if args.json and not args.rank:
+        raise ConfigError("--json only changes what --rank prints; add --rank")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port: {args.port} is not a TCP port")
+    if args.replicates < 100:
+        raise ConfigError("--replicates: at least 100 for a 95 % interval")
+    return PreferSpec(dict(zip(names, args.runs, strict=True)), args.out, args.rank, args.json, args.host, args.port,
+                      args.voter, args.replicates)
+
+
+@dataclasses.dataclass
+class PreferResult:
+    ranking: dict | None
+    json: bool
+    url: str | None = None
+
+
+def rank_of(samples: prefer.SampleSet, out: str, replicates: int, seed: int = 0) -> ranking.Ranking:
+    log = prefer.VoteLog(os.path.join(out, "votes.jsonl"))
+    cells = set(samples.cells)
+    return ranking.rank(ranking.count_votes(samples.cells, [t for t in log.triples() if t[0] in cells
+                                                           and t[1] in cells]), replicates, seed)
+
+
+def run(spec: PreferSpec, log=sys.stderr) -> PreferResult:
+    try:
+        samples = prefer.SampleSet.load(spec.runs)
+    except prefer.PreferError as e:
+        raise ConfigError(f"--runs: {e}") from None
+    os.makedirs(spec.out, exist_ok=True)
+    if spec.rank:
+        return PreferResult(rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict(), spec.json)
+    server = Server(samples, spec.out, spec.host, spec.port, spec.voter)
+    print(f"winnow prefer: {len(samples.items)} prompts, {len(samples.cells)} runs; open {server.url}", file=log)
+    print("Ctrl-C stops it; votes are kept in " + os.path.join(spec.out, "votes.jsonl"), file=log)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return PreferResult(rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict(), False, server.url)
+
+
+def format_summary(result: PreferResult) -> str:
+    r = result.ranking
+    if result.json:
+        return json.dumps(r, sort_keys=True)
+    lines = [f"{r['votes']} votes; {r['model']}; tie propensity nu = {r['tie_nu']}"]
+    lines.append(f"{'rank':>4}  {'strength':>8}  {'95 % interval':>17}  {'votes':>5}  cell")
+    for c in r["cells"]:
+        lines.append(f"{c['rank']:>4}  {c['strength']:>8.3f}  [{c['ci95'][0]:>6.3f}, {c['ci95'][1]:>6.3f}]  "
+                     f"{c['votes']:>5}  {c['cell']}")
+    lines.append("the top run is separated from the rest" if r["top_separated"] else
+                 "the top run is not separated yet: more votes needed")
+    return "\n".join(lines)
+
+
+class Server:
+    """The page's HTTP server (the standard library's, one thread per request)."""
+
+    def __init__(self, samples: prefer.SampleSet, out: str, host: str, port: int, voter: str | None = None,
+                 seed: int | None = None):
+        self.pairs = prefer.Pairs(samples, out, seed)
+        self.voter = voter
+        self.key = None if host in LOCAL_HOSTS else secrets.token_urlsafe(18)
+        self.files = samples.files()
+        self._progress_lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"app": self})
+        cls = http.server.ThreadingHTTPServer
+        if ":" in host:
+            cls = type("Server6", (cls,), {"address_family": __import__("socket").AF_INET6})
+        self.httpd = cls((host, port), handler)
+        self.httpd.daemon_threads = True
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.httpd.server_address[1]}/" + (f"?key={self.key}" if self.key else "")
+
+    def serve_forever(self) -> None:
+        self._serving = True
+        try:
+            self.httpd.serve_forever(poll_interval=0.2)
+        finally:
+            self._serving = False
+
+    def close(self) -> None:
+        """Stop serving (from another thread than the one serving) and free the port."""
+        if getattr(self, "_serving", False):
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def progress(self) -> str:
+        with self._progress_lock:
+            counts = self.pairs.counts()
+            k = len(counts.cells)
+            if counts.total == 0:
+                return f"0 votes; {k} runs to rank"
+            r = ranking.rank(counts, replicates=200, seed=counts.total)
+            top = "; the top run is separated from the rest" if r.top_separated else ""
+            return f"{counts.total} votes, ranking settled for {r.settled()} of {k} runs{top}"
+
+    def pair_json(self, d: dict) -> dict:
+        item = self.pairs.samples.items[d["item"]]
+        video = os.path.splitext(item.files[d["left"]])[1].lower() in VIDEO_EXT
+        return {"token": d["token"], "prompt": item.prompt, "seed": item.seed, "video": video,
+                "left": f"/media/{d['token']}/left", "right": f"/media/{d['token']}/right", "cond": None,
+                "progress": self.progress()}
+
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    app: Server
+    server_version = "winnow-prefer"
+    sys_version = ""
+
+    def log_message(self, fmt, *args):      # quiet: the terminal shows the URL, not every request
+        return
+
+    # -- helpers
+    def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                    "style-src 'unsafe-inline'; img-src 'self'; media-src 'self'")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, code: int, doc: dict) -> None:
+        self._send(code, json.dumps(doc).encode(), "application/json")
+
+    def _authorised(self, header: bool) -> bool:
+        if self.app.key is None:
+            return True
+        given = self.headers.get("X-Winnow-Key", "") if header else \
+            (parse_qs(urlsplit(self.path).query).get("key") or [""])[0]
+        return hmac.compare_digest(given.encode(), self.app.key.encode())
+
+    def _voter(self) -> str:
+        if self.app.voter:
+            return self.app.voter
+        cookie = SimpleCookie(self.headers.get("Cookie", ""))
+        v = cookie.get("winnow_voter")
+        return v.value if v is not None and _TOKEN.match(v.value) else "anonymous"
+
+    # -- GET: the page and the pair's files; nothing here changes state
+    def do_GET(self):  # noqa: N802 - http.server's name
+        path = urlsplit(self.path).path
+        if not self._authorised(header=False):
+            return self._json(403, {"error": "this page needs its key: use the URL `winnow prefer` printed"})
+        if path == "/":
+            extra = {}
+            if "winnow_voter=" not in self.headers.get("Cookie", ""):
+                extra["Set-Cookie"] = f"winnow_voter={secrets.token_urlsafe(12)}; Path=/; SameSite=Strict; HttpOnly"
+            from pipeline.prefer_page import PAGE
+
+            return self._send(200, PAGE.encode(), "text/html; charset=utf-8", extra)
+        parts = path.split("/")
+        if len(parts) == 4 and parts[1] == "media" and _TOKEN.match(parts[2]) and parts[3] in ("left", "right"):
+            d = self.app.pairs.issued(parts[2])
+            if d is not None:
+                file = self.app.pairs.samples.items[d["item"]].files[d[parts[3]]]
+                if file in self.app.files:
+                    ext = os.path.splitext(file)[1].lower()
+                    ctype = MEDIA_TYPES.get(ext) or mimetypes.guess_type(file)[0] or "application/octet-stream"
+                    try:
+                        with open(file, "rb") as fh:
+                            body = fh.read()
+                    except OSError:
+                        return self._json(404, {"error": "not found"})
+                    return self._send(200, body, ctype)
+        if path == "/api/ranking":
+            counts = self.app.pairs.counts()
+            return self._json(200, ranking.rank(counts, replicates=200, seed=0).as_dict())
+        return self._json(404, {"error": "not found"})
+
+    do_HEAD = do_GET
+
+    # -- POST: the next pair, a vote
+    def _body(self) -> dict | None:
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            self._json(415, {"error": "send application/json"})
+            return None
+        origin = self.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+            self._json(403, {"error": "cross-origin request refused"})
+            return None
+        try:
+            length = int(self.headers.get("Content-Length", "-1"))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self._json(413, {"error": f"a request body is at most {MAX_BODY} bytes"})
+            return None
+        try:
+            doc = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            self._json(400, {"error": "the body must be a JSON object"})
+            return None
+        return doc
+
+    def do_POST(self):  # noqa: N802
+        path = urlsplit(self.path).path
+        if not self._authorised(header=True):
+            return self._json(403, {"error": "wrong or missing key"})
+        if path not in ("/api/next", "/api/vote"):
+            return self._json(404, {"error": "not found"})
+        doc = self._body()
+        if doc is None:
+            return None
+        if path == "/api/next":
+            return self._json(200, self.app.pair_json(self.app.pairs.issue()))
+        token, choice = doc.get("token"), doc.get("choice")
+        if not isinstance(token, str) or not _TOKEN.match(token) or not isinstance(choice, str):
+            return self._json(400, {"error": "a vote is {token, choice}"})
+        try:
+            status = self.app.pairs.vote(token, choice, self._voter())
+        except prefer.PreferError as e:
+            return self._json(400, {"error": str(e)})
+        return self._json(200, {"status": status, "votes": self.app.pairs.counts().total,
+                                "next": self.app.pair_json(self.app.pairs.issue())})
+
+    def do_PUT(self):  # noqa: N802
+        self._json(405, {"error": "method not allowed"})
+
+    do_DELETE = do_PATCH = do_PUT

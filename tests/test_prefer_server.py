@@ -1,0 +1,183 @@
+"""`winnow prefer`'s web server on a real socket (127.0.0.1): the page, pairs, votes, a restart,
+hostile requests, the key on a non-local address, and `--rank --json`."""
+import http.client
+import json
+import os
+import threading
+
+import pytest
+
+from pipeline import cli, prefer
+from pipeline.commands import prefer as cmd
+
+PROMPTS = ["a red cube", "<script>alert(1)</script> on a table", "a dog"]
+
+
+def _runs(tmp_path, n=3):
+    runs = {}
+    for c in range(n):
+        folder = tmp_path / f"run{c}" / "eval" / "final"
+        folder.mkdir(parents=True)
+        lines = []
+        for k, prompt in enumerate(PROMPTS):
+            (folder / f"{k:05d}.png").write_bytes(b"\x89PNG run%d sample%d" % (c, k))
+            lines.append(json.dumps({"file": f"{k:05d}.png", "prompt": prompt, "seed": k}))
+        (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+        runs[f"run{c}"] = str(folder)
+    return runs
+
+
+class Running:
+    def __init__(self, tmp_path, host="127.0.0.1", out=None):
+        self.samples = prefer.SampleSet.load(_runs(tmp_path) if out is None else out[0])
+        self.out = str(tmp_path / "votes") if out is None else out[1]
+        os.makedirs(self.out, exist_ok=True)
+        self.server = cmd.Server(self.samples, self.out, host, 0, seed=0)
+        self.port = self.server.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+    def post(self, path, doc, headers=None):
+        status, _, body = self.request("POST", path, json.dumps(doc),
+                                       {"Content-Type": "application/json", **(headers or {})})
+        return status, json.loads(body)
+
+    def close(self):
+        self.server.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def running(tmp_path):
+    r = Running(tmp_path)
+    yield r
+    r.close()
+
+
+def test_page_pair_media_vote_and_replay(running):
+    status, headers, page = running.request("GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and b"textContent" in page
+    assert "winnow_voter=" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]
+    assert b"<script>alert" not in page                       # prompts never reach the HTML
+    status, pair = running.post("/api/next", {})
+    assert status == 200 and set(pair) >= {"token", "prompt", "left", "right", "progress"}
+    # cells stay hidden: the page gets a random token and which side, nothing else
+    assert (pair["left"], pair["right"]) == (f"/media/{pair['token']}/left", f"/media/{pair['token']}/right")
+    status, _, left = running.request("GET", pair["left"])
+    issued = running.server.pairs.issued(pair["token"])
+    item = running.samples.items[issued["item"]]
+    assert status == 200 and left == open(item.files[issued["left"]], "rb").read()
+    assert item.prompt == pair["prompt"]
+    status, r = running.post("/api/vote", {"token": pair["token"], "choice": "left"},
+                             {"Cookie": "winnow_voter=abc123"})
+    assert status == 200 and r["status"] == "ok" and r["votes"] == 1 and r["next"]["token"] != pair["token"]
+    status, r = running.post("/api/vote", {"token": pair["token"], "choice": "right"})
+    assert status == 200 and r["status"] == "duplicate" and r["votes"] == 1
+    vote = json.loads(open(os.path.join(running.out, "votes.jsonl")).read())
+    assert (vote["voter"], vote["left"], vote["choice"], vote["prompt"]) == ("abc123", issued["left"], "left",
+                                                                             item.prompt)
+    status, _, body = running.request("GET", "/api/ranking")
+    assert status == 200 and json.loads(body)["votes"] == 1
+
+
+@pytest.mark.parametrize("path", ["/media/../../etc/passwd", "/media/%2e%2e/left", "/etc/passwd", "/media/x/left",
+                                  "/media/abc/../../prompts.jsonl", "//etc/passwd", "/media/" + "a" * 500 + "/left"])
+def test_paths_that_are_not_an_issued_pair_are_404(running, path):
+    status, _, body = running.request("GET", path)
+    assert status == 404 and b"passwd" not in body
+
+
+def test_hostile_posts_are_refused(running):
+    token = running.post("/api/next", {})[1]["token"]
+    cases = [
+        ("POST", "/api/vote", json.dumps({"token": token, "choice": "left"}), {"Content-Type": "text/plain"}, 415),
+        ("POST", "/api/vote", "x" * 5000, {"Content-Type": "application/json"}, 413),
+        ("POST", "/api/vote", "{not json", {"Content-Type": "application/json"}, 400),
+        ("POST", "/api/vote", "[1, 2]", {"Content-Type": "application/json"}, 400),
+        ("POST", "/api/vote", json.dumps({"token": token, "choice": "<b>"}), {"Content-Type": "application/json"}, 400),
+        ("POST", "/api/vote", json.dumps({"token": "forged", "choice": "left"}), {"Content-Type": "application/json"},
+         400),
+        ("POST", "/api/vote", json.dumps({"token": token, "choice": "left"}),
+         {"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
+        ("POST", "/api/other", "{}", {"Content-Type": "application/json"}, 404),
+        ("PUT", "/api/vote", "{}", {"Content-Type": "application/json"}, 405),
+        ("DELETE", "/", "", {}, 405),
+    ]
+    for method, path, body, headers, want in cases:
+        status, _, _ = running.request(method, path, body, headers)
+        assert status == want, (method, path, headers, status)
+    assert not os.path.exists(os.path.join(running.out, "votes.jsonl"))       # nothing was recorded
+    assert running.post("/api/vote", {"token": token, "choice": "left"})[1]["status"] == "ok"
+
+
+def test_a_restarted_server_keeps_the_votes_and_the_open_pairs(tmp_path):
+    first = Running(tmp_path)
+    runs, out = {c: first.samples.items[0].files[c].rsplit("/", 1)[0] for c in first.samples.cells}, first.out
+    try:
+        token = None
+        for _ in range(6):
+            token = first.post("/api/next", {})[1]["token"]
+            assert first.post("/api/vote", {"token": token, "choice": "tie"})[1]["status"] == "ok"
+        open_pair = first.post("/api/next", {})[1]["token"]
+    finally:
+        first.close()
+    second = Running(tmp_path, out=(runs, out))
+    try:
+        assert second.post("/api/vote", {"token": open_pair, "choice": "both_bad"})[1]["votes"] == 7
+        assert second.post("/api/vote", {"token": token, "choice": "left"})[1]["status"] == "duplicate"
+    finally:
+        second.close()
+    lines = open(os.path.join(out, "votes.jsonl")).read().splitlines()
+    assert len(lines) == 7 and len({json.loads(x)["token"] for x in lines}) == 7
+
+
+def test_a_non_local_address_needs_the_key(tmp_path):
+    r = Running(tmp_path, host="0.0.0.0")
+    try:
+        key = r.server.key
+        assert key and r.server.url.endswith(f"?key={key}")
+        assert r.request("GET", "/")[0] == 403
+        assert r.request("GET", "/?key=wrong")[0] == 403
+        assert r.request("GET", f"/?key={key}")[0] == 200
+        assert r.post("/api/next", {})[0] == 403
+        assert r.post("/api/next", {}, {"X-Winnow-Key": "wrong"})[0] == 403
+        status, pair = r.post("/api/next", {}, {"X-Winnow-Key": key})
+        assert status == 200
+        assert r.request("GET", pair["left"])[0] == 403
+        assert r.request("GET", pair["left"] + f"?key={key}")[0] == 200
+    finally:
+        r.close()
+
+
+def test_rank_prints_every_run_with_its_interval(tmp_path, capsys):
+    runs = _runs(tmp_path)
+    out = str(tmp_path / "votes")
+    os.makedirs(out)
+    log = prefer.VoteLog(os.path.join(out, "votes.jsonl"))
+    n = 0
+    for winner, loser, times in (("run2", "run0", 12), ("run2", "run1", 10), ("run1", "run0", 9), ("run0", "run1", 3)):
+        for _ in range(times):
+            log.add({"token": f"t{n}", "left": winner, "right": loser, "choice": "left", "voter": "v"})
+            n += 1
+    assert cmd.cell_names(list(runs.values())) == ["run0/eval/final", "run1/eval/final", "run2/eval/final"]
+    named = ["--runs", *runs.values(), "--names", *runs, "--out", out]
+    assert cli.main(["prefer", *named, "--rank", "--json", "--replicates", "200"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["votes"] == 34 and [c["cell"] for c in doc["cells"]] == ["run2", "run1", "run0"]
+    for c in doc["cells"]:
+        assert c["ci95"][0] <= c["strength"] <= c["ci95"][1]
+    assert cli.main(["prefer", *named, "--rank"]) == 0
+    assert "95 % interval" in capsys.readouterr().out
+    assert cli.main(["prefer", *named[:-2], "--out", str(tmp_path / "none"), "--rank", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["votes"] == 0
+    assert cli.main(["prefer", "--runs", runs["run0"], runs["run0"], "--out", out, "--rank"]) == 2
+    assert cli.main(["prefer", "--runs", *runs.values(), "--out", out, "--json"]) == 2
