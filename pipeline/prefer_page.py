@@ -37,7 +37,7 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const KEY = new URLSearchParams(location.search).get("key") || "";
-let current = null, busy = false;
+let current = null, busy = false, mine = 0;
 function media(url, video) {
   const el = document.createElement(video ? "video" : "img");
   el.src = url + (KEY ? "?key=" + encodeURIComponent(KEY) : "");
@@ -85,7 +85,8 @@ async function vote(choice) {
   if (choice === "left" || choice === "right") document.getElementById(choice).classList.add("chosen");
   try {
     const r = await api("/api/vote", {token: current.token, choice: choice});
-    document.body.dataset.votes = r.votes;
+    document.body.dataset.votes = r.votes;               // everyone's
+    if (r.status === "ok") document.body.dataset.mine = ++mine;   // this page's, counted once each
     show(r.next);
   } catch (e) { document.getElementById("error").textContent = e.message; busy = false; next(); }
 }
