@@ -181,3 +181,33 @@ def test_rank_prints_every_run_with_its_interval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["votes"] == 0
     assert cli.main(["prefer", "--runs", runs["run0"], runs["run0"], "--out", out, "--rank"]) == 2
     assert cli.main(["prefer", "--runs", *runs.values(), "--out", out, "--json"]) == 2
+
+
+def test_a_study_is_ranked_into_its_study_md_and_plot(tmp_path, capsys):
+    study = tmp_path / "study"
+    rows = []
+    for k, run in enumerate(_runs(tmp_path).values()):
+        cell_run = study / "cells" / f"cell_00{k}"
+        os.makedirs(cell_run / "eval")
+        os.rename(os.path.dirname(os.path.dirname(run)) + "/eval/final", cell_run / "eval" / "final")
+        rows.append({"cell": f"cell_00{k}", "run": str(cell_run), "fraction": [0.9, 0.5, 0.2][k]})
+    (study / "study.json").write_text(json.dumps(rows))
+    (study / "study.md").write_text("| cell | clip_score |\n| --- | ---: |\n| cell_000 | 0.3 |\n")
+    out = study / "prefer"
+    os.makedirs(out)
+    log = prefer.VoteLog(str(out / "votes.jsonl"))
+    for n in range(30):
+        log.add({"token": f"t{n}", "left": "cell_001", "right": ["cell_000", "cell_002"][n % 2], "choice": "left",
+                 "voter": "v"})
+    for _ in range(2):                                    # ranked twice: one Preference section
+        assert cli.main(["prefer", str(study), "--rank", "--replicates", "200"]) == 0
+    text = (study / "study.md").read_text()
+    assert text.startswith("| cell | clip_score |") and text.count("## Preference") == 1
+    assert "| 1 | cell_001 | 50.0 |" in text
+    assert json.loads((out / "ranking.json").read_text())["cells"][0]["cell"] == "cell_001"
+    assert (study / "plots" / "preference_vs_kept.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert cli.main(["prefer", str(tmp_path), "--rank"]) == 2                 # not a study
+    assert "no readable study.json" in capsys.readouterr().err
+    assert cli.main(["prefer", str(study), "--runs", "a", "b", "--rank"]) == 2
+    assert cli.main(["prefer", "--runs", "a", "b", "--rank"]) == 2            # --out is needed with --runs

@@ -2,6 +2,8 @@
 their votes rank the runs (``pipeline/ranking.py``: Davidson / Bradley-Terry with bootstrap
 intervals).
 
+    winnow prefer STUDY                     (a `winnow study` output: its cells' samples; votes in STUDY/prefer/)
+    winnow prefer STUDY --rank [--json]     (also writes study.md's Preference section and a plot)
     winnow prefer --runs RUN_A/eval/final RUN_B/eval/final RUN_C/eval/final --out prefer/
     winnow prefer --runs ... --out prefer/ --rank [--json]
 
@@ -41,6 +43,7 @@ VIDEO_EXT = (".mp4", ".webm")
 class PreferSpec:
     runs: dict[str, str]
     out: str
+    study: str | None = None
     rank: bool = False
     json: bool = False
     host: str = "127.0.0.1"
@@ -51,11 +54,12 @@ class PreferSpec:
 
 
 def arguments(p) -> None:
-    p.add_argument("--runs", nargs="+", required=True, metavar="FOLDER",
+    p.add_argument("study", nargs="?", help="a `winnow study` output folder (or give --runs and --out)")
+    p.add_argument("--runs", nargs="+", metavar="FOLDER",
                    help="sample folders of `winnow eval` (files + prompts.jsonl), one per run to compare")
     p.add_argument("--names", nargs="+", metavar="NAME",
                    help="a name per run (default: the folders' distinct path ends)")
-    p.add_argument("--out", required=True, help="folder for votes.jsonl (and issued.jsonl)")
+    p.add_argument("--out", help="folder for votes.jsonl (and issued.jsonl); default with a study: STUDY/prefer")
     p.add_argument("--rank", action="store_true", help="print the ranking of the votes so far instead of serving")
     p.add_argument("--json", action="store_true", help="with --rank: one JSON line")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (another than 127.0.0.1 needs the printed key)")
@@ -75,7 +79,49 @@ def cell_names(folders: list[str]) -> list[str]:
     raise ConfigError("--runs: the same folder is given twice")
 
 
+def study_runs(study: str) -> dict[str, str]:
+    """A study's cells -> their eval sample folders (``cells/cell_NNN/eval/final``, or ``lora``)."""
+    from pipeline.contract import storage
+
+    if storage.is_url(study):
+        raise ConfigError(f"{study!r}: the page serves local files; copy the study down first "
+                          f"(e.g. `aws s3 sync {study} ./study`)")
+    path = os.path.join(study, "study.json")
+    try:
+        with open(path, "rb") as fh:
+            rows = json.loads(fh.read(MAX_STUDY_BYTES))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{study!r} has no readable study.json ({e}); give a `winnow study` output folder, "
+                          f"or --runs and --out") from None
+    runs = {}
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, dict) or not isinstance(row.get("cell"), str) or not isinstance(row.get("run"), str):
+            continue
+        for name in ("final", "lora"):
+            folder = os.path.join(row["run"], "eval", name)
+            if os.path.isfile(os.path.join(folder, prefer.PROMPTS_FILE)):
+                runs[row["cell"]] = folder
+                break
+    if len(runs) < 2:
+        raise ConfigError(f"{study!r}: {len(runs)} cells have eval samples (cells/*/eval/final/prompts.jsonl); "
+                          f"at least two are needed: finish the study first")
+    return runs
+
+
+MAX_STUDY_BYTES = 64 * 2 ** 20
+
+
 def from_args(args) -> PreferSpec:
+    if bool(args.study) == bool(args.runs):
+        raise ConfigError("give a study folder, or --runs FOLDER ... with --out DIR (not both)")
+    if args.study:
+        if args.names:
+            raise ConfigError("--names: a study's runs are named by their cells")
+        runs = study_runs(args.study)
+        args.runs, args.names = list(runs.values()), list(runs)
+        args.out = args.out or os.path.join(args.study, "prefer")
+    elif not args.out:
+        raise ConfigError("--out: required with --runs (the folder for votes.jsonl)")
     if args.names and len(args.names) != len(args.runs):
         raise ConfigError(f"--names: {len(args.names)} names for {len(args.runs)} runs")
     names = args.names or cell_names(args.runs)
@@ -87,8 +133,8 @@ def from_args(args) -> PreferSpec:
         raise ConfigError(f"--port: {args.port} is not a TCP port")
     if args.replicates < 100:
         raise ConfigError("--replicates: at least 100 for a 95 % interval")
-    return PreferSpec(dict(zip(names, args.runs, strict=True)), args.out, args.rank, args.json, args.host, args.port,
-                      args.voter, args.replicates)
+    return PreferSpec(dict(zip(names, args.runs, strict=True)), args.out, args.study, args.rank, args.json, args.host,
+                      args.port, args.voter, args.replicates)
 
 
 @dataclasses.dataclass
@@ -112,7 +158,10 @@ def run(spec: PreferSpec, log=sys.stderr) -> PreferResult:
         raise ConfigError(f"--runs: {e}") from None
     os.makedirs(spec.out, exist_ok=True)
     if spec.rank:
-        return PreferResult(rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict(), spec.json)
+        ranked = rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict()
+        if spec.study:
+            write_study_section(spec.study, ranked)
+        return PreferResult(ranked, spec.json)
     server = Server(samples, spec.out, spec.host, spec.port, spec.voter)
     print(f"winnow prefer: {len(samples.items)} prompts, {len(samples.cells)} runs; open {server.url}", file=log)
     print("Ctrl-C stops it; votes are kept in " + os.path.join(spec.out, "votes.jsonl"), file=log)
@@ -123,6 +172,65 @@ def run(spec: PreferSpec, log=sys.stderr) -> PreferResult:
     finally:
         server.close()
     return PreferResult(rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict(), False, server.url)
+
+
+PREFERENCE_HEADING = "## Preference"
+
+
+def write_study_section(study: str, ranked: dict) -> None:
+    """``prefer/ranking.json``, the "Preference" section of ``study.md`` (replaced, the rest kept) and
+    ``plots/preference_vs_kept.png``: each cell's strength and interval against the data it kept."""
+    from pipeline.contract.layout import atomic_write
+
+    atomic_write(os.path.join(study, "prefer", "ranking.json"), json.dumps(ranked, indent=1).encode())
+    with open(os.path.join(study, "study.json"), "rb") as fh:
+        kept = {r["cell"]: r.get("fraction") for r in json.loads(fh.read(MAX_STUDY_BYTES)) if isinstance(r, dict)}
+    md = os.path.join(study, "study.md")
+    text = open(md, encoding="utf-8").read() if os.path.isfile(md) else ""
+    text = text.split("\n" + PREFERENCE_HEADING + "\n")[0].rstrip("\n")
+    lines = ["", PREFERENCE_HEADING, "",
+             f"{ranked['votes']} votes ({ranked['model']}); strengths are centred log-strengths with 95 % "
+             f"bootstrap intervals ({ranked['bootstrap_replicates']} replicates); `winnow prefer STUDY` collects more.",
+             "", "| rank | cell | kept % | strength | 95 % interval | votes | both bad |",
+             "| ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+    for c in ranked["cells"]:
+        frac = kept.get(c["cell"])
+        lines.append(f"| {c['rank']} | {c['cell']} | {'' if frac is None else f'{100 * frac:.1f}'} | "
+                     f"{c['strength']:.3f} | [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['votes']} | "
+                     f"{c['both_bad']} |")
+    lines += ["", "The top cell is separated from the rest." if ranked["top_separated"] else
+              "The top cell is not separated from the rest yet: more votes are needed."]
+    atomic_write(md, (text + "\n" + "\n".join(lines) + "\n").encode())
+    _plot_preference(study, ranked, kept)
+
+
+def _plot_preference(study: str, ranked: dict, kept: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.contract import storage
+
+    pts = [(100 * kept[c["cell"]], c) for c in ranked["cells"] if kept.get(c["cell"]) is not None]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for x, c in pts:
+        ax.errorbar([x], [c["strength"]], yerr=[[c["strength"] - c["ci95"][0]], [c["ci95"][1] - c["strength"]]],
+                    fmt="o", color="C0", capsize=3)
+        ax.annotate(c["cell"].replace("cell_", ""), (x, c["strength"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("data kept (%)")
+    ax.set_ylabel("preference strength (log)")
+    ax.set_title(f"people's preference vs data kept ({ranked['votes']} votes)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.join(study, "plots"), exist_ok=True)
+    with storage.local_target(os.path.join(study, "plots", "preference_vs_kept.png")) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def format_summary(result: PreferResult) -> str:

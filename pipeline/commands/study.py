@@ -255,6 +255,11 @@ def _write(spec: StudySpec, rows: list[dict]) -> None:
         atomic_write(storage.join(spec.output, "study.csv"), fh.getvalue().encode())
     atomic_write(storage.join(spec.output, "study.json"), json.dumps(rows, indent=1).encode())
     _plot(spec, rows)
+    ranked = storage.join(spec.output, "prefer", "ranking.json")
+    if not storage.is_url(spec.output) and storage.isfile(ranked):     # people's votes (`winnow prefer`) stay
+        from pipeline.commands import prefer
+
+        prefer.write_study_section(spec.output, json.loads(storage.read_text(ranked)))
 
 
 def _plot(spec: StudySpec, rows: list[dict]) -> None:
