@@ -211,3 +211,35 @@ def test_a_study_is_ranked_into_its_study_md_and_plot(tmp_path, capsys):
     assert "no readable study.json" in capsys.readouterr().err
     assert cli.main(["prefer", str(study), "--runs", "a", "b", "--rank"]) == 2
     assert cli.main(["prefer", "--runs", "a", "b", "--rank"]) == 2            # --out is needed with --runs
+
+
+def test_the_clip_judge_votes_like_the_page_records_people(tmp_path, capfd):
+    from PIL import Image
+
+    runs = {}
+    for c, colour in enumerate(((220, 40, 40), (40, 200, 40), (40, 40, 220))):
+        folder = tmp_path / f"j{c}"
+        folder.mkdir()
+        lines = []
+        for k, prompt in enumerate(["a red square", "a green field", "a blue sky"]):
+            Image.new("RGB", (64, 64), tuple(min(255, v + 10 * k) for v in colour)).save(folder / f"{k}.png")
+            lines.append(json.dumps({"file": f"{k}.png", "prompt": prompt, "seed": k}))
+        (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+        runs[f"j{c}"] = str(folder)
+    out = tmp_path / "judged"
+    args = ["prefer", "--runs", *runs.values(), "--names", *runs, "--out", str(out), "--judge", "clip", "--votes", "24"]
+    assert cli.main(args) == 0
+    printed = capfd.readouterr()
+    assert "the judge cast 24 votes" in printed.out and "random weights" in printed.err
+    votes = [json.loads(x) for x in (out / "votes.jsonl").read_text().splitlines()]
+    assert len(votes) == 24 and {v["voter"] for v in votes} == {"judge:clip"}
+    judge = cmd.ClipJudge(None, None, 0)                    # the same seeded tiny CLIP: the same verdicts
+    samples = prefer.SampleSet.load(runs)
+    by_prompt = {it.prompt: it for it in samples.items}
+    for v in votes:
+        item = by_prompt[v["prompt"]]
+        assert v["choice"] == judge.choose(item.files[v["left"]], item.files[v["right"]], v["prompt"])
+    assert cli.main([*args[:-4], "--rank", "--json", "--replicates", "200"]) == 0
+    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["votes"] == 24
+    assert cli.main([*args[:-2]]) == 2                                         # --judge without --votes
+    assert cli.main([*args[:-4], "--votes", "3"]) == 2                         # --votes without --judge

@@ -6,6 +6,7 @@ intervals).
     winnow prefer STUDY --rank [--json]     (also writes study.md's Preference section and a plot)
     winnow prefer --runs RUN_A/eval/final RUN_B/eval/final RUN_C/eval/final --out prefer/
     winnow prefer --runs ... --out prefer/ --rank [--json]
+    winnow prefer STUDY --judge clip --votes 200 [--clip-model M --clip-pretrained W]   (no server)
 
 The page binds 127.0.0.1 unless ``--host`` says otherwise; on any other address it asks for a key
 (printed once, carried in the URL). It serves the page and, under a pair's random token, the two
@@ -51,6 +52,10 @@ class PreferSpec:
     voter: str | None = None
     replicates: int = 1000
     seed: int = 0
+    judge: str | None = None
+    votes: int = 0
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
 
 
 def arguments(p) -> None:
@@ -66,6 +71,11 @@ def arguments(p) -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--voter", help="the voter id to record (default: one per browser, from a cookie)")
     p.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates of the ranking's intervals")
+    p.add_argument("--judge", choices=JUDGES, help="vote with a model instead of people (no server): clip votes for "
+                                                   "the sample closer to the prompt (per frame, averaged, for video)")
+    p.add_argument("--votes", type=int, default=0, help="with --judge: how many votes it casts")
+    p.add_argument("--clip-model", help="with --judge clip: the open_clip model (default: the tiny random CLIP)")
+    p.add_argument("--clip-pretrained", help="its weights: an open_clip tag in the local cache, a file or a folder")
 
 
 def cell_names(folders: list[str]) -> list[str]:
@@ -133,8 +143,19 @@ def from_args(args) -> PreferSpec:
         raise ConfigError(f"--port: {args.port} is not a TCP port")
     if args.replicates < 100:
         raise ConfigError("--replicates: at least 100 for a 95 % interval")
+    if args.judge and args.votes < 1:
+        raise ConfigError("--votes: give how many votes the judge casts (at least 1)")
+    if not args.judge and (args.votes or args.clip_model or args.clip_pretrained):
+        raise ConfigError("--votes, --clip-model and --clip-pretrained go with --judge clip")
+    if args.judge and args.rank:
+        raise ConfigError("--judge votes, --rank reports: run them one after the other")
+    if args.clip_model or args.clip_pretrained:
+        from pipeline.models.clip import TINY_CLIP, resolve_weights
+
+        resolve_weights(args.clip_model or TINY_CLIP, args.clip_pretrained, key="--clip")
     return PreferSpec(dict(zip(names, args.runs, strict=True)), args.out, args.study, args.rank, args.json, args.host,
-                      args.port, args.voter, args.replicates)
+                      args.port, args.voter, args.replicates, 0, args.judge, args.votes, args.clip_model,
+                      args.clip_pretrained)
 
 
 @dataclasses.dataclass
@@ -142,6 +163,72 @@ class PreferResult:
     ranking: dict | None
     json: bool
     url: str | None = None
+    judged: int = 0
+
+
+JUDGES = ("clip",)
+
+
+class ClipJudge:
+    """Prefers the sample whose CLIP image embedding is closer to the prompt's (cosine; a video's
+    frames averaged), a tie only when the two are equal. Each sample is scored once."""
+
+    def __init__(self, model: str | None, pretrained: str | None, seed: int = 0):
+        from training.evaluate import ClipScorer
+
+        self.clip = ClipScorer(model, pretrained, seed)
+        self._cache: dict[str, float] = {}
+
+    def cosine(self, path: str, prompt: str) -> float:
+        key = path + "\0" + prompt
+        if key not in self._cache:
+            frames = _frames(path)
+            if not frames:
+                raise prefer.PreferError(f"{path!r} could not be decoded")
+            self._cache[key] = float(self.clip.pairs(frames, [prompt] * len(frames))[1].mean())
+        return self._cache[key]
+
+    def choose(self, left: str, right: str, prompt: str) -> str:
+        a, b = self.cosine(left, prompt), self.cosine(right, prompt)
+        return "tie" if a == b else ("left" if a > b else "right")
+
+
+def _frames(path: str) -> list:
+    """A sample's RGB frames (one for an image), decoded with winnow's bounded decoders."""
+    from curation.decode import DecodeConfig, DecodeError, decode_image
+    from pipeline.contract.inputs import InputRejected
+    from pipeline.contract.media import gif_frames
+
+    if path.lower().endswith(".gif"):
+        try:
+            return gif_frames(path)
+        except (OSError, ValueError):
+            return []
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(64 * 2 ** 20 + 1)
+        return [decode_image(data, DecodeConfig(max_side=1024))[0]] if len(data) <= 64 * 2 ** 20 else []
+    except (DecodeError, InputRejected, OSError, ValueError):
+        return []
+
+
+def judge_votes(samples: prefer.SampleSet, spec: PreferSpec, log) -> int:
+    """``spec.votes`` votes by the judge, on pairs chosen as the page chooses them, recorded as the
+    page records them with ``voter: judge:<name>``. Returns the votes cast."""
+    from tqdm.auto import tqdm
+
+    judge = ClipJudge(spec.clip_model, spec.clip_pretrained, spec.seed)
+    if judge.clip.random and log is not None:
+        print(f"warning: the clip judge runs {judge.clip.label}: its votes mean nothing beyond this demo; "
+              f"give --clip-model and --clip-pretrained", file=log)
+    pairs = prefer.Pairs(samples, spec.out, spec.seed)
+    cast = 0
+    for _ in tqdm(range(spec.votes), desc="judge: clip", unit="vote", file=log, disable=log is None):
+        d = pairs.issue()
+        item = samples.items[d["item"]]
+        choice = judge.choose(item.files[d["left"]], item.files[d["right"]], item.prompt)
+        cast += pairs.vote(d["token"], choice, "judge:clip") == "ok"
+    return cast
 
 
 def rank_of(samples: prefer.SampleSet, out: str, replicates: int, seed: int = 0) -> ranking.Ranking:
@@ -151,7 +238,9 @@ def rank_of(samples: prefer.SampleSet, out: str, replicates: int, seed: int = 0)
                                                            and t[1] in cells]), replicates, seed)
 
 
-def run(spec: PreferSpec, log=sys.stderr) -> PreferResult:
+def run(spec: PreferSpec, log="stderr") -> PreferResult:
+    """``log``: where the URL, warnings and progress go (None: nowhere; default: the stderr of the call)."""
+    log = sys.stderr if log == "stderr" else log
     try:
         samples = prefer.SampleSet.load(spec.runs)
     except prefer.PreferError as e:
@@ -162,9 +251,15 @@ def run(spec: PreferSpec, log=sys.stderr) -> PreferResult:
         if spec.study:
             write_study_section(spec.study, ranked)
         return PreferResult(ranked, spec.json)
+    if spec.judge:
+        cast = judge_votes(samples, spec, log)
+        result = PreferResult(rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict(), spec.json)
+        result.judged = cast
+        return result
     server = Server(samples, spec.out, spec.host, spec.port, spec.voter)
-    print(f"winnow prefer: {len(samples.items)} prompts, {len(samples.cells)} runs; open {server.url}", file=log)
-    print("Ctrl-C stops it; votes are kept in " + os.path.join(spec.out, "votes.jsonl"), file=log)
+    print(f"winnow prefer: {len(samples.items)} prompts, {len(samples.cells)} runs; open {server.url}",
+          file=log or sys.stderr)
+    print("Ctrl-C stops it; votes are kept in " + os.path.join(spec.out, "votes.jsonl"), file=log or sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -238,6 +333,8 @@ def format_summary(result: PreferResult) -> str:
     if result.json:
         return json.dumps(r, sort_keys=True)
     lines = [f"{r['votes']} votes; {r['model']}; tie propensity nu = {r['tie_nu']}"]
+    if result.judged:
+        lines.insert(0, f"the judge cast {result.judged} votes")
     lines.append(f"{'rank':>4}  {'strength':>8}  {'95 % interval':>17}  {'votes':>5}  cell")
     for c in r["cells"]:
         lines.append(f"{c['rank']:>4}  {c['strength']:>8.3f}  [{c['ci95'][0]:>6.3f}, {c['ci95'][1]:>6.3f}]  "
