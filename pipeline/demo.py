@@ -138,15 +138,34 @@ def main(argv: list[str] | None = None) -> int:
         f"train.checkpoint_every={args.train_steps},train.log_every=2,train.sample_steps=4,"
         f"train.eval_every={args.train_steps},train.eval_fraction=0.1]"])
     print(study.format_summary(study.run(sspec)))
+    from pipeline.commands import prefer
+
+    print("\npreference: the study's cells ranked by a judge, the tiny random CLIP, in 60 votes on the pairs the page "
+          "would show people (the votes mean nothing here; people vote in the page)")
+    pspec = prefer.from_args(prefer_args([study_dir, "--judge", "clip", "--votes", "60", "--replicates", "200"]))
+    print(prefer.format_summary(prefer.run(pspec)))
     svd = tiny_curriculum(select_dir, video_run, os.path.join(args.output, "svd"), args.train_steps // 2)
     print(f"\n  {args.output}/train_sd/final   a StableDiffusionPipeline folder (from_pretrained loads it)"
           f"\n  {args.output}/train_sdxl/final a StableDiffusionXLPipeline folder"
           f"\n  {svd}       a StableVideoDiffusionPipeline folder (image -> text-to-video -> image-to-video)"
           f"\n  {study_dir}/cells/cell_000/lora  a LoRA (pipe.load_lora_weights) on {study_dir}/cells/cell_000/base"
           f"\n  {study_dir}/study.md, plots/scores_vs_kept.png  the eval table and plot"
+          f"\n  {study_dir}/plots/preference_vs_kept.png  the judge's preference against the data kept"
+          f"\n  vote yourself (a page on 127.0.0.1:8765): winnow prefer {study_dir}"
           f"\n  continue a run: winnow train {args.output}/train_sd/train_spec.yaml --set train.max_steps=16"
           "\n\nto run winnow yourself: source .venv/bin/activate   (then: winnow --help)")
     return 0
+
+
+def prefer_args(argv: list[str]):
+    """``winnow prefer``'s arguments parsed as the command line parses them."""
+    import argparse
+
+    from pipeline.commands import prefer
+
+    parser = argparse.ArgumentParser(prog="winnow prefer")
+    prefer.arguments(parser)
+    return parser.parse_args(argv)
 
 
 def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> str:

@@ -13,14 +13,20 @@ from pipeline.commands import prefer as cmd
 PROMPTS = ["a red cube", "<script>alert(1)</script> on a table", "a dog"]
 
 
-def _runs(tmp_path, n=3):
+def _runs(tmp_path, n=3, broken=()):
+    """``n`` runs' sample folders; the runs in ``broken`` hold bytes that are not an image."""
+    from PIL import Image
+
     runs = {}
     for c in range(n):
         folder = tmp_path / f"run{c}" / "eval" / "final"
         folder.mkdir(parents=True)
         lines = []
         for k, prompt in enumerate(PROMPTS):
-            (folder / f"{k:05d}.png").write_bytes(b"\x89PNG run%d sample%d" % (c, k))
+            if c in broken:
+                (folder / f"{k:05d}.png").write_bytes(b"\x89PNG run%d sample%d" % (c, k))
+            else:
+                Image.new("RGB", (48, 48), (40 + 70 * c, 30 * k, 200 - 60 * c)).save(folder / f"{k:05d}.png")
             lines.append(json.dumps({"file": f"{k:05d}.png", "prompt": prompt, "seed": k}))
         (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
         runs[f"run{c}"] = str(folder)
@@ -186,7 +192,7 @@ def test_rank_prints_every_run_with_its_interval(tmp_path, capsys):
 def test_a_study_is_ranked_into_its_study_md_and_plot(tmp_path, capsys):
     study = tmp_path / "study"
     rows = []
-    for k, run in enumerate(_runs(tmp_path).values()):
+    for k, run in enumerate(_runs(tmp_path, broken=(2,)).values()):
         cell_run = study / "cells" / f"cell_00{k}"
         os.makedirs(cell_run / "eval")
         os.rename(os.path.dirname(os.path.dirname(run)) + "/eval/final", cell_run / "eval" / "final")
@@ -206,6 +212,17 @@ def test_a_study_is_ranked_into_its_study_md_and_plot(tmp_path, capsys):
     assert "| 1 | cell_001 | 50.0 |" in text
     assert json.loads((out / "ranking.json").read_text())["cells"][0]["cell"] == "cell_001"
     assert (study / "plots" / "preference_vs_kept.png").stat().st_size > 1000
+    # the demo's step: the judge votes on the study, and its ranking reaches study.md
+    from pipeline import demo
+
+    spec = cmd.from_args(demo.prefer_args([str(study), "--judge", "clip", "--votes", "12", "--replicates", "200"]))
+    result = cmd.run(spec, log=None)
+    assert result.judged == 12 and result.ranking["votes"] == 42
+    judged = [json.loads(x) for x in (out / "votes.jsonl").read_text().splitlines()][30:]
+    for v in judged:              # cell_002's samples are not images: they lose
+        if "cell_002" in (v["left"], v["right"]):
+            assert v["choice"] == ("right" if v["left"] == "cell_002" else "left")
+    assert "42 votes" in (study / "study.md").read_text() and (study / "study.md").read_text().count("## Pref") == 1
     capsys.readouterr()
     assert cli.main(["prefer", str(tmp_path), "--rank"]) == 2                 # not a study
     assert "no readable study.json" in capsys.readouterr().err
@@ -239,6 +256,7 @@ def test_the_clip_judge_votes_like_the_page_records_people(tmp_path, capfd):
     for v in votes:
         item = by_prompt[v["prompt"]]
         assert v["choice"] == judge.choose(item.files[v["left"]], item.files[v["right"]], v["prompt"])
+    assert judge.choose(str(tmp_path / "nothing.png"), str(tmp_path / "none.png"), "x") == "both_bad"
     assert cli.main([*args[:-4], "--rank", "--json", "--replicates", "200"]) == 0
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["votes"] == 24
     assert cli.main([*args[:-2]]) == 2                                         # --judge without --votes

@@ -171,25 +171,26 @@ JUDGES = ("clip",)
 
 class ClipJudge:
     """Prefers the sample whose CLIP image embedding is closer to the prompt's (cosine; a video's
-    frames averaged), a tie only when the two are equal. Each sample is scored once."""
+    frames averaged), a tie only when the two are equal. Each sample is scored once. A sample that
+    cannot be decoded loses, as it would to a person who sees a broken image; two such are "both bad"."""
 
     def __init__(self, model: str | None, pretrained: str | None, seed: int = 0):
         from training.evaluate import ClipScorer
 
         self.clip = ClipScorer(model, pretrained, seed)
-        self._cache: dict[str, float] = {}
+        self._cache: dict[str, float | None] = {}
 
-    def cosine(self, path: str, prompt: str) -> float:
+    def cosine(self, path: str, prompt: str) -> float | None:
         key = path + "\0" + prompt
         if key not in self._cache:
             frames = _frames(path)
-            if not frames:
-                raise prefer.PreferError(f"{path!r} could not be decoded")
-            self._cache[key] = float(self.clip.pairs(frames, [prompt] * len(frames))[1].mean())
+            self._cache[key] = float(self.clip.pairs(frames, [prompt] * len(frames))[1].mean()) if frames else None
         return self._cache[key]
 
     def choose(self, left: str, right: str, prompt: str) -> str:
         a, b = self.cosine(left, prompt), self.cosine(right, prompt)
+        if a is None or b is None:
+            return "both_bad" if a is None and b is None else ("right" if a is None else "left")
         return "tie" if a == b else ("left" if a > b else "right")
 
 
@@ -253,9 +254,10 @@ def run(spec: PreferSpec, log="stderr") -> PreferResult:
         return PreferResult(ranked, spec.json)
     if spec.judge:
         cast = judge_votes(samples, spec, log)
-        result = PreferResult(rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict(), spec.json)
-        result.judged = cast
-        return result
+        ranked = rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict()
+        if spec.study:
+            write_study_section(spec.study, ranked)
+        return PreferResult(ranked, spec.json, judged=cast)
     server = Server(samples, spec.out, spec.host, spec.port, spec.voter)
     print(f"winnow prefer: {len(samples.items)} prompts, {len(samples.cells)} runs; open {server.url}",
           file=log or sys.stderr)
