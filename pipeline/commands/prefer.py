@@ -321,7 +321,7 @@ def _plot_preference(study: str, ranked: dict, kept: dict) -> None:
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xlabel("data kept (%)")
     ax.set_ylabel("preference strength (log)")
-    ax.set_title(f"people's preference vs data kept ({ranked['votes']} votes)", fontsize=10)
+    ax.set_title(f"preference vs data kept ({ranked['votes']} votes)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.join(study, "plots"), exist_ok=True)
