@@ -175,6 +175,10 @@ def test_rank_prints_every_run_with_its_interval(tmp_path, capsys):
             log.add({"token": f"t{n}", "left": winner, "right": loser, "choice": "left", "voter": "v"})
             n += 1
     assert cmd.cell_names(list(runs.values())) == ["run0/eval/final", "run1/eval/final", "run2/eval/final"]
+    from pipeline import demo
+
+    planned = cmd.plan(cmd.from_args(demo.prefer_args(["--runs", *runs.values(), "--out", out, "--rank"])))
+    assert planned["prompts"] == 3 and planned["mode"] == "rank" and list(planned["runs"])[0] == "run0/eval/final"
     named = ["--runs", *runs.values(), "--names", *runs, "--out", out]
     assert cli.main(["prefer", *named, "--rank", "--json", "--replicates", "200"]) == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

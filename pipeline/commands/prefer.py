@@ -239,6 +239,19 @@ def rank_of(samples: prefer.SampleSet, out: str, replicates: int, seed: int = 0)
                                                            and t[1] in cells]), replicates, seed)
 
 
+def plan(spec: PreferSpec) -> dict:
+    """What would be compared, without serving or voting: the runs, the prompts they share, and the
+    listed samples left out (by run and reason)."""
+    try:
+        samples = prefer.SampleSet.load(spec.runs)
+    except prefer.PreferError as e:
+        raise ConfigError(f"--runs: {e}") from None
+    mode = "rank" if spec.rank else (f"judge {spec.judge}, {spec.votes} votes" if spec.judge else
+                                     f"serve on {spec.host}:{spec.port}")
+    return {"runs": dict(spec.runs), "prompts": len(samples.items), "left_out": samples.skipped, "out": spec.out,
+            "mode": mode}
+
+
 def run(spec: PreferSpec, log="stderr") -> PreferResult:
     """``log``: where the URL, warnings and progress go (None: nowhere; default: the stderr of the call)."""
     log = sys.stderr if log == "stderr" else log
