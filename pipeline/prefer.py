@@ -260,3 +260,36 @@ class Pairs:
         vote = {"token": token, "voter": str(voter)[:200], "left": d["left"], "right": d["right"],
                 "choice": choice, "prompt": item.prompt, "seed": item.seed, "time": round(time.time(), 3)}
         return "ok" if self.log.add(vote) else "duplicate"
+
+
+def _outcome(v: dict) -> str:
+    """A vote as what it says of its two cells: the preferred cell, or "tie" (tie and both bad)."""
+    return v["left"] if v["choice"] == "left" else v["right"] if v["choice"] == "right" else "tie"
+
+
+def agreement(votes: list[dict]) -> dict:
+    """How often each judge (voter ``judge:NAME``) agrees with people, on the samples both voted on
+    (same prompt, seed and two cells, whatever the sides): per cell pair and overall. A person's vote
+    is compared with the judge's first vote on those samples. {} when no judge or no person voted."""
+    judged: dict[str, dict] = {}
+    people: dict[tuple, list[str]] = {}
+    for v in votes:
+        key = (v.get("prompt"), v.get("seed"), frozenset((v["left"], v["right"])))
+        if str(v.get("voter", "")).startswith("judge:"):
+            judged.setdefault(v["voter"], {}).setdefault(key, _outcome(v))
+        else:
+            people.setdefault(key, []).append(_outcome(v))
+    out = {}
+    for judge, verdicts in sorted(judged.items()):
+        pairs: dict[str, list[int]] = {}
+        for key, outcomes in people.items():
+            if key in verdicts:
+                name = " vs ".join(sorted(key[2]))
+                hits = pairs.setdefault(name, [0, 0])
+                hits[0] += sum(o == verdicts[key] for o in outcomes)
+                hits[1] += len(outcomes)
+        if pairs:
+            agree, total = sum(h[0] for h in pairs.values()), sum(h[1] for h in pairs.values())
+            out[judge] = {"agree": round(agree / total, 4), "votes": total,
+                          "pairs": {k: {"agree": round(a / n, 4), "votes": n} for k, (a, n) in sorted(pairs.items())}}
+    return out

@@ -173,3 +173,24 @@ def test_a_killed_writer_loses_no_acknowledged_vote(tmp_path):
     assert acked >= 50
     tokens = [v["token"] for v in prefer.VoteLog(path).votes]
     assert tokens[:acked] == [f"t{n}" for n in range(acked)] and len(tokens) == len(set(tokens))
+
+
+def test_judges_agreement_with_people_on_the_same_samples():
+    def v(voter, left, right, choice, prompt="p", seed=0):
+        return {"voter": voter, "left": left, "right": right, "choice": choice, "prompt": prompt, "seed": seed}
+
+    votes = [
+        v("judge:clip", "A", "B", "left"),                 # the judge: A over B on (p, 0)
+        v("judge:clip", "B", "A", "left"),                 # a later judge vote on the same samples: not used
+        v("alice", "B", "A", "right"),                     # A (sides swapped): agrees
+        v("bob", "A", "B", "right"),                       # B: disagrees
+        v("carol", "A", "B", "both_bad"),                  # a tie: disagrees
+        v("judge:clip", "A", "C", "tie", "q", 1),
+        v("alice", "C", "A", "tie", "q", 1),               # tie against tie: agrees
+        v("alice", "A", "C", "left", "q", 2),              # a seed the judge never saw: not compared
+    ]
+    got = prefer.agreement(votes)
+    assert got == {"judge:clip": {"agree": 0.5, "votes": 4, "pairs": {"A vs B": {"agree": 0.3333, "votes": 3},
+                                                                     "A vs C": {"agree": 1.0, "votes": 1}}}}
+    assert prefer.agreement([v("alice", "A", "B", "left")]) == {}
+    assert prefer.agreement([v("judge:clip", "A", "B", "left")]) == {}

@@ -261,7 +261,11 @@ def test_the_clip_judge_votes_like_the_page_records_people(tmp_path, capfd):
         item = by_prompt[v["prompt"]]
         assert v["choice"] == judge.choose(item.files[v["left"]], item.files[v["right"]], v["prompt"])
     assert judge.choose(str(tmp_path / "nothing.png"), str(tmp_path / "none.png"), "x") == "both_bad"
+    first = votes[0]                                        # a person votes on the judge's first samples
+    prefer.VoteLog(str(out / "votes.jsonl")).add({**first, "token": "person-1", "voter": "alice"})
     assert cli.main([*args[:-4], "--rank", "--json", "--replicates", "200"]) == 0
-    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["votes"] == 24
+    doc = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert doc["votes"] == 25 and doc["judge_agreement"]["judge:clip"]["votes"] == 1
+    assert doc["judge_agreement"]["judge:clip"]["agree"] == 1.0
     assert cli.main([*args[:-2]]) == 2                                         # --judge without --votes
     assert cli.main([*args[:-4], "--votes", "3"]) == 2                         # --votes without --judge

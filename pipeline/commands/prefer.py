@@ -239,6 +239,13 @@ def rank_of(samples: prefer.SampleSet, out: str, replicates: int, seed: int = 0)
                                                            and t[1] in cells]), replicates, seed)
 
 
+def ranked_doc(samples: prefer.SampleSet, out: str, replicates: int, seed: int = 0) -> dict:
+    """The ranking as ``--rank --json`` prints it, with the judges' agreement with people."""
+    doc = rank_of(samples, out, replicates, seed).as_dict()
+    doc["judge_agreement"] = prefer.agreement(prefer.VoteLog(os.path.join(out, "votes.jsonl")).votes)
+    return doc
+
+
 def plan(spec: PreferSpec) -> dict:
     """What would be compared, without serving or voting: the runs, the prompts they share, and the
     listed samples left out (by run and reason)."""
@@ -261,13 +268,13 @@ def run(spec: PreferSpec, log="stderr") -> PreferResult:
         raise ConfigError(f"--runs: {e}") from None
     os.makedirs(spec.out, exist_ok=True)
     if spec.rank:
-        ranked = rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict()
+        ranked = ranked_doc(samples, spec.out, spec.replicates, spec.seed)
         if spec.study:
             write_study_section(spec.study, ranked)
         return PreferResult(ranked, spec.json)
     if spec.judge:
         cast = judge_votes(samples, spec, log)
-        ranked = rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict()
+        ranked = ranked_doc(samples, spec.out, spec.replicates, spec.seed)
         if spec.study:
             write_study_section(spec.study, ranked)
         return PreferResult(ranked, spec.json, judged=cast)
@@ -281,7 +288,7 @@ def run(spec: PreferSpec, log="stderr") -> PreferResult:
         pass
     finally:
         server.close()
-    return PreferResult(rank_of(samples, spec.out, spec.replicates, spec.seed).as_dict(), False, server.url)
+    return PreferResult(ranked_doc(samples, spec.out, spec.replicates, spec.seed), False, server.url)
 
 
 PREFERENCE_HEADING = "## Preference"
@@ -356,6 +363,9 @@ def format_summary(result: PreferResult) -> str:
                      f"{c['votes']:>5}  {c['cell']}")
     lines.append("the top run is separated from the rest" if r["top_separated"] else
                  "the top run is not separated yet: more votes needed")
+    for judge, a in r.get("judge_agreement", {}).items():
+        lines.append(f"{judge} agrees with people on {100 * a['agree']:.0f} % of {a['votes']} votes on the same "
+                     "samples")
     return "\n".join(lines)
 
 
