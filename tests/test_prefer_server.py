@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import cli, prefer
 from pipeline.commands import prefer as cmd
+from pipeline.models import reward
 
 PROMPTS = ["a red cube", "<script>alert(1)</script> on a table", "a dog"]
 
@@ -254,7 +255,7 @@ def test_the_clip_judge_votes_like_the_page_records_people(tmp_path, capfd):
     assert "the judge cast 24 votes" in printed.out and "random weights" in printed.err
     votes = [json.loads(x) for x in (out / "votes.jsonl").read_text().splitlines()]
     assert len(votes) == 24 and {v["voter"] for v in votes} == {"judge:clip"}
-    judge = cmd.ClipJudge(None, None, 0)                    # the same seeded tiny CLIP: the same verdicts
+    judge = cmd.Judging(reward.load(reward.JudgeSpec("clip")))   # the same seeded tiny CLIP: the same verdicts
     samples = prefer.SampleSet.load(runs)
     by_prompt = {it.prompt: it for it in samples.items}
     for v in votes:

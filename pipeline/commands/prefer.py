@@ -7,6 +7,7 @@ intervals).
     winnow prefer --runs RUN_A/eval/final RUN_B/eval/final RUN_C/eval/final --out prefer/
     winnow prefer --runs ... --out prefer/ --rank [--json]
     winnow prefer STUDY --judge clip --votes 200 [--clip-model M --clip-pretrained W]   (no server)
+    winnow prefer STUDY --judge imagereward|pickscore|hpsv2 --votes 200 [--judge-weights W]
 
 The page binds 127.0.0.1 unless ``--host`` says otherwise; on any other address it asks for a key
 (printed once, carried in the URL). It serves the page and, under a pair's random token, the two
@@ -28,8 +29,11 @@ import threading
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
+
 from pipeline import prefer, ranking
 from pipeline.contract.config import ConfigError
+from pipeline.models import reward
 
 NAME = "prefer"
 DESCRIPTION = __doc__
@@ -54,8 +58,9 @@ class PreferSpec:
     seed: int = 0
     judge: str | None = None
     votes: int = 0
-    clip_model: str | None = None
-    clip_pretrained: str | None = None
+    judge_model: str | None = None
+    judge_weights: str | None = None
+    judge_processor: str | None = None
 
 
 def arguments(p) -> None:
@@ -71,11 +76,19 @@ def arguments(p) -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--voter", help="the voter id to record (default: one per browser, from a cookie)")
     p.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates of the ranking's intervals")
-    p.add_argument("--judge", choices=JUDGES, help="vote with a model instead of people (no server): clip votes for "
-                                                   "the sample closer to the prompt (per frame, averaged, for video)")
+    p.add_argument("--judge", choices=JUDGES, help="vote with a model instead of people (no server): it votes for the "
+                   "sample it scores higher against the prompt (per frame, averaged, for video): clip (cosine), "
+                   "imagereward, pickscore or hpsv2 (open preference models)")
     p.add_argument("--votes", type=int, default=0, help="with --judge: how many votes it casts")
-    p.add_argument("--clip-model", help="with --judge clip: the open_clip model (default: the tiny random CLIP)")
-    p.add_argument("--clip-pretrained", help="its weights: an open_clip tag in the local cache, a file or a folder")
+    p.add_argument("--judge-weights", "--clip-pretrained", dest="judge_weights",
+                   help="the judge's weights: a file, a folder, or a hub id in the local Hugging Face cache "
+                        f"(defaults: {', '.join(f'{k} {v[0]}' for k, v in reward.HUB.items())}; clip: an open_clip "
+                        "tag in the cache, a file or a folder, default the tiny random CLIP)")
+    p.add_argument("--judge-model", "--clip-model", dest="judge_model",
+                   help=f"clip / hpsv2: the open_clip architecture (clip: the tiny CLIP; hpsv2: {reward.HPS_MODEL})")
+    p.add_argument("--judge-processor", help="pickscore: its CLIP processor (default: the weights' folder, else "
+                   f"{reward.PROCESSOR['pickscore']}); imagereward: BERT's tokenizer (default: the weights' folder, "
+                   f"else {reward.PROCESSOR['imagereward']}); a folder or a hub id in the cache")
 
 
 def cell_names(folders: list[str]) -> list[str]:
@@ -145,17 +158,24 @@ def from_args(args) -> PreferSpec:
         raise ConfigError("--replicates: at least 100 for a 95 % interval")
     if args.judge and args.votes < 1:
         raise ConfigError("--votes: give how many votes the judge casts (at least 1)")
-    if not args.judge and (args.votes or args.clip_model or args.clip_pretrained):
-        raise ConfigError("--votes, --clip-model and --clip-pretrained go with --judge clip")
+    if not args.judge and (args.votes or args.judge_model or args.judge_weights or args.judge_processor):
+        raise ConfigError("--votes, --judge-model, --judge-weights and --judge-processor go with --judge")
     if args.judge and args.rank:
         raise ConfigError("--judge votes, --rank reports: run them one after the other")
-    if args.clip_model or args.clip_pretrained:
-        from pipeline.models.clip import TINY_CLIP, resolve_weights
-
-        resolve_weights(args.clip_model or TINY_CLIP, args.clip_pretrained, key="--clip")
+    if args.judge_model and args.judge not in ("clip", "hpsv2"):
+        raise ConfigError(f"--judge-model: only clip and hpsv2 are open_clip models; {args.judge} has one architecture")
+    if args.judge_processor and args.judge not in ("imagereward", "pickscore"):
+        raise ConfigError(f"--judge-processor: {args.judge} has no processor to choose; drop it")
+    if args.judge:
+        reward.resolve(judge_spec(args.judge, args.judge_model, args.judge_weights, args.judge_processor))
     return PreferSpec(dict(zip(names, args.runs, strict=True)), args.out, args.study, args.rank, args.json, args.host,
-                      args.port, args.voter, args.replicates, 0, args.judge, args.votes, args.clip_model,
-                      args.clip_pretrained)
+                      args.port, args.voter, args.replicates, 0, args.judge, args.votes, args.judge_model,
+                      args.judge_weights, args.judge_processor)
+
+
+def judge_spec(name: str, model: str | None, weights: str | None, processor: str | None,
+               seed: int = 0) -> reward.JudgeSpec:
+    return reward.JudgeSpec(name, weights, processor, model, seed)
 
 
 @dataclasses.dataclass
@@ -166,29 +186,28 @@ class PreferResult:
     judged: int = 0
 
 
-JUDGES = ("clip",)
+JUDGES = reward.JUDGES
 
 
-class ClipJudge:
-    """Prefers the sample whose CLIP image embedding is closer to the prompt's (cosine; a video's
-    frames averaged), a tie only when the two are equal. Each sample is scored once. A sample that
-    cannot be decoded loses, as it would to a person who sees a broken image; two such are "both bad"."""
+class Judging:
+    """Votes with a reward model (``pipeline.models.reward``): the sample it scores higher against
+    the prompt wins (a video's frames averaged), a tie only when the two are equal. Each sample is
+    scored once. A sample that cannot be decoded loses, as it would to a person who sees a broken
+    image; two such are "both bad"."""
 
-    def __init__(self, model: str | None, pretrained: str | None, seed: int = 0):
-        from training.evaluate import ClipScorer
-
-        self.clip = ClipScorer(model, pretrained, seed)
+    def __init__(self, judge: reward.Judge):
+        self.judge = judge
         self._cache: dict[str, float | None] = {}
 
-    def cosine(self, path: str, prompt: str) -> float | None:
+    def score(self, path: str, prompt: str) -> float | None:
         key = path + "\0" + prompt
         if key not in self._cache:
             frames = _frames(path)
-            self._cache[key] = float(self.clip.pairs(frames, [prompt] * len(frames))[1].mean()) if frames else None
+            self._cache[key] = float(np.mean(self.judge.scores(frames, prompt))) if frames else None
         return self._cache[key]
 
     def choose(self, left: str, right: str, prompt: str) -> str:
-        a, b = self.cosine(left, prompt), self.cosine(right, prompt)
+        a, b = self.score(left, prompt), self.score(right, prompt)
         if a is None or b is None:
             return "both_bad" if a is None and b is None else ("right" if a is None else "left")
         return "tie" if a == b else ("left" if a > b else "right")
@@ -218,17 +237,18 @@ def judge_votes(samples: prefer.SampleSet, spec: PreferSpec, log) -> int:
     page records them with ``voter: judge:<name>``. Returns the votes cast."""
     from tqdm.auto import tqdm
 
-    judge = ClipJudge(spec.clip_model, spec.clip_pretrained, spec.seed)
-    if judge.clip.random and log is not None:
-        print(f"warning: the clip judge runs {judge.clip.label}: its votes mean nothing beyond this demo; "
-              f"give --clip-model and --clip-pretrained", file=log)
+    model = reward.load(judge_spec(spec.judge, spec.judge_model, spec.judge_weights, spec.judge_processor, spec.seed))
+    judge = Judging(model)
+    if model.random and log is not None:
+        print(f"warning: the {spec.judge} judge runs {model.label}: its votes mean nothing beyond this demo; "
+              f"give --judge-model and --judge-weights", file=log)
     pairs = prefer.Pairs(samples, spec.out, spec.seed)
     cast = 0
-    for _ in tqdm(range(spec.votes), desc="judge: clip", unit="vote", file=log, disable=log is None):
+    for _ in tqdm(range(spec.votes), desc=f"judge: {spec.judge}", unit="vote", file=log, disable=log is None):
         d = pairs.issue()
         item = samples.items[d["item"]]
         choice = judge.choose(item.files[d["left"]], item.files[d["right"]], item.prompt)
-        cast += pairs.vote(d["token"], choice, "judge:clip") == "ok"
+        cast += pairs.vote(d["token"], choice, "judge:" + spec.judge) == "ok"
     return cast
 
 
