@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import secrets
 import stat
 import threading
@@ -38,10 +39,23 @@ class PreferError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One prompt and seed, with the file each cell made for it (cell -> absolute path)."""
+    """One prompt and seed (and, for image-to-video, one conditioning frame), with the file each cell
+    made for it (cell -> absolute path)."""
     prompt: str
     seed: int
     files: dict
+    cond: str | None = None       # the conditioning frame's file (from the first cell listing it)
+    cond_sha256: str = ""         # its pixels' digest: cells pair only on the same frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One usable line of a prompts.jsonl."""
+    prompt: str
+    seed: int
+    path: str
+    cond: str | None = None
+    cond_sha256: str = ""
 
 
 def _inside(folder: str, name: str) -> str | None:
@@ -61,9 +75,10 @@ def _inside(folder: str, name: str) -> str | None:
     return real if stat.S_ISREG(st.st_mode) else None
 
 
-def read_listing(folder: str) -> tuple[list[tuple[str, int, str]], dict[str, int]]:
-    """``(prompt, seed, path)`` for every usable line of ``folder``'s prompts.jsonl, and the count of
-    lines left out by reason."""
+def read_listing(folder: str) -> tuple[list[Row], dict[str, int]]:
+    """A ``Row`` for every usable line of ``folder``'s prompts.jsonl, and the count of lines left out
+    by reason. An image-to-video line names its conditioning frame (``cond``, a file in the same
+    folder, and ``cond_sha256``, the digest of its pixels as ``winnow eval`` wrote them)."""
     listing = os.path.join(folder, PROMPTS_FILE)
     try:
         size = os.stat(listing).st_size
@@ -72,8 +87,12 @@ def read_listing(folder: str) -> tuple[list[tuple[str, int, str]], dict[str, int
                           f"sample folder") from None
     if size > MAX_LISTING_BYTES:
         raise PreferError(f"{listing!r} is {size} bytes, over the {MAX_LISTING_BYTES} a prompt list may have")
-    rows: list[tuple[str, int, str]] = []
+    rows: list[Row] = []
     skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
     with open(listing, "rb") as fh:
         for raw in fh.read(MAX_LISTING_BYTES).splitlines():
             if not raw.strip():
@@ -81,17 +100,29 @@ def read_listing(folder: str) -> tuple[list[tuple[str, int, str]], dict[str, int
             try:
                 doc = json.loads(raw)
                 prompt, seed, name = doc["prompt"], doc["seed"], doc["file"]
+                cond_name, digest = doc.get("cond"), doc.get("cond_sha256", "")
                 if not isinstance(prompt, str) or isinstance(seed, bool) or not isinstance(seed, int):
                     raise TypeError
-            except (ValueError, KeyError, TypeError):
-                skipped["bad line"] = skipped.get("bad line", 0) + 1
+                if cond_name is not None and not (isinstance(digest, str) and _SHA256.match(digest)):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, AttributeError):
+                skip("bad line")
                 continue
             path = _inside(folder, name)
             if path is None:
-                skipped["file outside the folder or missing"] = skipped.get("file outside the folder or missing", 0) + 1
+                skip("file outside the folder or missing")
                 continue
-            rows.append((prompt, seed, path))
+            cond = None
+            if cond_name is not None:
+                cond = _inside(folder, cond_name)
+                if cond is None:
+                    skip("conditioning frame outside the folder or missing")
+                    continue
+            rows.append(Row(prompt, seed, path, cond, digest if cond else ""))
     return rows, skipped
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclasses.dataclass
@@ -102,20 +133,26 @@ class SampleSet:
 
     @classmethod
     def load(cls, runs: dict[str, str]) -> SampleSet:
-        """``runs``: cell name -> sample folder. Items are the (prompt, seed) pairs at least two
-        cells have a file for; a (prompt, seed) listed twice in one folder keeps its first file."""
+        """``runs``: cell name -> sample folder. Items are the (prompt, seed, conditioning frame)
+        at least two cells have a file for; one listed twice in one folder keeps its first file.
+        Image-to-video samples pair only when their conditioning frames' pixels are the same."""
         if len(runs) < 2:
             raise PreferError(f"a preference study needs at least two runs to compare, got {len(runs)}")
-        by_key: dict[tuple[str, int], dict[str, str]] = {}
+        by_key: dict[tuple[str, int, str], dict[str, str]] = {}
+        conds: dict[tuple[str, int, str], str] = {}
         skipped = {}
         for cell, folder in runs.items():
             rows, skipped[cell] = read_listing(folder)
             if not rows:
                 raise PreferError(f"run {cell!r} ({folder!r}): no usable sample in {PROMPTS_FILE} "
                                   f"(left out: {skipped[cell] or 'none listed'})")
-            for prompt, seed, path in rows:
-                by_key.setdefault((prompt, seed), {}).setdefault(cell, path)
-        items = [Item(p, s, files) for (p, s), files in sorted(by_key.items()) if len(files) >= 2]
+            for row in rows:
+                key = (row.prompt, row.seed, row.cond_sha256)
+                by_key.setdefault(key, {}).setdefault(cell, row.path)
+                if row.cond:
+                    conds.setdefault(key, row.cond)
+        items = [Item(p, s, files, conds.get((p, s, c)), c) for (p, s, c), files in sorted(by_key.items())
+                 if len(files) >= 2]
         if not items:
             raise PreferError("no prompt and seed has samples from two runs: make the runs' samples with the same "
                               "prompts file and seed (`winnow eval --prompts F --seed N`)")
@@ -123,7 +160,7 @@ class SampleSet:
 
     def files(self) -> set[str]:
         """Every file the page may serve."""
-        return {f for item in self.items for f in item.files.values()}
+        return {f for item in self.items for f in item.files.values()} | {i.cond for i in self.items if i.cond}
 
 
 def _fsync_append(path: str, line: str) -> None:

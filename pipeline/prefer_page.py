@@ -10,7 +10,8 @@ PAGE = """<!doctype html>
  #prompt { font-size: 1.15em; margin: 8px 0 12px; min-height: 1.4em; }
  #pair { display: flex; gap: 16px; }
  .side { flex: 1; text-align: center; }
- .side img, .side video { max-width: 100%; max-height: 62vh; background: #eee; border: 3px solid transparent; }
+ .side img, .side video { width: 100%; max-height: 62vh; object-fit: contain; background: #eee;
+                         border: 3px solid transparent; box-sizing: border-box; }
  .side.chosen img, .side.chosen video { border-color: #2a7; }
  #buttons { display: flex; gap: 10px; justify-content: center; margin: 14px 0; flex-wrap: wrap; }
  button { font-size: 1em; padding: 8px 18px; cursor: pointer; }
@@ -52,32 +53,53 @@ async function api(path, body) {
   if (!r.ok) throw new Error(data.error || ("HTTP " + r.status));
   return data;
 }
+const STEP_S = 0.08;   // the most two playing samples may drift apart before the right one is moved
+let stepper = null;
+function keepInStep(a, b) {   // the left sample leads; drift is measured around the loop (0.05 s and 1.98 s
+  clearInterval(stepper);      // of a 2 s loop are 0.07 s apart)
+  stepper = setInterval(() => {
+    if (!a.isConnected || !b.isConnected) { clearInterval(stepper); return; }
+    const loop = a.duration, d = a.currentTime - b.currentTime;
+    const drift = isFinite(loop) && loop > 0 ? ((d % loop) + 1.5 * loop) % loop - loop / 2 : d;
+    if (Math.abs(drift) > STEP_S) b.currentTime = Math.min(a.currentTime, (b.duration || a.currentTime));
+  }, 200);
+}
+function loaded(el, video) {   // resolves when the sample can be shown (or has failed: a broken one is shown too)
+  return new Promise((done) => {
+    setTimeout(done, 10000);
+    if (video) { el.addEventListener("canplay", done, {once: true}); el.addEventListener("error", done, {once: true}); }
+    else el.decode().then(done, done);
+  });
+}
 function show(p) {
   current = p;
+  busy = true;                       // no vote until both samples are on screen
+  document.body.dataset.ready = "";
   document.getElementById("prompt").textContent = p.prompt;
   const cond = document.getElementById("cond");
   cond.hidden = !p.cond;
   if (p.cond) document.getElementById("condimg").src = p.cond + (KEY ? "?key=" + encodeURIComponent(KEY) : "");
-  const els = [];
-  for (const side of ["left", "right"]) {
-    const box = document.getElementById(side);
-    box.classList.remove("chosen");
-    box.replaceChildren();
-    const el = media(p[side], p.video);
-    box.appendChild(el);
-    els.push(el);
-  }
-  if (p.video) {   // start both together once both can play, and keep them in step
-    let ready = 0;
-    const start = () => { if (++ready === 2) for (const w of els) { w.currentTime = 0; w.play(); } };
-    for (const v of els) v.addEventListener("canplay", start, {once: true});
-  }
+  const els = [media(p.left, p.video), media(p.right, p.video)];
+  const boxes = ["left", "right"].map((side) => document.getElementById(side));
+  for (const box of boxes) { box.classList.remove("chosen"); box.replaceChildren(); }
+  Promise.all(els.map((el) => loaded(el, p.video))).then(() => {
+    if (current !== p) return;
+    // both go on screen in the same task, so animated GIFs start on the same frame; videos start
+    // together from 0 and are kept in step
+    boxes[0].appendChild(els[0]);
+    boxes[1].appendChild(els[1]);
+    if (p.video) {
+      for (const v of els) { v.currentTime = 0; v.play().catch(() => {}); }
+      keepInStep(els[0], els[1]);
+    }
+    busy = false;
+    document.body.dataset.ready = p.token;
+  });
   document.getElementById("progress").textContent = p.progress;
-  busy = false;
 }
 async function next() {
   try { show(await api("/api/next")); document.getElementById("error").textContent = ""; }
-  catch (e) { document.getElementById("error").textContent = e.message; }
+  catch (e) { document.getElementById("error").textContent = e.message; busy = false; }
 }
 async function vote(choice) {
   if (!current || busy) return;
@@ -88,7 +110,7 @@ async function vote(choice) {
     document.body.dataset.votes = r.votes;               // everyone's
     if (r.status === "ok") document.body.dataset.mine = ++mine;   // this page's, counted once each
     show(r.next);
-  } catch (e) { document.getElementById("error").textContent = e.message; busy = false; next(); }
+  } catch (e) { document.getElementById("error").textContent = e.message; next(); }
 }
 for (const b of document.querySelectorAll("button[data-choice]")) {
   b.addEventListener("click", () => vote(b.dataset.choice));

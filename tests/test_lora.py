@@ -298,6 +298,11 @@ def test_svd_lora_trains_temporal_layers_and_resumes(ray_local, clip_run, tmp_pa
     assert got["generated"] == 1 and 0.0 <= got["clip_score"] <= 100.0 and -1.0 <= got["frame_consistency"] <= 1.0
     with Image.open(tmp_path / "full" / "eval" / "lora" / "00000.gif") as im:
         assert (im.n_frames, im.size) == (4, (64, 48))
+    # the conditioning frame is kept beside the video and listed, for `winnow prefer`'s page
+    listing = json.loads((tmp_path / "full" / "eval" / "lora" / "prompts.jsonl").read_text())
+    assert listing["cond"] == "00000.cond.png" and len(listing["cond_sha256"]) == 64
+    with Image.open(tmp_path / "full" / "eval" / "lora" / "00000.cond.png") as im:
+        assert im.size == (64, 48) and np.asarray(im.convert("RGB")).max() == 90
 
 
 # ---- winnow eval on a run ----

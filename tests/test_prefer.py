@@ -49,6 +49,44 @@ def test_samples_pair_up_by_prompt_and_seed(tmp_path):
         prefer.SampleSet.load({"A": a, "B": str(tmp_path)})
 
 
+def test_image_to_video_samples_pair_only_on_the_same_conditioning_frame(tmp_path):
+    from PIL import Image
+
+    from pipeline.commands.eval import write_cond
+
+    frames = [Image.new("RGB", (64, 48), (90, 20 * k, 10)) for k in range(2)]
+    big = Image.new("RGB", (1600, 900), (5, 6, 7))
+
+    def run(name, conds, extra=()):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = []
+        for k, frame in enumerate(conds):
+            (folder / f"{k}.gif").write_bytes(b"GIF89a fake")
+            cond, digest = write_cond(frame, str(folder), f"{k}.cond.png")
+            lines.append(json.dumps({"file": f"{k}.gif", "prompt": "", "seed": k, "cond": cond, "cond_sha256": digest}))
+        (folder / prefer.PROMPTS_FILE).write_text("\n".join([*lines, *extra]) + "\n")
+        return str(folder)
+
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"x")
+    hostile = [json.dumps({"file": "0.gif", "prompt": "", "seed": 5, "cond": "../elsewhere.png",
+                           "cond_sha256": "0" * 64}),
+               json.dumps({"file": "0.gif", "prompt": "", "seed": 6, "cond": "0.cond.png"}),        # no digest
+               json.dumps({"file": "0.gif", "prompt": "", "seed": 7, "cond": "0.cond.png", "cond_sha256": "<b>"})]
+    a = run("a", frames, hostile)
+    b = run("b", frames)
+    c = run("c", [frames[0], big])        # the same seeds, but its second video started from another frame
+    s = prefer.SampleSet.load({"A": a, "B": b, "C": c})
+    assert s.skipped["A"] == {"conditioning frame outside the folder or missing": 1, "bad line": 2}
+    assert [(it.seed, sorted(it.files)) for it in s.items] == [(0, ["A", "B", "C"]), (1, ["A", "B"])]
+    assert s.items[0].cond == os.path.realpath(tmp_path / "a" / "0.cond.png") and s.items[0].cond in s.files()
+    assert str(outside) not in s.files()
+    with Image.open(tmp_path / "c" / "1.cond.png") as im:
+        assert im.size == (512, 288)          # kept small for the page; the digest is of the frame as given
+    assert prefer.read_listing(c)[0][1].cond_sha256 != prefer.read_listing(a)[0][1].cond_sha256
+
+
 def test_a_prompt_list_cannot_reach_files_outside_its_folder(tmp_path):
     outside = tmp_path / "secret.png"
     outside.write_bytes(b"secret")
@@ -67,7 +105,7 @@ def test_a_prompt_list_cannot_reach_files_outside_its_folder(tmp_path):
     _run(folder, rows, make=False)
     got, skipped = prefer.read_listing(str(folder))
     inner = os.path.realpath(folder / "inner.png")
-    assert got == [("p", 8, inner), ("p", 9, inner)]
+    assert [(r.prompt, r.seed, r.path, r.cond) for r in got] == [("p", 8, inner, None), ("p", 9, inner, None)]
     assert skipped == {"file outside the folder or missing": 7, "bad line": 4}
     big = tmp_path / "big"
     big.mkdir()

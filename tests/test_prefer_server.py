@@ -96,6 +96,56 @@ def test_page_pair_media_vote_and_replay(running):
     assert status == 200 and json.loads(body)["votes"] == 1
 
 
+def test_media_answers_byte_ranges_so_a_browser_can_seek(running):
+    status, pair = running.post("/api/next", {})
+    issued = running.server.pairs.issued(pair["token"])
+    data = open(running.samples.items[issued["item"]].files[issued["right"]], "rb").read()
+    n = len(data)
+    for header, code, want, content_range in [
+            ("bytes=0-9", 206, data[:10], f"bytes 0-9/{n}"),
+            ("bytes=10-", 206, data[10:], f"bytes 10-{n - 1}/{n}"),
+            ("bytes=-7", 206, data[-7:], f"bytes {n - 7}-{n - 1}/{n}"),
+            (f"bytes=5-{10 * n}", 206, data[5:], f"bytes 5-{n - 1}/{n}"),   # clipped to the file
+            (f"bytes={n}-", 416, b"", f"bytes */{n}"),                      # past the end
+            ("bytes=-0", 416, b"", f"bytes */{n}"),
+            ("bytes=9-3", 200, data, None), ("bytes=0-1,4-5", 200, data, None),   # ignored: the whole file
+            ("items=0-3", 200, data, None), ("bytes=" + "9" * 40 + "-", 200, data, None)]:
+        status, headers, body = running.request("GET", pair["right"], headers={"Range": header})
+        assert (status, body, headers.get("Content-Range")) == (code, want, content_range), header
+        assert headers.get("Accept-Ranges") == "bytes" or code == 416
+
+
+def test_an_image_to_video_pair_carries_its_conditioning_frame(tmp_path):
+    from PIL import Image
+
+    from pipeline.commands.eval import write_cond
+
+    runs = {}
+    for c in range(2):
+        folder = tmp_path / f"v{c}"
+        folder.mkdir()
+        (folder / "0.gif").write_bytes(b"GIF89a run %d" % c)
+        cond, digest = write_cond(Image.new("RGB", (32, 24), (9, 9, 9)), str(folder), "0.cond.png")
+        (folder / "prompts.jsonl").write_text(json.dumps({"file": "0.gif", "prompt": "", "seed": 0, "cond": cond,
+                                                          "cond_sha256": digest}) + "\n")
+        runs[f"v{c}"] = str(folder)
+    r = Running(tmp_path, out=(runs, str(tmp_path / "votes")))
+    try:
+        status, pair = r.post("/api/next", {})
+        assert pair["cond"] == f"/media/{pair['token']}/cond"
+        status, headers, body = r.request("GET", pair["cond"])
+        assert status == 200 and headers["Content-Type"] == "image/png"
+        assert body == (tmp_path / "v0" / "0.cond.png").read_bytes()
+    finally:
+        r.close()
+    plain = Running(tmp_path / "plain")                # no conditioning frame: none sent, none served
+    try:
+        status, pair = plain.post("/api/next", {})
+        assert pair["cond"] is None and plain.request("GET", f"/media/{pair['token']}/cond")[0] == 404
+    finally:
+        plain.close()
+
+
 @pytest.mark.parametrize("path", ["/media/../../etc/passwd", "/media/%2e%2e/left", "/etc/passwd", "/media/x/left",
                                   "/media/abc/../../prompts.jsonl", "//etc/passwd", "/media/" + "a" * 500 + "/left"])
 def test_paths_that_are_not_an_issued_pair_are_404(running, path):

@@ -172,6 +172,23 @@ def _sources(root: str, limit: int, skipped: dict):
             yield _rel(path, root), exc
 
 
+COND_SIDE = 512      # the conditioning frame kept beside a video, for the preference page
+
+
+def write_cond(image, folder: str, name: str) -> tuple[str, str]:
+    """Save an image-to-video conditioning frame beside its sample (at most COND_SIDE px a side) and
+    return its name and the SHA-256 of its RGB pixels as given, so that runs sampled from the same
+    frames pair up in `winnow prefer`."""
+    import hashlib
+
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(b"%dx%d:" % rgb.size + rgb.tobytes()).hexdigest()
+    small = rgb.copy()
+    small.thumbnail((COND_SIDE, COND_SIDE))
+    small.save(os.path.join(folder, name))
+    return name, digest
+
+
 def read_images(root: str, limit: int, skipped: dict):
     """(name, RGB PIL image) of every readable image; the rest counted in ``skipped`` by reason."""
     from curation.decode import DecodeConfig, DecodeError, decode_image
@@ -321,8 +338,11 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
             files.append(f"{k:05d}.png")
             frames[0].save(os.path.join(folder, files[-1]))
     bar.close()
-    listing = "".join(json.dumps({"file": f, "prompt": p, "seed": spec.seed + k}) + "\n"
-                      for k, (f, p) in enumerate(zip(files, prompts, strict=True)))
+    rows = [{"file": f, "prompt": p, "seed": spec.seed + k}
+            for k, (f, p) in enumerate(zip(files, prompts, strict=True))]
+    for k, row in enumerate(rows[:len(cond or ())]):     # image-to-video: the frame each video started from
+        row["cond"], row["cond_sha256"] = write_cond(cond[k], folder, f"{k:05d}.cond.png")
+    listing = "".join(json.dumps(row) + "\n" for row in rows)
     atomic_write(os.path.join(folder, "prompts.jsonl"), listing.encode())     # last: the folder is complete
     if folder != target:
         storage.copy_tree(folder, target, last=("prompts.jsonl",))

@@ -435,11 +435,29 @@ class Server:
         item = self.pairs.samples.items[d["item"]]
         video = os.path.splitext(item.files[d["left"]])[1].lower() in VIDEO_EXT
         return {"token": d["token"], "prompt": item.prompt, "seed": item.seed, "video": video,
-                "left": f"/media/{d['token']}/left", "right": f"/media/{d['token']}/right", "cond": None,
+                "left": f"/media/{d['token']}/left", "right": f"/media/{d['token']}/right",
+                "cond": f"/media/{d['token']}/cond" if item.cond else None,
                 "progress": self.progress()}
 
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
+
+
+def byte_range(header: str | None, size: int):
+    """``(first, last)`` for a single satisfiable ``bytes=`` range, ``"unsatisfiable"``, or None
+    (no header, several ranges or a malformed one: the whole file is sent, as RFC 9110 allows)."""
+    m = _RANGE.match((header or "").strip())
+    if not m or not (m.group(1) or m.group(2)):
+        return None
+    if not m.group(1):                                   # bytes=-N: the last N bytes
+        n = int(m.group(2))
+        return (max(0, size - n), size - 1) if n > 0 and size > 0 else "unsatisfiable"
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else size - 1
+    if m.group(2) and last < first:
+        return None
+    return (first, min(last, size - 1)) if first < size else "unsatisfiable"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -465,6 +483,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _send_file(self, file: str) -> None:
+        """A sample, whole or the one byte range asked for (RFC 9110 14): a browser seeks a video,
+        and so keeps two in step, only where the server answers ranges."""
+        ext = os.path.splitext(file)[1].lower()
+        ctype = MEDIA_TYPES.get(ext) or mimetypes.guess_type(file)[0] or "application/octet-stream"
+        try:
+            fh = open(file, "rb")
+        except OSError:
+            return self._json(404, {"error": "not found"})
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            span = byte_range(self.headers.get("Range"), size)
+            if span == "unsatisfiable":
+                return self._send(416, b"", "text/plain", {"Content-Range": f"bytes */{size}"})
+            start, end = span or (0, size - 1)
+            fh.seek(start)
+            body = fh.read(max(0, end - start + 1))
+        extra = {"Accept-Ranges": "bytes"}
+        if span:
+            extra["Content-Range"] = f"bytes {start}-{end}/{size}"
+        return self._send(206 if span else 200, body, ctype, extra)
 
     def _json(self, code: int, doc: dict) -> None:
         self._send(code, json.dumps(doc).encode(), "application/json")
@@ -496,19 +536,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
             return self._send(200, PAGE.encode(), "text/html; charset=utf-8", extra)
         parts = path.split("/")
-        if len(parts) == 4 and parts[1] == "media" and _TOKEN.match(parts[2]) and parts[3] in ("left", "right"):
+        if len(parts) == 4 and parts[1] == "media" and _TOKEN.match(parts[2]) and parts[3] in ("left", "right", "cond"):
             d = self.app.pairs.issued(parts[2])
             if d is not None:
-                file = self.app.pairs.samples.items[d["item"]].files[d[parts[3]]]
-                if file in self.app.files:
-                    ext = os.path.splitext(file)[1].lower()
-                    ctype = MEDIA_TYPES.get(ext) or mimetypes.guess_type(file)[0] or "application/octet-stream"
-                    try:
-                        with open(file, "rb") as fh:
-                            body = fh.read()
-                    except OSError:
-                        return self._json(404, {"error": "not found"})
-                    return self._send(200, body, ctype)
+                item = self.app.pairs.samples.items[d["item"]]
+                file = item.cond if parts[3] == "cond" else item.files[d[parts[3]]]
+                if file and file in self.app.files:
+                    return self._send_file(file)
         if path == "/api/ranking":
             counts = self.app.pairs.counts()
             return self._json(200, ranking.rank(counts, replicates=200, seed=0).as_dict())
