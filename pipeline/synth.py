@@ -178,11 +178,14 @@ __all__ = ["fade", "make_video_corpus", "shot", "text_shot", "write_video", "wri
 
 
 def camera_move(image: np.ndarray, n: int, width: int, height: int, fps: float, seed: int, *,
-                pan: float = 0.0, zoom: float = 0.0, shake: float = 0.0, angle_deg: float = 0.0) -> list[np.ndarray]:
+                pan: float = 0.0, zoom: float = 0.0, shake: float = 0.0, angle_deg: float = 0.0,
+                roll: float = 0.0) -> list[np.ndarray]:
     """``n`` frames of a virtual camera over a still ``image`` (RGB): a pan at ``pan`` % of the
-    frame width per second in direction ``angle_deg``, a zoom of ``zoom`` % of scale per second,
-    and a handheld ``shake`` (a smoothed random walk, % of width per second). Everything is in
-    frame units per second, so the same numbers mean the same motion at every size and rate."""
+    frame width per second in direction ``angle_deg`` (0: the camera turns right, 90: it tilts
+    down, 180: left, 270: up), a zoom of ``zoom`` % of scale per second (> 0: in), a ``roll`` in
+    degrees per second (> 0: the camera rolls clockwise, the picture turns anticlockwise) and a
+    handheld ``shake`` (a smoothed random walk, % of width per second). Everything is in frame
+    units per second, so the same numbers mean the same motion at every size and rate."""
     import cv2
 
     rng = np.random.default_rng(seed)
@@ -204,7 +207,10 @@ def camera_move(image: np.ndarray, n: int, width: int, height: int, fps: float, 
         s = scale * (1 + zoom / 100 * t)
         cx = src_w / 2 + (pan / 100 * width * t * np.cos(a) + walk[i, 0]) / s - travel * view_w / 2 * np.cos(a)
         cy = src_h / 2 + (pan / 100 * width * t * np.sin(a) + walk[i, 1]) / s - travel * view_w / 2 * np.sin(a)
-        m = np.array([[s, 0, width / 2 - s * cx], [0, s, height / 2 - s * cy]], np.float32)
+        c, r = np.cos(np.radians(roll * t)), np.sin(np.radians(roll * t))
+        rot = np.array([[c, r], [-r, c]]) * s          # the picture turned anticlockwise (y down), scaled
+        m = np.concatenate([rot, (np.array([width / 2, height / 2]) - rot @ np.array([cx, cy]))[:, None]], axis=1)
+        m = m.astype(np.float32)
         frames.append(cv2.warpAffine(image, m, (width, height), flags=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR,
                                      borderMode=cv2.BORDER_REFLECT))
     return frames

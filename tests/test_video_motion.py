@@ -189,3 +189,87 @@ def test_a_motion_stage_asks_the_clips_stage_for_its_frames():
     alone = parse({"input": {"path": "/nonexistent/videos"}, "output": {"path": "/tmp/unused-out"},
                    "stages": [{"name": "clips"}]})
     assert alone.stages[0].config.motion_sample is None
+
+
+def test_camera_of_names_exact_affine_fields_as_the_camera_moves():
+    """Flow fields built from known moves (no optical flow): the columns read them back, signed as
+    the camera's move. Frame 200 x 100 px; one pair."""
+    from video.motion import affine_fit, camera_of
+
+    w, h = 200, 100
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cx, cy = gx - w / 2, gy - h / 2
+
+    def field(dx, dy):
+        return np.stack([dx, dy], axis=-1).astype(np.float32)
+
+    cases = [
+        (field(np.full_like(gx, 4.0), 0 * gx), (-2.0, 0.0, 0.0, 0.0)),      # picture moves right: the camera pans left
+        (field(0 * gx, np.full_like(gx, -3.0)), (0.0, -1.5, 0.0, 0.0)),     # picture moves up: the camera tilts down
+        (field(0.05 * cx, 0.05 * cy), (0.0, 0.0, 100 * np.log(1.05), 0.0)),  # the picture grows 5 %: zoom in
+        # the picture turns 1 degree clockwise on screen (y down): the camera rolls anticlockwise
+        (field(-np.radians(1.0) * cy, np.radians(1.0) * cx), (0.0, 0.0, 0.0, -1.0)),
+    ]
+    for flow, want in cases:
+        got = camera_of(affine_fit(flow), w, h)
+        np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+@pytest.mark.parametrize("size, fps", [((320, 180), 12.0), ((180, 320), 30.0), ((256, 256), 24.0)])
+def test_generated_camera_moves_are_named_as_the_camera_moved(tmp_path, size, fps):
+    from pipeline.synth import camera_move
+    from video.motion import CameraMove, clip_motion
+
+    image = np.concatenate(shot(1, 640, 480, seed=22), axis=0)
+    moves = {"static": {}, "pan_right": dict(pan=9.0), "pan_left": dict(pan=9.0, angle_deg=180),
+             "tilt_down": dict(pan=9.0, angle_deg=90), "tilt_up": dict(pan=9.0, angle_deg=270),
+             "zoom_in": dict(zoom=14.0), "zoom_out": dict(zoom=-14.0), "complex": dict(pan=9.0, angle_deg=45)}
+    name = CameraMove()
+    got = {}
+    for move, kw in moves.items():
+        write_video(str(tmp_path / "g.mp4"), camera_move(image, int(2.5 * fps), *size, fps, 3, **kw), fps=fps, crf=20)
+        small = read_small(str(tmp_path / "g.mp4"), width=160)
+        m = clip_motion(small.times, small.yuv[..., 0])
+        got[move] = name(m)
+        if move.startswith(("pan", "tilt")):                       # 9 % of the width per second, signed
+            assert abs(m.pan_x if move.startswith("pan") else m.pan_y) == pytest.approx(9.0, rel=0.12)
+    assert got == {m: m for m in moves}
+
+
+def test_the_stage_writes_the_camera_columns():
+    from pipeline.contract.schema import (
+        CAMERA_MOVE,
+        CAMERA_PAN_X,
+        CAMERA_PAN_Y,
+        CAMERA_ROLL,
+        CAMERA_ZOOM,
+        IMAGE,
+        IMAGE_EXT,
+        KEPT,
+        KEY,
+        REJECT_REASON,
+        STATUS,
+    )
+    from pipeline.synth import camera_move
+    from video.motion import MotionScore, MotionStageConfig
+
+    image = np.concatenate(shot(1, 640, 480, seed=23), axis=0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        write_video(f"{d}/a.mp4", camera_move(image, 30, 192, 108, 10.0, 1, pan=12.0, angle_deg=180), fps=10)
+        write_video(f"{d}/b.mp4", camera_move(image, 30, 192, 108, 10.0, 1), fps=10)
+        data = [open(f"{d}/{n}.mp4", "rb").read() for n in "ab"]
+    batch = {KEY: np.array(["a", "b", "c"], object), IMAGE: np.array(data + [b"not a video"], object),
+             IMAGE_EXT: np.array(["mp4"] * 3, object), STATUS: np.array([KEPT] * 3, object),
+             REJECT_REASON: np.array([None] * 3, object)}
+    out = MotionScore(MotionStageConfig())(batch)
+    assert out[CAMERA_MOVE].tolist() == ["pan_left", "static", None]
+    assert out[CAMERA_PAN_X][0] == pytest.approx(-12.0, rel=0.1) and abs(out[CAMERA_PAN_Y][0]) < 0.6
+    assert abs(out[CAMERA_ZOOM][0]) < 1.0 and abs(out[CAMERA_ROLL][0]) < 1.0
+    assert [out[c][1] for c in (CAMERA_PAN_X, CAMERA_PAN_Y, CAMERA_ZOOM, CAMERA_ROLL)] == [0.0, 0.0, 0.0, 0.0]
+    assert out[STATUS][2] == "rejected" and out[REJECT_REASON][2].startswith("motion_error")
+    # thresholds come from the config: a dominance no pan reaches makes it complex
+    batch = {KEY: np.array(["a"], object), IMAGE: np.array(data[:1], object), IMAGE_EXT: np.array(["mp4"], object),
+             STATUS: np.array([KEPT], object), REJECT_REASON: np.array([None], object)}
+    assert MotionScore(MotionStageConfig(camera_dominance=1e6))(batch)[CAMERA_MOVE].tolist() == ["complex"]

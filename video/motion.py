@@ -25,6 +25,11 @@ import numpy as np
 from pipeline.contract.config import ConfigError, option
 from pipeline.contract.schema import (
     CAMERA_MOTION,
+    CAMERA_MOVE,
+    CAMERA_PAN_X,
+    CAMERA_PAN_Y,
+    CAMERA_ROLL,
+    CAMERA_ZOOM,
     IMAGE,
     IMAGE_EXT,
     MOTION_FRAMES,
@@ -42,6 +47,10 @@ class MotionConfig:
     preset: str = option("fast", "DIS preset: ultrafast, fast or medium")
     method: Literal["dis", "farneback"] = option("dis", "optical flow: dis (Kroeger et al., 2016) or farneback "
                                                  "(Farneback, 2003; what the SVD paper used at 2 fps)")
+    camera_refine: int = option(2, "registration passes that refine the camera's affine fit (camera_pan_x/_y, "
+                                "camera_zoom, camera_roll) on the frame pair aligned by the fit so far; dense flow "
+                                "shrinks a zoom's or roll's large edge displacements, so one pass reads a zoom at "
+                                "55-85 % of its size (0 keeps that)", min=0, max=5)
     fast_decode: bool = option(True, "where this stage decodes the clip itself (the clips stage hands the first "
                                "motion stage its frames; a second one with another rate or width decodes): decode "
                                "only reference frames, without deblocking "
@@ -136,18 +145,12 @@ def sample_indices(times: np.ndarray, rate: float) -> np.ndarray:
     return np.unique(idx)
 
 
-def decompose(flow: np.ndarray, keep: float = 0.7, top: float = 0.1) -> tuple[float, float, float]:
-    """(total, camera, subject) flow magnitudes of one field (h, w, 2), in pixels.
-
-    total: the mean magnitude over the frame (``motion_score``'s measure). camera: the mean
-    magnitude of the affine field (pan, tilt, zoom, roll, shear: six parameters) fitted to the flow
-    by least squares and refitted twice on the ``keep`` share of points it explains best, so
-    subjects moving over the background do not drag it. subject: the residual's mean over the
-    ``top`` share of the frame where it is largest -- how fast the moving part of the scene moves,
-    whether it fills the frame or a tenth of it (a frame mean would dilute a small subject into
-    the noise of a still one)."""
+def affine_fit(flow: np.ndarray, keep: float = 0.7, step: int | None = None) -> np.ndarray:
+    """The affine field (3, 2) fitted to a flow field (h, w, 2) in pixels: flow = [x/w - 0.5,
+    y/h - 0.5, 1] @ coef, by least squares refitted twice on the ``keep`` share of points it
+    explains best, so subjects moving over the background do not drag it."""
     h, w = flow.shape[:2]
-    step = max(1, min(h, w) // 24)
+    step = step or max(1, min(h, w) // 24)
     ys, xs = np.mgrid[0:h:step, 0:w:step]
     basis = np.stack([xs.ravel() / w - 0.5, ys.ravel() / h - 0.5, np.ones(xs.size)], axis=1)
     target = flow[::step, ::step].reshape(-1, 2).astype(np.float64)
@@ -158,6 +161,50 @@ def decompose(flow: np.ndarray, keep: float = 0.7, top: float = 0.1) -> tuple[fl
         inliers = err <= np.quantile(err, keep)
         if inliers.sum() < 6:
             break
+    return coef
+
+
+def camera_of(coef: np.ndarray, width: int, height: int) -> tuple[float, float, float, float]:
+    """The camera's move in one affine field, named as the camera's (see ``CameraMove``): (pan_x,
+    pan_y in % of the frame width, zoom in % of scale (log), roll in degrees), per frame pair.
+
+    The field's translation at the frame's centre is the pan: content moving left is the camera
+    turning right (pan_x > 0), content moving down is the camera tilting up (pan_y > 0). Its
+    linear part in pixels per pixel, J, splits into half its trace (the picture's growth: zoom
+    in > 0) and half its curl (the picture turning clockwise on screen, y pointing down, is the
+    camera rolling anticlockwise: roll < 0)."""
+    jxx, jxy = coef[0, 0] / width, coef[1, 0] / height
+    jyx, jyy = coef[0, 1] / width, coef[1, 1] / height
+    growth = 1.0 + (jxx + jyy) / 2
+    zoom = 100.0 * float(np.log(growth)) if growth > 0 else float("nan")
+    return (-100.0 * float(coef[2, 0]) / width, 100.0 * float(coef[2, 1]) / width, zoom,
+            -float(np.degrees((jyx - jxy) / 2)))
+
+
+def _aligned(grey: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """``grey`` (the later frame) sampled where the affine field ``coef`` says each pixel of the
+    earlier one went: where the field is right, the result matches the earlier frame."""
+    import cv2
+
+    h, w = grey.shape
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    fx = coef[0, 0] * (gx / w - 0.5) + coef[1, 0] * (gy / h - 0.5) + coef[2, 0]
+    fy = coef[0, 1] * (gx / w - 0.5) + coef[1, 1] * (gy / h - 0.5) + coef[2, 1]
+    return cv2.remap(grey, (gx + fx).astype(np.float32), (gy + fy).astype(np.float32), cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE)
+
+
+def decompose(flow: np.ndarray, keep: float = 0.7, top: float = 0.1, coef: np.ndarray | None = None
+              ) -> tuple[float, float, float]:
+    """(total, camera, subject) flow magnitudes of one field (h, w, 2), in pixels.
+
+    total: the mean magnitude over the frame (``motion_score``'s measure). camera: the mean
+    magnitude of the affine field (pan, tilt, zoom, roll, shear: six parameters, ``affine_fit``).
+    subject: the residual's mean over the ``top`` share of the frame where it is largest -- how
+    fast the moving part of the scene moves, whether it fills the frame or a tenth of it (a frame
+    mean would dilute a small subject into the noise of a still one)."""
+    h, w = flow.shape[:2]
+    coef = affine_fit(flow, keep) if coef is None else coef
     gy, gx = np.mgrid[0:h, 0:w]
     camera = (np.stack([gx / w - 0.5, gy / h - 0.5, np.ones((h, w))], axis=-1) @ coef).astype(np.float32)
     residual = np.linalg.norm(flow - camera, axis=-1).ravel()
@@ -168,7 +215,8 @@ def decompose(flow: np.ndarray, keep: float = 0.7, top: float = 0.1) -> tuple[fl
 
 def flow_parts(grey: np.ndarray, times: np.ndarray, config: MotionConfig | None = None) -> np.ndarray:
     """Per consecutive pair of ``grey`` frames (n, h, w uint8): (total, camera, subject) mean
-    flow in % of the frame width per second, shape (pairs, 3)."""
+    flow in % of the frame width per second, then the camera's pan_x, pan_y (% of the width per
+    second), zoom (% of scale per second) and roll (degrees per second): shape (pairs, 7)."""
     import cv2
 
     cfg = config or MotionConfig()
@@ -185,9 +233,14 @@ def flow_parts(grey: np.ndarray, times: np.ndarray, config: MotionConfig | None 
         dt = float(times[a] - times[a - 1])
         if dt <= 0:
             continue
-        parts = decompose(flow(grey[a - 1], grey[a]))
-        out.append([100.0 * p / grey.shape[2] / dt for p in parts])
-    return np.asarray(out, dtype=np.float64).reshape(-1, 3)
+        field = flow(grey[a - 1], grey[a])
+        coef = affine_fit(field)
+        parts = decompose(field, coef=coef)
+        for _ in range(cfg.camera_refine):    # Bergen et al. 1992: register, then fit what is left
+            coef = coef + affine_fit(flow(grey[a - 1], _aligned(grey[a], coef)))
+        cam = camera_of(coef, grey.shape[2], grey.shape[1])
+        out.append([100.0 * p / grey.shape[2] / dt for p in parts] + [c / dt for c in cam])
+    return np.asarray(out, dtype=np.float64).reshape(-1, 7)
 
 
 @dataclass
@@ -196,6 +249,44 @@ class Motion:
     camera: float | None                 # mean camera (global affine) part
     subject: float | None                # mean subject (residual) part
     pairs: list[float]                   # total per sampled pair
+    pan_x: float | None = None           # the camera's mean move (``camera_of``), per second
+    pan_y: float | None = None
+    zoom: float | None = None
+    roll: float | None = None
+
+
+MOVES = ("static", "pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zoom_out", "complex")
+
+
+@dataclass
+class CameraMove:
+    """Names a clip's camera move from its mean pan, tilt, zoom and roll. Each is turned into the
+    speed it gives the frame's left and right edges, in % of the frame width per second (a pan
+    its own; a zoom of z %/s moves the edges z/2; a roll of r deg/s moves them 50 r pi / 180), so
+    the four compare in one unit. A clip is ``static`` when its camera field's mean magnitude
+    (``camera_motion``, which also counts shake that averages out) is under ``static_below``;
+    otherwise the largest of the four names the move when it is at least ``static_below`` and
+    ``dominance`` times every other; anything else (a diagonal, a pan and a zoom together, a roll,
+    a shake with no net move) is ``complex``."""
+
+    static_below: float = 1.3     # bench/video_motion.py: the camera_motion that separates fixed cameras
+    dominance: float = 2.0        # one component twice any other
+
+    def edges(self, m: Motion) -> np.ndarray:
+        return np.abs([m.pan_x, m.pan_y, m.zoom / 2, 50.0 * np.radians(m.roll)])
+
+    def __call__(self, m: Motion) -> str | None:
+        if m.camera is None or m.pan_x is None or not np.isfinite([m.pan_x, m.pan_y, m.zoom, m.roll]).all():
+            return None
+        if m.camera < self.static_below:
+            return "static"
+        speed = self.edges(m)
+        top = int(np.argmax(speed))
+        rest = np.delete(speed, top)
+        if top == 3 or speed[top] < self.static_below or speed[top] < self.dominance * rest.max():
+            return "complex"
+        value = (m.pan_x, m.pan_y, m.zoom)[top]
+        return (("pan_left", "pan_right"), ("tilt_down", "tilt_up"), ("zoom_out", "zoom_in"))[top][int(value > 0)]
 
 
 def clip_motion(times: np.ndarray, luma: np.ndarray, config: MotionConfig | None = None,
@@ -210,8 +301,8 @@ def clip_motion(times: np.ndarray, luma: np.ndarray, config: MotionConfig | None
     if not len(parts):
         return Motion(None, None, None, [])
     mean = parts.mean(axis=0)
-    return Motion(round(float(mean[0]), 4), round(float(mean[1]), 4), round(float(mean[2]), 4),
-                  [round(float(p), 4) for p in parts[:, 0]])
+    return Motion(*(round(float(v), 4) for v in mean[:3]), [round(float(p), 4) for p in parts[:, 0]],
+                  *(round(float(v), 4) for v in mean[3:]))
 
 
 def motion_score(
@@ -232,11 +323,17 @@ class MotionStageConfig(MotionConfig):
                                       "clip is rejected as static unless its subject_motion reaches min_subject", min=0)
     min_subject: float | None = option(None, "with min_camera: how fast something must move before a fixed camera "
                                        "for the clip to stay (unset: fixed-camera clips are all rejected)", min=0)
+    camera_static_below: float = option(1.3, "camera_move is static below this camera_motion (% of width per "
+                                        "second; bench/video_motion.py's fixed-camera threshold)", min=0)
+    camera_dominance: float = option(2.0, "camera_move names a pan, tilt or zoom when its speed at the frame's "
+                                     "edges is at least this many times every other component's; else complex",
+                                     min=1.0)
 
 
 class MotionScore(Stage):
     """The ``motion`` stage: decodes each clip small and adds ``motion_score``, ``camera_motion``,
-    ``subject_motion`` and ``motion_pairs``."""
+    ``subject_motion``, ``motion_pairs``, the camera's ``camera_pan_x``, ``camera_pan_y``,
+    ``camera_zoom``, ``camera_roll`` and its named ``camera_move``."""
 
     name = "motion"
     Config = MotionStageConfig
@@ -274,7 +371,10 @@ class MotionScore(Stage):
         keep = active(batch)
         scores, pairs = column(batch, MOTION_SCORE), column(batch, MOTION_PAIRS)
         camera, subject = column(batch, CAMERA_MOTION), column(batch, SUBJECT_MOTION)
+        params = [column(batch, c) for c in (CAMERA_PAN_X, CAMERA_PAN_Y, CAMERA_ZOOM, CAMERA_ROLL)]
+        moves = column(batch, CAMERA_MOVE)
         cfg = self.config
+        name = CameraMove(cfg.camera_static_below, cfg.camera_dominance)
         for i in np.flatnonzero(keep):
             if batch.get(IMAGE_EXT) is None or batch[IMAGE_EXT][i] != "mp4" or batch[IMAGE][i] is None:
                 continue
@@ -287,6 +387,9 @@ class MotionScore(Stage):
             score = m.score
             scores[i], pairs[i] = score, json.dumps(m.pairs)   # JSON in flight (see JSON_LIST_COLUMNS)
             camera[i], subject[i] = m.camera, m.subject
+            for col, value in zip(params, (m.pan_x, m.pan_y, m.zoom, m.roll), strict=True):
+                col[i] = value
+            moves[i] = name(m)
             if score is None:
                 continue
             fixed = cfg.min_camera is not None and m.camera is not None and m.camera < cfg.min_camera
@@ -300,5 +403,6 @@ class MotionScore(Stage):
         return batch
 
 
-__all__ = ["FrameSampler", "Motion", "MotionConfig", "MotionScore", "MotionStageConfig", "clip_motion", "decompose",
-           "flow_parts", "motion_score", "pack_frames", "read_for_motion", "sample_indices", "unpack_frames"]
+__all__ = ["MOVES", "CameraMove", "FrameSampler", "Motion", "MotionConfig", "MotionScore", "MotionStageConfig",
+           "affine_fit", "camera_of", "clip_motion", "decompose", "flow_parts", "motion_score", "pack_frames",
+           "read_for_motion", "sample_indices", "unpack_frames"]

@@ -45,6 +45,14 @@ MOTION_PAIRS = "motion_pairs"    # per sampled frame pair, same unit as motion_s
 MOTION_FRAMES = "motion_frames"  # in flight only: the clips stage's 2-fps grey frames for the motion stage
 CAMERA_MOTION = "camera_motion"  # the global (affine) part of the flow: pans, tilts, zooms; same unit
 SUBJECT_MOTION = "subject_motion"  # the residual: things moving in the scene; same unit
+# the camera's move (video.motion.camera_of / CameraMove), named as the camera's: pan_left means the
+# camera turns left and the picture moves right
+CAMERA_PAN_X = "camera_pan_x"    # % of the frame width per second; > 0: the camera turns right
+CAMERA_PAN_Y = "camera_pan_y"    # % of the frame width per second; > 0: the camera tilts up
+CAMERA_ZOOM = "camera_zoom"      # % of scale per second (log); > 0: zoom in, the picture grows
+CAMERA_ROLL = "camera_roll"      # degrees per second; > 0: the camera rolls clockwise
+CAMERA_MOVE = "camera_move"      # static, pan_left, pan_right, tilt_up, tilt_down, zoom_in, zoom_out, complex
+CAMERA_COLUMNS = (CAMERA_PAN_X, CAMERA_PAN_Y, CAMERA_ZOOM, CAMERA_ROLL)
 FRAME_EMBEDDINGS = "clip_frame_embeddings"   # a clip's frames' image embeddings, concatenated
 WINDOW_CUTS = "window_cut_times_s"
 # plan columns: where a sample's bytes live (the reader fills them; the first stage reads them)
@@ -78,7 +86,9 @@ COLUMN_TYPES = {KEY: "string", SOURCE: "string", CAPTION: "string", STATUS: "str
                 CLIP_SIMILARITY: "double", AESTHETIC_SCORE: "double", OCR_TEXT: "string", OCR_AREA_RATIO: "double",
                 CAPTION_COCA: "string", CAPTION_VLM: "string", CAPTION_SUMMARY: "string", CAPTION_ISSUE: "string",
                 VIDEO_KEY: "string", CLIP_INDEX: "int64", CLIP_START: "double", CLIP_END: "double", FPS: "double",
-                NUM_FRAMES: "int64", MOTION_SCORE: "double", CAMERA_MOTION: "double", SUBJECT_MOTION: "double"}
+                NUM_FRAMES: "int64", MOTION_SCORE: "double", CAMERA_MOTION: "double", SUBJECT_MOTION: "double",
+                CAMERA_PAN_X: "double", CAMERA_PAN_Y: "double", CAMERA_ZOOM: "double", CAMERA_ROLL: "double",
+                CAMERA_MOVE: "string"}
 
 KEPT = "kept"
 REJECTED = "rejected"
