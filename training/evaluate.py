@@ -172,3 +172,68 @@ def fid(model, images_a, images_b, batch: int = 32) -> float:
         return (images[i:i + batch] for i in range(0, len(images), batch))
 
     return fid_of(stats_of(model, chunks(images_a)), stats_of(model, chunks(images_b)))
+
+def camera_moves_of(videos: list, fps: float) -> list:
+    """Each video's ``camera_move`` as curation measures a clip's (``video.motion``): grey frames
+    160 px wide, flow between every consecutive pair (samples are a few frames long, so all are
+    used rather than 2 per second), the affine fit, ``CameraMove``'s default thresholds. None
+    for a video of fewer than two frames."""
+    from PIL import Image
+
+    from video.motion import CameraMove, MotionConfig, clip_motion
+
+    name, cfg = CameraMove(), MotionConfig(rate=fps)
+    out = []
+    for frames in videos:
+        if len(frames) < 2:
+            out.append(None)
+            continue
+        w, h = frames[0].size
+        size = (160, max(8, round(160 * h / w)))
+        grey = np.stack([np.asarray(f.convert("L").resize(size, Image.BILINEAR)) for f in frames])
+        out.append(name(clip_motion(np.arange(len(frames)) / fps, grey, cfg, sampled=True)))
+    return out
+
+# ---- frame interpolation: PSNR and SSIM of predicted frames against the true ones ----
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images (dB, peak 255); inf where they are equal."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size) - (size - 1) / 2
+    g = np.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity (Wang et al., 2004) of two uint8 images (H, W) or (H, W, 3): an 11-tap
+    Gaussian window of sd 1.5, K1 0.01, K2 0.03, L 255, averaged over the positions the window
+    fits in whole and over channels."""
+    from scipy.ndimage import correlate1d
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.ndim == 2:
+        x, y = x[..., None], y[..., None]
+    w = _gaussian_window()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    half = len(w) // 2
+
+    def blur(v):
+        out = correlate1d(correlate1d(v, w, axis=0, mode="constant"), w, axis=1, mode="constant")
+        return out[half:v.shape[0] - half, half:v.shape[1] - half]
+
+    if min(x.shape[:2]) < len(w):
+        raise ValueError(f"SSIM needs images of at least {len(w)} px a side, got {x.shape[:2]}")
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    ssim_map = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(ssim_map.mean())
+
+
+def linear_blend(first: np.ndarray, last: np.ndarray, t: float) -> np.ndarray:
+    """The baseline every interpolator must beat: ``(1 - t) first + t last``, rounded to uint8."""
+    out = (1 - t) * np.asarray(first, np.float64) + t * np.asarray(last, np.float64)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)

@@ -145,4 +145,55 @@ def generate(m: RunModel, prompts: list[str], frames: list | None, steps: int, g
                            progress)
 
 
-__all__ = ["RunModel", "generate", "load_run", "run_spec", "weights_of"]
+def interp_frames(spec) -> tuple[int, int, int]:
+    """(frames F, height, width) an interpolation run samples at: its first video bucket's."""
+    first = next(iter(spec.video.buckets))
+    height, width = (int(x) for x in first.split("x"))
+    return int(next(iter(spec.video.buckets[first]))), height, width
+
+
+def check_factor(spec, factor: int) -> int:
+    """The frames the model predicts between two given ones are F - 2 at F - 1 steps of the run's
+    rate; a ``factor`` fills each gap with ``factor - 1`` of them, evenly spaced: F - 1 must be a
+    multiple of it."""
+    frames = interp_frames(spec)[0]
+    if factor < 2 or (frames - 1) % factor:
+        fits = [k for k in range(2, frames) if (frames - 1) % k == 0]
+        raise ConfigError(f"--factor {factor}: the run predicts {frames - 2} frames between two, so it fills a gap "
+                          f"{' or '.join(f'{k}x' for k in fits)}")
+    return (frames - 1) // factor
+
+
+def interpolate_pair(m: RunModel, first, last, factor: int, steps: int, seed: int, device: str = "cpu",
+                     guidance: float = 1.0) -> list:
+    """The ``factor - 1`` frames between two PIL frames (resized to the run's bucket)."""
+    _eval_mode(m.comps)
+    frames, height, width = interp_frames(m.spec)
+    stride = check_factor(m.spec, factor)
+    a, b = (im.convert("RGB").resize((width, height)) for im in (first, last))
+    between = m.family.interpolate(m.comps, None, a, b, frames, steps, m.spec.video.fps, seed, device,
+                                   guidance=guidance)
+    return [between[k * stride - 1] for k in range(1, factor)]
+
+
+def interpolate_video(m: RunModel, frames: list, factor: int = 4, steps: int = 25, seed: int = 0, device: str = "cpu",
+                      guidance: float = 1.0, progress=None) -> list:
+    """A video's frames (PIL) with ``factor - 1`` new frames in every gap: N frames at r fps in,
+    (N - 1) x factor + 1 out at factor x r fps, at the run's bucket size. The frames given pass
+    through unchanged (resized); gap k is seeded ``seed + k``."""
+    if m.spec.model.kind != "svd_interp":
+        raise ConfigError(f"--run: model.kind {m.spec.model.kind} does not interpolate; train an svd_interp stage")
+    _, height, width = interp_frames(m.spec)
+    check_factor(m.spec, factor)
+    given = [im.convert("RGB").resize((width, height)) for im in frames]
+    out = given[:1]
+    for k in range(len(given) - 1):
+        out += interpolate_pair(m, given[k], given[k + 1], factor, steps, seed + k, device, guidance)
+        out.append(given[k + 1])
+        if progress:
+            progress()
+    return out
+
+
+__all__ = ["RunModel", "check_factor", "generate", "interp_frames", "interpolate_pair", "interpolate_video",
+           "load_run", "run_spec", "weights_of"]

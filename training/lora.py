@@ -15,6 +15,7 @@ pipeline's UNet. ``fused`` merges the adapter into a copy of the UNet (``lora.ex
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -208,5 +209,21 @@ def fused(unet):
     return out.requires_grad_(False)
 
 
-__all__ = ["AdapterWeights", "EmaWeights", "INFO_FILE", "WEIGHTS_FILE", "add_lora", "adapter_params", "export",
-           "fused", "load_adapter", "load_into", "target_modules"]
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """Inside, ``unet`` computes as its base (every PEFT layer's adapter switched off, not
+    removed); yields how many layers were switched (0: the UNet carries no adapter)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+__all__ = ["AdapterWeights", "EmaWeights", "INFO_FILE", "WEIGHTS_FILE", "adapters_disabled", "add_lora",
+           "adapter_params", "export", "fused", "load_adapter", "load_into", "target_modules"]

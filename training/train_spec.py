@@ -52,9 +52,10 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    kind: Literal["sd", "sdxl", "svd", "svd_t2v"] = option(
+    kind: Literal["sd", "sdxl", "svd", "svd_t2v", "svd_interp"] = option(
         "sd", "sd (SD 1.x / 2.x: one text encoder), sdxl (two, plus micro-conditioning), svd_t2v (text-to-video on "
-              "curated clips) or svd (image-to-video on curated clips)")
+              "curated clips), svd (image-to-video on curated clips) or svd_interp (frame interpolation: the "
+              "frames between a clip's first and last)")
     pretrained: str | None = option(None, "diffusers pipeline folder or hub id; null builds the tiny random preset")
     allow_download: bool = option(False, "let a hub id download (otherwise only the local cache is used)")
     seed: int = option(0, "seed of the tiny preset's random weights")

@@ -73,6 +73,7 @@ class EvalSpec:
     max_images: int = 50_000
     batch: int = 32
     json: bool = False
+    clips: str | None = None             # interpolation runs: held-out videos whose in-between frames are scored
 
 
 @dataclass
@@ -90,6 +91,8 @@ class EvalResult:
     weights: str | None = None          # what --run loaded
     generated: int = 0
     clip_cosine: float | None = None    # the mean raw cosine behind the CLIP score (which clips below 0)
+    camera: dict | None = None          # a camera-move LoRA's run: its samples' camera_move against the base's
+    interpolation: dict | None = None   # an svd_interp run: PSNR / SSIM of its frames and of the linear blend
     warnings: list = field(default_factory=list)
     print_json: bool = False
 
@@ -279,6 +282,13 @@ def plan(spec: EvalSpec) -> dict:
                           f"weights (inception_v3_google-*.pth) or 'random' (tests and demos only)")
     if spec.prompts and not (storage.isfile(spec.prompts) or is_shard_set(spec.prompts)):
         raise ConfigError(f"--prompts: {spec.prompts!r} is neither a text file nor a `winnow curate` output folder")
+    if spec.run and not spec.images:
+        from training.generate import run_spec
+
+        if run_spec(spec.run).model.kind == "svd_interp":
+            return _plan_interp(spec)
+    if spec.clips:
+        raise ConfigError("--clips: scores an interpolation run (model.kind svd_interp); this is not one")
     if not spec.reference and not spec.prompts:
         raise ConfigError("nothing to score: give --prompts (CLIP score) and/or --reference with --fid-weights (FID)")
     if spec.frames and not storage.isdir(spec.frames):
@@ -299,6 +309,90 @@ def plan(spec: EvalSpec) -> dict:
 
         resolve_weights(spec.clip_model or TINY_CLIP, spec.clip_pretrained, key="--clip")
     return out
+
+
+def _plan_interp(spec: EvalSpec) -> dict:
+    from pipeline.contract import storage
+    from training.generate import run_spec, weights_of
+
+    for key, given in (("--prompts", spec.prompts), ("--frames", spec.frames), ("--reference", spec.reference)):
+        if given:
+            raise ConfigError(f"{key}: an interpolation run is scored on held-out clips (--clips), not on {key[2:]}")
+    if not spec.clips or not storage.isdir(spec.clips):
+        raise ConfigError("--clips: give a folder of held-out videos (never trained on) shot at least at the run's "
+                          "video.fps; their in-between frames are the truth")
+    ts = run_spec(spec.run)
+    return {"images": None, "weights": weights_of(spec.run, spec.checkpoint), "kind": ts.model.kind,
+            "clips": spec.clips}
+
+
+MAX_CLIP_BYTES = 512 * 2 ** 20       # a held-out clip larger than this is skipped
+
+
+def interp_scores(spec: EvalSpec, log) -> tuple[dict, str]:
+    """PSNR and SSIM of the frames an interpolation run predicts between each window's first and
+    last frame, against the true frames, and of the linear blend of those two: windows of F frames
+    at the run's rate, back to back from each clip's start, ``spec.num`` windows in all. A clip
+    slower than the run's rate (its in-between frames would be repeats) or shorter than a window is
+    skipped with its reason. PSNR is capped at 100 dB (identical frames)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from pipeline.contract import storage
+    from pipeline.contract.schema import VIDEO_EXTENSIONS
+    from training.evaluate import linear_blend, psnr, ssim
+    from training.generate import interp_frames, load_run
+    from training.video_frames import decode_frames
+    from video.probe import probe
+
+    model = load_run(spec.run, spec.checkpoint)
+    frames_n, height, width = interp_frames(model.spec)
+    fps = float(model.spec.video.fps)
+    span = (frames_n - 1) / fps
+    files = sorted(f for f in storage.listdir(spec.clips) if f.lower().endswith(VIDEO_EXTENSIONS))
+    skipped: dict = {}
+    scores = {"model": {"psnr": [], "ssim": []}, "blend": {"psnr": [], "ssim": []}}
+    windows = 0
+    bar = tqdm(total=spec.num, desc="eval: interpolating", unit="window", file=log, disable=log is None)
+    for name in files:
+        if windows >= spec.num:
+            break
+        path = storage.join(spec.clips, name)
+        try:
+            data = storage.read_bytes(path, limit=MAX_CLIP_BYTES)
+            info = probe(data)
+        except Exception as exc:  # noqa: BLE001 - an unreadable clip is skipped with its reason
+            skipped[f"unreadable ({type(exc).__name__})"] = skipped.get(f"unreadable ({type(exc).__name__})", 0) + 1
+            continue
+        clip_fps, duration = float(info.fps or 0), float(info.duration_s or 0)
+        if clip_fps < fps * 0.99:
+            skipped["slower than the run's video.fps"] = skipped.get("slower than the run's video.fps", 0) + 1
+            continue
+        starts = np.arange(0.0, duration - span - 0.5 / clip_fps, span)
+        if not len(starts):
+            skipped["shorter than a window"] = skipped.get("shorter than a window", 0) + 1
+            continue
+        for t0 in starts[:spec.num - windows]:
+            got = decode_frames(data, [t0 + k / fps for k in range(frames_n)])[0]
+            truth = [np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in got]
+            first, last = (Image.fromarray(truth[0]), Image.fromarray(truth[-1]))
+            pred = model.family.interpolate(model.comps, None, first, last, frames_n, spec.steps, fps,
+                                            spec.seed + windows)
+            for k in range(1, frames_n - 1):
+                blend = linear_blend(truth[0], truth[-1], k / (frames_n - 1))
+                for who, img in (("model", np.asarray(pred[k - 1])), ("blend", blend)):
+                    scores[who]["psnr"].append(min(100.0, psnr(img, truth[k])))
+                    scores[who]["ssim"].append(ssim(img, truth[k]))
+            windows += 1
+            bar.update()
+    bar.close()
+    if not windows:
+        raise ConfigError(f"--clips: no window of {frames_n} frames at {fps:g} fps in {spec.clips!r} "
+                          f"(skipped: {skipped or 'no video files'})")
+    doc = {"windows": windows, "frames": windows * (frames_n - 2), "rate_fps": fps, "factor": frames_n - 1,
+           "skipped": skipped, **{f"{who}_{m}": round(float(np.mean(v)), 4) for who in scores
+                                  for m, v in scores[who].items()}}
+    return doc, model.source
 
 
 def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str, bool]:
@@ -328,6 +422,7 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
     outs = generate(model, prompts, cond, spec.steps, spec.guidance, spec.size, spec.num_frames, spec.seed,
                     progress=bar.update)
     prompts = prompts[:len(outs)]                 # image-to-video: one video per conditioning frame
+    camera = camera_control(spec, model, outs, prompts, cond, log)
     video = any(len(frames) > 1 for frames in outs)
     files = []
     for k, frames in enumerate(outs):             # a video as a GIF at the run's fps, an image as a PNG
@@ -346,7 +441,52 @@ def _generate(spec: EvalSpec, log, stage: str) -> tuple[str, str, list[str], str
     atomic_write(os.path.join(folder, "prompts.jsonl"), listing.encode())     # last: the folder is complete
     if folder != target:
         storage.copy_tree(folder, target, last=("prompts.jsonl",))
-    return target, folder, prompts, model.source, video
+    return target, folder, prompts, model.source, video, camera
+
+
+def run_camera_move(train_spec) -> str | None:
+    """The camera move a run was trained on: ``winnow camera-loras`` records it in the selection
+    manifest the run trained on; None for any other run."""
+    from pipeline.commands.camera_loras import MOVE_META
+    from pipeline.contract import layout
+
+    sel = train_spec.data.selection
+    if not sel:
+        return None
+    try:
+        meta = layout.read_schema(sel).metadata or {}
+    except (OSError, ValueError):
+        return None
+    move = meta.get(MOVE_META.encode())
+    return move.decode() if move else None
+
+
+def camera_control(spec: EvalSpec, model, outs: list, prompts: list, cond, log) -> dict | None:
+    """For a camera-move LoRA's run (``winnow camera-loras``): how many of its sample videos move
+    as it was trained to (their camera_move measured as curation measures clips), against the same
+    prompts, frames and seeds sampled with the adapter switched off."""
+    from collections import Counter
+
+    from training.evaluate import camera_moves_of
+    from training.generate import generate
+    from training.lora import adapters_disabled
+
+    move = run_camera_move(model.spec)
+    if move is None or not any(len(frames) > 1 for frames in outs):
+        return None
+    fps = float(model.spec.video.fps)
+    got = camera_moves_of(outs, fps)
+    doc = {"move": move, "share": round(got.count(move) / len(got), 4), "moves": dict(Counter(map(str, got))),
+           "base_share": None, "base_moves": None, "samples": len(got)}
+    with adapters_disabled(model.comps.unet) as switched:
+        if switched:
+            if log:
+                print(f"eval: sampling the base (adapter off) for {move}'s controllability", file=log)
+            base = camera_moves_of(generate(model, prompts, cond, spec.steps, spec.guidance, spec.size,
+                                            spec.num_frames, spec.seed), fps)
+            doc["base_share"] = round(base.count(move) / len(base), 4)
+            doc["base_moves"] = dict(Counter(map(str, base)))
+    return doc
 
 
 def _gif_frames(path: str) -> list:
@@ -371,11 +511,16 @@ def _run(spec: EvalSpec, log, stage: str) -> EvalResult:
     from pipeline.contract import storage
 
     started = time.time()
+    if spec.clips and spec.run:
+        doc, source = interp_scores(spec, log)
+        return EvalResult(None, None, {"clips": {"scored": doc["windows"], "skipped": doc["skipped"]}}, None, None,
+                          spec.seed, round(time.time() - started, 2), weights=source, interpolation=doc,
+                          print_json=spec.json)
     caught_all: list = []
-    images, weights, video, prompts = spec.images, None, False, None
+    images, weights, video, prompts, camera = spec.images, None, False, None, None
     shown = images
     if spec.run:
-        shown, images, prompts, weights, video = _generate(spec, log, stage)
+        shown, images, prompts, weights, video, camera = _generate(spec, log, stage)
     elif spec.prompts:
         prompts = read_prompts(spec.prompts, spec.max_images)
     counts, fid_value, score, consistency, clip_name, cosine = {}, None, None, None, None, None
@@ -450,8 +595,9 @@ def _run(spec: EvalSpec, log, stage: str) -> EvalResult:
         weights,
         len(prompts) if spec.run else 0,
         None if cosine is None else round(cosine, 4),
-        messages,
-        spec.json,
+        camera=camera,
+        warnings=messages,
+        print_json=spec.json,
     )
 
 
@@ -527,6 +673,8 @@ def arguments(parser) -> None:
     src.add_argument("--images", help="a folder of images to score as it is")
     src.add_argument("--prompts", help="text file (one prompt per line) or a `winnow curate` output (kept captions)")
     src.add_argument("--frames", help="image-to-video runs: folder of conditioning images, paired with the prompts")
+    src.add_argument("--clips", help="interpolation runs (svd_interp): folder of held-out videos; the frames between "
+                                     "each window's first and last are predicted and scored against the true ones")
     gen = parser.add_argument_group("sampling (--run)")
     gen.add_argument("--num", type=int, default=64, help="prompts sampled (the first N)")
     gen.add_argument("--steps", type=int, default=20, help="sampler steps")
@@ -550,13 +698,13 @@ def from_args(args) -> EvalSpec:
             raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
     spec = EvalSpec(args.images, args.reference, args.fid_weights, args.run, args.checkpoint, args.prompts, args.frames,
                     args.num, args.steps, args.guidance, args.size, args.num_frames, args.clip_model,
-                    args.clip_pretrained, args.out, args.seed, args.max_images, json=args.json)
+                    args.clip_pretrained, args.out, args.seed, args.max_images, json=args.json, clips=args.clips)
     plan(spec)
     return spec
 
 
 def format_summary(r: EvalResult) -> str:
-    lines = [f"winnow eval: {r.images}" + (f" against {r.reference}" if r.reference else "")]
+    lines = [f"winnow eval: {r.images or r.weights}" + (f" against {r.reference}" if r.reference else "")]
     if r.weights:
         lines.append(f"  model      {r.weights}: {r.generated} samples")
     for name, c in r.counts.items():
@@ -570,6 +718,16 @@ def format_summary(r: EvalResult) -> str:
         lines.append(f"  frame consistency {r.frame_consistency:.4f}  (cosine of consecutive frames' CLIP embeddings)")
     if r.fid is not None:
         lines.append(f"  FID        {r.fid:.4f}  (Inception-v3 pool features; weights {r.fid_weights})")
+    if r.interpolation:
+        d = r.interpolation
+        lines.append(f"  interpolation {d['frames']} frames between {d['windows']} pairs ({d['factor']}x, "
+                     f"{d['rate_fps']:g} fps): PSNR {d['model_psnr']:.2f} dB, SSIM {d['model_ssim']:.4f}; "
+                     f"linear blend PSNR {d['blend_psnr']:.2f} dB, SSIM {d['blend_ssim']:.4f}")
+    if r.camera:
+        c = r.camera
+        base = "" if c["base_share"] is None else f" against {100 * c['base_share']:.0f} % for the base"
+        lines.append(f"  camera     {100 * c['share']:.0f} % of {c['samples']} samples move {c['move']}{base} "
+                     f"(measured: {', '.join(f'{k} {v}' for k, v in sorted(c['moves'].items()))})")
     lines += [f"  warning: {w}" for w in r.warnings]
     lines.append(f"  wall time  {r.wall_s:.1f} s")
     if r.print_json:

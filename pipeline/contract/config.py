@@ -16,7 +16,8 @@ import yaml
 
 from pipeline.contract.errors import ConfigError
 
-SPEC_KINDS = ("curate", "train", "sweep", "select", "curriculum", "study")   # the commands a spec file can be for
+# the commands a spec file can be for
+SPEC_KINDS = ("curate", "train", "sweep", "select", "curriculum", "study", "camera-loras")
 
 
 def take_kind(data: dict, kind: str) -> dict:

@@ -6,8 +6,9 @@ from training.families.base import Family
 from training.families.sd import SD
 from training.families.sdxl import SDXL
 from training.families.svd import SVD, SVDText
+from training.families.svd_interp import SVDInterp
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SVD(), SVDText())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SVD(), SVDText(), SVDInterp())}
 
 
 def get(kind: str) -> Family:
