@@ -122,3 +122,58 @@ def test_one_adapter_per_move_that_has_clips_resumes_and_is_scored(ray_local, mo
     assert cam["move"] == "pan_left" and cam["samples"] == 3 and sum(cam["moves"].values()) == 3
     assert 0.0 <= cam["share"] <= 1.0 and cam["base_share"] is not None and sum(cam["base_moves"].values()) == 3
     assert "camera" in ev.format_summary(res)
+
+
+def test_adapters_loaded_side_by_side_switch_like_each_alone(tmp_path):
+    """Two temporal adapters (random, non-zero) exported and loaded onto one SVD pipeline under their
+    moves' names: use_adapter picks one, and the pipeline then samples what it samples with that one
+    loaded alone; adapters_disabled gives the base."""
+    import tempfile
+
+    import torch
+    from PIL import Image
+
+    from training import train_spec
+    from training.families import get
+    from training.lora import adapters_disabled, add_lora, export, load_into, use_adapter
+
+    fam = get("svd")
+    lora = train_spec.parse({"kind": "train", "data": {"shards": ["x"]}, "output": {"path": "y"},
+                             "model": {"kind": "svd"}, "lora": {"enabled": True, "rank": 2}}, check_paths=False).lora
+
+    def comps():
+        with tempfile.TemporaryDirectory() as scratch:
+            return fam.tiny(0, scratch, "v_prediction")
+
+    for k, move in enumerate(("pan_left", "zoom_in")):
+        c = comps()
+        params = add_lora(c.unet, lora, "temporal", seed=k)
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(k))
+        export(c.unet, str(tmp_path / move), {"base": "tiny"})
+    frame = Image.fromarray(np.full((48, 64, 3), 120, np.uint8))
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(frame, height=48, width=64, num_frames=4, num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).frames[0]
+
+    alone = {}
+    for move in ("pan_left", "zoom_in"):
+        pipe = fam.build_pipeline(comps())
+        load_into(pipe, str(tmp_path / move), adapter_name=move)
+        alone[move] = sample(pipe)
+    base = sample(fam.build_pipeline(comps()))
+    both = fam.build_pipeline(comps())
+    for move in ("pan_left", "zoom_in"):
+        load_into(both, str(tmp_path / move), adapter_name=move)
+    for move in ("zoom_in", "pan_left"):
+        use_adapter(both.unet, move)
+        np.testing.assert_allclose(sample(both), alone[move], atol=1e-5)
+    assert np.abs(alone["pan_left"] - alone["zoom_in"]).max() > 1e-3
+    with adapters_disabled(both.unet) as n:
+        assert n > 0
+        np.testing.assert_allclose(sample(both), base, atol=1e-5)
+    with pytest.raises(ValueError, match="no adapter 'static'"):
+        use_adapter(both.unet, "static")

@@ -209,6 +209,20 @@ def fused(unet):
     return out.requires_grad_(False)
 
 
+def use_adapter(unet, name: str) -> None:
+    """Make the adapter loaded as ``name`` (``load_into(..., adapter_name=name)``) the one ``unet``
+    computes with, among several loaded side by side (the camera-move LoRAs)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    missing = [m for m in layers if name not in m.lora_A]
+    if not layers or missing:
+        raise ValueError(f"no adapter {name!r} is loaded on this UNet (loaded: "
+                         f"{sorted(layers[0].lora_A) if layers else 'none'})")
+    for m in layers:
+        m.set_adapter(name)
+
+
 @contextlib.contextmanager
 def adapters_disabled(unet):
     """Inside, ``unet`` computes as its base (every PEFT layer's adapter switched off, not
@@ -226,4 +240,4 @@ def adapters_disabled(unet):
 
 
 __all__ = ["AdapterWeights", "EmaWeights", "INFO_FILE", "WEIGHTS_FILE", "adapters_disabled", "add_lora",
-           "adapter_params", "export", "fused", "load_adapter", "load_into", "target_modules"]
+           "adapter_params", "export", "fused", "load_adapter", "load_into", "target_modules", "use_adapter"]
