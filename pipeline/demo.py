@@ -20,7 +20,7 @@ from pipeline.corpus import make_corpus
 from pipeline.synth import make_video_corpus
 
 DEMO_ENTRIES = ["demo.yaml", "corpus", "run", "videos", "video_run", "sweep_laion", "sweep_svd", "select_aesthetic",
-                "train_sd", "train_sdxl", "svd", "study"]
+                "train_sd", "train_sdxl", "svd", "study", "camera_loras"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
           "would show people (the votes mean nothing here; people vote in the page)")
     pspec = prefer.from_args(prefer_args([study_dir, "--judge", "clip", "--votes", "60", "--replicates", "200"]))
     print(prefer.format_summary(prefer.run(pspec)))
-    svd = tiny_curriculum(select_dir, video_run, os.path.join(args.output, "svd"), args.train_steps // 2)
+    svd, interp = tiny_curriculum(select_dir, video_run, os.path.join(args.output, "svd"), args.train_steps // 2)
+    interp_scores(interp, video_dir)
+    loras = camera_loras(video_run, svd, os.path.join(args.output, "camera_loras"), corpus_dir,
+                         args.train_steps // 2)
     print(f"\n  {args.output}/train_sd/final   a StableDiffusionPipeline folder (from_pretrained loads it)"
           f"\n  {args.output}/train_sdxl/final a StableDiffusionXLPipeline folder"
-          f"\n  {svd}       a StableVideoDiffusionPipeline folder (image -> text-to-video -> image-to-video)"
+          f"\n  {svd}  a StableVideoDiffusionPipeline folder (image -> text-to-video -> image-to-video)"
+          f"\n  {interp}/final  the interpolation model (svd_interp; training.generate.interpolate_video)"
+          f"\n  {loras}/moves/*/lora  one temporal LoRA per camera move (training.lora.load_into + use_adapter)"
           f"\n  {study_dir}/cells/cell_000/lora  a LoRA (pipe.load_lora_weights) on {study_dir}/cells/cell_000/base"
           f"\n  {study_dir}/study.md, plots/scores_vs_kept.png  the eval table and plot"
           f"\n  {study_dir}/plots/preference_vs_kept.png  the judge's preference against the data kept"
@@ -168,10 +173,11 @@ def prefer_args(argv: list[str]):
     return parser.parse_args(argv)
 
 
-def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> str:
+def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> tuple[str, str]:
     """jobs/svd_curriculum.yaml in miniature: tiny SD on the selected images, inflated into a tiny
     text-to-video model on the demo's clips (trained on their caption_summary, the videos having no text),
-    widened into image-to-video; returns the final pipeline folder."""
+    widened into image-to-video, widened again into frame interpolation (3 frames between two, at the
+    clips' 10 fps); returns (the image-to-video pipeline folder, the interpolation stage's run)."""
     from pipeline.commands import curriculum
 
     train = {"max_steps": steps, "checkpoint_every": steps, "log_every": 1, "batch_size": 1, "sample_prompts": []}
@@ -182,12 +188,57 @@ def tiny_curriculum(images: str, clips: str, out: str, steps: int) -> str:
          "model": {"kind": "svd_t2v"},
          "video": {**video, "p_mean": -1.2, "p_std": 1.2}, "train": train},
         {"name": "image_to_video", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd"},
-         "video": {**video, "p_mean": 0.7}, "train": train}]})
+         "video": {**video, "p_mean": 0.7}, "train": train},
+        {"name": "interpolation", "init": "previous", "data": {"shards": [clips]}, "model": {"kind": "svd_interp"},
+         "video": {"buckets": {"48x80": {5: 1}}, "fps": 10.0}, "train": train}]})
     print(f"\nthe SVD curriculum in miniature (jobs/svd_curriculum.yaml's stages, tiny random models, {steps} steps "
-          f"each): image -> inflated text-to-video -> image-to-video")
+          f"each): image -> inflated text-to-video -> image-to-video -> frame interpolation")
     result = curriculum.run(spec)
     print(curriculum.format_summary(result))
-    return result.final
+    return os.path.join(result.stages[2]["dir"], "final"), result.stages[3]["dir"]
+
+
+def interp_scores(run: str, videos: str) -> None:
+    """`winnow eval --run INTERP --clips VIDEOS`: the interpolation model's in-between frames against the
+    true ones and against the linear blend (random tiny model: the blend wins here)."""
+    from pipeline.commands import eval as ev
+
+    print(f"\ninterpolation scored on the demo's videos (winnow eval --run {run} --clips {videos}):")
+    print(ev.format_summary(ev.run(ev.EvalSpec(run=run, clips=videos, num=6, steps=4), log=None)))
+
+
+def camera_loras(clips: str, base: str, out: str, images: str, steps: int) -> str:
+    """jobs/svd_camera_loras.yaml in miniature: a temporal LoRA per camera move the demo's clips have (at
+    least 2 clips), on the image-to-video model, then one scored for how often its samples move its way."""
+    from PIL import Image
+
+    from pipeline.commands import camera_loras as cl
+    from pipeline.commands import eval as ev
+
+    train = {"max_steps": steps, "checkpoint_every": steps, "log_every": 1, "batch_size": 1, "sample_prompts": []}
+    spec = cl.parse({"kind": "camera-loras", "clips": clips, "output": {"path": out}, "min_clips": 2,
+                     "ray": {"num_workers": 2},
+                     "train": {"model": {"kind": "svd", "pretrained": base}, "lora": {"rank": 4},
+                               "video": {"buckets": {"48x80": {4: 1}}, "fps": 5.0}, "train": train}})
+    print(f"\ncamera LoRAs (jobs/svd_camera_loras.yaml in miniature): one per camera_move of the demo's clips with "
+          f"at least 2 clips, {steps} steps each on the image-to-video model")
+    result = cl.run(spec)
+    print(cl.format_summary(result))
+    trained = [m for m in result.moves if m["adapter"]]
+    if trained:
+        frames = os.path.join(out, "eval_frames")
+        os.makedirs(frames, exist_ok=True)
+        picked = sorted(glob.glob(os.path.join(images, "**", "*.jpg"), recursive=True))[:4]
+        for k, path in enumerate(picked):
+            with Image.open(path) as im:
+                im.convert("RGB").resize((80, 48)).save(os.path.join(frames, f"{k}.png"))
+        with open(os.path.join(out, "eval_prompts.txt"), "w", encoding="utf-8") as fh:
+            fh.write("\n".join(["a clip"] * max(1, len(picked))) + "\n")
+        print(f"\ncontrollability of the {trained[0]['move']} LoRA (random tiny models: the share means nothing "
+              f"here; `winnow eval` on a real camera LoRA measures it):")
+        print(ev.format_summary(ev.run(ev.EvalSpec(run=trained[0]["run"], prompts=os.path.join(out, "eval_prompts.txt"),
+                                                   frames=frames, steps=4), log=None)))
+    return out
 
 
 if __name__ == "__main__":
