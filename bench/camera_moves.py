@@ -148,6 +148,27 @@ def main() -> int:
     val = [r for r in rows if r[2] == "validate"]
     print(f"\nvalidation accuracy overall {np.mean([r[0] == r[1] for r in val]):.3f} ({len(val)} clips); "
           f"lowest class {min(np.mean([r[0] == r[1] for r in val if r[0] == m]) for m in MOVES):.3f}")
+    print("\nthe motion stage's cost per clip, on the hand-off frames of the real videos (one process, best of 3):")
+    import dataclasses
+
+    for rel, _, _ in LABELLED:
+        path = os.path.join(VIDEOS, rel)
+        if not os.path.exists(path):
+            continue
+        frames = handoff(path, MotionConfig())[0]
+        seconds = float(frames.times[-1] - frames.times[0]) if len(frames.times) > 1 else 0.0
+        cost = {}
+        for refine in (0, MotionConfig().camera_refine):
+            cfg = dataclasses.replace(MotionConfig(), camera_refine=refine)
+            best = np.inf
+            for _ in range(3):
+                t = time.perf_counter()
+                clip_motion(frames.times, frames.grey, cfg, sampled=True)
+                best = min(best, time.perf_counter() - t)
+            cost[refine] = best
+        one, two = cost[0], cost[MotionConfig().camera_refine]
+        print(f"  {rel:42s} {seconds:6.1f} s of video: {1000 * one:7.1f} ms without registration "
+              f"({seconds / one:6.0f}x real time), {1000 * two:7.1f} ms with ({seconds / two:6.0f}x)")
     print("\nreal videos (../shared/data/videos):")
     print(f"{'file':42s} {'label':8s} {'cam':>6s} {'pan_x':>7s} {'pan_y':>7s} {'zoom':>7s} {'roll':>6s}  camera_move")
     for rel, label, what in LABELLED:
