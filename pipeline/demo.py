@@ -228,12 +228,18 @@ def camera_loras(clips: str, base: str, out: str, images: str, steps: int) -> st
     if trained:
         frames = os.path.join(out, "eval_frames")
         os.makedirs(frames, exist_ok=True)
-        picked = sorted(glob.glob(os.path.join(images, "**", "*.jpg"), recursive=True))[:4]
-        for k, path in enumerate(picked):
-            with Image.open(path) as im:
-                im.convert("RGB").resize((80, 48)).save(os.path.join(frames, f"{k}.png"))
+        picked = 0
+        for path in sorted(glob.glob(os.path.join(images, "**", "*.jpg"), recursive=True)):
+            try:                          # the corpus holds broken files on purpose
+                with Image.open(path) as im:
+                    im.convert("RGB").resize((80, 48)).save(os.path.join(frames, f"{picked}.png"))
+            except (OSError, ValueError):
+                continue
+            picked += 1
+            if picked == 4:
+                break
         with open(os.path.join(out, "eval_prompts.txt"), "w", encoding="utf-8") as fh:
-            fh.write("\n".join(["a clip"] * max(1, len(picked))) + "\n")
+            fh.write("\n".join(["a clip"] * max(1, picked)) + "\n")
         print(f"\ncontrollability of the {trained[0]['move']} LoRA (random tiny models: the share means nothing "
               f"here; `winnow eval` on a real camera LoRA measures it):")
         print(ev.format_summary(ev.run(ev.EvalSpec(run=trained[0]["run"], prompts=os.path.join(out, "eval_prompts.txt"),
