@@ -204,16 +204,15 @@ def interp_scores(run: str, videos: str) -> None:
     from pipeline.commands import eval as ev
 
     print(f"\ninterpolation scored on the demo's videos (winnow eval --run {run} --clips {videos}):")
-    print(ev.format_summary(ev.run(ev.EvalSpec(run=run, clips=videos, num=6, steps=4), log=None)))
+    print(ev.format_summary(ev.run(ev.EvalSpec(run=run, held_out=videos, num=6, steps=4), log=None)))
 
 
 def camera_loras(clips: str, base: str, out: str, images: str, steps: int) -> str:
     """jobs/svd_camera_loras.yaml in miniature: a temporal LoRA per camera move the demo's clips have (at
     least 2 clips), on the image-to-video model, then one scored for how often its samples move its way."""
-    from PIL import Image
-
     from pipeline.commands import camera_loras as cl
     from pipeline.commands import eval as ev
+    from pipeline.contract.media import MediaError, open_image
 
     train = {"max_steps": steps, "checkpoint_every": steps, "log_every": 1, "batch_size": 1, "sample_prompts": []}
     spec = cl.parse({"kind": "camera-loras", "clips": clips, "output": {"path": out}, "min_clips": 2,
@@ -231,9 +230,9 @@ def camera_loras(clips: str, base: str, out: str, images: str, steps: int) -> st
         picked = 0
         for path in sorted(glob.glob(os.path.join(images, "**", "*.jpg"), recursive=True)):
             try:                          # the corpus holds broken files on purpose
-                with Image.open(path) as im:
+                with open_image(path) as im:
                     im.convert("RGB").resize((80, 48)).save(os.path.join(frames, f"{picked}.png"))
-            except (OSError, ValueError):
+            except (OSError, ValueError, MediaError):
                 continue
             picked += 1
             if picked == 4:

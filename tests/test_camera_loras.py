@@ -47,7 +47,7 @@ def test_the_spec_is_checked_before_anything_runs(move_run, tmp_path):
     base = dict(clips=move_run, out=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="'pan_up' is not a camera_move"):
         _spec(move_run, base["out"], moves=["pan_up"])
-    for train, msg in [({"model": {"kind": "sd"}}, "has no temporal layers"),
+    for train, msg in [({"model": {"kind": "sd"}}, "'temporal' applies to video UNets"),
                        ({"lora": {"layers": "spatial"}}, "temporal attention"),
                        ({"data": {"shards": ["x"]}}, "train.data.shards"),
                        ({"output": {"path": "x"}}, "train.output"),

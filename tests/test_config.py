@@ -123,7 +123,7 @@ def test_jobs_run_dispatches_each_spec_to_its_command():
     for name, cmd in got.items():
         assert cmd == yaml.safe_load(open(f"jobs/{name}"))["kind"], name
     assert got["svd_curriculum.yaml"] == "curriculum" and got["train_sd15.yaml"] == "train"
-    assert {"train", "sweep", "select", "curate", "curriculum", "study"} == set(got.values())
+    assert {"train", "sweep", "select", "curate", "curriculum", "study", "camera-loras"} == set(got.values())
 
 
 def test_runtime_keys_stay_out_of_the_fingerprint():
@@ -151,7 +151,8 @@ def test_every_job_spec_names_its_command_and_a_wrong_kind_says_which_to_run(tmp
     from jobs.run import command
 
     for f in glob.glob("jobs/*.yaml"):
-        assert yaml.safe_load(open(f))["kind"] in ("curate", "train", "sweep", "select", "curriculum", "study"), f
+        assert yaml.safe_load(open(f))["kind"] in ("curate", "train", "sweep", "select", "curriculum", "study",
+                                                   "camera-loras"), f
     # kind wins over the keys: a spec with a curate-looking `stages:` section is still a train job
     spec = tmp_path / "curriculum.yaml"
     spec.write_text("kind: train\nstages: [{resolution: 256}]\n")

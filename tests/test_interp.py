@@ -199,7 +199,7 @@ def test_interp_trains_survives_kill9_bit_for_bit_and_is_scored_against_the_blen
     write_video(str(held / "2_a.mp4"), shot(30, W, H, 7, motion=2.0), fps=15.0, crf=18)
     write_video(str(held / "1_slow.mp4"), shot(10, W, H, 8, motion=2.0), fps=5.0, crf=18)
     (held / "0_bad.mp4").write_bytes(b"not a video")
-    res = ev.run(ev.EvalSpec(run=clean, clips=str(held), num=3, steps=2), log=None)
+    res = ev.run(ev.EvalSpec(run=clean, held_out=str(held), num=3, steps=2), log=None)
     d = res.interpolation
     assert (d["windows"], d["frames"], d["factor"]) == (3, 9, 4)
     assert set(d["skipped"]) == {"slower than the run's video.fps", "unreadable (ProbeError)"}
@@ -208,4 +208,4 @@ def test_interp_trains_survives_kill9_bit_for_bit_and_is_scored_against_the_blen
     with pytest.raises(ConfigError, match="--clips: give a folder"):
         ev.plan(ev.EvalSpec(run=clean))
     with pytest.raises(ConfigError, match="not on prompts"):
-        ev.plan(ev.EvalSpec(run=clean, clips=str(held), prompts=str(held / "2_a.mp4")))
+        ev.plan(ev.EvalSpec(run=clean, held_out=str(held), prompts=str(held / "2_a.mp4")))

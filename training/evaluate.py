@@ -173,27 +173,6 @@ def fid(model, images_a, images_b, batch: int = 32) -> float:
 
     return fid_of(stats_of(model, chunks(images_a)), stats_of(model, chunks(images_b)))
 
-def camera_moves_of(videos: list, fps: float) -> list:
-    """Each video's ``camera_move`` as curation measures a clip's (``video.motion``): grey frames
-    160 px wide, flow between every consecutive pair (samples are a few frames long, so all are
-    used rather than 2 per second), the affine fit, ``CameraMove``'s default thresholds. None
-    for a video of fewer than two frames."""
-    from PIL import Image
-
-    from video.motion import CameraMove, MotionConfig, clip_motion
-
-    name, cfg = CameraMove(), MotionConfig(rate=fps)
-    out = []
-    for frames in videos:
-        if len(frames) < 2:
-            out.append(None)
-            continue
-        w, h = frames[0].size
-        size = (160, max(8, round(160 * h / w)))
-        grey = np.stack([np.asarray(f.convert("L").resize(size, Image.BILINEAR)) for f in frames])
-        out.append(name(clip_motion(np.arange(len(frames)) / fps, grey, cfg, sampled=True)))
-    return out
-
 # ---- frame interpolation: PSNR and SSIM of predicted frames against the true ones ----
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

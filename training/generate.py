@@ -181,7 +181,7 @@ def interpolate_video(m: RunModel, frames: list, factor: int = 4, steps: int = 2
     """A video's frames (PIL) with ``factor - 1`` new frames in every gap: N frames at r fps in,
     (N - 1) x factor + 1 out at factor x r fps, at the run's bucket size. The frames given pass
     through unchanged (resized); gap k is seeded ``seed + k``."""
-    if m.spec.model.kind != "svd_interp":
+    if not m.family.interpolates():
         raise ConfigError(f"--run: model.kind {m.spec.model.kind} does not interpolate; train an svd_interp stage")
     _, height, width = interp_frames(m.spec)
     check_factor(m.spec, factor)

@@ -429,6 +429,26 @@ class MotionScore(Stage):
         return batch
 
 
+def camera_moves_of(videos: list, fps: float) -> list:
+    """Each generated video's ``camera_move`` (a list of PIL frames at ``fps``), measured as a clip's
+    is: grey frames 160 px wide, flow between every consecutive pair (samples are a few frames long,
+    so all are used rather than 2 per second), the registered affine fit, ``CameraMove``'s default
+    thresholds. None for a video of fewer than two frames."""
+    from PIL import Image
+
+    name, cfg = CameraMove(), MotionConfig(rate=fps)
+    out = []
+    for frames in videos:
+        if len(frames) < 2:
+            out.append(None)
+            continue
+        w, h = frames[0].size
+        size = (160, max(8, round(160 * h / w)))
+        grey = np.stack([np.asarray(f.convert("L").resize(size, Image.BILINEAR)) for f in frames])
+        out.append(name(clip_motion(np.arange(len(frames)) / fps, grey, cfg, sampled=True)))
+    return out
+
+
 __all__ = ["MOVES", "CameraMove", "FrameSampler", "Motion", "MotionConfig", "MotionScore", "MotionStageConfig",
-           "affine_fit", "camera_of", "clip_motion", "decompose", "flow_parts", "motion_score", "pack_frames",
-           "read_for_motion", "sample_indices", "unpack_frames"]
+           "affine_fit", "camera_moves_of", "camera_of", "clip_motion", "decompose", "flow_parts", "motion_score",
+           "pack_frames", "read_for_motion", "sample_indices", "unpack_frames"]

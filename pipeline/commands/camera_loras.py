@@ -45,7 +45,7 @@ ENTRIES = [SPEC_FILE, "selections", "moves", SUMMARY]      # all output.overwrit
 
 @dataclass
 class CameraLorasSpec:
-    clips: str
+    clip_run: str                  # the spec's `clips`: a curated video run
     output: str
     overwrite: bool = False
     moves: list[str] = field(default_factory=lambda: list(DEFAULT_MOVES))
@@ -93,9 +93,6 @@ def parse(data: dict) -> CameraLorasSpec:
     if lora.get("enabled") is False or lora.get("layers", "temporal") not in ("temporal", "auto"):
         raise ConfigError("train.lora: camera-move LoRAs adapt the temporal attention (enabled: true, layers: "
                           "temporal); drop the other setting")
-    kind = (train.get("model") or {}).get("kind", "svd")
-    if kind not in ("svd", "svd_t2v"):
-        raise ConfigError(f"train.model.kind: {kind!r} has no temporal layers; camera LoRAs train svd or svd_t2v")
     spec = CameraLorasSpec(data["clips"], out["path"], bool(out.get("overwrite", False)), list(moves), min_clips,
                            data.get("ray") or {}, train)
     for m in spec.moves:         # every run's spec is checked now, before Ray starts
@@ -121,7 +118,7 @@ def train_spec_of(spec: CameraLorasSpec, move: str, check_paths: bool = False):
     doc = copy.deepcopy(spec.train)
     doc["kind"] = "train"
     doc.setdefault("model", {}).setdefault("kind", "svd")
-    doc["data"] = {**(doc.get("data") or {}), "shards": [spec.clips], "selection": manifest_path(spec, move)}
+    doc["data"] = {**(doc.get("data") or {}), "shards": [spec.clip_run], "selection": manifest_path(spec, move)}
     doc["output"] = {"path": run_path(spec, move), "overwrite": spec.overwrite}
     doc["ray"] = spec.ray
     doc["lora"] = {**(doc.get("lora") or {}), "enabled": True, "layers": "temporal"}
@@ -151,7 +148,7 @@ def clip_moves(run: str) -> pa.Table:
 def plan(spec: CameraLorasSpec) -> list[dict]:
     """Per move: its clips, whether it is trained (enough clips), its run folder and whether that
     run is finished."""
-    moves = clip_moves(spec.clips).column(CAMERA_MOVE).to_pylist()
+    moves = clip_moves(spec.clip_run).column(CAMERA_MOVE).to_pylist()
     out = []
     for m in spec.moves:
         n = moves.count(m)
@@ -183,7 +180,7 @@ def write_manifest(spec: CameraLorasSpec, move: str, keys: list[str]) -> str:
     from pipeline.commands.sweep import run_dir
 
     path = manifest_path(spec, move)
-    meta = {layout.MANIFEST_RUNS: json.dumps([run_dir(spec.clips)]), MOVE_META: move,
+    meta = {layout.MANIFEST_RUNS: json.dumps([run_dir(spec.clip_run)]), MOVE_META: move,
             "winnow_cell": f"camera_move = {move}"}
     schema = pa.schema([("run", pa.int32()), (KEY, pa.string())]).with_metadata(meta)
     storage.makedirs(storage.join(spec.output, "selections"))
@@ -202,12 +199,12 @@ class CameraLorasResult:
 def run(spec: CameraLorasSpec, log=sys.stderr) -> CameraLorasResult:
     from pipeline.commands import train as trainer
 
-    table = clip_moves(spec.clips)
+    table = clip_moves(spec.clip_run)
     moves = table.column(CAMERA_MOVE).to_pylist()
     keys = table.column(KEY).to_pylist()
-    doc = {"clips": spec.clips, "moves": spec.moves, "min_clips": spec.min_clips, "train": spec.train}
-    layout.claim_output(spec.output, storage.join(spec.output, SPEC_FILE), layout.fingerprint([spec.clips]), doc,
-                        spec.overwrite, "camera-loras", "clips", ENTRIES, NAME, {"clips": spec.clips})
+    doc = {"clips": spec.clip_run, "moves": spec.moves, "min_clips": spec.min_clips, "train": spec.train}
+    layout.claim_output(spec.output, storage.join(spec.output, SPEC_FILE), layout.fingerprint([spec.clip_run]), doc,
+                        spec.overwrite, "camera-loras", "clips", ENTRIES, NAME, {"clips": spec.clip_run})
     rows = []
     for m in spec.moves:
         mine = sorted(k for k, v in zip(keys, moves, strict=True) if v == m)
@@ -227,7 +224,7 @@ def run(spec: CameraLorasSpec, log=sys.stderr) -> CameraLorasResult:
         row["adapter"] = TrainRun(run_path(spec, m)).lora
         row["run"] = run_path(spec, m)
         rows.append(row)
-    doc = {"clips": spec.clips, "min_clips": spec.min_clips, "moves": rows,
+    doc = {"clips": spec.clip_run, "min_clips": spec.min_clips, "moves": rows,
            "unlisted": {m: moves.count(m) for m in sorted({v for v in moves if v and v not in spec.moves})}}
     layout.atomic_write(storage.join(spec.output, SUMMARY), json.dumps(doc, indent=1).encode())
     return CameraLorasResult(spec.output, rows)

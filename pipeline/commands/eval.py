@@ -73,7 +73,7 @@ class EvalSpec:
     max_images: int = 50_000
     batch: int = 32
     json: bool = False
-    clips: str | None = None             # interpolation runs: held-out videos whose in-between frames are scored
+    held_out: str | None = None          # interpolation runs: held-out videos whose in-between frames are scored
 
 
 @dataclass
@@ -283,11 +283,12 @@ def plan(spec: EvalSpec) -> dict:
     if spec.prompts and not (storage.isfile(spec.prompts) or is_shard_set(spec.prompts)):
         raise ConfigError(f"--prompts: {spec.prompts!r} is neither a text file nor a `winnow curate` output folder")
     if spec.run and not spec.images:
+        from training import families
         from training.generate import run_spec
 
-        if run_spec(spec.run).model.kind == "svd_interp":
+        if families.get(run_spec(spec.run).model.kind).interpolates():
             return _plan_interp(spec)
-    if spec.clips:
+    if spec.held_out:
         raise ConfigError("--clips: scores an interpolation run (model.kind svd_interp); this is not one")
     if not spec.reference and not spec.prompts:
         raise ConfigError("nothing to score: give --prompts (CLIP score) and/or --reference with --fid-weights (FID)")
@@ -318,12 +319,12 @@ def _plan_interp(spec: EvalSpec) -> dict:
     for key, given in (("--prompts", spec.prompts), ("--frames", spec.frames), ("--reference", spec.reference)):
         if given:
             raise ConfigError(f"{key}: an interpolation run is scored on held-out clips (--clips), not on {key[2:]}")
-    if not spec.clips or not storage.isdir(spec.clips):
+    if not spec.held_out or not storage.isdir(spec.held_out):
         raise ConfigError("--clips: give a folder of held-out videos (never trained on) shot at least at the run's "
                           "video.fps; their in-between frames are the truth")
     ts = run_spec(spec.run)
     return {"images": None, "weights": weights_of(spec.run, spec.checkpoint), "kind": ts.model.kind,
-            "clips": spec.clips}
+            "clips": spec.held_out}
 
 
 MAX_CLIP_BYTES = 512 * 2 ** 20       # a held-out clip larger than this is skipped
@@ -349,7 +350,7 @@ def interp_scores(spec: EvalSpec, log) -> tuple[dict, str]:
     frames_n, height, width = interp_frames(model.spec)
     fps = float(model.spec.video.fps)
     span = (frames_n - 1) / fps
-    files = sorted(f for f in storage.listdir(spec.clips) if f.lower().endswith(VIDEO_EXTENSIONS))
+    files = sorted(f for f in storage.listdir(spec.held_out) if f.lower().endswith(VIDEO_EXTENSIONS))
     skipped: dict = {}
     scores = {"model": {"psnr": [], "ssim": []}, "blend": {"psnr": [], "ssim": []}}
     windows = 0
@@ -357,7 +358,7 @@ def interp_scores(spec: EvalSpec, log) -> tuple[dict, str]:
     for name in files:
         if windows >= spec.num:
             break
-        path = storage.join(spec.clips, name)
+        path = storage.join(spec.held_out, name)
         try:
             data = storage.read_bytes(path, limit=MAX_CLIP_BYTES)
             info = probe(data)
@@ -387,7 +388,7 @@ def interp_scores(spec: EvalSpec, log) -> tuple[dict, str]:
             bar.update()
     bar.close()
     if not windows:
-        raise ConfigError(f"--clips: no window of {frames_n} frames at {fps:g} fps in {spec.clips!r} "
+        raise ConfigError(f"--clips: no window of {frames_n} frames at {fps:g} fps in {spec.held_out!r} "
                           f"(skipped: {skipped or 'no video files'})")
     doc = {"windows": windows, "frames": windows * (frames_n - 2), "rate_fps": fps, "factor": frames_n - 1,
            "skipped": skipped, **{f"{who}_{m}": round(float(np.mean(v)), 4) for who in scores
@@ -467,9 +468,9 @@ def camera_control(spec: EvalSpec, model, outs: list, prompts: list, cond, log) 
     prompts, frames and seeds sampled with the adapter switched off."""
     from collections import Counter
 
-    from training.evaluate import camera_moves_of
     from training.generate import generate
     from training.lora import adapters_disabled
+    from video.motion import camera_moves_of
 
     move = run_camera_move(model.spec)
     if move is None or not any(len(frames) > 1 for frames in outs):
@@ -511,7 +512,7 @@ def _run(spec: EvalSpec, log, stage: str) -> EvalResult:
     from pipeline.contract import storage
 
     started = time.time()
-    if spec.clips and spec.run:
+    if spec.held_out and spec.run:
         doc, source = interp_scores(spec, log)
         return EvalResult(None, None, {"clips": {"scored": doc["windows"], "skipped": doc["skipped"]}}, None, None,
                           spec.seed, round(time.time() - started, 2), weights=source, interpolation=doc,
@@ -673,8 +674,9 @@ def arguments(parser) -> None:
     src.add_argument("--images", help="a folder of images to score as it is")
     src.add_argument("--prompts", help="text file (one prompt per line) or a `winnow curate` output (kept captions)")
     src.add_argument("--frames", help="image-to-video runs: folder of conditioning images, paired with the prompts")
-    src.add_argument("--clips", help="interpolation runs (svd_interp): folder of held-out videos; the frames between "
-                                     "each window's first and last are predicted and scored against the true ones")
+    src.add_argument("--clips", dest="held_out",
+                     help="interpolation runs (svd_interp): folder of held-out videos; the frames between each "
+                          "window's first and last are predicted and scored against the true ones")
     gen = parser.add_argument_group("sampling (--run)")
     gen.add_argument("--num", type=int, default=64, help="prompts sampled (the first N)")
     gen.add_argument("--steps", type=int, default=20, help="sampler steps")
@@ -698,7 +700,7 @@ def from_args(args) -> EvalSpec:
             raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
     spec = EvalSpec(args.images, args.reference, args.fid_weights, args.run, args.checkpoint, args.prompts, args.frames,
                     args.num, args.steps, args.guidance, args.size, args.num_frames, args.clip_model,
-                    args.clip_pretrained, args.out, args.seed, args.max_images, json=args.json, clips=args.clips)
+                    args.clip_pretrained, args.out, args.seed, args.max_images, json=args.json, held_out=args.held_out)
     plan(spec)
     return spec
 

@@ -153,14 +153,18 @@ class ClipJudge(Judge):
     """The CLIP cosine of image and prompt (open_clip; ``hpsv2`` is this with HPSv2's weights)."""
 
     def __init__(self, name: str, model: str | None, pretrained: str | None, seed: int = 0):
-        from training.evaluate import ClipScorer
+        from pipeline.models.clip import TINY_CLIP, ClipModel, is_random
 
         self.name = name
-        self.clip = ClipScorer(model, pretrained, seed)
-        self.random, self.label = self.clip.random, self.clip.label
+        self.clip = ClipModel(model or TINY_CLIP, pretrained, seed)
+        self.random = is_random(pretrained)
+        self.label = (model or TINY_CLIP) + (" (random weights)" if self.random else "")
 
     def scores(self, images, prompt):
-        return self.clip.pairs(images, [prompt] * len(images))[1]
+        text = self.clip.embed_texts([prompt])[0]
+        out = [self.clip.embed_images([self.clip.prepare(im) for im in images[i:i + 32]]) @ text
+               for i in range(0, len(images), 32)]
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
 class PickScoreJudge(Judge):

@@ -380,6 +380,11 @@ class Family:
         return out
 
     # ---- generating from a finished run (winnow eval) ----
+    def interpolates(self) -> bool:
+        """Whether the family fills in frames between given ones (``interpolate``), scored on held-out
+        clips rather than sampled from prompts."""
+        return False
+
     def check_generate(self, frames: bool) -> None:
         """Raise a ConfigError when ``--frames`` is given (or missing) against what the family samples from."""
         if frames:

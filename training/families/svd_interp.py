@@ -189,6 +189,9 @@ class SVDInterp(SVD):
             return self.sample_videos(ctx.comps, unet, bucket, spec.train.sample_steps, spec.video.fps,
                                       spec.train.seed, ctx.device, [], ends)
 
+    def interpolates(self) -> bool:
+        return True
+
     def check_generate(self, frames: bool) -> None:
         raise ConfigError("--run: an svd_interp run fills in frames between given ones; score it with `winnow eval "
                           "--run RUN --clips FOLDER` (PSNR and SSIM against the true frames and the linear blend)")
