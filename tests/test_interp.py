@@ -145,6 +145,57 @@ def test_psnr_ssim_and_the_blend_against_hand_values():
     assert ssim(x, y) == pytest.approx(ref, abs=1e-12)      # float64 both: only the summation order differs
 
 
+def _lpips_files(folder, seed=0):
+    """LPIPS's two files in their released layouts, random: torchvision's AlexNet (features only: the
+    classifier is never used) and five positive linear layers."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    feats = torchvision.models.alexnet().features
+    torch.save({"features." + k: v for k, v in feats.state_dict().items()}, folder / "alexnet.pth")
+    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 192, 384, 256, 256))}
+    torch.save(lin, folder / "alex.pth")
+    return str(folder / "alexnet.pth"), str(folder / "alex.pth")
+
+
+def test_lpips_is_zero_for_the_same_image_symmetric_and_grows_with_the_difference(tmp_path):
+    from training.evaluate import Lpips
+
+    alex, lin = _lpips_files(tmp_path)
+    d = Lpips(alex, lin)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+    def noisy(s):
+        return np.clip(x.astype(int) + rng.integers(-s, s + 1, x.shape), 0, 255).astype(np.uint8)
+
+    near, far = noisy(10), noisy(80)
+    assert d(x, x) == 0.0 and d(x, far) == pytest.approx(d(far, x), rel=1e-5)
+    assert 0 < d(x, near) < d(x, far)
+    # by hand on the first block: unit-normalised relu1 features, squared difference, weighted, averaged
+    import torchvision
+
+    torch.manual_seed(0)
+    feats = torchvision.models.alexnet().features
+    feats.load_state_dict({k[len("features."):]: v for k, v in torch.load(alex).items()})
+    lin0 = torch.load(lin)["lin0.model.1.weight"]
+    one = Lpips(alex, lin)
+    one.weights = [lin0] + [torch.zeros_like(w) for w in one.weights[1:]]
+    t = torch.from_numpy(np.stack([x, far]).astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    t = (t - torch.tensor([-0.030, -0.088, -0.188]).reshape(1, 3, 1, 1)) / torch.tensor([0.458, 0.448, 0.450]).reshape(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        f = feats[:2](t)
+    f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+    want = float(((f[0] - f[1]) ** 2 * lin0[0]).sum(0).mean())
+    assert one(x, far) == pytest.approx(want, rel=1e-5)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="not torchvision's AlexNet"):
+        Lpips(str(tmp_path / "other.pth"), lin)
+    with pytest.raises(ConfigError, match="not LPIPS's AlexNet linear layers"):
+        Lpips(alex, str(tmp_path / "other.pth"))
+
+
 def _spec_file(clip_run, out, steps, path):
     import yaml
 
@@ -199,13 +250,18 @@ def test_interp_trains_survives_kill9_bit_for_bit_and_is_scored_against_the_blen
     write_video(str(held / "2_a.mp4"), shot(30, W, H, 7, motion=2.0), fps=15.0, crf=18)
     write_video(str(held / "1_slow.mp4"), shot(10, W, H, 8, motion=2.0), fps=5.0, crf=18)
     (held / "0_bad.mp4").write_bytes(b"not a video")
-    res = ev.run(ev.EvalSpec(run=clean, held_out=str(held), num=3, steps=2), log=None)
+    alex, lin = _lpips_files(tmp_path)
+    res = ev.run(ev.EvalSpec(run=clean, held_out=str(held), num=3, steps=2, lpips_alexnet=alex, lpips_linear=lin),
+                 log=None)
     d = res.interpolation
+    assert d["model_lpips"] > 0 and d["blend_lpips"] >= 0
     assert (d["windows"], d["frames"], d["factor"]) == (3, 9, 4)
     assert set(d["skipped"]) == {"slower than the run's video.fps", "unreadable (ProbeError)"}
     assert 0 < d["model_psnr"] <= 100 and -1 <= d["model_ssim"] <= 1 and 10 < d["blend_psnr"] <= 100
     assert "linear blend PSNR" in ev.format_summary(res)
     with pytest.raises(ConfigError, match="--clips: give a folder"):
         ev.plan(ev.EvalSpec(run=clean))
+    with pytest.raises(ConfigError, match="go together"):
+        ev.plan(ev.EvalSpec(run=clean, held_out=str(held), lpips_alexnet=alex))
     with pytest.raises(ConfigError, match="not on prompts"):
         ev.plan(ev.EvalSpec(run=clean, held_out=str(held), prompts=str(held / "2_a.mp4")))

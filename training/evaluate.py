@@ -216,3 +216,64 @@ def linear_blend(first: np.ndarray, last: np.ndarray, t: float) -> np.ndarray:
     """The baseline every interpolator must beat: ``(1 - t) first + t last``, rounded to uint8."""
     out = (1 - t) * np.asarray(first, np.float64) + t * np.asarray(last, np.float64)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+# LPIPS v0.1, AlexNet trunk (Zhang et al., 2018): the input scaling of the released model, and where
+# torchvision's alexnet().features ends each of the five slices whose outputs are compared (after
+# relu1 .. relu5)
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+LPIPS_TAPS = (2, 5, 8, 10, 12)
+
+
+class Lpips:
+    """The LPIPS distance (Zhang et al., 2018, v0.1 with AlexNet) of two uint8 RGB images: AlexNet
+    features after each of its five ReLU blocks, each unit-normalised over channels, their squared
+    difference weighted per channel by the learned linear layer, averaged over positions, summed
+    over blocks. ``alexnet``: torchvision's ImageNet AlexNet weights (``alexnet-owt-*.pth``, its
+    ``features.*`` tensors are used); ``linear``: the five layers of the released LPIPS model
+    (``alex.pth`` of the ``lpips`` package, ``lin{k}.model.1.weight``). Both are read with
+    ``torch.load(weights_only=True)``."""
+
+    def __init__(self, alexnet: str, linear: str):
+        import torch
+        import torchvision
+
+        from pipeline.contract.config import ConfigError
+
+        def load(path, key):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+                raise ConfigError(f"{key}: {path!r} is not a readable weights file ({e})") from None
+
+        self.torch = torch
+        self.features = torchvision.models.alexnet().features.eval()
+        state = load(alexnet, "--lpips-alexnet")
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or state
+        try:
+            self.features.load_state_dict(state)
+        except (RuntimeError, KeyError) as e:
+            raise ConfigError(f"--lpips-alexnet: {alexnet!r} is not torchvision's AlexNet ({str(e)[:200]})") from None
+        lin = load(linear, "--lpips-linear")
+        try:
+            self.weights = [lin[f"lin{k}.model.1.weight"].float() for k in range(len(LPIPS_TAPS))]
+        except (KeyError, TypeError):
+            raise ConfigError(f"--lpips-linear: {linear!r} is not LPIPS's AlexNet linear layers (lin0..lin4; the "
+                              f"lpips package's weights/v0.1/alex.pth)") from None
+        self.shift = torch.tensor(LPIPS_SHIFT).reshape(1, 3, 1, 1)
+        self.scale = torch.tensor(LPIPS_SCALE).reshape(1, 3, 1, 1)
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
+        torch = self.torch
+        x = torch.from_numpy(np.stack([a, b]).astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+        x = (x - self.shift) / self.scale
+        total, start = 0.0, 0
+        with torch.no_grad():
+            for tap, w in zip(LPIPS_TAPS, self.weights, strict=True):
+                x = self.features[start:tap](x)
+                start = tap
+                f = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                total += float(((f[0] - f[1]) ** 2 * w[0]).sum(dim=0).mean())
+        return total
+

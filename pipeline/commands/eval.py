@@ -74,6 +74,8 @@ class EvalSpec:
     batch: int = 32
     json: bool = False
     held_out: str | None = None          # interpolation runs: held-out videos whose in-between frames are scored
+    lpips_alexnet: str | None = None     # with held_out: torchvision's AlexNet weights, for LPIPS
+    lpips_linear: str | None = None      # and LPIPS's linear layers (the lpips package's alex.pth)
 
 
 @dataclass
@@ -288,8 +290,8 @@ def plan(spec: EvalSpec) -> dict:
 
         if families.get(run_spec(spec.run).model.kind).interpolates():
             return _plan_interp(spec)
-    if spec.held_out:
-        raise ConfigError("--clips: scores an interpolation run (model.kind svd_interp); this is not one")
+    if spec.held_out or spec.lpips_alexnet or spec.lpips_linear:
+        raise ConfigError("--clips and --lpips-*: score an interpolation run (model.kind svd_interp); this is not one")
     if not spec.reference and not spec.prompts:
         raise ConfigError("nothing to score: give --prompts (CLIP score) and/or --reference with --fid-weights (FID)")
     if spec.frames and not storage.isdir(spec.frames):
@@ -322,9 +324,15 @@ def _plan_interp(spec: EvalSpec) -> dict:
     if not spec.held_out or not storage.isdir(spec.held_out):
         raise ConfigError("--clips: give a folder of held-out videos (never trained on) shot at least at the run's "
                           "video.fps; their in-between frames are the truth")
+    if bool(spec.lpips_alexnet) != bool(spec.lpips_linear):
+        raise ConfigError("--lpips-alexnet and --lpips-linear go together: LPIPS needs AlexNet's weights and its own "
+                          "linear layers")
+    for key, path in (("--lpips-alexnet", spec.lpips_alexnet), ("--lpips-linear", spec.lpips_linear)):
+        if path and not storage.isfile(path):
+            raise ConfigError(f"{key}: {path!r} is not a file")
     ts = run_spec(spec.run)
     return {"images": None, "weights": weights_of(spec.run, spec.checkpoint), "kind": ts.model.kind,
-            "clips": spec.held_out}
+            "clips": spec.held_out, "lpips": bool(spec.lpips_alexnet)}
 
 
 MAX_CLIP_BYTES = 512 * 2 ** 20       # a held-out clip larger than this is skipped
@@ -341,7 +349,7 @@ def interp_scores(spec: EvalSpec, log) -> tuple[dict, str]:
 
     from pipeline.contract import storage
     from pipeline.contract.schema import VIDEO_EXTENSIONS
-    from training.evaluate import linear_blend, psnr, ssim
+    from training.evaluate import Lpips, linear_blend, psnr, ssim
     from training.generate import interp_frames, load_run
     from training.video_frames import decode_frames
     from video.probe import probe
@@ -352,7 +360,12 @@ def interp_scores(spec: EvalSpec, log) -> tuple[dict, str]:
     span = (frames_n - 1) / fps
     files = sorted(f for f in storage.listdir(spec.held_out) if f.lower().endswith(VIDEO_EXTENSIONS))
     skipped: dict = {}
-    scores = {"model": {"psnr": [], "ssim": []}, "blend": {"psnr": [], "ssim": []}}
+    lpips = None
+    if spec.lpips_alexnet:
+        with storage.local_copy(spec.lpips_alexnet) as alex, storage.local_copy(spec.lpips_linear) as lin:
+            lpips = Lpips(alex, lin)
+    names = ("psnr", "ssim", "lpips") if lpips else ("psnr", "ssim")
+    scores = {who: {m: [] for m in names} for who in ("model", "blend")}
     windows = 0
     bar = tqdm(total=spec.num, desc="eval: interpolating", unit="window", file=log, disable=log is None)
     for name in files:
@@ -384,6 +397,8 @@ def interp_scores(spec: EvalSpec, log) -> tuple[dict, str]:
                 for who, img in (("model", np.asarray(pred[k - 1])), ("blend", blend)):
                     scores[who]["psnr"].append(min(100.0, psnr(img, truth[k])))
                     scores[who]["ssim"].append(ssim(img, truth[k]))
+                    if lpips:
+                        scores[who]["lpips"].append(lpips(img, truth[k]))
             windows += 1
             bar.update()
     bar.close()
@@ -674,6 +689,10 @@ def arguments(parser) -> None:
     src.add_argument("--images", help="a folder of images to score as it is")
     src.add_argument("--prompts", help="text file (one prompt per line) or a `winnow curate` output (kept captions)")
     src.add_argument("--frames", help="image-to-video runs: folder of conditioning images, paired with the prompts")
+    src.add_argument("--lpips-alexnet", help="with --clips: torchvision's AlexNet weights (alexnet-owt-*.pth), to "
+                                             "add LPIPS (Zhang et al., 2018) beside PSNR and SSIM")
+    src.add_argument("--lpips-linear", help="with --lpips-alexnet: LPIPS's linear layers (the lpips package's "
+                                            "weights/v0.1/alex.pth)")
     src.add_argument("--clips", dest="held_out",
                      help="interpolation runs (svd_interp): folder of held-out videos; the frames between each "
                           "window's first and last are predicted and scored against the true ones")
@@ -700,7 +719,8 @@ def from_args(args) -> EvalSpec:
             raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
     spec = EvalSpec(args.images, args.reference, args.fid_weights, args.run, args.checkpoint, args.prompts, args.frames,
                     args.num, args.steps, args.guidance, args.size, args.num_frames, args.clip_model,
-                    args.clip_pretrained, args.out, args.seed, args.max_images, json=args.json, held_out=args.held_out)
+                    args.clip_pretrained, args.out, args.seed, args.max_images, json=args.json, held_out=args.held_out,
+                    lpips_alexnet=args.lpips_alexnet, lpips_linear=args.lpips_linear)
     plan(spec)
     return spec
 
@@ -724,7 +744,9 @@ def format_summary(r: EvalResult) -> str:
         d = r.interpolation
         lines.append(f"  interpolation {d['frames']} frames between {d['windows']} pairs ({d['factor']}x, "
                      f"{d['rate_fps']:g} fps): PSNR {d['model_psnr']:.2f} dB, SSIM {d['model_ssim']:.4f}; "
-                     f"linear blend PSNR {d['blend_psnr']:.2f} dB, SSIM {d['blend_ssim']:.4f}")
+                     f"linear blend PSNR {d['blend_psnr']:.2f} dB, SSIM {d['blend_ssim']:.4f}"
+                     + (f"; LPIPS {d['model_lpips']:.4f} against the blend's {d['blend_lpips']:.4f}"
+                        if "model_lpips" in d else ""))
     if r.camera:
         c = r.camera
         base = "" if c["base_share"] is None else f" against {100 * c['base_share']:.0f} % for the base"
