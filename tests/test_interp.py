@@ -196,6 +196,35 @@ def test_lpips_is_zero_for_the_same_image_symmetric_and_grows_with_the_differenc
         Lpips(alex, str(tmp_path / "other.pth"))
 
 
+def test_winnow_interpolate_doubles_a_videos_frame_rate(tmp_path, capsys):
+    """A tiny svd_interp run folder (its spec and an exported final/) and a 4-frame 6 fps video:
+    7 frames at 12 fps out, at the run's bucket size; bad arguments fail before any model loads."""
+    import yaml
+
+    from pipeline import cli
+    from pipeline.contract.layout import TrainRun
+    from pipeline.synth import shot, write_video
+    from video.probe import probe
+
+    m = _run_model()
+    run = tmp_path / "run"
+    m.family.export(m.comps, m.comps.unet, str(run / "final"))
+    with open(run / TrainRun.SPEC, "w") as fh:
+        yaml.safe_dump(m.spec.to_dict(), fh)
+    write_video(str(tmp_path / "in.mp4"), shot(4, 96, 64, 3, motion=2.0), fps=6.0, crf=18)
+    args = ["interpolate", "--run", str(run), str(tmp_path / "in.mp4"), "--out", str(tmp_path / "out.mp4"),
+            "--steps", "1"]
+    assert cli.main([*args, "--factor", "2"]) == 0
+    assert "4 frames at 6 fps -> 7 frames at 12 fps, 64x48" in capsys.readouterr().out
+    info = probe(str(tmp_path / "out.mp4"))
+    assert (info.num_frames, info.display_width, info.display_height) == (7, W, H) and info.fps == pytest.approx(12.0)
+    assert cli.main([*args, "--factor", "3"]) == 2                                        # 3 does not divide 4
+    assert cli.main([*args[:3], str(tmp_path / "in.mp4"), "--out", str(tmp_path / "in.mp4")]) == 2
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    assert cli.main([*args[:3], str(tmp_path / "bad.mp4"), "--out", str(tmp_path / "o2.mp4")]) == 2
+    assert "cannot be read as a video" in capsys.readouterr().err and not (tmp_path / "o2.mp4").exists()
+
+
 def _spec_file(clip_run, out, steps, path):
     import yaml
 

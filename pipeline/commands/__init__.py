@@ -24,6 +24,7 @@ COMMANDS = {
     "report": ("pipeline.commands.report", "write the HTML report of a curate or select output"),
     "curriculum": ("pipeline.commands.curriculum", "train staged: image -> low-res video -> image-to-video (SVD)"),
     "camera-loras": ("pipeline.commands.camera_loras", "train one temporal LoRA per camera move (SVD's camera LoRAs)"),
+    "interpolate": ("pipeline.commands.interpolate", "multiply a video's frame rate with an svd_interp run"),
     "inflate": ("pipeline.commands.inflate", "inflate an image UNet (and VAE) into SVD's video models"),
     "submit": ("pipeline.commands.submit", "submit a spec to a Ray cluster as a job (checked here first)"),
     "jobs": ("pipeline.commands.jobs", "list a cluster's jobs, show one's status or logs, stop one"),
