@@ -728,7 +728,7 @@ def from_args(args) -> EvalSpec:
 def format_summary(r: EvalResult) -> str:
     lines = [f"winnow eval: {r.images or r.weights}" + (f" against {r.reference}" if r.reference else "")]
     if r.weights:
-        lines.append(f"  model      {r.weights}: {r.generated} samples")
+        lines.append(f"  model      {r.weights}" + ("" if r.interpolation else f": {r.generated} samples"))
     for name, c in r.counts.items():
         skipped = ", ".join(f"{k} {v}" for k, v in c.get("skipped", {}).items()) or "none"
         lines.append(f"  {name:<10} {c['scored']:>7} scored; skipped: {skipped}")
